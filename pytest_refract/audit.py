@@ -1,0 +1,197 @@
+"""Per-process audit state: inputs checked before any model loads, then (lazily, on the first
+item that needs it) one engine and its contexts. Created in pytest_configure of every process
+(controller and xdist workers alike), so flag problems surface as usage errors everywhere."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from . import data
+from .errors import MeasurementError, UsageProblem
+from .gguf_meta import expected_data_end, head_sha256, read_gguf
+from .kvconfig import validate_for_model
+from .settings import Settings
+
+
+class Audit:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.model_path = data.resolve_model(settings.model)
+        self.info = read_gguf(self.model_path)
+
+        from . import engine as engine_mod  # llama_cpp is imported only when an audit exists
+
+        self._engine_mod = engine_mod
+        if expected_data_end(self.info, engine_mod.ggml_row_size) > self.info.size_bytes:
+            raise UsageProblem(
+                f"truncated GGUF file: {self.model_path} is {self.info.size_bytes} bytes, its tensors need "
+                f"{expected_data_end(self.info, engine_mod.ggml_row_size)}; download it again"
+            )
+        types = engine_mod.cache_types()
+        head_k, head_v = self.info.head_dims
+        self.types = {
+            "reference": validate_for_model(settings.reference, types, head_k, head_v, "--refract-reference"),
+            "candidate": validate_for_model(settings.candidate, types, head_k, head_v, "--refract-candidate"),
+        }
+        self.types["floor"] = self.types["reference"]
+        self.configs = {"reference": settings.reference, "candidate": settings.candidate, "floor": settings.reference}
+        self.self_reference = settings.reference == settings.candidate
+
+        self.prompts: List[data.Prompt] = []
+        self.corpus: Optional[data.Corpus] = None
+        self.corpus_tokens: List[int] = []
+        self.n_chunks = 0
+        self._prompt_tokens: Dict[str, List[int]] = {}
+        self._engine = None
+        self._contexts: Dict[str, object] = {}
+        self._tokenizer = None
+        self._chat = None
+        self._load_inputs()
+
+    # -- inputs -------------------------------------------------------------------------
+
+    def _load_inputs(self) -> None:
+        s = self.settings
+        n_ctx_train = self.info.n_ctx_train
+        if n_ctx_train and s.ctx > n_ctx_train:
+            raise UsageProblem(f"--refract-ctx={s.ctx} exceeds the model's training context of {n_ctx_train} tokens")
+        if "trajectory" in s.axes:
+            self.prompts = data.load_prompts(Path(s.prompts_path) if s.prompts_path else None)
+        if "kld" in s.axes:
+            self.corpus = data.load_corpus(Path(s.corpus_path) if s.corpus_path else None)
+        if not (self.prompts or self.corpus):
+            return
+        # The vocabulary alone (no weights) is enough to count tokens at collection time.
+        tok = self._engine_mod.Engine(self.model_path, vocab_only=True)
+        try:
+            self._tokenizer = tok
+            self.add_bos, self.bos = tok.add_bos, tok.bos
+            if self.corpus is not None:
+                self.corpus_tokens = tok.tokenize(self.corpus.text, add_special=True)
+                available = len(self.corpus_tokens) // s.ctx
+                if available < 1:
+                    raise UsageProblem(
+                        f"corpus {self.corpus.name} holds {len(self.corpus_tokens)} tokens, fewer than one chunk of "
+                        f"--refract-ctx={s.ctx}; give a longer --refract-corpus or a smaller --refract-ctx"
+                    )
+                self.n_chunks = min(s.chunks, available)
+            limit = n_ctx_train or 0
+            for p in self.prompts:
+                toks = self.chat_tokens(p.prompt)
+                if limit and len(toks) + s.n_predict > limit:
+                    raise UsageProblem(
+                        f"prompt {p.id!r} is {len(toks)} tokens; with --refract-n-predict={s.n_predict} it exceeds "
+                        f"the model's context of {limit} tokens"
+                    )
+        finally:
+            tok.close()
+            self._tokenizer = None
+
+    @property
+    def chunks_note(self) -> Optional[str]:
+        if self.corpus is not None and self.n_chunks < self.settings.chunks:
+            return (
+                f"corpus holds {self.n_chunks} chunks of {self.settings.ctx} tokens; "
+                f"{self.settings.chunks} were asked for"
+            )
+        return None
+
+    def _chat_formatter(self):
+        if self._chat is None:
+            template = self.info.chat_template
+            if template:
+                from llama_cpp.llama_chat_format import Jinja2ChatFormatter
+
+                tok = self._tokenizer or self.engine
+                self._chat = Jinja2ChatFormatter(
+                    template, eos_token=tok.token_text(tok.eos), bos_token=tok.token_text(tok.bos)
+                )
+            else:
+                self._chat = False
+        return self._chat
+
+    def chat_tokens(self, text: str) -> List[int]:
+        """Render a user turn with the model's own chat template (raw text for base models)
+        and tokenize it, special tokens parsed. Cached: the same ids on every call."""
+        cached = self._prompt_tokens.get(text)
+        if cached is not None:
+            return cached
+        tok = self._tokenizer or self.engine
+        formatter = self._chat_formatter()
+        if formatter:
+            rendered = formatter(messages=[{"role": "user", "content": text}])
+            bos_text = tok.token_text(tok.bos)
+            add_special = tok.add_bos and not rendered.prompt.startswith(bos_text)
+            tokens = tok.tokenize(rendered.prompt, add_special=add_special, parse_special=True)
+        else:
+            tokens = tok.tokenize(text, add_special=True, parse_special=False)
+        self._prompt_tokens[text] = tokens
+        return tokens
+
+    # -- llama.cpp ----------------------------------------------------------------------
+
+    @property
+    def engine(self):
+        if self._engine is None:
+            self._engine = self._engine_mod.Engine(self.model_path, n_gpu_layers=self.settings.gpu_layers)
+        return self._engine
+
+    def context_size(self) -> int:
+        s = self.settings
+        need = s.ctx
+        if self._prompt_tokens:
+            need = max(need, max(len(t) for t in self._prompt_tokens.values()) + s.n_predict)
+        # llama.cpp pads the cache to 256 cells; asking for a padded size keeps it explicit.
+        return int(math.ceil(need / 256.0) * 256)
+
+    def context(self, role: str):
+        ctx = self._contexts.get(role)
+        if ctx is None:
+            s = self.settings
+            shared = self._engine_mod.ContextSettings(
+                n_ctx=self.context_size(), n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=s.threads
+            )
+            ctx = self.engine.context(self.configs[role], self.types[role], shared, role)
+            self._contexts[role] = ctx
+        return ctx
+
+    def close(self) -> None:
+        self._contexts.clear()
+        if self._engine is not None:
+            self._engine.close()
+            self._engine = None
+
+    # -- report facts -------------------------------------------------------------------
+
+    def model_facts(self) -> dict:
+        n_params = 0
+        for _name, dims, _t, _o in self.info.tensors:
+            count = 1
+            for d in dims:
+                count *= d
+            n_params += count
+        return {
+            "name": self.info.name,
+            "path": self.model_path.name,
+            "size_bytes": self.info.size_bytes,
+            "architecture": self.info.architecture,
+            "n_params": n_params,
+            "n_ctx_train": self.info.n_ctx_train,
+            "sha256_first_mib": head_sha256(self.model_path),
+        }
+
+
+def measurement_guard(fn):
+    """Turn llama.cpp-side surprises into MeasurementError with a clear message."""
+
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except (MeasurementError, UsageProblem):
+            raise
+        except MemoryError:
+            raise MeasurementError("out of memory while measuring; lower --refract-ctx or --refract-n-predict") from None
+
+    return wrapper

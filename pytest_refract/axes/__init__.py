@@ -1,0 +1,12 @@
+"""The audit's axes. Each module exposes:
+
+- ``NAME``: the axis name used in test ids (``test_<NAME>[unit]``) and in the report;
+- ``units(audit)``: the per-item units (ids and keywords), decided at collection time;
+- ``measure(audit, unit)``: run llama.cpp for one unit, return a JSON-able result dict;
+- ``aggregate(audit_info, results)``: the axis section of the report, including ``score``.
+"""
+
+from . import kld, trajectory
+
+AXES = {trajectory.NAME: trajectory, kld.NAME: kld}
+ORDER = ("trajectory", "kld", "rniah", "plad")

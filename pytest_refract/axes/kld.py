@@ -1,0 +1,94 @@
+"""KLD axis: KL(reference || candidate) of next-token distributions over a text corpus, with
+llama.cpp's ``llama-perplexity --kl-divergence`` conventions:
+
+- the corpus is tokenized once (BOS added where the vocabulary adds one) and cut into chunks of
+  ctx tokens; the first token of each chunk is replaced by BOS;
+- positions ctx/2 .. ctx-2 are scored, each predicting the next token.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import List
+
+import numpy as np
+
+from ..scoring import band_for, kld_positions, kld_score, kld_summary
+
+NAME = "kld"
+_RAW_KEYS = ("kld", "p_diff", "nll_ref", "nll_cand", "same_top")
+
+
+def units(audit) -> List[dict]:
+    return [{"id": f"chunk-{i:02d}", "keywords": [], "chunk": i} for i in range(audit.n_chunks)]
+
+
+def chunk_tokens(audit, index: int) -> List[int]:
+    n_ctx = audit.settings.ctx
+    tokens = list(audit.corpus_tokens[index * n_ctx : (index + 1) * n_ctx])
+    if audit.add_bos:
+        tokens[0] = audit.bos
+    return tokens
+
+
+def _positions(ctx, tokens: List[int]) -> np.ndarray:
+    first = len(tokens) // 2
+    ctx.reset()
+    # Rows for positions first .. n-2: the last position predicts nothing inside the chunk.
+    return ctx.evaluate(tokens[:-1], 0, logits_from=first)
+
+
+def measure(audit, unit) -> dict:
+    started = time.perf_counter()
+    tokens = chunk_tokens(audit, unit["chunk"])
+    first = len(tokens) // 2
+    next_tokens = tokens[first + 1 :]
+    ref_logits = _positions(audit.context("reference"), tokens)
+    cand_logits = _positions(audit.context("candidate"), tokens)
+    stats = kld_positions(ref_logits, cand_logits, next_tokens)
+    del cand_logits
+    floor_stats = None
+    if audit.settings.floor:
+        floor_stats = kld_positions(ref_logits, _positions(audit.context("floor"), tokens), next_tokens)
+    del ref_logits
+    summary = kld_summary(**stats)
+    score = kld_score(summary["mean_kld"])
+    result = {
+        "id": unit["id"],
+        "chunk": unit["chunk"],
+        "score": score,
+        "band": band_for(score),
+        "mean_kld": summary["mean_kld"],
+        "max_kld": summary["kld_percentiles"]["max"],
+        "same_top_p_pct": summary["same_top_p_pct"],
+        "rms_dp_pct": summary["rms_dp_pct"],
+        "ppl_ref": summary["ppl_ref"],
+        "ppl_cand": summary["ppl_cand"],
+        "n_positions": summary["n_positions"],
+        # Per-position values travel to the aggregator (also across xdist workers) so the axis
+        # statistics are computed over all positions, exactly as llama-perplexity does; they
+        # are dropped from the written report.
+        "_raw": {k: np.asarray(stats[k]).astype(float).tolist() for k in _RAW_KEYS},
+    }
+    if floor_stats is not None:
+        result["floor"] = {"mean_kld": float(np.mean(floor_stats["kld"])), "n_positions": len(next_tokens)}
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def aggregate(results: List[dict]) -> dict:
+    raw = {k: np.concatenate([np.asarray(r["_raw"][k]) for r in results]) for k in _RAW_KEYS}
+    raw["same_top"] = raw["same_top"].astype(bool)
+    summary = kld_summary(**raw)
+    score = kld_score(summary["mean_kld"])
+    section = {"score": score, "band": band_for(score), "n_chunks": len(results)}
+    section.update(summary)
+    section["wall_s"] = sum(r["wall_s"] for r in results)
+    section["items"] = [{k: v for k, v in r.items() if k != "_raw"} for r in results]
+    floors = [r["floor"] for r in results if r.get("floor")]
+    if len(floors) == len(results):
+        total = sum(f["mean_kld"] * f["n_positions"] for f in floors)
+        section["floor_score"] = kld_score(total / sum(f["n_positions"] for f in floors))
+    else:
+        section["floor_score"] = None
+    return section

@@ -1,0 +1,110 @@
+"""Trajectory axis: does greedy decoding under the candidate cache produce the reference's
+tokens? Compared as token ids captured at decode time (no detokenize/retokenize)."""
+
+from __future__ import annotations
+
+import statistics
+import time
+from typing import List
+
+import numpy as np
+
+from ..scoring import (
+    band_for,
+    first_divergence,
+    kld_positions,
+    prefix_agreement,
+    trajectory_axis_score,
+    trajectory_item_score,
+)
+
+NAME = "trajectory"
+
+
+def units(audit) -> List[dict]:
+    return [{"id": p.id, "keywords": [p.category], "prompt": p} for p in audit.prompts]
+
+
+def _teacher_forced_logits(cand_ctx, prompt_len, ref_tokens, cand_tokens, cand_logits) -> np.ndarray:
+    """The candidate's logits along the *reference's* continuation.
+
+    Up to the first divergence the candidate's own greedy steps saw exactly the reference's
+    prefix, so those logits are reused. From there on, the candidate's cache is cut back to
+    the shared prefix and the rest of the reference continuation is fed in one batch.
+    """
+    n_ref = len(ref_tokens)
+    d = prefix_agreement(ref_tokens, cand_tokens)
+    valid = min(d + 1, len(cand_tokens), n_ref)
+    parts = [cand_logits[:valid]]
+    if valid < n_ref:
+        shared = valid - 1  # tokens of the continuation already in the candidate's cache
+        cand_ctx.truncate(prompt_len + shared)
+        parts.append(cand_ctx.evaluate(ref_tokens[shared : n_ref - 1], prompt_len + shared, logits_from=0))
+    return np.concatenate(parts) if len(parts) > 1 else parts[0]
+
+
+def _compare(audit, side_ctx, prompt_tokens, ref_tokens, ref_logits):
+    tokens, logits = side_ctx.greedy(prompt_tokens, audit.settings.n_predict, keep_logits=True)
+    tf_logits = _teacher_forced_logits(side_ctx, len(prompt_tokens), ref_tokens, tokens, logits)
+    tf_kld = float(np.mean(kld_positions(ref_logits, tf_logits, ref_tokens)["kld"])) if ref_tokens else 0.0
+    return tokens, tf_kld
+
+
+def measure(audit, unit) -> dict:
+    prompt = unit["prompt"]
+    started = time.perf_counter()
+    prompt_tokens = audit.chat_tokens(prompt.prompt)
+    ref_ctx = audit.context("reference")
+    ref_tokens, ref_logits = ref_ctx.greedy(prompt_tokens, audit.settings.n_predict, keep_logits=True)
+    cand_tokens, tf_kld = _compare(audit, audit.context("candidate"), prompt_tokens, ref_tokens, ref_logits)
+    score = trajectory_item_score(ref_tokens, cand_tokens)
+    result = {
+        "id": prompt.id,
+        "category": prompt.category,
+        "prompt": prompt.prompt,
+        "prompt_tokens": len(prompt_tokens),
+        "ref_len": len(ref_tokens),
+        "cand_len": len(cand_tokens),
+        "prefix_agreement": prefix_agreement(ref_tokens, cand_tokens),
+        "first_divergence": first_divergence(ref_tokens, cand_tokens),
+        "full_match": ref_tokens == cand_tokens,
+        "teacher_forced_kld": tf_kld,
+        "score": score,
+        "band": band_for(score),
+        "ref_tokens": ref_tokens,
+        "cand_tokens": cand_tokens,
+        "ref_text": audit.engine.detokenize(ref_tokens),
+        "cand_text": audit.engine.detokenize(cand_tokens),
+    }
+    if audit.settings.floor:
+        floor_tokens, floor_tf = _compare(audit, audit.context("floor"), prompt_tokens, ref_tokens, ref_logits)
+        result["floor"] = {
+            "ref_len": len(ref_tokens),
+            "cand_len": len(floor_tokens),
+            "prefix_agreement": prefix_agreement(ref_tokens, floor_tokens),
+            "teacher_forced_kld": floor_tf,
+        }
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def aggregate(results: List[dict]) -> dict:
+    score = trajectory_axis_score(results)
+    divergences = [r["first_divergence"] for r in results if r["first_divergence"] is not None]
+    section = {
+        "score": score,
+        "band": band_for(score),
+        "n_items": len(results),
+        "full_match_rate": sum(r["full_match"] for r in results) / len(results),
+        # Prompts that never diverge are left out of the median: it answers "when it goes
+        # wrong, how soon", and is null when nothing went wrong.
+        "median_first_divergence": statistics.median(divergences) if divergences else None,
+        "mean_prefix_agreement": sum(r["prefix_agreement"] for r in results) / len(results),
+        "mean_max_len": sum(max(r["ref_len"], r["cand_len"]) for r in results) / len(results),
+        "teacher_forced_kld": sum(r["teacher_forced_kld"] for r in results) / len(results),
+        "wall_s": sum(r["wall_s"] for r in results),
+        "items": results,
+    }
+    floors = [r["floor"] for r in results if r.get("floor")]
+    section["floor_score"] = trajectory_axis_score(floors) if len(floors) == len(results) else None
+    return section

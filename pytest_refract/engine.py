@@ -1,0 +1,382 @@
+"""The one place that talks to llama.cpp.
+
+One model is loaded per process (weights resident once); each KV configuration gets its own
+context with identical settings apart from the cache types, because batch sizes, flash
+attention and thread counts all change llama.cpp's numerics. Every measurement starts from a
+cleared KV cache: reusing a cached prefix (as llama-cpp-python's high-level ``generate`` does)
+changes logits, which would make reference and candidate incomparable.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import re
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+
+from .errors import MeasurementError
+from .kvconfig import CacheType, KVConfig
+
+try:  # imported lazily by the plugin: only modules that need llama.cpp import this one
+    import llama_cpp
+except ImportError as exc:  # pragma: no cover - depends on the install
+    raise ImportError(
+        "pytest-refract needs llama-cpp-python; see the README for the build flags this machine needs"
+    ) from exc
+
+_LOG_LOCK = threading.Lock()
+_recent_errors: List[str] = []
+
+
+@llama_cpp.llama_log_callback
+def _quiet_log(level, text, user_data):  # pragma: no cover - called from C
+    # llama.cpp prints hundreds of lines per model load; keep only errors, to quote them in
+    # our own one-line messages (e.g. "unknown model architecture").
+    if level == 4:  # GGML_LOG_LEVEL_ERROR
+        msg = text.decode("utf-8", errors="replace").strip()
+        if msg:
+            with _LOG_LOCK:
+                _recent_errors.append(msg)
+                del _recent_errors[:-5]
+
+
+_backend_ready = False
+
+
+def _init_backend() -> None:
+    global _backend_ready
+    if not _backend_ready:
+        llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
+        llama_cpp.llama_backend_init()
+        _backend_ready = True
+
+
+def _last_error() -> str:
+    with _LOG_LOCK:
+        return _recent_errors[-1] if _recent_errors else ""
+
+
+def library_version() -> str:
+    return getattr(llama_cpp, "__version__", "unknown")
+
+
+def system_info() -> str:
+    try:
+        return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()
+    except Exception:  # pragma: no cover - informational only
+        return ""
+
+
+# --------------------------------------------------------------------------- ggml type table
+
+
+def _ggml_lib():
+    """The ggml library that llama-cpp-python actually loaded (not a table of ours), so that a
+    fork's cache types (e.g. TurboQuant's turbo4) are found where the build has them."""
+    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll", "libggml.so", "libggml.dylib", "ggml.dll"):
+        candidate = lib_dir / name
+        if candidate.exists():
+            return ctypes.CDLL(str(candidate))
+    # Fall back to the llama library itself: older builds link ggml statically into it.
+    return llama_cpp.llama_cpp._lib
+
+
+class _TypeTraits(ctypes.Structure):
+    # Leading fields of ggml.h's struct ggml_type_traits (stable since ggml 0.1).
+    _fields_ = [
+        ("type_name", ctypes.c_char_p),
+        ("blck_size", ctypes.c_int64),
+        ("blck_size_interleave", ctypes.c_int64),
+        ("type_size", ctypes.c_size_t),
+        ("is_quantized", ctypes.c_bool),
+        ("to_float", ctypes.c_void_p),
+        ("from_float_ref", ctypes.c_void_p),
+    ]
+
+
+_CACHE_TYPES: Optional[Dict[str, CacheType]] = None
+_ROW_SIZE = None
+# Integer and deprecated slots in ggml's enum are not storage formats for a KV cache.
+_NOT_CACHE_TYPES = {"i8", "i16", "i32", "i64", "f64", "none", "deprecated", "q8_1", "q8_k"}
+_TYPE_NAME_RE = re.compile(r"^[a-z0-9_]{2,16}$")
+
+
+def _ggml_type_count() -> Optional[int]:
+    """GGML_TYPE_COUNT of the build that llama-cpp-python installed: its build installs
+    ggml.h beside the package. ggml's type functions do no bounds check, so we must know."""
+    site = Path(llama_cpp.__file__).resolve().parent.parent
+    for header in (site / "include" / "ggml.h", Path(llama_cpp.__file__).parent / "include" / "ggml.h"):
+        if header.is_file():
+            m = re.search(r"GGML_TYPE_COUNT\s*=\s*(\d+)", header.read_text(errors="replace"))
+            if m:
+                return int(m.group(1))
+    return None
+
+
+def cache_types() -> Dict[str, CacheType]:
+    """Name -> CacheType for every storage type the loaded ggml build names."""
+    global _CACHE_TYPES, _ROW_SIZE
+    if _CACHE_TYPES is None:
+        lib = _ggml_lib()
+        lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
+        lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
+        lib.ggml_row_size.restype = ctypes.c_size_t
+        lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
+        count = _ggml_type_count()
+        types: Dict[str, CacheType] = {}
+        for type_id in range(count if count is not None else 256):
+            traits = lib.ggml_get_type_traits(type_id).contents
+            # Without a header to bound the scan, stop at the first slot that does not look
+            # like a type: the table is followed by unrelated memory.
+            plausible = 0 <= traits.blck_size <= 4096 and 0 <= traits.type_size <= 65536
+            if not plausible:
+                if count is None:
+                    break
+                continue
+            if traits.blck_size <= 0 or traits.type_size <= 0 or not traits.type_name:
+                continue  # removed slots of the enum
+            if traits.type_name != b"f32" and (not traits.from_float_ref or not traits.to_float):
+                continue  # a type nothing can write into (e.g. needs an importance matrix)
+            name = traits.type_name.decode("ascii", errors="replace").strip().lower()
+            if not _TYPE_NAME_RE.match(name):
+                if count is None:
+                    break
+                continue
+            if name in _NOT_CACHE_TYPES or name.startswith(("q4_0_", "iq4_nl_")):
+                continue
+            types.setdefault(name, CacheType(name, type_id, int(traits.blck_size)))
+        _CACHE_TYPES = types
+        _ROW_SIZE = lambda t, n: int(lib.ggml_row_size(t, n))  # noqa: E731
+    return _CACHE_TYPES
+
+
+def ggml_row_size(type_id: int, n: int) -> int:
+    cache_types()
+    return _ROW_SIZE(type_id, n)
+
+
+# --------------------------------------------------------------------------- engine
+
+
+@dataclass(frozen=True)
+class ContextSettings:
+    """Everything shared by reference and candidate contexts."""
+
+    n_ctx: int
+    n_batch: int = 512
+    n_ubatch: int = 512
+    n_threads: int = 2
+
+
+class Engine:
+    """Owns the model (loaded once) and one context per KV configuration."""
+
+    def __init__(self, model_path: Path, n_gpu_layers: int = 0, vocab_only: bool = False):
+        _init_backend()
+        params = llama_cpp.llama_model_default_params()
+        params.n_gpu_layers = int(n_gpu_layers)
+        params.vocab_only = vocab_only
+        params.use_mmap = True
+        self.model_path = Path(model_path)
+        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode("utf-8"), params)
+        if not self._model:
+            why = _last_error() or "see llama.cpp's log"
+            raise MeasurementError(f"llama.cpp could not load {self.model_path.name}: {why}")
+        self._vocab = llama_cpp.llama_model_get_vocab(self._model)
+        self.n_vocab = int(llama_cpp.llama_vocab_n_tokens(self._vocab))
+        self.n_ctx_train = int(llama_cpp.llama_model_n_ctx_train(self._model))
+        self.n_params = int(llama_cpp.llama_model_n_params(self._model))
+        self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
+        self.bos = int(llama_cpp.llama_vocab_bos(self._vocab))
+        self.eos = int(llama_cpp.llama_vocab_eos(self._vocab))
+        self._contexts: Dict[Tuple[str, str], "Context"] = {}
+
+    # -- tokens ---------------------------------------------------------------------------
+
+    def tokenize(self, text: str, add_special: bool = True, parse_special: bool = False) -> List[int]:
+        data = text.encode("utf-8")
+        n_max = len(data) + 16
+        buf = (llama_cpp.llama_token * n_max)()
+        n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            n_max = -n
+            buf = (llama_cpp.llama_token * n_max)()
+            n = llama_cpp.llama_tokenize(self._vocab, data, len(data), buf, n_max, add_special, parse_special)
+        if n < 0:
+            raise MeasurementError("llama.cpp failed to tokenize the text")
+        return list(buf[:n])
+
+    def piece(self, token: int) -> bytes:
+        buf = ctypes.create_string_buffer(64)
+        n = llama_cpp.llama_token_to_piece(self._vocab, int(token), buf, 64, 0, False)
+        if n < 0:
+            buf = ctypes.create_string_buffer(-n)
+            n = llama_cpp.llama_token_to_piece(self._vocab, int(token), buf, -n, 0, False)
+        return buf.raw[: max(n, 0)]
+
+    def detokenize(self, tokens: Sequence[int]) -> str:
+        return b"".join(self.piece(t) for t in tokens).decode("utf-8", errors="replace")
+
+    def token_text(self, token: int) -> str:
+        raw = llama_cpp.llama_vocab_get_text(self._vocab, int(token))
+        return raw.decode("utf-8", errors="replace") if raw else ""
+
+    def is_eog(self, token: int) -> bool:
+        return bool(llama_cpp.llama_vocab_is_eog(self._vocab, int(token)))
+
+    def meta(self, key: str) -> Optional[str]:
+        buf = ctypes.create_string_buffer(1 << 16)
+        n = llama_cpp.llama_model_meta_val_str(self._model, key.encode("utf-8"), buf, len(buf))
+        if n < 0:
+            return None
+        if n >= len(buf):
+            buf = ctypes.create_string_buffer(n + 1)
+            llama_cpp.llama_model_meta_val_str(self._model, key.encode("utf-8"), buf, len(buf))
+        return buf.value.decode("utf-8", errors="replace")
+
+    # -- contexts -------------------------------------------------------------------------
+
+    def context(self, kv: KVConfig, types: Tuple[CacheType, CacheType], settings: ContextSettings, role: str) -> "Context":
+        """One context per (role, config); ``role`` lets the floor get a second, independent
+        context with the reference's configuration."""
+        key = (role, kv.label())
+        ctx = self._contexts.get(key)
+        if ctx is None:
+            ctx = Context(self, kv, types, settings)
+            self._contexts[key] = ctx
+        return ctx
+
+    def close(self) -> None:
+        for ctx in self._contexts.values():
+            ctx.close()
+        self._contexts.clear()
+        if self._model:
+            llama_cpp.llama_model_free(self._model)
+            self._model = None
+
+    def __del__(self):  # pragma: no cover - safety net; close() is the normal path
+        try:
+            self.close()
+        except Exception:
+            pass
+
+
+class Context:
+    """A llama.cpp context for one KV configuration, with one sequence."""
+
+    def __init__(self, engine: Engine, kv: KVConfig, types: Tuple[CacheType, CacheType], settings: ContextSettings):
+        self.engine = engine
+        self.kv = kv
+        self.settings = settings
+        params = llama_cpp.llama_context_default_params()
+        params.n_ctx = settings.n_ctx
+        params.n_batch = settings.n_batch
+        params.n_ubatch = settings.n_ubatch
+        params.n_seq_max = 1
+        params.n_threads = settings.n_threads
+        params.n_threads_batch = settings.n_threads
+        params.type_k = types[0].ggml_type
+        params.type_v = types[1].ggml_type
+        params.flash_attn_type = (
+            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if kv.fa else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+        )
+        params.offload_kqv = not kv.nkvo
+        params.swa_full = kv.swa_full
+        params.no_perf = True
+        self._ctx = llama_cpp.llama_init_from_model(engine._model, params)
+        if not self._ctx:
+            why = _last_error() or "see llama.cpp's log"
+            raise MeasurementError(f"llama.cpp could not create a context for {kv.label()}: {why}")
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(settings.n_batch, 0, 1)
+        self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
+        self.n_vocab = engine.n_vocab
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+    def reset(self) -> None:
+        llama_cpp.llama_memory_clear(self._mem, True)
+
+    def truncate(self, n_keep: int) -> None:
+        """Drop cached positions >= n_keep (to re-decode from a divergence point)."""
+        if not llama_cpp.llama_memory_seq_rm(self._mem, 0, int(n_keep), -1):
+            raise MeasurementError("llama.cpp could not truncate the KV cache")
+
+    def _decode(self, tokens: Sequence[int], start_pos: int, want: Sequence[bool]) -> int:
+        b = self._batch
+        n = len(tokens)
+        n_out = 0
+        for i, (tok, flag) in enumerate(zip(tokens, want)):
+            b.token[i] = tok
+            b.pos[i] = start_pos + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = flag
+            n_out += bool(flag)
+        b.n_tokens = n
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise MeasurementError(f"llama_decode failed (code {rc}) at position {start_pos}")
+        return n_out
+
+    def _logits(self, n_rows: int) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits(self._ctx)
+        return np.ctypeslib.as_array(ptr, shape=(n_rows, self.n_vocab)).copy()
+
+    def evaluate(self, tokens: Sequence[int], start_pos: int = 0, logits_from: Optional[int] = None) -> np.ndarray:
+        """Feed ``tokens`` at positions start_pos..; return the logits of the tokens whose
+        index (within ``tokens``) is >= logits_from, one row each. Batches are cut at n_batch
+        so the layout is identical for every context with the same settings."""
+        if start_pos + len(tokens) > self.n_ctx:
+            raise MeasurementError(
+                f"{start_pos + len(tokens)} tokens do not fit the context of {self.n_ctx}; raise --refract-ctx"
+            )
+        first = len(tokens) if logits_from is None else logits_from
+        rows: List[np.ndarray] = []
+        step = self.settings.n_batch
+        for off in range(0, len(tokens), step):
+            part = tokens[off : off + step]
+            want = [off + i >= first for i in range(len(part))]
+            n_out = self._decode(part, start_pos + off, want)
+            if n_out:
+                rows.append(self._logits(n_out))
+        if not rows:
+            return np.empty((0, self.n_vocab), dtype=np.float32)
+        return rows[0] if len(rows) == 1 else np.concatenate(rows)
+
+    def last_logits(self) -> np.ndarray:
+        ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+
+    def greedy(self, prompt: Sequence[int], n_predict: int, keep_logits: bool = False):
+        """Greedy decode from a cleared cache. Returns (token ids, per-step logits or None).
+        Token ids are captured at decode time: no detokenize/retokenize round trip."""
+        if len(prompt) + n_predict > self.n_ctx:
+            raise MeasurementError(
+                f"prompt of {len(prompt)} tokens + {n_predict} predicted do not fit the context of {self.n_ctx}"
+            )
+        self.reset()
+        self.evaluate(prompt, 0, logits_from=len(prompt) - 1)
+        out: List[int] = []
+        kept: List[np.ndarray] = []
+        pos = len(prompt)
+        for _ in range(n_predict):
+            logits = self.last_logits()
+            if keep_logits:
+                kept.append(logits.copy())
+            tok = int(np.argmax(logits))
+            out.append(tok)
+            if self.engine.is_eog(tok) or len(out) == n_predict:
+                break
+            self._decode([tok], pos, [True])
+            pos += 1
+        return out, (np.stack(kept) if keep_logits and kept else None)

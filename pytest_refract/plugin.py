@@ -1,0 +1,206 @@
+"""pytest hooks. Thin on purpose: options live in settings.py, llama.cpp in engine.py, numbers
+in scoring.py and the axes, files in report.py.
+
+Without --refract-model nothing here does any work, and llama_cpp is never imported.
+"""
+
+from __future__ import annotations
+
+import time
+from typing import Dict, List, Optional
+
+import pytest
+
+from . import settings as settings_mod
+from .errors import MeasurementError, UsageProblem
+
+_STASH_KEY = pytest.StashKey["RefractSession"]()
+
+
+def pytest_addoption(parser):
+    settings_mod.register(parser)
+
+
+@pytest.hookimpl(tryfirst=True)
+def pytest_configure(config):
+    try:
+        s = settings_mod.read_settings(config)
+        if s is None:
+            return
+        from .audit import Audit
+
+        audit = Audit(s)
+    except UsageProblem as exc:
+        raise pytest.UsageError(str(exc)) from None
+    session = RefractSession(config, audit)
+    config.stash[_STASH_KEY] = session
+    config.pluginmanager.register(session, "refract-session")
+
+
+def get_session(config) -> Optional["RefractSession"]:
+    return config.stash.get(_STASH_KEY, None)
+
+
+class RefractCollector(pytest.Collector):
+    """Parent of the audit's items, so they exist even in a folder with no test files."""
+
+    def collect(self):
+        from .axes import AXES, ORDER
+
+        rs = get_session(self.config)
+        for axis in ORDER:
+            if axis not in rs.audit.settings.axes:
+                continue
+            for unit in AXES[axis].units(rs.audit):
+                item = RefractItem.from_parent(self, name=f"test_{axis}[{unit['id']}]", axis=axis, unit=unit)
+                yield item
+
+
+class RefractItem(pytest.Item):
+    def __init__(self, *, axis: str, unit: dict, **kwargs):
+        super().__init__(**kwargs)
+        self.axis = axis
+        self.unit = unit
+        self.refract_result = None
+        for keyword in unit.get("keywords", ()):
+            self.extra_keyword_matches.add(keyword)
+
+    def runtest(self):
+        from .axes import AXES
+
+        rs = get_session(self.config)
+        try:
+            result = AXES[self.axis].measure(rs.audit, self.unit)
+        except (MeasurementError, UsageProblem) as exc:
+            raise RefractItemError(f"{self.axis} {self.unit['id']}: {exc}") from None
+        self.refract_result = result
+        threshold = rs.audit.settings.item_fail_under
+        if threshold is not None and result["score"] < threshold:
+            raise RefractItemError(
+                f"{self.axis} {self.unit['id']}: score {result['score']:.2f} ({result['band']}) is below "
+                f"--refract-item-fail-under={rs.audit.settings.item_fail_under:g}"
+            )
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, RefractItemError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, self.name
+
+
+class RefractItemError(Exception):
+    """An item failure whose message is the whole story (no traceback)."""
+
+
+class RefractSession:
+    """Collects item results (from this process or, under xdist, from workers' reports),
+    gates the session on the composite, and writes the summary and the JSON report."""
+
+    def __init__(self, config, audit):
+        self.config = config
+        self.audit = audit
+        self.results: Dict[str, Dict[str, dict]] = {}
+        self.failed: Dict[str, List[str]] = {}
+        self.started = time.time()
+        self.report: Optional[dict] = None
+        self.gate: dict = {"passed": None, "threshold": audit.settings.fail_under, "reasons": []}
+        self.interrupted = False
+        self.is_worker = hasattr(config, "workerinput")
+
+    # -- collection ---------------------------------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, session, config, items):
+        # tryfirst: our items must exist before -k / -m deselection runs.
+        collector = RefractCollector.from_parent(session, name="refract")
+        items.extend(collector.collect())
+
+    # -- results ------------------------------------------------------------------------
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        report = yield
+        if isinstance(item, RefractItem) and call.when == "call":
+            # A plain dict attribute survives xdist's report serialization.
+            report.refract = {"axis": item.axis, "unit": item.unit["id"], "result": item.refract_result}
+            if item.refract_result is not None:
+                report.user_properties.append(("refract_score", round(item.refract_result["score"], 4)))
+                report.user_properties.append(("refract_band", item.refract_result["band"]))
+        return report
+
+    def pytest_runtest_logreport(self, report):
+        info = getattr(report, "refract", None)
+        if not info or report.when != "call":
+            return
+        if info.get("result") is not None:
+            self.results.setdefault(info["axis"], {})[info["unit"]] = info["result"]
+        else:
+            self.failed.setdefault(info["axis"], []).append(info["unit"])
+
+    def pytest_report_teststatus(self, report, config):
+        info = getattr(report, "refract", None)
+        if info and report.when == "call" and report.passed and info.get("result"):
+            r = info["result"]
+            return "passed", ".", (f"PASSED {r['score']:.2f} {r['band']}", {"green": True})
+        return None
+
+    def pytest_keyboard_interrupt(self, excinfo):
+        self.interrupted = True
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtestloop(self, session):
+        try:
+            return (yield)
+        finally:
+            if not self.is_worker and not session.config.option.collectonly:
+                self._finish(session)
+
+    def _finish(self, session) -> None:
+        from .report import build_report, composite_of, build_axes
+
+        s = self.audit.settings
+        ran = bool(self.results or self.failed)
+        if not ran:
+            return
+        complete = not self.interrupted and not session.shouldstop
+        axes = build_axes(self.results, self.failed)
+        composite = composite_of(axes) if complete else None
+        reasons = []
+        if not complete:
+            reasons.append("the run was interrupted; an incomplete audit never passes the gate")
+        elif composite is None:
+            broken = [n for n, a in axes.items() if a.get("score") is None]
+            reasons.append(f"no composite: {', '.join(broken)} could not be scored (items failed to measure)")
+        elif composite < s.fail_under:
+            reasons.append(
+                f"composite {composite:.2f} is below --refract-fail-under={s.fail_under_text} ({s.fail_under:g})"
+            )
+        self.gate = {"passed": not reasons, "threshold": s.fail_under, "reasons": reasons}
+        if reasons:
+            session.testsfailed += 1
+        self.report = build_report(
+            audit=self.audit,
+            results=self.results,
+            failed=self.failed,
+            gate=self.gate,
+            invocation_args=list(self.config.invocation_params.args),
+            complete=complete,
+            llama_build=self.audit._engine_mod.system_info(),
+        )
+        self.report["wall_s"] = time.time() - self.started
+        if s.json_path:
+            from .report import dumps, write_atomic
+
+            write_atomic(s.json_path, dumps(self.report))
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.report is None:
+            return
+        from .summary import render
+
+        render(terminalreporter, self.report, self.audit.settings.json_path)
+
+    def pytest_unconfigure(self, config):
+        self.audit.close()

@@ -1,0 +1,195 @@
+"""The audit's result as data: axis sections, composite, diagnosis, and the strict-JSON file.
+
+Strict means ``json.loads(..., parse_constant=reject)`` accepts it: no NaN or Infinity ever;
+anything not measured is ``null``. Files are written to a temp file and renamed, so a crash
+mid-write leaves the previous report intact.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import platform
+import shlex
+import tempfile
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from . import __version__
+from .axes import AXES, ORDER
+from .scoring import band_for, harmonic_mean
+
+SCHEMA = "pytest-refract.report.v1"
+FLOOR_WARN_BELOW = 99.5
+
+
+def _clean(value):
+    """Replace non-finite floats by None (and numpy scalars by Python ones) recursively."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, dict):
+        return {str(k): _clean(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_clean(v) for v in value]
+    if hasattr(value, "item") and callable(value.item):  # numpy scalar
+        return _clean(value.item())
+    return value
+
+
+def dumps(report: dict) -> str:
+    return json.dumps(_clean(report), indent=2, allow_nan=False, ensure_ascii=False)
+
+
+def write_atomic(path, text: str) -> Path:
+    target = Path(path).expanduser()
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as fh:
+            fh.write(text)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, target)
+    except BaseException:
+        try:
+            os.unlink(tmp)
+        except OSError:
+            pass
+        raise
+    return target
+
+
+def build_axes(results: Dict[str, Dict[str, dict]], failed: Dict[str, List[str]]) -> Dict[str, dict]:
+    """Axis sections from per-item results. An axis with any item that failed to measure has
+    no score: scoring the rest would claim a number for what was not measured."""
+    sections = {}
+    for name in ORDER:
+        items = results.get(name) or {}
+        errors = failed.get(name) or []
+        if not items and not errors:
+            continue
+        ordered = [items[k] for k in sorted(items)]
+        if errors or not ordered:
+            sections[name] = {
+                "score": None,
+                "band": None,
+                "error": f"{len(errors)} item(s) failed to measure: {', '.join(sorted(errors)[:5])}",
+                "items": [{k: v for k, v in r.items() if k != "_raw"} for r in ordered],
+            }
+            continue
+        sections[name] = AXES[name].aggregate(ordered)
+    return sections
+
+
+def composite_of(axes: Dict[str, dict]) -> Optional[float]:
+    scores = [a["score"] for a in axes.values()]
+    if not scores or any(s is None for s in scores):
+        return None
+    return harmonic_mean(scores)
+
+
+def floor_of(axes: Dict[str, dict]) -> Optional[float]:
+    floors = [a.get("floor_score") for a in axes.values()]
+    if not floors or any(f is None for f in floors):
+        return None
+    return harmonic_mean(floors)
+
+
+def diagnose(axes: Dict[str, dict], self_reference: bool = False) -> List[str]:
+    """Plain-English reading of the axis pattern, most important first."""
+    out: List[str] = []
+    if self_reference:
+        out.append("Self-reference: the candidate configuration equals the reference, so this run measures the noise floor.")
+    if any(a.get("score") is None for a in axes.values()):
+        broken = [n for n, a in axes.items() if a.get("score") is None]
+        out.append(f"No score for {', '.join(broken)}: some items failed to measure (see the failed tests).")
+    scored = {n: a for n, a in axes.items() if a.get("score") is not None}
+    if not scored:
+        return out
+    low = {n for n, a in scored.items() if a["score"] < 80}
+    if scored and all(a["score"] < 60 for a in scored.values()):
+        out.append("Catastrophic: every axis is in the FAIL band; the candidate cache does not preserve the model's behaviour.")
+    traj, kld = scored.get("trajectory"), scored.get("kld")
+    if kld is not None:
+        if kld["score"] < 80:
+            out.append(
+                f"Short-context drift: next-token distributions move (mean KLD {kld['mean_kld']:.4f} nats, "
+                f"same top token {kld['same_top_p_pct']:.1f}% of positions)."
+            )
+        if kld["mean_kld"] > 0 and kld["ppl_cand"] <= kld["ppl_ref"]:
+            out.append(
+                f"Perplexity hides the damage: PPL {kld['ppl_cand']:.3f} vs {kld['ppl_ref']:.3f} for the reference, "
+                f"yet mean KLD is {kld['mean_kld']:.4f} nats."
+            )
+    if traj is not None and traj["score"] < 80:
+        md = traj.get("median_first_divergence")
+        where = f" after a median of {md:g} tokens" if md is not None else ""
+        if kld is not None and kld["score"] >= 90:
+            out.append(
+                f"Greedy decodes diverge{where} although distributions stay close: near-tie tokens flip, so "
+                "generated text changes wording even where the model's beliefs barely move."
+            )
+        else:
+            out.append(f"Generated text drifts: greedy continuations leave the reference's path{where}.")
+    if not low and all(a["score"] >= 90 for a in scored.values()):
+        out.append("All clear: the candidate cache tracks the f16 reference on every axis that ran.")
+    elif not low:
+        out.append("Minor drift: every axis that ran is PASS or better.")
+    return out
+
+
+def build_report(
+    *,
+    audit,
+    results: Dict[str, Dict[str, dict]],
+    failed: Dict[str, List[str]],
+    gate: dict,
+    invocation_args: List[str],
+    complete: bool,
+    llama_build: str,
+) -> dict:
+    s = audit.settings
+    axes = build_axes(results, failed)
+    composite = composite_of(axes) if complete else None
+    floor = floor_of(axes) if s.floor else None
+    settings = s.as_dict()
+    if audit.chunks_note:
+        settings["chunks_note"] = audit.chunks_note
+    report = {
+        "schema": SCHEMA,
+        "plugin_version": __version__,
+        "llama_cpp_python_version": audit._engine_mod.library_version(),
+        "llama_cpp_build": llama_build,
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "complete": complete,
+        "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
+        "model": audit.model_facts(),
+        "reference": s.reference.label(),
+        "candidate": s.candidate.label(),
+        "self_reference": audit.self_reference,
+        "settings": settings,
+        "repro_command": "pytest " + " ".join(shlex.quote(a) for a in _portable_args(invocation_args)),
+        "composite": composite,
+        "band": band_for(composite),
+        "gate": gate,
+        "diagnosis": diagnose(axes, audit.self_reference),
+        "axes": axes,
+        "floor": floor,
+    }
+    if audit.corpus is not None and "kld" in axes:
+        axes["kld"]["corpus"] = {"name": audit.corpus.name, "sha256": audit.corpus.sha256, "bytes": audit.corpus.bytes,
+                                 "replaced_invalid_utf8": audit.corpus.replaced_invalid_utf8}
+    if floor is not None and floor < FLOOR_WARN_BELOW:
+        report["diagnosis"].insert(
+            0, f"WARNING: the noise floor (reference vs reference) is {floor:.2f}, below {FLOOR_WARN_BELOW}: deltas are not trustworthy."
+        )
+    elif floor is not None:
+        report["diagnosis"].append(f"Noise floor (reference vs reference): {floor:.2f}.")
+    return report
+
+
+def _portable_args(args: List[str]) -> List[str]:
+    """No home directories in a report that may be shared: show ~ instead."""
+    home = str(Path.home())
+    return [a.replace(home, "~") if home and home != "/" else a for a in args]

@@ -1,0 +1,220 @@
+"""Pure scoring functions: no llama.cpp, no pytest. Everything here is unit-tested directly.
+
+KLD statistics follow llama.cpp's ``tools/perplexity`` (``--kl-divergence``) definitions so
+that our numbers can be compared with the KLD tables the community publishes.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, List, Optional, Sequence
+
+import numpy as np
+
+BANDS = (("EXCELLENT", 90.0), ("PASS", 80.0), ("DEGRADED", 60.0), ("FAIL", 0.0))
+BAND_FLOOR = dict(BANDS)
+
+# llama-perplexity drops reference log-probabilities at or below this from the KL sum.
+KLD_LOG_PROB_CUTOFF = -16.0
+
+
+def band_for(score: Optional[float]) -> Optional[str]:
+    if score is None:
+        return None
+    for name, floor in BANDS:
+        if score >= floor:
+            return name
+    return "FAIL"
+
+
+def parse_threshold(text) -> float:
+    """``--refract-fail-under``: a band name (fail if below that band) or a number 0-100."""
+    value = str(text).strip()
+    if value.upper() in BAND_FLOOR:
+        # "FAIL" means: fail when the score is in the FAIL band, i.e. under DEGRADED's floor.
+        return 60.0 if value.upper() == "FAIL" else BAND_FLOOR[value.upper()]
+    try:
+        number = float(value)
+    except ValueError:
+        raise ValueError(
+            f"{text!r} is neither a band (FAIL, DEGRADED, PASS, EXCELLENT) nor a number 0-100"
+        ) from None
+    if not (0.0 <= number <= 100.0) or math.isnan(number):
+        raise ValueError(f"{text!r} is outside 0-100")
+    return number
+
+
+def harmonic_mean(scores: Sequence[float]) -> Optional[float]:
+    """Composite of the axes that ran. One axis at 0 makes the composite 0: a harmonic mean
+    punishes a single collapsed surface, which is the point."""
+    values = [float(s) for s in scores]
+    if not values:
+        return None
+    if any(v < 0 for v in values):
+        raise ValueError("scores must be non-negative")
+    if any(v == 0 for v in values):
+        return 0.0
+    return len(values) / sum(1.0 / v for v in values)
+
+
+# --------------------------------------------------------------------------- trajectory
+
+
+def prefix_agreement(a: Sequence[int], b: Sequence[int]) -> int:
+    """Number of leading tokens the two sequences share."""
+    n = 0
+    for x, y in zip(a, b):
+        if x != y:
+            break
+        n += 1
+    return n
+
+
+def first_divergence(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
+    """Index of the first differing token, or None when the sequences are identical
+    (a sequence that stops early diverges at its end)."""
+    n = prefix_agreement(a, b)
+    if n == len(a) == len(b):
+        return None
+    return n
+
+
+def trajectory_item_score(ref: Sequence[int], cand: Sequence[int]) -> float:
+    denom = max(len(ref), len(cand))
+    if denom == 0:
+        return 100.0
+    return 100.0 * prefix_agreement(ref, cand) / denom
+
+
+def trajectory_axis_score(items: Iterable[dict]) -> Optional[float]:
+    """100 x mean prefix agreement / mean max(len ref, len cand). Dividing by the longer side
+    keeps a candidate that stops early (EOS) from scoring 100 on a shared prefix."""
+    items = list(items)
+    if not items:
+        return None
+    agree = sum(i["prefix_agreement"] for i in items) / len(items)
+    longest = sum(max(i["ref_len"], i["cand_len"]) for i in items) / len(items)
+    if longest == 0:
+        return 100.0
+    return 100.0 * agree / longest
+
+
+# --------------------------------------------------------------------------- KLD
+
+
+def log_softmax(logits: np.ndarray) -> np.ndarray:
+    """Row-wise log-softmax in float32 with a float64 normaliser, as llama-perplexity does."""
+    x = np.asarray(logits, dtype=np.float32)
+    m = x.max(axis=-1, keepdims=True)
+    shifted = x - m
+    lse = np.log(np.exp(shifted).sum(axis=-1, keepdims=True, dtype=np.float64))
+    return (shifted - lse.astype(np.float32)).astype(np.float32, copy=False)
+
+
+def kld_positions(ref_logits: np.ndarray, cand_logits: np.ndarray, next_tokens: Sequence[int]) -> Dict[str, np.ndarray]:
+    """Per-position statistics of one chunk (rows = positions, columns = vocabulary).
+
+    Returns arrays: ``kld`` = KL(ref || cand) in nats, ``p_diff`` = p_cand(next) - p_ref(next),
+    ``nll_ref`` / ``nll_cand`` = -log p(next), ``same_top`` = argmax agreement.
+    """
+    ref_lp = log_softmax(ref_logits)
+    cand_lp = log_softmax(cand_logits)
+    if ref_lp.shape != cand_lp.shape:
+        raise ValueError(f"logit shapes differ: {ref_lp.shape} vs {cand_lp.shape}")
+    tokens = np.asarray(next_tokens, dtype=np.int64)
+    if tokens.shape[0] != ref_lp.shape[0]:
+        raise ValueError("one next token per position is required")
+    rows = np.arange(tokens.shape[0])
+    keep = ref_lp > KLD_LOG_PROB_CUTOFF
+    terms = np.exp(ref_lp) * (ref_lp - cand_lp)
+    kld = np.where(keep, terms, 0.0).sum(axis=1, dtype=np.float64)
+    nll_ref = -ref_lp[rows, tokens].astype(np.float64)
+    nll_cand = -cand_lp[rows, tokens].astype(np.float64)
+    return {
+        "kld": kld,
+        "p_diff": np.exp(-nll_cand) - np.exp(-nll_ref),
+        "nll_ref": nll_ref,
+        "nll_cand": nll_cand,
+        "same_top": ref_lp.argmax(axis=1) == cand_lp.argmax(axis=1),
+    }
+
+
+def mean_and_uncertainty(values: np.ndarray) -> tuple:
+    """Mean and standard error with llama-perplexity's conventions (0 below 11 samples)."""
+    v = np.asarray(values, dtype=np.float64)
+    n = v.size
+    if n < 1:
+        return 0.0, 0.0
+    mean = float(v.sum() / n)
+    var = float((v * v).sum() / n - mean * mean)
+    unc = math.sqrt(var / (n - 1)) if (var > 0 and n > 10) else 0.0
+    return mean, unc
+
+
+def llama_percentile(sorted_values: np.ndarray, fraction: float) -> float:
+    """Linear interpolation between order statistics, as llama-perplexity prints them."""
+    v = sorted_values
+    if fraction <= 0:
+        return float(v[0])
+    if fraction >= 1:
+        return float(v[-1])
+    p = fraction * (len(v) - 1)
+    ip = int(p)
+    p -= ip
+    return float((1 - p) * v[ip] + p * v[min(ip + 1, len(v) - 1)])
+
+
+def median(sorted_values: np.ndarray) -> float:
+    n = len(sorted_values)
+    if n % 2 == 0:
+        return float(0.5 * (sorted_values[n // 2] + sorted_values[n // 2 - 1]))
+    return float(sorted_values[n // 2])
+
+
+def kld_summary(kld: np.ndarray, p_diff: np.ndarray, nll_ref: np.ndarray, nll_cand: np.ndarray, same_top: np.ndarray) -> dict:
+    """Axis-level (or chunk-level) KLD statistics from per-position arrays."""
+    kld = np.asarray(kld, dtype=np.float64)
+    n = kld.size
+    if n == 0:
+        raise ValueError("no scored positions")
+    mean_kld, mean_kld_unc = mean_and_uncertainty(kld)
+    sorted_kld = np.sort(kld)
+    p_diff = np.asarray(p_diff, dtype=np.float64)
+    mse, mse_unc = mean_and_uncertainty(p_diff * p_diff)
+    rms = math.sqrt(mse)
+    rms_unc = 0.5 / rms * mse_unc if rms > 0 else 0.0
+    mean_dp, mean_dp_unc = mean_and_uncertainty(p_diff)
+    same = float(np.count_nonzero(same_top)) / n
+    same_unc = math.sqrt(same * (1 - same) / (n - 1)) if n > 1 else 0.0
+    mean_nll_ref = float(np.mean(nll_ref))
+    mean_nll_cand = float(np.mean(nll_cand))
+    return {
+        "mean_kld": mean_kld,
+        "mean_kld_unc": mean_kld_unc,
+        "kld_percentiles": {
+            "max": float(sorted_kld[-1]),
+            "99.9": llama_percentile(sorted_kld, 0.999),
+            "99": llama_percentile(sorted_kld, 0.99),
+            "95": llama_percentile(sorted_kld, 0.95),
+            "90": llama_percentile(sorted_kld, 0.90),
+            "median": median(sorted_kld),
+        },
+        "rms_dp_pct": 100.0 * rms,
+        "rms_dp_pct_unc": 100.0 * rms_unc,
+        "mean_dp_pct": 100.0 * mean_dp,
+        "mean_dp_pct_unc": 100.0 * mean_dp_unc,
+        "same_top_p_pct": 100.0 * same,
+        "same_top_p_pct_unc": 100.0 * same_unc,
+        "ppl_ref": math.exp(mean_nll_ref),
+        "ppl_cand": math.exp(mean_nll_cand),
+        "n_positions": int(n),
+    }
+
+
+def kld_score(mean_kld: float) -> float:
+    """100 x exp(-mean KLD): 100 for identical distributions, ~99 at 0.01 nats."""
+    return 100.0 * math.exp(-max(0.0, mean_kld))
+
+
+def mean_teacher_forced_kld(values: List[float]) -> Optional[float]:
+    return float(np.mean(values)) if values else None

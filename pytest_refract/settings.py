@@ -1,0 +1,182 @@
+"""Every option in one place: registered here, read here, validated here (as pytest-randomly
+and pytest-timeout do), so the plugin hooks stay thin."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+from typing import Optional, Tuple
+
+from .errors import UsageProblem
+from .kvconfig import KVConfig, parse_kv_config, share_flash_attention
+from .scoring import parse_threshold
+
+KNOWN_AXES = ("trajectory", "kld", "rniah", "plad")
+IMPLEMENTED_AXES = ("trajectory", "kld")
+DEFAULT_AXES = ("trajectory", "kld")
+
+# (name, ini type, default, help). The command-line flag is --refract-<name with dashes>; the
+# ini key is refract_<name with underscores>.
+OPTIONS = (
+    ("model", "string", None, "GGUF model to audit, or 'smollm2' for the embedded SmolLM2-135M-Instruct"),
+    ("reference", "string", "ctk=f16,ctv=f16", "reference KV config (default: ctk=f16,ctv=f16)"),
+    ("candidate", "string", None, "candidate KV config, e.g. ctk=q8_0,ctv=q4_0"),
+    ("axes", "string", ",".join(DEFAULT_AXES), "comma-separated axes to run (trajectory,kld), or 'none' for fixtures only"),
+    ("fail-under", "string", "FAIL", "fail the session when the composite is below this band (FAIL, DEGRADED, PASS, EXCELLENT) or number"),
+    ("item-fail-under", "string", None, "opt-in: also fail each item whose own score is below this band or number"),
+    ("json", "string", None, "write the JSON report to this path"),
+    ("prompts", "string", None, "prompt set (JSONL: id, category, prompt) for the trajectory axis"),
+    ("corpus", "string", None, "UTF-8 text corpus for the KLD axis"),
+    ("n-predict", "string", "128", "greedy tokens per trajectory prompt"),
+    ("ctx", "string", "512", "KLD chunk size in tokens (llama-perplexity's -c)"),
+    ("chunks", "string", "32", "KLD chunks to score (fewer if the corpus holds fewer)"),
+    ("seed", "string", "0", "seed for anything random in the audit (greedy decoding itself is deterministic)"),
+    ("threads", "string", None, "llama.cpp threads (default: all cores)"),
+    ("gpu-layers", "string", "0", "layers to offload to a GPU (llama.cpp -ngl)"),
+)
+FLAGS = (("floor", "also measure reference vs reference (a second context) to show the noise floor"),
+         ("full", "run all four axes (trajectory, kld, rniah, plad)"))
+
+
+def register(parser) -> None:
+    group = parser.getgroup("refract", "pytest-refract: KV-cache quantization audit")
+    for name, ini_type, default, help_text in OPTIONS:
+        dest = "refract_" + name.replace("-", "_")
+        group.addoption(f"--refract-{name}", dest=dest, default=None, help=help_text)
+        parser.addini(dest, help_text, type=ini_type, default=default)
+    for name, help_text in FLAGS:
+        dest = "refract_" + name
+        group.addoption(f"--refract-{name}", dest=dest, action="store_true", default=None, help=help_text)
+        parser.addini(dest, help_text, type="bool", default=False)
+
+
+def _get(config, name: str):
+    dest = "refract_" + name.replace("-", "_")
+    value = config.getoption(dest)
+    if value is None:
+        value = config.getini(dest)
+    if isinstance(value, str):
+        value = value.strip()
+        return value or None
+    return value
+
+
+def _int(config, name: str, minimum: int) -> int:
+    raw = _get(config, name)
+    try:
+        value = int(str(raw))
+    except ValueError:
+        raise UsageProblem(f"--refract-{name}={raw!r} must be a whole number") from None
+    if value < minimum:
+        raise UsageProblem(f"--refract-{name}={value} must be at least {minimum}")
+    return value
+
+
+@dataclass(frozen=True)
+class Settings:
+    model: str
+    reference: KVConfig
+    candidate: KVConfig
+    axes: Tuple[str, ...]
+    fail_under: float
+    fail_under_text: str
+    item_fail_under: Optional[float]
+    json_path: Optional[str]
+    prompts_path: Optional[str]
+    corpus_path: Optional[str]
+    n_predict: int
+    ctx: int
+    chunks: int
+    seed: int
+    threads: int
+    gpu_layers: int
+    floor: bool
+    n_batch: int = 512
+    n_ubatch: int = 512
+    extra: dict = field(default_factory=dict, compare=False)
+
+    def as_dict(self) -> dict:
+        return {
+            "axes": list(self.axes),
+            "fail_under": self.fail_under,
+            "item_fail_under": self.item_fail_under,
+            "n_predict": self.n_predict,
+            "ctx": self.ctx,
+            "chunks": self.chunks,
+            "seed": self.seed,
+            "threads": self.threads,
+            "gpu_layers": self.gpu_layers,
+            "n_batch": self.n_batch,
+            "n_ubatch": self.n_ubatch,
+            "flash_attn": self.reference.fa,
+            "floor": self.floor,
+            "decode_layout": "one sequence at a time, prompt in batches of n_batch, then one token per decode",
+        }
+
+
+def read_settings(config) -> Optional[Settings]:
+    """None when --refract-model is absent: the plugin then does nothing at all."""
+    model = _get(config, "model")
+    if not model:
+        return None
+    candidate_text = _get(config, "candidate")
+    if not candidate_text:
+        raise UsageProblem("--refract-candidate is required with --refract-model, e.g. --refract-candidate=ctk=q8_0,ctv=q4_0")
+    reference = parse_kv_config(_get(config, "reference"))
+    candidate = parse_kv_config(candidate_text)
+    reference, candidate = share_flash_attention(reference, candidate)
+
+    if _get(config, "full"):
+        axes = KNOWN_AXES
+    else:
+        raw_axes = _get(config, "axes") or ""
+        axes = tuple(a.strip().lower() for a in raw_axes.split(",") if a.strip())
+        if axes == ("none",):
+            axes = ()
+        unknown = [a for a in axes if a not in KNOWN_AXES]
+        if unknown:
+            raise UsageProblem(f"--refract-axes: unknown axis {unknown[0]!r}; choose from {', '.join(KNOWN_AXES)} or none")
+    missing = [a for a in axes if a not in IMPLEMENTED_AXES]
+    if missing:
+        raise UsageProblem(
+            f"--refract-axes: {', '.join(missing)} is not available in this version; available: {', '.join(IMPLEMENTED_AXES)}"
+        )
+    fail_text = _get(config, "fail-under") or "FAIL"
+    try:
+        fail_under = parse_threshold(fail_text)
+    except ValueError as exc:
+        raise UsageProblem(f"--refract-fail-under: {exc}") from None
+    item_text = _get(config, "item-fail-under")
+    try:
+        item_fail_under = parse_threshold(item_text) if item_text else None
+    except ValueError as exc:
+        raise UsageProblem(f"--refract-item-fail-under: {exc}") from None
+
+    threads_raw = _get(config, "threads")
+    threads = _int(config, "threads", 1) if threads_raw else (os.cpu_count() or 1)
+    json_path = _get(config, "json")
+    if json_path:
+        parent = os.path.dirname(os.path.abspath(os.path.expanduser(json_path)))
+        if not os.path.isdir(parent):
+            raise UsageProblem(f"--refract-json={json_path}: folder {parent} does not exist")
+        if os.path.isdir(os.path.expanduser(json_path)):
+            raise UsageProblem(f"--refract-json={json_path} is a directory; give a file path")
+    return Settings(
+        model=model,
+        reference=reference,
+        candidate=candidate,
+        axes=axes,
+        fail_under=fail_under,
+        fail_under_text=fail_text,
+        item_fail_under=item_fail_under,
+        json_path=json_path,
+        prompts_path=_get(config, "prompts"),
+        corpus_path=_get(config, "corpus"),
+        n_predict=_int(config, "n-predict", 1),
+        ctx=_int(config, "ctx", 8),
+        chunks=_int(config, "chunks", 1),
+        seed=_int(config, "seed", 0),
+        threads=threads,
+        gpu_layers=_int(config, "gpu-layers", 0),
+        floor=bool(_get(config, "floor")),
+    )

@@ -1,0 +1,88 @@
+"""The terminal summary: what a user reads when CI goes red."""
+
+from __future__ import annotations
+
+from .axes import ORDER
+
+_COLOURS = {"EXCELLENT": "green", "PASS": "green", "DEGRADED": "yellow", "FAIL": "red", None: "red"}
+
+
+def _fmt(score) -> str:
+    return "n/a" if score is None else f"{score:6.2f}"
+
+
+def _worst(name: str, section: dict, n: int = 3):
+    items = [i for i in section.get("items", []) if i.get("score") is not None]
+    items.sort(key=lambda i: i["score"])
+    out = []
+    for i in items[:n]:
+        if i["score"] >= 100.0:
+            break
+        if name == "trajectory":
+            fd = i.get("first_divergence")
+            detail = f"diverges at token {fd}" if fd is not None else "full match"
+        elif name == "kld":
+            detail = f"mean KLD {i['mean_kld']:.4f}, max {i['max_kld']:.3f}"
+        else:
+            detail = ""
+        out.append(f"{name}[{i['id']}] {i['score']:.2f} {i['band']} ({detail})")
+    return out
+
+
+def render(tr, report: dict, json_path) -> None:
+    tr.write_sep("=", "refract KV-cache audit")
+    model = report["model"]
+    tr.write_line(f"model      {model['name']} ({model['path']}, {model['size_bytes'] / 1e6:.1f} MB, {model['architecture']})")
+    tr.write_line(f"reference  {report['reference']}")
+    tr.write_line(f"candidate  {report['candidate']}" + ("   (self-reference)" if report.get("self_reference") else ""))
+    if report["settings"].get("chunks_note"):
+        tr.write_line(f"note       {report['settings']['chunks_note']}")
+    tr.write_line("")
+    for name in ORDER:
+        section = report["axes"].get(name)
+        if section is None:
+            continue
+        band = section.get("band")
+        extra = ""
+        if name == "kld" and section.get("score") is not None:
+            extra = (f"  mean KLD {section['mean_kld']:.5f} ± {section['mean_kld_unc']:.5f}, same top {section['same_top_p_pct']:.2f}%, "
+                     f"RMS Δp {section['rms_dp_pct']:.3f}%, PPL {section['ppl_ref']:.3f} → {section['ppl_cand']:.3f}")
+        elif name == "trajectory" and section.get("score") is not None:
+            md = section.get("median_first_divergence")
+            extra = (f"  full match {100 * section['full_match_rate']:.0f}%, median first divergence "
+                     f"{'-' if md is None else f'{md:g}'}, teacher-forced KLD {section['teacher_forced_kld']:.5f}")
+        wall = section.get("wall_s")
+        wall_text = f"  [{wall:.1f}s]" if wall is not None else ""
+        tr.write(f"{name:<11}{_fmt(section.get('score'))} ", bold=True)
+        tr.write(f"{band or 'NO SCORE':<9}", **{_COLOURS.get(band, 'red'): True})
+        tr.write_line(f"{extra}{wall_text}")
+        if section.get("error"):
+            tr.write_line(f"           {section['error']}", red=True)
+    tr.write_line("")
+    composite = report.get("composite")
+    band = report.get("band")
+    tr.write("composite  " + _fmt(composite) + " ", bold=True)
+    tr.write_line(band or "NO SCORE", **{_COLOURS.get(band, "red"): True, "bold": True})
+    if report.get("floor") is not None:
+        tr.write_line(f"floor      {report['floor']:.2f} (reference vs reference)")
+    tr.write_line("")
+    for line in report.get("diagnosis", []):
+        tr.write_line(f"- {line}")
+    worst = []
+    for name in ORDER:
+        if name in report["axes"]:
+            worst += _worst(name, report["axes"][name])
+    if worst:
+        tr.write_line("")
+        tr.write_line("worst items:")
+        for line in worst:
+            tr.write_line(f"  {line}")
+    gate = report.get("gate", {})
+    tr.write_line("")
+    if gate.get("passed"):
+        tr.write_line(f"gate: passed (composite ≥ {gate['threshold']:g})", green=True)
+    else:
+        for reason in gate.get("reasons", []):
+            tr.write_line(f"gate FAILED: {reason}", red=True, bold=True)
+    if json_path:
+        tr.write_line(f"JSON report: {json_path}")
