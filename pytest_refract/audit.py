@@ -61,10 +61,13 @@ class Audit:
             self.prompts = data.load_prompts(Path(s.prompts_path) if s.prompts_path else None)
         if "kld" in s.axes:
             self.corpus = data.load_corpus(Path(s.corpus_path) if s.corpus_path else None)
-        if not (self.prompts or self.corpus):
-            return
-        # The vocabulary alone (no weights) is enough to count tokens at collection time.
-        tok = self._engine_mod.Engine(self.model_path, vocab_only=True)
+        # The vocabulary alone (no weights) is enough to count tokens at collection time, and
+        # loading it proves llama.cpp accepts the file (architecture, tokenizer) before any
+        # item runs.
+        try:
+            tok = self._engine_mod.Engine(self.model_path, vocab_only=True)
+        except MeasurementError as exc:
+            raise UsageProblem(str(exc)) from None
         try:
             self._tokenizer = tok
             self.add_bos, self.bos = tok.add_bos, tok.bos

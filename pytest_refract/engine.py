@@ -64,6 +64,21 @@ def library_version() -> str:
     return getattr(llama_cpp, "__version__", "unknown")
 
 
+def build_info() -> dict:
+    """What produced the numbers: the Python binding and the ggml library it loaded."""
+    info = {"llama_cpp_python": library_version(), "ggml_version": None, "ggml_commit": None}
+    lib = _ggml_lib()
+    for key, fn in (("ggml_version", "ggml_version"), ("ggml_commit", "ggml_commit")):
+        func = getattr(lib, fn, None)
+        if func is not None:
+            func.restype = ctypes.c_char_p
+            func.argtypes = []
+            raw = func()
+            info[key] = raw.decode("ascii", errors="replace") if raw else None
+    info["system_info"] = system_info()
+    return info
+
+
 def system_info() -> str:
     try:
         return llama_cpp.llama_print_system_info().decode("utf-8", errors="replace").strip()

@@ -114,8 +114,13 @@ class RefractSession:
     @pytest.hookimpl(tryfirst=True)
     def pytest_collection_modifyitems(self, session, config, items):
         # tryfirst: our items must exist before -k / -m deselection runs.
+        # Reported like any collected node, so pytest's "collected N items" counts them.
         collector = RefractCollector.from_parent(session, name="refract")
-        items.extend(collector.collect())
+        report = config.hook.pytest_make_collect_report(collector=collector)
+        config.hook.pytest_collectreport(report=report)
+        if report.failed:
+            raise pytest.UsageError(f"pytest-refract could not collect its items: {report.longreprtext}")
+        items.extend(report.result)
 
     # -- results ------------------------------------------------------------------------
 
@@ -187,7 +192,7 @@ class RefractSession:
             gate=self.gate,
             invocation_args=list(self.config.invocation_params.args),
             complete=complete,
-            llama_build=self.audit._engine_mod.system_info(),
+            llama_build=self.audit._engine_mod.build_info(),
         )
         self.report["wall_s"] = time.time() - self.started
         if s.json_path:

@@ -147,7 +147,7 @@ def build_report(
     gate: dict,
     invocation_args: List[str],
     complete: bool,
-    llama_build: str,
+    llama_build: dict,
 ) -> dict:
     s = audit.settings
     axes = build_axes(results, failed)

