@@ -67,7 +67,9 @@ def load_prompts(path: Optional[Path] = None) -> List[Prompt]:
         raise UsageProblem(f"prompts file {p} is not UTF-8 (byte {exc.start})") from None
     prompts: List[Prompt] = []
     seen = {}
-    for lineno, line in enumerate(text.splitlines(), start=1):
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends raw.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
         if not line.strip():
             continue
         try:

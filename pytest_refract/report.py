@@ -23,6 +23,7 @@ from .scoring import band_for, harmonic_mean
 
 SCHEMA = "pytest-refract.report.v1"
 FLOOR_WARN_BELOW = 99.5
+PPL_HIDES_MIN_KLD = 0.01  # nats; below this a lower candidate PPL is not worth a warning
 
 
 def _clean(value):
@@ -46,6 +47,10 @@ def write_atomic(path, text: str) -> Path:
     target = Path(path).expanduser()
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
     try:
+        # mkstemp makes 0600 files; a report is an artifact others read, so use the umask.
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "w", encoding="utf-8") as fh:
             fh.write(text)
             fh.flush()
@@ -117,7 +122,8 @@ def diagnose(axes: Dict[str, dict], self_reference: bool = False) -> List[str]:
                 f"Short-context drift: next-token distributions move (mean KLD {kld['mean_kld']:.4f} nats, "
                 f"same top token {kld['same_top_p_pct']:.1f}% of positions)."
             )
-        if kld["mean_kld"] > 0 and kld["ppl_cand"] <= kld["ppl_ref"]:
+        # Only where the drift is material: at tiny KLD, PPL moving either way is noise.
+        if kld["mean_kld"] >= PPL_HIDES_MIN_KLD and kld["ppl_cand"] <= kld["ppl_ref"]:
             out.append(
                 f"Perplexity hides the damage: PPL {kld['ppl_cand']:.3f} vs {kld['ppl_ref']:.3f} for the reference, "
                 f"yet mean KLD is {kld['mean_kld']:.4f} nats."

@@ -1,0 +1,100 @@
+"""Integration: the real SmolLM2-135M-Instruct through llama.cpp, run as a user runs the plugin.
+Kept small (3 prompts x 16 tokens, 2 chunks of 512) so CI stays quick; the full default audit
+is the README's demo."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import read_report
+
+pytestmark = pytest.mark.smollm2
+
+PROMPTS = [
+    {"id": "fact-001", "category": "factual", "prompt": "What is the capital of France? Answer briefly."},
+    {"id": "code-001", "category": "code", "prompt": "Write a short Python function that adds two numbers."},
+    {"id": "creative-001", "category": "creative", "prompt": "Describe a quiet harbour at dawn in two sentences."},
+]
+
+
+@pytest.fixture
+def prompts_file(pytester):
+    path = pytester.path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in PROMPTS) + "\n")
+    return path
+
+
+def _run(pytester, model, prompts, candidate, *extra):
+    report = pytester.path / "report.json"
+    result = pytester.runpytest_subprocess(
+        f"--refract-model={model}",
+        f"--refract-candidate={candidate}",
+        f"--refract-prompts={prompts}",
+        "--refract-n-predict=16",
+        "--refract-chunks=2",
+        f"--refract-json={report}",
+        *extra,
+    )
+    return result, report
+
+
+def test_self_reference_is_100_excellent(pytester, smollm2, prompts_file):
+    result, report = _run(pytester, smollm2, prompts_file, "ctk=f16,ctv=f16")
+    assert result.ret == 0
+    data = read_report(report)
+    assert data["composite"] == 100.0
+    assert data["band"] == "EXCELLENT"
+    assert data["axes"]["kld"]["mean_kld"] == 0.0
+    assert data["axes"]["kld"]["same_top_p_pct"] == 100.0
+    assert data["axes"]["trajectory"]["full_match_rate"] == 1.0
+    assert data["model"]["architecture"] == "llama" and data["model"]["n_ctx_train"] == 8192
+    result.stdout.fnmatch_lines(["*composite  100.00 EXCELLENT*"])
+
+
+def test_q4_cache_drifts_and_exit_status_follows_the_band(pytester, smollm2, prompts_file):
+    result, report = _run(pytester, smollm2, prompts_file, "ctk=q4_0,ctv=q4_0")
+    data = read_report(report)
+    kld = data["axes"]["kld"]
+    assert kld["mean_kld"] > 0
+    assert kld["score"] < 100
+    assert kld["n_positions"] == 2 * (512 - 1 - 256)
+    assert kld["ppl_ref"] > 1 and kld["ppl_cand"] > 1
+    assert data["composite"] is not None
+    expected = 1 if data["composite"] < 60 else 0
+    assert result.ret == expected
+    assert data["band"] in ("EXCELLENT", "PASS", "DEGRADED", "FAIL")
+    item = data["axes"]["trajectory"]["items"][0]
+    assert item["ref_tokens"] and isinstance(item["ref_text"], str)
+
+
+def test_k_kld_runs_only_kld_items(pytester, smollm2, prompts_file):
+    result, report = _run(pytester, smollm2, prompts_file, "ctk=q8_0,ctv=q8_0", "-k", "kld")
+    result.assert_outcomes(passed=2, deselected=3)
+    assert list(read_report(report)["axes"]) == ["kld"]
+
+
+def test_fail_under_excellent_turns_a_q4_run_red(pytester, smollm2, prompts_file):
+    result, report = _run(pytester, smollm2, prompts_file, "ctk=q4_0,ctv=q4_0", "--refract-fail-under=EXCELLENT")
+    data = read_report(report)
+    assert data["composite"] < 90
+    assert result.ret == 1
+    assert data["gate"]["passed"] is False
+    result.stdout.fnmatch_lines(["*gate FAILED: composite * is below --refract-fail-under=EXCELLENT (90)*"])
+
+
+def test_embedded_name_resolves_and_turbo4_is_a_usage_error(pytester, smollm2):
+    result = pytester.runpytest_subprocess("--refract-model=smollm2", "--refract-candidate=ctk=q8_0,ctv=turbo4")
+    assert result.ret == 4
+    text = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in text
+    result.stderr.fnmatch_lines(["ERROR: --refract-candidate ctv=turbo4: this llama.cpp build has no cache type 'turbo4'; it offers: *q4_0*"])
+
+
+def test_short_corpus_is_one_line(pytester, smollm2, prompts_file):
+    corpus = pytester.path / "short.txt"
+    corpus.write_text("A few words are not a corpus.")
+    result, _ = _run(pytester, smollm2, prompts_file, "ctk=q8_0,ctv=q8_0", f"--refract-corpus={corpus}")
+    assert result.ret == 4
+    result.stderr.fnmatch_lines(["ERROR: corpus short.txt holds * tokens, fewer than one chunk of --refract-ctx=512*"])
