@@ -160,6 +160,25 @@ class Audit:
             self._contexts[role] = ctx
         return ctx
 
+    def token_counts(self) -> dict:
+        """Tokens processed so far per context role (batched vs single-step decode)."""
+        return {
+            role: {"batch_tokens": c.n_batch_tokens, "decode_tokens": c.n_decode_tokens}
+            for role, c in self._contexts.items()
+        }
+
+    def measure(self, axis_module, unit) -> dict:
+        """Run one item and record the tokens it cost, so a benchmark can compare wall time
+        with llama.cpp's raw throughput for the same tokens."""
+        before = self.token_counts()
+        result = axis_module.measure(self, unit)
+        after = self.token_counts()
+        zero = {"batch_tokens": 0, "decode_tokens": 0}
+        result["compute"] = {
+            role: {k: counts[k] - before.get(role, zero)[k] for k in counts} for role, counts in after.items()
+        }
+        return result
+
     def close(self) -> None:
         self._contexts.clear()
         if self._engine is not None:

@@ -311,6 +311,10 @@ class Context:
         self._batch = llama_cpp.llama_batch_init(settings.n_batch, 0, 1)
         self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
         self.n_vocab = engine.n_vocab
+        # Tokens this context has processed, split the way llama-bench reports throughput
+        # (batched prompt processing vs one-token decode steps), for compute-ratio figures.
+        self.n_batch_tokens = 0
+        self.n_decode_tokens = 0
 
     def close(self) -> None:
         if self._ctx:
@@ -338,6 +342,10 @@ class Context:
             b.logits[i] = flag
             n_out += bool(flag)
         b.n_tokens = n
+        if n == 1:
+            self.n_decode_tokens += 1
+        else:
+            self.n_batch_tokens += n
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
             raise MeasurementError(f"llama_decode failed (code {rc}) at position {start_pos}")

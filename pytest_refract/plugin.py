@@ -70,7 +70,7 @@ class RefractItem(pytest.Item):
 
         rs = get_session(self.config)
         try:
-            result = AXES[self.axis].measure(rs.audit, self.unit)
+            result = rs.audit.measure(AXES[self.axis], self.unit)
         except (MeasurementError, UsageProblem) as exc:
             raise RefractItemError(f"{self.axis} {self.unit['id']}: {exc}") from None
         self.refract_result = result

@@ -83,7 +83,15 @@ def build_axes(results: Dict[str, Dict[str, dict]], failed: Dict[str, List[str]]
                 "items": [{k: v for k, v in r.items() if k != "_raw"} for r in ordered],
             }
             continue
-        sections[name] = AXES[name].aggregate(ordered)
+        section = AXES[name].aggregate(ordered)
+        compute: Dict[str, Dict[str, int]] = {}
+        for r in ordered:
+            for role, counts in r.get("compute", {}).items():
+                into = compute.setdefault(role, {"batch_tokens": 0, "decode_tokens": 0})
+                for key, value in counts.items():
+                    into[key] += value
+        section["compute"] = compute
+        sections[name] = section
     return sections
 
 

@@ -111,32 +111,43 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
     return (shifted - lse.astype(np.float32)).astype(np.float32, copy=False)
 
 
-def kld_positions(ref_logits: np.ndarray, cand_logits: np.ndarray, next_tokens: Sequence[int]) -> Dict[str, np.ndarray]:
+def kld_positions(
+    ref_logits: np.ndarray, cand_logits: np.ndarray, next_tokens: Sequence[int], block: int = 32
+) -> Dict[str, np.ndarray]:
     """Per-position statistics of one chunk (rows = positions, columns = vocabulary).
 
     Returns arrays: ``kld`` = KL(ref || cand) in nats, ``p_diff`` = p_cand(next) - p_ref(next),
     ``nll_ref`` / ``nll_cand`` = -log p(next), ``same_top`` = argmax agreement.
+    Rows are processed in blocks so temporaries stay a few MB even for 256k-token vocabularies.
     """
-    ref_lp = log_softmax(ref_logits)
-    cand_lp = log_softmax(cand_logits)
-    if ref_lp.shape != cand_lp.shape:
-        raise ValueError(f"logit shapes differ: {ref_lp.shape} vs {cand_lp.shape}")
+    ref_logits = np.asarray(ref_logits)
+    cand_logits = np.asarray(cand_logits)
+    if ref_logits.shape != cand_logits.shape:
+        raise ValueError(f"logit shapes differ: {ref_logits.shape} vs {cand_logits.shape}")
     tokens = np.asarray(next_tokens, dtype=np.int64)
-    if tokens.shape[0] != ref_lp.shape[0]:
+    n = ref_logits.shape[0]
+    if tokens.shape[0] != n:
         raise ValueError("one next token per position is required")
-    rows = np.arange(tokens.shape[0])
-    keep = ref_lp > KLD_LOG_PROB_CUTOFF
-    terms = np.exp(ref_lp) * (ref_lp - cand_lp)
-    kld = np.where(keep, terms, 0.0).sum(axis=1, dtype=np.float64)
-    nll_ref = -ref_lp[rows, tokens].astype(np.float64)
-    nll_cand = -cand_lp[rows, tokens].astype(np.float64)
-    return {
-        "kld": kld,
-        "p_diff": np.exp(-nll_cand) - np.exp(-nll_ref),
-        "nll_ref": nll_ref,
-        "nll_cand": nll_cand,
-        "same_top": ref_lp.argmax(axis=1) == cand_lp.argmax(axis=1),
+    out = {
+        "kld": np.empty(n, dtype=np.float64),
+        "nll_ref": np.empty(n, dtype=np.float64),
+        "nll_cand": np.empty(n, dtype=np.float64),
+        "same_top": np.empty(n, dtype=bool),
     }
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        ref_lp = log_softmax(ref_logits[lo:hi])
+        cand_lp = log_softmax(cand_logits[lo:hi])
+        rows = np.arange(hi - lo)
+        terms = np.exp(ref_lp)
+        terms *= ref_lp - cand_lp
+        terms[ref_lp <= KLD_LOG_PROB_CUTOFF] = 0.0
+        out["kld"][lo:hi] = terms.sum(axis=1, dtype=np.float64)
+        out["nll_ref"][lo:hi] = -ref_lp[rows, tokens[lo:hi]]
+        out["nll_cand"][lo:hi] = -cand_lp[rows, tokens[lo:hi]]
+        out["same_top"][lo:hi] = ref_lp.argmax(axis=1) == cand_lp.argmax(axis=1)
+    out["p_diff"] = np.exp(-out["nll_cand"]) - np.exp(-out["nll_ref"])
+    return out
 
 
 def mean_and_uncertainty(values: np.ndarray) -> tuple:

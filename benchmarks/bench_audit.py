@@ -1,0 +1,120 @@
+"""Benchmark the default audit on this machine; prints figures, asserts nothing.
+
+    python benchmarks/bench_audit.py [--model smollm2] [--candidate ctk=q8_0,ctv=q4_0] [--quick]
+
+Figures:
+- llama.cpp throughput through the same library and settings the audit uses: pp512 (one
+  512-token batch, fresh cache) and tg128 (128 one-token decode steps), per KV config;
+- the default audit's wall time (a real `pytest --refract-model=...` subprocess), per axis;
+- the audit's tokens (from the JSON report's per-role compute counts) divided by those rates:
+  the pure-compute time for the same tokens, and wall / compute (target <= 1.3);
+- peak RSS of the audit process next to the model file size.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import resource
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+
+def throughput(model_path: Path, kv_text: str, threads: int, n_ctx: int = 1024, repeats: int = 3) -> dict:
+    from pytest_refract import engine as E
+    from pytest_refract.data import load_corpus
+    from pytest_refract.gguf_meta import read_gguf
+    from pytest_refract.kvconfig import parse_kv_config, validate_for_model
+
+    info = read_gguf(model_path)
+    kv = parse_kv_config(kv_text)
+    types = validate_for_model(kv, E.cache_types(), *info.head_dims, "bench")
+    eng = E.Engine(model_path)
+    try:
+        ctx = eng.context(kv, types, E.ContextSettings(n_ctx=n_ctx, n_threads=threads), "bench")
+        tokens = eng.tokenize(load_corpus().text[:20000], add_special=True)[:512]
+        ctx.reset()
+        ctx.evaluate(tokens[:64], 0, logits_from=63)  # warm-up: graph allocation, page faults
+        pp = []
+        for _ in range(repeats):
+            ctx.reset()
+            t = time.perf_counter()
+            ctx.evaluate(tokens, 0, logits_from=511)
+            pp.append(512 / (time.perf_counter() - t))
+        tg = []
+        for _ in range(repeats):
+            ctx.reset()
+            ctx.evaluate(tokens[:1], 0, logits_from=0)
+            t = time.perf_counter()
+            for i in range(128):
+                ctx._decode([tokens[(i + 1) % 512]], i + 1, [True])
+            tg.append(128 / (time.perf_counter() - t))
+        return {"pp512": statistics.median(pp), "tg128": statistics.median(tg)}
+    finally:
+        eng.close()
+
+
+def run_audit(model: str, candidate: str, extra: list, workdir: Path) -> dict:
+    report = workdir / "report.json"
+    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--refract-model={model}",
+           f"--refract-candidate={candidate}", f"--refract-json={report}", *extra]
+    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    t = time.perf_counter()
+    proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
+    wall = time.perf_counter() - t
+    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
+    if not report.exists():
+        sys.exit(f"audit produced no report (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
+    data = json.loads(report.read_text())
+    return {"wall_s": wall, "exit": proc.returncode, "peak_rss_mb": max(peak_kb, before) / 1024, "report": data}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--model", default="smollm2")
+    ap.add_argument("--candidate", default="ctk=q8_0,ctv=q4_0")
+    ap.add_argument("--reference", default="ctk=f16,ctv=f16")
+    ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
+    ap.add_argument("--quick", action="store_true", help="8 prompts x 32 tokens, 4 chunks (a smoke run)")
+    args = ap.parse_args()
+
+    from pytest_refract.data import resolve_model
+
+    model_path = resolve_model(args.model)
+    print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; model {model_path.name} "
+          f"({model_path.stat().st_size / 1e6:.1f} MB); threads {args.threads}")
+    rates = {
+        "reference": throughput(model_path, args.reference, args.threads),
+        "candidate": throughput(model_path, args.candidate, args.threads),
+    }
+    for role, r in rates.items():
+        print(f"llama.cpp {role:<9} pp512 {r['pp512']:7.1f} tok/s   tg128 {r['tg128']:6.1f} tok/s")
+
+    extra = ["--refract-n-predict=32", "--refract-chunks=4", "-k", "chunk or fact or reason"] if args.quick else []
+    with tempfile.TemporaryDirectory() as tmp:
+        run = run_audit(args.model, args.candidate, extra, Path(tmp))
+    rep = run["report"]
+    print(f"audit: exit {run['exit']}, composite {rep['composite']}, band {rep['band']}, wall {run['wall_s']:.1f} s")
+    total_compute = 0.0
+    for name, section in rep["axes"].items():
+        compute_s = 0.0
+        tokens = []
+        for role, counts in section.get("compute", {}).items():
+            r = rates.get(role, rates["reference"])
+            compute_s += counts["batch_tokens"] / r["pp512"] + counts["decode_tokens"] / r["tg128"]
+            tokens.append(f"{role}: {counts['batch_tokens']} batched + {counts['decode_tokens']} decoded")
+        total_compute += compute_s
+        print(f"  {name:<10} score {section['score']:.2f}  wall {section['wall_s']:7.1f} s  pure compute "
+              f"{compute_s:7.1f} s  ratio {section['wall_s'] / compute_s:5.2f}   ({'; '.join(tokens)})")
+    print(f"total: wall {run['wall_s']:.1f} s (process, incl. start-up and model load), pure compute "
+          f"{total_compute:.1f} s, ratio {run['wall_s'] / total_compute:.2f} (target <= 1.3)")
+    print(f"peak RSS {run['peak_rss_mb']:.0f} MB; model file {model_path.stat().st_size / 1e6:.0f} MB")
+
+
+if __name__ == "__main__":
+    main()
