@@ -315,6 +315,8 @@ class Context:
         # (batched prompt processing vs one-token decode steps), for compute-ratio figures.
         self.n_batch_tokens = 0
         self.n_decode_tokens = 0
+        # The token at each cached position, so a prefix can be reused (see prefill).
+        self._cached: List[int] = []
 
     def close(self) -> None:
         if self._ctx:
@@ -324,11 +326,37 @@ class Context:
 
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(self._mem, True)
+        self._cached = []
 
     def truncate(self, n_keep: int) -> None:
         """Drop cached positions >= n_keep (to re-decode from a divergence point)."""
+        if n_keep <= 0:
+            self.reset()
+            return
         if not llama_cpp.llama_memory_seq_rm(self._mem, 0, int(n_keep), -1):
             raise MeasurementError("llama.cpp could not truncate the KV cache")
+        del self._cached[n_keep:]
+
+    def prefill(self, tokens: Sequence[int], logits_from: int) -> np.ndarray:
+        """Evaluate ``tokens`` from position 0, reusing whole n_batch-sized batches that are
+        already in the cache with identical tokens.
+
+        Why this is exact: a fresh evaluation cuts the sequence into batches at multiples of
+        n_batch, and a batch's KV entries depend only on the tokens up to its end. Keeping the
+        cached batches that a fresh run would recompute identically, and evaluating the rest
+        with the same cuts, gives bit-identical logits (tested) while skipping shared
+        haystack prefixes. Anything short of a whole batch is recomputed.
+        """
+        step = self.settings.n_batch
+        common = 0
+        for a, b in zip(self._cached, tokens):
+            if a != b:
+                break
+            common += 1
+        keep = min(common, len(tokens) - 1, logits_from) // step * step
+        self.truncate(keep)
+        rows = self.evaluate(tokens[keep:], keep, logits_from=logits_from - keep)
+        return rows
 
     def _decode(self, tokens: Sequence[int], start_pos: int, want: Sequence[bool]) -> int:
         b = self._batch
@@ -342,6 +370,8 @@ class Context:
             b.logits[i] = flag
             n_out += bool(flag)
         b.n_tokens = n
+        if start_pos != len(self._cached):
+            raise MeasurementError(f"internal: decoding at position {start_pos} with {len(self._cached)} cached")
         if n == 1:
             self.n_decode_tokens += 1
         else:
@@ -349,6 +379,7 @@ class Context:
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
             raise MeasurementError(f"llama_decode failed (code {rc}) at position {start_pos}")
+        self._cached.extend(int(t) for t in tokens)
         return n_out
 
     def _logits(self, n_rows: int) -> np.ndarray:
@@ -381,14 +412,13 @@ class Context:
         return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
 
     def greedy(self, prompt: Sequence[int], n_predict: int, keep_logits: bool = False):
-        """Greedy decode from a cleared cache. Returns (token ids, per-step logits or None).
+        """Greedy decode (from a cleared cache, or an identical reused prefix: see prefill). Returns (token ids, per-step logits or None).
         Token ids are captured at decode time: no detokenize/retokenize round trip."""
         if len(prompt) + n_predict > self.n_ctx:
             raise MeasurementError(
                 f"prompt of {len(prompt)} tokens + {n_predict} predicted do not fit the context of {self.n_ctx}"
             )
-        self.reset()
-        self.evaluate(prompt, 0, logits_from=len(prompt) - 1)
+        self.prefill(prompt, logits_from=len(prompt) - 1)
         out: List[int] = []
         kept: List[np.ndarray] = []
         pos = len(prompt)
