@@ -48,6 +48,14 @@ class Audit:
         self._contexts: Dict[str, object] = {}
         self._tokenizer = None
         self._chat = None
+        self._parts = None
+        self._question_tokens = None
+        self._greedy: Dict[tuple, List[int]] = {}
+        self.haystack = None
+        self.haystack_source = None
+        self.rniah_lengths: tuple = ()
+        self.rniah_answer_tokens = settings.rniah_answer_tokens
+        self.rniah_thinking = False
         self._load_inputs()
 
     # -- inputs -------------------------------------------------------------------------
@@ -57,10 +65,13 @@ class Audit:
         n_ctx_train = self.info.n_ctx_train
         if n_ctx_train and s.ctx > n_ctx_train:
             raise UsageProblem(f"--refract-ctx={s.ctx} exceeds the model's training context of {n_ctx_train} tokens")
-        if "trajectory" in s.axes:
+        if "trajectory" in s.axes or "plad" in s.axes:
             self.prompts = data.load_prompts(Path(s.prompts_path) if s.prompts_path else None)
-        if "kld" in s.axes:
+        if "kld" in s.axes or ("rniah" in s.axes and not s.haystack_path):
             self.corpus = data.load_corpus(Path(s.corpus_path) if s.corpus_path else None)
+        haystack_source = None
+        if "rniah" in s.axes:
+            haystack_source = data.load_corpus(Path(s.haystack_path)) if s.haystack_path else self.corpus
         # The vocabulary alone (no weights) is enough to count tokens at collection time, and
         # loading it proves llama.cpp accepts the file (architecture, tokenizer) before any
         # item runs.
@@ -71,7 +82,9 @@ class Audit:
         try:
             self._tokenizer = tok
             self.add_bos, self.bos = tok.add_bos, tok.bos
-            if self.corpus is not None:
+            if haystack_source is not None:
+                self._prepare_rniah(haystack_source)
+            if self.corpus is not None and "kld" in s.axes:
                 self.corpus_tokens = tok.tokenize(self.corpus.text, add_special=True)
                 available = len(self.corpus_tokens) // s.ctx
                 if available < 1:
@@ -91,6 +104,78 @@ class Audit:
         finally:
             tok.close()
             self._tokenizer = None
+
+    def _prepare_rniah(self, source) -> None:
+        from .haystack import THINK_MARKERS, Haystack
+
+        s = self.settings
+        try:
+            self.haystack = Haystack.from_text(source.text, self.plain_tokens)
+        except ValueError:
+            raise UsageProblem(f"haystack {source.name} has no sentences to build a haystack from") from None
+        self.haystack_source = source
+        template = self.info.chat_template or ""
+        thinking = any(marker in template for marker in THINK_MARKERS)
+        # Thinking models reason before answering: give them room, then score what follows.
+        self.rniah_answer_tokens = max(s.rniah_answer_tokens, 1024) if thinking else s.rniah_answer_tokens
+        self.rniah_thinking = thinking
+        overhead = len(self.rniah_prompt([])) + self.rniah_answer_tokens
+        limit = self.info.n_ctx_train
+        if s.rniah_lengths:
+            for length in s.rniah_lengths:
+                if limit and length + overhead > limit:
+                    raise UsageProblem(
+                        f"--refract-rniah-lengths: {length} tokens (+{overhead} for template, question and answer) "
+                        f"exceed the model's context of {limit} tokens; use at most {limit - overhead}"
+                    )
+            self.rniah_lengths = tuple(s.rniah_lengths)
+        else:
+            fitting = tuple(n for n in (1024, 2048, 4096) if not limit or n + overhead <= limit)
+            self.rniah_lengths = fitting or (max(64, limit - overhead),)
+
+    def plain_tokens(self, text: str) -> List[int]:
+        tok = self._tokenizer or self.engine
+        return tok.tokenize(text, add_special=False, parse_special=False)
+
+    def _chat_parts(self):
+        """Token ids the chat template puts before and after the user's content."""
+        if getattr(self, "_parts", None) is None:
+            tok = self._tokenizer or self.engine
+            formatter = self._chat_formatter()
+            if formatter:
+                sentinel = "@@refract-content@@"
+                rendered = formatter(messages=[{"role": "user", "content": sentinel}]).prompt
+                head, _, tail = rendered.partition(sentinel)
+                add_special = tok.add_bos and not head.startswith(tok.token_text(tok.bos))
+                self._parts = (
+                    tok.tokenize(head, add_special=add_special, parse_special=True) if head else
+                    ([tok.bos] if add_special else []),
+                    tok.tokenize(tail, add_special=False, parse_special=True) if tail else [],
+                )
+            else:
+                self._parts = ([tok.bos] if tok.add_bos else [], tok.tokenize("\nAnswer:", False, False))
+        return self._parts
+
+    def rniah_prompt(self, body: List[int]) -> List[int]:
+        """Chat-rendered user turn: haystack tokens (spliced in as ids, so the haystack length is
+        exact), then the question."""
+        head, tail = self._chat_parts()
+        if getattr(self, "_question_tokens", None) is None:
+            self._question_tokens = self.plain_tokens("\n\n" + self.settings.rniah_question)
+        return list(head) + list(body) + list(self._question_tokens) + list(tail)
+
+    def greedy_tokens(self, role: str, prompt_tokens: List[int]) -> List[int]:
+        """Greedy continuation, shared between axes: PLAD's anchors are the trajectory axis's
+        decodes of the same prompts with the same settings."""
+        key = (role, tuple(prompt_tokens))
+        cached = self._greedy.get(key)
+        if cached is None:
+            cached, _ = self.context(role).greedy(prompt_tokens, self.settings.n_predict)
+            self._greedy[key] = cached
+        return list(cached)
+
+    def remember_greedy(self, role: str, prompt_tokens: List[int], tokens: List[int]) -> None:
+        self._greedy[(role, tuple(prompt_tokens))] = list(tokens)
 
     @property
     def chunks_note(self) -> Optional[str]:
@@ -146,6 +231,8 @@ class Audit:
         need = s.ctx
         if self._prompt_tokens:
             need = max(need, max(len(t) for t in self._prompt_tokens.values()) + s.n_predict)
+        if self.rniah_lengths:
+            need = max(need, max(self.rniah_lengths) + len(self.rniah_prompt([])) + self.rniah_answer_tokens)
         # llama.cpp pads the cache to 256 cells; asking for a padded size keeps it explicit.
         return int(math.ceil(need / 256.0) * 256)
 

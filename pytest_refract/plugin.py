@@ -74,8 +74,10 @@ class RefractItem(pytest.Item):
         except (MeasurementError, UsageProblem) as exc:
             raise RefractItemError(f"{self.axis} {self.unit['id']}: {exc}") from None
         self.refract_result = result
+        if result.get("skipped"):
+            pytest.skip(result.get("reason") or "not applicable")
         threshold = rs.audit.settings.item_fail_under
-        if threshold is not None and result["score"] < threshold:
+        if threshold is not None and result["score"] is not None and result["score"] < threshold:
             raise RefractItemError(
                 f"{self.axis} {self.unit['id']}: score {result['score']:.2f} ({result['band']}) is below "
                 f"--refract-item-fail-under={rs.audit.settings.item_fail_under:g}"
@@ -130,7 +132,7 @@ class RefractSession:
         if isinstance(item, RefractItem) and call.when == "call":
             # A plain dict attribute survives xdist's report serialization.
             report.refract = {"axis": item.axis, "unit": item.unit["id"], "result": item.refract_result}
-            if item.refract_result is not None:
+            if item.refract_result is not None and item.refract_result.get("score") is not None:
                 report.user_properties.append(("refract_score", round(item.refract_result["score"], 4)))
                 report.user_properties.append(("refract_band", item.refract_result["band"]))
         return report
@@ -148,7 +150,8 @@ class RefractSession:
         info = getattr(report, "refract", None)
         if info and report.when == "call" and report.passed and info.get("result"):
             r = info["result"]
-            return "passed", ".", (f"PASSED {r['score']:.2f} {r['band']}", {"green": True})
+            shown = f"{r['score']:.2f} {r['band']}" if r.get("score") is not None else "n/a (not scored)"
+            return "passed", ".", (f"PASSED {shown}", {"green": True})
         return None
 
     def pytest_keyboard_interrupt(self, excinfo):

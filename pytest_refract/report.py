@@ -96,14 +96,16 @@ def build_axes(results: Dict[str, Dict[str, dict]], failed: Dict[str, List[str]]
 
 
 def composite_of(axes: Dict[str, dict]) -> Optional[float]:
-    scores = [a["score"] for a in axes.values()]
+    # An axis with nothing to score (status n/a: e.g. the reference never retrieves the needle)
+    # is left out, like an axis that did not run; a failed axis (no status) blocks the composite.
+    scores = [a["score"] for a in axes.values() if a.get("status") != "n/a"]
     if not scores or any(s is None for s in scores):
         return None
     return harmonic_mean(scores)
 
 
 def floor_of(axes: Dict[str, dict]) -> Optional[float]:
-    floors = [a.get("floor_score") for a in axes.values()]
+    floors = [a.get("floor_score") for a in axes.values() if a.get("status") != "n/a"]
     if not floors or any(f is None for f in floors):
         return None
     return harmonic_mean(floors)
@@ -114,8 +116,11 @@ def diagnose(axes: Dict[str, dict], self_reference: bool = False) -> List[str]:
     out: List[str] = []
     if self_reference:
         out.append("Self-reference: the candidate configuration equals the reference, so this run measures the noise floor.")
-    if any(a.get("score") is None for a in axes.values()):
-        broken = [n for n, a in axes.items() if a.get("score") is None]
+    for name, a in axes.items():
+        if a.get("status") == "n/a":
+            out.append(f"{name}: nothing to score (the reference itself never succeeds there); left out of the composite.")
+    if any(a.get("score") is None and a.get("status") != "n/a" for a in axes.values()):
+        broken = [n for n, a in axes.items() if a.get("score") is None and a.get("status") != "n/a"]
         out.append(f"No score for {', '.join(broken)}: some items failed to measure (see the failed tests).")
     scored = {n: a for n, a in axes.items() if a.get("score") is not None}
     if not scored:
@@ -146,6 +151,23 @@ def diagnose(axes: Dict[str, dict], self_reference: bool = False) -> List[str]:
             )
         else:
             out.append(f"Generated text drifts: greedy continuations leave the reference's path{where}.")
+    rniah, plad = scored.get("rniah"), scored.get("plad")
+    if rniah is not None and rniah["score"] < 80:
+        lost = [f"{c['length']} tokens at {c['position']:.0%}" for c in rniah.get("cells", [])
+                if c.get("degradation") and c["degradation"] > 0]
+        out.append(
+            "Long-context retrieval loss: the candidate misses a needle the reference finds"
+            + (f" ({', '.join(lost[:6])})" if lost else "") + "."
+        )
+    if rniah is not None and rniah.get("confidence") == "low":
+        out.append(
+            f"R-NIAH confidence is low: the reference retrieves the needle in only {100 * rniah['ref_hit_rate']:.0f}% "
+            "of trials, so the composite rests partly on a low-confidence axis."
+        )
+    if plad is not None and plad["score"] < 80:
+        worst = sorted(((v, k) for k, v in plad.get("per_perturbation", {}).items() if v is not None))
+        named = f", most under {worst[0][1]} perturbations ({worst[0][0]:.1f})" if worst else ""
+        out.append(f"Brittleness: small prompt changes move the candidate's output more than the reference's{named}.")
     if not low and all(a["score"] >= 90 for a in scored.values()):
         out.append("All clear: the candidate cache tracks the f16 reference on every axis that ran.")
     elif not low:

@@ -12,7 +12,7 @@ from .kvconfig import KVConfig, parse_kv_config, share_flash_attention
 from .scoring import parse_threshold
 
 KNOWN_AXES = ("trajectory", "kld", "rniah", "plad")
-IMPLEMENTED_AXES = ("trajectory", "kld")
+IMPLEMENTED_AXES = KNOWN_AXES
 DEFAULT_AXES = ("trajectory", "kld")
 
 # (name, ini type, default, help). The command-line flag is --refract-<name with dashes>; the
@@ -33,6 +33,15 @@ OPTIONS = (
     ("seed", "string", "0", "seed for anything random in the audit (greedy decoding itself is deterministic)"),
     ("threads", "string", None, "llama.cpp threads (default: all cores)"),
     ("gpu-layers", "string", "0", "layers to offload to a GPU (llama.cpp -ngl)"),
+    ("rniah-lengths", "string", None, "R-NIAH haystack lengths in tokens (default 1024,2048,4096, capped at the model's context)"),
+    ("rniah-positions", "string", "0.1,0.5,0.9", "R-NIAH needle positions as fractions of the haystack"),
+    ("rniah-trials", "string", "3", "R-NIAH trials per cell, each with a different seeded value"),
+    ("rniah-needle", "string", "The magic number is {value}.", "R-NIAH needle sentence; {value} is replaced per trial"),
+    ("rniah-question", "string", "What is the magic number?", "R-NIAH question asked after the haystack"),
+    ("rniah-answer", "string", "{value}", "R-NIAH answer pattern (regex; {value} is the escaped trial value)"),
+    ("rniah-values", "string", "numbers", "R-NIAH trial values: numbers (4 digits) or words"),
+    ("rniah-answer-tokens", "string", "32", "R-NIAH answer budget in tokens (1024 for thinking models)"),
+    ("haystack", "string", None, "R-NIAH haystack text file (default: the KLD corpus)"),
 )
 FLAGS = (("floor", "also measure reference vs reference (a second context) to show the noise floor"),
          ("full", "run all four axes (trajectory, kld, rniah, plad)"))
@@ -91,6 +100,15 @@ class Settings:
     threads: int
     gpu_layers: int
     floor: bool
+    rniah_lengths: Optional[Tuple[int, ...]] = None
+    rniah_positions: Tuple[float, ...] = (0.1, 0.5, 0.9)
+    rniah_trials: int = 3
+    rniah_needle: str = "The magic number is {value}."
+    rniah_question: str = "What is the magic number?"
+    rniah_answer: str = "{value}"
+    rniah_values: str = "numbers"
+    rniah_answer_tokens: int = 32
+    haystack_path: Optional[str] = None
     n_batch: int = 512
     n_ubatch: int = 512
     extra: dict = field(default_factory=dict, compare=False)
@@ -111,6 +129,13 @@ class Settings:
             "flash_attn": self.reference.fa,
             "floor": self.floor,
             "decode_layout": "one sequence at a time, prompt in batches of n_batch, then one token per decode",
+            "rniah": {
+                "lengths": list(self.rniah_lengths) if self.rniah_lengths else None,
+                "positions": list(self.rniah_positions),
+                "trials": self.rniah_trials,
+                "values": self.rniah_values,
+                "answer_tokens": self.rniah_answer_tokens,
+            },
         }
 
 
@@ -161,7 +186,9 @@ def read_settings(config) -> Optional[Settings]:
             raise UsageProblem(f"--refract-json={json_path}: folder {parent} does not exist")
         if os.path.isdir(os.path.expanduser(json_path)):
             raise UsageProblem(f"--refract-json={json_path} is a directory; give a file path")
+    rniah = _rniah_settings(config)
     return Settings(
+        **rniah,
         model=model,
         reference=reference,
         candidate=candidate,
@@ -180,3 +207,51 @@ def read_settings(config) -> Optional[Settings]:
         gpu_layers=_int(config, "gpu-layers", 0),
         floor=bool(_get(config, "floor")),
     )
+
+
+def _number_list(config, name: str, cast, lo, hi) -> tuple:
+    raw = _get(config, name)
+    values = []
+    for part in str(raw).split(","):
+        if not part.strip():
+            continue
+        try:
+            value = cast(part.strip())
+        except ValueError:
+            raise UsageProblem(f"--refract-{name}: {part.strip()!r} is not a number") from None
+        if not (lo <= value <= hi):
+            raise UsageProblem(f"--refract-{name}: {value} must be between {lo} and {hi}")
+        values.append(value)
+    if not values:
+        raise UsageProblem(f"--refract-{name} is empty")
+    return tuple(dict.fromkeys(values))
+
+
+def _rniah_settings(config) -> dict:
+    lengths = _number_list(config, "rniah-lengths", int, 64, 10_000_000) if _get(config, "rniah-lengths") else None
+    needle = _get(config, "rniah-needle") or ""
+    answer = _get(config, "rniah-answer") or ""
+    if "{value}" not in needle:
+        raise UsageProblem("--refract-rniah-needle must contain {value}, e.g. 'The magic number is {value}.'")
+    if "{value}" not in answer:
+        raise UsageProblem("--refract-rniah-answer must contain {value}, e.g. '{value}'")
+    try:
+        import re
+
+        re.compile(answer.replace("{value}", "0"))
+    except re.error as exc:
+        raise UsageProblem(f"--refract-rniah-answer is not a valid regex: {exc}") from None
+    values = (_get(config, "rniah-values") or "numbers").lower()
+    if values not in ("numbers", "words"):
+        raise UsageProblem("--refract-rniah-values must be numbers or words")
+    return {
+        "rniah_lengths": lengths,
+        "rniah_positions": _number_list(config, "rniah-positions", float, 0.0, 1.0),
+        "rniah_trials": _int(config, "rniah-trials", 1),
+        "rniah_needle": needle,
+        "rniah_question": _get(config, "rniah-question") or "What is the magic number?",
+        "rniah_answer": answer,
+        "rniah_values": values,
+        "rniah_answer_tokens": _int(config, "rniah-answer-tokens", 1),
+        "haystack_path": _get(config, "haystack"),
+    }

@@ -12,7 +12,7 @@ def _fmt(score) -> str:
 
 
 def _worst(name: str, section: dict, n: int = 3):
-    items = [i for i in section.get("items", []) if i.get("score") is not None]
+    items = [i for i in (section.get("items") or section.get("cells") or []) if i.get("score") is not None]
     items.sort(key=lambda i: i["score"])
     out = []
     for i in items[:n]:
@@ -23,6 +23,10 @@ def _worst(name: str, section: dict, n: int = 3):
             detail = f"diverges at token {fd}" if fd is not None else "full match"
         elif name == "kld":
             detail = f"mean KLD {i['mean_kld']:.4f}, max {i['max_kld']:.3f}"
+        elif name == "rniah":
+            detail = f"reference {i['ref_hits']}/{i['trials']}, candidate {i['cand_hits']}/{i['trials']}"
+        elif name == "plad":
+            detail = f"drift {i['cand_drift']:.2f} vs reference {i['ref_drift']:.2f}"
         else:
             detail = ""
         out.append(f"{name}[{i['id']}] {i['score']:.2f} {i['band']} ({detail})")
@@ -51,6 +55,13 @@ def render(tr, report: dict, json_path) -> None:
             md = section.get("median_first_divergence")
             extra = (f"  full match {100 * section['full_match_rate']:.0f}%, median first divergence "
                      f"{'-' if md is None else f'{md:g}'}, teacher-forced KLD {section['teacher_forced_kld']:.5f}")
+        elif name == "rniah" and section.get("status") is not None:
+            extra = (f"  reference hit rate {100 * section['ref_hit_rate']:.0f}%, candidate {100 * section['cand_hit_rate']:.0f}%, "
+                     f"{section['n_scored_cells']}/{section['n_cells']} cells scored"
+                     + ("  LOW CONFIDENCE" if section.get("confidence") == "low" else ""))
+        elif name == "plad" and section.get("status") is not None:
+            kinds = ", ".join(f"{k} {'n/a' if v is None else f'{v:.1f}'}" for k, v in section["per_perturbation"].items())
+            extra = f"  {kinds}; {section['n_pairs']} pairs, {section['n_skipped']} skipped"
         wall = section.get("wall_s")
         wall_text = f"  [{wall:.1f}s]" if wall is not None else ""
         tr.write(f"{name:<11}{_fmt(section.get('score'))} ", bold=True)

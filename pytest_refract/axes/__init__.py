@@ -3,10 +3,10 @@
 - ``NAME``: the axis name used in test ids (``test_<NAME>[unit]``) and in the report;
 - ``units(audit)``: the per-item units (ids and keywords), decided at collection time;
 - ``measure(audit, unit)``: run llama.cpp for one unit, return a JSON-able result dict;
-- ``aggregate(audit_info, results)``: the axis section of the report, including ``score``.
+- ``aggregate(results)``: the axis section of the report, including ``score``.
 """
 
-from . import kld, trajectory
+from . import kld, plad, rniah, trajectory
 
-AXES = {trajectory.NAME: trajectory, kld.NAME: kld}
+AXES = {m.NAME: m for m in (trajectory, kld, rniah, plad)}
 ORDER = ("trajectory", "kld", "rniah", "plad")

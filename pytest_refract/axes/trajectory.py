@@ -57,6 +57,8 @@ def measure(audit, unit) -> dict:
     ref_ctx = audit.context("reference")
     ref_tokens, ref_logits = ref_ctx.greedy(prompt_tokens, audit.settings.n_predict, keep_logits=True)
     cand_tokens, tf_kld = _compare(audit, audit.context("candidate"), prompt_tokens, ref_tokens, ref_logits)
+    audit.remember_greedy("reference", prompt_tokens, ref_tokens)
+    audit.remember_greedy("candidate", prompt_tokens, cand_tokens)
     score = trajectory_item_score(ref_tokens, cand_tokens)
     result = {
         "id": prompt.id,
@@ -78,6 +80,7 @@ def measure(audit, unit) -> dict:
     }
     if audit.settings.floor:
         floor_tokens, floor_tf = _compare(audit, audit.context("floor"), prompt_tokens, ref_tokens, ref_logits)
+        audit.remember_greedy("floor", prompt_tokens, floor_tokens)
         result["floor"] = {
             "ref_len": len(ref_tokens),
             "cand_len": len(floor_tokens),

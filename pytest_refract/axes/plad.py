@@ -1,0 +1,91 @@
+"""PLAD axis: does a small prompt change (typo, case, punctuation, one-word paraphrase) move
+the candidate's greedy output more than it moves the reference's?
+
+Drift is the token-level edit distance between the continuation of the original prompt (the
+anchor: the same greedy decode the trajectory axis makes) and that of the perturbed prompt,
+over decode-time token ids, divided by the anchor's length and capped at 1. Only the excess
+over the reference's own drift counts against the candidate.
+"""
+
+from __future__ import annotations
+
+import math
+import time
+from typing import Dict, List
+
+from ..perturb import PERTURBATIONS, drift, perturb
+from ..scoring import band_for
+
+NAME = "plad"
+EXCESS_WEIGHT = 5.0
+
+
+def units(audit) -> List[dict]:
+    out = []
+    for p in audit.prompts:
+        for kind in PERTURBATIONS:
+            text = perturb(p.prompt, kind, seed=audit.settings.seed, prompt_id=p.id)
+            out.append({"id": f"{p.id}-{kind}", "keywords": [kind, p.category], "prompt": p, "kind": kind,
+                        "perturbed": text})
+    return out
+
+
+def item_score(excess: float) -> float:
+    return 100.0 * math.exp(-EXCESS_WEIGHT * excess)
+
+
+def measure(audit, unit) -> dict:
+    prompt, kind, perturbed = unit["prompt"], unit["kind"], unit["perturbed"]
+    base = {"id": unit["id"], "prompt_id": prompt.id, "perturbation": kind}
+    if perturbed is None:
+        base.update({"skipped": True, "reason": f"{kind} does not apply to this prompt", "score": None, "band": None})
+        return base
+    started = time.perf_counter()
+    anchor_tokens = audit.chat_tokens(prompt.prompt)
+    perturbed_tokens = audit.chat_tokens(perturbed)
+    roles = ["reference", "candidate"] + (["floor"] if audit.settings.floor else [])
+    drifts: Dict[str, float] = {}
+    for role in roles:
+        anchor = audit.greedy_tokens(role, anchor_tokens)
+        moved = audit.greedy_tokens(role, perturbed_tokens)
+        drifts[role] = drift(anchor, moved)
+    excess = max(0.0, drifts["candidate"] - drifts["reference"])
+    score = item_score(excess)
+    base.update({
+        "skipped": False,
+        "perturbed_prompt": perturbed,
+        "ref_drift": drifts["reference"],
+        "cand_drift": drifts["candidate"],
+        "excess": excess,
+        "score": score,
+        "band": band_for(score),
+    })
+    if "floor" in drifts:
+        base["floor_excess"] = max(0.0, drifts["floor"] - drifts["reference"])
+    base["wall_s"] = time.perf_counter() - started
+    return base
+
+
+def aggregate(results: List[dict]) -> dict:
+    scored = [r for r in results if not r.get("skipped")]
+    per_kind = {}
+    for kind in PERTURBATIONS:
+        mine = [r["score"] for r in scored if r["perturbation"] == kind]
+        # A perturbation that never applied has no score: null, never NaN or 100.
+        per_kind[kind] = sum(mine) / len(mine) if mine else None
+    score = sum(r["score"] for r in scored) / len(scored) if scored else None
+    section = {
+        "score": score,
+        "band": band_for(score),
+        "status": "scored" if score is not None else "n/a",
+        "per_perturbation": per_kind,
+        "n_pairs": len(scored),
+        "n_skipped": len(results) - len(scored),
+        "items": results,
+        "wall_s": sum(r.get("wall_s", 0.0) for r in results),
+    }
+    if scored and all("floor_excess" in r for r in scored):
+        section["floor_score"] = sum(item_score(r["floor_excess"]) for r in scored) / len(scored)
+    else:
+        section["floor_score"] = None
+    return section

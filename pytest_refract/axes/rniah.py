@@ -1,0 +1,120 @@
+"""R-NIAH axis: does the candidate still retrieve a fact that the reference retrieves?
+
+One item per (haystack length, needle position) cell. Each cell runs several trials with
+different seeded values, so a single lucky token cannot decide it. Only cells where the
+reference retrieves at least once are scored: a cell the reference fails says nothing about
+the candidate's cache.
+"""
+
+from __future__ import annotations
+
+import re
+import time
+from typing import List, Optional
+
+from ..haystack import strip_reasoning, trial_value
+from ..scoring import band_for
+
+NAME = "rniah"
+LOW_CONFIDENCE_BELOW = 0.2
+
+
+def cell_id(length: int, position: float) -> str:
+    return f"{length}-{position:.2f}"
+
+
+def units(audit) -> List[dict]:
+    s = audit.settings
+    return [
+        {"id": cell_id(length, pos), "keywords": [], "length": length, "position": pos}
+        for length in audit.rniah_lengths
+        for pos in s.rniah_positions
+    ]
+
+
+def answer_pattern(template: str, value: str) -> "re.Pattern":
+    return re.compile(template.replace("{value}", re.escape(value)), re.IGNORECASE)
+
+
+def _ask(audit, role: str, tokens: List[int]) -> dict:
+    answer, _ = audit.context(role).greedy(tokens, audit.rniah_answer_tokens)
+    text = audit.engine.detokenize(answer)
+    return {"tokens": len(answer), "text": text, "answer": strip_reasoning(text)}
+
+
+def measure(audit, unit) -> dict:
+    s = audit.settings
+    started = time.perf_counter()
+    length, position = unit["length"], unit["position"]
+    roles = ["reference", "candidate"] + (["floor"] if s.floor else [])
+    hits = {role: 0 for role in roles}
+    trials = []
+    for trial in range(s.rniah_trials):
+        value = trial_value(s.seed, length, position, trial, s.rniah_values)
+        needle = audit.plain_tokens(" " + s.rniah_needle.replace("{value}", value))
+        body, offset = audit.haystack.build(length, position, needle)
+        tokens = audit.rniah_prompt(body)
+        pattern = answer_pattern(s.rniah_answer, value)
+        record = {"value": value, "needle_offset": offset}
+        for role in roles:
+            reply = _ask(audit, role, tokens)
+            hit = bool(pattern.search(reply["answer"]))
+            hits[role] += hit
+            record[role] = {"answer": reply["text"], "hit": hit}
+        trials.append(record)
+    n = s.rniah_trials
+    ref_rate, cand_rate = hits["reference"] / n, hits["candidate"] / n
+    scored = hits["reference"] > 0
+    degradation = max(0.0, ref_rate - cand_rate)
+    score = 100.0 * (1.0 - degradation) if scored else None
+    result = {
+        "id": unit["id"],
+        "length": length,
+        "position": position,
+        "prompt_tokens": len(tokens),
+        "trials": n,
+        "ref_hits": hits["reference"],
+        "cand_hits": hits["candidate"],
+        "degradation": degradation if scored else None,
+        "status": "scored" if scored else "n/a",
+        "score": score,
+        "band": band_for(score),
+        "answers": trials,
+    }
+    if s.floor:
+        result["floor_hits"] = hits["floor"]
+    result["wall_s"] = time.perf_counter() - started
+    return result
+
+
+def _axis_score(cells: List[dict], cand_key: str) -> Optional[float]:
+    scored = [c for c in cells if c["ref_hits"] > 0]
+    if not scored:
+        return None
+    losses = [max(0.0, (c["ref_hits"] - c[cand_key]) / c["trials"]) for c in scored]
+    return 100.0 * (1.0 - sum(losses) / len(losses))
+
+
+def aggregate(results: List[dict]) -> dict:
+    cells = sorted(results, key=lambda c: (c["length"], c["position"]))
+    total = sum(c["trials"] for c in cells)
+    ref_rate = sum(c["ref_hits"] for c in cells) / total
+    cand_rate = sum(c["cand_hits"] for c in cells) / total
+    score = _axis_score(cells, "cand_hits")
+    section = {
+        "score": score,
+        "band": band_for(score),
+        "status": "scored" if score is not None else "n/a",
+        "confidence": "low" if ref_rate < LOW_CONFIDENCE_BELOW else "ok",
+        "ref_hit_rate": ref_rate,
+        "cand_hit_rate": cand_rate,
+        "n_cells": len(cells),
+        "n_scored_cells": sum(1 for c in cells if c["status"] == "scored"),
+        "cells": cells,
+        "wall_s": sum(c["wall_s"] for c in cells),
+    }
+    if all("floor_hits" in c for c in cells):
+        section["floor_score"] = _axis_score(cells, "floor_hits") if score is not None else None
+    else:
+        section["floor_score"] = None
+    return section
