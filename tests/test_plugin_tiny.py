@@ -186,3 +186,57 @@ def test_short_corpus_and_bad_prompts_are_one_line_errors(pytester, tiny_model, 
     line = _one_error_line(pytester.runpytest_subprocess(
         *_args(tiny_model, bad, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0")))
     assert "bad.jsonl:2: malformed JSON" in line
+
+
+def test_full_audit_ids_and_selection(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    args = _args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-full",
+                 "--refract-rniah-lengths=128,256", "--refract-rniah-positions=0.5")
+    out = pytester.runpytest_subprocess(*args, "--collect-only", "-q").stdout.str()
+    for item in ("test_rniah[128-0.50]", "test_rniah[256-0.50]", "test_plad[fact-001-typo]",
+                 "test_plad[code-001-case]", "test_plad[creative-001-punct]"):
+        assert item in out
+    case_only = pytester.runpytest_subprocess(*args, "--collect-only", "-q", "-k", "plad and case").stdout.str()
+    assert "test_plad[fact-001-case]" in case_only
+    assert "typo]" not in case_only and "test_trajectory" not in case_only and "test_rniah" not in case_only
+    rniah_only = pytester.runpytest_subprocess(*args, "--collect-only", "-q", "-k", "rniah").stdout.str()
+    assert "test_rniah[128-0.50]" in rniah_only and "test_plad" not in rniah_only
+
+
+def test_full_self_reference_runs_every_axis(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=f16,ctv=f16", "--refract-full",
+               "--refract-rniah-lengths=128", "--refract-rniah-positions=0.5", "--refract-rniah-trials=2",
+               f"--refract-json={report}")
+    )
+    data = read_report(report)
+    assert set(data["axes"]) == {"trajectory", "kld", "rniah", "plad"}
+    plad = data["axes"]["plad"]
+    # Prompts without a capitalised word or a synonym-table word skip those perturbations.
+    assert plad["n_pairs"] + plad["n_skipped"] == 3 * 4
+    assert plad["n_skipped"] >= 1
+    assert all(r["excess"] == 0.0 for r in plad["items"] if not r["skipped"])
+    assert plad["score"] == 100.0
+    skipped_kinds = {r["perturbation"] for r in plad["items"] if r["skipped"]}
+    for kind in ("typo", "case", "punct", "paraphrase"):
+        if all(r["skipped"] for r in plad["items"] if r["perturbation"] == kind):
+            assert plad["per_perturbation"][kind] is None
+    assert skipped_kinds
+    rniah = data["axes"]["rniah"]
+    cell = rniah["cells"][0]
+    assert cell["length"] == 128 and cell["trials"] == 2 and cell["ref_hits"] == cell["cand_hits"]
+    # A random-weight model does not retrieve: the cell and the axis are n/a, out of the composite.
+    if rniah["status"] == "n/a":
+        assert rniah["score"] is None and rniah["confidence"] == "low"
+        assert any("rniah: nothing to score" in line for line in data["diagnosis"])
+    assert data["composite"] == 100.0
+    result.stdout.fnmatch_lines(["*plad * 100.00 EXCELLENT*"])
+
+
+def test_rniah_length_beyond_context_is_a_usage_error(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    result = pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0",
+               "--refract-axes=rniah", "--refract-rniah-lengths=4096")
+    )
+    line = _one_error_line(result)
+    assert "--refract-rniah-lengths: 4096 tokens" in line and "the model's context of 1024 tokens" in line

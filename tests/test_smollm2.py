@@ -121,3 +121,37 @@ def test_kld_agrees_with_llama_perplexity(pytester, smollm2):
     assert kld["rms_dp_pct"] == pytest.approx(expected["rms_dp_pct"], rel=0.01)
     assert kld["ppl_cand"] == pytest.approx(expected["ppl_cand"], rel=0.01)
     assert kld["kld_percentiles"]["99"] == pytest.approx(expected["99"], rel=0.01)
+
+
+def _full(pytester, model, prompts, candidate, *extra):
+    return _run(pytester, model, prompts, candidate, "--refract-full", "--refract-rniah-lengths=512,1024",
+                "--refract-rniah-positions=0.5", "--refract-rniah-trials=2", *extra)
+
+
+def test_full_self_reference_is_100_on_rniah_and_plad(pytester, smollm2, prompts_file):
+    result, report = _full(pytester, smollm2, prompts_file, "ctk=f16,ctv=f16", "-k", "rniah or plad")
+    assert result.ret == 0
+    data = read_report(report)
+    rniah, plad = data["axes"]["rniah"], data["axes"]["plad"]
+    assert rniah["score"] == 100.0 and rniah["confidence"] == "ok" and rniah["ref_hit_rate"] == 1.0
+    for cell in rniah["cells"]:
+        assert set(cell) >= {"length", "position", "trials", "ref_hits", "cand_hits", "degradation", "status"}
+        assert cell["status"] == "scored" and cell["degradation"] == 0.0
+    assert [c["length"] for c in rniah["cells"]] == [512, 1024]
+    assert plad["score"] == 100.0
+    assert set(plad["per_perturbation"]) == {"typo", "case", "punct", "paraphrase"}
+    assert plad["n_pairs"] + plad["n_skipped"] == 3 * 4
+    for item in plad["items"]:
+        if not item["skipped"]:
+            assert set(item) >= {"prompt_id", "perturbation", "perturbed_prompt", "ref_drift", "cand_drift", "excess", "score"}
+            assert item["excess"] == 0.0
+    assert data["composite"] == 100.0
+
+
+def test_k_rniah_and_k_plad_select(pytester, smollm2, prompts_file):
+    result, report = _full(pytester, smollm2, prompts_file, "ctk=q8_0,ctv=q8_0", "-k", "plad and punct")
+    result.assert_outcomes(passed=3, deselected=16)
+    assert list(read_report(report)["axes"]) == ["plad"]
+    result, _ = _full(pytester, smollm2, prompts_file, "ctk=q8_0,ctv=q8_0", "-k", "rniah", "--collect-only", "-q")
+    out = result.stdout.str()
+    assert "test_rniah[512-0.50]" in out and "test_rniah[1024-0.50]" in out and "test_plad" not in out
