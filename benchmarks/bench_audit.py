@@ -25,7 +25,8 @@ import time
 from pathlib import Path
 
 
-def throughput(model_path: Path, kv_text: str, threads: int, n_ctx: int = 1024, repeats: int = 3) -> dict:
+def throughput(model_path: Path, kv_text: str, threads: int, n_ctx: int = 1024, repeats: int = 3,
+               long_lengths: tuple = ()) -> dict:
     from pytest_refract import engine as E
     from pytest_refract.data import load_corpus
     from pytest_refract.gguf_meta import read_gguf
@@ -46,6 +47,18 @@ def throughput(model_path: Path, kv_text: str, threads: int, n_ctx: int = 1024, 
             t = time.perf_counter()
             ctx.evaluate(tokens, 0, logits_from=511)
             pp.append(512 / (time.perf_counter() - t))
+        long_rates = {}
+        if long_lengths:
+            # Long prompts run slower per token (attention grows with depth): measure the
+            # prefill rate at each R-NIAH haystack length, as llama-bench -p L would.
+            text = load_corpus().text
+            many = eng.tokenize(text * 2, add_special=True)
+            long_ctx = eng.context(kv, types, E.ContextSettings(n_ctx=max(long_lengths) + 256, n_threads=threads), "long")
+            for length in long_lengths:
+                long_ctx.reset()
+                t = time.perf_counter()
+                long_ctx.evaluate(many[:length], 0, logits_from=length - 1)
+                long_rates[length] = length / (time.perf_counter() - t)
         tg = []
         for _ in range(repeats):
             ctx.reset()
@@ -54,7 +67,7 @@ def throughput(model_path: Path, kv_text: str, threads: int, n_ctx: int = 1024, 
             for i in range(128):
                 ctx._decode([tokens[(i + 1) % 512]], i + 1, [True])
             tg.append(128 / (time.perf_counter() - t))
-        return {"pp512": statistics.median(pp), "tg128": statistics.median(tg)}
+        return {"pp512": statistics.median(pp), "tg128": statistics.median(tg), "pp_at": long_rates}
     finally:
         eng.close()
 
@@ -81,6 +94,7 @@ def main() -> None:
     ap.add_argument("--reference", default="ctk=f16,ctv=f16")
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--quick", action="store_true", help="8 prompts x 32 tokens, 4 chunks (a smoke run)")
+    ap.add_argument("--full", action="store_true", help="all four axes (--refract-full) with their defaults")
     args = ap.parse_args()
 
     from pytest_refract.data import resolve_model
@@ -88,14 +102,18 @@ def main() -> None:
     model_path = resolve_model(args.model)
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; model {model_path.name} "
           f"({model_path.stat().st_size / 1e6:.1f} MB); threads {args.threads}")
+    long_lengths = (1024, 2048, 4096) if args.full else ()
     rates = {
-        "reference": throughput(model_path, args.reference, args.threads),
-        "candidate": throughput(model_path, args.candidate, args.threads),
+        "reference": throughput(model_path, args.reference, args.threads, long_lengths=long_lengths),
+        "candidate": throughput(model_path, args.candidate, args.threads, long_lengths=long_lengths),
     }
     for role, r in rates.items():
-        print(f"llama.cpp {role:<9} pp512 {r['pp512']:7.1f} tok/s   tg128 {r['tg128']:6.1f} tok/s")
+        longs = "   " + "  ".join(f"pp{n} {v:6.1f}" for n, v in r["pp_at"].items()) if r["pp_at"] else ""
+        print(f"llama.cpp {role:<9} pp512 {r['pp512']:7.1f} tok/s   tg128 {r['tg128']:6.1f} tok/s{longs}")
 
     extra = ["--refract-n-predict=32", "--refract-chunks=4", "-k", "chunk or fact or reason"] if args.quick else []
+    if args.full:
+        extra.append("--refract-full")
     with tempfile.TemporaryDirectory() as tmp:
         run = run_audit(args.model, args.candidate, extra, Path(tmp))
     rep = run["report"]
@@ -105,11 +123,15 @@ def main() -> None:
         compute_s = 0.0
         tokens = []
         for role, counts in section.get("compute", {}).items():
-            r = rates.get(role, rates["reference"])
-            compute_s += counts["batch_tokens"] / r["pp512"] + counts["decode_tokens"] / r["tg128"]
             tokens.append(f"{role}: {counts['batch_tokens']} batched + {counts['decode_tokens']} decoded")
+        for item in section.get("items") or section.get("cells") or []:
+            for role, counts in item.get("compute", {}).items():
+                r = rates.get(role, rates["reference"])
+                pp = r["pp_at"].get(item.get("length"), r["pp512"]) if name == "rniah" else r["pp512"]
+                compute_s += counts["batch_tokens"] / pp + counts["decode_tokens"] / r["tg128"]
         total_compute += compute_s
-        print(f"  {name:<10} score {section['score']:.2f}  wall {section['wall_s']:7.1f} s  pure compute "
+        score = "  n/a " if section["score"] is None else f"{section['score']:6.2f}"
+        print(f"  {name:<10} score {score}  wall {section['wall_s']:7.1f} s  pure compute "
               f"{compute_s:7.1f} s  ratio {section['wall_s'] / compute_s:5.2f}   ({'; '.join(tokens)})")
     print(f"total: wall {run['wall_s']:.1f} s (process, incl. start-up and model load), pure compute "
           f"{total_compute:.1f} s, ratio {run['wall_s'] / total_compute:.2f} (target <= 1.3)")
