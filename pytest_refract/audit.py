@@ -57,6 +57,11 @@ class Audit:
         self.rniah_answer_tokens = settings.rniah_answer_tokens
         self.rniah_thinking = False
         self._load_inputs()
+        self.baseline = None
+        if settings.baseline_path:
+            from .baseline import load_baseline
+
+            self.baseline = load_baseline(settings.baseline_path, self.model_facts(), settings.reference.label())
 
     # -- inputs -------------------------------------------------------------------------
 
@@ -236,13 +241,18 @@ class Audit:
         # llama.cpp pads the cache to 256 cells; asking for a padded size keeps it explicit.
         return int(math.ceil(need / 256.0) * 256)
 
-    def context(self, role: str):
+    def context(self, role: str, min_ctx: int = 0):
+        """The role's context; replaced by a larger one when a fixture needs more room (context
+        size does not change the numbers: llama.cpp attends over the cells in use)."""
         ctx = self._contexts.get(role)
-        if ctx is None:
+        if ctx is None or ctx.n_ctx < min_ctx:
             s = self.settings
+            n_ctx = max(self.context_size(), int(math.ceil(min_ctx / 256.0) * 256))
             shared = self._engine_mod.ContextSettings(
-                n_ctx=self.context_size(), n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=s.threads
+                n_ctx=n_ctx, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=s.threads
             )
+            if ctx is not None:
+                self.engine.drop_context(role)
             ctx = self.engine.context(self.configs[role], self.types[role], shared, role)
             self._contexts[role] = ctx
         return ctx
@@ -275,13 +285,15 @@ class Audit:
     # -- report facts -------------------------------------------------------------------
 
     def model_facts(self) -> dict:
+        if getattr(self, "_model_facts", None) is not None:
+            return dict(self._model_facts)
         n_params = 0
         for _name, dims, _t, _o in self.info.tensors:
             count = 1
             for d in dims:
                 count *= d
             n_params += count
-        return {
+        facts = {
             "name": self.info.name,
             "path": self.model_path.name,
             "size_bytes": self.info.size_bytes,
@@ -290,6 +302,8 @@ class Audit:
             "n_ctx_train": self.info.n_ctx_train,
             "sha256_first_mib": head_sha256(self.model_path),
         }
+        self._model_facts = facts
+        return dict(facts)
 
 
 def measurement_guard(fn):

@@ -266,6 +266,10 @@ class Engine:
             self._contexts[key] = ctx
         return ctx
 
+    def drop_context(self, role: str) -> None:
+        for key in [k for k in self._contexts if k[0] == role]:
+            self._contexts.pop(key).close()
+
     def close(self) -> None:
         for ctx in self._contexts.values():
             ctx.close()

@@ -35,10 +35,27 @@ def pytest_configure(config):
     session = RefractSession(config, audit)
     config.stash[_STASH_KEY] = session
     config.pluginmanager.register(session, "refract-session")
+    if config.pluginmanager.hasplugin("html"):
+        from .html_hooks import HtmlHooks
+
+        config.pluginmanager.register(HtmlHooks(session), "refract-html-hooks")
 
 
 def get_session(config) -> Optional["RefractSession"]:
     return config.stash.get(_STASH_KEY, None)
+
+
+@pytest.fixture
+def refract(request):
+    """Measure your own prompts, corpus or needle under the candidate cache against the
+    reference (see pytest_refract.fixtures.RefractFixture)."""
+    rs = get_session(request.config)
+    if rs is None:
+        pytest.skip("the refract fixture needs --refract-model and --refract-candidate")
+    from .fixtures import RefractFixture, make_stash_key
+
+    make_stash_key()
+    return RefractFixture(rs.audit, request.node)
 
 
 class RefractCollector(pytest.Collector):
@@ -74,6 +91,11 @@ class RefractItem(pytest.Item):
         except (MeasurementError, UsageProblem) as exc:
             raise RefractItemError(f"{self.axis} {self.unit['id']}: {exc}") from None
         self.refract_result = result
+        if result.get("score") is not None:
+            # On the item, so every report phase carries them: JUnit XML writes user_properties
+            # as <property> elements of the test case.
+            self.user_properties.append(("refract_score", round(result["score"], 4)))
+            self.user_properties.append(("refract_band", result["band"]))
         if result.get("skipped"):
             pytest.skip(result.get("reason") or "not applicable")
         threshold = rs.audit.settings.item_fail_under
@@ -105,6 +127,7 @@ class RefractSession:
         self.audit = audit
         self.results: Dict[str, Dict[str, dict]] = {}
         self.failed: Dict[str, List[str]] = {}
+        self.custom: List[dict] = []
         self.started = time.time()
         self.report: Optional[dict] = None
         self.gate: dict = {"passed": None, "threshold": audit.settings.fail_under, "reasons": []}
@@ -129,15 +152,24 @@ class RefractSession:
     @pytest.hookimpl(wrapper=True)
     def pytest_runtest_makereport(self, item, call):
         report = yield
+        if call.when == "call":
+            from . import fixtures
+
+            if fixtures._STASH is not None and item.stash.get(fixtures._STASH, None):
+                report.refract_custom = item.stash[fixtures._STASH]
         if isinstance(item, RefractItem) and call.when == "call":
             # A plain dict attribute survives xdist's report serialization.
             report.refract = {"axis": item.axis, "unit": item.unit["id"], "result": item.refract_result}
-            if item.refract_result is not None and item.refract_result.get("score") is not None:
-                report.user_properties.append(("refract_score", round(item.refract_result["score"], 4)))
-                report.user_properties.append(("refract_band", item.refract_result["band"]))
+            if item.refract_result is not None and item.config.pluginmanager.hasplugin("html"):
+                from .html_hooks import item_extras
+
+                report.extras = getattr(report, "extras", []) + item_extras(item.refract_result)
         return report
 
     def pytest_runtest_logreport(self, report):
+        custom = getattr(report, "refract_custom", None)
+        if custom and report.when == "call":
+            self.custom.extend(custom)
         info = getattr(report, "refract", None)
         if not info or report.when != "call":
             return
@@ -166,18 +198,21 @@ class RefractSession:
                 self._finish(session)
 
     def _finish(self, session) -> None:
-        from .report import build_report, composite_of, build_axes
+        from .report import build_axes, build_report, composite_of, custom_gates
 
         s = self.audit.settings
-        ran = bool(self.results or self.failed)
+        ran = bool(self.results or self.failed or self.custom)
         if not ran:
             return
         complete = not self.interrupted and not session.shouldstop
         axes = build_axes(self.results, self.failed)
-        composite = composite_of(axes) if complete else None
+        gates = custom_gates(self.custom)
+        composite = composite_of(axes, gates) if complete else None
         reasons = []
         if not complete:
             reasons.append("the run was interrupted; an incomplete audit never passes the gate")
+        elif composite is None and not axes and not gates:
+            pass  # only fixture measurements without a gate: nothing to gate on
         elif composite is None:
             broken = [n for n, a in axes.items() if a.get("score") is None]
             reasons.append(f"no composite: {', '.join(broken)} could not be scored (items failed to measure)")
@@ -185,6 +220,10 @@ class RefractSession:
             reasons.append(
                 f"composite {composite:.2f} is below --refract-fail-under={s.fail_under_text} ({s.fail_under:g})"
             )
+        if self.audit.baseline is not None and complete:
+            from .baseline import drops
+
+            reasons += drops(self.audit.baseline, axes, composite, s.max_drop)
         self.gate = {"passed": not reasons, "threshold": s.fail_under, "reasons": reasons}
         if reasons:
             session.testsfailed += 1
@@ -192,16 +231,28 @@ class RefractSession:
             audit=self.audit,
             results=self.results,
             failed=self.failed,
+            custom=self.custom,
             gate=self.gate,
             invocation_args=list(self.config.invocation_params.args),
             complete=complete,
             llama_build=self.audit._engine_mod.build_info(),
         )
         self.report["wall_s"] = time.time() - self.started
-        if s.json_path:
-            from .report import dumps, write_atomic
+        if self.audit.baseline is not None:
+            self.report["baseline"] = {"path": s.baseline_path, "composite": self.audit.baseline.get("composite"),
+                                       "timestamp": self.audit.baseline.get("timestamp"), "max_drop": s.max_drop}
+        self._write_files()
 
+    def _write_files(self) -> None:
+        from .report import dumps, write_atomic
+
+        s = self.audit.settings
+        if s.json_path:
             write_atomic(s.json_path, dumps(self.report))
+        if s.html_path:
+            from .html import render_html
+
+            write_atomic(s.html_path, render_html(self.report))
 
     def pytest_terminal_summary(self, terminalreporter):
         if self.report is None:

@@ -95,10 +95,20 @@ def build_axes(results: Dict[str, Dict[str, dict]], failed: Dict[str, List[str]]
     return sections
 
 
-def composite_of(axes: Dict[str, dict]) -> Optional[float]:
+def custom_gates(custom: List[dict]) -> Dict[str, float]:
+    """Scores users put into the gate with refract.gate(name, score); the lowest per name."""
+    gates: Dict[str, float] = {}
+    for entry in custom:
+        if entry.get("gate"):
+            score = entry["metrics"]["score"]
+            gates[entry["gate"]] = min(score, gates.get(entry["gate"], score))
+    return gates
+
+
+def composite_of(axes: Dict[str, dict], gates: Optional[Dict[str, float]] = None) -> Optional[float]:
     # An axis with nothing to score (status n/a: e.g. the reference never retrieves the needle)
     # is left out, like an axis that did not run; a failed axis (no status) blocks the composite.
-    scores = [a["score"] for a in axes.values() if a.get("status") != "n/a"]
+    scores = [a["score"] for a in axes.values() if a.get("status") != "n/a"] + list((gates or {}).values())
     if not scores or any(s is None for s in scores):
         return None
     return harmonic_mean(scores)
@@ -181,13 +191,15 @@ def build_report(
     results: Dict[str, Dict[str, dict]],
     failed: Dict[str, List[str]],
     gate: dict,
+    custom: Optional[List[dict]] = None,
     invocation_args: List[str],
     complete: bool,
     llama_build: dict,
 ) -> dict:
     s = audit.settings
     axes = build_axes(results, failed)
-    composite = composite_of(axes) if complete else None
+    gates = custom_gates(custom or [])
+    composite = composite_of(axes, gates) if complete else None
     floor = floor_of(axes) if s.floor else None
     settings = s.as_dict()
     if audit.chunks_note:
@@ -211,6 +223,7 @@ def build_report(
         "gate": gate,
         "diagnosis": diagnose(axes, audit.self_reference),
         "axes": axes,
+        "custom": {"gates": gates, "measurements": sorted(custom or [], key=lambda e: e["test"])},
         "floor": floor,
     }
     if audit.corpus is not None and "kld" in axes:

@@ -42,6 +42,9 @@ OPTIONS = (
     ("rniah-values", "string", "numbers", "R-NIAH trial values: numbers (4 digits) or words"),
     ("rniah-answer-tokens", "string", "32", "R-NIAH answer budget in tokens (1024 for thinking models)"),
     ("haystack", "string", None, "R-NIAH haystack text file (default: the KLD corpus)"),
+    ("html", "string", None, "write the self-contained HTML report to this path"),
+    ("baseline", "string", None, "gate against a previous JSON report: fail when the composite or an axis dropped"),
+    ("max-drop", "string", "2.0", "with --refract-baseline: the largest allowed drop in points (default 2.0)"),
 )
 FLAGS = (("floor", "also measure reference vs reference (a second context) to show the noise floor"),
          ("full", "run all four axes (trajectory, kld, rniah, plad)"))
@@ -109,6 +112,9 @@ class Settings:
     rniah_values: str = "numbers"
     rniah_answer_tokens: int = 32
     haystack_path: Optional[str] = None
+    html_path: Optional[str] = None
+    baseline_path: Optional[str] = None
+    max_drop: float = 2.0
     n_batch: int = 512
     n_ubatch: int = 512
     extra: dict = field(default_factory=dict, compare=False)
@@ -179,13 +185,15 @@ def read_settings(config) -> Optional[Settings]:
 
     threads_raw = _get(config, "threads")
     threads = _int(config, "threads", 1) if threads_raw else (os.cpu_count() or 1)
-    json_path = _get(config, "json")
-    if json_path:
-        parent = os.path.dirname(os.path.abspath(os.path.expanduser(json_path)))
-        if not os.path.isdir(parent):
-            raise UsageProblem(f"--refract-json={json_path}: folder {parent} does not exist")
-        if os.path.isdir(os.path.expanduser(json_path)):
-            raise UsageProblem(f"--refract-json={json_path} is a directory; give a file path")
+    json_path = _output_path(config, "json")
+    html_path = _output_path(config, "html")
+    max_drop_raw = _get(config, "max-drop") or "2.0"
+    try:
+        max_drop = float(max_drop_raw)
+    except ValueError:
+        raise UsageProblem(f"--refract-max-drop={max_drop_raw!r} must be a number of points") from None
+    if not (0 <= max_drop <= 100):
+        raise UsageProblem(f"--refract-max-drop={max_drop_raw} must be between 0 and 100")
     rniah = _rniah_settings(config)
     return Settings(
         **rniah,
@@ -197,6 +205,9 @@ def read_settings(config) -> Optional[Settings]:
         fail_under_text=fail_text,
         item_fail_under=item_fail_under,
         json_path=json_path,
+        html_path=html_path,
+        baseline_path=_get(config, "baseline"),
+        max_drop=max_drop,
         prompts_path=_get(config, "prompts"),
         corpus_path=_get(config, "corpus"),
         n_predict=_int(config, "n-predict", 1),
@@ -207,6 +218,18 @@ def read_settings(config) -> Optional[Settings]:
         gpu_layers=_int(config, "gpu-layers", 0),
         floor=bool(_get(config, "floor")),
     )
+
+
+def _output_path(config, name: str) -> Optional[str]:
+    """A report path must be writable where it is asked for: checked before any model runs."""
+    path = _get(config, name)
+    if path:
+        full = os.path.abspath(os.path.expanduser(path))
+        if os.path.isdir(full):
+            raise UsageProblem(f"--refract-{name}={path} is a directory; give a file path")
+        if not os.path.isdir(os.path.dirname(full)):
+            raise UsageProblem(f"--refract-{name}={path}: folder {os.path.dirname(full)} does not exist")
+    return path
 
 
 def _number_list(config, name: str, cast, lo, hi) -> tuple:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from .axes import ORDER
+from .scoring import band_for
 
 _COLOURS = {"EXCELLENT": "green", "PASS": "green", "DEGRADED": "yellow", "FAIL": "red", None: "red"}
 
@@ -69,6 +70,9 @@ def render(tr, report: dict, json_path) -> None:
         tr.write_line(f"{extra}{wall_text}")
         if section.get("error"):
             tr.write_line(f"           {section['error']}", red=True)
+    for name, score in (report.get("custom") or {}).get("gates", {}).items():
+        tr.write(f"custom {name}: {_fmt(score).strip()} ", bold=True)
+        tr.write_line(band_for(score) or "", **{_COLOURS.get(band_for(score), "red"): True})
     tr.write_line("")
     composite = report.get("composite")
     band = report.get("band")

@@ -155,3 +155,20 @@ def test_k_rniah_and_k_plad_select(pytester, smollm2, prompts_file):
     result, _ = _full(pytester, smollm2, prompts_file, "ctk=q8_0,ctv=q8_0", "-k", "rniah", "--collect-only", "-q")
     out = result.stdout.str()
     assert "test_rniah[512-0.50]" in out and "test_rniah[1024-0.50]" in out and "test_plad" not in out
+
+
+def test_examples_pass_against_smollm2(pytester, smollm2):
+    """The examples/ folder is documentation that runs: each use case against SmolLM2."""
+    examples = Path(__file__).resolve().parent.parent / "examples"
+    for path in examples.iterdir():
+        if path.is_file():
+            (pytester.path / path.name).write_bytes(path.read_bytes())
+    report = pytester.path / "report.json"
+    result = pytester.runpytest_subprocess(
+        f"--refract-model={smollm2}", "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-axes=none",
+        f"--refract-json={report}", "-p", "no:randomly",
+    )
+    result.assert_outcomes(passed=6)
+    data = read_report(report)
+    assert set(data["custom"]["gates"]) == {"support-prompts", "domain-kld"}
+    assert {m["kind"] for m in data["custom"]["measurements"]} == {"greedy", "kld", "needle", "gate"}

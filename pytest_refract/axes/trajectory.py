@@ -50,6 +50,18 @@ def _compare(audit, side_ctx, prompt_tokens, ref_tokens, ref_logits):
     return tokens, tf_kld
 
 
+def _divergence_texts(engine, ref_tokens, cand_tokens) -> dict:
+    """The continuations split at the first differing token, for side-by-side display."""
+    d = prefix_agreement(ref_tokens, cand_tokens)
+    return {
+        "shared_text": engine.detokenize(ref_tokens[:d]),
+        "ref_token_text": engine.detokenize(ref_tokens[d : d + 1]),
+        "cand_token_text": engine.detokenize(cand_tokens[d : d + 1]),
+        "ref_rest": engine.detokenize(ref_tokens[d + 1 :]),
+        "cand_rest": engine.detokenize(cand_tokens[d + 1 :]),
+    }
+
+
 def measure(audit, unit) -> dict:
     prompt = unit["prompt"]
     started = time.perf_counter()
@@ -77,6 +89,7 @@ def measure(audit, unit) -> dict:
         "cand_tokens": cand_tokens,
         "ref_text": audit.engine.detokenize(ref_tokens),
         "cand_text": audit.engine.detokenize(cand_tokens),
+        "divergence": _divergence_texts(audit.engine, ref_tokens, cand_tokens),
     }
     if audit.settings.floor:
         floor_tokens, floor_tf = _compare(audit, audit.context("floor"), prompt_tokens, ref_tokens, ref_logits)

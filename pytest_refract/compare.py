@@ -1,0 +1,152 @@
+"""``python -m pytest_refract compare A.json B.json [...]``: reports side by side.
+
+The first report is the base; every other column shows its value and the change from the
+base, so a PR comment (``--markdown``) answers "what moved since the last build".
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+from typing import Callable, List, Optional, Tuple
+
+from .axes import ORDER
+from .report import SCHEMA
+
+# (row label, getter, format, higher_is_better)
+Metric = Tuple[str, Callable[[dict], Optional[float]], str, Optional[bool]]
+
+
+def _axis(name: str, key: str) -> Callable[[dict], Optional[float]]:
+    def get(report: dict):
+        section = report.get("axes", {}).get(name) or {}
+        value = section
+        for part in key.split("."):
+            value = value.get(part) if isinstance(value, dict) else None
+        return value
+
+    return get
+
+
+METRICS: List[Metric] = [
+    ("composite", lambda r: r.get("composite"), "{:.2f}", True),
+    ("trajectory score", _axis("trajectory", "score"), "{:.2f}", True),
+    ("  full match rate", _axis("trajectory", "full_match_rate"), "{:.3f}", True),
+    ("  median first divergence", _axis("trajectory", "median_first_divergence"), "{:g}", True),
+    ("  mean prefix agreement", _axis("trajectory", "mean_prefix_agreement"), "{:.2f}", True),
+    ("  teacher-forced KLD", _axis("trajectory", "teacher_forced_kld"), "{:.5f}", False),
+    ("kld score", _axis("kld", "score"), "{:.2f}", True),
+    ("  mean KLD", _axis("kld", "mean_kld"), "{:.6f}", False),
+    ("  KLD p99", _axis("kld", "kld_percentiles.99"), "{:.5f}", False),
+    ("  same top p %", _axis("kld", "same_top_p_pct"), "{:.3f}", True),
+    ("  RMS dp %", _axis("kld", "rms_dp_pct"), "{:.3f}", False),
+    ("  mean dp %", _axis("kld", "mean_dp_pct"), "{:.3f}", None),
+    ("  PPL ref", _axis("kld", "ppl_ref"), "{:.4f}", None),
+    ("  PPL cand", _axis("kld", "ppl_cand"), "{:.4f}", False),
+    ("rniah score", _axis("rniah", "score"), "{:.2f}", True),
+    ("  reference hit rate", _axis("rniah", "ref_hit_rate"), "{:.3f}", None),
+    ("  candidate hit rate", _axis("rniah", "cand_hit_rate"), "{:.3f}", True),
+    ("plad score", _axis("plad", "score"), "{:.2f}", True),
+    ("  typo", _axis("plad", "per_perturbation.typo"), "{:.2f}", True),
+    ("  case", _axis("plad", "per_perturbation.case"), "{:.2f}", True),
+    ("  punct", _axis("plad", "per_perturbation.punct"), "{:.2f}", True),
+    ("  paraphrase", _axis("plad", "per_perturbation.paraphrase"), "{:.2f}", True),
+]
+
+
+class CompareError(Exception):
+    pass
+
+
+def load_report(path) -> dict:
+    p = Path(path)
+    if not p.is_file():
+        raise CompareError(f"{p}: no such report file")
+
+    def reject(constant):
+        raise CompareError(f"{p}: not strict JSON ({constant})")
+
+    try:
+        data = json.loads(p.read_text(encoding="utf-8"), parse_constant=reject)
+    except (json.JSONDecodeError, UnicodeDecodeError) as exc:
+        raise CompareError(f"{p}: not a JSON report ({exc})") from None
+    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
+        raise CompareError(f"{p}: not a pytest-refract report (schema {SCHEMA} expected)")
+    return data
+
+
+def _fmt(value, fmt: str) -> str:
+    if value is None:
+        return "n/a"
+    try:
+        return fmt.format(value)
+    except (ValueError, TypeError):
+        return str(value)
+
+
+def _delta(base, value, fmt: str, better: Optional[bool]) -> str:
+    if base is None or value is None:
+        return ""
+    diff = value - base
+    if diff == 0:
+        return "="
+    text = ("+" if diff > 0 else "") + fmt.format(diff)
+    if better is not None:
+        text += " ▲" if (diff > 0) == better else " ▼"
+    return text
+
+
+def table(reports: List[dict], names: List[str]) -> List[List[str]]:
+    """Rows of cells: header, band row, metric rows (value and change from the first)."""
+    header = ["metric"] + names
+    rows = [header, ["model"] + [r.get("model", {}).get("path", "?") for r in reports],
+            ["candidate"] + [r.get("candidate", "?") for r in reports],
+            ["band"] + [r.get("band") or "n/a" for r in reports]]
+    for label, get, fmt, better in METRICS:
+        values = [get(r) for r in reports]
+        if all(v is None for v in values):
+            continue
+        cells = [label, _fmt(values[0], fmt)]
+        for v in values[1:]:
+            d = _delta(values[0], v, fmt, better)
+            cells.append(_fmt(v, fmt) + (f" ({d})" if d else ""))
+        rows.append(cells)
+    return rows
+
+
+def render_text(rows: List[List[str]]) -> str:
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    lines = []
+    for n, row in enumerate(rows):
+        lines.append("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip())
+        if n == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def render_markdown(rows: List[List[str]]) -> str:
+    def cell(text: str) -> str:
+        return text.replace("|", "\\|").strip() or " "
+
+    out = ["| " + " | ".join(cell(c) for c in rows[0]) + " |", "|" + "---|" * len(rows[0])]
+    out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows[1:]]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    parser = argparse.ArgumentParser(prog="python -m pytest_refract compare",
+                                     description="Compare pytest-refract JSON reports side by side.")
+    parser.add_argument("reports", nargs="+", help="JSON reports; the first is the base")
+    parser.add_argument("--markdown", action="store_true", help="a Markdown table (for PR comments)")
+    args = parser.parse_args(argv)
+    try:
+        reports = [load_report(p) for p in args.reports]
+    except CompareError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    names = [Path(p).name for p in args.reports]
+    rows = table(reports, names)
+    print(render_markdown(rows) if args.markdown else render_text(rows))
+    return 0

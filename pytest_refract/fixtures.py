@@ -1,0 +1,207 @@
+"""Fixtures for users' own regression tests, on the same engine, model and configs as the audit.
+
+    def test_support_answers_survive(refract):
+        result = refract.greedy("How do I reset my password?", n_predict=48)
+        assert result.full_match, result.explain()
+
+Every measurement made through the fixture is recorded in the report under ``custom`` with the
+test's node id; ``refract.gate(name, score)`` adds a score of your own to the composite gate.
+"""
+
+from __future__ import annotations
+
+import re
+from dataclasses import asdict, dataclass, field
+from typing import List, Optional
+
+import numpy as np
+
+from .errors import UsageProblem
+from .scoring import band_for, first_divergence, kld_positions, kld_score, kld_summary, prefix_agreement
+
+STASH_KEY = "refract_custom"
+
+
+@dataclass
+class Continuation:
+    tokens: List[int]
+    text: str
+
+
+@dataclass
+class GreedyComparison:
+    prompt: str
+    ref: Continuation
+    cand: Continuation
+    prefix_agreement: int
+    first_divergence: Optional[int]
+    score: float
+
+    @property
+    def full_match(self) -> bool:
+        return self.ref.tokens == self.cand.tokens
+
+    def explain(self) -> str:
+        if self.full_match:
+            return "identical greedy continuations"
+        return (f"diverges at token {self.first_divergence}: reference {self.ref.text!r} vs candidate "
+                f"{self.cand.text!r}")
+
+
+@dataclass
+class KLDResult:
+    mean_kld: float
+    mean_kld_unc: float
+    same_top_p_pct: float
+    rms_dp_pct: float
+    ppl_ref: float
+    ppl_cand: float
+    n_chunks: int
+    n_positions: int
+    score: float
+    percentiles: dict = field(default_factory=dict)
+
+
+@dataclass
+class NeedleResult:
+    length: int
+    position: float
+    trials: int
+    ref_hits: int
+    cand_hits: int
+    answers: list
+
+    @property
+    def degradation(self) -> float:
+        return max(0.0, (self.ref_hits - self.cand_hits) / self.trials)
+
+
+class RefractFixture:
+    """Measurements of the candidate against the reference, for one test."""
+
+    def __init__(self, audit, node):
+        self.audit = audit
+        self._node = node
+        self.reference = audit.settings.reference.label()
+        self.candidate = audit.settings.candidate.label()
+
+    def _record(self, kind: str, metrics: dict, gate: Optional[str] = None) -> None:
+        entries = self._node.stash.setdefault(_STASH, [])
+        entries.append({"test": self._node.nodeid, "kind": kind, "gate": gate, "metrics": metrics})
+
+    # -- measurements -------------------------------------------------------------------
+
+    def greedy(self, prompt: str, n_predict: Optional[int] = None, chat: bool = True) -> GreedyComparison:
+        """Greedy continuation of ``prompt`` (chat-rendered by default) under both caches."""
+        n = n_predict or self.audit.settings.n_predict
+        tokens = self.audit.chat_tokens(prompt) if chat else self.audit.engine.tokenize(prompt, add_special=True)
+        need = len(tokens) + n
+        ref, _ = self.audit.context("reference", min_ctx=need).greedy(tokens, n)
+        cand, _ = self.audit.context("candidate", min_ctx=need).greedy(tokens, n)
+        detok = self.audit.engine.detokenize
+        score = 100.0 * prefix_agreement(ref, cand) / max(len(ref), len(cand), 1)
+        result = GreedyComparison(prompt, Continuation(ref, detok(ref)), Continuation(cand, detok(cand)),
+                                  prefix_agreement(ref, cand), first_divergence(ref, cand), score)
+        self._record("greedy", {"prompt": prompt, "prefix_agreement": result.prefix_agreement,
+                                "first_divergence": result.first_divergence, "score": score,
+                                "ref_text": result.ref.text, "cand_text": result.cand.text})
+        return result
+
+    def kld(self, text: str, ctx: Optional[int] = None, chunks: Optional[int] = None) -> KLDResult:
+        """KL(ref || cand) over your own text, with the KLD axis's (llama-perplexity's) conventions."""
+        from .axes.kld import _positions
+
+        n_ctx = ctx or self.audit.settings.ctx
+        eng = self.audit.engine
+        all_tokens = eng.tokenize(text, add_special=True)
+        available = len(all_tokens) // n_ctx
+        if available < 1:
+            raise UsageProblem(f"refract.kld: the text holds {len(all_tokens)} tokens, fewer than one chunk of {n_ctx}")
+        n_chunks = min(chunks or available, available)
+        parts = []
+        for i in range(n_chunks):
+            toks = list(all_tokens[i * n_ctx : (i + 1) * n_ctx])
+            if eng.add_bos:
+                toks[0] = eng.bos
+            ref = _positions(self.audit.context("reference", min_ctx=n_ctx), toks)
+            cand = _positions(self.audit.context("candidate", min_ctx=n_ctx), toks)
+            parts.append(kld_positions(ref, cand, toks[n_ctx // 2 + 1 :]))
+        merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+        summary = kld_summary(**merged)
+        result = KLDResult(summary["mean_kld"], summary["mean_kld_unc"], summary["same_top_p_pct"],
+                           summary["rms_dp_pct"], summary["ppl_ref"], summary["ppl_cand"], n_chunks,
+                           summary["n_positions"], kld_score(summary["mean_kld"]), summary["kld_percentiles"])
+        self._record("kld", asdict(result))
+        return result
+
+    def needle(self, length: int, position: float = 0.5, trials: int = 3, needle: Optional[str] = None,
+               question: Optional[str] = None, answer: Optional[str] = None, haystack: Optional[str] = None) -> NeedleResult:
+        """One R-NIAH cell with your own needle, question, answer pattern and haystack text."""
+        from .axes.rniah import answer_pattern
+        from .haystack import Haystack, strip_reasoning, trial_value
+
+        s = self.audit.settings
+        needle = needle or s.rniah_needle
+        question = question or s.rniah_question
+        answer = answer or s.rniah_answer
+        if "{value}" not in needle or "{value}" not in answer:
+            raise UsageProblem("refract.needle: needle and answer must contain {value}")
+        eng = self.audit.engine
+        text = haystack or (self.audit.haystack_source.text if self.audit.haystack_source else
+                            (self.audit.corpus.text if self.audit.corpus else None))
+        if text is None:
+            from .data import load_corpus
+
+            text = load_corpus().text
+        hay = Haystack.from_text(text, lambda t: eng.tokenize(t, add_special=False))
+        head, tail = self.audit._chat_parts()
+        q_tokens = eng.tokenize("\n\n" + question, add_special=False)
+        budget = self.audit.rniah_answer_tokens
+        need = len(head) + length + len(q_tokens) + len(tail) + budget
+        limit = self.audit.info.n_ctx_train
+        if limit and need > limit:
+            raise UsageProblem(f"refract.needle: {length} tokens need {need} with template, question and answer; "
+                               f"the model's context is {limit}")
+        hits = {"reference": 0, "candidate": 0}
+        answers = []
+        for trial in range(trials):
+            value = trial_value(s.seed, length, position, trial, s.rniah_values)
+            needle_tokens = eng.tokenize(" " + needle.replace("{value}", value), add_special=False)
+            body, _ = hay.build(length, position, needle_tokens)
+            tokens = list(head) + body + q_tokens + list(tail)
+            pattern = answer_pattern(answer, value)
+            record = {"value": value}
+            for role in hits:
+                out, _ = self.audit.context(role, min_ctx=need).greedy(tokens, budget)
+                reply = strip_reasoning(eng.detokenize(out))
+                hit = bool(re.search(pattern, reply))
+                hits[role] += hit
+                record[role] = {"answer": reply, "hit": hit}
+            answers.append(record)
+        result = NeedleResult(length, position, trials, hits["reference"], hits["candidate"], answers)
+        self._record("needle", {"length": length, "position": position, "trials": trials,
+                                "ref_hits": result.ref_hits, "cand_hits": result.cand_hits,
+                                "degradation": result.degradation})
+        return result
+
+    # -- gate -----------------------------------------------------------------------------
+
+    def gate(self, name: str, score: float) -> None:
+        """Add ``score`` (0-100) to the composite under ``name``: your measurement then counts in
+        the session gate like an axis does."""
+        value = float(score)
+        if not (0.0 <= value <= 100.0):
+            raise ValueError(f"refract.gate({name!r}): score {score} is outside 0-100")
+        self._record("gate", {"score": value, "band": band_for(value)}, gate=str(name))
+
+
+_STASH = None  # set by the plugin to a pytest.StashKey, so this module imports without pytest
+
+
+def make_stash_key():
+    import pytest
+
+    global _STASH
+    if _STASH is None:
+        _STASH = pytest.StashKey[list]()
+    return _STASH
