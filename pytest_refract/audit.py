@@ -265,8 +265,24 @@ class Audit:
         }
 
     def measure(self, axis_module, unit) -> dict:
-        """Run one item and record the tokens it cost, so a benchmark can compare wall time
-        with llama.cpp's raw throughput for the same tokens."""
+        """Run one item (``--refract-repeat`` times) and record the tokens it cost, so a
+        benchmark can compare wall time with llama.cpp's raw throughput for the same tokens."""
+        result = self._measure_once(axis_module, unit)
+        repeats = []
+        for _ in range(self.settings.repeat - 1):
+            self.forget()
+            repeats.append(self._measure_once(axis_module, unit))
+        if repeats:
+            result["_repeats"] = repeats
+        return result
+
+    def forget(self) -> None:
+        """Drop everything a repetition could reuse: cached decodes and KV caches."""
+        self._greedy.clear()
+        for ctx in self._contexts.values():
+            ctx.reset()
+
+    def _measure_once(self, axis_module, unit) -> dict:
         before = self.token_counts()
         result = axis_module.measure(self, unit)
         after = self.token_counts()

@@ -6,6 +6,8 @@ Without --refract-model nothing here does any work, and llama_cpp is never impor
 
 from __future__ import annotations
 
+import re
+import signal
 import time
 from typing import Dict, List, Optional
 
@@ -15,6 +17,7 @@ from . import settings as settings_mod
 from .errors import MeasurementError, UsageProblem
 
 _STASH_KEY = pytest.StashKey["RefractSession"]()
+_NODEID_RE = re.compile(r"^refract::test_([a-z]+)\[(.+)\]$")
 
 
 def pytest_addoption(parser):
@@ -34,11 +37,28 @@ def pytest_configure(config):
         raise pytest.UsageError(str(exc)) from None
     session = RefractSession(config, audit)
     config.stash[_STASH_KEY] = session
+    _stop_on_sigterm(session)
     config.pluginmanager.register(session, "refract-session")
     if config.pluginmanager.hasplugin("html"):
         from .html_hooks import HtmlHooks
 
         config.pluginmanager.register(HtmlHooks(session), "refract-html-hooks")
+
+
+def _stop_on_sigterm(session) -> None:
+    """SIGTERM (a CI job cancelled, a container stopped) ends the run like Ctrl-C: pytest
+    unwinds, and the report is written with "complete": false instead of not at all."""
+    if session.is_worker or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        return
+
+    def handler(signum, frame):
+        session.interrupted = True
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave the default behaviour
+        pass
 
 
 def get_session(config) -> Optional["RefractSession"]:
@@ -140,7 +160,7 @@ class RefractSession:
     def pytest_collection_modifyitems(self, session, config, items):
         # tryfirst: our items must exist before -k / -m deselection runs.
         # Reported like any collected node, so pytest's "collected N items" counts them.
-        collector = RefractCollector.from_parent(session, name="refract")
+        collector = RefractCollector.from_parent(session, name="refract", nodeid="refract")
         report = config.hook.pytest_make_collect_report(collector=collector)
         config.hook.pytest_collectreport(report=report)
         if report.failed:
@@ -171,6 +191,13 @@ class RefractSession:
         if custom and report.when == "call":
             self.custom.extend(custom)
         info = getattr(report, "refract", None)
+        if info is None and report.failed:
+            # No result attached: the item died outside our code (an xdist worker crash, an
+            # error in setup). Its axis must not be scored as if the item never existed.
+            m = _NODEID_RE.match(report.nodeid)
+            if m:
+                self.failed.setdefault(m.group(1), []).append(m.group(2))
+            return
         if not info or report.when != "call":
             return
         if info.get("result") is not None:
@@ -193,6 +220,9 @@ class RefractSession:
     def pytest_runtestloop(self, session):
         try:
             return (yield)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            raise
         finally:
             if not self.is_worker and not session.config.option.collectonly:
                 self._finish(session)

@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import shlex
+import statistics
 import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
@@ -84,6 +85,16 @@ def build_axes(results: Dict[str, Dict[str, dict]], failed: Dict[str, List[str]]
             }
             continue
         section = AXES[name].aggregate(ordered)
+        repeats = [r.get("_repeats") for r in ordered]
+        if repeats and all(repeats):
+            scores = [section["score"]] + [
+                AXES[name].aggregate([r["_repeats"][k] for r in ordered])["score"] for k in range(len(repeats[0]))
+            ]
+            section["repeat"] = repeat_stats(scores)
+        if "items" in section:
+            section["items"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in section["items"]]
+        if "cells" in section:
+            section["cells"] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in section["cells"]]
         compute: Dict[str, Dict[str, int]] = {}
         for r in ordered:
             for role, counts in r.get("compute", {}).items():
@@ -103,6 +114,22 @@ def custom_gates(custom: List[dict]) -> Dict[str, float]:
             score = entry["metrics"]["score"]
             gates[entry["gate"]] = min(score, gates.get(entry["gate"], score))
     return gates
+
+
+HEALTHY_MAX_STDEV = 1.0
+NOISY_MAX_STDEV = 3.0
+
+
+def repeat_stats(scores: List[Optional[float]]) -> dict:
+    """Spread of one score over --refract-repeat runs: on a CPU build it must be exactly 0."""
+    values = [s for s in scores if s is not None]
+    if len(values) != len(scores) or not values:
+        return {"n": len(scores), "scores": scores, "mean": None, "stdev": None, "range": None, "verdict": None}
+    mean = sum(values) / len(values)
+    stdev = statistics.stdev(values) if len(values) > 1 else 0.0
+    verdict = "HEALTHY" if stdev <= HEALTHY_MAX_STDEV else "NOISY" if stdev <= NOISY_MAX_STDEV else "UNSTABLE"
+    return {"n": len(values), "scores": values, "mean": mean, "stdev": stdev,
+            "range": max(values) - min(values), "verdict": verdict}
 
 
 def composite_of(axes: Dict[str, dict], gates: Optional[Dict[str, float]] = None) -> Optional[float]:
@@ -200,6 +227,10 @@ def build_report(
     axes = build_axes(results, failed)
     gates = custom_gates(custom or [])
     composite = composite_of(axes, gates) if complete else None
+    if not complete:
+        # What was measured stays (items); no axis claims a score for what was not.
+        for section in axes.values():
+            section.update({"score": None, "band": None, "status": "incomplete"})
     floor = floor_of(axes) if s.floor else None
     settings = s.as_dict()
     if audit.chunks_note:
@@ -229,6 +260,24 @@ def build_report(
     if audit.corpus is not None and "kld" in axes:
         axes["kld"]["corpus"] = {"name": audit.corpus.name, "sha256": audit.corpus.sha256, "bytes": audit.corpus.bytes,
                                  "replaced_invalid_utf8": audit.corpus.replaced_invalid_utf8}
+    repeats = [a.get("repeat") for a in axes.values()]
+    if s.repeat > 1 and repeats and all(repeats) and complete:
+        per_run = [composite_of({n: {"score": a["repeat"]["scores"][k]} for n, a in axes.items()
+                                 if a.get("status") != "n/a"}, gates)
+                   for k in range(s.repeat)]
+        report["repeat"] = repeat_stats(per_run)
+        for name, a in axes.items():
+            r = a["repeat"]
+            if r["verdict"] and r["verdict"] != "HEALTHY":
+                report["diagnosis"].insert(0, f"WARNING: {name} is {r['verdict']} over {r['n']} repeats "
+                                              f"(stdev {r['stdev']:.2f}): single runs are not trustworthy.")
+    for source in {id(x): x for x in (audit.corpus, audit.haystack_source) if x is not None}.values():
+        if source.replaced_invalid_utf8:
+            report["diagnosis"].append(
+                f"{source.name} is not valid UTF-8: undecodable bytes were replaced (U+FFFD) before tokenizing."
+            )
+    if not complete:
+        report["diagnosis"].insert(0, "INCOMPLETE: the run was interrupted; items measured so far are listed, no score is claimed.")
     if floor is not None and floor < FLOOR_WARN_BELOW:
         report["diagnosis"].insert(
             0, f"WARNING: the noise floor (reference vs reference) is {floor:.2f}, below {FLOOR_WARN_BELOW}: deltas are not trustworthy."

@@ -42,6 +42,7 @@ OPTIONS = (
     ("rniah-values", "string", "numbers", "R-NIAH trial values: numbers (4 digits) or words"),
     ("rniah-answer-tokens", "string", "32", "R-NIAH answer budget in tokens (1024 for thinking models)"),
     ("haystack", "string", None, "R-NIAH haystack text file (default: the KLD corpus)"),
+    ("repeat", "string", "1", "measure every item N times and report per-axis mean, stdev and range"),
     ("html", "string", None, "write the self-contained HTML report to this path"),
     ("baseline", "string", None, "gate against a previous JSON report: fail when the composite or an axis dropped"),
     ("max-drop", "string", "2.0", "with --refract-baseline: the largest allowed drop in points (default 2.0)"),
@@ -113,6 +114,7 @@ class Settings:
     rniah_answer_tokens: int = 32
     haystack_path: Optional[str] = None
     html_path: Optional[str] = None
+    repeat: int = 1
     baseline_path: Optional[str] = None
     max_drop: float = 2.0
     n_batch: int = 512
@@ -134,6 +136,7 @@ class Settings:
             "n_ubatch": self.n_ubatch,
             "flash_attn": self.reference.fa,
             "floor": self.floor,
+            "repeat": self.repeat,
             "decode_layout": "one sequence at a time, prompt in batches of n_batch, then one token per decode",
             "rniah": {
                 "lengths": list(self.rniah_lengths) if self.rniah_lengths else None,
@@ -206,6 +209,7 @@ def read_settings(config) -> Optional[Settings]:
         item_fail_under=item_fail_under,
         json_path=json_path,
         html_path=html_path,
+        repeat=_int(config, "repeat", 1),
         baseline_path=_get(config, "baseline"),
         max_drop=max_drop,
         prompts_path=_get(config, "prompts"),

@@ -68,6 +68,10 @@ def render(tr, report: dict, json_path) -> None:
         tr.write(f"{name:<11}{_fmt(section.get('score'))} ", bold=True)
         tr.write(f"{band or 'NO SCORE':<9}", **{_COLOURS.get(band, 'red'): True})
         tr.write_line(f"{extra}{wall_text}")
+        rep = section.get("repeat")
+        if rep and rep.get("stdev") is not None:
+            tr.write_line(f"           repeat x{rep['n']}: mean {rep['mean']:.2f}, stdev {rep['stdev']:.2f}, "
+                          f"range {rep['range']:.2f} -> {rep['verdict']}")
         if section.get("error"):
             tr.write_line(f"           {section['error']}", red=True)
     for name, score in (report.get("custom") or {}).get("gates", {}).items():
