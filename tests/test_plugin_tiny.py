@@ -240,3 +240,21 @@ def test_rniah_length_beyond_context_is_a_usage_error(pytester, tiny_model, tiny
     )
     line = _one_error_line(result)
     assert "--refract-rniah-lengths: 4096 tokens" in line and "the model's context of 1024 tokens" in line
+
+
+def test_ini_keys_configure_the_audit_and_flags_win(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    pytester.makeini(f"""
+        [pytest]
+        refract_model = {tiny_model}
+        refract_candidate = ctk=q8_0,ctv=q8_0
+        refract_prompts = {tiny_prompts}
+        refract_corpus = {tiny_corpus}
+        refract_ctx = 64
+        refract_chunks = 2
+        refract_n_predict = 4
+        refract_axes = kld
+    """)
+    out = pytester.runpytest_subprocess("--collect-only", "-q").stdout.str()
+    assert "test_kld[chunk-01]" in out and "test_kld[chunk-02]" not in out and "test_trajectory" not in out
+    out = pytester.runpytest_subprocess("--collect-only", "-q", "--refract-chunks=3").stdout.str()
+    assert "test_kld[chunk-02]" in out
