@@ -8,6 +8,8 @@ import math
 from pathlib import Path
 from typing import Dict, List, Optional
 
+import numpy as np
+
 from . import data
 from .errors import MeasurementError, UsageProblem
 from .gguf_meta import expected_data_end, head_sha256, read_gguf
@@ -16,7 +18,7 @@ from .settings import Settings
 
 
 class Audit:
-    def __init__(self, settings: Settings):
+    def __init__(self, settings: Settings, is_worker: bool = False):
         self.settings = settings
         self.model_path = data.resolve_model(settings.model)
         self.info = read_gguf(self.model_path)
@@ -57,6 +59,7 @@ class Audit:
         self.rniah_answer_tokens = settings.rniah_answer_tokens
         self.rniah_thinking = False
         self._load_inputs()
+        self._init_reference_cache(is_worker)
         self.baseline = None
         if settings.baseline_path:
             from .baseline import load_baseline
@@ -138,6 +141,93 @@ class Audit:
             fitting = tuple(n for n in (1024, 2048, 4096) if not limit or n + overhead <= limit)
             self.rniah_lengths = fitting or (max(64, limit - overhead),)
 
+    # -- reference side (cached on disk, shared across candidates in memory) -------------
+
+    def _init_reference_cache(self, is_worker: bool) -> None:
+        from .refcache import ReferenceCache, model_identity
+
+        s = self.settings
+        directory = Path(s.cache_dir) if s.cache_dir else None
+        if directory is not None and s.clear_cache and not is_worker:
+            import shutil
+
+            shutil.rmtree(directory, ignore_errors=True)
+        build = self._engine_mod.build_info()
+        identity = {
+            "model": model_identity(self.model_path),
+            "reference": s.reference.label(),
+            # Everything that changes llama.cpp's numbers (context size does not: attention
+            # runs over the cells in use).
+            "numerics": {"n_batch": s.n_batch, "n_ubatch": s.n_ubatch, "threads": s.threads,
+                         "gpu_layers": s.gpu_layers, "flash_attn": s.reference.fa},
+            "build": build,
+        }
+        self.refcache = ReferenceCache(directory, identity)
+        # The floor compares the reference with itself bit for bit: it needs the live reference.
+        # --refract-repeat must re-measure the reference too, so it does not read either.
+        self._read_cache = self.refcache.enabled and not s.floor and s.repeat == 1
+        self._ref_memory: Dict[str, tuple] = {}
+
+    def _remember(self, kind: str, key: str, value):
+        # One entry per kind: candidates of a matrix measure the same unit one after another.
+        self._ref_memory[kind] = (key, value)
+        return value
+
+    def _recall(self, kind: str, key: str):
+        hit = self._ref_memory.get(kind)
+        return hit[1] if hit and hit[0] == key else None
+
+    def reference_trajectory(self, prompt_tokens: List[int]):
+        """(greedy tokens, 16-bit log-probs, exact logits or None) of the reference.
+
+        Candidates are always compared with the 16-bit log-probs, live or cached, exactly as
+        llama-perplexity compares with its stored base: so a cold run, a warm (cached) run and
+        an xdist run give the same numbers. The exact logits serve the floor, which checks the
+        engine bit for bit (and never reads the cache)."""
+        from .refcache import dequantize_logprobs, quantize_logprobs
+
+        key = self.refcache.key("trajectory", prompt_tokens, self.settings.n_predict)
+        value = self._recall("trajectory", key)
+        if value is not None:
+            return value
+        if self._read_cache:
+            entry = self.refcache.load("trajectory", key)
+            if entry is not None:
+                tokens = [int(t) for t in entry["arrays"]["tokens"]]
+                return self._remember("trajectory", key, (tokens, dequantize_logprobs(entry["arrays"]), None))
+        tokens, logits = self.context("reference").greedy(prompt_tokens, self.settings.n_predict, keep_logits=True)
+        stored = quantize_logprobs(logits)
+        self.refcache.store("trajectory", key, dict(stored, tokens=np.asarray(tokens)))
+        return self._remember("trajectory", key, (tokens, dequantize_logprobs(stored), logits))
+
+    def reference_chunk(self, tokens: List[int], rows_fn):
+        """(16-bit log-probs, exact logits or None) of the reference for one KLD chunk."""
+        from .refcache import dequantize_logprobs, quantize_logprobs
+
+        key = self.refcache.key("kld", tokens)
+        value = self._recall("kld", key)
+        if value is not None:
+            return value
+        if self._read_cache:
+            entry = self.refcache.load("kld", key)
+            if entry is not None:
+                return self._remember("kld", key, (dequantize_logprobs(entry["arrays"]), None))
+        rows = rows_fn(self.context("reference"))
+        stored = quantize_logprobs(rows)
+        self.refcache.store("kld", key, stored)
+        return self._remember("kld", key, (dequantize_logprobs(stored), rows if self.settings.floor else None))
+
+    def reference_greedy(self, prompt_tokens: List[int], n_predict: int) -> List[int]:
+        """Reference greedy tokens only (PLAD anchors and perturbations, R-NIAH answers)."""
+        key = self.refcache.key("greedy", prompt_tokens, n_predict)
+        if self._read_cache:
+            entry = self.refcache.load("greedy", key)
+            if entry is not None:
+                return [int(t) for t in entry["arrays"]["tokens"]]
+        tokens, _ = self.context("reference").greedy(prompt_tokens, n_predict)
+        self.refcache.store("greedy", key, {"tokens": np.asarray(tokens, dtype=np.int64)})
+        return tokens
+
     def plain_tokens(self, text: str) -> List[int]:
         tok = self._tokenizer or self.engine
         return tok.tokenize(text, add_special=False, parse_special=False)
@@ -175,7 +265,10 @@ class Audit:
         key = (role, tuple(prompt_tokens))
         cached = self._greedy.get(key)
         if cached is None:
-            cached, _ = self.context(role).greedy(prompt_tokens, self.settings.n_predict)
+            if role == "reference":
+                cached = self.reference_greedy(prompt_tokens, self.settings.n_predict)
+            else:
+                cached, _ = self.context(role).greedy(prompt_tokens, self.settings.n_predict)
             self._greedy[key] = cached
         return list(cached)
 
@@ -279,10 +372,12 @@ class Audit:
     def forget(self) -> None:
         """Drop everything a repetition could reuse: cached decodes and KV caches."""
         self._greedy.clear()
+        self._ref_memory.clear()
         for ctx in self._contexts.values():
             ctx.reset()
 
     def _measure_once(self, axis_module, unit) -> dict:
+        cache_before = (self.refcache.hits, self.refcache.misses)
         before = self.token_counts()
         result = axis_module.measure(self, unit)
         after = self.token_counts()
@@ -290,6 +385,8 @@ class Audit:
         result["compute"] = {
             role: {k: counts[k] - before.get(role, zero)[k] for k in counts} for role, counts in after.items()
         }
+        result["reference_cache"] = {"hits": self.refcache.hits - cache_before[0],
+                                     "misses": self.refcache.misses - cache_before[1]}
         return result
 
     def close(self) -> None:

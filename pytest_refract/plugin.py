@@ -32,7 +32,7 @@ def pytest_configure(config):
             return
         from .audit import Audit
 
-        audit = Audit(s)
+        audit = Audit(s, is_worker=hasattr(config, "workerinput"))
     except UsageProblem as exc:
         raise pytest.UsageError(str(exc)) from None
     session = RefractSession(config, audit)

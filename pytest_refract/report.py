@@ -260,6 +260,14 @@ def build_report(
     if audit.corpus is not None and "kld" in axes:
         axes["kld"]["corpus"] = {"name": audit.corpus.name, "sha256": audit.corpus.sha256, "bytes": audit.corpus.bytes,
                                  "replaced_invalid_utf8": audit.corpus.replaced_invalid_utf8}
+    all_items = [r for axis in results.values() for r in axis.values()]
+    report["reference_cache"] = {
+        "enabled": audit.refcache.enabled,
+        "read": audit._read_cache,
+        "hits": sum(r.get("reference_cache", {}).get("hits", 0) for r in all_items),
+        "misses": sum(r.get("reference_cache", {}).get("misses", 0) for r in all_items),
+        "format": "16-bit log-probs per position (llama-perplexity --kl-divergence-base layout)",
+    }
     repeats = [a.get("repeat") for a in axes.values()]
     if s.repeat > 1 and repeats and all(repeats) and complete:
         per_run = [composite_of({n: {"score": a["repeat"]["scores"][k]} for n, a in axes.items()

@@ -112,13 +112,16 @@ def log_softmax(logits: np.ndarray) -> np.ndarray:
 
 
 def kld_positions(
-    ref_logits: np.ndarray, cand_logits: np.ndarray, next_tokens: Sequence[int], block: int = 32
+    ref_logits: np.ndarray, cand_logits: np.ndarray, next_tokens: Sequence[int], block: int = 32,
+    ref_is_logprobs: bool = False,
 ) -> Dict[str, np.ndarray]:
     """Per-position statistics of one chunk (rows = positions, columns = vocabulary).
 
     Returns arrays: ``kld`` = KL(ref || cand) in nats, ``p_diff`` = p_cand(next) - p_ref(next),
     ``nll_ref`` / ``nll_cand`` = -log p(next), ``same_top`` = argmax agreement.
     Rows are processed in blocks so temporaries stay a few MB even for 256k-token vocabularies.
+    With ``ref_is_logprobs`` the reference rows are already log-probabilities (e.g. read back
+    from the 16-bit reference cache) and are used as they are, as llama-perplexity uses its base.
     """
     ref_logits = np.asarray(ref_logits)
     cand_logits = np.asarray(cand_logits)
@@ -136,7 +139,7 @@ def kld_positions(
     }
     for lo in range(0, n, block):
         hi = min(n, lo + block)
-        ref_lp = log_softmax(ref_logits[lo:hi])
+        ref_lp = np.asarray(ref_logits[lo:hi], dtype=np.float32) if ref_is_logprobs else log_softmax(ref_logits[lo:hi])
         cand_lp = log_softmax(cand_logits[lo:hi])
         rows = np.arange(hi - lo)
         terms = np.exp(ref_lp)

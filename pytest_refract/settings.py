@@ -42,12 +42,15 @@ OPTIONS = (
     ("rniah-values", "string", "numbers", "R-NIAH trial values: numbers (4 digits) or words"),
     ("rniah-answer-tokens", "string", "32", "R-NIAH answer budget in tokens (1024 for thinking models)"),
     ("haystack", "string", None, "R-NIAH haystack text file (default: the KLD corpus)"),
+    ("cache-dir", "string", None, "reference cache folder (default: refract-reference in pytest's cache dir)"),
     ("repeat", "string", "1", "measure every item N times and report per-axis mean, stdev and range"),
     ("html", "string", None, "write the self-contained HTML report to this path"),
     ("baseline", "string", None, "gate against a previous JSON report: fail when the composite or an axis dropped"),
     ("max-drop", "string", "2.0", "with --refract-baseline: the largest allowed drop in points (default 2.0)"),
 )
 FLAGS = (("floor", "also measure reference vs reference (a second context) to show the noise floor"),
+         ("no-cache", "do not read or write the reference cache"),
+         ("clear-cache", "empty the reference cache before the run"),
          ("full", "run all four axes (trajectory, kld, rniah, plad)"))
 
 
@@ -58,7 +61,7 @@ def register(parser) -> None:
         group.addoption(f"--refract-{name}", dest=dest, default=None, help=help_text)
         parser.addini(dest, help_text, type=ini_type, default=default)
     for name, help_text in FLAGS:
-        dest = "refract_" + name
+        dest = "refract_" + name.replace("-", "_")
         group.addoption(f"--refract-{name}", dest=dest, action="store_true", default=None, help=help_text)
         parser.addini(dest, help_text, type="bool", default=False)
 
@@ -115,6 +118,8 @@ class Settings:
     haystack_path: Optional[str] = None
     html_path: Optional[str] = None
     repeat: int = 1
+    cache_dir: Optional[str] = None
+    clear_cache: bool = False
     baseline_path: Optional[str] = None
     max_drop: float = 2.0
     n_batch: int = 512
@@ -210,6 +215,8 @@ def read_settings(config) -> Optional[Settings]:
         json_path=json_path,
         html_path=html_path,
         repeat=_int(config, "repeat", 1),
+        cache_dir=_cache_dir(config),
+        clear_cache=bool(_get(config, "clear-cache")),
         baseline_path=_get(config, "baseline"),
         max_drop=max_drop,
         prompts_path=_get(config, "prompts"),
@@ -222,6 +229,24 @@ def read_settings(config) -> Optional[Settings]:
         gpu_layers=_int(config, "gpu-layers", 0),
         floor=bool(_get(config, "floor")),
     )
+
+
+def _cache_dir(config) -> Optional[str]:
+    """Explicit folder, else pytest's own cache dir; None (no cache) with --refract-no-cache or
+    when pytest's cache provider is disabled and no folder was given."""
+    if _get(config, "no-cache"):
+        return None
+    explicit = _get(config, "cache-dir")
+    if explicit:
+        return os.path.abspath(os.path.expanduser(explicit))
+    try:
+        base = config.getini("cache_dir")
+    except ValueError:  # -p no:cacheprovider
+        return None
+    if not base or not config.pluginmanager.has_plugin("cacheprovider"):
+        return None
+    root = config.rootpath
+    return str((root / os.path.expanduser(os.path.expandvars(str(base))) / "d" / "refract-reference").resolve())
 
 
 def _output_path(config, name: str) -> Optional[str]:

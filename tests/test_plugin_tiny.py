@@ -66,10 +66,13 @@ def test_self_reference_scores_exactly_100(pytester, tiny_model, tiny_prompts, t
     assert result.ret == 0
     data = read_report(report)
     assert data["schema"] == "pytest-refract.report.v1"
-    assert data["composite"] == 100.0 and data["band"] == "EXCELLENT"
+    # Candidates are compared with the reference's 16-bit log-probs (llama-perplexity's base
+    # format), so a self-reference sits a hair under 100: that storage floor is ~1e-7 nats.
+    assert round(data["composite"], 2) == 100.0 and data["band"] == "EXCELLENT"
     assert data["self_reference"] is True
     assert data["axes"]["trajectory"]["score"] == 100.0
-    assert data["axes"]["kld"]["mean_kld"] == 0.0
+    assert abs(data["axes"]["kld"]["mean_kld"]) < 1e-5
+    assert data["axes"]["kld"]["same_top_p_pct"] == 100.0
     assert data["axes"]["kld"]["n_chunks"] == 3
     assert data["axes"]["kld"]["n_positions"] == 3 * (64 - 1 - 32)
     assert data["floor"] is None
@@ -229,7 +232,7 @@ def test_full_self_reference_runs_every_axis(pytester, tiny_model, tiny_prompts,
     if rniah["status"] == "n/a":
         assert rniah["score"] is None and rniah["confidence"] == "low"
         assert any("rniah: nothing to score" in line for line in data["diagnosis"])
-    assert data["composite"] == 100.0
+    assert round(data["composite"], 2) == 100.0
     result.stdout.fnmatch_lines(["*plad * 100.00 EXCELLENT*"])
 
 

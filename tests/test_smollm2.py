@@ -45,9 +45,11 @@ def test_self_reference_is_100_excellent(pytester, smollm2, prompts_file):
     result, report = _run(pytester, smollm2, prompts_file, "ctk=f16,ctv=f16")
     assert result.ret == 0
     data = read_report(report)
-    assert data["composite"] == 100.0
+    # 16-bit reference log-probs (as llama-perplexity's base file): a self-reference measures
+    # that storage floor, ~1e-7 nats, and prints as 100.00.
+    assert round(data["composite"], 2) == 100.0
     assert data["band"] == "EXCELLENT"
-    assert data["axes"]["kld"]["mean_kld"] == 0.0
+    assert abs(data["axes"]["kld"]["mean_kld"]) < 1e-5
     assert data["axes"]["kld"]["same_top_p_pct"] == 100.0
     assert data["axes"]["trajectory"]["full_match_rate"] == 1.0
     assert data["model"]["architecture"] == "llama" and data["model"]["n_ctx_train"] == 8192
@@ -145,7 +147,7 @@ def test_full_self_reference_is_100_on_rniah_and_plad(pytester, smollm2, prompts
         if not item["skipped"]:
             assert set(item) >= {"prompt_id", "perturbation", "perturbed_prompt", "ref_drift", "cand_drift", "excess", "score"}
             assert item["excess"] == 0.0
-    assert data["composite"] == 100.0
+    assert round(data["composite"], 2) == 100.0
 
 
 def test_k_rniah_and_k_plad_select(pytester, smollm2, prompts_file):

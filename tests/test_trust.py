@@ -89,8 +89,9 @@ def test_repeat_reports_zero_spread_on_cpu(pytester, tiny_model, tiny_prompts, t
         rep = data["axes"][name]["repeat"]
         assert rep["n"] == 3 and len(rep["scores"]) == 3
         assert rep["stdev"] == 0.0 and rep["range"] == 0.0 and rep["verdict"] == "HEALTHY"
-        assert rep["mean"] == data["axes"][name]["score"]
-    assert data["repeat"]["stdev"] == 0.0 and data["repeat"]["mean"] == data["composite"]
+        assert rep["scores"] == [data["axes"][name]["score"]] * 3
+        assert rep["mean"] == pytest.approx(data["axes"][name]["score"], rel=1e-12)
+    assert data["repeat"]["stdev"] == 0.0 and data["repeat"]["mean"] == pytest.approx(data["composite"], rel=1e-12)
     assert "_repeats" not in json.dumps(data)
 
 

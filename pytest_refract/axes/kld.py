@@ -43,14 +43,15 @@ def measure(audit, unit) -> dict:
     tokens = chunk_tokens(audit, unit["chunk"])
     first = len(tokens) // 2
     next_tokens = tokens[first + 1 :]
-    ref_logits = _positions(audit.context("reference"), tokens)
+    # Candidates are compared with the reference's 16-bit log-probs, as llama-perplexity does
+    # with its stored base; the floor with the exact logits (see Audit.reference_chunk).
+    ref_logprobs, ref_exact = audit.reference_chunk(tokens, lambda ctx: _positions(ctx, tokens))
     cand_logits = _positions(audit.context("candidate"), tokens)
-    stats = kld_positions(ref_logits, cand_logits, next_tokens)
+    stats = kld_positions(ref_logprobs, cand_logits, next_tokens, ref_is_logprobs=True)
     del cand_logits
     floor_stats = None
     if audit.settings.floor:
-        floor_stats = kld_positions(ref_logits, _positions(audit.context("floor"), tokens), next_tokens)
-    del ref_logits
+        floor_stats = kld_positions(ref_exact, _positions(audit.context("floor"), tokens), next_tokens)
     summary = kld_summary(**stats)
     score = kld_score(summary["mean_kld"])
     result = {

@@ -37,7 +37,10 @@ def answer_pattern(template: str, value: str) -> "re.Pattern":
 
 
 def _ask(audit, role: str, tokens: List[int]) -> dict:
-    answer, _ = audit.context(role).greedy(tokens, audit.rniah_answer_tokens)
+    if role == "reference":
+        answer = audit.reference_greedy(tokens, audit.rniah_answer_tokens)
+    else:
+        answer, _ = audit.context(role).greedy(tokens, audit.rniah_answer_tokens)
     text = audit.engine.detokenize(answer)
     return {"tokens": len(answer), "text": text, "answer": strip_reasoning(text)}
 

@@ -43,11 +43,14 @@ def _teacher_forced_logits(cand_ctx, prompt_len, ref_tokens, cand_tokens, cand_l
     return np.concatenate(parts) if len(parts) > 1 else parts[0]
 
 
-def _compare(audit, side_ctx, prompt_tokens, ref_tokens, ref_logits):
+def _compare(audit, side_ctx, prompt_tokens, ref_tokens, ref_rows, ref_is_logprobs):
     tokens, logits = side_ctx.greedy(prompt_tokens, audit.settings.n_predict, keep_logits=True)
     tf_logits = _teacher_forced_logits(side_ctx, len(prompt_tokens), ref_tokens, tokens, logits)
-    tf_kld = float(np.mean(kld_positions(ref_logits, tf_logits, ref_tokens)["kld"])) if ref_tokens else 0.0
-    return tokens, tf_kld
+    stats = kld_positions(ref_rows, tf_logits, ref_tokens, ref_is_logprobs=ref_is_logprobs)
+    return tokens, float(np.mean(stats["kld"]))
+
+
+# Candidates are compared with the reference's 16-bit log-probs (see Audit.reference_trajectory).
 
 
 def _divergence_texts(engine, ref_tokens, cand_tokens) -> dict:
@@ -66,9 +69,8 @@ def measure(audit, unit) -> dict:
     prompt = unit["prompt"]
     started = time.perf_counter()
     prompt_tokens = audit.chat_tokens(prompt.prompt)
-    ref_ctx = audit.context("reference")
-    ref_tokens, ref_logits = ref_ctx.greedy(prompt_tokens, audit.settings.n_predict, keep_logits=True)
-    cand_tokens, tf_kld = _compare(audit, audit.context("candidate"), prompt_tokens, ref_tokens, ref_logits)
+    ref_tokens, ref_logprobs, ref_exact = audit.reference_trajectory(prompt_tokens)
+    cand_tokens, tf_kld = _compare(audit, audit.context("candidate"), prompt_tokens, ref_tokens, ref_logprobs, True)
     audit.remember_greedy("reference", prompt_tokens, ref_tokens)
     audit.remember_greedy("candidate", prompt_tokens, cand_tokens)
     score = trajectory_item_score(ref_tokens, cand_tokens)
@@ -92,7 +94,8 @@ def measure(audit, unit) -> dict:
         "divergence": _divergence_texts(audit.engine, ref_tokens, cand_tokens),
     }
     if audit.settings.floor:
-        floor_tokens, floor_tf = _compare(audit, audit.context("floor"), prompt_tokens, ref_tokens, ref_logits)
+        # The floor checks the engine bit for bit: against the exact reference logits.
+        floor_tokens, floor_tf = _compare(audit, audit.context("floor"), prompt_tokens, ref_tokens, ref_exact, False)
         audit.remember_greedy("floor", prompt_tokens, floor_tokens)
         result["floor"] = {
             "ref_len": len(ref_tokens),
