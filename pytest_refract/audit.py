@@ -33,13 +33,21 @@ class Audit:
             )
         types = engine_mod.cache_types()
         head_k, head_v = self.info.head_dims
-        self.types = {
-            "reference": validate_for_model(settings.reference, types, head_k, head_v, "--refract-reference"),
-            "candidate": validate_for_model(settings.candidate, types, head_k, head_v, "--refract-candidate"),
-        }
-        self.types["floor"] = self.types["reference"]
-        self.configs = {"reference": settings.reference, "candidate": settings.candidate, "floor": settings.reference}
-        self.self_reference = settings.reference == settings.candidate
+        ref_types = validate_for_model(settings.reference, types, head_k, head_v, "--refract-reference")
+        self.types = {"reference": ref_types, "floor": ref_types}
+        self.configs = {"reference": settings.reference, "floor": settings.reference}
+        # One role per candidate ("cand0", "cand1", ...): each gets its own context, all share the
+        # reference's results.
+        self.candidate_roles: List[str] = []
+        self.labels: Dict[str, str] = {}
+        for i, cand in enumerate(settings.candidates):
+            role = f"cand{i}"
+            self.types[role] = validate_for_model(cand, types, head_k, head_v, "--refract-candidate")
+            self.configs[role] = cand
+            self.candidate_roles.append(role)
+            self.labels[role] = cand.label()
+        self.id_prefix = _id_prefixes(settings.candidates)
+        self.self_reference = {role: self.configs[role] == settings.reference for role in self.candidate_roles}
 
         self.prompts: List[data.Prompt] = []
         self.corpus: Optional[data.Corpus] = None
@@ -417,6 +425,17 @@ class Audit:
         }
         self._model_facts = facts
         return dict(facts)
+
+
+def _id_prefixes(candidates) -> Dict[str, str]:
+    """Test-id prefix per candidate role: none for a single candidate (test_kld[chunk-07]),
+    the cache types for a matrix (test_kld[q8_0-q4_0-chunk-07]), more detail if those clash."""
+    if len(candidates) == 1:
+        return {"cand0": ""}
+    shorts = [c.short() for c in candidates]
+    if len(set(shorts)) != len(shorts):
+        shorts = [c.label().replace("ctk=", "").replace("ctv=", "").replace("=", "_").replace(",", "-") for c in candidates]
+    return {f"cand{i}": f"{short}-" for i, short in enumerate(shorts)}
 
 
 def measurement_guard(fn):

@@ -32,6 +32,18 @@ def load_baseline(path: str, model_facts: dict, reference_label: str) -> dict:
     return baseline
 
 
+def baseline_for(baseline: dict, candidate_label: str):
+    """The baseline's result for this candidate: its own section in a matrix report, the top
+    level of a single-candidate report; None when the baseline never measured this candidate."""
+    sections = baseline.get("candidates")
+    if not sections:
+        return baseline
+    for section in sections:
+        if section.get("candidate") == candidate_label:
+            return section
+    return None
+
+
 def drops(baseline: dict, axes: dict, composite, max_drop: float) -> List[str]:
     """Reasons to fail: every score that fell more than ``max_drop`` points below the baseline."""
     reasons = []

@@ -79,15 +79,17 @@ class NeedleResult:
 class RefractFixture:
     """Measurements of the candidate against the reference, for one test."""
 
-    def __init__(self, audit, node):
+    def __init__(self, audit, node, role: str = "cand0"):
         self.audit = audit
         self._node = node
+        self.role = role
         self.reference = audit.settings.reference.label()
-        self.candidate = audit.settings.candidate.label()
+        self.candidate = audit.labels[role]
 
     def _record(self, kind: str, metrics: dict, gate: Optional[str] = None) -> None:
         entries = self._node.stash.setdefault(_STASH, [])
-        entries.append({"test": self._node.nodeid, "kind": kind, "gate": gate, "metrics": metrics})
+        entries.append({"test": self._node.nodeid, "candidate": self.candidate, "kind": kind, "gate": gate,
+                        "metrics": metrics})
 
     # -- measurements -------------------------------------------------------------------
 
@@ -97,7 +99,7 @@ class RefractFixture:
         tokens = self.audit.chat_tokens(prompt) if chat else self.audit.engine.tokenize(prompt, add_special=True)
         need = len(tokens) + n
         ref, _ = self.audit.context("reference", min_ctx=need).greedy(tokens, n)
-        cand, _ = self.audit.context("candidate", min_ctx=need).greedy(tokens, n)
+        cand, _ = self.audit.context(self.role, min_ctx=need).greedy(tokens, n)
         detok = self.audit.engine.detokenize
         score = 100.0 * prefix_agreement(ref, cand) / max(len(ref), len(cand), 1)
         result = GreedyComparison(prompt, Continuation(ref, detok(ref)), Continuation(cand, detok(cand)),
@@ -124,7 +126,7 @@ class RefractFixture:
             if eng.add_bos:
                 toks[0] = eng.bos
             ref = _positions(self.audit.context("reference", min_ctx=n_ctx), toks)
-            cand = _positions(self.audit.context("candidate", min_ctx=n_ctx), toks)
+            cand = _positions(self.audit.context(self.role, min_ctx=n_ctx), toks)
             parts.append(kld_positions(ref, cand, toks[n_ctx // 2 + 1 :]))
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         summary = kld_summary(**merged)
@@ -171,12 +173,12 @@ class RefractFixture:
             tokens = list(head) + body + q_tokens + list(tail)
             pattern = answer_pattern(answer, value)
             record = {"value": value}
-            for role in hits:
+            for name, role in (("reference", "reference"), ("candidate", self.role)):
                 out, _ = self.audit.context(role, min_ctx=need).greedy(tokens, budget)
                 reply = strip_reasoning(eng.detokenize(out))
                 hit = bool(re.search(pattern, reply))
-                hits[role] += hit
-                record[role] = {"answer": reply, "hit": hit}
+                hits[name] += hit
+                record[name] = {"answer": reply, "hit": hit}
             answers.append(record)
         result = NeedleResult(length, position, trials, hits["reference"], hits["candidate"], answers)
         self._record("needle", {"length": length, "position": position, "trials": trials,

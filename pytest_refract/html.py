@@ -431,6 +431,30 @@ def _glance(report: dict, axes: List[Tuple[str, dict]]) -> str:
     )
 
 
+def _ranking(report: dict) -> str:
+    """Candidate matrix: which config to ship. Empty for a single candidate."""
+    ranking = _dicts(report.get("ranking"))
+    if len(_dicts(report.get("candidates"))) < 2 or not ranking:
+        return ""
+    names = [n for n in ("trajectory", "kld", "rniah", "plad") if any(n in _dict(r.get("axes")) for r in ranking)]
+    head = "".join(f"<th>{_esc(n)}</th>" for n in names)
+    rows = []
+    for i, r in enumerate(ranking, start=1):
+        scores = "".join(f"<td>{_num(_dict(r.get('axes')).get(n))}</td>" for n in names)
+        gate = "passed" if r.get("passed") else "failed"
+        rows.append(
+            f"<tr><td>{i}</td><td><code>{_esc(r.get('candidate'))}</code></td><td><b>{_num(r.get('composite'))}</b></td>"
+            f"<td>{_badge(r.get('band'))}</td>{scores}<td>{_esc(gate)}</td></tr>"
+        )
+    return (
+        '<section id="ranking" class="section"><h2>Candidates ranked</h2>'
+        f'<p class="muted">Sections below show the first candidate, <code>{_esc(report.get("candidate"))}</code>; '
+        "the JSON report holds every candidate in full.</p>"
+        f'<div class="scroll"><table class="grid-table"><thead><tr><th>#</th><th>candidate</th><th>composite</th><th>band</th>{head}'
+        f"<th>gate</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div></section>"
+    )
+
+
 # --------------------------------------------------------------------------- axis sections
 
 
@@ -1040,6 +1064,7 @@ def render_html(report: dict) -> str:
         _nav(axes),
         _incomplete_banner(report),
         _guarded(_glance, report, axes),
+        _guarded(_ranking, report),
         *(_axis_section(n, s, report) for n, s in axes),
         _guarded(_run_details, report, axes),
         _repro(report),

@@ -17,7 +17,8 @@ from . import settings as settings_mod
 from .errors import MeasurementError, UsageProblem
 
 _STASH_KEY = pytest.StashKey["RefractSession"]()
-_NODEID_RE = re.compile(r"^refract::test_([a-z]+)\[(.+)\]$")
+# xdist's loadgroup mode appends "@group" to node ids.
+_NODEID_RE = re.compile(r"^refract::test_([a-z]+)\[(.+)\](?:@.*)?$")
 
 
 def pytest_addoption(parser):
@@ -75,7 +76,8 @@ def refract(request):
     from .fixtures import RefractFixture, make_stash_key
 
     make_stash_key()
-    return RefractFixture(rs.audit, request.node)
+    # In a candidate matrix the test is parametrized over candidates (pytest_generate_tests).
+    return RefractFixture(rs.audit, request.node, getattr(request, "param", "cand0"))
 
 
 class RefractCollector(pytest.Collector):
@@ -85,12 +87,21 @@ class RefractCollector(pytest.Collector):
         from .axes import AXES, ORDER
 
         rs = get_session(self.config)
+        audit = rs.audit
         for axis in ORDER:
-            if axis not in rs.audit.settings.axes:
+            if axis not in audit.settings.axes:
                 continue
-            for unit in AXES[axis].units(rs.audit):
-                item = RefractItem.from_parent(self, name=f"test_{axis}[{unit['id']}]", axis=axis, unit=unit)
-                yield item
+            # Unit-major, candidates innermost: the candidates of one unit run back to back and
+            # share the reference's result for that unit (computed once, kept in memory).
+            for unit in AXES[axis].units(audit):
+                for role in audit.candidate_roles:
+                    item = RefractItem.from_parent(
+                        self, name=f"test_{axis}[{audit.id_prefix[role]}{unit['id']}]", axis=axis,
+                        unit=dict(unit, candidate=role),
+                    )
+                    # With `-n N --dist loadgroup`, a unit's candidates go to the same worker.
+                    item.add_marker(pytest.mark.xdist_group(f"{axis}-{unit['id']}"))
+                    yield item
 
 
 class RefractItem(pytest.Item):
@@ -109,7 +120,7 @@ class RefractItem(pytest.Item):
         try:
             result = rs.audit.measure(AXES[self.axis], self.unit)
         except (MeasurementError, UsageProblem) as exc:
-            raise RefractItemError(f"{self.axis} {self.unit['id']}: {exc}") from None
+            raise RefractItemError(f"{self.axis} {self.name}: {exc}") from None
         self.refract_result = result
         if result.get("score") is not None:
             # On the item, so every report phase carries them: JUnit XML writes user_properties
@@ -121,7 +132,7 @@ class RefractItem(pytest.Item):
         threshold = rs.audit.settings.item_fail_under
         if threshold is not None and result["score"] is not None and result["score"] < threshold:
             raise RefractItemError(
-                f"{self.axis} {self.unit['id']}: score {result['score']:.2f} ({result['band']}) is below "
+                f"{self.axis} {self.name}: score {result['score']:.2f} ({result['band']}) is below "
                 f"--refract-item-fail-under={rs.audit.settings.item_fail_under:g}"
             )
 
@@ -145,8 +156,9 @@ class RefractSession:
     def __init__(self, config, audit):
         self.config = config
         self.audit = audit
-        self.results: Dict[str, Dict[str, dict]] = {}
-        self.failed: Dict[str, List[str]] = {}
+        # candidate role -> axis -> unit id -> result (or list of failed unit ids)
+        self.results: Dict[str, Dict[str, Dict[str, dict]]] = {}
+        self.failed: Dict[str, Dict[str, List[str]]] = {}
         self.custom: List[dict] = []
         self.started = time.time()
         self.report: Optional[dict] = None
@@ -179,7 +191,8 @@ class RefractSession:
                 report.refract_custom = item.stash[fixtures._STASH]
         if isinstance(item, RefractItem) and call.when == "call":
             # A plain dict attribute survives xdist's report serialization.
-            report.refract = {"axis": item.axis, "unit": item.unit["id"], "result": item.refract_result}
+            report.refract = {"candidate": item.unit["candidate"], "axis": item.axis, "unit": item.unit["id"],
+                              "result": item.refract_result}
             if item.refract_result is not None and item.config.pluginmanager.hasplugin("html"):
                 from .html_hooks import item_extras
 
@@ -196,14 +209,29 @@ class RefractSession:
             # error in setup). Its axis must not be scored as if the item never existed.
             m = _NODEID_RE.match(report.nodeid)
             if m:
-                self.failed.setdefault(m.group(1), []).append(m.group(2))
+                role, unit = self._split_unit(m.group(2))
+                self.failed.setdefault(role, {}).setdefault(m.group(1), []).append(unit)
             return
         if not info or report.when != "call":
             return
+        role = info["candidate"]
         if info.get("result") is not None:
-            self.results.setdefault(info["axis"], {})[info["unit"]] = info["result"]
+            self.results.setdefault(role, {}).setdefault(info["axis"], {})[info["unit"]] = info["result"]
         else:
-            self.failed.setdefault(info["axis"], []).append(info["unit"])
+            self.failed.setdefault(role, {}).setdefault(info["axis"], []).append(info["unit"])
+
+    def _split_unit(self, text: str):
+        """(candidate role, unit id) from the bracketed part of a test id."""
+        for role, prefix in self.audit.id_prefix.items():
+            if prefix and text.startswith(prefix):
+                return role, text[len(prefix):]
+        return self.audit.candidate_roles[0], text
+
+    def pytest_generate_tests(self, metafunc):
+        if "refract" in metafunc.fixturenames and len(self.audit.candidate_roles) > 1:
+            roles = self.audit.candidate_roles
+            metafunc.parametrize("refract", roles, indirect=True,
+                                 ids=[self.audit.id_prefix[r].rstrip("-") for r in roles])
 
     def pytest_report_teststatus(self, report, config):
         info = getattr(report, "refract", None)
@@ -228,45 +256,25 @@ class RefractSession:
                 self._finish(session)
 
     def _finish(self, session) -> None:
-        from .report import build_axes, build_report, composite_of, custom_gates
+        from .report import build_report
 
         s = self.audit.settings
         ran = bool(self.results or self.failed or self.custom)
         if not ran:
             return
         complete = not self.interrupted and not session.shouldstop
-        axes = build_axes(self.results, self.failed)
-        gates = custom_gates(self.custom)
-        composite = composite_of(axes, gates) if complete else None
-        reasons = []
-        if not complete:
-            reasons.append("the run was interrupted; an incomplete audit never passes the gate")
-        elif composite is None and not axes and not gates:
-            pass  # only fixture measurements without a gate: nothing to gate on
-        elif composite is None:
-            broken = [n for n, a in axes.items() if a.get("score") is None]
-            reasons.append(f"no composite: {', '.join(broken)} could not be scored (items failed to measure)")
-        elif composite < s.fail_under:
-            reasons.append(
-                f"composite {composite:.2f} is below --refract-fail-under={s.fail_under_text} ({s.fail_under:g})"
-            )
-        if self.audit.baseline is not None and complete:
-            from .baseline import drops
-
-            reasons += drops(self.audit.baseline, axes, composite, s.max_drop)
-        self.gate = {"passed": not reasons, "threshold": s.fail_under, "reasons": reasons}
-        if reasons:
-            session.testsfailed += 1
         self.report = build_report(
             audit=self.audit,
             results=self.results,
             failed=self.failed,
             custom=self.custom,
-            gate=self.gate,
             invocation_args=list(self.config.invocation_params.args),
             complete=complete,
             llama_build=self.audit._engine_mod.build_info(),
         )
+        self.gate = self.report["gate"]
+        if not self.gate["passed"]:
+            session.testsfailed += 1
         self.report["wall_s"] = time.time() - self.started
         if self.audit.baseline is not None:
             self.report["baseline"] = {"path": s.baseline_path, "composite": self.audit.baseline.get("composite"),

@@ -212,29 +212,107 @@ def diagnose(axes: Dict[str, dict], self_reference: bool = False) -> List[str]:
     return out
 
 
-def build_report(
-    *,
-    audit,
-    results: Dict[str, Dict[str, dict]],
-    failed: Dict[str, List[str]],
-    gate: dict,
-    custom: Optional[List[dict]] = None,
-    invocation_args: List[str],
-    complete: bool,
-    llama_build: dict,
-) -> dict:
+def _candidate_section(audit, role: str, results, failed, gates, complete: bool) -> dict:
+    """Everything about one candidate: axes, composite, floor, diagnosis, its own gate."""
     s = audit.settings
     axes = build_axes(results, failed)
-    gates = custom_gates(custom or [])
     composite = composite_of(axes, gates) if complete else None
     if not complete:
         # What was measured stays (items); no axis claims a score for what was not.
         for section in axes.values():
             section.update({"score": None, "band": None, "status": "incomplete"})
     floor = floor_of(axes) if s.floor else None
+    self_reference = audit.self_reference[role]
+    if audit.corpus is not None and "kld" in axes:
+        axes["kld"]["corpus"] = {"name": audit.corpus.name, "sha256": audit.corpus.sha256, "bytes": audit.corpus.bytes,
+                                 "replaced_invalid_utf8": audit.corpus.replaced_invalid_utf8}
+    section = {
+        "candidate": audit.labels[role],
+        "self_reference": self_reference,
+        "composite": composite,
+        "band": band_for(composite),
+        "diagnosis": diagnose(axes, self_reference),
+        "axes": axes,
+        "floor": floor,
+        "custom_gates": gates,
+    }
+    diagnosis = section["diagnosis"]
+    repeats = [a.get("repeat") for a in axes.values()]
+    if s.repeat > 1 and repeats and all(repeats) and complete:
+        per_run = [composite_of({n: {"score": a["repeat"]["scores"][k]} for n, a in axes.items()
+                                 if a.get("status") != "n/a"}, gates)
+                   for k in range(s.repeat)]
+        section["repeat"] = repeat_stats(per_run)
+        for name, a in axes.items():
+            r = a["repeat"]
+            if r["verdict"] and r["verdict"] != "HEALTHY":
+                diagnosis.insert(0, f"WARNING: {name} is {r['verdict']} over {r['n']} repeats "
+                                    f"(stdev {r['stdev']:.2f}): single runs are not trustworthy.")
+    for source in {id(x): x for x in (audit.corpus, audit.haystack_source) if x is not None}.values():
+        if source.replaced_invalid_utf8:
+            diagnosis.append(f"{source.name} is not valid UTF-8: undecodable bytes were replaced (U+FFFD) before tokenizing.")
+    if not complete:
+        diagnosis.insert(0, "INCOMPLETE: the run was interrupted; items measured so far are listed, no score is claimed.")
+    if floor is not None and floor < FLOOR_WARN_BELOW:
+        diagnosis.insert(0, f"WARNING: the noise floor (reference vs reference) is {floor:.2f}, below "
+                            f"{FLOOR_WARN_BELOW}: deltas are not trustworthy.")
+    elif floor is not None:
+        diagnosis.append(f"Noise floor (reference vs reference): {floor:.2f}.")
+    section["gate"] = _gate(audit, section, complete)
+    return section
+
+
+def _gate(audit, section: dict, complete: bool) -> dict:
+    s = audit.settings
+    composite, axes = section["composite"], section["axes"]
+    reasons = []
+    if not complete:
+        reasons.append("the run was interrupted; an incomplete audit never passes the gate")
+    elif composite is None and not axes and not section["custom_gates"]:
+        pass  # only fixture measurements without a gate: nothing to gate on
+    elif composite is None:
+        broken = [n for n, a in axes.items() if a.get("score") is None and a.get("status") != "n/a"]
+        reasons.append(f"no composite: {', '.join(broken)} could not be scored (items failed to measure)")
+    elif composite < s.fail_under:
+        reasons.append(f"composite {composite:.2f} is below --refract-fail-under={s.fail_under_text} ({s.fail_under:g})")
+    if audit.baseline is not None and complete:
+        from .baseline import baseline_for, drops
+
+        base = baseline_for(audit.baseline, section["candidate"])
+        if base is not None:
+            reasons += drops(base, axes, composite, s.max_drop)
+    return {"passed": not reasons, "threshold": s.fail_under, "reasons": reasons}
+
+
+def build_report(
+    *,
+    audit,
+    results: Dict[str, Dict[str, Dict[str, dict]]],
+    failed: Dict[str, Dict[str, List[str]]],
+    custom: Optional[List[dict]] = None,
+    invocation_args: List[str],
+    complete: bool,
+    llama_build: dict,
+) -> dict:
+    """The whole report. Top-level ``candidate``/``axes``/``composite``/``band``/``diagnosis``/
+    ``floor`` describe the first candidate (the only one outside a matrix); ``candidates`` has
+    one section per candidate and ``ranking`` orders them; ``gate`` passes only if every
+    candidate passes."""
+    s = audit.settings
+    custom = sorted(custom or [], key=lambda e: e["test"])
+    sections = []
+    for role in audit.candidate_roles:
+        label = audit.labels[role]
+        gates = custom_gates([e for e in custom if e.get("candidate", label) == label])
+        sections.append(_candidate_section(audit, role, results.get(role, {}), failed.get(role, {}), gates, complete))
+    first = sections[0]
+    multi = len(sections) > 1
+    reasons = [(f"{sec['candidate']}: " if multi else "") + r for sec in sections for r in sec["gate"]["reasons"]]
     settings = s.as_dict()
     if audit.chunks_note:
         settings["chunks_note"] = audit.chunks_note
+    ranked = sorted(sections, key=lambda sec: (sec["composite"] is None, -(sec["composite"] or 0.0)))
+    all_items = [r for per_axis in results.values() for items in per_axis.values() for r in items.values()]
     report = {
         "schema": SCHEMA,
         "plugin_version": __version__,
@@ -245,53 +323,36 @@ def build_report(
         "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
         "model": audit.model_facts(),
         "reference": s.reference.label(),
-        "candidate": s.candidate.label(),
-        "self_reference": audit.self_reference,
+        "candidate": first["candidate"],
+        "self_reference": first["self_reference"],
         "settings": settings,
         "repro_command": "pytest " + " ".join(shlex.quote(a) for a in _portable_args(invocation_args)),
-        "composite": composite,
-        "band": band_for(composite),
-        "gate": gate,
-        "diagnosis": diagnose(axes, audit.self_reference),
-        "axes": axes,
-        "custom": {"gates": gates, "measurements": sorted(custom or [], key=lambda e: e["test"])},
-        "floor": floor,
+        "composite": first["composite"],
+        "band": first["band"],
+        "gate": {"passed": not reasons, "threshold": s.fail_under, "reasons": reasons},
+        "diagnosis": first["diagnosis"],
+        "axes": first["axes"],
+        "custom": {"gates": first["custom_gates"], "measurements": custom},
+        "floor": first["floor"],
+        "candidates": sections,
+        "ranking": [{"candidate": sec["candidate"], "composite": sec["composite"], "band": sec["band"],
+                     "passed": sec["gate"]["passed"],
+                     "axes": {n: a.get("score") for n, a in sec["axes"].items()}} for sec in ranked],
+        "reference_cache": {
+            "enabled": audit.refcache.enabled,
+            "read": audit._read_cache,
+            "hits": sum(r.get("reference_cache", {}).get("hits", 0) for r in all_items),
+            "misses": sum(r.get("reference_cache", {}).get("misses", 0) for r in all_items),
+            "format": "16-bit log-probs per position (llama-perplexity --kl-divergence-base layout)",
+        },
     }
-    if audit.corpus is not None and "kld" in axes:
-        axes["kld"]["corpus"] = {"name": audit.corpus.name, "sha256": audit.corpus.sha256, "bytes": audit.corpus.bytes,
-                                 "replaced_invalid_utf8": audit.corpus.replaced_invalid_utf8}
-    all_items = [r for axis in results.values() for r in axis.values()]
-    report["reference_cache"] = {
-        "enabled": audit.refcache.enabled,
-        "read": audit._read_cache,
-        "hits": sum(r.get("reference_cache", {}).get("hits", 0) for r in all_items),
-        "misses": sum(r.get("reference_cache", {}).get("misses", 0) for r in all_items),
-        "format": "16-bit log-probs per position (llama-perplexity --kl-divergence-base layout)",
-    }
-    repeats = [a.get("repeat") for a in axes.values()]
-    if s.repeat > 1 and repeats and all(repeats) and complete:
-        per_run = [composite_of({n: {"score": a["repeat"]["scores"][k]} for n, a in axes.items()
-                                 if a.get("status") != "n/a"}, gates)
-                   for k in range(s.repeat)]
-        report["repeat"] = repeat_stats(per_run)
-        for name, a in axes.items():
-            r = a["repeat"]
-            if r["verdict"] and r["verdict"] != "HEALTHY":
-                report["diagnosis"].insert(0, f"WARNING: {name} is {r['verdict']} over {r['n']} repeats "
-                                              f"(stdev {r['stdev']:.2f}): single runs are not trustworthy.")
-    for source in {id(x): x for x in (audit.corpus, audit.haystack_source) if x is not None}.values():
-        if source.replaced_invalid_utf8:
-            report["diagnosis"].append(
-                f"{source.name} is not valid UTF-8: undecodable bytes were replaced (U+FFFD) before tokenizing."
-            )
-    if not complete:
-        report["diagnosis"].insert(0, "INCOMPLETE: the run was interrupted; items measured so far are listed, no score is claimed.")
-    if floor is not None and floor < FLOOR_WARN_BELOW:
-        report["diagnosis"].insert(
-            0, f"WARNING: the noise floor (reference vs reference) is {floor:.2f}, below {FLOOR_WARN_BELOW}: deltas are not trustworthy."
-        )
-    elif floor is not None:
-        report["diagnosis"].append(f"Noise floor (reference vs reference): {floor:.2f}.")
+    if "repeat" in first:
+        report["repeat"] = first["repeat"]
+    for sec in sections:
+        sec.pop("custom_gates", None)
+    if not multi:
+        # One candidate: its full result is the top level; no second copy.
+        del report["candidates"]
     return report
 
 

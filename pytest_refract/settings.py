@@ -4,7 +4,7 @@ and pytest-timeout do), so the plugin hooks stay thin."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
 from .errors import UsageProblem
@@ -58,6 +58,13 @@ def register(parser) -> None:
     group = parser.getgroup("refract", "pytest-refract: KV-cache quantization audit")
     for name, ini_type, default, help_text in OPTIONS:
         dest = "refract_" + name.replace("-", "_")
+        if name == "candidate":
+            # Several candidates make a matrix sharing one reference: repeat the flag, or list
+            # one per line in the ini file.
+            group.addoption(f"--refract-{name}", dest=dest, action="append", default=None,
+                            help=help_text + " (repeat for a candidate matrix)")
+            parser.addini(dest, help_text, type="linelist", default=[])
+            continue
         group.addoption(f"--refract-{name}", dest=dest, default=None, help=help_text)
         parser.addini(dest, help_text, type=ini_type, default=default)
     for name, help_text in FLAGS:
@@ -92,7 +99,7 @@ def _int(config, name: str, minimum: int) -> int:
 class Settings:
     model: str
     reference: KVConfig
-    candidate: KVConfig
+    candidates: Tuple[KVConfig, ...]
     axes: Tuple[str, ...]
     fail_under: float
     fail_under_text: str
@@ -126,6 +133,11 @@ class Settings:
     n_ubatch: int = 512
     extra: dict = field(default_factory=dict, compare=False)
 
+    @property
+    def candidate(self) -> KVConfig:
+        """The first candidate (the only one outside a matrix)."""
+        return self.candidates[0]
+
     def as_dict(self) -> dict:
         return {
             "axes": list(self.axes),
@@ -158,12 +170,26 @@ def read_settings(config) -> Optional[Settings]:
     model = _get(config, "model")
     if not model:
         return None
-    candidate_text = _get(config, "candidate")
-    if not candidate_text:
+    candidate_texts = config.getoption("refract_candidate") or config.getini("refract_candidate") or []
+    candidate_texts = [t.strip() for t in candidate_texts if t and t.strip()]
+    if not candidate_texts:
         raise UsageProblem("--refract-candidate is required with --refract-model, e.g. --refract-candidate=ctk=q8_0,ctv=q4_0")
     reference = parse_kv_config(_get(config, "reference"))
-    candidate = parse_kv_config(candidate_text)
-    reference, candidate = share_flash_attention(reference, candidate)
+    candidates = [parse_kv_config(t) for t in candidate_texts]
+    # Every candidate shares flash attention with the reference (and so with each other).
+    for cand in candidates:
+        share_flash_attention(reference, cand)  # raises on reference/candidate conflict
+    explicit = {c.fa for c in [reference, *candidates] if c.fa_explicit}
+    if len(explicit) > 1:
+        raise UsageProblem("all candidates must share flash attention with the reference: fa=on and fa=off both given")
+    if explicit:
+        fa = explicit.pop()
+        reference = replace(reference, fa=fa)
+        candidates = [replace(c, fa=fa) for c in candidates]
+    labels = [c.label() for c in candidates]
+    duplicate = next((l for l in labels if labels.count(l) > 1), None)
+    if duplicate:
+        raise UsageProblem(f"--refract-candidate {duplicate} is given twice")
 
     if _get(config, "full"):
         axes = KNOWN_AXES
@@ -207,7 +233,7 @@ def read_settings(config) -> Optional[Settings]:
         **rniah,
         model=model,
         reference=reference,
-        candidate=candidate,
+        candidates=tuple(candidates),
         axes=axes,
         fail_under=fail_under,
         fail_under_text=fail_text,

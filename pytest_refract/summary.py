@@ -39,9 +39,39 @@ def render(tr, report: dict, json_path) -> None:
     model = report["model"]
     tr.write_line(f"model      {model['name']} ({model['path']}, {model['size_bytes'] / 1e6:.1f} MB, {model['architecture']})")
     tr.write_line(f"reference  {report['reference']}")
-    tr.write_line(f"candidate  {report['candidate']}" + ("   (self-reference)" if report.get("self_reference") else ""))
     if report["settings"].get("chunks_note"):
         tr.write_line(f"note       {report['settings']['chunks_note']}")
+    sections = report.get("candidates") or [dict(report, custom_gates=(report.get("custom") or {}).get("gates", {}))]
+    for section in sections:
+        _render_candidate(tr, section)
+    if len(sections) > 1:
+        _render_ranking(tr, report["ranking"])
+    gate = report.get("gate", {})
+    tr.write_line("")
+    if gate.get("passed"):
+        tr.write_line(f"gate: passed (composite ≥ {gate['threshold']:g})", green=True)
+    else:
+        for reason in gate.get("reasons", []):
+            tr.write_line(f"gate FAILED: {reason}", red=True, bold=True)
+    if json_path:
+        tr.write_line(f"JSON report: {json_path}")
+
+
+def _render_ranking(tr, ranking) -> None:
+    tr.write_line("")
+    tr.write_line("candidates ranked by composite (which config to ship):", bold=True)
+    axes = [a for a in ORDER if any(a in r["axes"] for r in ranking)]
+    tr.write_line("  #  " + "candidate".ljust(28) + "composite band      " + "".join(a.ljust(11) for a in axes))
+    for i, r in enumerate(ranking, start=1):
+        cells = "".join(_fmt(r["axes"].get(a)).strip().ljust(11) for a in axes)
+        tr.write(f"  {i}  {r['candidate'][:27]:<28}{_fmt(r['composite'])}    ")
+        tr.write(f"{(r['band'] or 'NO SCORE'):<10}", **{_COLOURS.get(r["band"], "red"): True})
+        tr.write_line(cells)
+
+
+def _render_candidate(tr, report: dict) -> None:
+    tr.write_line("")
+    tr.write_line(f"candidate  {report['candidate']}" + ("   (self-reference)" if report.get("self_reference") else ""))
     tr.write_line("")
     for name in ORDER:
         section = report["axes"].get(name)
@@ -74,7 +104,7 @@ def render(tr, report: dict, json_path) -> None:
                           f"range {rep['range']:.2f} -> {rep['verdict']}")
         if section.get("error"):
             tr.write_line(f"           {section['error']}", red=True)
-    for name, score in (report.get("custom") or {}).get("gates", {}).items():
+    for name, score in (report.get("custom_gates") or {}).items():
         tr.write(f"custom {name}: {_fmt(score).strip()} ", bold=True)
         tr.write_line(band_for(score) or "", **{_COLOURS.get(band_for(score), "red"): True})
     tr.write_line("")
@@ -96,12 +126,3 @@ def render(tr, report: dict, json_path) -> None:
         tr.write_line("worst items:")
         for line in worst:
             tr.write_line(f"  {line}")
-    gate = report.get("gate", {})
-    tr.write_line("")
-    if gate.get("passed"):
-        tr.write_line(f"gate: passed (composite ≥ {gate['threshold']:g})", green=True)
-    else:
-        for reason in gate.get("reasons", []):
-            tr.write_line(f"gate FAILED: {reason}", red=True, bold=True)
-    if json_path:
-        tr.write_line(f"JSON report: {json_path}")

@@ -535,3 +535,20 @@ def test_html_in_chromium(tmp_path):
         assert not severe, severe
     finally:
         driver.quit()
+
+
+def test_matrix_report_shows_the_ranking():
+    base = json.loads((Path(__file__).parent / "data" / "report_traj_kld.json").read_text())
+    other = dict(base, candidate="ctk=<b>q4_0</b>,ctv=q4_0", composite=12.5, band="FAIL")
+    base["candidates"] = [base.copy(), other]
+    base["ranking"] = [
+        {"candidate": base["candidate"], "composite": base["composite"], "band": base["band"], "passed": True,
+         "axes": {"trajectory": 40.0, "kld": 99.0}},
+        {"candidate": other["candidate"], "composite": 12.5, "band": "FAIL", "passed": False,
+         "axes": {"trajectory": 5.0, "kld": None}},
+    ]
+    out = render_html(base)
+    assert 'id="ranking"' in out and "Candidates ranked" in out
+    assert "ctk=&lt;b&gt;q4_0&lt;/b&gt;,ctv=q4_0" in out and "<b>q4_0</b>" not in out
+    single = json.loads((Path(__file__).parent / "data" / "report_traj_kld.json").read_text())
+    assert 'id="ranking"' not in render_html(single)

@@ -46,7 +46,7 @@ def measure(audit, unit) -> dict:
     # Candidates are compared with the reference's 16-bit log-probs, as llama-perplexity does
     # with its stored base; the floor with the exact logits (see Audit.reference_chunk).
     ref_logprobs, ref_exact = audit.reference_chunk(tokens, lambda ctx: _positions(ctx, tokens))
-    cand_logits = _positions(audit.context("candidate"), tokens)
+    cand_logits = _positions(audit.context(unit["candidate"]), tokens)
     stats = kld_positions(ref_logprobs, cand_logits, next_tokens, ref_is_logprobs=True)
     del cand_logits
     floor_stats = None

@@ -43,12 +43,15 @@ def measure(audit, unit) -> dict:
     started = time.perf_counter()
     anchor_tokens = audit.chat_tokens(prompt.prompt)
     perturbed_tokens = audit.chat_tokens(perturbed)
-    roles = ["reference", "candidate"] + (["floor"] if audit.settings.floor else [])
+    # Report keys stay "reference"/"candidate"/"floor" whichever candidate of a matrix runs.
+    roles = {"reference": "reference", "candidate": unit["candidate"]}
+    if audit.settings.floor:
+        roles["floor"] = "floor"
     drifts: Dict[str, float] = {}
-    for role in roles:
+    for name, role in roles.items():
         anchor = audit.greedy_tokens(role, anchor_tokens)
         moved = audit.greedy_tokens(role, perturbed_tokens)
-        drifts[role] = drift(anchor, moved)
+        drifts[name] = drift(anchor, moved)
     excess = max(0.0, drifts["candidate"] - drifts["reference"])
     score = item_score(excess)
     base.update({

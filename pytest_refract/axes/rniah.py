@@ -49,8 +49,11 @@ def measure(audit, unit) -> dict:
     s = audit.settings
     started = time.perf_counter()
     length, position = unit["length"], unit["position"]
-    roles = ["reference", "candidate"] + (["floor"] if s.floor else [])
-    hits = {role: 0 for role in roles}
+    # Report keys stay "reference"/"candidate"/"floor" whichever candidate of a matrix runs.
+    roles = {"reference": "reference", "candidate": unit["candidate"]}
+    if s.floor:
+        roles["floor"] = "floor"
+    hits = {name: 0 for name in roles}
     trials = []
     for trial in range(s.rniah_trials):
         value = trial_value(s.seed, length, position, trial, s.rniah_values)
@@ -59,11 +62,11 @@ def measure(audit, unit) -> dict:
         tokens = audit.rniah_prompt(body)
         pattern = answer_pattern(s.rniah_answer, value)
         record = {"value": value, "needle_offset": offset}
-        for role in roles:
+        for name, role in roles.items():
             reply = _ask(audit, role, tokens)
             hit = bool(pattern.search(reply["answer"]))
-            hits[role] += hit
-            record[role] = {"answer": reply["text"], "hit": hit}
+            hits[name] += hit
+            record[name] = {"answer": reply["text"], "hit": hit}
         trials.append(record)
     n = s.rniah_trials
     ref_rate, cand_rate = hits["reference"] / n, hits["candidate"] / n

@@ -70,9 +70,9 @@ def measure(audit, unit) -> dict:
     started = time.perf_counter()
     prompt_tokens = audit.chat_tokens(prompt.prompt)
     ref_tokens, ref_logprobs, ref_exact = audit.reference_trajectory(prompt_tokens)
-    cand_tokens, tf_kld = _compare(audit, audit.context("candidate"), prompt_tokens, ref_tokens, ref_logprobs, True)
+    cand_tokens, tf_kld = _compare(audit, audit.context(unit["candidate"]), prompt_tokens, ref_tokens, ref_logprobs, True)
     audit.remember_greedy("reference", prompt_tokens, ref_tokens)
-    audit.remember_greedy("candidate", prompt_tokens, cand_tokens)
+    audit.remember_greedy(unit["candidate"], prompt_tokens, cand_tokens)
     score = trajectory_item_score(ref_tokens, cand_tokens)
     result = {
         "id": prompt.id,
