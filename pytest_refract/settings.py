@@ -218,7 +218,13 @@ def read_settings(config) -> Optional[Settings]:
         raise UsageProblem(f"--refract-item-fail-under: {exc}") from None
 
     threads_raw = _get(config, "threads")
-    threads = _int(config, "threads", 1) if threads_raw else (os.cpu_count() or 1)
+    if threads_raw:
+        threads = _int(config, "threads", 1)
+    else:
+        # Under xdist each worker gets its share of the cores: oversubscribed llama.cpp threads
+        # spin against each other and run several times slower.
+        workers = int(getattr(config, "workerinput", {}).get("workercount", 1) or 1)
+        threads = max(1, (os.cpu_count() or 1) // workers)
     json_path = _output_path(config, "json")
     html_path = _output_path(config, "html")
     max_drop_raw = _get(config, "max-drop") or "2.0"
