@@ -72,19 +72,34 @@ def throughput(model_path: Path, kv_text: str, threads: int, n_ctx: int = 1024, 
         eng.close()
 
 
+_LAUNCH = (
+    "import json, resource, sys, pytest\n"
+    "rc = pytest.main(sys.argv[2:])\n"
+    "use = resource.getrusage\n"
+    "peak = max(use(resource.RUSAGE_SELF).ru_maxrss, use(resource.RUSAGE_CHILDREN).ru_maxrss)\n"
+    "open(sys.argv[1], 'w').write(json.dumps({'peak_rss_kb': peak}))\n"
+    "sys.exit(int(rc))\n"
+)
+
+
 def run_audit(model: str, candidate: str, extra: list, workdir: Path) -> dict:
+    """One audit as a user runs it (pytest in a fresh process); its own peak RSS (the largest
+    of the pytest process and any xdist worker) is written by the launcher."""
     report = workdir / "report.json"
-    cmd = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", f"--refract-model={model}",
+    rss_file = workdir / "rss.json"
+    for stale in (report, rss_file):
+        if stale.exists():
+            stale.unlink()
+    cmd = [sys.executable, "-c", _LAUNCH, str(rss_file), "-q", "-p", "no:cacheprovider", f"--refract-model={model}",
            f"--refract-candidate={candidate}", f"--refract-json={report}", *extra]
-    before = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     t = time.perf_counter()
     proc = subprocess.run(cmd, cwd=workdir, capture_output=True, text=True)
     wall = time.perf_counter() - t
-    peak_kb = resource.getrusage(resource.RUSAGE_CHILDREN).ru_maxrss
     if not report.exists():
         sys.exit(f"audit produced no report (exit {proc.returncode}):\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}")
     data = json.loads(report.read_text())
-    return {"wall_s": wall, "exit": proc.returncode, "peak_rss_mb": max(peak_kb, before) / 1024, "report": data}
+    peak_kb = json.loads(rss_file.read_text())["peak_rss_kb"]
+    return {"wall_s": wall, "exit": proc.returncode, "peak_rss_mb": peak_kb / 1024, "report": data}
 
 
 def main() -> None:
@@ -126,7 +141,7 @@ def main() -> None:
             tokens.append(f"{role}: {counts['batch_tokens']} batched + {counts['decode_tokens']} decoded")
         for item in section.get("items") or section.get("cells") or []:
             for role, counts in item.get("compute", {}).items():
-                r = rates.get(role, rates["reference"])
+                r = rates["reference"] if role in ("reference", "floor") else rates["candidate"]
                 pp = r["pp_at"].get(item.get("length"), r["pp512"]) if name == "rniah" else r["pp512"]
                 compute_s += counts["batch_tokens"] / pp + counts["decode_tokens"] / r["tg128"]
         total_compute += compute_s

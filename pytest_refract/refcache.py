@@ -33,18 +33,30 @@ class RefCacheWarning(UserWarning):
     pass
 
 
-def quantize_logprobs(logits: np.ndarray) -> Dict[str, np.ndarray]:
-    """16-bit log-probabilities, as llama-perplexity's --kl-divergence-base file."""
+def quantize_logprobs(logits: np.ndarray, block: int = 32) -> Dict[str, np.ndarray]:
+    """16-bit log-probabilities, as llama-perplexity's --kl-divergence-base file: per row a
+    scale and the log-prob of the lowest kept logit (max - 16), then one uint16 per entry.
+    Done in row blocks, in float32, so the temporaries stay a few MB."""
     x = np.asarray(logits, dtype=np.float32)
-    max_logit = x.max(axis=1)
-    min_logit = np.maximum(x.min(axis=1), max_logit - 16.0)
-    lse = np.log(np.exp(x - max_logit[:, None]).sum(axis=1, dtype=np.float64)).astype(np.float32)
-    min_log_prob = min_logit - max_logit - lse
-    scale = (max_logit - min_logit) / 65535.0
-    inv = np.where(scale > 0, 1.0 / np.where(scale > 0, scale, 1.0), 0.0).astype(np.float32)
-    q = np.rint((x - min_logit[:, None]) * inv[:, None])
-    q = np.where(x > min_logit[:, None], np.clip(q, 0, 65535), 0).astype(np.uint16)
-    return {"q": q, "scale": scale.astype(np.float32), "min_log_prob": min_log_prob.astype(np.float32)}
+    n, vocab = x.shape
+    q = np.empty((n, vocab), dtype=np.uint16)
+    scale = np.empty(n, dtype=np.float32)
+    min_log_prob = np.empty(n, dtype=np.float32)
+    for lo in range(0, n, block):
+        xb = x[lo : lo + block]
+        mx = xb.max(axis=1)
+        mn = np.maximum(xb.min(axis=1), mx - np.float32(16.0))
+        lse = np.log(np.exp(xb - mx[:, None]).sum(axis=1, dtype=np.float64)).astype(np.float32)
+        sc = (mx - mn) / np.float32(65535.0)
+        inv = np.divide(np.float32(1.0), sc, out=np.zeros_like(sc), where=sc > 0)
+        t = (xb - mn[:, None]) * inv[:, None]
+        np.rint(t, out=t)
+        np.clip(t, 0, 65535, out=t)
+        t[xb <= mn[:, None]] = 0
+        q[lo : lo + block] = t.astype(np.uint16)
+        scale[lo : lo + block] = sc
+        min_log_prob[lo : lo + block] = mn - mx - lse
+    return {"q": q, "scale": scale, "min_log_prob": min_log_prob}
 
 
 def dequantize_logprobs(stored: Dict[str, np.ndarray]) -> np.ndarray:
