@@ -96,7 +96,6 @@ def main() -> None:
     print(f"matrix / 3 separate cold runs    {matrix['wall_s'] / sep_total:.2f}   (target <= (N+1)/2N = 0.67)")
     print(f"xdist -n 2 / serial              {xdist['wall_s'] / separate[0]['wall_s']:.2f}   "
           f"composite {xdist['report']['composite']} vs serial {separate[0]['report']['composite']}")
-    kv_mb = None
     print(f"peak RSS of a default audit      {separate[0]['peak_rss_mb']:.0f} MB  (model file {size_mb:.0f} MB)")
 
 

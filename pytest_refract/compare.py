@@ -12,7 +12,6 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
-from .axes import ORDER
 from .report import SCHEMA
 
 # (row label, getter, format, higher_is_better)

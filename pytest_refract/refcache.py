@@ -15,15 +15,15 @@ from __future__ import annotations
 import hashlib
 import io
 import json
-import os
 import struct
-import tempfile
 import warnings
 import zlib
 from pathlib import Path
 from typing import Dict, Optional
 
 import numpy as np
+
+from .files import write_atomic
 
 FORMAT_VERSION = 1
 _MAGIC = b"RFRC"
@@ -144,17 +144,7 @@ class ReferenceCache:
                              "sha256": hashlib.sha256(payload).hexdigest(), "meta": json.dumps(meta or {})}).encode()
         path = self._path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        fd, tmp = tempfile.mkstemp(dir=str(path.parent), prefix=".tmp-")
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                fh.write(_MAGIC + struct.pack("<I", len(header)) + header + payload)
-            os.replace(tmp, path)
-        except BaseException:
-            try:
-                os.unlink(tmp)
-            except OSError:
-                pass
-            raise
+        write_atomic(path, _MAGIC + struct.pack("<I", len(header)) + header + payload)
 
     def stats(self) -> dict:
         return {"enabled": self.enabled, "hits": self.hits, "misses": self.misses, "rejected": self.rejected,

@@ -13,12 +13,11 @@ import os
 import platform
 import shlex
 import statistics
-import tempfile
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Dict, List, Optional
 
-from . import __version__
+from . import __version__, files
 from .axes import AXES, ORDER
 from .scoring import band_for, harmonic_mean
 
@@ -45,25 +44,7 @@ def dumps(report: dict) -> str:
 
 
 def write_atomic(path, text: str) -> Path:
-    target = Path(path).expanduser()
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
-    try:
-        # mkstemp makes 0600 files; a report is an artifact others read, so use the umask.
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
-        with os.fdopen(fd, "w", encoding="utf-8") as fh:
-            fh.write(text)
-            fh.flush()
-            os.fsync(fh.fileno())
-        os.replace(tmp, target)
-    except BaseException:
-        try:
-            os.unlink(tmp)
-        except OSError:
-            pass
-        raise
-    return target
+    return files.write_atomic(path, text)
 
 
 def build_axes(results: Dict[str, Dict[str, dict]], failed: Dict[str, List[str]]) -> Dict[str, dict]:

@@ -3,8 +3,6 @@
 from __future__ import annotations
 
 import json
-import os
-import signal
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -96,7 +94,6 @@ def test_repeat_reports_zero_spread_on_cpu(pytester, tiny_model, tiny_prompts, t
 
 
 CRASH_CONFTEST = """
-import os
 def pytest_runtest_call(item):
     if item.name == "test_kld[chunk-01]" and hasattr(item.config, "workerinput"):
         os._exit(3)
