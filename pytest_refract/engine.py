@@ -56,7 +56,12 @@ def _init_backend() -> None:
 
 
 def _last_error() -> str:
+    """The most telling recent llama.cpp error: the loader's reason (e.g. "unknown model
+    architecture: 'x'") rather than the generic "failed to load model" that follows it."""
     with _LOG_LOCK:
+        for msg in reversed(_recent_errors):
+            if "error loading model" in msg:
+                return msg.split("error loading model", 1)[1].lstrip(": ").strip() or msg
         return _recent_errors[-1] if _recent_errors else ""
 
 

@@ -292,6 +292,9 @@ def build_report(
     settings = s.as_dict()
     if audit.chunks_note:
         settings["chunks_note"] = audit.chunks_note
+    if audit.rniah_lengths:
+        settings["rniah"].update({"lengths": list(audit.rniah_lengths), "effective_answer_tokens": audit.rniah_answer_tokens,
+                                  "thinking_template": audit.rniah_thinking})
     ranked = sorted(sections, key=lambda sec: (sec["composite"] is None, -(sec["composite"] or 0.0)))
     all_items = [r for per_axis in results.values() for items in per_axis.values() for r in items.values()]
     report = {

@@ -261,3 +261,29 @@ def test_ini_keys_configure_the_audit_and_flags_win(pytester, tiny_model, tiny_p
     assert "test_kld[chunk-01]" in out and "test_kld[chunk-02]" not in out and "test_trajectory" not in out
     out = pytester.runpytest_subprocess("--collect-only", "-q", "--refract-chunks=3").stdout.str()
     assert "test_kld[chunk-02]" in out
+
+
+def test_item_fail_under_is_opt_in(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    base = _args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q4_0,ctv=q4_0", "-k", "trajectory")
+    report = pytester.path / "r.json"
+    default = pytester.runpytest_subprocess(*base, f"--refract-json={report}")
+    items = read_report(report)["axes"]["trajectory"]["items"]
+    default.assert_outcomes(passed=3)  # per-item scores never fail items by default
+    strict = pytester.runpytest_subprocess(*base, "--refract-item-fail-under=100")
+    below = [i for i in items if i["score"] < 100]
+    strict.assert_outcomes(passed=3 - len(below), failed=len(below))
+    if below:
+        strict.stdout.fnmatch_lines(["*is below --refract-item-fail-under=100*"])
+        assert "Traceback" not in strict.stdout.str()
+
+
+def test_thinking_template_gets_a_larger_answer_budget(pytester, tiny_prompts, tiny_corpus):
+    template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}<think>"
+    model = write_tiny_llama(pytester.path / "thinker.gguf", n_ctx_train=2048, chat_template=template)
+    report = pytester.path / "r.json"
+    pytester.runpytest_subprocess(*_args(model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0",
+                                         "--refract-axes=rniah", "--refract-rniah-lengths=128",
+                                         "--refract-rniah-positions=0.5", "--refract-rniah-trials=1",
+                                         f"--refract-json={report}"))
+    rniah = read_report(report)["settings"]["rniah"]
+    assert rniah["thinking_template"] is True and rniah["effective_answer_tokens"] == 1024

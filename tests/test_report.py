@@ -209,3 +209,23 @@ def test_diagnose_unscored_axis_and_self_reference():
     assert diagnose({"kld": {"score": None}}) == [
         "No score for kld: some items failed to measure (see the failed tests)."
     ]
+
+
+def test_floor_below_threshold_is_a_loud_warning():
+    from types import SimpleNamespace
+
+    from pytest_refract.report import _candidate_section
+
+    settings = SimpleNamespace(floor=True, repeat=1, fail_under=60.0, fail_under_text="FAIL")
+    audit = SimpleNamespace(settings=settings, self_reference={"cand0": False}, labels={"cand0": "ctk=q8_0,ctv=q8_0"},
+                            corpus=None, haystack_source=None, baseline=None)
+    item = {"id": "a", "category": "c", "prefix_agreement": 8, "ref_len": 8, "cand_len": 8, "first_divergence": None,
+            "full_match": True, "teacher_forced_kld": 0.0, "wall_s": 1.0,
+            "floor": {"prefix_agreement": 4, "ref_len": 8, "cand_len": 8, "teacher_forced_kld": 0.1}}
+    section = _candidate_section(audit, "cand0", {"trajectory": {"a": item}}, {}, {}, True)
+    assert section["floor"] == 50.0
+    assert section["diagnosis"][0].startswith("WARNING: the noise floor (reference vs reference) is 50.00")
+    item["floor"]["prefix_agreement"] = 8
+    section = _candidate_section(audit, "cand0", {"trajectory": {"a": item}}, {}, {}, True)
+    assert section["floor"] == 100.0
+    assert section["diagnosis"][-1] == "Noise floor (reference vs reference): 100.00."
