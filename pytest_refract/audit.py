@@ -436,17 +436,3 @@ def _id_prefixes(candidates) -> Dict[str, str]:
     if len(set(shorts)) != len(shorts):
         shorts = [c.label().replace("ctk=", "").replace("ctv=", "").replace("=", "_").replace(",", "-") for c in candidates]
     return {f"cand{i}": f"{short}-" for i, short in enumerate(shorts)}
-
-
-def measurement_guard(fn):
-    """Turn llama.cpp-side surprises into MeasurementError with a clear message."""
-
-    def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except (MeasurementError, UsageProblem):
-            raise
-        except MemoryError:
-            raise MeasurementError("out of memory while measuring; lower --refract-ctx or --refract-n-predict") from None
-
-    return wrapper

@@ -120,7 +120,3 @@ def load_corpus(path: Optional[Path] = None) -> Corpus:
     except UnicodeDecodeError:
         text, replaced = raw.decode("utf-8", errors="replace"), True
     return Corpus(p.name, text, hashlib.sha256(raw).hexdigest(), len(raw), replaced)
-
-
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()

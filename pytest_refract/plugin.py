@@ -241,9 +241,6 @@ class RefractSession:
             return "passed", ".", (f"PASSED {shown}", {"green": True})
         return None
 
-    def pytest_keyboard_interrupt(self, excinfo):
-        self.interrupted = True
-
     @pytest.hookimpl(wrapper=True)
     def pytest_runtestloop(self, session):
         try:

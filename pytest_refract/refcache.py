@@ -145,7 +145,3 @@ class ReferenceCache:
         path = self._path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(path, _MAGIC + struct.pack("<I", len(header)) + header + payload)
-
-    def stats(self) -> dict:
-        return {"enabled": self.enabled, "hits": self.hits, "misses": self.misses, "rejected": self.rejected,
-                "namespace": self.namespace if self.enabled else None}

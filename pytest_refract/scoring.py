@@ -7,7 +7,7 @@ that our numbers can be compared with the KLD tables the community publishes.
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, List, Optional, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 import numpy as np
 
@@ -228,7 +228,3 @@ def kld_summary(kld: np.ndarray, p_diff: np.ndarray, nll_ref: np.ndarray, nll_ca
 def kld_score(mean_kld: float) -> float:
     """100 x exp(-mean KLD): 100 for identical distributions, ~99 at 0.01 nats."""
     return 100.0 * math.exp(-max(0.0, mean_kld))
-
-
-def mean_teacher_forced_kld(values: List[float]) -> Optional[float]:
-    return float(np.mean(values)) if values else None

@@ -12,7 +12,6 @@ from .kvconfig import KVConfig, parse_kv_config, share_flash_attention
 from .scoring import parse_threshold
 
 KNOWN_AXES = ("trajectory", "kld", "rniah", "plad")
-IMPLEMENTED_AXES = KNOWN_AXES
 DEFAULT_AXES = ("trajectory", "kld")
 
 # (name, ini type, default, help). The command-line flag is --refract-<name with dashes>; the
@@ -201,11 +200,6 @@ def read_settings(config) -> Optional[Settings]:
         unknown = [a for a in axes if a not in KNOWN_AXES]
         if unknown:
             raise UsageProblem(f"--refract-axes: unknown axis {unknown[0]!r}; choose from {', '.join(KNOWN_AXES)} or none")
-    missing = [a for a in axes if a not in IMPLEMENTED_AXES]
-    if missing:
-        raise UsageProblem(
-            f"--refract-axes: {', '.join(missing)} is not available in this version; available: {', '.join(IMPLEMENTED_AXES)}"
-        )
     fail_text = _get(config, "fail-under") or "FAIL"
     try:
         fail_under = parse_threshold(fail_text)

@@ -16,7 +16,6 @@ from pytest_refract.scoring import (
     kld_positions,
     kld_score,
     kld_summary,
-    mean_teacher_forced_kld,
     parse_threshold,
     prefix_agreement,
     trajectory_axis_score,
@@ -360,8 +359,3 @@ def test_kld_score_strictly_decreasing_on_a_grid():
     grid = [0.0, 0.001, 0.01, 0.1, 0.5, 1.0, 2.0]
     scores = [kld_score(x) for x in grid]
     assert all(a > b for a, b in zip(scores, scores[1:]))
-
-
-def test_mean_teacher_forced_kld():
-    assert mean_teacher_forced_kld([]) is None
-    assert mean_teacher_forced_kld([0.1, 0.3]) == pytest.approx(0.2)
