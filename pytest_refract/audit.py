@@ -206,7 +206,8 @@ class Audit:
         tokens, logits = self.context("reference").greedy(prompt_tokens, self.settings.n_predict, keep_logits=True)
         stored = quantize_logprobs(logits)
         self.refcache.store("trajectory", key, dict(stored, tokens=np.asarray(tokens)))
-        return self._remember("trajectory", key, (tokens, dequantize_logprobs(stored), logits))
+        exact = logits if self.settings.floor else None  # only the floor needs the exact logits
+        return self._remember("trajectory", key, (tokens, dequantize_logprobs(stored), exact))
 
     def reference_chunk(self, tokens: List[int], rows_fn):
         """(16-bit log-probs, exact logits or None) of the reference for one KLD chunk."""

@@ -17,7 +17,7 @@ from typing import List, Optional
 import numpy as np
 
 from .errors import UsageProblem
-from .scoring import band_for, first_divergence, kld_positions, kld_score, kld_summary, prefix_agreement
+from .scoring import band_for, first_divergence, kld_score, kld_summary, prefix_agreement, trajectory_item_score
 
 STASH_KEY = "refract_custom"
 
@@ -101,7 +101,7 @@ class RefractFixture:
         ref, _ = self.audit.context("reference", min_ctx=need).greedy(tokens, n)
         cand, _ = self.audit.context(self.role, min_ctx=need).greedy(tokens, n)
         detok = self.audit.engine.detokenize
-        score = 100.0 * prefix_agreement(ref, cand) / max(len(ref), len(cand), 1)
+        score = trajectory_item_score(ref, cand)
         result = GreedyComparison(prompt, Continuation(ref, detok(ref)), Continuation(cand, detok(cand)),
                                   prefix_agreement(ref, cand), first_divergence(ref, cand), score)
         self._record("greedy", {"prompt": prompt, "prefix_agreement": result.prefix_agreement,
@@ -111,7 +111,7 @@ class RefractFixture:
 
     def kld(self, text: str, ctx: Optional[int] = None, chunks: Optional[int] = None) -> KLDResult:
         """KL(ref || cand) over your own text, with the KLD axis's (llama-perplexity's) conventions."""
-        from .axes.kld import _positions
+        from .axes.kld import chunk_stats, chunk_tokens
 
         n_ctx = ctx or self.audit.settings.ctx
         eng = self.audit.engine
@@ -120,14 +120,11 @@ class RefractFixture:
         if available < 1:
             raise UsageProblem(f"refract.kld: the text holds {len(all_tokens)} tokens, fewer than one chunk of {n_ctx}")
         n_chunks = min(chunks or available, available)
-        parts = []
-        for i in range(n_chunks):
-            toks = list(all_tokens[i * n_ctx : (i + 1) * n_ctx])
-            if eng.add_bos:
-                toks[0] = eng.bos
-            ref = _positions(self.audit.context("reference", min_ctx=n_ctx), toks)
-            cand = _positions(self.audit.context(self.role, min_ctx=n_ctx), toks)
-            parts.append(kld_positions(ref, cand, toks[n_ctx // 2 + 1 :]))
+        # Room for this chunk size in every context the measurement uses.
+        for role in ("reference", self.role) + (("floor",) if self.audit.settings.floor else ()):
+            self.audit.context(role, min_ctx=n_ctx)
+        bos = eng.bos if eng.add_bos else None
+        parts = [chunk_stats(self.audit, chunk_tokens(all_tokens, i, n_ctx, bos), self.role)[0] for i in range(n_chunks)]
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         summary = kld_summary(**merged)
         result = KLDResult(summary["mean_kld"], summary["mean_kld_unc"], summary["same_top_p_pct"],

@@ -9,7 +9,7 @@ llama.cpp's ``llama-perplexity --kl-divergence`` conventions:
 from __future__ import annotations
 
 import time
-from typing import List
+from typing import List, Optional, Tuple
 
 import numpy as np
 
@@ -23,12 +23,26 @@ def units(audit) -> List[dict]:
     return [{"id": f"chunk-{i:02d}", "keywords": [], "chunk": i} for i in range(audit.n_chunks)]
 
 
-def chunk_tokens(audit, index: int) -> List[int]:
-    n_ctx = audit.settings.ctx
-    tokens = list(audit.corpus_tokens[index * n_ctx : (index + 1) * n_ctx])
-    if audit.add_bos:
-        tokens[0] = audit.bos
+def chunk_tokens(corpus_tokens: List[int], index: int, n_ctx: int, bos: Optional[int]) -> List[int]:
+    """Chunk ``index`` of ``n_ctx`` tokens, its first token replaced by BOS where the
+    vocabulary adds one (``bos`` is None otherwise)."""
+    tokens = list(corpus_tokens[index * n_ctx : (index + 1) * n_ctx])
+    if bos is not None:
+        tokens[0] = bos
     return tokens
+
+
+def chunk_stats(audit, tokens: List[int], role: str) -> Tuple[dict, Optional[dict]]:
+    """Per-position statistics of one chunk for the candidate ``role`` (and the floor, when
+    asked). Candidates are compared with the reference's 16-bit log-probs, as llama-perplexity
+    does with its stored base; the floor with the exact logits (see Audit.reference_chunk)."""
+    next_tokens = tokens[len(tokens) // 2 + 1 :]
+    ref_logprobs, ref_exact = audit.reference_chunk(tokens, lambda ctx: _positions(ctx, tokens))
+    stats = kld_positions(ref_logprobs, _positions(audit.context(role), tokens), next_tokens, ref_is_logprobs=True)
+    floor_stats = None
+    if audit.settings.floor:
+        floor_stats = kld_positions(ref_exact, _positions(audit.context("floor"), tokens), next_tokens)
+    return stats, floor_stats
 
 
 def _positions(ctx, tokens: List[int]) -> np.ndarray:
@@ -40,18 +54,9 @@ def _positions(ctx, tokens: List[int]) -> np.ndarray:
 
 def measure(audit, unit) -> dict:
     started = time.perf_counter()
-    tokens = chunk_tokens(audit, unit["chunk"])
-    first = len(tokens) // 2
-    next_tokens = tokens[first + 1 :]
-    # Candidates are compared with the reference's 16-bit log-probs, as llama-perplexity does
-    # with its stored base; the floor with the exact logits (see Audit.reference_chunk).
-    ref_logprobs, ref_exact = audit.reference_chunk(tokens, lambda ctx: _positions(ctx, tokens))
-    cand_logits = _positions(audit.context(unit["candidate"]), tokens)
-    stats = kld_positions(ref_logprobs, cand_logits, next_tokens, ref_is_logprobs=True)
-    del cand_logits
-    floor_stats = None
-    if audit.settings.floor:
-        floor_stats = kld_positions(ref_exact, _positions(audit.context("floor"), tokens), next_tokens)
+    bos = audit.bos if audit.add_bos else None
+    tokens = chunk_tokens(audit.corpus_tokens, unit["chunk"], audit.settings.ctx, bos)
+    stats, floor_stats = chunk_stats(audit, tokens, unit["candidate"])
     summary = kld_summary(**stats)
     score = kld_score(summary["mean_kld"])
     result = {
@@ -74,7 +79,7 @@ def measure(audit, unit) -> dict:
         "_raw": {k: np.asarray(stats[k]).astype(float).tolist() for k in _RAW_KEYS},
     }
     if floor_stats is not None:
-        result["floor"] = {"mean_kld": float(np.mean(floor_stats["kld"])), "n_positions": len(next_tokens)}
+        result["floor"] = {"mean_kld": float(np.mean(floor_stats["kld"])), "n_positions": len(floor_stats["kld"])}
     result["wall_s"] = time.perf_counter() - started
     return result
 
