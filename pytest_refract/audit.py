@@ -183,7 +183,12 @@ class Audit:
 
     def _recall(self, kind: str, key: str):
         hit = self._ref_memory.get(kind)
-        return hit[1] if hit and hit[0] == key else None
+        if hit and hit[0] == key:
+            return hit[1]
+        # Forget the previous unit before the next one is computed, not after: a KLD entry is
+        # tens of MB, and holding two at once would raise the audit's peak memory.
+        self._ref_memory.pop(kind, None)
+        return None
 
     def reference_trajectory(self, prompt_tokens: List[int]):
         """(greedy tokens, 16-bit log-probs, exact logits or None) of the reference.
@@ -192,7 +197,7 @@ class Audit:
         llama-perplexity compares with its stored base: so a cold run, a warm (cached) run and
         an xdist run give the same numbers. The exact logits serve the floor, which checks the
         engine bit for bit (and never reads the cache)."""
-        from .refcache import dequantize_logprobs, quantize_logprobs
+        from .refcache import LogprobRows, quantize_logprobs
 
         key = self.refcache.key("trajectory", prompt_tokens, self.settings.n_predict)
         value = self._recall("trajectory", key)
@@ -202,16 +207,19 @@ class Audit:
             entry = self.refcache.load("trajectory", key)
             if entry is not None:
                 tokens = [int(t) for t in entry["arrays"]["tokens"]]
-                return self._remember("trajectory", key, (tokens, dequantize_logprobs(entry["arrays"]), None))
+                return self._remember("trajectory", key, (tokens, LogprobRows(entry["arrays"]), None))
         tokens, logits = self.context("reference").greedy(prompt_tokens, self.settings.n_predict, keep_logits=True)
         stored = quantize_logprobs(logits)
         self.refcache.store("trajectory", key, dict(stored, tokens=np.asarray(tokens)))
         exact = logits if self.settings.floor else None  # only the floor needs the exact logits
-        return self._remember("trajectory", key, (tokens, dequantize_logprobs(stored), exact))
+        return self._remember("trajectory", key, (tokens, LogprobRows(stored), exact))
 
-    def reference_chunk(self, tokens: List[int], rows_fn):
-        """(16-bit log-probs, exact logits or None) of the reference for one KLD chunk."""
-        from .refcache import dequantize_logprobs, quantize_logprobs
+    def reference_chunk(self, tokens: List[int], evaluate_fn):
+        """(16-bit log-probs as LogprobRows, exact logits or None) of the reference for one
+        KLD chunk. ``evaluate_fn(ctx, consume)`` runs the chunk and hands over logit rows
+        batch by batch; they are quantized as they come, so only the 16-bit form is held
+        (the exact rows are kept only for the floor)."""
+        from .refcache import LogprobRows, concat_quantized, quantize_logprobs
 
         key = self.refcache.key("kld", tokens)
         value = self._recall("kld", key)
@@ -220,11 +228,21 @@ class Audit:
         if self._read_cache:
             entry = self.refcache.load("kld", key)
             if entry is not None:
-                return self._remember("kld", key, (dequantize_logprobs(entry["arrays"]), None))
-        rows = rows_fn(self.context("reference"))
-        stored = quantize_logprobs(rows)
+                return self._remember("kld", key, (LogprobRows(entry["arrays"]), None))
+        parts: List[dict] = []
+        exact: List[np.ndarray] = []
+
+        def take(first_row, view):
+            parts.append(quantize_logprobs(view))
+            if self.settings.floor:
+                exact.append(view.copy())
+
+        evaluate_fn(self.context("reference"), take)
+        if not parts:
+            raise MeasurementError("internal: the reference produced no logit rows for a KLD chunk")
+        stored = concat_quantized(parts)
         self.refcache.store("kld", key, stored)
-        return self._remember("kld", key, (dequantize_logprobs(stored), rows if self.settings.floor else None))
+        return self._remember("kld", key, (LogprobRows(stored), np.concatenate(exact) if exact else None))
 
     def reference_greedy(self, prompt_tokens: List[int], n_predict: int) -> List[int]:
         """Reference greedy tokens only (PLAD anchors and perturbations, R-NIAH answers)."""

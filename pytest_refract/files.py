@@ -6,12 +6,14 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Union
+from typing import Sequence, Union
 
 
-def write_atomic(path, data: Union[str, bytes]) -> Path:
+def write_atomic(path, data: Union[str, bytes, Sequence[bytes]]) -> Path:
+    """``data`` may be a list of byte strings, written one after another: a large payload
+    then need not be concatenated with its header in memory first."""
     target = Path(path).expanduser()
-    payload = data.encode("utf-8") if isinstance(data, str) else data
+    parts = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
     try:
         # mkstemp makes 0600 files; reports are artifacts others read, so honour the umask.
@@ -19,7 +21,8 @@ def write_atomic(path, data: Union[str, bytes]) -> Path:
         os.umask(umask)
         os.chmod(tmp, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as fh:
-            fh.write(payload)
+            for part in parts:
+                fh.write(part)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, target)

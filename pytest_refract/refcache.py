@@ -13,19 +13,18 @@ an offset, and one uint16 per vocabulary entry, with everything below max - 16 c
 from __future__ import annotations
 
 import hashlib
-import io
 import json
 import struct
 import warnings
 import zlib
 from pathlib import Path
-from typing import Dict, Optional
+from typing import Dict, List, Optional
 
 import numpy as np
 
 from .files import write_atomic
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: raw arrays after a JSON layout (1 was an npz)
 _MAGIC = b"RFRC"
 
 
@@ -60,7 +59,58 @@ def quantize_logprobs(logits: np.ndarray, block: int = 32) -> Dict[str, np.ndarr
 
 
 def dequantize_logprobs(stored: Dict[str, np.ndarray]) -> np.ndarray:
-    return (stored["q"].astype(np.float32) * stored["scale"][:, None] + stored["min_log_prob"][:, None]).astype(np.float32)
+    out = stored["q"].astype(np.float32)
+    out *= stored["scale"][:, None]
+    out += stored["min_log_prob"][:, None]
+    return out
+
+
+def concat_quantized(parts: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """One stored entry from row segments quantized one after another."""
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("q", "scale", "min_log_prob")}
+
+
+def _unpack_arrays(data: bytes, layout: list) -> Dict[str, np.ndarray]:
+    """Arrays laid out one after another in ``data`` (read-only views, no copies)."""
+    arrays: Dict[str, np.ndarray] = {}
+    offset = 0
+    for item in layout:
+        dtype = np.dtype(item["dtype"])
+        count = int(np.prod(item["shape"], dtype=np.int64))
+        if offset + count * dtype.itemsize > len(data):
+            raise ValueError("payload shorter than its layout")
+        arrays[item["name"]] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(item["shape"])
+        offset += count * dtype.itemsize
+    if offset != len(data):
+        raise ValueError("payload longer than its layout")
+    return arrays
+
+
+class LogprobRows:
+    """16-bit log-probabilities held as stored, dequantized only a few rows at a time.
+
+    Holding the reference this way costs 2 bytes per vocabulary entry instead of 4. Slicing
+    rows gives another LogprobRows over the same storage (no copy); ``np.asarray`` of it gives
+    the float32 log-probs, exactly those of ``dequantize_logprobs``. Scoring reads in small row
+    blocks, so the float matrix of a whole chunk never exists."""
+
+    def __init__(self, stored: Dict[str, np.ndarray]):
+        self.stored = stored
+        self.shape = stored["q"].shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> "LogprobRows":
+        if not isinstance(rows, slice):
+            raise TypeError("LogprobRows is read by row slices")
+        return LogprobRows({k: v[rows] for k, v in self.stored.items()})
+
+    def __array__(self, dtype=None, copy=None):
+        out = dequantize_logprobs(self.stored)
+        return out if dtype is None else out.astype(dtype, copy=False)
 
 
 def model_identity(path: Path) -> dict:
@@ -113,14 +163,16 @@ class ReferenceCache:
             if raw[:4] != _MAGIC:
                 raise ValueError("bad magic")
             (header_len,) = struct.unpack("<I", raw[4:8])
+            if 8 + header_len > len(raw):
+                raise ValueError("truncated header")
             header = json.loads(raw[8 : 8 + header_len])
-            payload = raw[8 + header_len :]
+            payload = memoryview(raw)[8 + header_len :]
             if header.get("format") != FORMAT_VERSION or header.get("key") != key:
                 raise ValueError("entry belongs to another key or format")
             if len(payload) != header.get("size") or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
                 raise ValueError("checksum mismatch (truncated or corrupt)")
-            with np.load(io.BytesIO(zlib.decompress(payload)), allow_pickle=False) as npz:
-                arrays = {name: npz[name] for name in npz.files}
+            arrays = _unpack_arrays(zlib.decompress(payload), header["arrays"])
+            del raw, payload
             meta = json.loads(header.get("meta") or "{}")
         except Exception as exc:  # any defect: never use the entry
             self.rejected += 1
@@ -137,11 +189,24 @@ class ReferenceCache:
     def store(self, kind: str, key: str, arrays: Dict[str, np.ndarray], meta: Optional[dict] = None) -> None:
         if not self.enabled:
             return
-        buf = io.BytesIO()
-        np.savez(buf, **arrays)
-        payload = zlib.compress(buf.getvalue(), 1)
-        header = json.dumps({"format": FORMAT_VERSION, "key": key, "size": len(payload),
-                             "sha256": hashlib.sha256(payload).hexdigest(), "meta": json.dumps(meta or {})}).encode()
+        # Arrays are compressed straight from their own memory, one after another, and the
+        # header and compressed parts are written without joining them: a KLD entry is tens
+        # of MB, and every extra copy would add to the audit's peak memory.
+        compressor = zlib.compressobj(1)
+        digest = hashlib.sha256()
+        parts: List[bytes] = []
+        layout = []
+        for name, arr in arrays.items():
+            arr = np.ascontiguousarray(arr)
+            layout.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape)})
+            if arr.size:
+                parts.append(compressor.compress(memoryview(arr.reshape(-1)).cast("B")))
+        parts.append(compressor.flush())
+        for part in parts:
+            digest.update(part)
+        header = json.dumps({"format": FORMAT_VERSION, "key": key, "size": sum(len(p) for p in parts),
+                             "sha256": digest.hexdigest(), "arrays": layout,
+                             "meta": json.dumps(meta or {})}).encode()
         path = self._path(kind, key)
         path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, _MAGIC + struct.pack("<I", len(header)) + header + payload)
+        write_atomic(path, [_MAGIC + struct.pack("<I", len(header)) + header, *parts])

@@ -123,9 +123,12 @@ def kld_positions(
     With ``ref_is_logprobs`` the reference rows are already log-probabilities (e.g. read back
     from the 16-bit reference cache) and are used as they are, as llama-perplexity uses its base.
     """
-    ref_logits = np.asarray(ref_logits)
+    # Anything with a shape that yields float rows by slicing will do for the reference (e.g.
+    # 16-bit rows dequantized block by block), so a full float matrix need not exist.
+    if not hasattr(ref_logits, "shape"):
+        ref_logits = np.asarray(ref_logits)
     cand_logits = np.asarray(cand_logits)
-    if ref_logits.shape != cand_logits.shape:
+    if tuple(ref_logits.shape) != cand_logits.shape:
         raise ValueError(f"logit shapes differ: {ref_logits.shape} vs {cand_logits.shape}")
     tokens = np.asarray(next_tokens, dtype=np.int64)
     n = ref_logits.shape[0]

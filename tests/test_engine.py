@@ -106,3 +106,16 @@ def test_context_overflow_is_a_measurement_error(tiny_engine, tiny_model):
     ctx = _ctx(tiny_engine, tiny_model, "ctk=f16,ctv=f16", "small", n_ctx=256)
     with pytest.raises(E.MeasurementError, match="do not fit the context"):
         ctx.greedy(_tokens(250, 9), 64)
+
+
+def test_evaluate_each_streams_the_same_rows_batch_by_batch(tiny_engine, tiny_model):
+    ctx = _ctx(tiny_engine, tiny_model, "ctk=q8_0,ctv=q4_0", "stream", n_batch=64)
+    toks = _tokens(200, 7)
+    ctx.reset()
+    whole = ctx.evaluate(toks, 0, logits_from=40)
+    seen = []
+    ctx.reset()
+    ctx.evaluate_each(toks, 0, 40, lambda first, view: seen.append((first, view.shape[0], view.copy())))
+    # Cut at n_batch: rows 40..63, 64..127, 128..191, 192..199, handed over in order.
+    assert [(f, n) for f, n, _ in seen] == [(0, 24), (24, 64), (88, 64), (152, 8)]
+    assert np.array_equal(np.concatenate([v for _, _, v in seen]), whole)

@@ -10,7 +10,14 @@ import pytest
 from conftest import read_report
 from test_plugin_tiny import _args
 
-from pytest_refract.refcache import ReferenceCache, RefCacheWarning, dequantize_logprobs, quantize_logprobs
+from pytest_refract.refcache import (
+    LogprobRows,
+    ReferenceCache,
+    RefCacheWarning,
+    concat_quantized,
+    dequantize_logprobs,
+    quantize_logprobs,
+)
 from pytest_refract.scoring import kld_positions
 
 
@@ -47,11 +54,22 @@ def test_store_load_roundtrip_and_corruption_detection(tmp_path):
     entry = cache.load("kld", key)
     assert entry["meta"] == {"note": "hi"} and entry["arrays"]["a"].tolist() == list(range(10))
     assert cache.hits == 1
+    mixed = {"q": np.arange(12, dtype=np.uint16).reshape(3, 4), "scale": np.array([0.5, 1.5, 2.5], dtype=np.float32),
+             "tokens": np.array([7, -1], dtype=np.int64), "empty": np.zeros((0, 4), dtype=np.float32)}
+    cache.store("kld", key, mixed)
+    back = cache.load("kld", key)["arrays"]
+    assert all(back[k].dtype == v.dtype and back[k].shape == v.shape and np.array_equal(back[k], v) for k, v in mixed.items())
     path = next((tmp_path / cache.namespace / "kld").iterdir())
-    for damage in (lambda b: b[:-7], lambda b: b[:40] + bytes([b[40] ^ 0xFF]) + b[41:], lambda b: b"XXXX" + b[4:]):
+    damages = [
+        (lambda b: b[:-7], "checksum mismatch"),
+        (lambda b: b[:-1] + bytes([b[-1] ^ 0xFF]), "checksum mismatch"),  # last payload byte
+        (lambda b: b"XXXX" + b[4:], "bad magic"),
+        (lambda b: b[:12], "truncated header"),
+    ]
+    for damage, why in damages:
         cache.store("kld", key, {"a": np.arange(10)})
         path.write_bytes(damage(path.read_bytes()))
-        with pytest.warns(RefCacheWarning, match="rejected"):
+        with pytest.warns(RefCacheWarning, match=f"rejected \\({why}"):
             assert cache.load("kld", key) is None
         assert not path.exists()  # a bad entry is removed, then recomputed by the caller
     other = cache.key("kld", [1, 2, 4])
@@ -100,8 +118,7 @@ def test_warm_run_matches_cold_and_skips_the_reference(pytester, tiny_model, tin
 def test_corrupt_entry_is_recomputed_with_a_warning(pytester, tiny_model, tiny_prompts, tiny_corpus):
     cache = pytester.path / "cache"
     _, cold = _run(pytester, tiny_model, tiny_prompts, tiny_corpus, "ctk=q4_0,ctv=q4_0", cache, "cold")
-    entries = sorted(cache.rglob("*.rfc"))
-    victim = entries[0]
+    victim = max(cache.rglob("*.rfc"), key=lambda p: p.stat().st_size)  # a KLD entry
     victim.write_bytes(victim.read_bytes()[:-100])
     result, warm = _run(pytester, tiny_model, tiny_prompts, tiny_corpus, "ctk=q4_0,ctv=q4_0", cache, "warm")
     result.stdout.fnmatch_lines(["*RefCacheWarning: reference cache entry * rejected (checksum mismatch*"])
@@ -118,3 +135,20 @@ def test_no_cache_and_clear_cache(pytester, tiny_model, tiny_prompts, tiny_corpu
     _, cleared = _run(pytester, tiny_model, tiny_prompts, tiny_corpus, "ctk=q4_0,ctv=q4_0", cache, "c",
                       "--refract-clear-cache")
     assert cleared["reference_cache"]["hits"] == 0
+
+
+def test_logprob_rows_dequantize_slices_exactly_like_the_whole():
+    rng = np.random.RandomState(3)
+    stored = quantize_logprobs(rng.normal(0, 4, size=(70, 300)).astype(np.float32))
+    rows = LogprobRows(concat_quantized([{k: v[:30] for k, v in stored.items()}, {k: v[30:] for k, v in stored.items()}]))
+    whole = dequantize_logprobs(stored)
+    assert rows.shape == (70, 300) and len(rows) == 70
+    assert np.array_equal(np.asarray(rows[5:41]), whole[5:41]) and rows[5:41].shape == (36, 300)
+    assert np.array_equal(np.asarray(rows[40:70][2:4]), whole[42:44])
+    cand = rng.normal(0, 4, size=(70, 300)).astype(np.float32)
+    toks = rng.randint(0, 300, size=70)
+    a = kld_positions(rows, cand, toks, ref_is_logprobs=True)
+    b = kld_positions(whole, cand, toks, ref_is_logprobs=True)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    with pytest.raises(TypeError):
+        rows[3]

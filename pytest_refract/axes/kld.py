@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 
 import numpy as np
 
+from ..errors import MeasurementError
 from ..scoring import band_for, kld_positions, kld_score, kld_summary
 
 NAME = "kld"
@@ -37,19 +38,34 @@ def chunk_stats(audit, tokens: List[int], role: str) -> Tuple[dict, Optional[dic
     asked). Candidates are compared with the reference's 16-bit log-probs, as llama-perplexity
     does with its stored base; the floor with the exact logits (see Audit.reference_chunk)."""
     next_tokens = tokens[len(tokens) // 2 + 1 :]
-    ref_logprobs, ref_exact = audit.reference_chunk(tokens, lambda ctx: _positions(ctx, tokens))
-    stats = kld_positions(ref_logprobs, _positions(audit.context(role), tokens), next_tokens, ref_is_logprobs=True)
+    ref_logprobs, ref_exact = audit.reference_chunk(tokens, lambda ctx, consume: _evaluate(ctx, tokens, consume))
+    stats = _streamed_stats(audit.context(role), tokens, ref_logprobs, next_tokens, ref_is_logprobs=True)
     floor_stats = None
     if audit.settings.floor:
-        floor_stats = kld_positions(ref_exact, _positions(audit.context("floor"), tokens), next_tokens)
+        floor_stats = _streamed_stats(audit.context("floor"), tokens, ref_exact, next_tokens, ref_is_logprobs=False)
     return stats, floor_stats
 
 
-def _positions(ctx, tokens: List[int]) -> np.ndarray:
-    first = len(tokens) // 2
+def _evaluate(ctx, tokens: List[int], consume) -> None:
+    """Run a chunk from a cleared cache; rows for positions n/2 .. n-2 go to ``consume`` batch
+    by batch (the last position predicts nothing inside the chunk)."""
     ctx.reset()
-    # Rows for positions first .. n-2: the last position predicts nothing inside the chunk.
-    return ctx.evaluate(tokens[:-1], 0, logits_from=first)
+    ctx.evaluate_each(tokens[:-1], 0, len(tokens) // 2, consume)
+
+
+def _streamed_stats(ctx, tokens, ref_rows, next_tokens, ref_is_logprobs: bool) -> dict:
+    """KLD statistics computed straight from llama.cpp's output buffer, one batch at a time:
+    no float copy of the candidate's chunk is made (it would be rows x vocabulary x 4 bytes)."""
+    pieces: List[dict] = []
+
+    def take(first_row, view):
+        rows = slice(first_row, first_row + view.shape[0])
+        pieces.append(kld_positions(ref_rows[rows], view, next_tokens[rows], ref_is_logprobs=ref_is_logprobs))
+
+    _evaluate(ctx, tokens, take)
+    if sum(len(p["kld"]) for p in pieces) != len(next_tokens):
+        raise MeasurementError(f"internal: {len(next_tokens)} KLD positions expected, llama.cpp returned a different count")
+    return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
 
 def measure(audit, unit) -> dict:
