@@ -424,6 +424,26 @@ class Audit:
 
     # -- report facts -------------------------------------------------------------------
 
+    def kv_bytes_per_token(self, role: str) -> Optional[int]:
+        """Bytes the role's KV cache takes per token over all layers (K rows plus V rows in
+        their cache types, as ggml lays them out); None where the metadata cannot say. This
+        is what a quantized cache saves, the other half of "which config should I ship"."""
+        n_layer = self.info.arch_key("block_count")
+        n_head_kv = self.info.arch_key("attention.head_count_kv", self.info.arch_key("attention.head_count"))
+        head_k, head_v = self.info.head_dims
+        if not (n_layer and n_head_kv and head_k and head_v):
+            return None
+        per_layer = n_head_kv if isinstance(n_head_kv, list) else [n_head_kv] * int(n_layer)
+        type_k, type_v = self.types[role]
+        row = self._engine_mod.ggml_row_size
+        return sum(row(type_k.ggml_type, int(h) * head_k) + row(type_v.ggml_type, int(h) * head_v) for h in per_layer if h)
+
+    def kv_cache_facts(self, role: str) -> Optional[dict]:
+        own, ref = self.kv_bytes_per_token(role), self.kv_bytes_per_token("reference")
+        if own is None or not ref:
+            return None
+        return {"bytes_per_token": own, "vs_reference": own / ref}
+
     def model_facts(self) -> dict:
         if getattr(self, "_model_facts", None) is not None:
             return dict(self._model_facts)

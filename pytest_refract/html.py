@@ -442,15 +442,18 @@ def _ranking(report: dict) -> str:
     for i, r in enumerate(ranking, start=1):
         scores = "".join(f"<td>{_num(_dict(r.get('axes')).get(n))}</td>" for n in names)
         gate = "passed" if r.get("passed") else "failed"
+        kv = r.get("kv_vs_reference")
+        kv_cell = "?" if not isinstance(kv, (int, float)) else f"{100 * kv:.0f}%"
         rows.append(
             f"<tr><td>{i}</td><td><code>{_esc(r.get('candidate'))}</code></td><td><b>{_num(r.get('composite'))}</b></td>"
-            f"<td>{_badge(r.get('band'))}</td>{scores}<td>{_esc(gate)}</td></tr>"
+            f"<td>{_badge(r.get('band'))}</td>{scores}<td>{_esc(kv_cell)}</td><td>{_esc(gate)}</td></tr>"
         )
     return (
         '<section id="ranking" class="section"><h2>Candidates ranked</h2>'
         f'<p class="muted">Sections below show the first candidate, <code>{_esc(report.get("candidate"))}</code>; '
         "the JSON report holds every candidate in full.</p>"
         f'<div class="scroll"><table class="grid-table"><thead><tr><th>#</th><th>candidate</th><th>composite</th><th>band</th>{head}'
+        '<th title="KV cache bytes per token, relative to the reference">KV memory</th>'
         f"<th>gate</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div></section>"
     )
 

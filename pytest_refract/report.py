@@ -216,6 +216,7 @@ def _candidate_section(audit, role: str, results, failed, gates, complete: bool)
         "axes": axes,
         "floor": floor,
         "custom_gates": gates,
+        "kv_cache": audit.kv_cache_facts(role),
     }
     diagnosis = section["diagnosis"]
     repeats = [a.get("repeat") for a in axes.values()]
@@ -307,6 +308,7 @@ def build_report(
         "host": {"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
         "model": audit.model_facts(),
         "reference": s.reference.label(),
+        "reference_kv_bytes_per_token": audit.kv_bytes_per_token("reference"),
         "candidate": first["candidate"],
         "self_reference": first["self_reference"],
         "settings": settings,
@@ -321,6 +323,7 @@ def build_report(
         "candidates": sections,
         "ranking": [{"candidate": sec["candidate"], "composite": sec["composite"], "band": sec["band"],
                      "passed": sec["gate"]["passed"],
+                     "kv_vs_reference": (sec["kv_cache"] or {}).get("vs_reference"),
                      "axes": {n: a.get("score") for n, a in sec["axes"].items()}} for sec in ranked],
         "reference_cache": {
             "enabled": audit.refcache.enabled,

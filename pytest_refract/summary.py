@@ -61,12 +61,13 @@ def _render_ranking(tr, ranking) -> None:
     tr.write_line("")
     tr.write_line("candidates ranked by composite (which config to ship):", bold=True)
     axes = [a for a in ORDER if any(a in r["axes"] for r in ranking)]
-    tr.write_line("  #  " + "candidate".ljust(28) + "composite band      " + "".join(a.ljust(11) for a in axes))
+    tr.write_line("  #  " + "candidate".ljust(28) + "composite band      " + "".join(a.ljust(11) for a in axes) + "KV memory")
     for i, r in enumerate(ranking, start=1):
         cells = "".join(_fmt(r["axes"].get(a)).strip().ljust(11) for a in axes)
+        kv = r.get("kv_vs_reference")
         tr.write(f"  {i}  {r['candidate'][:27]:<28}{_fmt(r['composite'])}    ")
         tr.write(f"{(r['band'] or 'NO SCORE'):<10}", **{_COLOURS.get(r["band"], "red"): True})
-        tr.write_line(cells)
+        tr.write_line(cells + ("?" if kv is None else f"{100 * kv:.0f}% of reference"))
 
 
 def _render_candidate(tr, report: dict) -> None:

@@ -543,12 +543,13 @@ def test_matrix_report_shows_the_ranking():
     base["candidates"] = [base.copy(), other]
     base["ranking"] = [
         {"candidate": base["candidate"], "composite": base["composite"], "band": base["band"], "passed": True,
-         "axes": {"trajectory": 40.0, "kld": 99.0}},
+         "axes": {"trajectory": 40.0, "kld": 99.0}, "kv_vs_reference": 0.40625},
         {"candidate": other["candidate"], "composite": 12.5, "band": "FAIL", "passed": False,
          "axes": {"trajectory": 5.0, "kld": None}},
     ]
     out = render_html(base)
     assert 'id="ranking"' in out and "Candidates ranked" in out
+    assert "<td>41%</td>" in out and "<td>?</td>" in out  # KV memory; unknown for the second row
     assert "ctk=&lt;b&gt;q4_0&lt;/b&gt;,ctv=q4_0" in out and "<b>q4_0</b>" not in out
     single = json.loads((Path(__file__).parent / "data" / "report_traj_kld.json").read_text())
     assert 'id="ranking"' not in render_html(single)

@@ -43,7 +43,14 @@ def test_matrix_shares_one_reference_and_ranks(pytester, tiny_model, tiny_prompt
     ranked = [r["candidate"] for r in m["ranking"]]
     composites = [r["composite"] for r in m["ranking"]]
     assert composites == sorted(composites, reverse=True) and set(ranked) == set(labels)
-    result.stdout.fnmatch_lines(["*candidates ranked by composite*", "*1  ctk=*"])
+    result.stdout.fnmatch_lines(["*candidates ranked by composite*", "*candidate*composite band*KV memory",
+                                 "*1  ctk=*% of reference"])
+    # KV bytes per token, worked out by hand for the tiny model (2 layers, 2 KV heads of 32):
+    # a 64-wide row is 128 B in f16, 2 x 34 B in q8_0, 2 x 18 B in q4_0; K and V per layer.
+    assert m["reference_kv_bytes_per_token"] == 2 * (128 + 128)
+    assert m["candidates"][0]["kv_cache"] == {"bytes_per_token": 2 * (68 + 68), "vs_reference": 272 / 512}
+    assert m["candidates"][1]["kv_cache"] == {"bytes_per_token": 2 * (36 + 36), "vs_reference": 144 / 512}
+    assert {r["candidate"]: r["kv_vs_reference"] for r in m["ranking"]} == {labels[0]: 272 / 512, labels[1]: 144 / 512}
 
 
 def test_gate_applies_to_each_candidate(pytester, tiny_model, tiny_prompts, tiny_corpus):

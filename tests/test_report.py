@@ -218,7 +218,7 @@ def test_floor_below_threshold_is_a_loud_warning():
 
     settings = SimpleNamespace(floor=True, repeat=1, fail_under=60.0, fail_under_text="FAIL")
     audit = SimpleNamespace(settings=settings, self_reference={"cand0": False}, labels={"cand0": "ctk=q8_0,ctv=q8_0"},
-                            corpus=None, haystack_source=None, baseline=None)
+                            corpus=None, haystack_source=None, baseline=None, kv_cache_facts=lambda role: None)
     item = {"id": "a", "category": "c", "prefix_agreement": 8, "ref_len": 8, "cand_len": 8, "first_divergence": None,
             "full_match": True, "teacher_forced_kld": 0.0, "wall_s": 1.0,
             "floor": {"prefix_agreement": 4, "ref_len": 8, "cand_len": 8, "teacher_forced_kld": 0.1}}
