@@ -56,6 +56,11 @@ class Audit:
         self._prompt_tokens: Dict[str, List[int]] = {}
         self._engine = None
         self._contexts: Dict[str, object] = {}
+        # Batched decoding (--refract-decode-batch): one multi-sequence context per role, the
+        # plan of items this process will run, and the finished batch's per-item results.
+        self._seq_contexts: Dict[str, object] = {}
+        self._plan: Dict[tuple, Dict[str, tuple]] = {}
+        self.batch_results: Dict[tuple, dict] = {}
         self._tokenizer = None
         self._chat = None
         self._parts = None
@@ -302,6 +307,115 @@ class Audit:
     def remember_greedy(self, role: str, prompt_tokens: List[int], tokens: List[int]) -> None:
         self._greedy[(role, tuple(prompt_tokens))] = list(tokens)
 
+    # -- batched decoding ---------------------------------------------------------------
+
+    def set_plan(self, planned) -> None:
+        """(axis, unit) of every item this process may run, after -k/-m deselection. A batch is
+        the planned units of an axis that share a batch number (given at collection); under
+        xdist's loadgroup a batch is one group, so it runs on one worker."""
+        self._plan = {}
+        for axis, unit in planned:
+            if unit.get("batch") is None:
+                continue
+            units = self._plan.setdefault((axis, unit["batch"]), {})
+            entry = units.setdefault(unit["id"], (unit, set()))
+            entry[1].add(unit["candidate"])
+
+    def batch_of(self, axis: str, unit: dict):
+        """(units, candidate roles) decoded together with ``unit``, in plan order."""
+        planned = self._plan.get((axis, unit.get("batch")))
+        if not planned or unit["id"] not in planned:
+            return [unit], [unit["candidate"]]
+        roles = set().union(*(r for _, r in planned.values()))
+        return [u for u, _ in planned.values()], [r for r in self.candidate_roles if r in roles]
+
+    def sequences(self, role: str, n_seq: int, n_ctx_seq: int):
+        """The role's multi-sequence context (grown when a batch needs more)."""
+        s = self.settings
+        shared = self._engine_mod.ContextSettings(n_ctx=n_ctx_seq, n_batch=s.n_batch, n_ubatch=s.n_ubatch,
+                                                  n_threads=s.threads)
+        ctx = self.engine.sequences_context(self.configs[role], self.types[role], shared, f"{role}#seq", n_seq, n_ctx_seq)
+        self._seq_contexts[role] = ctx
+        return ctx
+
+    def release_sequences(self) -> None:
+        """Free the multi-sequence contexts (their KV caches) before axes that do not use them."""
+        for role in list(self._seq_contexts):
+            self.engine.drop_context(f"{role}#seq")
+        self._seq_contexts.clear()
+
+    def _greedy_batches(self, role: str, prompts: List[List[int]], n_predict: int, on_row=None,
+                        on_finish=None) -> List[List[int]]:
+        """Greedy tokens for the prompts, up to decode_batch sequences stepping together."""
+        n_seq = max(1, min(self.settings.decode_batch, len(prompts)))
+        ctx = self.sequences(role, n_seq, max(len(p) for p in prompts) + n_predict)
+        return ctx.greedy_many(prompts, n_predict, on_row, None if on_finish is None else
+                               (lambda i, slot: on_finish(ctx, i, slot)))
+
+    def reference_trajectories(self, prompts: List[List[int]]) -> list:
+        """Batched reference_trajectory: (tokens, 16-bit log-probs, exact logits or None) per
+        prompt, the prompts decoded together. A batch's layout can change a model's rounding
+        (see SequencesContext), so entries are keyed by the whole batch as well, and a batch
+        is read from the cache only when every entry is there."""
+        from .refcache import CompressedRows, LogprobRows
+
+        n = self.settings.n_predict
+        batch = _batch_signature(prompts)
+        keys = [self.refcache.key("trajectory", p, n, batch) for p in prompts]
+        value = self._recall("trajectory-batch", tuple(keys))
+        if value is not None:
+            return value
+        if self._read_cache:
+            entries = [self.refcache.load("trajectory", k) for k in keys]
+            if all(e is not None for e in entries):
+                value = [([int(t) for t in e["arrays"]["tokens"]], LogprobRows(e["arrays"]), None) for e in entries]
+                return self._remember("trajectory-batch", tuple(keys), value)
+        floor = self.settings.floor
+        # A batch holds every prompt's continuation until the candidates have run: kept
+        # compressed, since 16 prompts x 128 steps x a 49k vocabulary is 200 MB at 16 bits.
+        rows = [CompressedRows(self.engine.n_vocab) for _ in prompts]
+        exact: List[list] = [[] for _ in prompts]
+
+        def keep(i, step, row):
+            rows[i].append_logits(row)
+            if floor:  # only the floor needs the exact logits
+                exact[i].append(row.copy())
+
+        tokens = self._greedy_batches("reference", prompts, n, keep)
+        value = []
+        for i, key in enumerate(keys):
+            if self.refcache.enabled:
+                self.refcache.store("trajectory", key, dict(rows[i].stored(), tokens=np.asarray(tokens[i])))
+            value.append((tokens[i], rows[i], np.stack(exact[i]) if floor else None))
+        return self._remember("trajectory-batch", tuple(keys), value)
+
+    def prefetch_greedy(self, role: str, prompts: List[List[int]]) -> None:
+        """Decode together every prompt the role has no greedy continuation for yet, so that
+        greedy_tokens then finds them all (PLAD anchors and perturbations)."""
+        missing = []
+        for p in prompts:
+            if (role, tuple(p)) not in self._greedy and p not in missing:
+                missing.append(p)
+        if not missing:
+            return
+        n = self.settings.n_predict
+        if role == "reference":
+            batch = _batch_signature(missing)
+            keys = [self.refcache.key("greedy", p, n, batch) for p in missing]
+            if self._read_cache:
+                entries = [self.refcache.load("greedy", k) for k in keys]
+                if all(e is not None for e in entries):
+                    for p, e in zip(missing, entries):
+                        self._greedy[("reference", tuple(p))] = [int(t) for t in e["arrays"]["tokens"]]
+                    return
+            tokens = self._greedy_batches(role, missing, n)
+            for key, toks in zip(keys, tokens):
+                self.refcache.store("greedy", key, {"tokens": np.asarray(toks, dtype=np.int64)})
+        else:
+            tokens = self._greedy_batches(role, missing, n)
+        for p, toks in zip(missing, tokens):
+            self._greedy[(role, tuple(p))] = toks
+
     @property
     def chunks_note(self) -> Optional[str]:
         if self.corpus is not None and self.n_chunks < self.settings.chunks:
@@ -378,15 +492,28 @@ class Audit:
         return ctx
 
     def token_counts(self) -> dict:
-        """Tokens processed so far per context role (batched vs single-step decode)."""
-        return {
-            role: {"batch_tokens": c.n_batch_tokens, "decode_tokens": c.n_decode_tokens}
-            for role, c in self._contexts.items()
-        }
+        """Tokens processed so far per role: batched prompt tokens, one-sequence decode steps,
+        and tokens decoded in multi-sequence steps (with the number of those steps)."""
+        counts: Dict[str, Dict[str, int]] = {}
+        for role, c in list(self._contexts.items()) + list(self._seq_contexts.items()):
+            into = counts.setdefault(role, dict(_ZERO_COUNTS))
+            into["batch_tokens"] += c.n_batch_tokens
+            into["decode_tokens"] += c.n_decode_tokens
+            into["seq_decode_tokens"] += getattr(c, "n_seq_decode_tokens", 0)
+            into["seq_decode_steps"] += getattr(c, "n_seq_decode_steps", 0)
+        return counts
 
     def measure(self, axis_module, unit) -> dict:
         """Run one item (``--refract-repeat`` times) and record the tokens it cost, so a
         benchmark can compare wall time with llama.cpp's raw throughput for the same tokens."""
+        if axis_module.NAME != getattr(self, "_axis_now", None):
+            # A new axis: what the previous one kept for its batches is not needed any more
+            # (the KLD axis, where memory peaks, uses none of it).
+            self._axis_now = axis_module.NAME
+            self.batch_results.clear()
+            self._ref_memory.pop("trajectory-batch", None)
+            if axis_module.NAME not in BATCHED_AXES:
+                self.release_sequences()
         result = self._measure_once(axis_module, unit)
         repeats = []
         for _ in range(self.settings.repeat - 1):
@@ -400,6 +527,7 @@ class Audit:
         """Drop everything a repetition could reuse: cached decodes and KV caches."""
         self._greedy.clear()
         self._ref_memory.clear()
+        self.batch_results.clear()
         for ctx in self._contexts.values():
             ctx.reset()
 
@@ -408,9 +536,8 @@ class Audit:
         before = self.token_counts()
         result = axis_module.measure(self, unit)
         after = self.token_counts()
-        zero = {"batch_tokens": 0, "decode_tokens": 0}
         result["compute"] = {
-            role: {k: counts[k] - before.get(role, zero)[k] for k in counts} for role, counts in after.items()
+            role: {k: counts[k] - before.get(role, _ZERO_COUNTS)[k] for k in counts} for role, counts in after.items()
         }
         result["reference_cache"] = {"hits": self.refcache.hits - cache_before[0],
                                      "misses": self.refcache.misses - cache_before[1]}
@@ -464,6 +591,23 @@ class Audit:
         }
         self._model_facts = facts
         return dict(facts)
+
+
+# Axes whose greedy decodes run in multi-sequence batches with --refract-decode-batch > 1,
+# and how many decode-batch widths of units a batch (one xdist group) holds. A trajectory batch
+# keeps its reference's log-probs until the candidates have run, so it holds one width; PLAD
+# keeps only token ids, so a longer queue keeps its batch full for longer.
+BATCHED_AXES = {"trajectory": 1, "plad": 4}
+_ZERO_COUNTS = {"batch_tokens": 0, "decode_tokens": 0, "seq_decode_tokens": 0, "seq_decode_steps": 0}
+
+
+def _batch_signature(prompts: List[List[int]]) -> List[int]:
+    """Every prompt of a decode batch, in order, as one id list (for cache keys)."""
+    flat: List[int] = [len(prompts)]
+    for p in prompts:
+        flat.append(len(p))
+        flat.extend(p)
+    return flat
 
 
 def _id_prefixes(candidates) -> Dict[str, str]:

@@ -10,6 +10,7 @@ changes logits, which would make reference and candidate incomparable.
 from __future__ import annotations
 
 import ctypes
+import math
 import re
 import threading
 from dataclasses import dataclass
@@ -288,6 +289,20 @@ class Engine:
             self._contexts[key] = ctx
         return ctx
 
+    def sequences_context(self, kv: KVConfig, types: Tuple[CacheType, CacheType], settings: ContextSettings,
+                          role: str, n_seq: int, n_ctx_seq: int) -> "SequencesContext":
+        """A context that decodes up to ``n_seq`` sequences together (see SequencesContext);
+        replaced when a larger one is asked for."""
+        key = (role, kv.label())
+        ctx = self._contexts.get(key)
+        if ctx is not None and (ctx.n_seq < n_seq or ctx.n_ctx_seq < n_ctx_seq):
+            self._contexts.pop(key).close()
+            ctx = None
+        if ctx is None:
+            ctx = SequencesContext(self, kv, types, settings, n_seq, n_ctx_seq)
+            self._contexts[key] = ctx
+        return ctx
+
     def drop_context(self, role: str) -> None:
         for key in [k for k in self._contexts if k[0] == role]:
             self._contexts.pop(key).close()
@@ -307,6 +322,34 @@ class Engine:
             pass
 
 
+def _new_context(engine: "Engine", kv: KVConfig, types: Tuple[CacheType, CacheType], settings: ContextSettings,
+                 n_ctx: int, n_seq: int):
+    params = llama_cpp.llama_context_default_params()
+    params.n_ctx = n_ctx
+    params.n_batch = settings.n_batch
+    params.n_ubatch = settings.n_ubatch
+    params.n_seq_max = n_seq
+    # One KV stream per sequence: each sequence attends over its own cells only, so its
+    # logits are bit-identical to decoding it alone (tested); a unified cache is not (f16 V
+    # with flash attention differs by up to ~1 logit) and is slower.
+    params.kv_unified = n_seq == 1
+    params.n_threads = settings.n_threads
+    params.n_threads_batch = settings.n_threads
+    params.type_k = types[0].ggml_type
+    params.type_v = types[1].ggml_type
+    params.flash_attn_type = (
+        llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if kv.fa else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
+    )
+    params.offload_kqv = not kv.nkvo
+    params.swa_full = kv.swa_full
+    params.no_perf = True
+    ctx = llama_cpp.llama_init_from_model(engine._model, params)
+    if not ctx:
+        why = _last_error() or "see llama.cpp's log"
+        raise MeasurementError(f"llama.cpp could not create a context for {kv.label()}: {why}")
+    return ctx
+
+
 class Context:
     """A llama.cpp context for one KV configuration, with one sequence."""
 
@@ -314,25 +357,7 @@ class Context:
         self.engine = engine
         self.kv = kv
         self.settings = settings
-        params = llama_cpp.llama_context_default_params()
-        params.n_ctx = settings.n_ctx
-        params.n_batch = settings.n_batch
-        params.n_ubatch = settings.n_ubatch
-        params.n_seq_max = 1
-        params.n_threads = settings.n_threads
-        params.n_threads_batch = settings.n_threads
-        params.type_k = types[0].ggml_type
-        params.type_v = types[1].ggml_type
-        params.flash_attn_type = (
-            llama_cpp.LLAMA_FLASH_ATTN_TYPE_ENABLED if kv.fa else llama_cpp.LLAMA_FLASH_ATTN_TYPE_DISABLED
-        )
-        params.offload_kqv = not kv.nkvo
-        params.swa_full = kv.swa_full
-        params.no_perf = True
-        self._ctx = llama_cpp.llama_init_from_model(engine._model, params)
-        if not self._ctx:
-            why = _last_error() or "see llama.cpp's log"
-            raise MeasurementError(f"llama.cpp could not create a context for {kv.label()}: {why}")
+        self._ctx = _new_context(engine, kv, types, settings, settings.n_ctx, 1)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(settings.n_batch, 0, 1)
         self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
@@ -467,3 +492,148 @@ class Context:
             self._decode([tok], pos, [True])
             pos += 1
         return out, (np.stack(kept) if keep_logits and kept else None)
+
+
+class SequencesContext:
+    """A context that decodes several sequences in one llama.cpp batch, one KV stream each.
+
+    Each step feeds one token per unfinished sequence in a single llama_decode, so the weights
+    are read once for all of them. Prompts are still evaluated one sequence at a time, cut at
+    n_batch exactly as Context does, and every stream is private to its sequence: the logits
+    of each sequence are bit-identical to decoding it alone (tested), so batching changes
+    speed, never numbers, and reference and candidate need not share a layout to compare."""
+
+    def __init__(self, engine: Engine, kv: KVConfig, types: Tuple[CacheType, CacheType], settings: ContextSettings,
+                 n_seq: int, n_ctx_seq: int):
+        self.engine = engine
+        self.kv = kv
+        self.settings = settings
+        self.n_seq = n_seq
+        self.n_ctx_seq = int(math.ceil(n_ctx_seq / 256.0) * 256)
+        self._ctx = _new_context(engine, kv, types, settings, self.n_ctx_seq * n_seq, n_seq)
+        self._mem = llama_cpp.llama_get_memory(self._ctx)
+        self._batch = llama_cpp.llama_batch_init(max(settings.n_batch, n_seq), 0, 1)
+        self.n_vocab = engine.n_vocab
+        self.n_batch_tokens = 0
+        self.n_decode_tokens = 0
+        # Tokens decoded in multi-sequence steps, and those steps: a benchmark prices them at
+        # the batched rate, not the one-sequence rate.
+        self.n_seq_decode_tokens = 0
+        self.n_seq_decode_steps = 0
+        self._length = [0] * n_seq
+
+    def close(self) -> None:
+        if self._ctx:
+            llama_cpp.llama_batch_free(self._batch)
+            llama_cpp.llama_free(self._ctx)
+            self._ctx = None
+
+    def _run(self, rows: Sequence[Tuple[int, int, bool]], seq_of: Sequence[int]) -> int:
+        """Decode (token, position, wants logits) rows, row i in sequence seq_of[i]."""
+        b = self._batch
+        n_out = 0
+        for i, ((tok, pos, flag), seq) in enumerate(zip(rows, seq_of)):
+            if pos != self._length[seq]:
+                raise MeasurementError(f"internal: sequence {seq} decoding at {pos} with {self._length[seq]} cached")
+            if pos >= self.n_ctx_seq:
+                raise MeasurementError(f"{pos + 1} tokens do not fit a sequence of {self.n_ctx_seq}; raise --refract-ctx")
+            b.token[i] = tok
+            b.pos[i] = pos
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = seq
+            b.logits[i] = flag
+            n_out += bool(flag)
+            self._length[seq] += 1
+        b.n_tokens = len(rows)
+        rc = llama_cpp.llama_decode(self._ctx, b)
+        if rc != 0:
+            raise MeasurementError(f"llama_decode failed (code {rc}) decoding {len(rows)} sequence rows")
+        return n_out
+
+    def _view(self, n_rows: int) -> np.ndarray:
+        view = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(n_rows, self.n_vocab))
+        view.flags.writeable = False
+        return view
+
+    def clear(self, seq: int) -> None:
+        self.truncate(seq, 0)
+
+    def truncate(self, seq: int, n_keep: int) -> None:
+        if not llama_cpp.llama_memory_seq_rm(self._mem, seq, int(n_keep), -1):
+            raise MeasurementError("llama.cpp could not truncate a sequence's KV cache")
+        self._length[seq] = min(self._length[seq], int(n_keep))
+
+    def evaluate_each(self, seq: int, tokens: Sequence[int], start_pos: int, logits_from: int, consume) -> None:
+        """As Context.evaluate_each, for one sequence (cut at n_batch the same way)."""
+        step = self.settings.n_batch
+        done = 0
+        for off in range(0, len(tokens), step):
+            part = tokens[off : off + step]
+            rows = [(int(t), start_pos + off + i, off + i >= logits_from) for i, t in enumerate(part)]
+            if len(part) == 1:
+                self.n_decode_tokens += 1
+            else:
+                self.n_batch_tokens += len(part)
+            n_out = self._run(rows, [seq] * len(part))
+            if n_out:
+                consume(done, self._view(n_out))
+                done += n_out
+
+    def greedy_many(self, prompts: Sequence[Sequence[int]], n_predict: int, on_row=None, on_finish=None) -> List[List[int]]:
+        """Greedy-decode every prompt, each in a sequence of its own, with continuous
+        batching: up to n_seq sequences step together (one token each per llama_decode), and
+        when one ends (end-of-generation or n_predict tokens) the next prompt takes its slot,
+        so the batch stays full until the queue drains. The schedule depends only on the
+        prompts and the tokens, so it is the same on every run.
+
+        ``on_row(index, step, logits_view)`` sees each step's logits (valid only during the
+        call); ``on_finish(index, slot)`` runs when prompt ``index`` is done, before its slot
+        is reused (its KV cache is still there). Returns the token ids per prompt."""
+        out: List[List[int]] = [[] for _ in prompts]
+        for prompt in prompts:
+            if len(prompt) + n_predict > self.n_ctx_seq:
+                raise MeasurementError(
+                    f"prompt of {len(prompt)} tokens + {n_predict} predicted do not fit the context of {self.n_ctx_seq}"
+                )
+        queue = list(range(len(prompts)))[::-1]
+        slot_of: Dict[int, int] = {}
+        active: List[int] = []
+
+        def start(slot: int) -> None:
+            # Prompts are evaluated one sequence at a time; a prompt that ends at once (its
+            # first token ends generation) frees the slot for the next one straight away.
+            while queue:
+                i = queue.pop()
+                slot_of[i] = slot
+                self.clear(slot)
+                last: List[np.ndarray] = []
+                self.evaluate_each(slot, prompts[i], 0, len(prompts[i]) - 1, lambda first, view: last.append(view))
+                if self._take(i, 0, last[0][-1], out, n_predict, on_row):
+                    active.append(i)
+                    return
+                if on_finish is not None:
+                    on_finish(i, slot)
+
+        for slot in range(min(self.n_seq, len(prompts))):
+            start(slot)
+        while active:
+            rows = [(out[i][-1], len(prompts[i]) + len(out[i]) - 1, True) for i in active]
+            self.n_seq_decode_tokens += len(rows)
+            self.n_seq_decode_steps += 1
+            self._run(rows, [slot_of[i] for i in active])
+            view = self._view(len(active))
+            finished = [i for j, i in enumerate(active) if not self._take(i, len(out[i]), view[j], out, n_predict, on_row)]
+            for i in finished:
+                active.remove(i)
+                if on_finish is not None:
+                    on_finish(i, slot_of[i])
+                start(slot_of[i])
+        return out
+
+    def _take(self, i, step, row, out, n_predict, on_row) -> bool:
+        """Record sequence i's greedy token from ``row``; True while it goes on."""
+        if on_row is not None:
+            on_row(i, step, row)
+        tok = int(np.argmax(row))
+        out[i].append(tok)
+        return not (self.engine.is_eog(tok) or len(out[i]) == n_predict)

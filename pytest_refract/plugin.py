@@ -84,6 +84,7 @@ class RefractCollector(pytest.Collector):
     """Parent of the audit's items, so they exist even in a folder with no test files."""
 
     def collect(self):
+        from .audit import BATCHED_AXES
         from .axes import AXES, ORDER
 
         rs = get_session(self.config)
@@ -93,14 +94,18 @@ class RefractCollector(pytest.Collector):
                 continue
             # Unit-major, candidates innermost: the candidates of one unit run back to back and
             # share the reference's result for that unit (computed once, kept in memory).
-            for unit in AXES[axis].units(audit):
+            batched = audit.settings.decode_batch > 1 and axis in BATCHED_AXES
+            size = audit.settings.decode_batch * BATCHED_AXES.get(axis, 1)
+            for index, unit in enumerate(AXES[axis].units(audit)):
+                # Consecutive units form a decode batch; with `-n N --dist loadgroup` a batch
+                # (or, unbatched, a unit) goes to one worker with all its candidates.
+                group = f"{axis}-batch{index // size}" if batched else f"{axis}-{unit['id']}"
                 for role in audit.candidate_roles:
                     item = RefractItem.from_parent(
                         self, name=f"test_{axis}[{audit.id_prefix[role]}{unit['id']}]", axis=axis,
-                        unit=dict(unit, candidate=role),
+                        unit=dict(unit, candidate=role, batch=index // size if batched else None),
                     )
-                    # With `-n N --dist loadgroup`, a unit's candidates go to the same worker.
-                    item.add_marker(pytest.mark.xdist_group(f"{axis}-{unit['id']}"))
+                    item.add_marker(pytest.mark.xdist_group(group))
                     yield item
 
 
@@ -178,6 +183,10 @@ class RefractSession:
         if report.failed:
             raise pytest.UsageError(f"pytest-refract could not collect its items: {report.longreprtext}")
         items.extend(report.result)
+
+    def pytest_collection_finish(self, session):
+        # After -k/-m: the items this process may run, so a decode batch holds only those.
+        self.audit.set_plan([(item.axis, item.unit) for item in session.items if isinstance(item, RefractItem)])
 
     # -- results ------------------------------------------------------------------------
 

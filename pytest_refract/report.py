@@ -79,9 +79,9 @@ def build_axes(results: Dict[str, Dict[str, dict]], failed: Dict[str, List[str]]
         compute: Dict[str, Dict[str, int]] = {}
         for r in ordered:
             for role, counts in r.get("compute", {}).items():
-                into = compute.setdefault(role, {"batch_tokens": 0, "decode_tokens": 0})
+                into = compute.setdefault(role, {})
                 for key, value in counts.items():
-                    into[key] += value
+                    into[key] = into.get(key, 0) + value
         section["compute"] = compute
         sections[name] = section
     return sections

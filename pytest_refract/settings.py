@@ -31,6 +31,8 @@ OPTIONS = (
     ("chunks", "string", "32", "KLD chunks to score (fewer if the corpus holds fewer)"),
     ("seed", "string", "0", "seed for anything random in the audit (greedy decoding itself is deterministic)"),
     ("threads", "string", None, "llama.cpp threads (default: all cores)"),
+    ("decode-batch", "string", "16", "prompts greedy-decoded together, one sequence each, in one llama.cpp batch "
+                                     "(trajectory and PLAD); 1 decodes one at a time"),
     ("gpu-layers", "string", "0", "layers to offload to a GPU (llama.cpp -ngl)"),
     ("rniah-lengths", "string", None, "R-NIAH haystack lengths in tokens (default 1024,2048,4096, capped at the model's context)"),
     ("rniah-positions", "string", "0.1,0.5,0.9", "R-NIAH needle positions as fractions of the haystack"),
@@ -130,6 +132,8 @@ class Settings:
     max_drop: float = 2.0
     n_batch: int = 512
     n_ubatch: int = 512
+    decode_batch: int = 1
+    decode_batch_note: Optional[str] = None
     extra: dict = field(default_factory=dict, compare=False)
 
     @property
@@ -153,7 +157,7 @@ class Settings:
             "flash_attn": self.reference.fa,
             "floor": self.floor,
             "repeat": self.repeat,
-            "decode_layout": "one sequence at a time, prompt in batches of n_batch, then one token per decode",
+            "decode_layout": self.decode_layout(),
             "rniah": {
                 "lengths": list(self.rniah_lengths) if self.rniah_lengths else None,
                 "positions": list(self.rniah_positions),
@@ -162,6 +166,24 @@ class Settings:
                 "answer_tokens": self.rniah_answer_tokens,
             },
         }
+
+
+def _decode_layout(self) -> dict:
+    layout = {
+        "sequences_per_batch": self.decode_batch,
+        "axes": ["trajectory", "plad"] if self.decode_batch > 1 else [],
+        "prompt_evaluation": "one sequence at a time, cut at n_batch",
+        "decode_step": ("one token for each unfinished sequence of a batch in one llama_decode, one KV stream per "
+                        "sequence; batches are consecutive selected prompts of an axis, the same for the "
+                        "reference, the floor and every candidate" if self.decode_batch > 1 else
+                        "one token of one sequence per llama_decode"),
+    }
+    if self.decode_batch_note:
+        layout["note"] = self.decode_batch_note
+    return layout
+
+
+Settings.decode_layout = _decode_layout
 
 
 def read_settings(config) -> Optional[Settings]:
@@ -229,7 +251,11 @@ def read_settings(config) -> Optional[Settings]:
     if not (0 <= max_drop <= 100):
         raise UsageProblem(f"--refract-max-drop={max_drop_raw} must be between 0 and 100")
     rniah = _rniah_settings(config)
+    repeat = _int(config, "repeat", 1)
+    decode_batch, decode_batch_note = _decode_batch(config, repeat)
     return Settings(
+        decode_batch=decode_batch,
+        decode_batch_note=decode_batch_note,
         **rniah,
         model=model,
         reference=reference,
@@ -240,7 +266,7 @@ def read_settings(config) -> Optional[Settings]:
         item_fail_under=item_fail_under,
         json_path=json_path,
         html_path=html_path,
-        repeat=_int(config, "repeat", 1),
+        repeat=repeat,
         cache_dir=_cache_dir(config),
         clear_cache=bool(_get(config, "clear-cache")),
         baseline_path=_get(config, "baseline"),
@@ -255,6 +281,20 @@ def read_settings(config) -> Optional[Settings]:
         gpu_layers=_int(config, "gpu-layers", 0),
         floor=bool(_get(config, "floor")),
     )
+
+
+def _decode_batch(config, repeat: int) -> Tuple[int, Optional[str]]:
+    """Sequences per decode batch, and why it was lowered to 1 when it was."""
+    wanted = _int(config, "decode-batch", 1)
+    if wanted > 1 and repeat > 1:
+        # A repetition re-measures one item; in a batch it would redo the whole batch.
+        return 1, "--refract-repeat decodes one sequence at a time"
+    dist = getattr(config.option, "dist", "no") or "no"
+    if wanted > 1 and dist not in ("no", "loadgroup"):
+        # Only loadgroup keeps a batch's items on one worker; elsewhere each worker would
+        # decode prompts that another worker's items need.
+        return 1, f"--dist {dist} spreads a batch over workers; use --dist loadgroup to decode in batches"
+    return wanted, None
 
 
 def _cache_dir(config) -> Optional[str]:

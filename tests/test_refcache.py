@@ -11,6 +11,7 @@ from conftest import read_report
 from test_plugin_tiny import _args
 
 from pytest_refract.refcache import (
+    CompressedRows,
     LogprobRows,
     ReferenceCache,
     RefCacheWarning,
@@ -152,3 +153,15 @@ def test_logprob_rows_dequantize_slices_exactly_like_the_whole():
     assert all(np.array_equal(a[k], b[k]) for k in a)
     with pytest.raises(TypeError):
         rows[3]
+
+
+def test_compressed_rows_hold_exactly_the_16bit_rows():
+    rng = np.random.RandomState(5)
+    logits = rng.normal(0, 4, size=(9, 300)).astype(np.float32)
+    rows = CompressedRows(300)
+    for row in logits:
+        rows.append_logits(row)
+    whole = quantize_logprobs(logits)
+    assert rows.shape == (9, 300) and len(rows) == 9
+    assert all(np.array_equal(rows.stored()[k], whole[k]) for k in whole)
+    assert np.array_equal(np.asarray(rows[2:5]), dequantize_logprobs(whole)[2:5])

@@ -47,6 +47,8 @@ def measure(audit, unit) -> dict:
     roles = {"reference": "reference", "candidate": unit["candidate"]}
     if audit.settings.floor:
         roles["floor"] = "floor"
+    if audit.settings.decode_batch > 1:
+        _prefetch_batch(audit, unit, roles)
     drifts: Dict[str, float] = {}
     for name, role in roles.items():
         anchor = audit.greedy_tokens(role, anchor_tokens)
@@ -67,6 +69,22 @@ def measure(audit, unit) -> dict:
         base["floor_excess"] = max(0.0, drifts["floor"] - drifts["reference"])
     base["wall_s"] = time.perf_counter() - started
     return base
+
+
+def _prefetch_batch(audit, unit, roles) -> None:
+    """Decode the anchors and perturbed prompts of the unit's whole batch together, per role
+    (anchors the trajectory axis already decoded are reused, as in the serial path)."""
+    units, cand_roles = audit.batch_of(NAME, unit)
+    prompts = []
+    for u in units:
+        if u["perturbed"] is not None:
+            prompts.append(audit.chat_tokens(u["prompt"].prompt))
+            prompts.append(audit.chat_tokens(u["perturbed"]))
+    wanted = ["reference"] + [r for r in cand_roles] + (["floor"] if "floor" in roles.values() else [])
+    if unit["candidate"] not in wanted:
+        wanted.append(unit["candidate"])
+    for role in wanted:
+        audit.prefetch_greedy(role, prompts)
 
 
 def aggregate(results: List[dict]) -> dict:

@@ -9,6 +9,7 @@ from typing import List
 
 import numpy as np
 
+from ..errors import MeasurementError
 from ..scoring import (
     band_for,
     first_divergence,
@@ -65,14 +66,82 @@ def _divergence_texts(engine, ref_tokens, cand_tokens) -> dict:
     }
 
 
+def _measure_batch(audit, unit) -> None:
+    """Decode the unit's whole batch (see Audit.batch_of) for the reference, every candidate
+    that needs it and the floor, one multi-sequence batch per role, and leave each item's
+    tokens and teacher-forced KLD in audit.batch_results."""
+    units, roles = audit.batch_of(NAME, unit)
+    prompts = [audit.chat_tokens(u["prompt"].prompt) for u in units]
+    refs = audit.reference_trajectories(prompts)
+    audit.batch_results.clear()
+    sides = [(role, role, True) for role in roles]
+    if audit.settings.floor:
+        sides.append(("floor", "floor", False))
+    for role, key, use_logprobs in sides:
+        compared = _compare_batch(audit, role, prompts, refs, use_logprobs)
+        for u, p, (ref_tokens, _, _), (tokens, tf_kld) in zip(units, prompts, refs, compared):
+            audit.remember_greedy("reference", p, ref_tokens)
+            audit.remember_greedy(role, p, tokens)
+            audit.batch_results[(NAME, key, u["id"])] = {"ref_tokens": ref_tokens, "tokens": tokens, "tf_kld": tf_kld}
+
+
+def _compare_batch(audit, role, prompts, refs, ref_is_logprobs):
+    """Batched _compare: the role's greedy decodes, with the KLD of each step that still
+    follows the reference computed as it comes (no logits are kept). When a sequence that
+    left the reference path finishes, its cache is cut back to the shared prefix and fed the
+    rest of the reference continuation, as _teacher_forced_logits does for one sequence."""
+    klds: List[List[float]] = [[] for _ in prompts]
+    ref_rows = [ref[1] if ref_is_logprobs else ref[2] for ref in refs]
+    ref_tokens = [ref[0] for ref in refs]
+    decoded: List[List[int]] = [[] for _ in prompts]
+
+    def on_row(i, step, row):
+        # Row `step` follows the reference while every earlier token matched it.
+        if step < len(ref_tokens[i]) and decoded[i] == ref_tokens[i][:step]:
+            stats = kld_positions(ref_rows[i][step : step + 1], row[None, :], ref_tokens[i][step : step + 1],
+                                  ref_is_logprobs=ref_is_logprobs)
+            klds[i].append(float(stats["kld"][0]))
+        decoded[i].append(int(np.argmax(row)))
+
+    def on_finish(ctx, i, slot):
+        n_ref, valid = len(ref_tokens[i]), len(klds[i])
+        if valid >= n_ref:
+            return
+        shared = valid - 1  # tokens of the continuation already in the sequence's cache
+        ctx.truncate(slot, len(prompts[i]) + shared)
+
+        def take(first, view):
+            rows = slice(valid + first, valid + first + view.shape[0])
+            stats = kld_positions(ref_rows[i][rows], view, ref_tokens[i][rows], ref_is_logprobs=ref_is_logprobs)
+            klds[i].extend(float(k) for k in stats["kld"])
+
+        ctx.evaluate_each(slot, ref_tokens[i][shared : n_ref - 1], len(prompts[i]) + shared, 0, take)
+
+    tokens = audit._greedy_batches(role, prompts, audit.settings.n_predict, on_row, on_finish)
+    out = []
+    for i, toks in enumerate(tokens):
+        if len(klds[i]) != len(ref_tokens[i]):
+            raise MeasurementError(f"internal: {len(klds[i])} teacher-forced rows for {len(ref_tokens[i])} reference tokens")
+        out.append((toks, float(np.mean(klds[i]))))
+    return out
+
+
 def measure(audit, unit) -> dict:
     prompt = unit["prompt"]
     started = time.perf_counter()
     prompt_tokens = audit.chat_tokens(prompt.prompt)
-    ref_tokens, ref_logprobs, ref_exact = audit.reference_trajectory(prompt_tokens)
-    cand_tokens, tf_kld = _compare(audit, audit.context(unit["candidate"]), prompt_tokens, ref_tokens, ref_logprobs, True)
-    audit.remember_greedy("reference", prompt_tokens, ref_tokens)
-    audit.remember_greedy(unit["candidate"], prompt_tokens, cand_tokens)
+    batched = audit.settings.decode_batch > 1
+    if batched:
+        if (NAME, unit["candidate"], unit["id"]) not in audit.batch_results:
+            _measure_batch(audit, unit)
+        done = audit.batch_results[(NAME, unit["candidate"], unit["id"])]
+        ref_tokens, cand_tokens, tf_kld = done["ref_tokens"], done["tokens"], done["tf_kld"]
+    else:
+        ref_tokens, ref_logprobs, ref_exact = audit.reference_trajectory(prompt_tokens)
+        cand_tokens, tf_kld = _compare(audit, audit.context(unit["candidate"]), prompt_tokens, ref_tokens,
+                                       ref_logprobs, True)
+        audit.remember_greedy("reference", prompt_tokens, ref_tokens)
+        audit.remember_greedy(unit["candidate"], prompt_tokens, cand_tokens)
     score = trajectory_item_score(ref_tokens, cand_tokens)
     result = {
         "id": prompt.id,
@@ -95,8 +164,12 @@ def measure(audit, unit) -> dict:
     }
     if audit.settings.floor:
         # The floor checks the engine bit for bit: against the exact reference logits.
-        floor_tokens, floor_tf = _compare(audit, audit.context("floor"), prompt_tokens, ref_tokens, ref_exact, False)
-        audit.remember_greedy("floor", prompt_tokens, floor_tokens)
+        if batched:
+            floor_done = audit.batch_results[(NAME, "floor", unit["id"])]
+            floor_tokens, floor_tf = floor_done["tokens"], floor_done["tf_kld"]
+        else:
+            floor_tokens, floor_tf = _compare(audit, audit.context("floor"), prompt_tokens, ref_tokens, ref_exact, False)
+            audit.remember_greedy("floor", prompt_tokens, floor_tokens)
         result["floor"] = {
             "ref_len": len(ref_tokens),
             "cand_len": len(floor_tokens),
