@@ -12,6 +12,7 @@ tokens (rates measured in this run through the same library), and the --refract-
 from __future__ import annotations
 
 import argparse
+import json
 import os
 import sys
 import tempfile
@@ -36,7 +37,8 @@ def compute_seconds(report: dict, rates: dict) -> float:
                 for role, counts in (item.get("compute") or {}).items():
                     r = rates["ctk=f16,ctv=f16"] if role in ("reference", "floor") else cand_rate
                     pp = r["pp_at"].get(item.get("length"), r["pp512"]) if name == "rniah" else r["pp512"]
-                    total += counts["batch_tokens"] / pp + counts["decode_tokens"] / r["tg128"]
+                    total += (counts["batch_tokens"] / pp + counts["decode_tokens"] / r["tg128"]
+                              + counts.get("seq_decode_tokens", 0) / r["tg128x16"])
     return total
 
 
@@ -83,6 +85,13 @@ def main() -> None:
         matrix = record("3-candidate matrix, one cold reference", run_audit(args.model, CANDIDATES[0], matrix_args, work))
         xdist = record("xdist -n 2 --dist loadgroup (no cache)",
                        run_audit(args.model, CANDIDATES[0], ["--refract-no-cache", "-n", "2", "--dist", "loadgroup"], work))
+        # Decode phase: the axes whose greedy decodes run in batches, one sequence at a time
+        # against the default 16 together.
+        phase = ["--refract-no-cache", "--refract-axes=trajectory,plad"]
+        one_at_a_time = record("trajectory+plad, 1 sequence per decode",
+                               run_audit(args.model, CANDIDATES[0], phase + ["--refract-decode-batch=1"], work))
+        batched = record("trajectory+plad, 16 sequences per decode",
+                         run_audit(args.model, CANDIDATES[0], phase, work))
         if not args.skip_full:
             full = record("--refract-full, cold (no cache)",
                           run_audit(args.model, CANDIDATES[0], ["--refract-no-cache", "--refract-full"], work))
@@ -96,7 +105,21 @@ def main() -> None:
     print(f"matrix / 3 separate cold runs    {matrix['wall_s'] / sep_total:.2f}   (target <= (N+1)/2N = 0.67)")
     print(f"xdist -n 2 / serial              {xdist['wall_s'] / separate[0]['wall_s']:.2f}   "
           f"composite {xdist['report']['composite']} vs serial {separate[0]['report']['composite']}")
-    print(f"peak RSS of a default audit      {separate[0]['peak_rss_mb']:.0f} MB  (model file {size_mb:.0f} MB)")
+    kv_mb = (separate[0]["report"].get("kv_cache_bytes_peak") or 0) / 1e6
+    print(f"peak RSS of a default audit      {separate[0]['peak_rss_mb']:.0f} MB  (budget: model file {size_mb:.0f} MB "
+          f"+ KV caches {kv_mb:.0f} MB + 400 MB = {size_mb + kv_mb + 400:.0f} MB)")
+    identical = all(
+        json.dumps(a.get(k)) == json.dumps(b.get(k))
+        for axis in ("trajectory", "plad")
+        for a, b in zip(one_at_a_time["report"]["axes"][axis]["items"], batched["report"]["axes"][axis]["items"])
+        for k in ("cand_tokens", "ref_tokens", "teacher_forced_kld", "ref_drift", "cand_drift")
+    )
+    for axis in ("trajectory", "plad"):
+        w1 = one_at_a_time["report"]["axes"][axis]["wall_s"]
+        w16 = batched["report"]["axes"][axis]["wall_s"]
+        print(f"{axis:<10} 1 seq {w1:6.1f} s, 16 seqs {w16:6.1f} s: {w1 / w16:.2f}x")
+    print(f"decode phase (trajectory+plad)   {one_at_a_time['wall_s'] / batched['wall_s']:.2f}x faster batched "
+          f"(target >= 2); item results identical: {'yes' if identical else 'NO'}")
 
 
 if __name__ == "__main__":

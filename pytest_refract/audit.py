@@ -336,7 +336,18 @@ class Audit:
                                                   n_threads=s.threads)
         ctx = self.engine.sequences_context(self.configs[role], self.types[role], shared, f"{role}#seq", n_seq, n_ctx_seq)
         self._seq_contexts[role] = ctx
+        self._note_kv_bytes()
         return ctx
+
+    def _note_kv_bytes(self) -> None:
+        """Track the most KV-cache memory held at once (all contexts), for the report: the
+        'both KV caches' term of a memory budget, batched-decoding streams included."""
+        total = 0
+        for role, ctx in self._contexts.items():
+            total += (self.kv_bytes_per_token(role) or 0) * ctx.n_ctx
+        for role, ctx in self._seq_contexts.items():
+            total += (self.kv_bytes_per_token(role) or 0) * ctx.n_ctx_seq * ctx.n_seq
+        self.kv_bytes_peak = max(getattr(self, "kv_bytes_peak", 0), total)
 
     def release_sequences(self) -> None:
         """Free the multi-sequence contexts (their KV caches) before axes that do not use them."""
@@ -489,6 +500,7 @@ class Audit:
                 self.engine.drop_context(role)
             ctx = self.engine.context(self.configs[role], self.types[role], shared, role)
             self._contexts[role] = ctx
+            self._note_kv_bytes()
         return ctx
 
     def token_counts(self) -> dict:

@@ -309,6 +309,9 @@ def build_report(
         "model": audit.model_facts(),
         "reference": s.reference.label(),
         "reference_kv_bytes_per_token": audit.kv_bytes_per_token("reference"),
+        # The most KV-cache memory this process held at once (under xdist: the controller's,
+        # which measures nothing; see each worker's own run).
+        "kv_cache_bytes_peak": getattr(audit, "kv_bytes_peak", 0) or None,
         "candidate": first["candidate"],
         "self_reference": first["self_reference"],
         "settings": settings,
