@@ -31,6 +31,7 @@ def _axis(name: str, key: str) -> Callable[[dict], Optional[float]]:
 
 METRICS: List[Metric] = [
     ("composite", lambda r: r.get("composite"), "{:.2f}", True),
+    ("KV memory vs reference", lambda r: (r.get("kv_cache") or {}).get("vs_reference"), "{:.3f}", False),
     ("trajectory score", _axis("trajectory", "score"), "{:.2f}", True),
     ("  full match rate", _axis("trajectory", "full_match_rate"), "{:.3f}", True),
     ("  median first divergence", _axis("trajectory", "median_first_divergence"), "{:g}", True),
@@ -115,6 +116,22 @@ def table(reports: List[dict], names: List[str]) -> List[List[str]]:
     return rows
 
 
+def expand_candidates(reports: List[dict], names: List[str]) -> Tuple[List[dict], List[str]]:
+    """One column per candidate: a matrix report contributes each of its candidates (named
+    ``file[candidate]``), so one matrix report alone already compares its configurations."""
+    columns, labels = [], []
+    for report, name in zip(reports, names):
+        sections = report.get("candidates") or []
+        if len(sections) < 2:
+            columns.append(report)
+            labels.append(name)
+            continue
+        for section in sections:
+            columns.append(dict(report, **section))
+            labels.append(f"{name}[{section.get('candidate', '?')}]")
+    return columns, labels
+
+
 def render_text(rows: List[List[str]]) -> str:
     widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
     lines = []
@@ -137,7 +154,8 @@ def render_markdown(rows: List[List[str]]) -> str:
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(prog="python -m pytest_refract compare",
                                      description="Compare pytest-refract JSON reports side by side.")
-    parser.add_argument("reports", nargs="+", help="JSON reports; the first is the base")
+    parser.add_argument("reports", nargs="+",
+                        help="JSON reports; the first is the base; a matrix report gives one column per candidate")
     parser.add_argument("--markdown", action="store_true", help="a Markdown table (for PR comments)")
     args = parser.parse_args(argv)
     try:
@@ -145,7 +163,7 @@ def main(argv=None) -> int:
     except CompareError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    names = [Path(p).name for p in args.reports]
-    rows = table(reports, names)
+    columns, names = expand_candidates(reports, [Path(p).name for p in args.reports])
+    rows = table(columns, names)
     print(render_markdown(rows) if args.markdown else render_text(rows))
     return 0

@@ -170,3 +170,21 @@ def test_fixture_without_model_skips(pytester):
     result = pytester.runpytest_subprocess("-rs")
     result.assert_outcomes(skipped=1)
     result.stdout.fnmatch_lines(["*needs --refract-model*"])
+
+
+def test_compare_gives_each_matrix_candidate_a_column(base_report, tmp_path):
+    a = compare.load_report(base_report)
+    second = copy.deepcopy(a)
+    second.update(candidate="ctk=q4_0,ctv=q4_0", composite=a["composite"] - 10, kv_cache={"vs_reference": 0.28125})
+    first = dict(copy.deepcopy(a), kv_cache={"vs_reference": 0.40625})
+    matrix = dict(copy.deepcopy(a), candidates=[first, second])
+    path = tmp_path / "matrix.json"
+    path.write_text(json.dumps(matrix))
+    out = subprocess.run([sys.executable, "-m", "pytest_refract", "compare", str(path)],
+                         capture_output=True, text=True, check=True).stdout
+    header = out.splitlines()[0]
+    assert f"matrix.json[{a['candidate']}]" in header and "matrix.json[ctk=q4_0,ctv=q4_0]" in header
+    composite = next(line for line in out.splitlines() if line.startswith("composite"))
+    assert "(-10.00 ▼)" in composite
+    kv = next(line for line in out.splitlines() if line.startswith("KV memory vs reference"))
+    assert "0.406" in kv and "0.281 (-0.125 ▲)" in kv

@@ -174,3 +174,33 @@ def test_examples_pass_against_smollm2(pytester, smollm2):
     data = read_report(report)
     assert set(data["custom"]["gates"]) == {"support-prompts", "domain-kld"}
     assert {m["kind"] for m in data["custom"]["measurements"]} == {"greedy", "kld", "needle", "gate"}
+
+
+def test_batched_decode_is_bit_identical_to_one_at_a_time(pytester, smollm2):
+    """Six bundled prompts, 4 sequences per batch: the trajectory axis runs two batches, PLAD
+    one queue of ~30 prompts that reuses slots as sequences finish; q8_0/q4_0 leaves the
+    reference's path, so teacher forcing runs in the batch's sequences too."""
+    reports = {}
+    for width in (1, 4):
+        report = pytester.path / f"w{width}.json"
+        result = pytester.runpytest_subprocess(
+            f"--refract-model={smollm2}", "--refract-candidate=ctk=q8_0,ctv=q4_0", "--refract-axes=trajectory,plad",
+            "--refract-n-predict=48", f"--refract-decode-batch={width}", "--refract-no-cache",
+            f"--refract-json={report}", "-k", "fact")
+        assert result.ret in (0, 1), result.stdout.str()[-2000:]
+        reports[width] = read_report(report)
+    serial, batched = reports[1], reports[4]
+    assert batched["settings"]["decode_layout"]["sequences_per_batch"] == 4
+    traj = list(zip(serial["axes"]["trajectory"]["items"], batched["axes"]["trajectory"]["items"]))
+    assert len(traj) == 6 and any(not s["full_match"] for s, _ in traj)
+    for s, b in traj:
+        for key in ("ref_tokens", "cand_tokens", "teacher_forced_kld", "score"):
+            assert s[key] == b[key], (s["id"], key)
+    plad = list(zip(serial["axes"]["plad"]["items"], batched["axes"]["plad"]["items"]))
+    assert len(plad) == 24
+    for s, b in plad:
+        assert [s.get(k) for k in ("ref_drift", "cand_drift", "score")] == [b.get(k) for k in ("ref_drift", "cand_drift", "score")]
+    assert sum(s.get("ref_drift") is not None for s, _ in plad) >= 18
+    assert serial["composite"] == batched["composite"]
+    compute = batched["axes"]["plad"]["compute"]["cand0"]
+    assert compute["decode_tokens"] == 0 and compute["seq_decode_tokens"] > 3 * compute["seq_decode_steps"]
