@@ -10,7 +10,6 @@ test's node id; ``refract.gate(name, score)`` adds a score of your own to the co
 
 from __future__ import annotations
 
-import re
 from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
@@ -136,8 +135,8 @@ class RefractFixture:
     def needle(self, length: int, position: float = 0.5, trials: int = 3, needle: Optional[str] = None,
                question: Optional[str] = None, answer: Optional[str] = None, haystack: Optional[str] = None) -> NeedleResult:
         """One R-NIAH cell with your own needle, question, answer pattern and haystack text."""
-        from .axes.rniah import answer_pattern
-        from .haystack import Haystack, strip_reasoning, trial_value
+        from .axes.rniah import run_trials
+        from .haystack import Haystack, strip_reasoning
 
         s = self.audit.settings
         needle = needle or s.rniah_needle
@@ -161,22 +160,17 @@ class RefractFixture:
         if limit and need > limit:
             raise UsageProblem(f"refract.needle: {length} tokens need {need} with template, question and answer; "
                                f"the model's context is {limit}")
-        hits = {"reference": 0, "candidate": 0}
-        answers = []
-        for trial in range(trials):
-            value = trial_value(s.seed, length, position, trial, s.rniah_values)
-            needle_tokens = eng.tokenize(" " + needle.replace("{value}", value), add_special=False)
-            body, _ = hay.build(length, position, needle_tokens)
-            tokens = list(head) + body + q_tokens + list(tail)
-            pattern = answer_pattern(answer, value)
-            record = {"value": value}
-            for name, role in (("reference", "reference"), ("candidate", self.role)):
-                out, _ = self.audit.context(role, min_ctx=need).greedy(tokens, budget)
-                reply = strip_reasoning(eng.detokenize(out))
-                hit = bool(re.search(pattern, reply))
-                hits[name] += hit
-                record[name] = {"answer": reply, "hit": hit}
-            answers.append(record)
+        def ask(role, tokens):
+            # Live on both sides (your needle is not in the reference cache's keys), in a
+            # context big enough for this haystack.
+            out, _ = self.audit.context(role, min_ctx=need).greedy(tokens, budget)
+            text = eng.detokenize(out)
+            return {"text": text, "answer": strip_reasoning(text)}
+
+        hits, answers, _ = run_trials(
+            self.audit, {"reference": "reference", "candidate": self.role}, length=length, position=position,
+            trials=trials, needle=needle, answer=answer, haystack=hay,
+            prompt_of=lambda body: list(head) + body + q_tokens + list(tail), ask=ask)
         result = NeedleResult(length, position, trials, hits["reference"], hits["candidate"], answers)
         self._record("needle", {"length": length, "position": position, "trials": trials,
                                 "ref_hits": result.ref_hits, "cand_hits": result.cand_hits,

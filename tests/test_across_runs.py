@@ -162,6 +162,30 @@ def test_fixture_measurements_join_report_and_gate(pytester, tiny_model, tiny_pr
     result.stdout.fnmatch_lines(["*custom mine: 42.00 FAIL*"])
 
 
+def test_needle_fixture_runs_the_axis_trials_with_your_needle(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    pytester.makepyfile(test_mine="""
+        def test_needle(refract):
+            cell = refract.needle(length=200, position=0.5, trials=2, needle="The code word is {value}.",
+                                  question="What is the code word?", answer="{value}")
+            assert cell.trials == 2 and len(cell.answers) == 2
+            values = [a["value"] for a in cell.answers]
+            assert len(set(values)) == 2  # a seeded value per trial
+            for a in cell.answers:
+                # Self-reference: the candidate's context is the reference's config.
+                assert a["candidate"] == a["reference"]
+                assert isinstance(a["reference"]["hit"], bool)
+                assert 0 <= a["needle_offset"] < 200
+            assert cell.ref_hits == cell.cand_hits
+    """)
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=f16,ctv=f16", "--refract-axes=none",
+               f"--refract-json={report}"), "test_mine.py")
+    result.assert_outcomes(passed=1)
+    needle = next(m for m in read_report(report)["custom"]["measurements"] if m["kind"] == "needle")
+    assert needle["metrics"]["trials"] == 2 and needle["metrics"]["length"] == 200
+
+
 def test_fixture_without_model_skips(pytester):
     pytester.makepyfile(test_mine="""
         def test_uses_refract(refract):

@@ -45,6 +45,31 @@ def _ask(audit, role: str, tokens: List[int]) -> dict:
     return {"tokens": len(answer), "text": text, "answer": strip_reasoning(text)}
 
 
+def run_trials(audit, roles: dict, *, length: int, position: float, trials: int, needle: str, answer: str,
+               haystack, prompt_of, ask):
+    """The trials of one (length, position) cell, shared by the axis and the refract.needle
+    fixture: per trial a seeded value, the needle with it spliced into the haystack, the
+    prompt ``prompt_of(body)``, and each role's reply from ``ask(role, tokens)`` checked
+    against the answer pattern. Returns (hits per role name, trial records, last prompt)."""
+    s = audit.settings
+    hits = {name: 0 for name in roles}
+    records = []
+    tokens: List[int] = []
+    for trial in range(trials):
+        value = trial_value(s.seed, length, position, trial, s.rniah_values)
+        body, offset = haystack.build(length, position, audit.plain_tokens(" " + needle.replace("{value}", value)))
+        tokens = prompt_of(body)
+        pattern = answer_pattern(answer, value)
+        record = {"value": value, "needle_offset": offset}
+        for name, role in roles.items():
+            reply = ask(role, tokens)
+            hit = bool(pattern.search(reply["answer"]))
+            hits[name] += hit
+            record[name] = {"answer": reply["text"], "hit": hit}
+        records.append(record)
+    return hits, records, tokens
+
+
 def measure(audit, unit) -> dict:
     s = audit.settings
     started = time.perf_counter()
@@ -53,21 +78,10 @@ def measure(audit, unit) -> dict:
     roles = {"reference": "reference", "candidate": unit["candidate"]}
     if s.floor:
         roles["floor"] = "floor"
-    hits = {name: 0 for name in roles}
-    trials = []
-    for trial in range(s.rniah_trials):
-        value = trial_value(s.seed, length, position, trial, s.rniah_values)
-        needle = audit.plain_tokens(" " + s.rniah_needle.replace("{value}", value))
-        body, offset = audit.haystack.build(length, position, needle)
-        tokens = audit.rniah_prompt(body)
-        pattern = answer_pattern(s.rniah_answer, value)
-        record = {"value": value, "needle_offset": offset}
-        for name, role in roles.items():
-            reply = _ask(audit, role, tokens)
-            hit = bool(pattern.search(reply["answer"]))
-            hits[name] += hit
-            record[name] = {"answer": reply["text"], "hit": hit}
-        trials.append(record)
+    hits, trials, tokens = run_trials(
+        audit, roles, length=length, position=position, trials=s.rniah_trials, needle=s.rniah_needle,
+        answer=s.rniah_answer, haystack=audit.haystack, prompt_of=audit.rniah_prompt,
+        ask=lambda role, toks: _ask(audit, role, toks))
     n = s.rniah_trials
     ref_rate, cand_rate = hits["reference"] / n, hits["candidate"] / n
     scored = hits["reference"] > 0
