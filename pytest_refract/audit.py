@@ -61,6 +61,7 @@ class Audit:
         self._seq_contexts: Dict[str, object] = {}
         self._plan: Dict[tuple, Dict[str, tuple]] = {}
         self.batch_results: Dict[tuple, dict] = {}
+        self._axis_now: Optional[str] = None  # the axis of the last item measured
         self._tokenizer = None
         self._chat = None
         self._parts = None
@@ -331,9 +332,7 @@ class Audit:
 
     def sequences(self, role: str, n_seq: int, n_ctx_seq: int):
         """The role's multi-sequence context (grown when a batch needs more)."""
-        s = self.settings
-        shared = self._engine_mod.ContextSettings(n_ctx=n_ctx_seq, n_batch=s.n_batch, n_ubatch=s.n_ubatch,
-                                                  n_threads=s.threads)
+        shared = self._context_settings(n_ctx_seq)
         ctx = self.engine.sequences_context(self.configs[role], self.types[role], shared, f"{role}#seq", n_seq, n_ctx_seq)
         self._seq_contexts[role] = ctx
         self._note_kv_bytes()
@@ -363,6 +362,19 @@ class Audit:
         return ctx.greedy_many(prompts, n_predict, on_row, None if on_finish is None else
                                (lambda i, slot: on_finish(ctx, i, slot)))
 
+    def _load_batch(self, kind: str, keys: List[str]) -> Optional[list]:
+        """A decode batch's cache entries, or None unless every one is there: a batch is
+        recomputed whole, so each entry keeps the layout its key names."""
+        if not self._read_cache:
+            return None
+        entries = []
+        for key in keys:
+            entry = self.refcache.load(kind, key)
+            if entry is None:
+                return None
+            entries.append(entry)
+        return entries
+
     def reference_trajectories(self, prompts: List[List[int]]) -> list:
         """Batched reference_trajectory: (tokens, 16-bit log-probs, exact logits or None) per
         prompt, the prompts decoded together. A batch's layout can change a model's rounding
@@ -376,11 +388,10 @@ class Audit:
         value = self._recall("trajectory-batch", tuple(keys))
         if value is not None:
             return value
-        if self._read_cache:
-            entries = [self.refcache.load("trajectory", k) for k in keys]
-            if all(e is not None for e in entries):
-                value = [([int(t) for t in e["arrays"]["tokens"]], LogprobRows(e["arrays"]), None) for e in entries]
-                return self._remember("trajectory-batch", tuple(keys), value)
+        entries = self._load_batch("trajectory", keys)
+        if entries is not None:
+            value = [([int(t) for t in e["arrays"]["tokens"]], LogprobRows(e["arrays"]), None) for e in entries]
+            return self._remember("trajectory-batch", tuple(keys), value)
         floor = self.settings.floor
         # A batch holds every prompt's continuation until the candidates have run: kept
         # compressed, since 16 prompts x 128 steps x a 49k vocabulary is 200 MB at 16 bits.
@@ -413,12 +424,11 @@ class Audit:
         if role == "reference":
             batch = _batch_signature(missing)
             keys = [self.refcache.key("greedy", p, n, batch) for p in missing]
-            if self._read_cache:
-                entries = [self.refcache.load("greedy", k) for k in keys]
-                if all(e is not None for e in entries):
-                    for p, e in zip(missing, entries):
-                        self._greedy[("reference", tuple(p))] = [int(t) for t in e["arrays"]["tokens"]]
-                    return
+            entries = self._load_batch("greedy", keys)
+            if entries is not None:
+                for p, e in zip(missing, entries):
+                    self._greedy[("reference", tuple(p))] = [int(t) for t in e["arrays"]["tokens"]]
+                return
             tokens = self._greedy_batches(role, missing, n)
             for key, toks in zip(keys, tokens):
                 self.refcache.store("greedy", key, {"tokens": np.asarray(toks, dtype=np.int64)})
@@ -491,17 +501,20 @@ class Audit:
         size does not change the numbers: llama.cpp attends over the cells in use)."""
         ctx = self._contexts.get(role)
         if ctx is None or ctx.n_ctx < min_ctx:
-            s = self.settings
             n_ctx = max(self.context_size(), int(math.ceil(min_ctx / 256.0) * 256))
-            shared = self._engine_mod.ContextSettings(
-                n_ctx=n_ctx, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=s.threads
-            )
+            shared = self._context_settings(n_ctx)
             if ctx is not None:
                 self.engine.drop_context(role)
             ctx = self.engine.context(self.configs[role], self.types[role], shared, role)
             self._contexts[role] = ctx
             self._note_kv_bytes()
         return ctx
+
+    def _context_settings(self, n_ctx: int):
+        """What every context shares apart from its size: batch sizes and threads change
+        llama.cpp's numbers, so reference and candidates must agree on them."""
+        s = self.settings
+        return self._engine_mod.ContextSettings(n_ctx=n_ctx, n_batch=s.n_batch, n_ubatch=s.n_ubatch, n_threads=s.threads)
 
     def token_counts(self) -> dict:
         """Tokens processed so far per role: batched prompt tokens, one-sequence decode steps,
@@ -518,7 +531,7 @@ class Audit:
     def measure(self, axis_module, unit) -> dict:
         """Run one item (``--refract-repeat`` times) and record the tokens it cost, so a
         benchmark can compare wall time with llama.cpp's raw throughput for the same tokens."""
-        if axis_module.NAME != getattr(self, "_axis_now", None):
+        if axis_module.NAME != self._axis_now:
             # A new axis: what the previous one kept for its batches is not needed any more
             # (the KLD axis, where memory peaks, uses none of it).
             self._axis_now = axis_module.NAME

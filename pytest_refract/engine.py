@@ -350,6 +350,30 @@ def _new_context(engine: "Engine", kv: KVConfig, types: Tuple[CacheType, CacheTy
     return ctx
 
 
+def _logits_view(ctx, n_rows: int, n_vocab: int) -> np.ndarray:
+    """The last decode's output rows, read-only, in llama.cpp's own buffer (valid until the
+    next decode)."""
+    view = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n_rows, n_vocab))
+    view.flags.writeable = False
+    return view
+
+
+def _evaluate_in_batches(ctx, n_vocab: int, n_batch: int, tokens: Sequence[int], start_pos: int,
+                         logits_from: Optional[int], decode, consume) -> None:
+    """Feed ``tokens`` at start_pos.. cut at n_batch (the same cuts in every context, so the
+    layout, and with it the numbers, match), asking logits for tokens from index logits_from
+    on; ``decode(part, pos, want)`` runs one cut and returns its output row count, and each
+    cut's rows go to ``consume(first_row, view)``."""
+    first = len(tokens) if logits_from is None else logits_from
+    done = 0
+    for off in range(0, len(tokens), n_batch):
+        part = tokens[off : off + n_batch]
+        n_out = decode(part, start_pos + off, [off + i >= first for i in range(len(part))])
+        if n_out:
+            consume(done, _logits_view(ctx, n_out, n_vocab))
+            done += n_out
+
+
 class Context:
     """A llama.cpp context for one KV configuration, with one sequence."""
 
@@ -452,19 +476,8 @@ class Context:
             raise MeasurementError(
                 f"{start_pos + len(tokens)} tokens do not fit the context of {self.n_ctx}; raise --refract-ctx"
             )
-        first = len(tokens) if logits_from is None else logits_from
-        step = self.settings.n_batch
-        done = 0
-        for off in range(0, len(tokens), step):
-            part = tokens[off : off + step]
-            want = [off + i >= first for i in range(len(part))]
-            n_out = self._decode(part, start_pos + off, want)
-            if n_out:
-                ptr = llama_cpp.llama_get_logits(self._ctx)
-                view = np.ctypeslib.as_array(ptr, shape=(n_out, self.n_vocab))
-                view.flags.writeable = False
-                consume(done, view)
-                done += n_out
+        _evaluate_in_batches(self._ctx, self.n_vocab, self.settings.n_batch, tokens, start_pos, logits_from,
+                             self._decode, consume)
 
     def last_logits(self) -> np.ndarray:
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
@@ -550,11 +563,6 @@ class SequencesContext:
             raise MeasurementError(f"llama_decode failed (code {rc}) decoding {len(rows)} sequence rows")
         return n_out
 
-    def _view(self, n_rows: int) -> np.ndarray:
-        view = np.ctypeslib.as_array(llama_cpp.llama_get_logits(self._ctx), shape=(n_rows, self.n_vocab))
-        view.flags.writeable = False
-        return view
-
     def clear(self, seq: int) -> None:
         self.truncate(seq, 0)
 
@@ -565,19 +573,16 @@ class SequencesContext:
 
     def evaluate_each(self, seq: int, tokens: Sequence[int], start_pos: int, logits_from: int, consume) -> None:
         """As Context.evaluate_each, for one sequence (cut at n_batch the same way)."""
-        step = self.settings.n_batch
-        done = 0
-        for off in range(0, len(tokens), step):
-            part = tokens[off : off + step]
-            rows = [(int(t), start_pos + off + i, off + i >= logits_from) for i, t in enumerate(part)]
+
+        def decode(part, pos, want) -> int:
             if len(part) == 1:
                 self.n_decode_tokens += 1
             else:
                 self.n_batch_tokens += len(part)
-            n_out = self._run(rows, [seq] * len(part))
-            if n_out:
-                consume(done, self._view(n_out))
-                done += n_out
+            return self._run([(int(t), pos + i, flag) for i, (t, flag) in enumerate(zip(part, want))], [seq] * len(part))
+
+        _evaluate_in_batches(self._ctx, self.n_vocab, self.settings.n_batch, tokens, start_pos, logits_from,
+                             decode, consume)
 
     def greedy_many(self, prompts: Sequence[Sequence[int]], n_predict: int, on_row=None, on_finish=None) -> List[List[int]]:
         """Greedy-decode every prompt, each in a sequence of its own, with continuous
@@ -625,7 +630,7 @@ class SequencesContext:
             self.n_seq_decode_tokens += len(rows)
             self.n_seq_decode_steps += 1
             self._run(rows, [slot_of[i] for i in active])
-            view = self._view(len(active))
+            view = _logits_view(self._ctx, len(active), self.n_vocab)
             finished = [i for j, i in enumerate(active) if not self._take(i, len(out[i]), view[j], out, n_predict, on_row)]
             for i in finished:
                 active.remove(i)

@@ -141,6 +141,21 @@ class Settings:
         """The first candidate (the only one outside a matrix)."""
         return self.candidates[0]
 
+    def decode_layout(self) -> dict:
+        """Which decode layout produced the numbers (in the report's settings)."""
+        layout = {
+            "sequences_per_batch": self.decode_batch,
+            "axes": ["trajectory", "plad"] if self.decode_batch > 1 else [],
+            "prompt_evaluation": "one sequence at a time, cut at n_batch",
+            "decode_step": ("one token for each unfinished sequence of a batch in one llama_decode, one KV stream per "
+                            "sequence; batches are consecutive selected prompts of an axis, the same for the "
+                            "reference, the floor and every candidate" if self.decode_batch > 1 else
+                            "one token of one sequence per llama_decode"),
+        }
+        if self.decode_batch_note:
+            layout["note"] = self.decode_batch_note
+        return layout
+
     def as_dict(self) -> dict:
         return {
             "axes": list(self.axes),
@@ -166,24 +181,6 @@ class Settings:
                 "answer_tokens": self.rniah_answer_tokens,
             },
         }
-
-
-def _decode_layout(self) -> dict:
-    layout = {
-        "sequences_per_batch": self.decode_batch,
-        "axes": ["trajectory", "plad"] if self.decode_batch > 1 else [],
-        "prompt_evaluation": "one sequence at a time, cut at n_batch",
-        "decode_step": ("one token for each unfinished sequence of a batch in one llama_decode, one KV stream per "
-                        "sequence; batches are consecutive selected prompts of an axis, the same for the "
-                        "reference, the floor and every candidate" if self.decode_batch > 1 else
-                        "one token of one sequence per llama_decode"),
-    }
-    if self.decode_batch_note:
-        layout["note"] = self.decode_batch_note
-    return layout
-
-
-Settings.decode_layout = _decode_layout
 
 
 def read_settings(config) -> Optional[Settings]:

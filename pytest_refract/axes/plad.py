@@ -80,10 +80,8 @@ def _prefetch_batch(audit, unit, roles) -> None:
         if u["perturbed"] is not None:
             prompts.append(audit.chat_tokens(u["prompt"].prompt))
             prompts.append(audit.chat_tokens(u["perturbed"]))
-    wanted = ["reference"] + [r for r in cand_roles] + (["floor"] if "floor" in roles.values() else [])
-    if unit["candidate"] not in wanted:
-        wanted.append(unit["candidate"])
-    for role in wanted:
+    # batch_of's roles include this unit's candidate (it is in the plan, or the batch is itself).
+    for role in ["reference", *cand_roles] + (["floor"] if "floor" in roles.values() else []):
         audit.prefetch_greedy(role, prompts)
 
 
