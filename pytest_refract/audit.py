@@ -61,6 +61,7 @@ class Audit:
         self._seq_contexts: Dict[str, object] = {}
         self._plan: Dict[tuple, Dict[str, tuple]] = {}
         self.batch_results: Dict[tuple, dict] = {}
+        self.batch_seconds: Dict[tuple, float] = {}
         self._axis_now: Optional[str] = None  # the axis of the last item measured
         self._tokenizer = None
         self._chat = None
@@ -330,6 +331,18 @@ class Audit:
         roles = set().union(*(r for _, r in planned.values()))
         return [u for u, _ in planned.values()], [r for r in self.candidate_roles if r in roles]
 
+    def share_batch_time(self, axis: str, units: List[dict], role_seconds: Dict[str, float]) -> None:
+        """Spread a batch's measured time over its items: each candidate's items carry that
+        candidate's decode time plus an equal part of the shared work (reference, floor), so
+        per-item and per-candidate wall times stay true although one item ran the batch."""
+        cands = [r for r in role_seconds if r in self.candidate_roles]
+        if not cands or not units:
+            return
+        shared = sum(sec for r, sec in role_seconds.items() if r not in cands) / len(cands)
+        for role in cands:
+            for u in units:
+                self.batch_seconds[(axis, role, u["id"])] = (role_seconds[role] + shared) / len(units)
+
     def sequences(self, role: str, n_seq: int, n_ctx_seq: int):
         """The role's multi-sequence context (grown when a batch needs more)."""
         shared = self._context_settings(n_ctx_seq)
@@ -536,6 +549,7 @@ class Audit:
             # (the KLD axis, where memory peaks, uses none of it).
             self._axis_now = axis_module.NAME
             self.batch_results.clear()
+            self.batch_seconds.clear()
             self._ref_memory.pop("trajectory-batch", None)
             if axis_module.NAME not in BATCHED_AXES:
                 self.release_sequences()
@@ -553,6 +567,7 @@ class Audit:
         self._greedy.clear()
         self._ref_memory.clear()
         self.batch_results.clear()
+        self.batch_seconds.clear()
         for ctx in self._contexts.values():
             ctx.reset()
 

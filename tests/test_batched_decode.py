@@ -104,3 +104,19 @@ def test_decode_batch_must_be_positive(pytester, tiny_model, tiny_prompts, tiny_
                                                   "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-decode-batch=0"))
     assert result.ret == 4
     result.stderr.fnmatch_lines(["ERROR: --refract-decode-batch=0 must be at least 1"])
+
+
+def test_batch_time_is_shared_out_to_every_item_and_candidate(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    # One item measures its whole batch; each item's wall_s must still be its own share, so a
+    # matrix's second candidate does not read as free (it used to show 0.0 s).
+    _, report = _audit(pytester, tiny_model, tiny_prompts, tiny_corpus, "matrix", "--refract-no-cache",
+                       "--refract-candidate=ctk=q8_0,ctv=q8_0")
+    sections = report["candidates"]
+    assert len(sections) == 2
+    for section in sections:
+        for axis in ("trajectory", "plad"):
+            items = [r for r in section["axes"][axis]["items"] if not r.get("skipped")]
+            assert items and all(r["wall_s"] > 0 for r in items), (section["candidate"], axis)
+            # Shares of one batch are equal across its items, to float rounding.
+            shares = [r["wall_s"] for r in items]
+            assert max(shares) < 3 * min(shares), (section["candidate"], axis, shares)

@@ -47,8 +47,10 @@ def measure(audit, unit) -> dict:
     roles = {"reference": "reference", "candidate": unit["candidate"]}
     if audit.settings.floor:
         roles["floor"] = "floor"
-    if audit.settings.decode_batch > 1:
+    batch_s = 0.0  # time this item spent decoding its whole batch (shared out below)
+    if audit.settings.decode_batch > 1 and (NAME, unit["candidate"], unit["id"]) not in audit.batch_seconds:
         _prefetch_batch(audit, unit, roles)
+        batch_s = time.perf_counter() - started
     drifts: Dict[str, float] = {}
     for name, role in roles.items():
         anchor = audit.greedy_tokens(role, anchor_tokens)
@@ -67,7 +69,7 @@ def measure(audit, unit) -> dict:
     })
     if "floor" in drifts:
         base["floor_excess"] = max(0.0, drifts["floor"] - drifts["reference"])
-    base["wall_s"] = time.perf_counter() - started
+    base["wall_s"] = time.perf_counter() - started - batch_s + audit.batch_seconds.get((NAME, unit["candidate"], unit["id"]), 0.0)
     return base
 
 
@@ -80,9 +82,13 @@ def _prefetch_batch(audit, unit, roles) -> None:
         if u["perturbed"] is not None:
             prompts.append(audit.chat_tokens(u["prompt"].prompt))
             prompts.append(audit.chat_tokens(u["perturbed"]))
+    seconds = {}
     # batch_of's roles include this unit's candidate (it is in the plan, or the batch is itself).
     for role in ["reference", *cand_roles] + (["floor"] if "floor" in roles.values() else []):
+        started = time.perf_counter()
         audit.prefetch_greedy(role, prompts)
+        seconds[role] = time.perf_counter() - started
+    audit.share_batch_time(NAME, [u for u in units if u["perturbed"] is not None], seconds)
 
 
 def aggregate(results: List[dict]) -> dict:

@@ -72,17 +72,22 @@ def _measure_batch(audit, unit) -> None:
     tokens and teacher-forced KLD in audit.batch_results."""
     units, roles = audit.batch_of(NAME, unit)
     prompts = [audit.chat_tokens(u["prompt"].prompt) for u in units]
+    started = time.perf_counter()
     refs = audit.reference_trajectories(prompts)
+    seconds = {"reference": time.perf_counter() - started}
     audit.batch_results.clear()
     sides = [(role, role, True) for role in roles]
     if audit.settings.floor:
         sides.append(("floor", "floor", False))
     for role, key, use_logprobs in sides:
+        started = time.perf_counter()
         compared = _compare_batch(audit, role, prompts, refs, use_logprobs)
+        seconds[role] = time.perf_counter() - started
         for u, p, (ref_tokens, _, _), (tokens, tf_kld) in zip(units, prompts, refs, compared):
             audit.remember_greedy("reference", p, ref_tokens)
             audit.remember_greedy(role, p, tokens)
             audit.batch_results[(NAME, key, u["id"])] = {"ref_tokens": ref_tokens, "tokens": tokens, "tf_kld": tf_kld}
+    audit.share_batch_time(NAME, units, seconds)
 
 
 def _compare_batch(audit, role, prompts, refs, ref_is_logprobs):
@@ -131,9 +136,11 @@ def measure(audit, unit) -> dict:
     started = time.perf_counter()
     prompt_tokens = audit.chat_tokens(prompt.prompt)
     batched = audit.settings.decode_batch > 1
+    batch_s = 0.0  # time this item spent measuring its whole batch (shared out below)
     if batched:
         if (NAME, unit["candidate"], unit["id"]) not in audit.batch_results:
             _measure_batch(audit, unit)
+            batch_s = time.perf_counter() - started
         done = audit.batch_results[(NAME, unit["candidate"], unit["id"])]
         ref_tokens, cand_tokens, tf_kld = done["ref_tokens"], done["tokens"], done["tf_kld"]
     else:
@@ -176,7 +183,7 @@ def measure(audit, unit) -> dict:
             "prefix_agreement": prefix_agreement(ref_tokens, floor_tokens),
             "teacher_forced_kld": floor_tf,
         }
-    result["wall_s"] = time.perf_counter() - started
+    result["wall_s"] = time.perf_counter() - started - batch_s + audit.batch_seconds.get((NAME, unit["candidate"], unit["id"]), 0.0)
     return result
 
 
