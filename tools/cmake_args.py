@@ -1,0 +1,101 @@
+#!/usr/bin/env python3
+"""Print the CMAKE_ARGS that build llama-cpp-python's ggml for the CPU this runs on.
+
+    CMAKE_ARGS="$(python3 tools/cmake_args.py)" pip install --no-cache-dir -e .
+
+Standalone on purpose (standard library only, Python 3.6+): it runs before anything is installed.
+The README's install command, .ci/run and tox.ini all take their flags from here, so there is
+one place that decides them.
+
+Why not ggml's default (GGML_NATIVE=ON, i.e. -march=native): on Xeon VMs whose guest kernel
+does not enable AMX tiles, -march=native emits AMX instructions that die with SIGILL at first
+use. Why not one fixed flag list: AVX-512 code dies the same way on the many x86-64 CPUs without
+it. So every ggml x86 switch is set explicitly, ON only where /proc/cpuinfo lists what it needs,
+and AMX is always OFF.
+
+Overrides, strongest first: REFRACT_CMAKE_ARGS (printed as given), then a CMAKE_ARGS already in
+the environment (the user's own choice is kept as is).
+"""
+
+from __future__ import print_function
+
+import os
+import platform
+import sys
+
+# ggml option -> the /proc/cpuinfo flags it needs. Order is the order printed.
+X86_SWITCHES = (
+    ("GGML_SSE42", ("sse4_2",)),
+    ("GGML_AVX", ("avx",)),
+    ("GGML_AVX2", ("avx2",)),
+    ("GGML_BMI2", ("bmi2",)),
+    ("GGML_FMA", ("fma",)),
+    ("GGML_F16C", ("f16c",)),
+    # ggml's GGML_AVX512 compiles with -mavx512f -mavx512cd -mavx512vl -mavx512dq -mavx512bw.
+    ("GGML_AVX512", ("avx512f", "avx512cd", "avx512vl", "avx512dq", "avx512bw")),
+)
+# Kept OFF even where the CPU lists them: the AMX ones trap where the guest kernel has not
+# enabled tile state, and the AVX-512/AVX extensions stay off so that builds on different
+# AVX-512 machines compute the same ggml code paths (numbers are compared across runs).
+ALWAYS_OFF = ("GGML_AVX_VNNI", "GGML_AVX512_VBMI", "GGML_AVX512_VNNI", "GGML_AVX512_BF16",
+              "GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
+X86_MACHINES = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "x86")
+
+
+def cpu_flags(cpuinfo_text):
+    """The flags every processor lists (their intersection: on hybrid CPUs the cores differ,
+    and a thread may run on any of them). None when the text has no x86 'flags' line."""
+    common = None
+    for line in cpuinfo_text.splitlines():
+        key, sep, value = line.partition(":")
+        if sep and key.strip() == "flags":
+            flags = set(value.split())
+            common = flags if common is None else common & flags
+    return common
+
+
+def choose(cpuinfo_text, machine):
+    """(cmake arguments, one-line reason) for this CPU description."""
+    args = ["-DGGML_NATIVE=OFF"]
+    if machine.lower() not in X86_MACHINES:
+        return args, "%s: portable build (GGML_NATIVE=OFF)" % machine
+    flags = cpu_flags(cpuinfo_text)
+    if flags is None:
+        flags = set()
+        reason = "x86 CPU flags unknown (no readable /proc/cpuinfo): portable build without SIMD extensions"
+    else:
+        reason = None
+    enabled = []
+    for option, needs in X86_SWITCHES:
+        on = all(flag in flags for flag in needs)
+        args.append("-D%s=%s" % (option, "ON" if on else "OFF"))
+        if on:
+            enabled.append(option[len("GGML_"):])
+    args.extend("-D%s=OFF" % option for option in ALWAYS_OFF)
+    if reason is None:
+        amx = " (AMX listed by the CPU, kept off)" if any(f.startswith("amx") for f in flags) else ""
+        reason = "x86-64 build with %s; AMX off%s" % (", ".join(enabled) or "no SIMD extensions", amx)
+    return args, reason
+
+
+def main(argv=None, environ=None):
+    environ = os.environ if environ is None else environ
+    for name in ("REFRACT_CMAKE_ARGS", "CMAKE_ARGS"):
+        value = environ.get(name, "").strip()
+        if value:
+            print(value)
+            print("cmake_args: using %s from the environment as given" % name, file=sys.stderr)
+            return 0
+    try:
+        with open("/proc/cpuinfo") as handle:
+            text = handle.read()
+    except OSError:
+        text = ""
+    args, reason = choose(text, platform.machine())
+    print(" ".join(args))
+    print("cmake_args: " + reason, file=sys.stderr)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
