@@ -116,17 +116,36 @@ class Audit:
                         f"--refract-ctx={s.ctx}; give a longer --refract-corpus or a smaller --refract-ctx"
                     )
                 self.n_chunks = min(s.chunks, available)
-            limit = n_ctx_train or 0
-            for p in self.prompts:
-                toks = self.chat_tokens(p.prompt)
-                if limit and len(toks) + s.n_predict > limit:
-                    raise UsageProblem(
-                        f"prompt {p.id!r} is {len(toks)} tokens; with --refract-n-predict={s.n_predict} it exceeds "
-                        f"the model's context of {limit} tokens"
-                    )
+            self._check_prompts_fit(n_ctx_train or 0)
         finally:
             tok.close()
             self._tokenizer = None
+
+    def _check_prompts_fit(self, limit: int) -> None:
+        """Each prompt (in its chat template) plus --refract-n-predict generated tokens must fit
+        the model's context; say which of the two is at fault, and what would fit."""
+        s = self.settings
+        if limit and self.prompts and s.n_predict >= limit:
+            raise UsageProblem(
+                f"--refract-n-predict={s.n_predict} is not smaller than the model's context of {limit} tokens, "
+                f"which must hold the prompt as well as the answer; use a value well below {limit}"
+            )
+        source = s.prompts_path or "the bundled prompt set"
+        for p in self.prompts:
+            # Tokenized here even without a known limit: the vocabulary-only model is loaded now.
+            n = len(self.chat_tokens(p.prompt))
+            if not limit:
+                continue
+            if n >= limit:
+                raise UsageProblem(
+                    f"prompt {p.id!r} in {source} is {n} tokens in the chat template, longer than the model's "
+                    f"context of {limit} tokens; shorten it or leave it out"
+                )
+            if n + s.n_predict > limit:
+                raise UsageProblem(
+                    f"prompt {p.id!r} in {source} is {n} tokens; with --refract-n-predict={s.n_predict} it exceeds "
+                    f"the model's context of {limit} tokens; use --refract-n-predict={limit - n} or less"
+                )
 
     def _prepare_rniah(self, source) -> None:
         from .haystack import THINK_MARKERS, Haystack

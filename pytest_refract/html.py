@@ -765,8 +765,9 @@ def _rniah_heatmap(cells: List[dict]) -> str:
         '<figure class="fig heat-fig">'
         '<figcaption>Candidate hits vs reference hits per (haystack length &times; needle position) cell'
         "</figcaption>"
-        f'<table class="heatmap" id="rniah-heatmap"><thead><tr><th class="corner">length \\ needle at</th>{head}'
-        f"</tr></thead><tbody>{rows}</tbody></table>"
+        # In a scroll box: on a phone a grid of many positions scrolls itself, not the page.
+        f'<div class="scroll"><table class="heatmap" id="rniah-heatmap"><thead><tr><th class="corner">'
+        f'length \\ needle at</th>{head}</tr></thead><tbody>{rows}</tbody></table></div>'
         '<div class="legend"><span class="key"><span class="sw heat-scale"></span>degradation 0 &rarr; 1</span>'
         '<span class="key"><span class="sw heat-na"></span>n/a: the reference never retrieves</span></div>'
         "</figure>"
@@ -961,7 +962,12 @@ def _settings_table(report: dict) -> str:
 def _timing_table(report: dict, axes: List[Tuple[str, dict]]) -> str:
     rows = [(AXIS_TITLES.get(n, (n,))[0], _duration(s.get("wall_s"))) for n, s in axes]
     rows.append(("total (whole session)", _duration(report.get("wall_s"))))
-    rows.append(("finished", f'<span class="nowrap">{_esc(report.get("timestamp"))}</span>'))
+    # May break after the date's "T" (a narrow card has no room for the whole ISO timestamp
+    # next to its label); it never breaks inside the date or the time.
+    stamp = _esc(report.get("timestamp"))
+    date, sep, clock = stamp.partition("T")
+    shown = f'<span class="nowrap">{date}T</span><wbr><span class="nowrap">{clock}</span>' if sep else stamp
+    rows.append(("finished", shown))
     return _kv_table(rows)
 
 
@@ -1305,7 +1311,10 @@ details.more > summary { font-weight: 600; color: var(--accent); padding: 4px 0;
 .hit.yes { background: var(--excellent-soft); color: var(--excellent); }
 .hit.no { background: var(--fail-soft); color: var(--fail); }
 
-.details-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(340px, 1fr)); gap: 14px; }
+.details-grid { display: grid; grid-template-columns: repeat(auto-fit, minmax(min(340px, 100%), 1fr)); gap: 14px; }
+/* A grid item's automatic minimum is its content's width: without min-width 0 one long value
+   widens the whole card past its column instead of wrapping inside it. */
+.detail { min-width: 0; }
 .detail h3 { margin-top: 0; }
 pre { background: var(--code-bg); border: 1px solid var(--border); border-radius: 10px; padding: 12px 14px; overflow-x: auto; }
 pre.repro { white-space: pre-wrap; overflow-wrap: anywhere; }
@@ -1317,6 +1326,11 @@ footer { margin-top: 40px; padding-top: 12px; border-top: 1px solid var(--border
   .glance, .glance2, .chart-pair, .sides { grid-template-columns: 1fr; }
   summary.row { grid-template-columns: 14px 1fr 1fr 52px 96px; }
   summary.row .where { grid-column: 2 / -1; }
+  .heat { min-width: 0; padding: 8px 6px; }
+}
+/* A phone: the per-perturbation meters repeat the score beside them; the score and band stay. */
+@media (max-width: 480px) {
+  .per-kind .meter-col, .per-kind td:last-child { display: none; }
 }
 """
 

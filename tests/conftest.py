@@ -69,3 +69,14 @@ def read_report(path) -> dict:
         raise ValueError(f"non-strict JSON constant {constant}")
 
     return json.loads(Path(path).read_text(encoding="utf-8"), parse_constant=reject)
+
+
+def one_usage_error_line(result) -> str:
+    """A pytester result that is a usage error: exit 4, the message on exactly one ERROR line,
+    and no traceback anywhere. Returns that line."""
+    assert result.ret == 4, result.stdout.str() + result.stderr.str()
+    text = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in text and "INTERNALERROR" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1, text
+    return errors[0]

@@ -537,6 +537,43 @@ def test_html_in_chromium(tmp_path):
         driver.quit()
 
 
+# Every element drawn as a card, and by how many pixels its content overflows it (0 when it
+# fits). A card's overflow is visible, so content wider than the card widens its scrollWidth.
+_CARD_OVERFLOWS = """
+return Array.from(document.querySelectorAll('.card')).map(function (card) {
+  var title = card.querySelector('h3, .label');
+  return [card.id || (title ? title.textContent.trim() : card.className),
+          card.scrollWidth - card.clientWidth,
+          Math.round(card.getBoundingClientRect().right - document.documentElement.clientWidth)];
+});
+"""
+
+
+@pytest.mark.parametrize("sample", ["report_small_full.json", "report_traj_kld.json"])
+def test_no_card_overflows_at_phone_and_desktop_widths(tmp_path, sample):
+    """The run details' "Wall time" card once let its timestamp run out of the card at 1400 px."""
+    _browser_or_skip()
+    report = json.loads((SAMPLES_DIR / sample).read_text(encoding="utf-8"))
+    page = tmp_path / "report.html"
+    page.write_text(render_html(report), encoding="utf-8")
+    driver = _chromium(tmp_path)
+    try:
+        for width in (375, 1400):
+            driver.set_window_size(width, 1600)
+            driver.get(page.as_uri())
+            assert driver.execute_script("return window.innerWidth") <= width
+            cards = driver.execute_script(_CARD_OVERFLOWS)
+            titles = [title for title, _, _ in cards]
+            assert "Wall time" in titles and len(cards) >= 5, titles
+            overflowing = [(title, over) for title, over, _ in cards if over > 1]
+            assert not overflowing, (width, overflowing)
+            outside = [(title, right) for title, _, right in cards if right > 1]
+            assert not outside, (width, outside)
+            assert driver.execute_script("return document.documentElement.scrollWidth <= window.innerWidth"), width
+    finally:
+        driver.quit()
+
+
 def test_matrix_report_shows_the_ranking():
     base = json.loads((Path(__file__).parent / "data" / "report_traj_kld.json").read_text())
     other = dict(base, candidate="ctk=<b>q4_0</b>,ctv=q4_0", composite=12.5, band="FAIL")

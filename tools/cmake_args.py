@@ -2,6 +2,7 @@
 """Print the CMAKE_ARGS that build llama-cpp-python's ggml for the CPU this runs on.
 
     CMAKE_ARGS="$(python3 tools/cmake_args.py)" pip install --no-cache-dir -e .
+    python3 tools/cmake_args.py --exec pip install ...   # the same, for tools without a shell (tox)
 
 Standalone on purpose (standard library only, Python 3.6+): it runs before anything is installed.
 The README's install command, .ci/run and tox.ini all take their flags from here, so there is
@@ -78,22 +79,34 @@ def choose(cpuinfo_text, machine):
     return args, reason
 
 
-def main(argv=None, environ=None):
-    environ = os.environ if environ is None else environ
+def resolve(environ):
+    """(CMAKE_ARGS value, reason): an override from the environment, or the choice for this CPU."""
     for name in ("REFRACT_CMAKE_ARGS", "CMAKE_ARGS"):
         value = environ.get(name, "").strip()
         if value:
-            print(value)
-            print("cmake_args: using %s from the environment as given" % name, file=sys.stderr)
-            return 0
+            return value, "using %s from the environment as given" % name
     try:
         with open("/proc/cpuinfo") as handle:
             text = handle.read()
     except OSError:
         text = ""
     args, reason = choose(text, platform.machine())
-    print(" ".join(args))
+    return " ".join(args), reason
+
+
+def main(argv=None, environ=None):
+    argv = sys.argv[1:] if argv is None else argv
+    environ = os.environ if environ is None else environ
+    value, reason = resolve(environ)
     print("cmake_args: " + reason, file=sys.stderr)
+    if argv[:1] == ["--exec"] and len(argv) > 1:
+        env = dict(environ, CMAKE_ARGS=value)
+        print("cmake_args: CMAKE_ARGS=%s" % value, file=sys.stderr)
+        os.execvpe(argv[1], argv[1:], env)
+    if argv:
+        print("usage: cmake_args.py [--exec COMMAND ARGS...]", file=sys.stderr)
+        return 2
+    print(value)
     return 0
 
 
