@@ -80,3 +80,13 @@ def one_usage_error_line(result) -> str:
     errors = [line for line in text.splitlines() if line.startswith("ERROR:")]
     assert len(errors) == 1, text
     return errors[0]
+
+
+def plugin_args() -> list:
+    """Arguments that load the plugin in a pytest subprocess that is not a pytester run from
+    here: none when pytest-refract is installed (its pytest11 entry point loads it, as for a
+    user), `-p pytest_refract.plugin` in a checkout that is not installed yet."""
+    import importlib.metadata
+
+    installed = any(ep.name == "refract" for ep in importlib.metadata.entry_points(group="pytest11"))
+    return [] if installed else ["-p", "pytest_refract.plugin"]

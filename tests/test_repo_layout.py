@@ -4,7 +4,6 @@ the repository's tracked files, as a new user's clone."""
 
 from __future__ import annotations
 
-import importlib.metadata
 import os
 import shutil
 import subprocess
@@ -12,6 +11,8 @@ import sys
 from pathlib import Path
 
 import pytest
+
+from conftest import plugin_args
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -34,18 +35,11 @@ def clone(tmp_path_factory) -> Path:
     return dest
 
 
-def _plugin_args():
-    # Installed (pip install -e .), the plugin loads through its pytest11 entry point, as a
-    # user's does; in a checkout that is not installed yet, name it explicitly.
-    installed = any(ep.name == "refract" for ep in importlib.metadata.entry_points(group="pytest11"))
-    return [] if installed else ["-p", "pytest_refract.plugin"]
-
-
 def _pytest(cwd, *args):
     env = dict(os.environ)
     # The copy's own code must be what runs (PYTHONPATH may point at this checkout).
     env["PYTHONPATH"] = str(cwd)
-    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", *_plugin_args(), *args],
+    return subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", "--collect-only", "-q", *plugin_args(), *args],
                           cwd=cwd, env=env, capture_output=True, text=True, timeout=600)
 
 
