@@ -49,7 +49,7 @@ def _node_ids(done):
 
 def test_audit_at_the_root_collects_only_the_audit(clone, tiny_model, tiny_prompts, tiny_corpus):
     done = _pytest(clone, f"--refract-model={tiny_model}", "--refract-candidate=ctk=q8_0,ctv=q8_0",
-                   f"--refract-prompts={tiny_prompts}", f"--refract-corpus={tiny_corpus}")
+                   f"--refract-prompts={tiny_prompts}", f"--refract-corpus={tiny_corpus}", "--refract-ctx=64")
     ids = _node_ids(done)
     assert done.returncode == 0, done.stdout + done.stderr
     assert ids and all(i.startswith("refract::") for i in ids), ids
