@@ -125,3 +125,23 @@ def test_every_install_path_takes_its_flags_from_the_script():
         text = (ROOT / name).read_text()
         assert "tools/cmake_args.py" in text, name
         assert re.search(r"CMAKE_ARGS\s*=\s*[\"']?-D", text) is None, name
+
+
+def test_exec_runs_a_command_with_the_chosen_flags():
+    """tox's install_command goes through --exec (tox runs no shell to expand $(...))."""
+    env = {k: v for k, v in os.environ.items() if k not in ("CMAKE_ARGS", "REFRACT_CMAKE_ARGS")}
+    printed = _run({}).stdout.strip()
+    done = subprocess.run([sys.executable, "-S", "-E", str(SCRIPT), "--exec", sys.executable, "-c",
+                           "import os; print(os.environ['CMAKE_ARGS'])"],
+                          env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == printed
+    env["REFRACT_CMAKE_ARGS"] = "-DGGML_NATIVE=OFF -DGGML_AVX=OFF"
+    done = subprocess.run([sys.executable, "-S", "-E", str(SCRIPT), "--exec", sys.executable, "-c",
+                           "import os; print(os.environ['CMAKE_ARGS'])"],
+                          env=env, capture_output=True, text=True, check=True)
+    assert done.stdout.strip() == "-DGGML_NATIVE=OFF -DGGML_AVX=OFF"
+
+
+def test_unknown_arguments_are_refused():
+    done = subprocess.run([sys.executable, "-S", "-E", str(SCRIPT), "--avx512"], capture_output=True, text=True)
+    assert done.returncode == 2 and "usage:" in done.stderr and done.stdout == ""
