@@ -26,6 +26,12 @@ class Audit:
         self.info = read_gguf(self.model_path)
         check_outputs({"--refract-json": settings.json_path, "--refract-html": settings.html_path},
                       _input_files(settings, self.model_path))
+        from .refcache import prepare_cache_dir
+
+        # Only ever a folder this cache marked as its own, cleared of its own entries only;
+        # refused (or warned about) before anything loads.
+        self._cache_dir = (prepare_cache_dir(Path(settings.cache_dir), clear=settings.clear_cache and not is_worker)
+                           if settings.cache_dir else None)
 
         from . import engine as engine_mod  # llama_cpp is imported only when an audit exists
 
@@ -85,7 +91,7 @@ class Audit:
         self.rniah_answer_tokens = settings.rniah_answer_tokens
         self.rniah_thinking = False
         self._load_inputs()
-        self._init_reference_cache(is_worker)
+        self._init_reference_cache()
         self.baseline = None
         if settings.baseline_path:
             from .baseline import load_baseline
@@ -169,12 +175,11 @@ class Audit:
 
     # -- reference side (cached on disk, shared across candidates in memory) -------------
 
-    def _init_reference_cache(self, is_worker: bool) -> None:
-        from .refcache import ReferenceCache, model_identity, prepare_cache_dir
+    def _init_reference_cache(self) -> None:
+        from .refcache import ReferenceCache, model_identity
 
         s = self.settings
-        # Only ever a folder this cache marked as its own; cleared of its own entries only.
-        directory = prepare_cache_dir(Path(s.cache_dir), clear=s.clear_cache and not is_worker) if s.cache_dir else None
+        directory = self._cache_dir
         build = self._engine_mod.build_info()
         identity = {
             "model": model_identity(self.model_path),

@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
+from _pytest.config.exceptions import UsageError
+
 from .errors import UsageProblem
 from .kvconfig import KVConfig, parse_kv_config, share_flash_attention
 from .scoring import parse_threshold
@@ -84,7 +86,7 @@ def _get(config, name: str):
     if value is None:
         try:
             value = config.getini(dest)
-        except ValueError as exc:  # a bool ini key with a value that is not a truth value
+        except (ValueError, UsageError) as exc:  # a bool ini key whose value is no truth value
             raise UsageProblem(f"ini option {dest}: {exc}; use true or false") from None
     if isinstance(value, str):
         value = value.strip()
