@@ -111,7 +111,8 @@ class Audit:
             self.corpus = data.load_corpus(Path(s.corpus_path) if s.corpus_path else None)
         haystack_source = None
         if "rniah" in s.axes:
-            haystack_source = data.load_corpus(Path(s.haystack_path), "haystack", "--refract-haystack") if s.haystack_path else self.corpus
+            haystack_source = (data.load_corpus(Path(s.haystack_path), "haystack", "--refract-haystack")
+                               if s.haystack_path else self.corpus)
         # The vocabulary alone (no weights) is enough to count tokens at collection time, and
         # loading it proves llama.cpp accepts the file (architecture, tokenizer) before any
         # item runs.

@@ -445,7 +445,7 @@ def test_corrupted_gguf_never_becomes_a_perfect_score(pytester, smollm2):
     out = result.stdout.str()
     assert result.ret != 0, out
     assert "non-finite" in out, out
-    result.stdout.fnmatch_lines(["*gate: FAILED*"])
+    result.stdout.fnmatch_lines(["*gate FAILED*"])
     data = read_report(report)
     assert data["axes"]["kld"]["score"] is None and data["composite"] is None
     assert data["gate"]["passed"] is False and data["gate"]["reasons"]
