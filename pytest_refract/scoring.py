@@ -161,6 +161,14 @@ def kld_positions(
         out["nll_ref"][lo:hi] = -ref_lp[rows, tokens[lo:hi]]
         out["nll_cand"][lo:hi] = -cand_lp[rows, tokens[lo:hi]]
         out["same_top"][lo:hi] = ref_lp.argmax(axis=1) == cand_lp.argmax(axis=1)
+        # Finite logits always give finite log-probs; a row with NaN or Infinity anywhere is
+        # no measurement (a -inf would otherwise vanish under the cutoff), so its statistics
+        # are NaN and no score can come of them. Row sums: one pass, no temporary.
+        broken = ~(np.isfinite(ref_lp.sum(axis=1, dtype=np.float64))
+                   & np.isfinite(cand_lp.sum(axis=1, dtype=np.float64)))
+        if broken.any():
+            for key in ("kld", "nll_ref", "nll_cand"):
+                out[key][lo:hi][broken] = np.nan
     out["p_diff"] = np.exp(-out["nll_cand"]) - np.exp(-out["nll_ref"])
     return out
 

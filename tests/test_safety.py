@@ -86,6 +86,18 @@ def test_finite_scores_still_make_a_composite(scores):
     assert composite is not None and min(scores) - 1e-9 <= composite <= max(scores) + 1e-9
 
 
+@given(NON_FINITE, st.integers(0, 5), st.integers(0, 7), st.booleans())
+def test_non_finite_logits_anywhere_yield_no_kld_score(bad, row, col, in_reference):
+    from pytest_refract.scoring import kld_positions, kld_summary
+
+    rng = np.random.default_rng(row * 8 + col)
+    ref, cand = rng.normal(size=(6, 8)).astype(np.float32), rng.normal(size=(6, 8)).astype(np.float32)
+    (ref if in_reference else cand)[row, col] = bad
+    with np.errstate(all="ignore"):
+        stats = kld_positions(ref, cand, rng.integers(0, 8, 6))
+        assert kld_score(kld_summary(**stats)["mean_kld"]) is None
+
+
 @given(NON_FINITE)
 def test_kld_axis_with_a_non_finite_position_has_no_score(bad):
     raw = {"kld": [0.01, bad, 0.02], "p_diff": [0.0, 0.0, 0.0], "nll_ref": [1.0, 1.0, 1.0],
