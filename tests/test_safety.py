@@ -422,8 +422,8 @@ def test_non_finite_logits_fail_every_item_and_the_gate(pytester, tiny_prompts, 
     result = pytester.runpytest_subprocess(*_tiny_args(model, tiny_prompts, tiny_corpus, f"--refract-json={report}"))
     assert result.ret == 1
     result.assert_outcomes(failed=5)
-    result.stdout.fnmatch_lines(["*test_kld*chunk-00*the model produced non-finite logits*",
-                                 "*test_trajectory*fact-001*the model produced non-finite logits*"])
+    result.stdout.fnmatch_lines(["trajectory test_trajectory[[]fact-001]: the model produced non-finite logits*",
+                                 "kld test_kld[[]chunk-00]: the model produced non-finite logits*"])
     data = read_report(report)
     for axis in ("trajectory", "kld"):
         assert data["axes"][axis]["score"] is None and data["axes"][axis]["band"] is None
@@ -493,11 +493,14 @@ def test_cache_problems_are_one_warning_never_item_failures(pytester, tiny_model
         for entry in entries:
             entry.unlink()
             entry.mkdir()
-    result = pytester.runpytest_subprocess(*args, "-W", "always")
-    result.assert_outcomes(passed=2, warnings=1)
+    result = pytester.runpytest_subprocess(*args)
+    result.assert_outcomes(passed=2)
     assert result.ret == 0
-    result.stdout.fnmatch_lines(["*RefCacheWarning: reference cache *measuring without the reference cache*"])
-    assert "NotADirectoryError" not in result.stdout.str() and "IsADirectoryError" not in result.stdout.str()
+    # Said once: at configure (on stderr) for the folder, in the warnings summary for an entry.
+    text = result.stdout.str() + result.stderr.str()
+    assert text.count("RefCacheWarning: reference cache") == 1, text
+    assert "measuring without the reference cache" in text
+    assert "NotADirectoryError" not in text and "IsADirectoryError" not in text
     if layout == "file":
         assert cache.read_text() == "not a folder"
 
