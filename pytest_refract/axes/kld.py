@@ -74,7 +74,8 @@ def measure(audit, unit) -> dict:
     bos = audit.bos if audit.add_bos else None
     tokens = chunk_tokens(audit.corpus_tokens, unit["chunk"], audit.settings.ctx, bos)
     stats, floor_stats = chunk_stats(audit, tokens, unit["candidate"])
-    summary = kld_summary(**stats)
+    with np.errstate(invalid="ignore", over="ignore"):  # a NaN is reported below, not warned about
+        summary = kld_summary(**stats)
     score = kld_score(summary["mean_kld"])
     if score is None:
         raise MeasurementError(NON_FINITE_KLD)
@@ -106,7 +107,8 @@ def measure(audit, unit) -> dict:
 def aggregate(results: List[dict]) -> dict:
     raw = {k: np.concatenate([np.asarray(r["_raw"][k]) for r in results]) for k in _RAW_KEYS}
     raw["same_top"] = raw["same_top"].astype(bool)
-    summary = kld_summary(**raw)
+    with np.errstate(invalid="ignore", over="ignore"):
+        summary = kld_summary(**raw)
     score = kld_score(summary["mean_kld"])  # None when not finite: the axis then has no score
     section = {"score": score, "band": band_for(score), "n_chunks": len(results)}
     if score is None:
