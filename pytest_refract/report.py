@@ -260,10 +260,13 @@ def _mark_not_run(audit, role: str, axes: Dict[str, dict], results, failed) -> N
         section.update({"score": None, "band": None, "status": "incomplete", "n_run": ran,
                         "n_not_run": max(0, wanted - ran) if wanted is not None else None})
         failures = len(failed.get(name) or [])
-        shown = f"{ran} of {wanted}" if wanted is not None else f"{ran}"
-        section["error"] = (f"not all items ran: {shown} item(s) ran before the interruption"
-                            + (f", {failures} of them failed to measure" if failures else "")
-                            + "; the rest were not run")
+        failed_text = f" ({failures} of them failed to measure)" if failures else ""
+        if wanted is not None and ran >= wanted:
+            section["error"] = f"all {ran} item(s) ran{failed_text}, but the run was interrupted: no score is claimed"
+        else:
+            shown = f"{ran} of {wanted}" if wanted is not None else f"{ran}"
+            section["error"] = (f"not all items ran: {shown} item(s) ran before the interruption{failed_text}; "
+                                "the rest were not run")
 
 
 def _ran_text(axes: Dict[str, dict]) -> str:

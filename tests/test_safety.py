@@ -524,6 +524,7 @@ def test_interrupted_run_says_not_run_and_how_many_ran(pytester, tiny_model, tin
     traj, kld = data["axes"]["trajectory"], data["axes"]["kld"]
     assert (traj["n_run"], traj["n_not_run"]) == (3, 0) and (kld["n_run"], kld["n_not_run"]) == (0, 2)
     assert kld["error"].startswith("not all items ran: 0 of 2") and kld["status"] == "incomplete"
+    assert traj["error"].startswith("all 3 item(s) ran, but the run was interrupted")
     assert data["diagnosis"][0].endswith("3 of 5 selected items ran; 2 were not run.")
     assert not any("failed to measure" in line for line in data["diagnosis"])
     assert data["gate"]["passed"] is False
