@@ -5,6 +5,7 @@ item that needs it) one engine and its contexts. Created in pytest_configure of 
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -14,6 +15,7 @@ from . import data
 from .errors import MeasurementError, UsageProblem
 from .gguf_meta import expected_data_end, head_sha256, read_gguf
 from .kvconfig import validate_for_model
+from .guard import check_outputs
 from .settings import Settings
 
 
@@ -22,10 +24,25 @@ class Audit:
         self.settings = settings
         self.model_path = data.resolve_model(settings.model)
         self.info = read_gguf(self.model_path)
+        check_outputs({"--refract-json": settings.json_path, "--refract-html": settings.html_path},
+                      _input_files(settings, self.model_path))
+        from .refcache import prepare_cache_dir
+
+        # Only ever a folder this cache marked as its own, cleared of its own entries only;
+        # refused (or warned about) before anything loads.
+        self._cache_dir = (prepare_cache_dir(Path(settings.cache_dir), clear=settings.clear_cache and not is_worker)
+                           if settings.cache_dir else None)
 
         from . import engine as engine_mod  # llama_cpp is imported only when an audit exists
 
         self._engine_mod = engine_mod
+        self.gpu_note: Optional[str] = None
+        if settings.gpu_layers and not engine_mod.llama_cpp.llama_supports_gpu_offload():
+            # The report records what ran, not what was asked: this build keeps every layer
+            # on the CPU whatever -ngl says.
+            self.gpu_note = (f"--refract-gpu-layers={settings.gpu_layers}: this llama.cpp build has no GPU offload; "
+                             "every layer runs on the CPU (0 offloaded)")
+            settings = self.settings = replace(settings, gpu_layers=0)
         if expected_data_end(self.info, engine_mod.ggml_row_size) > self.info.size_bytes:
             raise UsageProblem(
                 f"truncated GGUF file: {self.model_path} is {self.info.size_bytes} bytes, its tensors need "
@@ -74,7 +91,7 @@ class Audit:
         self.rniah_answer_tokens = settings.rniah_answer_tokens
         self.rniah_thinking = False
         self._load_inputs()
-        self._init_reference_cache(is_worker)
+        self._init_reference_cache()
         self.baseline = None
         if settings.baseline_path:
             from .baseline import load_baseline
@@ -94,7 +111,8 @@ class Audit:
             self.corpus = data.load_corpus(Path(s.corpus_path) if s.corpus_path else None)
         haystack_source = None
         if "rniah" in s.axes:
-            haystack_source = data.load_corpus(Path(s.haystack_path)) if s.haystack_path else self.corpus
+            haystack_source = (data.load_corpus(Path(s.haystack_path), "haystack", "--refract-haystack")
+                               if s.haystack_path else self.corpus)
         # The vocabulary alone (no weights) is enough to count tokens at collection time, and
         # loading it proves llama.cpp accepts the file (architecture, tokenizer) before any
         # item runs.
@@ -177,15 +195,11 @@ class Audit:
 
     # -- reference side (cached on disk, shared across candidates in memory) -------------
 
-    def _init_reference_cache(self, is_worker: bool) -> None:
+    def _init_reference_cache(self) -> None:
         from .refcache import ReferenceCache, model_identity
 
         s = self.settings
-        directory = Path(s.cache_dir) if s.cache_dir else None
-        if directory is not None and s.clear_cache and not is_worker:
-            import shutil
-
-            shutil.rmtree(directory, ignore_errors=True)
+        directory = self._cache_dir
         build = self._engine_mod.build_info()
         identity = {
             "model": model_identity(self.model_path),
@@ -335,7 +349,10 @@ class Audit:
         the planned units of an axis that share a batch number (given at collection); under
         xdist's loadgroup a batch is one group, so it runs on one worker."""
         self._plan = {}
+        self.selected = {}  # (candidate role, axis) -> items selected: an interrupted report says how many ran
         for axis, unit in planned:
+            key = (unit["candidate"], axis)
+            self.selected[key] = self.selected.get(key, 0) + 1
             if unit.get("batch") is None:
                 continue
             units = self._plan.setdefault((axis, unit["batch"]), {})
@@ -658,6 +675,21 @@ class Audit:
 # keeps only token ids, so a longer queue keeps its batch full for longer.
 BATCHED_AXES = {"trajectory": 1, "plad": 4}
 _ZERO_COUNTS = {"batch_tokens": 0, "decode_tokens": 0, "seq_decode_tokens": 0, "seq_decode_steps": 0}
+
+
+def _input_files(settings: Settings, model_path: Path) -> List[tuple]:
+    """(what, path) of every file the run reads: none of them may be a report path."""
+    inputs = [("model (--refract-model)", model_path),
+              ("prompt set (--refract-prompts)", settings.prompts_path),
+              ("corpus (--refract-corpus)", settings.corpus_path),
+              ("haystack (--refract-haystack)", settings.haystack_path),
+              ("baseline report (--refract-baseline)", settings.baseline_path)]
+    try:
+        bundled = data.data_dir()
+        inputs += [("bundled prompt set", bundled / data.DEFAULT_PROMPTS), ("bundled corpus", bundled / data.DEFAULT_CORPUS)]
+    except UsageProblem:
+        pass  # reported where the bundled files are needed
+    return inputs
 
 
 def _batch_signature(prompts: List[List[int]]) -> List[int]:

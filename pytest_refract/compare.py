@@ -62,8 +62,12 @@ class CompareError(Exception):
 
 def load_report(path) -> dict:
     p = Path(path)
-    if not p.is_file():
+    if p.is_dir():
+        raise CompareError(f"{p} is a folder, not a report file; give the JSON report's path")
+    if not p.exists():
         raise CompareError(f"{p}: no such report file")
+    if not p.is_file():
+        raise CompareError(f"{p} is not a regular file; give the JSON report's path")
 
     def reject(constant):
         raise CompareError(f"{p}: not strict JSON ({constant})")
@@ -74,7 +78,74 @@ def load_report(path) -> dict:
         raise CompareError(f"{p}: not a JSON report ({exc})") from None
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise CompareError(f"{p}: not a pytest-refract report (schema {SCHEMA} expected)")
+    problem = report_problem(data)
+    if problem:
+        raise CompareError(f"{p}: {problem}")
     return data
+
+
+# Fields read from a report, with the types they must have (None allowed everywhere: a
+# report writes null for what it did not measure). A hand-edited or foreign file with a
+# string where a number belongs is one line naming the field, never a TypeError later.
+_NUMBER, _TEXT, _OBJECT, _LIST = "a number", "a string", "an object", "a list"
+_AXIS_FIELDS = {"score": _NUMBER, "band": _TEXT, "floor_score": _NUMBER, "full_match_rate": _NUMBER,
+                "median_first_divergence": _NUMBER, "mean_prefix_agreement": _NUMBER,
+                "teacher_forced_kld": _NUMBER, "mean_kld": _NUMBER, "kld_percentiles": _OBJECT,
+                "same_top_p_pct": _NUMBER, "rms_dp_pct": _NUMBER, "mean_dp_pct": _NUMBER, "ppl_ref": _NUMBER,
+                "ppl_cand": _NUMBER, "ref_hit_rate": _NUMBER, "cand_hit_rate": _NUMBER,
+                "per_perturbation": _OBJECT, "status": _TEXT}
+_SECTION_FIELDS = {"candidate": _TEXT, "composite": _NUMBER, "band": _TEXT, "axes": _OBJECT, "kv_cache": _OBJECT}
+_TOP_FIELDS = dict(_SECTION_FIELDS, reference=_TEXT, timestamp=_TEXT, model=_OBJECT, candidates=_LIST)
+_MODEL_FIELDS = {"path": _TEXT, "size_bytes": _NUMBER, "sha256_first_mib": _TEXT, "name": _TEXT}
+
+
+def _type_problem(value, kind: str) -> bool:
+    if value is None:
+        return False
+    if kind == _NUMBER:
+        return isinstance(value, bool) or not isinstance(value, (int, float))
+    return not isinstance(value, {_TEXT: str, _OBJECT: dict, _LIST: list}[kind])
+
+
+def _fields_problem(obj: dict, fields: dict, where: str) -> Optional[str]:
+    for name, kind in fields.items():
+        if _type_problem(obj.get(name), kind):
+            return f"field {where}{name} must be {kind} or null, not {type(obj[name]).__name__} ({obj[name]!r:.40})"
+    return None
+
+
+def _section_problem(section: dict, where: str) -> Optional[str]:
+    problem = _fields_problem(section, _SECTION_FIELDS, where)
+    if problem:
+        return problem
+    for name, axis in (section.get("axes") or {}).items():
+        if not isinstance(axis, dict):
+            return f"field {where}axes.{name} must be an object, not {type(axis).__name__}"
+        problem = _fields_problem(axis, _AXIS_FIELDS, f"{where}axes.{name}.")
+        if problem:
+            return problem
+        for nested in ("kld_percentiles", "per_perturbation"):
+            for key, value in (axis.get(nested) or {}).items():
+                if _type_problem(value, _NUMBER):
+                    return f"field {where}axes.{name}.{nested}.{key} must be a number or null, not {type(value).__name__}"
+    return _fields_problem(section.get("kv_cache") or {}, {"vs_reference": _NUMBER}, f"{where}kv_cache.")
+
+
+def report_problem(data: dict) -> Optional[str]:
+    """The first field of a report that does not have the type this package writes, or None."""
+    problem = _fields_problem(data, _TOP_FIELDS, "") or _section_problem(data, "")
+    if problem:
+        return problem
+    problem = _fields_problem(data.get("model") or {}, _MODEL_FIELDS, "model.")
+    if problem:
+        return problem
+    for i, section in enumerate(data.get("candidates") or []):
+        if not isinstance(section, dict):
+            return f"field candidates[{i}] must be an object, not {type(section).__name__}"
+        problem = _section_problem(section, f"candidates[{i}].")
+        if problem:
+            return problem
+    return None
 
 
 def _fmt(value, fmt: str) -> str:

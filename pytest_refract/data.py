@@ -106,15 +106,16 @@ class Corpus:
     replaced_invalid_utf8: bool
 
 
-def load_corpus(path: Optional[Path] = None) -> Corpus:
+def load_corpus(path: Optional[Path] = None, what: str = "corpus", option: str = "--refract-corpus") -> Corpus:
+    """``what``/``option`` name the input in messages: the same loader reads the haystack."""
     p = Path(path).expanduser() if path else data_dir() / DEFAULT_CORPUS
     if not p.exists():
-        raise UsageProblem(f"corpus file not found: {p}")
+        raise UsageProblem(f"{what} file not found: {p} ({option})")
     if p.is_dir():
-        raise UsageProblem(f"corpus path is a directory, not a text file: {p}")
+        raise UsageProblem(f"{what} path is a directory, not a text file: {p} ({option})")
     raw = p.read_bytes()
     if not raw.strip():
-        raise UsageProblem(f"corpus file {p} is empty")
+        raise UsageProblem(f"{what} file {p} is empty ({option})")
     try:
         text, replaced = raw.decode("utf-8"), False
     except UnicodeDecodeError:

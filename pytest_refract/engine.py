@@ -355,7 +355,20 @@ def _logits_view(ctx, n_rows: int, n_vocab: int) -> np.ndarray:
     next decode)."""
     view = np.ctypeslib.as_array(llama_cpp.llama_get_logits(ctx), shape=(n_rows, n_vocab))
     view.flags.writeable = False
-    return view
+    return require_finite(view)
+
+
+NON_FINITE_LOGITS = ("the model produced non-finite logits (NaN or Infinity); its weights are corrupt or it "
+                     "overflows under this configuration, so nothing can be measured")
+
+
+def require_finite(logits: np.ndarray) -> np.ndarray:
+    """Every logit row passes here before anything is computed from it: argmax of a NaN row
+    is token 0 on both sides, and a NaN KLD once became a perfect score."""
+    # A sum is one pass without a temporary; only a non-finite sum needs the exact test.
+    if not np.isfinite(logits.sum(dtype=np.float64)) and not np.isfinite(logits).all():
+        raise MeasurementError(NON_FINITE_LOGITS)
+    return logits
 
 
 def _evaluate_in_batches(ctx, n_vocab: int, n_batch: int, tokens: Sequence[int], start_pos: int,
@@ -481,7 +494,7 @@ class Context:
 
     def last_logits(self) -> np.ndarray:
         ptr = llama_cpp.llama_get_logits_ith(self._ctx, -1)
-        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,))
+        return require_finite(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)))
 
     def greedy(self, prompt: Sequence[int], n_predict: int, keep_logits: bool = False):
         """Greedy decode (from a cleared cache, or an identical reused prefix: see prefill). Returns (token ids, per-step logits or None).

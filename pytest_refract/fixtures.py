@@ -15,7 +15,7 @@ from typing import List, Optional
 
 import numpy as np
 
-from .errors import UsageProblem
+from .errors import MeasurementError, UsageProblem
 from .scoring import band_for, first_divergence, kld_score, kld_summary, prefix_agreement, trajectory_item_score
 
 STASH_KEY = "refract_custom"
@@ -126,6 +126,8 @@ class RefractFixture:
         parts = [chunk_stats(self.audit, chunk_tokens(all_tokens, i, n_ctx, bos), self.role)[0] for i in range(n_chunks)]
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         summary = kld_summary(**merged)
+        if kld_score(summary["mean_kld"]) is None:
+            raise MeasurementError("refract.kld: the KLD is not a finite number (NaN or Infinity); no score is claimed")
         result = KLDResult(summary["mean_kld"], summary["mean_kld_unc"], summary["same_top_p_pct"],
                            summary["rms_dp_pct"], summary["ppl_ref"], summary["ppl_cand"], n_chunks,
                            summary["n_positions"], kld_score(summary["mean_kld"]), summary["kld_percentiles"])

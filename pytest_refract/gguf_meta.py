@@ -124,6 +124,11 @@ def read_gguf(path) -> GGUFInfo:
     """Parse the header, metadata and tensor table. Raises UsageProblem with one line for a
     missing file, a directory, a non-GGUF file, or a header cut short."""
     p = Path(path).expanduser()
+    from .guard import special_file_kind
+
+    kind = special_file_kind(p)  # before any open(): a FIFO without a writer blocks forever
+    if kind:
+        raise UsageProblem(f"model path {p} is {kind}, not a regular file; llama.cpp needs a .gguf file on disk")
     if not p.exists():
         raise UsageProblem(f"model file not found: {p} (pass --refract-model=PATH.gguf, or smollm2)")
     if p.is_dir():

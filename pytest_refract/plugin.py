@@ -298,6 +298,10 @@ class RefractSession:
 
             write_atomic(s.html_path, render_html(self.report))
 
+    def pytest_report_header(self, config):
+        # What the run does differently from what was asked, said before anything runs.
+        return [f"refract: {self.audit.gpu_note}"] if getattr(self.audit, "gpu_note", None) else []
+
     def pytest_terminal_summary(self, terminalreporter):
         if self.report is None:
             return

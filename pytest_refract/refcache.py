@@ -14,6 +14,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import re
 import struct
 import warnings
 import zlib
@@ -22,14 +24,114 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
+from .errors import UsageProblem
 from .files import write_atomic
 
 FORMAT_VERSION = 2  # 2: raw arrays after a JSON layout (1 was an npz)
 _MAGIC = b"RFRC"
+# The file that says "this folder is pytest-refract's reference cache": without it a non-empty
+# folder is the user's, and is neither used nor cleared.
+MARKER = ".pytest-refract-cache"
+KINDS = ("trajectory", "kld", "greedy")
+_NAMESPACE_RE = re.compile(r"[0-9a-f]{20}")
+_ENTRY_RE = re.compile(r"[0-9a-f]{40}\.rfc|\.[0-9a-f]{40}\.rfc\..+\.tmp")  # an entry, or write_atomic's temp file
 
 
 class RefCacheWarning(UserWarning):
     pass
+
+
+def _is_our_entry(path: Path) -> bool:
+    return _ENTRY_RE.fullmatch(path.name) is not None and path.is_file() and not path.is_symlink()
+
+
+def _is_our_namespace(path: Path) -> bool:
+    """A folder laid out exactly as this cache writes one: kind folders holding entries."""
+    if not (_NAMESPACE_RE.fullmatch(path.name) and path.is_dir() and not path.is_symlink()):
+        return False
+    for kind in path.iterdir():
+        if kind.name not in KINDS or not kind.is_dir() or kind.is_symlink():
+            return False
+        if not all(_is_our_entry(entry) for entry in kind.iterdir()):
+            return False
+    return True
+
+
+def _has_marker(directory: Path) -> bool:
+    marker = directory / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("written_by") == "pytest-refract"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _cache_warning(text: str) -> None:
+    warnings.warn(RefCacheWarning(text + "; measuring without the reference cache"), stacklevel=3)
+
+
+def prepare_cache_dir(directory: Path, clear: bool = False) -> Optional[Path]:
+    """The folder to cache in, marked as this cache's own, or None (measure without a cache)
+    when it cannot be used: it is a file, or cannot be created or written (one warning).
+
+    A non-empty folder without the marker is refused (UsageProblem), unless everything in it
+    is laid out as this cache writes (a cache from before the marker existed): it may be the
+    user's, and clearing or filling it could lose their files. ``clear`` removes only entries
+    this cache wrote."""
+    directory = Path(directory)
+    try:
+        if directory.exists() and not directory.is_dir():
+            _cache_warning(f"reference cache folder {directory} is not a folder")
+            return None
+        if directory.is_dir() and not _has_marker(directory):
+            foreign = [e.name for e in sorted(directory.iterdir()) if not _is_our_namespace(e)]
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+                raise UsageProblem(
+                    f"reference cache folder {directory} holds files pytest-refract did not write ({shown}) and no "
+                    f"{MARKER} marker; refusing to use or clear it: give --refract-cache-dir an empty or new folder"
+                )
+        directory.mkdir(parents=True, exist_ok=True)
+        if not _has_marker(directory):
+            write_atomic(directory / MARKER, json.dumps({"written_by": "pytest-refract", "format": FORMAT_VERSION}) + "\n")
+        probe = directory / f".write-check.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        _cache_warning(f"reference cache folder {directory} cannot be used ({exc.strerror or exc})")
+        return None
+    if clear:
+        clear_entries(directory)
+    return directory
+
+
+def clear_entries(directory: Path) -> int:
+    """Delete the entries this cache wrote (and their folders, once empty); nothing else.
+    Returns how many entries were deleted."""
+    removed = 0
+    for namespace in sorted(Path(directory).iterdir()):
+        if not (_NAMESPACE_RE.fullmatch(namespace.name) and namespace.is_dir() and not namespace.is_symlink()):
+            continue
+        for kind in namespace.iterdir():
+            if kind.name not in KINDS or not kind.is_dir() or kind.is_symlink():
+                continue
+            for entry in kind.iterdir():
+                if _is_our_entry(entry):
+                    try:
+                        entry.unlink()
+                        removed += 1
+                    except OSError:
+                        pass
+            try:
+                kind.rmdir()  # only if nothing else is left in it
+            except OSError:
+                pass
+        try:
+            namespace.rmdir()
+        except OSError:
+            pass
+    return removed
 
 
 def quantize_logprobs(logits: np.ndarray, block: int = 32) -> Dict[str, np.ndarray]:
@@ -160,6 +262,11 @@ class ReferenceCache:
             return None
         try:
             raw = path.read_bytes()
+        except OSError as exc:  # e.g. an entry replaced by a folder: a cache problem, not the item's
+            self.misses += 1
+            self._give_up(f"reference cache entry {path} cannot be read ({exc.strerror or exc})")
+            return None
+        try:
             if raw[:4] != _MAGIC:
                 raise ValueError("bad magic")
             (header_len,) = struct.unpack("<I", raw[4:8])
@@ -173,6 +280,9 @@ class ReferenceCache:
                 raise ValueError("checksum mismatch (truncated or corrupt)")
             arrays = _unpack_arrays(zlib.decompress(payload), header["arrays"])
             del raw, payload
+            for name in ("scale", "min_log_prob"):
+                if name in arrays and not np.isfinite(arrays[name]).all():
+                    raise ValueError("non-finite log-probabilities")
             meta = json.loads(header.get("meta") or "{}")
         except Exception as exc:  # any defect: never use the entry
             self.rejected += 1
@@ -208,8 +318,16 @@ class ReferenceCache:
                              "sha256": digest.hexdigest(), "arrays": layout,
                              "meta": json.dumps(meta or {})}).encode()
         path = self._path(kind, key)
-        path.parent.mkdir(parents=True, exist_ok=True)
-        write_atomic(path, [_MAGIC + struct.pack("<I", len(header)) + header, *parts])
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, [_MAGIC + struct.pack("<I", len(header)) + header, *parts])
+        except OSError as exc:  # a full disk, a folder where the entry goes: never the item's failure
+            self._give_up(f"reference cache entry {path} cannot be written ({exc.strerror or exc})")
+
+    def _give_up(self, why: str) -> None:
+        """One warning, then no cache for the rest of the run."""
+        self.directory = None
+        _cache_warning(why)
 
 
 class CompressedRows:

@@ -19,7 +19,7 @@ from typing import Dict, List, Optional
 
 from . import __version__, files
 from .axes import AXES, ORDER
-from .scoring import band_for, harmonic_mean
+from .scoring import band_for, harmonic_mean, is_score
 
 SCHEMA = "pytest-refract.report.v1"
 FLOOR_WARN_BELOW = 99.5
@@ -103,7 +103,7 @@ NOISY_MAX_STDEV = 3.0
 
 def repeat_stats(scores: List[Optional[float]]) -> dict:
     """Spread of one score over --refract-repeat runs: on a CPU build it must be exactly 0."""
-    values = [s for s in scores if s is not None]
+    values = [s for s in scores if is_score(s)]
     if len(values) != len(scores) or not values:
         return {"n": len(scores), "scores": scores, "mean": None, "stdev": None, "range": None, "verdict": None}
     mean = sum(values) / len(values)
@@ -117,14 +117,14 @@ def composite_of(axes: Dict[str, dict], gates: Optional[Dict[str, float]] = None
     # An axis with nothing to score (status n/a: e.g. the reference never retrieves the needle)
     # is left out, like an axis that did not run; a failed axis (no status) blocks the composite.
     scores = [a["score"] for a in axes.values() if a.get("status") != "n/a"] + list((gates or {}).values())
-    if not scores or any(s is None for s in scores):
-        return None
+    if not scores or not all(is_score(s) for s in scores):
+        return None  # a missing or non-finite axis score never becomes part of a composite
     return harmonic_mean(scores)
 
 
 def floor_of(axes: Dict[str, dict]) -> Optional[float]:
     floors = [a.get("floor_score") for a in axes.values() if a.get("status") != "n/a"]
-    if not floors or any(f is None for f in floors):
+    if not floors or not all(is_score(f) for f in floors):
         return None
     return harmonic_mean(floors)
 
@@ -137,8 +137,9 @@ def diagnose(axes: Dict[str, dict], self_reference: bool = False) -> List[str]:
     for name, a in axes.items():
         if a.get("status") == "n/a":
             out.append(f"{name}: nothing to score (the reference itself never succeeds there); left out of the composite.")
-    if any(a.get("score") is None and a.get("status") != "n/a" for a in axes.values()):
-        broken = [n for n, a in axes.items() if a.get("score") is None and a.get("status") != "n/a"]
+    # An interrupted run's axes are "incomplete": their items did not run, nothing failed.
+    broken = [n for n, a in axes.items() if a.get("score") is None and a.get("status") not in ("n/a", "incomplete")]
+    if broken:
         out.append(f"No score for {', '.join(broken)}: some items failed to measure (see the failed tests).")
     scored = {n: a for n, a in axes.items() if a.get("score") is not None}
     if not scored:
@@ -200,8 +201,7 @@ def _candidate_section(audit, role: str, results, failed, gates, complete: bool)
     composite = composite_of(axes, gates) if complete else None
     if not complete:
         # What was measured stays (items); no axis claims a score for what was not.
-        for section in axes.values():
-            section.update({"score": None, "band": None, "status": "incomplete"})
+        _mark_not_run(audit, role, axes, results, failed)
     floor = floor_of(axes) if s.floor else None
     self_reference = audit.self_reference[role]
     if audit.corpus is not None and "kld" in axes:
@@ -234,7 +234,8 @@ def _candidate_section(audit, role: str, results, failed, gates, complete: bool)
         if source.replaced_invalid_utf8:
             diagnosis.append(f"{source.name} is not valid UTF-8: undecodable bytes were replaced (U+FFFD) before tokenizing.")
     if not complete:
-        diagnosis.insert(0, "INCOMPLETE: the run was interrupted; items measured so far are listed, no score is claimed.")
+        diagnosis.insert(0, "INCOMPLETE: the run was interrupted; items measured so far are listed, no score is claimed. "
+                            + _ran_text(axes))
     if floor is not None and floor < FLOOR_WARN_BELOW:
         diagnosis.insert(0, f"WARNING: the noise floor (reference vs reference) is {floor:.2f}, below "
                             f"{FLOOR_WARN_BELOW}: deltas are not trustworthy.")
@@ -242,6 +243,38 @@ def _candidate_section(audit, role: str, results, failed, gates, complete: bool)
         diagnosis.append(f"Noise floor (reference vs reference): {floor:.2f}.")
     section["gate"] = _gate(audit, section, complete)
     return section
+
+
+def _mark_not_run(audit, role: str, axes: Dict[str, dict], results, failed) -> None:
+    """An interrupted run: every axis is unscored and says how many of its items ran; the
+    items that did not run are "not run", never "failed to measure"."""
+    selected = getattr(audit, "selected", {}) or {}
+    for name in audit.settings.axes:
+        wanted = selected.get((role, name))
+        if name not in axes and wanted:
+            axes[name] = {"score": None, "band": None, "items": []}
+        if name not in axes:
+            continue
+        section = axes[name]
+        ran = len(results.get(name) or {}) + len(failed.get(name) or [])
+        section.update({"score": None, "band": None, "status": "incomplete", "n_run": ran,
+                        "n_not_run": max(0, wanted - ran) if wanted is not None else None})
+        failures = len(failed.get(name) or [])
+        failed_text = f" ({failures} of them failed to measure)" if failures else ""
+        if wanted is not None and ran >= wanted:
+            section["error"] = f"all {ran} item(s) ran{failed_text}, but the run was interrupted: no score is claimed"
+        else:
+            shown = f"{ran} of {wanted}" if wanted is not None else f"{ran}"
+            section["error"] = (f"not all items ran: {shown} item(s) ran before the interruption{failed_text}; "
+                                "the rest were not run")
+
+
+def _ran_text(axes: Dict[str, dict]) -> str:
+    ran = sum(a.get("n_run") or 0 for a in axes.values())
+    missing = [a.get("n_not_run") for a in axes.values()]
+    if missing and all(m is not None for m in missing):
+        return f"{ran} of {ran + sum(missing)} selected items ran; {sum(missing)} were not run."
+    return f"{ran} items ran."
 
 
 def _gate(audit, section: dict, complete: bool) -> dict:
@@ -293,6 +326,8 @@ def build_report(
     settings = s.as_dict()
     if audit.chunks_note:
         settings["chunks_note"] = audit.chunks_note
+    if getattr(audit, "gpu_note", None):
+        settings["gpu_layers_note"] = audit.gpu_note  # settings.gpu_layers is what ran: 0
     if audit.rniah_lengths:
         settings["rniah"].update({"lengths": list(audit.rniah_lengths), "effective_answer_tokens": audit.rniah_answer_tokens,
                                   "thinking_template": audit.rniah_thinking})

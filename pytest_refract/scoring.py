@@ -44,12 +44,18 @@ def parse_threshold(text) -> float:
     return number
 
 
-def harmonic_mean(scores: Sequence[float]) -> Optional[float]:
+def is_score(value) -> bool:
+    """A real, finite number (not None, not NaN or Infinity, not a bool or a string)."""
+    return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+
+
+def harmonic_mean(scores: Sequence[Optional[float]]) -> Optional[float]:
     """Composite of the axes that ran. One axis at 0 makes the composite 0: a harmonic mean
-    punishes a single collapsed surface, which is the point."""
-    values = [float(s) for s in scores]
-    if not values:
+    punishes a single collapsed surface, which is the point. None when any score is missing
+    or not finite: a composite never stands in for an axis that was not measured."""
+    if not scores or not all(is_score(s) for s in scores):
         return None
+    values = [float(s) for s in scores]
     if any(v < 0 for v in values):
         raise ValueError("scores must be non-negative")
     if any(v == 0 for v in values):
@@ -91,6 +97,9 @@ def trajectory_axis_score(items: Iterable[dict]) -> Optional[float]:
     keeps a candidate that stops early (EOS) from scoring 100 on a shared prefix."""
     items = list(items)
     if not items:
+        return None
+    if not all(is_score(i.get("prefix_agreement")) and is_score(i.get("ref_len")) and is_score(i.get("cand_len"))
+               for i in items):
         return None
     agree = sum(i["prefix_agreement"] for i in items) / len(items)
     longest = sum(max(i["ref_len"], i["cand_len"]) for i in items) / len(items)
@@ -152,6 +161,14 @@ def kld_positions(
         out["nll_ref"][lo:hi] = -ref_lp[rows, tokens[lo:hi]]
         out["nll_cand"][lo:hi] = -cand_lp[rows, tokens[lo:hi]]
         out["same_top"][lo:hi] = ref_lp.argmax(axis=1) == cand_lp.argmax(axis=1)
+        # Finite logits always give finite log-probs; a row with NaN or Infinity anywhere is
+        # no measurement (a -inf would otherwise vanish under the cutoff), so its statistics
+        # are NaN and no score can come of them. Row sums: one pass, no temporary.
+        broken = ~(np.isfinite(ref_lp.sum(axis=1, dtype=np.float64))
+                   & np.isfinite(cand_lp.sum(axis=1, dtype=np.float64)))
+        if broken.any():
+            for key in ("kld", "nll_ref", "nll_cand"):
+                out[key][lo:hi][broken] = np.nan
     out["p_diff"] = np.exp(-out["nll_cand"]) - np.exp(-out["nll_ref"])
     return out
 
@@ -228,6 +245,9 @@ def kld_summary(kld: np.ndarray, p_diff: np.ndarray, nll_ref: np.ndarray, nll_ca
     }
 
 
-def kld_score(mean_kld: float) -> float:
-    """100 x exp(-mean KLD): 100 for identical distributions, ~99 at 0.01 nats."""
-    return 100.0 * math.exp(-max(0.0, mean_kld))
+def kld_score(mean_kld: Optional[float]) -> Optional[float]:
+    """100 x exp(-mean KLD): 100 for identical distributions, ~99 at 0.01 nats. None when the
+    KLD is missing or not finite (max(0, NaN) is 0, which once scored a NaN KLD as 100)."""
+    if not is_score(mean_kld):
+        return None
+    return 100.0 * math.exp(-max(0.0, float(mean_kld)))

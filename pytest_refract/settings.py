@@ -7,6 +7,8 @@ import os
 from dataclasses import dataclass, field, replace
 from typing import Optional, Tuple
 
+from _pytest.config.exceptions import UsageError
+
 from .errors import UsageProblem
 from .kvconfig import KVConfig, parse_kv_config, share_flash_attention
 from .scoring import parse_threshold
@@ -77,8 +79,15 @@ def register(parser) -> None:
 def _get(config, name: str):
     dest = "refract_" + name.replace("-", "_")
     value = config.getoption(dest)
+    if isinstance(value, str) and not value.strip():
+        # `--refract-model=` (an unset shell variable, a templating slip) must not quietly
+        # mean "use the default" or "do nothing".
+        raise UsageProblem(f"--refract-{name} is empty; give a value or leave the option out")
     if value is None:
-        value = config.getini(dest)
+        try:
+            value = config.getini(dest)
+        except (ValueError, UsageError) as exc:  # a bool ini key whose value is no truth value
+            raise UsageProblem(f"ini option {dest}: {exc}; use true or false") from None
     if isinstance(value, str):
         value = value.strip()
         return value or None
@@ -188,7 +197,10 @@ def read_settings(config) -> Optional[Settings]:
     model = _get(config, "model")
     if not model:
         return None
-    candidate_texts = config.getoption("refract_candidate") or config.getini("refract_candidate") or []
+    given = config.getoption("refract_candidate")
+    if given and any(not (t or "").strip() for t in given):
+        raise UsageProblem("--refract-candidate is empty; give a KV config, e.g. --refract-candidate=ctk=q8_0,ctv=q4_0")
+    candidate_texts = given or config.getini("refract_candidate") or []
     candidate_texts = [t.strip() for t in candidate_texts if t and t.strip()]
     if not candidate_texts:
         raise UsageProblem("--refract-candidate is required with --refract-model, e.g. --refract-candidate=ctk=q8_0,ctv=q4_0")
@@ -233,6 +245,13 @@ def read_settings(config) -> Optional[Settings]:
     threads_raw = _get(config, "threads")
     if threads_raw:
         threads = _int(config, "threads", 1)
+        cpus = os.cpu_count() or 1
+        if threads > cpus:
+            # Refused, not capped: threads change llama.cpp's numbers (they key the reference
+            # cache), so a run must use what was asked or nothing; and threads beyond the
+            # logical CPUs only spin against each other (10000 brought a machine to a halt).
+            raise UsageProblem(f"--refract-threads={threads} exceeds this machine's {cpus} logical CPUs; "
+                               f"use at most {cpus}")
     else:
         # Under xdist each worker gets its share of the cores: oversubscribed llama.cpp threads
         # spin against each other and run several times slower.

@@ -55,12 +55,14 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
 
 def write_tiny_llama(path, *, n_ctx_train=2048, n_embd=64, n_head=2, n_head_kv=2,
                      n_layer=2, n_ff=128, seed=0, chat_template=None,
-                     architecture="llama") -> pathlib.Path:
+                     architecture="llama", nan_output=False) -> pathlib.Path:
     """Write a tiny llama GGUF to `path` (a file, or a directory to put
     "tiny-llama.gguf" in) and return the file path.
 
     `architecture` goes into general.architecture and prefixes the hyper-
     parameter keys; an unknown name yields a file llama.cpp refuses to load.
+    `nan_output` fills the output projection with NaN: every logit is NaN,
+    as with a GGUF whose weights are corrupt.
     """
     assert n_embd % n_head == 0, "n_embd must be divisible by n_head"
     head_dim = n_embd // n_head
@@ -122,7 +124,10 @@ def write_tiny_llama(path, *, n_ctx_train=2048, n_embd=64, n_head=2, n_head_kv=2
 
     w.add_tensor(name(T.TOKEN_EMBD), rand(n_vocab, n_embd))
     w.add_tensor(name(T.OUTPUT_NORM), ones(n_embd))
-    w.add_tensor(name(T.OUTPUT), rand(n_vocab, n_embd))
+    output = rand(n_vocab, n_embd)
+    if nan_output:
+        output[:] = np.nan
+    w.add_tensor(name(T.OUTPUT), output)
     for i in range(n_layer):
         blk = {
             T.ATTN_NORM: ones(n_embd),

@@ -14,9 +14,10 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from ..errors import MeasurementError
-from ..scoring import band_for, kld_positions, kld_score, kld_summary
+from ..scoring import band_for, is_score, kld_positions, kld_score, kld_summary
 
 NAME = "kld"
+NON_FINITE_KLD = "the KLD is not a finite number (NaN or Infinity in the log-probabilities); no score is claimed"
 _RAW_KEYS = ("kld", "p_diff", "nll_ref", "nll_cand", "same_top")
 
 
@@ -73,8 +74,11 @@ def measure(audit, unit) -> dict:
     bos = audit.bos if audit.add_bos else None
     tokens = chunk_tokens(audit.corpus_tokens, unit["chunk"], audit.settings.ctx, bos)
     stats, floor_stats = chunk_stats(audit, tokens, unit["candidate"])
-    summary = kld_summary(**stats)
+    with np.errstate(invalid="ignore", over="ignore"):  # a NaN is reported below, not warned about
+        summary = kld_summary(**stats)
     score = kld_score(summary["mean_kld"])
+    if score is None:
+        raise MeasurementError(NON_FINITE_KLD)
     result = {
         "id": unit["id"],
         "chunk": unit["chunk"],
@@ -103,16 +107,20 @@ def measure(audit, unit) -> dict:
 def aggregate(results: List[dict]) -> dict:
     raw = {k: np.concatenate([np.asarray(r["_raw"][k]) for r in results]) for k in _RAW_KEYS}
     raw["same_top"] = raw["same_top"].astype(bool)
-    summary = kld_summary(**raw)
-    score = kld_score(summary["mean_kld"])
+    with np.errstate(invalid="ignore", over="ignore"):
+        summary = kld_summary(**raw)
+    score = kld_score(summary["mean_kld"])  # None when not finite: the axis then has no score
     section = {"score": score, "band": band_for(score), "n_chunks": len(results)}
+    if score is None:
+        section["error"] = NON_FINITE_KLD
     section.update(summary)
     section["wall_s"] = sum(r["wall_s"] for r in results)
     section["items"] = [{k: v for k, v in r.items() if k != "_raw"} for r in results]
     floors = [r["floor"] for r in results if r.get("floor")]
     if len(floors) == len(results):
         total = sum(f["mean_kld"] * f["n_positions"] for f in floors)
-        section["floor_score"] = kld_score(total / sum(f["n_positions"] for f in floors))
+        positions = sum(f["n_positions"] for f in floors)
+        section["floor_score"] = kld_score(total / positions) if positions else None
     else:
         section["floor_score"] = None
     return section

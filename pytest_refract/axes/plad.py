@@ -11,10 +11,11 @@ from __future__ import annotations
 
 import math
 import time
-from typing import Dict, List
+from typing import Dict, List, Optional
 
+from ..errors import MeasurementError
 from ..perturb import PERTURBATIONS, drift, perturb
-from ..scoring import band_for
+from ..scoring import band_for, is_score
 
 NAME = "plad"
 EXCESS_WEIGHT = 5.0
@@ -30,7 +31,9 @@ def units(audit) -> List[dict]:
     return out
 
 
-def item_score(excess: float) -> float:
+def item_score(excess: float) -> Optional[float]:
+    if not is_score(excess):
+        return None  # a drift that is not a number is no measurement
     return 100.0 * math.exp(-EXCESS_WEIGHT * excess)
 
 
@@ -56,6 +59,9 @@ def measure(audit, unit) -> dict:
         anchor = audit.greedy_tokens(role, anchor_tokens)
         moved = audit.greedy_tokens(role, perturbed_tokens)
         drifts[name] = drift(anchor, moved)
+    if not all(is_score(d) for d in drifts.values()):
+        # max(0, NaN) is 0: an unchecked NaN drift would score as "no excess drift".
+        raise MeasurementError(f"the drift is not a finite number ({drifts})")
     excess = max(0.0, drifts["candidate"] - drifts["reference"])
     score = item_score(excess)
     base.update({

@@ -13,6 +13,7 @@ from ..errors import MeasurementError
 from ..scoring import (
     band_for,
     first_divergence,
+    is_score,
     kld_positions,
     prefix_agreement,
     trajectory_axis_score,
@@ -149,6 +150,8 @@ def measure(audit, unit) -> dict:
                                        ref_logprobs, True)
         audit.remember_greedy("reference", prompt_tokens, ref_tokens)
         audit.remember_greedy(unit["candidate"], prompt_tokens, cand_tokens)
+    if not is_score(tf_kld):
+        raise MeasurementError("the teacher-forced KLD is not a finite number (NaN or Infinity); no score is claimed")
     score = trajectory_item_score(ref_tokens, cand_tokens)
     result = {
         "id": prompt.id,
