@@ -232,7 +232,12 @@ class Engine:
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self.bos = int(llama_cpp.llama_vocab_bos(self._vocab))
         self.eos = int(llama_cpp.llama_vocab_eos(self._vocab))
+        # A recurrent model (mamba, rwkv) keeps a fixed-size state per sequence instead of a KV
+        # cache; a hybrid (jamba, granite-hybrid) has attention layers with one, so it is not.
+        self.is_recurrent = bool(llama_cpp.llama_model_is_recurrent(self._model))
         self._contexts: Dict[Tuple[str, str], "Context"] = {}
+        # Told the token count of every llama_decode (progress display; see progress.py).
+        self.on_decoded = None
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -455,6 +460,8 @@ class Context:
         if rc != 0:
             raise MeasurementError(f"llama_decode failed (code {rc}) at position {start_pos}")
         self._cached.extend(int(t) for t in tokens)
+        if self.engine.on_decoded is not None:
+            self.engine.on_decoded(n)
         return n_out
 
     def evaluate(self, tokens: Sequence[int], start_pos: int = 0, logits_from: Optional[int] = None) -> np.ndarray:
@@ -561,6 +568,8 @@ class SequencesContext:
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
             raise MeasurementError(f"llama_decode failed (code {rc}) decoding {len(rows)} sequence rows")
+        if self.engine.on_decoded is not None:
+            self.engine.on_decoded(len(rows))
         return n_out
 
     def clear(self, seq: int) -> None:
