@@ -299,7 +299,7 @@ class RefractSession:
         # How far an interrupted run got: items with a result or a failure, of those selected.
         self.report["items_run"] = (sum(len(per_axis) for axes in self.results.values() for per_axis in axes.values())
                                     + sum(len(units) for axes in self.failed.values() for units in axes.values()))
-        self.report["items_selected"] = sum(1 for item in session.items if isinstance(item, RefractItem)) or None
+        self.report["items_selected"] = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem)) or None
         if self.audit.baseline is not None:
             self.report["baseline"] = {"path": s.baseline_path, "composite": self.audit.baseline.get("composite"),
                                        "timestamp": self.audit.baseline.get("timestamp"), "max_drop": s.max_drop}

@@ -15,6 +15,7 @@ from pathlib import Path
 
 import pytest
 
+from conftest import subprocess_env
 from pytest_refract.progress import LiveLine, PlainLines, Progress, describe, status_text
 
 STATUS_RE = re.compile(r"refract: (trajectory|kld|rniah|plad) .*: [\d,]+/[\d,]+ tokens, [\d,]+ tok/s")
@@ -156,29 +157,6 @@ def test_plain_lines_leave_pytest_to_start_its_next_line():
 
 # ----------------------------------------------------------------------------- as users see it
 
-# Loaded by the pytest run under test: every llama_decode takes a little longer, so items last
-# long enough to be reported, and the plain interval is shortened to fit a test.
-SLOW_CONFTEST = """
-import os, time
-import pytest_refract.engine as engine
-import pytest_refract.progress as progress
-
-_PAUSE = float(os.environ.get("REFRACT_TEST_DECODE_PAUSE", "0.02"))
-progress.PLAIN_INTERVAL_S = float(os.environ.get("REFRACT_TEST_PLAIN_INTERVAL", "0.3"))
-progress.LIVE_DELAY_S = 0.2
-progress.LIVE_INTERVAL_S = 0.05
-
-def _slowed(original):
-    def slowed(self, *args, **kwargs):
-        time.sleep(_PAUSE)
-        return original(self, *args, **kwargs)
-    return slowed
-
-engine.Context._decode = _slowed(engine.Context._decode)
-engine.SequencesContext._run = _slowed(engine.SequencesContext._run)
-"""
-
-
 def _audit_args(tiny_model, tiny_prompts, tiny_corpus, *extra):
     return [
         f"--refract-model={tiny_model}", f"--refract-prompts={tiny_prompts}", f"--refract-corpus={tiny_corpus}",
@@ -187,17 +165,8 @@ def _audit_args(tiny_model, tiny_prompts, tiny_corpus, *extra):
     ]
 
 
-@pytest.fixture
-def slow_dir(tmp_path):
-    (tmp_path / "conftest.py").write_text(SLOW_CONFTEST)
-    return tmp_path
-
-
 def _env():
-    env = dict(os.environ, COLUMNS="120", TERM="xterm")
-    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
-    env.pop("PYTEST_ADDOPTS", None)
-    return env
+    return dict(subprocess_env(), COLUMNS="120", TERM="xterm")
 
 
 def _run_piped(cwd, args):
@@ -206,8 +175,8 @@ def _run_piped(cwd, args):
     return proc.returncode, proc.stdout + proc.stderr
 
 
-def test_plain_lines_in_a_pipe(slow_dir, tiny_model, tiny_prompts, tiny_corpus):
-    code, out = _run_piped(slow_dir, _audit_args(tiny_model, tiny_prompts, tiny_corpus))
+def test_plain_lines_in_a_pipe(slow_decode_dir, tiny_model, tiny_prompts, tiny_corpus):
+    code, out = _run_piped(slow_decode_dir, _audit_args(tiny_model, tiny_prompts, tiny_corpus))
     assert code == 0, out
     lines = out.splitlines()
     status = [line for line in lines if STATUS_RE.match(line)]
@@ -220,15 +189,15 @@ def test_plain_lines_in_a_pipe(slow_dir, tiny_model, tiny_prompts, tiny_corpus):
     assert "refract KV-cache audit" in out
 
 
-def test_quiet_quiet_and_the_flag_silence_it(slow_dir, tiny_model, tiny_prompts, tiny_corpus):
+def test_quiet_quiet_and_the_flag_silence_it(slow_decode_dir, tiny_model, tiny_prompts, tiny_corpus):
     for extra in (["-qq"], ["--refract-no-progress"]):
-        code, out = _run_piped(slow_dir, _audit_args(tiny_model, tiny_prompts, tiny_corpus, *extra))
+        code, out = _run_piped(slow_decode_dir, _audit_args(tiny_model, tiny_prompts, tiny_corpus, *extra))
         assert code == 0, out
         assert not STATUS_RE.search(out), (extra, out)
         assert "5 passed" in out
     # The ini key does the same.
-    (slow_dir / "pytest.ini").write_text("[pytest]\nrefract_no_progress = true\n")
-    code, out = _run_piped(slow_dir, _audit_args(tiny_model, tiny_prompts, tiny_corpus))
+    (slow_decode_dir / "pytest.ini").write_text("[pytest]\nrefract_no_progress = true\n")
+    code, out = _run_piped(slow_decode_dir, _audit_args(tiny_model, tiny_prompts, tiny_corpus))
     assert code == 0 and not STATUS_RE.search(out), out
 
 
@@ -296,8 +265,8 @@ def _run_in_pty(cwd, args):
     return proc.returncode, b"".join(chunks).decode("utf-8", errors="replace").replace("\r\n", "\n")
 
 
-def test_live_line_under_a_terminal_leaves_pytests_output_intact(slow_dir, tiny_model, tiny_prompts, tiny_corpus):
-    code, raw = _run_in_pty(slow_dir, _audit_args(tiny_model, tiny_prompts, tiny_corpus))
+def test_live_line_under_a_terminal_leaves_pytests_output_intact(slow_decode_dir, tiny_model, tiny_prompts, tiny_corpus):
+    code, raw = _run_in_pty(slow_decode_dir, _audit_args(tiny_model, tiny_prompts, tiny_corpus))
     assert code == 0, raw
     # The status line was drawn and redrawn in place ...
     drawn = re.findall(r"\r(refract: [^\r\n\x1b]*)\x1b\[K", raw)
@@ -311,9 +280,9 @@ def test_live_line_under_a_terminal_leaves_pytests_output_intact(slow_dir, tiny_
     assert any(re.search(r"5 passed in", line) for line in screen), "\n".join(screen)
 
 
-def test_xdist_shows_no_status_lines(slow_dir, tiny_model, tiny_prompts, tiny_corpus):
+def test_xdist_shows_no_status_lines(slow_decode_dir, tiny_model, tiny_prompts, tiny_corpus):
     pytest.importorskip("xdist")
-    code, out = _run_piped(slow_dir, _audit_args(tiny_model, tiny_prompts, tiny_corpus, "-n", "2",
+    code, out = _run_piped(slow_decode_dir, _audit_args(tiny_model, tiny_prompts, tiny_corpus, "-n", "2",
                                                  "--dist", "loadgroup"))
     assert code == 0, out
     assert not STATUS_RE.search(out), out
