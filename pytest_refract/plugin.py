@@ -177,6 +177,11 @@ class RefractSession:
 
         self.audit.progress.sink = sink_for(self.config, settings_mod.show_progress(self.config))
 
+    def pytest_runtest_logstart(self, nodeid, location):
+        sink = self.audit.progress.sink
+        if sink is not None:
+            sink.nodeid = nodeid  # to reopen pytest's line after progress lines (PlainLines.clear)
+
     # -- collection ---------------------------------------------------------------------
 
     @pytest.hookimpl(tryfirst=True)

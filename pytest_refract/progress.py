@@ -113,6 +113,7 @@ class _TerminalSink:
         self.capman = capman
         self.last = None
         self.delay, self.interval = LIVE_DELAY_S, LIVE_INTERVAL_S
+        self.nodeid: Optional[str] = None  # the running item (set by the plugin when it starts)
 
     def due(self, now: float, elapsed: float) -> bool:
         if elapsed < self.delay:
@@ -166,6 +167,7 @@ class PlainLines(_TerminalSink):
     def __init__(self, reporter, capman):
         super().__init__(reporter, capman)
         self.delay = self.interval = PLAIN_INTERVAL_S
+        self._wrote = False
 
     def show(self, text: str, now: float) -> None:
         self.last = now
@@ -175,9 +177,15 @@ class PlainLines(_TerminalSink):
             # its record of the current file is reset, so no blank line appears either way.
             tw.write(("\n" if tw.width_of_current_line else "") + text, flush=True)
             self.reporter.currentfspath = None
+        self._wrote = True
 
     def clear(self) -> None:
-        pass  # the lines stay in the log
+        # The lines stay in the log. Without -v pytest writes an item's letter wherever the
+        # cursor is (it wrote the file prefix when the item started): open pytest's line again.
+        if self._wrote and self.nodeid and self.reporter.config.get_verbosity() <= 0:
+            with self._suspended():
+                self.reporter.write_fspath_result(self.nodeid, "")
+        self._wrote = False
 
 
 def sink_for(config, enabled: bool):

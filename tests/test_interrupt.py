@@ -16,7 +16,7 @@ from conftest import read_report, subprocess_env
 
 
 def _start(cwd, tiny_model, tiny_prompts, tiny_corpus, report, html):
-    env = dict(subprocess_env(), REFRACT_TEST_DECODE_PAUSE="0.5")
+    env = dict(subprocess_env(), REFRACT_TEST_DECODE_PAUSE="0.5", PYTHONUNBUFFERED="1")
     args = [
         sys.executable, "-m", "pytest", "-p", "no:cacheprovider",
         f"--refract-model={tiny_model}", f"--refract-prompts={tiny_prompts}", f"--refract-corpus={tiny_corpus}",

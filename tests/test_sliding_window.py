@@ -66,11 +66,12 @@ def test_reusing_cells_the_window_dropped_would_be_wrong(gemma, monkeypatch):
 
 def test_full_window_cache_keeps_prefix_reuse(gemma):
     ctx = _ctx(gemma, "ctk=f16,ctv=f16,swa_full=on", "full")
-    before = ctx.n_batch_tokens
+    before = ctx.n_batch_tokens + ctx.n_decode_tokens
     fresh, reused = _prefill_after_a_long_sequence(ctx)
     assert np.array_equal(fresh, reused)
-    # Every cell is kept: the shared 256 tokens (four whole batches) were not recomputed.
-    assert ctx.n_batch_tokens - before == 450 + 700 + (450 - 256)
+    # Every cell is kept: of the second sequence (449 tokens) the shared 256 (four whole
+    # batches) were not recomputed; the first (699 tokens) and the fresh run were whole.
+    assert ctx.n_batch_tokens + ctx.n_decode_tokens - before == 449 + 699 + (449 - 256)
 
 
 def test_teacher_forcing_cut_past_the_window_is_exact(gemma):
