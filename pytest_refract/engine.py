@@ -436,16 +436,16 @@ class Context:
         if n_keep <= 0:
             self.reset()
             return
-        if not _window_kept(self._window, self._longest):
-            # Cells the prefix needs may have been overwritten: recompute the prefix from a
-            # cleared cache, cut at n_batch as a fresh evaluation would.
-            kept = self._cached[:n_keep]
-            self.reset()
-            self.evaluate_each(kept, 0, None, lambda first, view: None)
+        # A cut needs every cell the prefix attends to (see _window_kept), and a model with
+        # recurrent layers (a hybrid such as jamba) cannot roll its state back: llama.cpp
+        # refuses. Either way the prefix is recomputed from a cleared cache, cut at n_batch as
+        # a fresh evaluation would be.
+        if _window_kept(self._window, self._longest) and llama_cpp.llama_memory_seq_rm(self._mem, 0, int(n_keep), -1):
+            del self._cached[n_keep:]
             return
-        if not llama_cpp.llama_memory_seq_rm(self._mem, 0, int(n_keep), -1):
-            raise MeasurementError("llama.cpp could not truncate the KV cache")
-        del self._cached[n_keep:]
+        kept = self._cached[:n_keep]
+        self.reset()
+        self.evaluate_each(kept, 0, None, lambda first, view: None)
 
     def prefill(self, tokens: Sequence[int], logits_from: int) -> np.ndarray:
         """Evaluate ``tokens`` from position 0, reusing whole n_batch-sized batches that are
@@ -617,15 +617,16 @@ class SequencesContext:
     def truncate(self, seq: int, n_keep: int) -> None:
         n_keep = max(0, int(n_keep))
         kept = self._tokens[seq][:n_keep]
-        rebuild = n_keep > 0 and not _window_kept(self._window, self._longest[seq])
-        if not llama_cpp.llama_memory_seq_rm(self._mem, seq, 0 if rebuild else n_keep, -1):
-            raise MeasurementError("llama.cpp could not truncate a sequence's KV cache")
+        # As Context.truncate: a cut the window or a recurrent state cannot serve is rebuilt.
+        rebuild = n_keep > 0 and not (_window_kept(self._window, self._longest[seq])
+                                      and llama_cpp.llama_memory_seq_rm(self._mem, seq, n_keep, -1))
+        if (n_keep == 0 or rebuild) and not llama_cpp.llama_memory_seq_rm(self._mem, seq, 0, -1):
+            raise MeasurementError("llama.cpp could not clear a sequence's KV cache")
         self._length[seq] = 0 if rebuild else min(self._length[seq], n_keep)
         self._tokens[seq] = [] if rebuild else kept
         if n_keep == 0 or rebuild:
             self._longest[seq] = 0
         if rebuild:
-            # As Context.truncate: the window may have lost cells the prefix needs.
             self.evaluate_each(seq, kept, 0, None, lambda first, view: None)
 
     def evaluate_each(self, seq: int, tokens: Sequence[int], start_pos: int, logits_from: int, consume) -> None:

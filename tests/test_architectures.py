@@ -1,6 +1,6 @@
 """Your model, not ours: the audit on tiny random-weight models of other families than llama
 (sliding-window attention with gemma's template, a qwen3 thinking template without BOS, a
-mixture of experts), all four axes, and the inputs it cannot measure (a recurrent model, an
+mixture of experts, a recurrent/attention hybrid), all four axes, and the inputs it cannot measure (a recurrent model, an
 architecture this llama.cpp does not know, a chat template that does not render) as one line."""
 
 from __future__ import annotations
@@ -27,6 +27,7 @@ FAMILY_CANDIDATES = {
     "gemma3": ["ctk=f16,ctv=f16", "ctk=q8_0,ctv=q8_0", "ctk=q8_0,ctv=q8_0,swa_full=on"],
     "qwen3": ["ctk=f16,ctv=f16", "ctk=q8_0,ctv=q4_0"],
     "qwen3moe": ["ctk=f16,ctv=f16", "ctk=q8_0,ctv=q8_0"],
+    "jamba": ["ctk=f16,ctv=f16", "ctk=q8_0,ctv=q8_0"],  # hybrid: recurrent and attention layers
 }
 
 

@@ -167,6 +167,7 @@ _FAMILY_TOKENS = {
     "qwen3": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"],
     "qwen3moe": ["<|im_start|>", "<|im_end|>", "<think>", "</think>"],
     "mamba": [],
+    "jamba": [],
 }
 FAMILIES = tuple(_FAMILY_TOKENS)
 
@@ -177,7 +178,8 @@ def write_tiny_family(path, family: str, *, n_ctx_train=2048, n_embd=64, n_head=
     """Write a tiny random-weight GGUF of ``family``: "gemma3" (sliding-window attention on
     every other layer, q/k norms, post-norms, gemma's turn template), "qwen3" (q/k norms, no
     BOS, a thinking template), "qwen3moe" (qwen3 with ``n_expert`` experts, ``n_expert_used``
-    per token) or "mamba" (a recurrent model: no attention, no KV cache)."""
+    per token), "mamba" (a recurrent model: no attention, no KV cache) or "jamba" (a hybrid: a
+    mamba layer, then an attention layer with a KV cache)."""
     assert family in _FAMILY_TOKENS, family
     head_dim = n_embd // n_head
     assert head_dim % 32 == 0, f"head_dim={head_dim} must be a multiple of 32"
@@ -202,13 +204,19 @@ def write_tiny_family(path, family: str, *, n_ctx_train=2048, n_embd=64, n_head=
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
     w.add_layer_norm_rms_eps(1e-6)
-    if family == "mamba":
-        w.add_feed_forward_length(0)
-        w.add_head_count(0)
+    if family in ("mamba", "jamba"):
         w.add_ssm_conv_kernel(4)
         w.add_ssm_inner_size(2 * n_embd)
         w.add_ssm_state_size(16)
         w.add_ssm_time_step_rank(4)
+    if family == "mamba":
+        w.add_feed_forward_length(0)
+        w.add_head_count(0)
+    elif family == "jamba":
+        # Layer 0 is recurrent (no KV heads), layer 1 attends; no RoPE in jamba.
+        w.add_feed_forward_length(n_ff)
+        w.add_head_count(n_head)
+        w.add_head_count_kv([0, n_head_kv] * (n_layer // 2) + [0] * (n_layer % 2))
     else:
         w.add_feed_forward_length(n_ff)
         w.add_head_count(n_head)
@@ -254,8 +262,12 @@ def write_tiny_family(path, family: str, *, n_ctx_train=2048, n_embd=64, n_head=
     w.add_tensor(name(T.OUTPUT), rand(n_vocab, n_embd))
     for i in range(n_layer):
         blk = {name(T.ATTN_NORM, i): ones(n_embd)}
-        if family == "mamba":
+        recurrent = family == "mamba" or (family == "jamba" and i % 2 == 0)
+        if recurrent:
             d_inner, d_conv, d_state, dt_rank = 2 * n_embd, 4, 16, 4
+            if family == "jamba":
+                blk.update({name(T.SSM_DT_NORM, i): ones(dt_rank), name(T.SSM_B_NORM, i): ones(d_state),
+                            name(T.SSM_C_NORM, i): ones(d_state)})
             blk.update({
                 name(T.SSM_IN, i): rand(2 * d_inner, n_embd),
                 name(T.SSM_CONV1D, i): rand(d_inner, d_conv),
@@ -274,6 +286,16 @@ def write_tiny_family(path, family: str, *, n_ctx_train=2048, n_embd=64, n_head=
                 name(T.ATTN_K, i): rand(n_head_kv * head_dim, n_embd),
                 name(T.ATTN_V, i): rand(n_head_kv * head_dim, n_embd),
                 name(T.ATTN_OUT, i): rand(n_embd, n_head * head_dim),
+            })
+        if family == "jamba":
+            blk.update({
+                name(T.FFN_NORM, i): ones(n_embd),
+                name(T.FFN_GATE, i): rand(n_ff, n_embd),
+                name(T.FFN_UP, i): rand(n_ff, n_embd),
+                name(T.FFN_DOWN, i): rand(n_embd, n_ff),
+            })
+        elif not recurrent:
+            blk.update({
                 name(T.ATTN_Q_NORM, i): ones(head_dim),
                 name(T.ATTN_K_NORM, i): ones(head_dim),
                 name(T.FFN_NORM, i): ones(n_embd),

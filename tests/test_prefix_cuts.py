@@ -1,6 +1,7 @@
-"""Sliding-window attention: llama.cpp sizes such a cache for the window (unless swa_full), and
-may overwrite cells that left it. Cutting a sequence back to a prefix and going on from there
-(prefix reuse, teacher forcing) must still give the logits of a fresh evaluation."""
+"""Cutting a sequence back to a prefix and going on from there (prefix reuse, teacher forcing)
+must give the logits of a fresh evaluation, also where llama.cpp's memory cannot simply cut:
+a sliding-window cache (sized for the window unless swa_full, it may overwrite cells that left
+the window) and a hybrid model's recurrent layers (their state cannot roll back)."""
 
 from __future__ import annotations
 
@@ -106,3 +107,26 @@ def test_sequences_cut_past_the_window_match_a_single_context(gemma):
     single.evaluate(prompts[1], 0, logits_from=None)
     expect = single.evaluate(forced, len(prompts[1]), logits_from=0)
     assert np.array_equal(np.concatenate(rows), expect)
+
+
+@pytest.fixture(scope="module")
+def jamba(tmp_path_factory):
+    path = write_tiny_family(tmp_path_factory.mktemp("hybrid") / "jamba.gguf", "jamba")
+    eng = E.Engine(path)
+    yield eng, path
+    eng.close()
+
+
+def test_hybrid_prefix_reuse_and_teacher_forcing_are_exact(jamba):
+    assert not jamba[0].is_recurrent  # a hybrid: it has a KV cache to audit
+    ctx = _ctx(jamba, "ctk=q8_0,ctv=q8_0", "hybrid")
+    fresh, reused = _prefill_after_a_long_sequence(ctx)
+    assert np.array_equal(fresh, reused)
+    prefix, forced = _tokens(2 * N_BATCH, 10), _tokens(20, 11)[1:]
+    ctx.reset()
+    ctx.evaluate(prefix + _tokens(50, 12)[1:], 0, logits_from=None)
+    ctx.truncate(len(prefix))  # llama.cpp cannot roll the recurrent state back: rebuilt
+    cut = ctx.evaluate(forced, len(prefix), logits_from=0)
+    ctx.reset()
+    ctx.evaluate(prefix, 0, logits_from=None)
+    assert np.array_equal(cut, ctx.evaluate(forced, len(prefix), logits_from=0))
