@@ -170,16 +170,53 @@ _FAMILY_TOKENS = {
     "jamba": [],
 }
 FAMILIES = tuple(_FAMILY_TOKENS)
+# Rendered as text (not control tokens), as in qwen3's own vocabulary, so a reply's reasoning
+# block can be recognised and stripped.
+_TEXT_TOKENS = {"<think>", "</think>"}
+
+
+def _byte_chars() -> list:
+    """GPT-2 byte-level BPE's printable stand-in for each byte value 0..255: printable
+    Latin-1 bytes stand for themselves, the rest are moved to code points from 256 up."""
+    keep = list(range(ord("!"), ord("~") + 1)) + list(range(0xA1, 0xAC + 1)) + list(range(0xAE, 0xFF + 1))
+    chars, extra = {}, 0
+    for b in range(256):
+        if b in keep:
+            chars[b] = chr(b)
+        else:
+            chars[b] = chr(256 + extra)
+            extra += 1
+    return [chars[b] for b in range(256)]
+
+
+def _bpe_vocab() -> tuple:
+    """(tokens, merges) of a small byte-level BPE vocabulary: every byte, then each of _WORDS
+    with a leading space built up one merge at a time."""
+    byte = _byte_chars()
+    tokens = list(byte)
+    merges = []
+    for w in _WORDS:
+        symbols = [byte[b] for b in (" " + w).encode("utf-8")]
+        current = symbols[0]
+        for nxt in symbols[1:]:
+            merged = current + nxt
+            if merged not in tokens:
+                merges.append(f"{current} {nxt}")
+                tokens.append(merged)
+            current = merged
+    return tokens, merges
 
 
 def write_tiny_family(path, family: str, *, n_ctx_train=2048, n_embd=64, n_head=2, n_head_kv=1, n_layer=2,
                       n_ff=128, seed=0, chat_template="default", sliding_window=64, n_expert=4,
-                      n_expert_used=2) -> pathlib.Path:
+                      n_expert_used=2, tokenizer=None) -> pathlib.Path:
     """Write a tiny random-weight GGUF of ``family``: "gemma3" (sliding-window attention on
     every other layer, q/k norms, post-norms, gemma's turn template), "qwen3" (q/k norms, no
     BOS, a thinking template), "qwen3moe" (qwen3 with ``n_expert`` experts, ``n_expert_used``
     per token), "mamba" (a recurrent model: no attention, no KV cache) or "jamba" (a hybrid: a
-    mamba layer, then an attention layer with a KV cache)."""
+    mamba layer, then an attention layer with a KV cache). ``tokenizer`` is "spm" (the llama
+    vocabulary) or "bpe" (byte-level BPE with qwen2's pre-tokenizer); qwen families default to
+    "bpe", as their real models are."""
     assert family in _FAMILY_TOKENS, family
     head_dim = n_embd // n_head
     assert head_dim % 32 == 0, f"head_dim={head_dim} must be a multiple of 32"
@@ -190,11 +227,19 @@ def write_tiny_family(path, family: str, *, n_ctx_train=2048, n_embd=64, n_head=
     if chat_template == "default":
         chat_template = {"gemma3": GEMMA_TEMPLATE, "qwen3": QWEN3_TEMPLATE, "qwen3moe": QWEN3_TEMPLATE}.get(family)
 
-    tokens, scores, types = _vocab()
+    if tokenizer is None:
+        tokenizer = "bpe" if family.startswith("qwen") else "spm"
+    if tokenizer == "bpe":
+        tokens, merges = _bpe_vocab()
+        tokens = tokens + ["<|endoftext|>"]
+        scores = [0.0] * len(tokens)
+        types = [int(gguf.TokenType.NORMAL)] * (len(tokens) - 1) + [int(gguf.TokenType.CONTROL)]
+    else:
+        tokens, scores, types = _vocab()
     for text in _FAMILY_TOKENS[family]:
         tokens.append(text)
         scores.append(0.0)
-        types.append(int(gguf.TokenType.CONTROL))
+        types.append(int(gguf.TokenType.USER_DEFINED if text in _TEXT_TOKENS else gguf.TokenType.CONTROL))
     n_vocab = len(tokens)
 
     w = gguf.GGUFWriter(str(path), family)
@@ -233,12 +278,20 @@ def write_tiny_family(path, family: str, *, n_ctx_train=2048, n_embd=64, n_head=
         w.add_expert_used_count(n_expert_used)
         w.add_expert_feed_forward_length(n_ff // n_expert_used)
 
-    w.add_tokenizer_model("llama")
-    w.add_token_list(tokens)
-    w.add_token_scores(scores)
-    w.add_token_types(types)
-    w.add_unk_token_id(0)
-    w.add_bos_token_id(1)
+    if tokenizer == "bpe":
+        w.add_tokenizer_model("gpt2")
+        w.add_tokenizer_pre("qwen2")
+        w.add_token_list(tokens)
+        w.add_token_types(types)
+        w.add_token_merges(merges)
+        w.add_bos_token_id(tokens.index("<|endoftext|>"))
+    else:
+        w.add_tokenizer_model("llama")
+        w.add_token_list(tokens)
+        w.add_token_scores(scores)
+        w.add_token_types(types)
+        w.add_unk_token_id(0)
+        w.add_bos_token_id(1)
     w.add_eos_token_id(tokens.index("<|im_end|>") if family.startswith("qwen3") else 2)
     w.add_add_bos_token(not family.startswith("qwen3"))  # qwen models add no BOS
     w.add_add_eos_token(False)
