@@ -63,3 +63,22 @@ def test_interrupt_before_the_first_item_finishes_leaves_a_report(slow_decode_di
     assert any(line.startswith("INCOMPLETE") for line in data["diagnosis"])
     page = html.read_text(encoding="utf-8")
     assert "<html" in page.lower()
+
+
+def test_interrupt_during_collection_still_leaves_a_report(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    # SIGTERM as collection ends, before the test loop starts.
+    pytester.makeconftest("""
+        import os, signal
+
+        def pytest_collection_finish(session):
+            os.kill(os.getpid(), signal.SIGTERM)
+    """)
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess(
+        f"--refract-model={tiny_model}", f"--refract-prompts={tiny_prompts}", f"--refract-corpus={tiny_corpus}",
+        "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-ctx=64", "--refract-chunks=2", "--refract-n-predict=8",
+        f"--refract-json={report}")
+    assert result.ret == pytest.ExitCode.INTERRUPTED
+    data = read_report(report)
+    assert data["complete"] is False and data["items_run"] == 0
+    assert data["composite"] is None and data["gate"]["passed"] is False
