@@ -90,6 +90,10 @@ class Audit:
         self.rniah_lengths: tuple = ()
         self.rniah_answer_tokens = settings.rniah_answer_tokens
         self.rniah_thinking = False
+        from .progress import Progress
+
+        # Silent until the plugin gives it a sink (see progress.sink_for).
+        self.progress = Progress()
         self._load_inputs()
         self._init_reference_cache()
         self.baseline = None
@@ -121,6 +125,13 @@ class Audit:
         except MeasurementError as exc:
             raise UsageProblem(str(exc)) from None
         try:
+            if tok.is_recurrent:
+                # Its state is a fixed-size recurrence per sequence, not a cache of keys and
+                # values per token: there is nothing for ctk/ctv to quantize, so no score.
+                raise UsageProblem(
+                    f"{self.model_path.name} is a recurrent model ({self.info.architecture}): it keeps no KV cache, so "
+                    f"a KV-cache quantization audit has nothing to measure"
+                )
             self._tokenizer = tok
             self.add_bos, self.bos = tok.add_bos, tok.bos
             if haystack_source is not None:
@@ -306,7 +317,7 @@ class Audit:
             formatter = self._chat_formatter()
             if formatter:
                 sentinel = "@@refract-content@@"
-                rendered = formatter(messages=[{"role": "user", "content": sentinel}]).prompt
+                rendered = self._render_chat(formatter, sentinel)
                 head, _, tail = rendered.partition(sentinel)
                 add_special = tok.add_bos and not head.startswith(tok.token_text(tok.bos))
                 self._parts = (
@@ -502,12 +513,27 @@ class Audit:
                 from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
                 tok = self._tokenizer or self.engine
-                self._chat = Jinja2ChatFormatter(
-                    template, eos_token=tok.token_text(tok.eos), bos_token=tok.token_text(tok.bos)
-                )
+                try:
+                    self._chat = Jinja2ChatFormatter(
+                        template, eos_token=tok.token_text(tok.eos), bos_token=tok.token_text(tok.bos)
+                    )
+                except Exception as exc:  # jinja2 raises its own syntax errors, and a template may raise anything
+                    raise UsageProblem(self._template_problem(exc)) from None
             else:
                 self._chat = False
         return self._chat
+
+    def _render_chat(self, formatter, content: str) -> str:
+        """One user turn through the model's chat template, as text."""
+        try:
+            return formatter(messages=[{"role": "user", "content": content}]).prompt
+        except Exception as exc:  # see _chat_formatter
+            raise UsageProblem(self._template_problem(exc)) from None
+
+    def _template_problem(self, exc: Exception) -> str:
+        detail = " ".join(str(exc).split()) or type(exc).__name__
+        return (f"the chat template of {self.model_path.name} (tokenizer.chat_template) does not render a user turn: "
+                f"{type(exc).__name__}: {detail}; fix it in the file, e.g. gguf-new-metadata --chat-template-file")
 
     def chat_tokens(self, text: str) -> List[int]:
         """Render a user turn with the model's own chat template (raw text for base models)
@@ -518,10 +544,10 @@ class Audit:
         tok = self._tokenizer or self.engine
         formatter = self._chat_formatter()
         if formatter:
-            rendered = formatter(messages=[{"role": "user", "content": text}])
+            rendered = self._render_chat(formatter, text)
             bos_text = tok.token_text(tok.bos)
-            add_special = tok.add_bos and not rendered.prompt.startswith(bos_text)
-            tokens = tok.tokenize(rendered.prompt, add_special=add_special, parse_special=True)
+            add_special = tok.add_bos and not rendered.startswith(bos_text)
+            tokens = tok.tokenize(rendered, add_special=add_special, parse_special=True)
         else:
             tokens = tok.tokenize(text, add_special=True, parse_special=False)
         self._prompt_tokens[text] = tokens
@@ -533,6 +559,7 @@ class Audit:
     def engine(self):
         if self._engine is None:
             self._engine = self._engine_mod.Engine(self.model_path, n_gpu_layers=self.settings.gpu_layers)
+            self._engine.on_decoded = self.progress.decoded
         return self._engine
 
     def context_size(self) -> int:
@@ -589,11 +616,19 @@ class Audit:
             self._ref_memory.pop("trajectory-batch", None)
             if axis_module.NAME not in BATCHED_AXES:
                 self.release_sequences()
-        result = self._measure_once(axis_module, unit)
-        repeats = []
-        for _ in range(self.settings.repeat - 1):
-            self.forget()
-            repeats.append(self._measure_once(axis_module, unit))
+        from .progress import describe
+
+        multi = len(self.candidate_roles) > 1
+        planned = axis_module.planned_tokens(self, unit) * self.settings.repeat
+        self.progress.begin(describe(axis_module.NAME, unit, self.labels[unit["candidate"]] if multi else None), planned)
+        try:
+            result = self._measure_once(axis_module, unit)
+            repeats = []
+            for _ in range(self.settings.repeat - 1):
+                self.forget()
+                repeats.append(self._measure_once(axis_module, unit))
+        finally:
+            self.progress.end()
         if repeats:
             result["_repeats"] = repeats
         return result

@@ -232,7 +232,14 @@ class Engine:
         self.add_bos = bool(llama_cpp.llama_vocab_get_add_bos(self._vocab))
         self.bos = int(llama_cpp.llama_vocab_bos(self._vocab))
         self.eos = int(llama_cpp.llama_vocab_eos(self._vocab))
+        # A recurrent model (mamba, rwkv) keeps a fixed-size state per sequence instead of a KV
+        # cache; a hybrid (jamba, granite-hybrid) has attention layers with one, so it is not.
+        self.is_recurrent = bool(llama_cpp.llama_model_is_recurrent(self._model))
+        # Sliding-window attention span (0 without one): see _window_kept.
+        self.n_swa = int(llama_cpp.llama_model_n_swa(self._model)) if hasattr(llama_cpp, "llama_model_n_swa") else 0
         self._contexts: Dict[Tuple[str, str], "Context"] = {}
+        # Told the token count of every llama_decode (progress display; see progress.py).
+        self.on_decoded = None
 
     # -- tokens ---------------------------------------------------------------------------
 
@@ -350,6 +357,23 @@ def _new_context(engine: "Engine", kv: KVConfig, types: Tuple[CacheType, CacheTy
     return ctx
 
 
+def _sliding_window(engine: "Engine", kv: KVConfig) -> int:
+    """The attention window a context's cache may forget beyond, or 0 when it keeps every
+    position (no sliding-window layers, or a full-size window cache: swa_full=on)."""
+    return 0 if kv.swa_full else engine.n_swa
+
+
+def _window_kept(window: int, longest: int) -> bool:
+    """Whether a sequence cut back to a prefix still has every cell that prefix needs.
+
+    A sliding-window cache is sized for the window, not the context: once a sequence passed
+    ``window`` tokens, llama.cpp may overwrite cells that fell out of the window (masked cells
+    count as free). A later cut back to an earlier position then needs cells that may be gone,
+    and llama_memory_seq_rm does not say so. Until a sequence outgrew the window, no cell was
+    ever masked, so a cut is exact."""
+    return not window or longest <= window
+
+
 def _logits_view(ctx, n_rows: int, n_vocab: int) -> np.ndarray:
     """The last decode's output rows, read-only, in llama.cpp's own buffer (valid until the
     next decode)."""
@@ -403,8 +427,11 @@ class Context:
         # (batched prompt processing vs one-token decode steps), for compute-ratio figures.
         self.n_batch_tokens = 0
         self.n_decode_tokens = 0
-        # The token at each cached position, so a prefix can be reused (see prefill).
+        # The token at each cached position, so a prefix can be reused (see prefill), and the
+        # longest the sequence grew since it was cleared (see _window_kept).
         self._cached: List[int] = []
+        self._longest = 0
+        self._window = _sliding_window(engine, kv)
 
     def close(self) -> None:
         if self._ctx:
@@ -415,15 +442,23 @@ class Context:
     def reset(self) -> None:
         llama_cpp.llama_memory_clear(self._mem, True)
         self._cached = []
+        self._longest = 0
 
     def truncate(self, n_keep: int) -> None:
         """Drop cached positions >= n_keep (to re-decode from a divergence point)."""
         if n_keep <= 0:
             self.reset()
             return
-        if not llama_cpp.llama_memory_seq_rm(self._mem, 0, int(n_keep), -1):
-            raise MeasurementError("llama.cpp could not truncate the KV cache")
-        del self._cached[n_keep:]
+        # A cut needs every cell the prefix attends to (see _window_kept), and a model with
+        # recurrent layers (a hybrid such as jamba) cannot roll its state back: llama.cpp
+        # refuses. Either way the prefix is recomputed from a cleared cache, cut at n_batch as
+        # a fresh evaluation would be.
+        if _window_kept(self._window, self._longest) and llama_cpp.llama_memory_seq_rm(self._mem, 0, int(n_keep), -1):
+            del self._cached[n_keep:]
+            return
+        kept = self._cached[:n_keep]
+        self.reset()
+        self.evaluate_each(kept, 0, None, lambda first, view: None)
 
     def prefill(self, tokens: Sequence[int], logits_from: int) -> np.ndarray:
         """Evaluate ``tokens`` from position 0, reusing whole n_batch-sized batches that are
@@ -442,6 +477,8 @@ class Context:
                 break
             common += 1
         keep = min(common, len(tokens) - 1, logits_from) // step * step
+        if not _window_kept(self._window, self._longest):
+            keep = 0  # recomputing the prefix is all a reuse could offer here (see truncate)
         self.truncate(keep)
         rows = self.evaluate(tokens[keep:], keep, logits_from=logits_from - keep)
         return rows
@@ -468,6 +505,9 @@ class Context:
         if rc != 0:
             raise MeasurementError(f"llama_decode failed (code {rc}) at position {start_pos}")
         self._cached.extend(int(t) for t in tokens)
+        self._longest = max(self._longest, len(self._cached))
+        if self.engine.on_decoded is not None:
+            self.engine.on_decoded(n)
         return n_out
 
     def evaluate(self, tokens: Sequence[int], start_pos: int = 0, logits_from: Optional[int] = None) -> np.ndarray:
@@ -547,6 +587,10 @@ class SequencesContext:
         self.n_seq_decode_tokens = 0
         self.n_seq_decode_steps = 0
         self._length = [0] * n_seq
+        # Per sequence: its tokens and the longest it grew since cleared (see _window_kept).
+        self._tokens: List[List[int]] = [[] for _ in range(n_seq)]
+        self._longest = [0] * n_seq
+        self._window = _sliding_window(engine, kv)
 
     def close(self) -> None:
         if self._ctx:
@@ -570,19 +614,33 @@ class SequencesContext:
             b.logits[i] = flag
             n_out += bool(flag)
             self._length[seq] += 1
+            self._tokens[seq].append(int(tok))
+            self._longest[seq] = max(self._longest[seq], self._length[seq])
         b.n_tokens = len(rows)
         rc = llama_cpp.llama_decode(self._ctx, b)
         if rc != 0:
             raise MeasurementError(f"llama_decode failed (code {rc}) decoding {len(rows)} sequence rows")
+        if self.engine.on_decoded is not None:
+            self.engine.on_decoded(len(rows))
         return n_out
 
     def clear(self, seq: int) -> None:
         self.truncate(seq, 0)
 
     def truncate(self, seq: int, n_keep: int) -> None:
-        if not llama_cpp.llama_memory_seq_rm(self._mem, seq, int(n_keep), -1):
-            raise MeasurementError("llama.cpp could not truncate a sequence's KV cache")
-        self._length[seq] = min(self._length[seq], int(n_keep))
+        n_keep = max(0, int(n_keep))
+        kept = self._tokens[seq][:n_keep]
+        # As Context.truncate: a cut the window or a recurrent state cannot serve is rebuilt.
+        rebuild = n_keep > 0 and not (_window_kept(self._window, self._longest[seq])
+                                      and llama_cpp.llama_memory_seq_rm(self._mem, seq, n_keep, -1))
+        if (n_keep == 0 or rebuild) and not llama_cpp.llama_memory_seq_rm(self._mem, seq, 0, -1):
+            raise MeasurementError("llama.cpp could not clear a sequence's KV cache")
+        self._length[seq] = 0 if rebuild else min(self._length[seq], n_keep)
+        self._tokens[seq] = [] if rebuild else kept
+        if n_keep == 0 or rebuild:
+            self._longest[seq] = 0
+        if rebuild:
+            self.evaluate_each(seq, kept, 0, None, lambda first, view: None)
 
     def evaluate_each(self, seq: int, tokens: Sequence[int], start_pos: int, logits_from: int, consume) -> None:
         """As Context.evaluate_each, for one sequence (cut at n_batch the same way)."""

@@ -171,6 +171,17 @@ class RefractSession:
         self.interrupted = False
         self.is_worker = hasattr(config, "workerinput")
 
+    def pytest_sessionstart(self, session):
+        # Here, not in pytest_configure: the terminal reporter exists by now.
+        from .progress import sink_for
+
+        self.audit.progress.sink = sink_for(self.config, settings_mod.show_progress(self.config))
+
+    def pytest_runtest_logstart(self, nodeid, location):
+        sink = self.audit.progress.sink
+        if sink is not None:
+            sink.nodeid = nodeid  # to reopen pytest's line after progress lines (PlainLines.clear)
+
     # -- collection ---------------------------------------------------------------------
 
     @pytest.hookimpl(tryfirst=True)
@@ -261,13 +272,21 @@ class RefractSession:
             if not self.is_worker and not session.config.option.collectonly:
                 self._finish(session)
 
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session, exitstatus):
+        # Interrupted before the test loop began (during collection): still leave a report.
+        if (self.report is None and not self.is_worker and not session.config.option.collectonly
+                and exitstatus == pytest.ExitCode.INTERRUPTED):
+            self.interrupted = True
+            self._finish(session)
+
     def _finish(self, session) -> None:
         from .report import build_report
 
         s = self.audit.settings
         ran = bool(self.results or self.failed or self.custom)
-        if not ran:
-            return
+        if not ran and not self.interrupted:
+            return  # nothing selected and nothing stopped: there is nothing to report
         complete = not self.interrupted and not session.shouldstop
         self.report = build_report(
             audit=self.audit,
@@ -282,6 +301,10 @@ class RefractSession:
         if not self.gate["passed"]:
             session.testsfailed += 1
         self.report["wall_s"] = time.time() - self.started
+        # How far an interrupted run got: items with a result or a failure, of those selected.
+        self.report["items_run"] = (sum(len(per_axis) for axes in self.results.values() for per_axis in axes.values())
+                                    + sum(len(units) for axes in self.failed.values() for units in axes.values()))
+        self.report["items_selected"] = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem)) or None
         if self.audit.baseline is not None:
             self.report["baseline"] = {"path": s.baseline_path, "composite": self.audit.baseline.get("composite"),
                                        "timestamp": self.audit.baseline.get("timestamp"), "max_drop": s.max_drop}

@@ -54,7 +54,8 @@ OPTIONS = (
 FLAGS = (("floor", "also measure reference vs reference (a second context) to show the noise floor"),
          ("no-cache", "do not read or write the reference cache"),
          ("clear-cache", "empty the reference cache before the run"),
-         ("full", "run all four axes (trajectory, kld, rniah, plad)"))
+         ("full", "run all four axes (trajectory, kld, rniah, plad)"),
+         ("no-progress", "do not show the progress of long items (a live line on a terminal, a line every few seconds in logs)"))
 
 
 def register(parser) -> None:
@@ -92,6 +93,12 @@ def _get(config, name: str):
         value = value.strip()
         return value or None
     return value
+
+
+def show_progress(config) -> bool:
+    """False with --refract-no-progress (or the refract_no_progress ini key); -qq and xdist
+    are decided where the output is (progress.sink_for)."""
+    return not _get(config, "no-progress")
 
 
 def _int(config, name: str, minimum: int) -> int:

@@ -90,3 +90,43 @@ def plugin_args() -> list:
 
     installed = any(ep.name == "refract" for ep in importlib.metadata.entry_points(group="pytest11"))
     return [] if installed else ["-p", "pytest_refract.plugin"]
+
+
+# A conftest for a pytest run under test: every llama_decode pauses a little, so an item lasts
+# long enough to show progress or to be interrupted part-way; the plain progress interval is
+# shortened to fit a test. Pause and interval come from the environment.
+SLOW_DECODE_CONFTEST = """
+import os, time
+import pytest_refract.engine as engine
+import pytest_refract.progress as progress
+
+_PAUSE = float(os.environ.get("REFRACT_TEST_DECODE_PAUSE", "0.02"))
+progress.PLAIN_INTERVAL_S = float(os.environ.get("REFRACT_TEST_PLAIN_INTERVAL", "0.3"))
+progress.LIVE_DELAY_S = 0.2
+progress.LIVE_INTERVAL_S = 0.05
+
+def _slowed(original):
+    def slowed(self, *args, **kwargs):
+        time.sleep(_PAUSE)
+        return original(self, *args, **kwargs)
+    return slowed
+
+engine.Context._decode = _slowed(engine.Context._decode)
+engine.SequencesContext._run = _slowed(engine.SequencesContext._run)
+"""
+
+
+@pytest.fixture
+def slow_decode_dir(tmp_path):
+    """A folder to run pytest in whose conftest slows every llama_decode (see above)."""
+    (tmp_path / "conftest.py").write_text(SLOW_DECODE_CONFTEST)
+    return tmp_path
+
+
+def subprocess_env() -> dict:
+    """Environment for a pytest subprocess that must import this worktree's plugin."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join([str(Path(__file__).resolve().parents[1]), env.get("PYTHONPATH", "")])
+    env.pop("PYTEST_ADDOPTS", None)
+    return env
+

@@ -25,6 +25,12 @@ def units(audit) -> List[dict]:
     return [{"id": f"chunk-{i:02d}", "keywords": [], "chunk": i} for i in range(audit.n_chunks)]
 
 
+def planned_tokens(audit, unit) -> int:
+    """Tokens this item will feed llama.cpp (progress only): the chunk under the reference,
+    the candidate and the floor (the reference may come from a cache, then it is fewer)."""
+    return (audit.settings.ctx - 1) * (2 + bool(audit.settings.floor))
+
+
 def chunk_tokens(corpus_tokens: List[int], index: int, n_ctx: int, bos: Optional[int]) -> List[int]:
     """Chunk ``index`` of ``n_ctx`` tokens, its first token replaced by BOS where the
     vocabulary adds one (``bos`` is None otherwise)."""

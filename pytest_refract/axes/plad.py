@@ -31,6 +31,27 @@ def units(audit) -> List[dict]:
     return out
 
 
+def planned_tokens(audit, unit) -> int:
+    """Tokens this item will feed llama.cpp (progress only): anchor and perturbed prompt with
+    their continuations, per side, for the whole batch where batched (zero once it ran). Anchors
+    the trajectory axis already decoded are reused, so it is often fewer."""
+    s = audit.settings
+    if unit["perturbed"] is None:
+        return 0
+    if s.decode_batch > 1:
+        if (NAME, unit["candidate"], unit["id"]) in audit.batch_seconds:
+            return 0
+        units, roles = audit.batch_of(NAME, unit)
+    else:
+        units, roles = [unit], [unit["candidate"]]
+    sides = 1 + len(roles) + bool(s.floor)
+    total = 0
+    for u in units:
+        if u["perturbed"] is not None:
+            total += len(audit.chat_tokens(u["prompt"].prompt)) + len(audit.chat_tokens(u["perturbed"])) + 2 * s.n_predict
+    return total * sides
+
+
 def item_score(excess: float) -> Optional[float]:
     if not is_score(excess):
         return None  # a drift that is not a number is no measurement

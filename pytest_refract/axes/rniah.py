@@ -32,6 +32,14 @@ def units(audit) -> List[dict]:
     ]
 
 
+def planned_tokens(audit, unit) -> int:
+    """Tokens this cell will feed llama.cpp (progress only): per trial and side, the prompt
+    and the whole answer budget (an answer that ends early, or a reused prefix, makes it fewer)."""
+    s = audit.settings
+    per_trial = unit["length"] + len(audit.rniah_prompt([])) + audit.rniah_answer_tokens
+    return s.rniah_trials * (2 + bool(s.floor)) * per_trial
+
+
 def answer_pattern(template: str, value: str) -> "re.Pattern":
     return re.compile(template.replace("{value}", re.escape(value)), re.IGNORECASE)
 

@@ -27,6 +27,22 @@ def units(audit) -> List[dict]:
     return [{"id": p.id, "keywords": [p.category], "prompt": p} for p in audit.prompts]
 
 
+def planned_tokens(audit, unit) -> int:
+    """Tokens this item will feed llama.cpp, estimated before it runs (for progress only):
+    each side's prompt and continuation, and half a continuation of teacher forcing per
+    candidate side (it starts at the first divergence). Zero when its batch already ran."""
+    s = audit.settings
+    if s.decode_batch > 1:
+        if (NAME, unit["candidate"], unit["id"]) in audit.batch_results:
+            return 0
+        units, roles = audit.batch_of(NAME, unit)
+    else:
+        units, roles = [unit], [unit["candidate"]]
+    sides = len(roles) + bool(s.floor)
+    prompts = [len(audit.chat_tokens(u["prompt"].prompt)) for u in units]
+    return sum(n + s.n_predict for n in prompts) * (1 + sides) + len(prompts) * sides * (s.n_predict // 2)
+
+
 def _teacher_forced_logits(cand_ctx, prompt_len, ref_tokens, cand_tokens, cand_logits) -> np.ndarray:
     """The candidate's logits along the *reference's* continuation.
 

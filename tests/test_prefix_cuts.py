@@ -1,0 +1,132 @@
+"""Cutting a sequence back to a prefix and going on from there (prefix reuse, teacher forcing)
+must give the logits of a fresh evaluation, also where llama.cpp's memory cannot simply cut:
+a sliding-window cache (sized for the window unless swa_full, it may overwrite cells that left
+the window) and a hybrid model's recurrent layers (their state cannot roll back)."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+
+from pytest_refract import engine as E
+from pytest_refract.gguf_meta import read_gguf
+from pytest_refract.kvconfig import parse_kv_config, validate_for_model
+from tiny_model import write_tiny_family
+
+WINDOW = 32
+N_BATCH = 64  # a small batch keeps llama.cpp's window cache small: pad(32 + 64, 256) = 256 cells
+
+
+@pytest.fixture(scope="module")
+def gemma(tmp_path_factory):
+    path = write_tiny_family(tmp_path_factory.mktemp("swa") / "gemma.gguf", "gemma3", sliding_window=WINDOW)
+    eng = E.Engine(path)
+    yield eng, path
+    eng.close()
+
+
+def _ctx(gemma, kv_text, role):
+    eng, path = gemma
+    kv = parse_kv_config(kv_text)
+    types = validate_for_model(kv, E.cache_types(), *read_gguf(path).head_dims, role)
+    return eng.context(kv, types, E.ContextSettings(n_ctx=1024, n_batch=N_BATCH, n_ubatch=N_BATCH, n_threads=1), role)
+
+
+def _tokens(n, seed):
+    rng = np.random.RandomState(seed)
+    return [1] + [int(t) for t in rng.randint(3, 300, size=n - 1)]
+
+
+def test_the_model_has_a_sliding_window(gemma):
+    assert gemma[0].n_swa == WINDOW and not gemma[0].is_recurrent
+
+
+def _prefill_after_a_long_sequence(ctx):
+    shared = _tokens(300, 1)
+    first = shared + _tokens(400, 2)[1:]  # 700 tokens: far past the 256-cell window cache
+    second = shared + _tokens(150, 3)[1:]
+    ctx.reset()
+    fresh = ctx.evaluate(second, 0, logits_from=len(second) - 20)
+    ctx.reset()
+    ctx.prefill(first, logits_from=len(first) - 1)
+    return fresh, ctx.prefill(second, logits_from=len(second) - 20)
+
+
+@pytest.mark.parametrize("kv_text", ["ctk=f16,ctv=f16", "ctk=q8_0,ctv=q8_0"])
+def test_prefix_reuse_past_the_window_is_exact(gemma, kv_text):
+    fresh, reused = _prefill_after_a_long_sequence(_ctx(gemma, kv_text, f"reuse-{kv_text}"))
+    assert np.array_equal(fresh, reused)
+
+
+def test_reusing_cells_the_window_dropped_would_be_wrong(gemma, monkeypatch):
+    """Why the mend exists: trusting the cut (as llama_memory_seq_rm lets one) changes logits."""
+    monkeypatch.setattr(E, "_window_kept", lambda window, longest: True)
+    fresh, reused = _prefill_after_a_long_sequence(_ctx(gemma, "ctk=f16,ctv=f16", "trusting"))
+    assert not np.array_equal(fresh, reused)
+
+
+def test_full_window_cache_keeps_prefix_reuse(gemma):
+    ctx = _ctx(gemma, "ctk=f16,ctv=f16,swa_full=on", "full")
+    before = ctx.n_batch_tokens + ctx.n_decode_tokens
+    fresh, reused = _prefill_after_a_long_sequence(ctx)
+    assert np.array_equal(fresh, reused)
+    # Every cell is kept: of the second sequence (449 tokens) the shared 256 (four whole
+    # batches) were not recomputed; the first (699 tokens) and the fresh run were whole.
+    assert ctx.n_batch_tokens + ctx.n_decode_tokens - before == 449 + 699 + (449 - 256)
+
+
+def test_teacher_forcing_cut_past_the_window_is_exact(gemma):
+    ctx = _ctx(gemma, "ctk=q8_0,ctv=q8_0", "forced")
+    prefix = _tokens(4 * N_BATCH, 4)
+    rest = _tokens(300, 5)[1:]
+    forced = _tokens(40, 6)[1:]
+    ctx.reset()
+    ctx.evaluate(prefix + rest, 0, logits_from=None)
+    ctx.truncate(len(prefix))
+    cut = ctx.evaluate(forced, len(prefix), logits_from=0)
+    ctx.reset()
+    ctx.evaluate(prefix, 0, logits_from=None)
+    fresh = ctx.evaluate(forced, len(prefix), logits_from=0)
+    assert np.array_equal(cut, fresh)
+
+
+def test_sequences_cut_past_the_window_match_a_single_context(gemma):
+    eng, path = gemma
+    single = _ctx(gemma, "ctk=q8_0,ctv=q8_0", "one")
+    kv = parse_kv_config("ctk=q8_0,ctv=q8_0")
+    types = validate_for_model(kv, E.cache_types(), *read_gguf(path).head_dims, "many")
+    many = eng.sequences_context(kv, types, E.ContextSettings(n_ctx=512, n_batch=N_BATCH, n_ubatch=N_BATCH,
+                                                              n_threads=1), "many", 2, 400)
+    prompts = [_tokens(2 * N_BATCH, 7), _tokens(2 * N_BATCH, 8)]
+    out = many.greedy_many(prompts, 60)
+    forced = _tokens(12, 9)[1:]
+    many.truncate(1, len(prompts[1]))
+    rows = []
+    many.evaluate_each(1, forced, len(prompts[1]), 0, lambda first, view: rows.append(view.copy()))
+    single.reset()
+    single.evaluate(prompts[1], 0, logits_from=None)
+    expect = single.evaluate(forced, len(prompts[1]), logits_from=0)
+    assert np.array_equal(np.concatenate(rows), expect)
+
+
+@pytest.fixture(scope="module")
+def jamba(tmp_path_factory):
+    path = write_tiny_family(tmp_path_factory.mktemp("hybrid") / "jamba.gguf", "jamba")
+    eng = E.Engine(path)
+    yield eng, path
+    eng.close()
+
+
+def test_hybrid_prefix_reuse_and_teacher_forcing_are_exact(jamba):
+    assert not jamba[0].is_recurrent  # a hybrid: it has a KV cache to audit
+    ctx = _ctx(jamba, "ctk=q8_0,ctv=q8_0", "hybrid")
+    fresh, reused = _prefill_after_a_long_sequence(ctx)
+    assert np.array_equal(fresh, reused)
+    prefix, forced = _tokens(2 * N_BATCH, 10), _tokens(20, 11)[1:]
+    ctx.reset()
+    ctx.evaluate(prefix + _tokens(50, 12)[1:], 0, logits_from=None)
+    ctx.truncate(len(prefix))  # llama.cpp cannot roll the recurrent state back: rebuilt
+    cut = ctx.evaluate(forced, len(prefix), logits_from=0)
+    ctx.reset()
+    ctx.evaluate(prefix, 0, logits_from=None)
+    assert np.array_equal(cut, ctx.evaluate(forced, len(prefix), logits_from=0))
