@@ -138,7 +138,7 @@ def loaded_library_files() -> List[Path]:
     """libllama and the ggml libraries actually mapped into this process (Linux: from
     /proc/self/maps, so a library the dynamic linker found elsewhere is the one named), else
     the libraries in the folder llama-cpp-python loaded from."""
-    pattern = re.compile(r"(lib)?(llama|ggml[\w.-]*)\.(so[.\d]*|dylib|dll)$")
+    pattern = re.compile(r"^(lib)?(llama|ggml[\w.-]*)\.(so[.\d]*|dylib|dll)$")
     found: Dict[str, Path] = {}
     try:
         with open("/proc/self/maps", encoding="utf-8", errors="replace") as maps:

@@ -148,7 +148,7 @@ def test_refused_cache_type_quotes_llama_cpp_on_smollm2(pytester, smollm2):
 # --------------------------------------------------------------------------- TurboQuant fork
 
 
-TURBO4_BLOCK_BYTES = None  # filled in from the fork's ggml table below
+TURBO4_BLOCK_BYTES = 68  # ggml_row_size(turbo4, 128) in the fork (a norm and 4-bit indices per 128 values)
 
 
 def _fork_lib() -> Path:
