@@ -64,7 +64,7 @@ def test_own_library_folder_is_loaded_named_and_digested(pytester, tiny_model, t
     # Sizes as llama.cpp allocated them; the tiny model's 2 layers x 2 heads x 32: f16 K+V = 512 bytes.
     assert data["reference_kv_bytes_per_token"] == 512
     assert data["reference_kv_allocation"]["exact"] is True
-    assert data["kv_allocation"]["k_type"] == "q8_0" and data["kv_cache"]["bytes_per_token"] == 2 * (68 + 68)
+    assert data["kv_allocation"]["k_type"] == "q8_0" and data["kv_allocation"]["bytes_per_token"] == 2 * (68 + 68)
     assert all(re.match(r"^(LLAMA_|GGML_)", k) for k in data["context_env"])
 
 
