@@ -217,9 +217,10 @@ class Audit:
             # runs over the cells in use).
             "numerics": {"n_batch": s.n_batch, "n_ubatch": s.n_ubatch, "threads": s.threads,
                          "gpu_layers": s.gpu_layers, "flash_attn": s.reference.fa},
-            "build": build,
+            "build": {k: v for k, v in build.items() if k != "library_folder"},
             # Variables llama.cpp reads (rotation among them) and the rotation it then applied.
-            "context_env": self.context_env["reference"],
+            # (not where the library lies: its digest, in "build", says which bytes ran)
+            "context_env": {k: v for k, v in self.context_env["reference"].items() if k != "LLAMA_CPP_LIB_PATH"},
             "rotation": self.rotation("reference"),
         }
         self.refcache = ReferenceCache(directory, identity)

@@ -68,6 +68,48 @@ def test_own_library_folder_is_loaded_named_and_digested(pytester, tiny_model, t
     assert all(re.match(r"^(LLAMA_|GGML_)", k) for k in data["context_env"])
 
 
+def test_reference_cache_is_keyed_by_the_library_digest(pytester, tiny_model, tiny_prompts, tiny_corpus, tmp_path):
+    """Two copies of the same build share cache entries; one byte more in libllama, and the
+    reference is measured afresh."""
+    import shutil
+
+    own = _own_library_folder()
+    if libload.find_library(own) is None:
+        pytest.skip("this llama-cpp-python was installed bindings-only: it has no library folder of its own")
+    first, second, changed = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    for folder in (first, second, changed):
+        shutil.copytree(own, folder, symlinks=True)
+    lib = changed / libload.find_library(changed).resolve().name
+    lib.write_bytes(lib.read_bytes() + b"\0")  # ELF loaders ignore trailing bytes
+
+    def run(folder, name):
+        report = pytester.path / f"{name}.json"
+        result = pytester.runpytest_subprocess(*_tiny_args(
+            tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", "-k", "kld",
+            f"--refract-llama-lib={folder}", f"--refract-cache-dir={tmp_path / 'cache'}", f"--refract-json={report}"))
+        assert result.ret == 0, result.stdout.str()
+        return read_report(report)
+
+    a = run(first, "a")
+    b = run(second, "b")
+    c = run(changed, "c")
+    assert a["llama_cpp_build"]["library_digest"] == b["llama_cpp_build"]["library_digest"]
+    assert c["llama_cpp_build"]["library_digest"] != a["llama_cpp_build"]["library_digest"]
+    assert a["reference_cache"]["misses"] == 2 and a["reference_cache"]["hits"] == 0
+    assert b["reference_cache"]["hits"] == 2 and b["reference_cache"]["misses"] == 0
+    assert c["reference_cache"]["hits"] == 0 and c["reference_cache"]["misses"] == 2
+
+
+def test_creation_log_is_printed_only_with_verbose(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    args = _tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", "-k", "kld",
+                      "-s")
+    quiet = pytester.runpytest_subprocess(*args)
+    loud = pytester.runpytest_subprocess(*args, "-v")
+    assert quiet.ret == loud.ret == 0
+    assert "attn_rot_k" not in quiet.stdout.str() + quiet.stderr.str()
+    assert "attn_rot_k = 0" in loud.stdout.str() + loud.stderr.str()
+
+
 def test_llama_lib_after_llama_cpp_was_imported_elsewhere_is_one_line(tmp_path):
     import llama_cpp  # noqa: F401  (imported from its own folder, as a user's conftest might)
 
