@@ -146,12 +146,13 @@ def check_rotation(policy: str, rotation: Optional[dict], quantized: Tuple[bool,
     if not wrong:
         return None
     did = describe_rotation(rotation)
-    hint = ""
-    if policy in ("k", "v"):
+    if policy in ("k", "v") and any(w.startswith("rotated") for w in wrong):
         hint = (" (upstream llama.cpp only knows all-or-nothing rotation, LLAMA_ATTN_ROT_DISABLE; per-side "
                 "rotation needs a build such as the TurboQuant fork)")
-    elif policy in ("kv",) or want_k or want_v:
-        hint = " (a side is rotated only when its cache type is quantized and the head size is a multiple of 64)"
+    elif policy == "off":
+        hint = " (this build ignores LLAMA_ATTN_ROT_DISABLE)"
+    else:
+        hint = " (llama.cpp rotates a side only when its cache type is quantized and the head size is a multiple of 64)"
     return f"{label}: rot={policy} was not honoured: this build {' and '.join(wrong)} ({did}){hint}"
 
 
