@@ -14,8 +14,9 @@ import numpy as np
 from . import data
 from .errors import MeasurementError, UsageProblem
 from .gguf_meta import expected_data_end, head_sha256, read_gguf
-from .kvconfig import validate_for_model
 from .guard import check_outputs
+from .kvconfig import FLOAT_TYPES, validate_for_model
+from .kvlog import side_bytes_per_token
 from .settings import Settings
 
 
@@ -33,7 +34,14 @@ class Audit:
         self._cache_dir = (prepare_cache_dir(Path(settings.cache_dir), clear=settings.clear_cache and not is_worker)
                            if settings.cache_dir else None)
 
-        from . import engine as engine_mod  # llama_cpp is imported only when an audit exists
+        from . import libload
+
+        # --refract-llama-lib must be in place before llama_cpp is first imported.
+        lib_dir = libload.use_library(settings.llama_lib) if settings.llama_lib else None
+        try:
+            from . import engine as engine_mod  # llama_cpp is imported only when an audit exists
+        except (OSError, RuntimeError) as exc:  # llama-cpp-python could not load the library
+            raise UsageProblem(libload.import_problem(exc, lib_dir)) from None
 
         self._engine_mod = engine_mod
         self.gpu_note: Optional[str] = None
@@ -43,6 +51,7 @@ class Audit:
             self.gpu_note = (f"--refract-gpu-layers={settings.gpu_layers}: this llama.cpp build has no GPU offload; "
                              "every layer runs on the CPU (0 offloaded)")
             settings = self.settings = replace(settings, gpu_layers=0)
+        engine_mod.set_log_echo(settings.verbose > 0)
         if expected_data_end(self.info, engine_mod.ggml_row_size) > self.info.size_bytes:
             raise UsageProblem(
                 f"truncated GGUF file: {self.model_path} is {self.info.size_bytes} bytes, its tensors need "
@@ -95,6 +104,7 @@ class Audit:
         # Silent until the plugin gives it a sink (see progress.sink_for).
         self.progress = Progress()
         self._load_inputs()
+        self._probe_contexts()
         self._init_reference_cache()
         self.baseline = None
         if settings.baseline_path:
@@ -176,6 +186,38 @@ class Audit:
                     f"the model's context of {limit} tokens; use --refract-n-predict={limit - n} or less"
                 )
 
+    def _probe_contexts(self) -> None:
+        """Let llama.cpp judge every config before any item runs: a small context per config
+        is created and freed. A refusal (e.g. a cache type whose block size does not fit the
+        model's heads) is a usage error quoting llama.cpp; the rotation it applied and the cache
+        sizes it allocated are read back from its log, and a rotation policy it did not honour
+        is refused as well."""
+        from .kvlog import check_rotation
+
+        self.kv_facts: Dict[str, object] = {}
+        self.context_env: Dict[str, dict] = {}
+        probe_settings = self._context_settings(256)
+        for role in ["reference", *self.candidate_roles]:
+            kv = self.configs[role]
+            flag = "--refract-reference" if role == "reference" else "--refract-candidate"
+            try:
+                facts, env = self.engine.probe(kv, self.types[role], probe_settings)
+            except self._engine_mod.ContextRefused as exc:
+                raise UsageProblem(f"{flag} {exc}") from None
+            quantized = tuple(t.name not in FLOAT_TYPES for t in self.types[role])
+            problem = check_rotation(kv.rot, facts.rotation, quantized, f"{flag} {kv.label()}")
+            if problem:
+                raise UsageProblem(problem)
+            self.kv_facts[role] = facts
+            self.context_env[role] = env
+        self.kv_facts["floor"] = self.kv_facts["reference"]
+        self.context_env["floor"] = self.context_env["reference"]
+
+    def rotation(self, role: str) -> Optional[dict]:
+        """{"k": bool, "v": bool} as llama.cpp logged it for the role's config; None when the
+        build logs no rotation (it has none)."""
+        return self.kv_facts[role].rotation
+
     def _prepare_rniah(self, source) -> None:
         from .haystack import THINK_MARKERS, Haystack
 
@@ -219,7 +261,11 @@ class Audit:
             # runs over the cells in use).
             "numerics": {"n_batch": s.n_batch, "n_ubatch": s.n_ubatch, "threads": s.threads,
                          "gpu_layers": s.gpu_layers, "flash_attn": s.reference.fa},
-            "build": build,
+            "build": {k: v for k, v in build.items() if k != "library_folder"},
+            # Variables llama.cpp reads (rotation among them) and the rotation it then applied.
+            # (not where the library lies: its digest, in "build", says which bytes ran)
+            "context_env": {k: v for k, v in self.context_env["reference"].items() if k != "LLAMA_CPP_LIB_PATH"},
+            "rotation": self.rotation("reference"),
         }
         self.refcache = ReferenceCache(directory, identity)
         # The floor compares the reference with itself bit for bit: it needs the live reference.
@@ -663,18 +709,64 @@ class Audit:
     # -- report facts -------------------------------------------------------------------
 
     def kv_bytes_per_token(self, role: str) -> Optional[int]:
-        """Bytes the role's KV cache takes per token over all layers (K rows plus V rows in
-        their cache types, as ggml lays them out); None where the metadata cannot say. This
-        is what a quantized cache saves, the other half of "which config should I ship"."""
+        """Bytes the role's KV cache takes per token over all layers, as llama.cpp allocated it
+        (see kv_allocation); None where llama.cpp logged no cache size. This is what a
+        quantized cache saves, the other half of "which config should I ship"."""
+        alloc = self.kv_allocation(role)
+        return alloc["bytes_per_token"] if alloc else None
+
+    def _row_bytes(self, role: str, side: int, pad: int) -> Optional[int]:
+        """ggml row arithmetic for one cache side per token, heads padded to ``pad``."""
         n_layer = self.info.arch_key("block_count")
         n_head_kv = self.info.arch_key("attention.head_count_kv", self.info.arch_key("attention.head_count"))
-        head_k, head_v = self.info.head_dims
-        if not (n_layer and n_head_kv and head_k and head_v):
+        head = self.info.head_dims[side]
+        if not (n_layer and n_head_kv and head):
             return None
         per_layer = n_head_kv if isinstance(n_head_kv, list) else [n_head_kv] * int(n_layer)
-        type_k, type_v = self.types[role]
-        row = self._engine_mod.ggml_row_size
-        return sum(row(type_k.ggml_type, int(h) * head_k) + row(type_v.ggml_type, int(h) * head_v) for h in per_layer if h)
+        padded = -(-int(head) // pad) * pad
+        cache_type = self.types[role][side]
+        if any(int(h) * padded % cache_type.block_size for h in per_layer if h):
+            return None  # not a layout ggml can hold
+        return sum(self._engine_mod.ggml_row_size(cache_type.ggml_type, int(h) * padded) for h in per_layer if h)
+
+    def kv_allocation(self, role: str) -> Optional[dict]:
+        """The role's KV cache as llama.cpp allocated it, per token. llama.cpp prints each
+        side's size in MiB with two decimals; where ggml's row arithmetic (over the model's
+        heads, or heads zero-padded as forks such as TurboQuant do) reproduces a printed size,
+        that exact figure is the allocation, otherwise the printed size over the cells is."""
+        cached = getattr(self, "_alloc", {}).get(role)
+        if cached is not None:
+            return cached
+        facts = self.kv_facts.get(role)
+        if facts is None or not facts.caches:
+            return None
+        per_side = []
+        exact_all = True
+        for side in (0, 1):
+            total = 0
+            for cache in facts.caches:
+                mib = cache.k_mib if side == 0 else cache.v_mib
+                options = []
+                if len(facts.caches) == 1:  # several caches (e.g. sliding-window layers) split the layers
+                    options = [b for b in (self._row_bytes(role, side, p) for p in (1, 32, 64, 128, 256)) if b]
+                value, exact = side_bytes_per_token(mib, cache.cells, options)
+                total += value
+                exact_all = exact_all and exact
+            per_side.append(total)
+        first = facts.caches[0]
+        alloc = {
+            "bytes_per_token": per_side[0] + per_side[1],
+            "k_bytes_per_token": per_side[0],
+            "v_bytes_per_token": per_side[1],
+            "k_type": first.k_type,
+            "v_type": first.v_type,
+            "logged": [{"cells": c.cells, "k_mib": c.k_mib, "v_mib": c.v_mib} for c in facts.caches],
+            "exact": exact_all,
+            "source": "llama.cpp's log of the cache it allocated" + ("" if exact_all else " (MiB with two decimals)"),
+        }
+        self._alloc = getattr(self, "_alloc", {})
+        self._alloc[role] = alloc
+        return alloc
 
     def kv_cache_facts(self, role: str) -> Optional[dict]:
         own, ref = self.kv_bytes_per_token(role), self.kv_bytes_per_token("reference")

@@ -9,9 +9,12 @@ changes logits, which would make reference and candidate incomparable.
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import math
+import os
 import re
+import sys
 import threading
 from dataclasses import dataclass
 from pathlib import Path
@@ -19,6 +22,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from . import kvlog, libload
 from .errors import MeasurementError
 from .kvconfig import CacheType, KVConfig
 
@@ -31,18 +35,67 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 _LOG_LOCK = threading.Lock()
 _recent_errors: List[str] = []
+# While a context is created, every log record goes here too (see _capture_log): llama.cpp
+# reports there what it did (rotation, cache sizes) and why it refused.
+_captured: Optional[List[Tuple[int, str]]] = None
+_echo_log = False  # -v: print the captured creation log to stderr
 
 
 @llama_cpp.llama_log_callback
 def _quiet_log(level, text, user_data):  # pragma: no cover - called from C
     # llama.cpp prints hundreds of lines per model load; keep only errors, to quote them in
     # our own one-line messages (e.g. "unknown model architecture").
+    msg = text.decode("utf-8", errors="replace")
+    with _LOG_LOCK:
+        if _captured is not None:
+            _captured.append((int(level), msg))
     if level == 4:  # GGML_LOG_LEVEL_ERROR
-        msg = text.decode("utf-8", errors="replace").strip()
+        msg = msg.strip()
         if msg:
             with _LOG_LOCK:
                 _recent_errors.append(msg)
                 del _recent_errors[:-5]
+
+
+def set_log_echo(on: bool) -> None:
+    global _echo_log
+    _echo_log = bool(on)
+
+
+@contextlib.contextmanager
+def _capture_log():
+    """Collect llama.cpp's log records for the duration (a context's creation); the records
+    are printed only with -v. Capturing ends, and the previous state returns, on exit."""
+    global _captured
+    records: List[Tuple[int, str]] = []
+    with _LOG_LOCK:
+        previous, _captured = _captured, records
+    try:
+        yield records
+    finally:
+        with _LOG_LOCK:
+            _captured = previous
+        if _echo_log and records:
+            sys.stderr.write("".join(text for _, text in records))
+
+
+@contextlib.contextmanager
+def _environment(changes: Dict[str, Optional[str]]):
+    """Set (or, for None, unset) variables while llama.cpp reads them, then restore them."""
+    saved = {name: os.environ.get(name) for name in changes}
+    try:
+        for name, value in changes.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
+        yield
+    finally:
+        for name, value in saved.items():
+            if value is None:
+                os.environ.pop(name, None)
+            else:
+                os.environ[name] = value
 
 
 _backend_ready = False
@@ -98,6 +151,13 @@ def build_info() -> dict:
             func.argtypes = []
             raw = func()
             info[key] = raw.decode("ascii", errors="replace") if raw else None
+    folder = libload.loaded_library_dir()
+    files = libload.loaded_library_files()
+    # Which library folder (a fork's build, or llama-cpp-python's own) and exactly which
+    # bytes: the digest is part of the reference cache's key.
+    info["library_folder"] = folder.name if folder is not None else None
+    info["libraries"] = [f.name for f in files]
+    info["library_digest"] = libload.library_digest(files)
     info["system_info"] = system_info()
     return info
 
@@ -115,7 +175,10 @@ def system_info() -> str:
 def _ggml_lib():
     """The ggml library that llama-cpp-python actually loaded (not a table of ours), so that a
     fork's cache types (e.g. TurboQuant's turbo4) are found where the build has them."""
-    lib_dir = Path(llama_cpp.__file__).parent / "lib"
+    for path in libload.loaded_library_files():
+        if path.name.startswith(("libggml-base.", "ggml-base.")):
+            return ctypes.CDLL(str(path))
+    lib_dir = libload.loaded_library_dir() or Path(llama_cpp.__file__).parent / "lib"
     for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll", "libggml.so", "libggml.dylib", "ggml.dll"):
         candidate = lib_dir / name
         if candidate.exists():
@@ -148,7 +211,11 @@ def _ggml_type_count() -> Optional[int]:
     """GGML_TYPE_COUNT of the build that llama-cpp-python installed: its build installs
     ggml.h beside the package. ggml's type functions do no bounds check, so we must know."""
     site = Path(llama_cpp.__file__).resolve().parent.parent
-    for header in (site / "include" / "ggml.h", Path(llama_cpp.__file__).parent / "include" / "ggml.h"):
+    headers = [site / "include" / "ggml.h", Path(llama_cpp.__file__).parent / "include" / "ggml.h"]
+    folder = libload.loaded_library_dir()
+    if folder is not None:  # a build tree (build/bin) next to its sources, or an install prefix (lib)
+        headers += [folder.parent / "include" / "ggml.h", folder.parent.parent / "ggml" / "include" / "ggml.h"]
+    for header in headers:
         if header.is_file():
             m = re.search(r"GGML_TYPE_COUNT\s*=\s*(\d+)", header.read_text(errors="replace"))
             if m:
@@ -310,6 +377,14 @@ class Engine:
             self._contexts[key] = ctx
         return ctx
 
+    def probe(self, kv: KVConfig, types: Tuple[CacheType, CacheType], settings: ContextSettings):
+        """Create and free a small context for ``kv``: llama.cpp's verdict on the config (a
+        refusal raises ContextRefused with its reason) and the facts it logged (KVFacts), with
+        the LLAMA_*/GGML_* environment in effect, before any item runs."""
+        ctx, facts, env = _new_context(self, kv, types, settings, settings.n_ctx, 1)
+        llama_cpp.llama_free(ctx)
+        return facts, env
+
     def drop_context(self, role: str) -> None:
         for key in [k for k in self._contexts if k[0] == role]:
             self._contexts.pop(key).close()
@@ -350,11 +425,20 @@ def _new_context(engine: "Engine", kv: KVConfig, types: Tuple[CacheType, CacheTy
     params.offload_kqv = not kv.nkvo
     params.swa_full = kv.swa_full
     params.no_perf = True
-    ctx = llama_cpp.llama_init_from_model(engine._model, params)
+    # The rotation policy reaches llama.cpp through its environment, read when the KV cache is
+    # created; what it then did is read back from its log of this creation.
+    with _environment(kvlog.rotation_env(kv.rot)), _capture_log() as records:
+        env = kvlog.recorded_env()
+        ctx = llama_cpp.llama_init_from_model(engine._model, params)
+    facts = kvlog.parse_log(records)
     if not ctx:
-        why = _last_error() or "see llama.cpp's log"
-        raise MeasurementError(f"llama.cpp could not create a context for {kv.label()}: {why}")
-    return ctx
+        why = kvlog.refusal_reason(facts.errors) or _last_error() or "see llama.cpp's log (-v)"
+        raise ContextRefused(f"llama.cpp refused a context for {kv.label()}: {why}")
+    return ctx, facts, env
+
+
+class ContextRefused(MeasurementError):
+    """llama.cpp returned no context; the message quotes its logged reason."""
 
 
 def _sliding_window(engine: "Engine", kv: KVConfig) -> int:
@@ -418,7 +502,7 @@ class Context:
         self.engine = engine
         self.kv = kv
         self.settings = settings
-        self._ctx = _new_context(engine, kv, types, settings, settings.n_ctx, 1)
+        self._ctx, self.kv_facts, self.env = _new_context(engine, kv, types, settings, settings.n_ctx, 1)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(settings.n_batch, 0, 1)
         self.n_ctx = int(llama_cpp.llama_n_ctx(self._ctx))
@@ -576,7 +660,7 @@ class SequencesContext:
         self.settings = settings
         self.n_seq = n_seq
         self.n_ctx_seq = int(math.ceil(n_ctx_seq / 256.0) * 256)
-        self._ctx = _new_context(engine, kv, types, settings, self.n_ctx_seq * n_seq, n_seq)
+        self._ctx, self.kv_facts, self.env = _new_context(engine, kv, types, settings, self.n_ctx_seq * n_seq, n_seq)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(max(settings.n_batch, n_seq), 0, 1)
         self.n_vocab = engine.n_vocab

@@ -20,7 +20,11 @@ _KEY_ALIASES = {
     "fa": "fa", "flash-attn": "fa", "flash_attn": "fa",
     "nkvo": "nkvo", "no-kv-offload": "nkvo", "no_kv_offload": "nkvo",
     "swa_full": "swa_full", "swa-full": "swa_full",
+    "rot": "rot", "rotation": "rot",
 }
+_KEYS = "ctk, ctv, fa, nkvo, swa_full, rot"
+# Attention rotation policies (see kvlog.py for the environment each one sets).
+ROTATION_POLICIES = ("default", "off", "k", "v", "kv")
 _TRUE = {"on", "1", "true", "yes"}
 _FALSE = {"off", "0", "false", "no"}
 
@@ -36,6 +40,9 @@ class KVConfig:
     fa: bool = True
     nkvo: bool = False  # keep the KV cache in host memory when layers are offloaded to a GPU
     swa_full: bool = False  # full-size cache for sliding-window-attention models
+    # Hadamard rotation of the quantized cache sides: the build's default, none, K, V or both.
+    # Applied through llama.cpp's environment at context creation and read back from its log.
+    rot: str = "default"
     # Whether the user wrote fa=..., so the other side can inherit it; not part of identity.
     fa_explicit: bool = field(default=False, compare=False)
 
@@ -48,11 +55,13 @@ class KVConfig:
             parts.append("nkvo=on")
         if self.swa_full:
             parts.append("swa_full=on")
+        if self.rot != "default":
+            parts.append(f"rot={self.rot}")
         return ",".join(parts)
 
     def short(self) -> str:
         """Compact id fragment for test ids, e.g. ``q8_0-q4_0``."""
-        return f"{self.ctk}-{self.ctv}"
+        return f"{self.ctk}-{self.ctv}" + (f"-rot_{self.rot}" if self.rot != "default" else "")
 
     @property
     def quantized(self) -> bool:
@@ -83,13 +92,13 @@ def parse_kv_config(text: str) -> KVConfig:
             continue
         if "=" not in item:
             raise UsageProblem(
-                f"KV config {text!r}: {item!r} is not key=value (keys: ctk, ctv, fa, nkvo, swa_full)"
+                f"KV config {text!r}: {item!r} is not key=value (keys: {_KEYS})"
             )
         key, value = (s.strip() for s in item.split("=", 1))
         canon = _KEY_ALIASES.get(key.lower())
         if canon is None:
             raise UsageProblem(
-                f"KV config {text!r}: unknown key {key!r} (keys: ctk, ctv, fa, nkvo, swa_full)"
+                f"KV config {text!r}: unknown key {key!r} (keys: {_KEYS})"
             )
         if canon in fields:
             raise UsageProblem(f"KV config {text!r}: {canon} given twice")
@@ -97,6 +106,13 @@ def parse_kv_config(text: str) -> KVConfig:
             if not value:
                 raise UsageProblem(f"KV config {text!r}: {canon} needs a cache type, e.g. {canon}=q8_0")
             fields[canon] = value.lower()
+        elif canon == "rot":
+            policy = value.lower()
+            if policy not in ROTATION_POLICIES:
+                raise UsageProblem(
+                    f"KV config {text!r}: rot={value!r} is not a rotation policy; choose from {', '.join(ROTATION_POLICIES)}"
+                )
+            fields[canon] = policy
         else:
             fields[canon] = _parse_bool(canon, value, text)
     if not fields:
@@ -135,8 +151,10 @@ def validate_for_model(
     head_dim_v: Optional[int],
     role: str,
 ) -> tuple:
-    """Resolve ``config``'s cache types against the ggml build's own type table and check
-    what llama.cpp would otherwise reject deep inside context creation (or abort on)."""
+    """Resolve ``config``'s cache types against the ggml build's own type table. Whether a type
+    suits the model's heads is llama.cpp's decision, made when the context is created (forks
+    pad heads, so a rule of ours would be wrong there); only with flash attention off, where
+    llama.cpp does not check K and ggml would abort, is the block size checked here."""
     resolved = []
     for which, name, head_dim in (("ctk", config.ctk, head_dim_k), ("ctv", config.ctv, head_dim_v)):
         cache_type = types.get(name)
@@ -145,7 +163,7 @@ def validate_for_model(
             raise UsageProblem(
                 f"{role} {which}={name}: this llama.cpp build has no cache type {name!r}; it offers: {offered}"
             )
-        if head_dim and head_dim % cache_type.block_size:
+        if not config.fa and which == "ctk" and head_dim and head_dim % cache_type.block_size:
             raise UsageProblem(
                 f"{role} {which}={name}: block size {cache_type.block_size} does not divide the model's "
                 f"head dimension {head_dim}; pick a type with a block size dividing {head_dim} (e.g. q8_0, q4_0)"

@@ -217,6 +217,7 @@ def _candidate_section(audit, role: str, results, failed, gates, complete: bool)
         "floor": floor,
         "custom_gates": gates,
         "kv_cache": audit.kv_cache_facts(role),
+        **_context_facts(audit, role),
     }
     diagnosis = section["diagnosis"]
     repeats = [a.get("repeat") for a in axes.values()]
@@ -275,6 +276,16 @@ def _ran_text(axes: Dict[str, dict]) -> str:
     if missing and all(m is not None for m in missing):
         return f"{ran} of {ran + sum(missing)} selected items ran; {sum(missing)} were not run."
     return f"{ran} items ran."
+
+
+def _context_facts(audit, role: str) -> dict:
+    """What llama.cpp logged when it created the role's context: the attention rotation it
+    applied ({"k": bool, "v": bool}, null where the build has none), the cache it allocated,
+    and every LLAMA_*/GGML_* variable in effect then."""
+    if not hasattr(audit, "kv_facts"):
+        return {}
+    return {"rotation": audit.rotation(role), "kv_allocation": audit.kv_allocation(role),
+            "context_env": audit.context_env.get(role, {})}
 
 
 def _gate(audit, section: dict, complete: bool) -> dict:
@@ -344,6 +355,9 @@ def build_report(
         "model": audit.model_facts(),
         "reference": s.reference.label(),
         "reference_kv_bytes_per_token": audit.kv_bytes_per_token("reference"),
+        **({"reference_rotation": audit.rotation("reference"), "reference_kv_allocation": audit.kv_allocation("reference"),
+            "rotation": first.get("rotation"), "kv_allocation": first.get("kv_allocation"),
+            "context_env": first.get("context_env")} if hasattr(audit, "kv_facts") else {}),
         # The most KV-cache memory this process held at once (under xdist: the controller's,
         # which measures nothing; see each worker's own run).
         "kv_cache_bytes_peak": getattr(audit, "kv_bytes_peak", 0) or None,
@@ -362,6 +376,7 @@ def build_report(
         "ranking": [{"candidate": sec["candidate"], "composite": sec["composite"], "band": sec["band"],
                      "passed": sec["gate"]["passed"],
                      "kv_vs_reference": (sec["kv_cache"] or {}).get("vs_reference"),
+                     "rotation": sec.get("rotation"),
                      "axes": {n: a.get("score") for n, a in sec["axes"].items()}} for sec in ranked],
         "reference_cache": {
             "enabled": audit.refcache.enabled,

@@ -50,6 +50,8 @@ OPTIONS = (
     ("html", "string", None, "write the self-contained HTML report to this path"),
     ("baseline", "string", None, "gate against a previous JSON report: fail when the composite or an axis dropped"),
     ("max-drop", "string", "2.0", "with --refract-baseline: the largest allowed drop in points (default 2.0)"),
+    ("llama-lib", "string", None, "folder holding another llama.cpp build's shared libllama/libggml (e.g. a fork such as "
+                                  "TurboQuant) for llama-cpp-python to load instead of its own"),
 )
 FLAGS = (("floor", "also measure reference vs reference (a second context) to show the noise floor"),
          ("no-cache", "do not read or write the reference cache"),
@@ -151,6 +153,8 @@ class Settings:
     decode_batch: int = 1
     decode_batch_note: Optional[str] = None
     extra: dict = field(default_factory=dict, compare=False)
+    llama_lib: Optional[str] = None
+    verbose: int = 0
 
     @property
     def candidate(self) -> KVConfig:
@@ -303,6 +307,8 @@ def read_settings(config) -> Optional[Settings]:
         threads=threads,
         gpu_layers=_int(config, "gpu-layers", 0),
         floor=bool(_get(config, "floor")),
+        llama_lib=_get(config, "llama-lib"),
+        verbose=int(getattr(config.option, "verbose", 0) or 0),
     )
 
 

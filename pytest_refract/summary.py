@@ -70,9 +70,16 @@ def _render_ranking(tr, ranking) -> None:
         tr.write_line(cells + ("?" if kv is None else f"{100 * kv:.0f}% of reference"))
 
 
+def _rotation_text(rotation: dict) -> str:
+    """Rotation as llama.cpp logged it for the config's context."""
+    on = [side.upper() for side in ("k", "v") if rotation.get(side)]
+    return f"rotated {'+'.join(on)}" if on else "no rotation"
+
+
 def _render_candidate(tr, report: dict) -> None:
     tr.write_line("")
-    tr.write_line(f"candidate  {report['candidate']}" + ("   (self-reference)" if report.get("self_reference") else ""))
+    tr.write_line(f"candidate  {report['candidate']}" + ("   (self-reference)" if report.get("self_reference") else "")
+                  + (f"   (llama.cpp: {_rotation_text(report['rotation'])})" if report.get("rotation") else ""))
     tr.write_line("")
     for name in ORDER:
         section = report["axes"].get(name)

@@ -211,11 +211,17 @@ def test_validate_unknown_type_lists_offered_types():
     assert "it offers: f16, f32, q4_0, q4_k, q8_0" in msg
 
 
-def test_validate_block_size_must_divide_head_dim():
+def test_block_size_is_left_to_llama_cpp_with_flash_attention():
+    # llama.cpp checks (and forks pad heads, so a rule of ours could be wrong): no early refusal.
+    assert validate_for_model(KVConfig("q4_k", "q4_k"), TYPES, 64, 64, "reference") == (TYPES["q4_k"], TYPES["q4_k"])
+
+
+def test_block_size_of_k_is_checked_without_flash_attention():
+    # With fa=off llama.cpp does not check K's block size and ggml would abort: refused here.
     with pytest.raises(UsageProblem) as info:
-        validate_for_model(KVConfig("f16", "q4_k"), TYPES, 64, 64, "reference")
+        validate_for_model(KVConfig("q4_k", "f16", fa=False), TYPES, 64, 64, "reference")
     msg = str(info.value)
-    assert msg.startswith("reference ctv=q4_k")
+    assert msg.startswith("reference ctk=q4_k")
     assert "block size 256" in msg
     assert "head dimension 64" in msg
 

@@ -140,7 +140,18 @@ def test_gate_uses_fail_under_number(pytester, tiny_model, tiny_prompts, tiny_co
     [
         ("--refract-candidate=ctk=q8_0,ctv=turbo4", "no cache type 'turbo4'; it offers: "),
         ("--refract-candidate=ctk=q8_0,ctv=q4_0,fa=off", "quantized V cache needs flash attention"),
-        ("--refract-candidate=ctk=q4_k,ctv=f16", "block size 256 does not divide the model's head dimension 32"),
+        # llama.cpp decides, and its own reason is quoted.
+        ("--refract-candidate=ctk=q4_k,ctv=f16", "llama.cpp refused a context for ctk=q4_k,ctv=f16: "
+                                                 "llama_init_from_model: K cache type q4_K with block size 256 does not "
+                                                 "divide n_embd_head_k=32"),
+        ("--refract-candidate=ctk=q8_0,ctv=q8_0,rot=sideways", "rot='sideways' is not a rotation policy; choose from "
+                                                               "default, off, k, v, kv"),
+        # The tiny model's heads are 32 wide: llama.cpp rotates only heads that are a multiple of 64.
+        ("--refract-candidate=ctk=q8_0,ctv=q8_0,rot=kv", "rot=kv was not honoured: this build did not rotate K and "
+                                                         "did not rotate V (no rotation)"),
+        ("--refract-candidate=ctk=q8_0,ctv=q8_0 --refract-llama-lib=/nonexistent/llama-build",
+         "--refract-llama-lib=/nonexistent/llama-build: folder /nonexistent/llama-build does not exist"),
+        ("--refract-candidate=ctk=q8_0,ctv=q8_0 --refract-llama-lib=.", "holds no libllama.so"),
         ("--refract-candidate=ctk=q8_0,cvt=q4_0", "unknown key 'cvt'"),
         ("--refract-candidate=ctk=q8_0,ctv=q8_0 --refract-fail-under=GOOD", "neither a band"),
         ("--refract-candidate=ctk=q8_0,ctv=q8_0 --refract-n-predict=0", "--refract-n-predict=0 must be at least 1"),
