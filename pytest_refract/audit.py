@@ -47,6 +47,16 @@ class Audit:
             self.candidate_roles.append(role)
             self.labels[role] = cand.label()
         self.id_prefix = _id_prefixes(settings.candidates)
+        # The sensitivity control: one more role measured on the same items as the candidates
+        # (its items are test_<axis>[control-<unit>]), never ranked or gated itself.
+        self.control_role: Optional[str] = None
+        if settings.sensitivity is not None:
+            self.control_role = CONTROL
+            self.types[CONTROL] = validate_for_model(settings.sensitivity, types, head_k, head_v, "--refract-sensitivity")
+            self.configs[CONTROL] = settings.sensitivity
+            self.labels[CONTROL] = settings.sensitivity.label()
+            self.id_prefix[CONTROL] = f"{CONTROL}-"
+        self.item_roles: List[str] = self.candidate_roles + ([CONTROL] if self.control_role else [])
         self.self_reference = {role: self.configs[role] == settings.reference for role in self.candidate_roles}
 
         self.prompts: List[data.Prompt] = []
@@ -329,13 +339,22 @@ class Audit:
         if not planned or unit["id"] not in planned:
             return [unit], [unit["candidate"]]
         roles = set().union(*(r for _, r in planned.values()))
-        return [u for u, _ in planned.values()], [r for r in self.candidate_roles if r in roles]
+        units = self._planned_units(axis, unit)
+        if CONTROL in roles and all(self.control_cached(axis, u) for u in units):
+            roles.discard(CONTROL)  # its items read their results from the cache
+        return units, [r for r in self.item_roles if r in roles]
+
+    def _planned_units(self, axis: str, unit: dict) -> List[dict]:
+        planned = self._plan.get((axis, unit.get("batch")))
+        if not planned or unit["id"] not in planned:
+            return [unit]
+        return [u for u, _ in planned.values()]
 
     def share_batch_time(self, axis: str, units: List[dict], role_seconds: Dict[str, float]) -> None:
         """Spread a batch's measured time over its items: each candidate's items carry that
         candidate's decode time plus an equal part of the shared work (reference, floor), so
         per-item and per-candidate wall times stay true although one item ran the batch."""
-        cands = [r for r in role_seconds if r in self.candidate_roles]
+        cands = [r for r in role_seconds if r in self.item_roles]
         if not cands or not units:
             return
         shared = sum(sec for r, sec in role_seconds.items() if r not in cands) / len(cands)
@@ -553,6 +572,8 @@ class Audit:
             self._ref_memory.pop("trajectory-batch", None)
             if axis_module.NAME not in BATCHED_AXES:
                 self.release_sequences()
+        if unit["candidate"] == CONTROL:
+            return self._measure_control(axis_module, unit)
         result = self._measure_once(axis_module, unit)
         repeats = []
         for _ in range(self.settings.repeat - 1):
@@ -560,6 +581,52 @@ class Audit:
             repeats.append(self._measure_once(axis_module, unit))
         if repeats:
             result["_repeats"] = repeats
+        return result
+
+    # -- the sensitivity control (cached like the reference) ------------------------------
+
+    def _control_key(self, axis: str, unit: dict) -> str:
+        """Cache key of one control item: everything its result depends on beyond the cache's
+        namespace (model, reference, numerics, build): the control config, the item's own
+        inputs, the settings the axis reads and, for batched decoding, the batch's layout."""
+        import json
+
+        s = self.settings
+        own = {k: (v.prompt if isinstance(v, data.Prompt) else v) for k, v in unit.items()
+               if k not in ("candidate", "batch", "keywords")}
+        batch = [u["id"] for u in self._planned_units(axis, unit)] if unit.get("batch") is not None else None
+        reads = {"trajectory": {"n_predict": s.n_predict, "decode_batch": s.decode_batch},
+                 "plad": {"n_predict": s.n_predict, "decode_batch": s.decode_batch, "seed": s.seed},
+                 "kld": {"ctx": s.ctx, "corpus": self.corpus.sha256 if self.corpus else None},
+                 "rniah": {"seed": s.seed, "trials": s.rniah_trials, "needle": s.rniah_needle,
+                           "question": s.rniah_question, "answer": s.rniah_answer, "values": s.rniah_values,
+                           "answer_tokens": self.rniah_answer_tokens,
+                           "haystack": self.haystack_source.sha256 if self.haystack_source else None}}[axis]
+        text = json.dumps({"unit": own, "batch": batch, "reads": reads}, sort_keys=True, default=str)
+        return self.refcache.key("control-" + axis, self.labels[CONTROL], text)
+
+    def control_cached(self, axis: str, unit: dict) -> bool:
+        if not self._read_cache:
+            return False
+        return self.refcache.has("control-" + axis, self._control_key(axis, unit))
+
+    def _measure_control(self, axis_module, unit) -> dict:
+        """The control's item: read from the reference cache when there, else measured like a
+        candidate's and stored (its result depends only on what the key holds)."""
+        key = self._control_key(axis_module.NAME, unit)
+        if self._read_cache:
+            entry = self.refcache.load("control-" + axis_module.NAME, key)
+            if entry is not None and entry["meta"].get("result") is not None:
+                result = entry["meta"]["result"]
+                result["compute"] = {}
+                result["reference_cache"] = {"hits": 1, "misses": 0}
+                result["wall_s"] = 0.0  # read, not measured: this run paid nothing for it
+                result["control_cached"] = True
+                return result
+        result = self._measure_once(axis_module, unit)
+        stored = {k: v for k, v in result.items() if k not in ("compute", "reference_cache")}
+        self.refcache.store("control-" + axis_module.NAME, key, {}, meta={"result": stored})
+        result["control_cached"] = False
         return result
 
     def forget(self) -> None:
@@ -632,6 +699,8 @@ class Audit:
         self._model_facts = facts
         return dict(facts)
 
+
+CONTROL = "control"
 
 # Axes whose greedy decodes run in multi-sequence batches with --refract-decode-batch > 1,
 # and how many decode-batch widths of units a batch (one xdist group) holds. A trajectory batch

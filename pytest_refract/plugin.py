@@ -100,7 +100,9 @@ class RefractCollector(pytest.Collector):
                 # Consecutive units form a decode batch; with `-n N --dist loadgroup` a batch
                 # (or, unbatched, a unit) goes to one worker with all its candidates.
                 group = f"{axis}-batch{index // size}" if batched else f"{axis}-{unit['id']}"
-                for role in audit.candidate_roles:
+                # The sensitivity control's item (if any) comes last: it shares the unit's
+                # reference and decode batch with the candidates.
+                for role in audit.item_roles:
                     item = RefractItem.from_parent(
                         self, name=f"test_{axis}[{audit.id_prefix[role]}{unit['id']}]", axis=axis,
                         unit=dict(unit, candidate=role, batch=index // size if batched else None),
@@ -135,6 +137,8 @@ class RefractItem(pytest.Item):
         if result.get("skipped"):
             pytest.skip(result.get("reason") or "not applicable")
         threshold = rs.audit.settings.item_fail_under
+        if self.unit["candidate"] == rs.audit.control_role:
+            return  # the control is a yardstick, never gated
         if threshold is not None and result["score"] is not None and result["score"] < threshold:
             raise RefractItemError(
                 f"{self.axis} {self.name}: score {result['score']:.2f} ({result['band']}) is below "
