@@ -47,15 +47,16 @@ class Audit:
             self.candidate_roles.append(role)
             self.labels[role] = cand.label()
         self.id_prefix = _id_prefixes(settings.candidates)
-        # The sensitivity control: one more role measured on the same items as the candidates
-        # (its items are test_<axis>[control-<unit>]), never ranked or gated itself.
+        # The sensitivity control: one more role measured on the same units as the candidates,
+        # inside the first selected candidate item of each unit (so item ids, counts and -k
+        # selection stay as they are), never ranked or gated itself.
         self.control_role: Optional[str] = None
         if settings.sensitivity is not None:
             self.control_role = CONTROL
             self.types[CONTROL] = validate_for_model(settings.sensitivity, types, head_k, head_v, "--refract-sensitivity")
             self.configs[CONTROL] = settings.sensitivity
             self.labels[CONTROL] = settings.sensitivity.label()
-            self.id_prefix[CONTROL] = f"{CONTROL}-"
+        self._control_done: set = set()
         self.item_roles: List[str] = self.candidate_roles + ([CONTROL] if self.control_role else [])
         self.self_reference = {role: self.configs[role] == settings.reference for role in self.candidate_roles}
 
@@ -340,8 +341,9 @@ class Audit:
             return [unit], [unit["candidate"]]
         roles = set().union(*(r for _, r in planned.values()))
         units = self._planned_units(axis, unit)
-        if CONTROL in roles and all(self.control_cached(axis, u) for u in units):
-            roles.discard(CONTROL)  # its items read their results from the cache
+        # The control decodes in the candidates' batches, unless the cache holds its results.
+        if self.control_role and not all(self.control_cached(axis, u) for u in units):
+            roles.add(CONTROL)
         return units, [r for r in self.item_roles if r in roles]
 
     def _planned_units(self, axis: str, unit: dict) -> List[dict]:
@@ -572,9 +574,16 @@ class Audit:
             self._ref_memory.pop("trajectory-batch", None)
             if axis_module.NAME not in BATCHED_AXES:
                 self.release_sequences()
-        if unit["candidate"] == CONTROL:
-            return self._measure_control(axis_module, unit)
         result = self._measure_once(axis_module, unit)
+        done = (axis_module.NAME, unit["id"])
+        if self.control_role and done not in self._control_done:
+            # The first candidate item of a unit measures the control too; its result rides
+            # along (also from xdist workers) and the session files it under the control.
+            self._control_done.add(done)
+            try:
+                result["_control"] = self._measure_control(axis_module, dict(unit, candidate=CONTROL))
+            except (MeasurementError, UsageProblem) as exc:
+                result["_control_error"] = str(exc)
         repeats = []
         for _ in range(self.settings.repeat - 1):
             self.forget()

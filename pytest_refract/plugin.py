@@ -100,9 +100,7 @@ class RefractCollector(pytest.Collector):
                 # Consecutive units form a decode batch; with `-n N --dist loadgroup` a batch
                 # (or, unbatched, a unit) goes to one worker with all its candidates.
                 group = f"{axis}-batch{index // size}" if batched else f"{axis}-{unit['id']}"
-                # The sensitivity control's item (if any) comes last: it shares the unit's
-                # reference and decode batch with the candidates.
-                for role in audit.item_roles:
+                for role in audit.candidate_roles:
                     item = RefractItem.from_parent(
                         self, name=f"test_{axis}[{audit.id_prefix[role]}{unit['id']}]", axis=axis,
                         unit=dict(unit, candidate=role, batch=index // size if batched else None),
@@ -137,8 +135,6 @@ class RefractItem(pytest.Item):
         if result.get("skipped"):
             pytest.skip(result.get("reason") or "not applicable")
         threshold = rs.audit.settings.item_fail_under
-        if self.unit["candidate"] == rs.audit.control_role:
-            return  # the control is a yardstick, never gated
         if threshold is not None and result["score"] is not None and result["score"] < threshold:
             raise RefractItemError(
                 f"{self.axis} {self.name}: score {result['score']:.2f} ({result['band']}) is below "
@@ -228,6 +224,14 @@ class RefractSession:
         if not info or report.when != "call":
             return
         role = info["candidate"]
+        result = info.get("result")
+        if result is not None and self.audit.control_role:
+            # The sensitivity control measured inside this item (see Audit.measure).
+            control = result.pop("_control", None)
+            if control is not None:
+                self.results.setdefault(self.audit.control_role, {}).setdefault(info["axis"], {})[info["unit"]] = control
+            if result.pop("_control_error", None) is not None:
+                self.failed.setdefault(self.audit.control_role, {}).setdefault(info["axis"], []).append(info["unit"])
         if info.get("result") is not None:
             self.results.setdefault(role, {}).setdefault(info["axis"], {})[info["unit"]] = info["result"]
         else:

@@ -501,8 +501,7 @@ def _sensitivity_json(audit, control: Optional[dict]) -> Optional[dict]:
 
 def _slim(item: dict) -> dict:
     """A control item without what the candidates' items already show (texts, token ids)."""
-    drop = ("ref_tokens", "cand_tokens", "ref_text", "cand_text", "divergence", "prompt", "answers", "compute",
-            "reference_cache")
+    drop = ("ref_tokens", "cand_tokens", "ref_text", "cand_text", "divergence", "prompt", "answers")
     return {k: v for k, v in item.items() if k not in drop and not k.startswith("_")}
 
 
