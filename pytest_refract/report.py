@@ -432,7 +432,10 @@ def _calibrate(axes: Dict[str, dict], control: Optional[dict], gates: Dict[str, 
         cal_scores.append(cal["calibrated_score"])
     out: Dict[str, object] = {}
     scored = [n for n, a in axes.items() if a.get("status") != "n/a"]
-    if axes and all(axes[n].get("score") is not None for n in scored):
+    if not axes and gates:
+        # Only the user's own gates (no axis ran): nothing for the control to calibrate.
+        out["calibrated_composite"] = harmonic_mean(list(gates.values()))
+    elif axes and all(axes[n].get("score") is not None for n in scored):
         gate_values = list(gates.values())
         # Custom gates have no control and no items: they enter both composites as they are,
         # and an interval is only given without them.

@@ -159,3 +159,66 @@ def test_calibrated_score_is_at_least_the_retention_estimate(cand, ctrl, seed):
     cal = C.calibrate_axis("plad", plad_items(cand[:n]), plad_items(ctrl[:n]), seed)
     assert 0.0 <= cal["calibrated_score"] <= 100.0
     assert cal["calibrated_score"] >= 100.0 * cal["retention"] - 1e-9
+
+
+# --------------------------------------------------------------------------- in the report
+
+
+def _traj_section(pairs, near_ties):
+    items = [dict(t, near_tie_divergence=tie, first_divergence=t["prefix_agreement"])
+             for t, tie in zip(traj_items(pairs), near_ties)]
+    return {"score": float(C.axis_statistic("trajectory", C.item_table("trajectory", items)[1])), "items": items,
+            "n_divergences": len(items), "n_near_tie_divergences": sum(near_ties), "teacher_forced_top1_pct": 95.0}
+
+
+def _kld_section(means):
+    items = [{"id": f"chunk-{i:02d}", "mean_kld": m, "n_positions": 255} for i, m in enumerate(means)]
+    return {"score": 100 * math.exp(-sum(means) / len(means)), "items": items}
+
+
+def test_report_calibrates_each_axis_and_combines_by_harmonic_mean():
+    from pytest_refract import report
+
+    control = {"config": "ctk=bf16,ctv=bf16",
+               "axes": {"trajectory": _traj_section([(40, 128)] * 6, [True] * 6),
+                        "kld": _kld_section([0.003, 0.004, 0.0035, 0.003])}}
+    for section in control["axes"].values():
+        section["ci95"] = None
+    axes = {"trajectory": _traj_section([(10, 128), (12, 128), (8, 128), (11, 128), (9, 128), (10, 128)],
+                                        [False, True, False, False, True, False]),
+            "kld": _kld_section([0.003, 0.004, 0.0035, 0.003])}
+    out = report._calibrate(axes, control, {}, seed=0)
+    traj, kld = axes["trajectory"], axes["kld"]
+    assert kld["calibrated_score"] == 100.0  # the same KLD as the control on every chunk
+    assert traj["calibration"]["indistinguishable"] is False
+    # Every candidate prompt keeps 8-12 of the control's 40 tokens: retention at most 12/40.
+    assert traj["calibrated_score"] <= 100 * 12 / 40 + 1e-9
+    expected = 2 / (1 / traj["calibrated_score"] + 1 / 100.0)
+    assert out["calibrated_composite"] == pytest.approx(expected)
+    lo, hi = out["composite_ci95"]
+    assert lo <= 2 / (1 / traj["score"] + 1 / kld["score"]) <= hi
+    lines = report.calibration_diagnosis(axes, control)
+    assert any(line.startswith("Within the model's rounding sensitivity on kld") for line in lines)
+    assert any(line.startswith("Beyond the control (ctk=bf16,ctv=bf16): trajectory") for line in lines)
+    assert any(line.startswith("Changes confident tokens: 4 of 6") for line in lines)
+
+
+def test_report_says_near_tie_flips_like_the_control():
+    from pytest_refract import report
+
+    control = {"config": "ctk=bf16,ctv=bf16", "axes": {"trajectory": _traj_section([(40, 128)] * 4, [True] * 4)}}
+    axes = {"trajectory": _traj_section([(40, 128)] * 4, [True] * 4)}
+    report._calibrate(axes, control, {}, seed=0)
+    lines = report.calibration_diagnosis(axes, control)
+    assert any(line.startswith("Greedy divergences are near-tie flips only (4 of 4") for line in lines)
+    assert axes["trajectory"]["calibrated_score"] == 100.0
+
+
+def test_report_without_control_has_intervals_but_no_calibration():
+    from pytest_refract import report
+
+    axes = {"kld": _kld_section([0.01, 0.02, 0.03])}
+    out = report._calibrate(axes, None, {}, seed=0)
+    assert axes["kld"]["calibrated_score"] is None and axes["kld"]["ci95"] is not None
+    assert "calibrated_composite" not in out and out["composite_ci95"] is not None
+    assert report.calibration_diagnosis(axes, None) == []
