@@ -383,7 +383,17 @@ def _control_section(audit, results, failed, complete: bool) -> Optional[dict]:
     role = audit.control_role
     if role is None:
         return None
-    axes = build_axes(results.get(role, {}), failed.get(role, {}))
+    control_failed = {axis: list(units) for axis, units in failed.get(role, {}).items()}
+    # A unit a candidate ran but the control has no result for (its item crashed before the
+    # control's result was handed over) would leave the control scored on fewer items than
+    # the candidates: it counts as a failed control item instead.
+    for cand in audit.candidate_roles:
+        for axis, units in list(results.get(cand, {}).items()) + list(failed.get(cand, {}).items()):
+            have = results.get(role, {}).get(axis, {})
+            for unit in units:
+                if unit not in have and unit not in control_failed.setdefault(axis, []):
+                    control_failed[axis].append(unit)
+    axes = build_axes(results.get(role, {}), control_failed)
     if not complete:
         for section in axes.values():
             section.update({"score": None, "band": None, "status": "incomplete"})

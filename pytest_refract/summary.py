@@ -69,7 +69,7 @@ def _render_ranking(tr, ranking, basis=None) -> None:
     by = "calibrated composite" if basis == "calibrated" else "composite"
     tr.write_line(f"candidates ranked by {by} (which config to ship; the control is never ranked):", bold=True)
     axes = [a for a in ORDER if any(a in r["axes"] for r in ranking)]
-    tr.write_line("  #  " + "candidate".ljust(28) + "calibrated [95% CI]        band      raw composite [95% CI]     "
+    tr.write_line("  #  " + "candidate".ljust(28) + "calibrated [95% CI]        band      " + "raw [95% CI]".ljust(22) + "band  "
                   + "".join(a.ljust(11) for a in axes) + "KV memory")
     for i, r in enumerate(ranking, start=1):
         cells = "".join(_fmt(r["axes"].get(a)).strip().ljust(11) for a in axes)

@@ -159,6 +159,9 @@ def test_calibrated_score_is_at_least_the_retention_estimate(cand, ctrl, seed):
     cal = C.calibrate_axis("plad", plad_items(cand[:n]), plad_items(ctrl[:n]), seed)
     assert 0.0 <= cal["calibrated_score"] <= 100.0
     assert cal["calibrated_score"] >= 100.0 * cal["retention"] - 1e-9
+    # A control scores at most 100, so calibrating never lowers a score: what passes raw
+    # passes calibrated.
+    assert cal["calibrated_score"] >= C.axis_statistic("plad", C.item_table("plad", plad_items(cand[:n]))[1]) - 1e-9
 
 
 # --------------------------------------------------------------------------- in the report

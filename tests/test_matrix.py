@@ -57,7 +57,8 @@ def test_gate_applies_to_each_candidate(pytester, tiny_model, tiny_prompts, tiny
     report = pytester.path / "r.json"
     result = pytester.runpytest_subprocess(*_args(
         tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=f16,ctv=f16",
-        "--refract-candidate=ctk=q4_0,ctv=q4_0", "--refract-fail-under=99.99", f"--refract-json={report}"))
+        "--refract-candidate=ctk=q4_0,ctv=q4_0", "--refract-fail-under=99.99", "--refract-gate=raw",
+        f"--refract-json={report}"))
     data = read_report(report)
     assert data["candidates"][0]["gate"]["passed"] is True  # the self-reference
     assert data["candidates"][1]["gate"]["passed"] is False

@@ -65,7 +65,7 @@ def test_q4_cache_drifts_and_exit_status_follows_the_band(pytester, smollm2, pro
     assert kld["n_positions"] == 2 * (512 - 1 - 256)
     assert kld["ppl_ref"] > 1 and kld["ppl_cand"] > 1
     assert data["composite"] is not None
-    expected = 1 if data["composite"] < 60 else 0
+    expected = 1 if data["calibrated_composite"] < 60 else 0  # the gate reads the calibrated composite
     assert result.ret == expected
     assert data["band"] in ("EXCELLENT", "PASS", "DEGRADED", "FAIL")
     item = data["axes"]["trajectory"]["items"][0]
@@ -79,7 +79,8 @@ def test_k_kld_runs_only_kld_items(pytester, smollm2, prompts_file):
 
 
 def test_fail_under_excellent_turns_a_q4_run_red(pytester, smollm2, prompts_file):
-    result, report = _run(pytester, smollm2, prompts_file, "ctk=q4_0,ctv=q4_0", "--refract-fail-under=EXCELLENT")
+    result, report = _run(pytester, smollm2, prompts_file, "ctk=q4_0,ctv=q4_0", "--refract-fail-under=EXCELLENT",
+                          "--refract-gate=raw")
     data = read_report(report)
     assert data["composite"] < 90
     assert result.ret == 1
