@@ -36,6 +36,10 @@ LEVEL = 0.95
 # zero-width interval would claim a certainty a single measurement cannot carry.
 MIN_ITEMS = 2
 AXIS_STREAM = {"trajectory": 1, "kld": 2, "rniah": 3, "plad": 4}
+# Score points of excess damage too small to matter: the report's resolution (scores print
+# with two decimals). A difference that is real but below this (e.g. a KLD 1e-6 nats above
+# the control's on every chunk) does not make a candidate "beyond the control".
+NEGLIGIBLE_POINTS = 0.01
 
 
 # --------------------------------------------------------------------------- per-item tables
@@ -177,7 +181,8 @@ def calibrate_axis(axis: str, candidate_items: Sequence[dict], control_items: Se
     if n >= MIN_ITEMS:
         lo, hi = _interval(ret_reps, n, point)
         diff_lo, diff_hi = _interval(ctrl_reps - cand_reps, n, ctrl_score - cand_score)
-        indistinguishable = diff_lo <= 0.0  # the difference's interval reaches 0 (or below)
+        # The difference's interval reaches 0 (or below), up to a negligible margin.
+        indistinguishable = diff_lo <= NEGLIGIBLE_POINTS
         ret_ci, diff_ci = [lo, hi], [diff_lo, diff_hi]
     else:
         # One item cannot tell noise from damage: no interval, and the estimate stands.

@@ -69,7 +69,7 @@ def _render_ranking(tr, ranking, basis=None) -> None:
     by = "calibrated composite" if basis == "calibrated" else "composite"
     tr.write_line(f"candidates ranked by {by} (which config to ship; the control is never ranked):", bold=True)
     axes = [a for a in ORDER if any(a in r["axes"] for r in ranking)]
-    tr.write_line("  #  " + "candidate".ljust(28) + "calibrated [95% CI]        band      " + "raw [95% CI]".ljust(22) + "band  "
+    tr.write_line("  #  " + "candidate".ljust(28) + "calibrated [95% CI]        band      " + "raw [95% CI]".ljust(24) + "band      "
                   + "".join(a.ljust(11) for a in axes) + "KV memory")
     for i, r in enumerate(ranking, start=1):
         cells = "".join(_fmt(r["axes"].get(a)).strip().ljust(11) for a in axes)
@@ -77,8 +77,8 @@ def _render_ranking(tr, ranking, basis=None) -> None:
         calibrated = r.get("calibrated_composite")
         tr.write(f"  {i}  {r['candidate'][:27]:<28}{(_fmt(calibrated) + _ci(r.get('calibrated_composite_ci95'))):<27}")
         tr.write(f"{(r.get('calibrated_band') or 'n/a'):<10}", **{_COLOURS.get(r.get("calibrated_band"), "red"): True})
-        tr.write(f"{(_fmt(r['composite']) + _ci(r.get('composite_ci95'))):<22}")
-        tr.write(f"{(r['band'] or 'NO SCORE'):<5} ", **{_COLOURS.get(r["band"], "red"): True})
+        tr.write(f"{(_fmt(r['composite']) + _ci(r.get('composite_ci95'))):<24}")
+        tr.write(f"{(r['band'] or 'NO SCORE'):<10}", **{_COLOURS.get(r["band"], "red"): True})
         tr.write_line(cells + ("?" if kv is None else f"{100 * kv:.0f}% of reference"))
 
 
@@ -159,13 +159,14 @@ def _render_candidate(tr, report: dict, control: dict = None) -> None:
     tr.write_line("")
     composite = report.get("composite")
     band = report.get("band")
-    tr.write("composite  " + _fmt(composite) + _ci(report.get("composite_ci95")) + " ", bold=True)
-    tr.write_line(band or "NO SCORE", **{_COLOURS.get(band, "red"): True, "bold": True})
+    tr.write("composite  " + _fmt(composite) + " ", bold=True)
+    tr.write(band or "NO SCORE", **{_COLOURS.get(band, "red"): True, "bold": True})
+    tr.write_line(f"  95% CI{_ci(report.get('composite_ci95'))}" if report.get("composite_ci95") else "")
     if report.get("calibrated_composite") is not None:
         cband = report.get("calibrated_band")
-        tr.write("calibrated " + _fmt(report["calibrated_composite"]) + _ci(report.get("calibrated_composite_ci95")) + " ",
-                 bold=True)
-        tr.write_line(cband or "NO SCORE", **{_COLOURS.get(cband, "red"): True, "bold": True})
+        tr.write("calibrated " + _fmt(report["calibrated_composite"]) + " ", bold=True)
+        tr.write(cband or "NO SCORE", **{_COLOURS.get(cband, "red"): True, "bold": True})
+        tr.write_line(f"  95% CI{_ci(report.get('calibrated_composite_ci95'))}  (damage beyond the control's)")
     if report.get("floor") is not None:
         tr.write_line(f"floor      {report['floor']:.2f} (reference vs reference)")
     tr.write_line("")

@@ -87,25 +87,24 @@ def test_the_control_as_a_candidate_is_at_the_top(pytester, tiny_model, tiny_pro
     assert bf16["calibrated_composite"] == 100.0 and bf16["calibrated_band"] == "EXCELLENT"
     for axis in bf16["axes"].values():
         assert axis["calibrated_score"] == 100.0 and axis["calibration"]["indistinguishable"] is True
-    # The raw composite still shows the rounding drift that the control explains away.
-    assert bf16["composite"] < 100.0
     assert all(r["candidate"] != "ctk=bf16,ctv=bf16" or r["calibrated_composite"] == 100.0 for r in data["ranking"])
     assert len(data["ranking"]) == 2  # the control itself is never ranked
     assert result.ret == (0 if all(c["calibrated_composite"] >= 60 for c in data["candidates"]) else 1)
 
 
 def test_gate_basis_flag_chooses_what_the_gate_reads(pytester, tiny_model, tiny_prompts, tiny_corpus):
-    # bf16 is the control: calibrated 100, raw below 100 (its KLD is not 0). A threshold of
-    # 100 passes on the calibrated basis and fails on the raw one.
-    common = _args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=bf16,ctv=bf16",
-                   "--refract-fail-under=100")
+    # On the tiny model q4_0 diverges on a prompt where the control does not, but three
+    # prompts cannot tell that from the control's sensitivity: raw below 90, calibrated 100.
+    common = _args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q4_0,ctv=q4_0",
+                   "--refract-fail-under=90")
     calibrated = pytester.runpytest_subprocess(*common, f"--refract-json={pytester.path / 'c.json'}")
     raw = pytester.runpytest_subprocess(*common, "--refract-gate=raw", f"--refract-json={pytester.path / 'r.json'}")
     c, r = read_report(pytester.path / "c.json"), read_report(pytester.path / "r.json")
+    assert c["composite"] == r["composite"] < 90 <= c["calibrated_composite"] == r["calibrated_composite"]
     assert c["gate"]["basis"] == "calibrated" and c["gate"]["passed"] is True and calibrated.ret == 0
     assert r["gate"]["basis"] == "raw" and r["gate"]["passed"] is False and raw.ret == 1
     assert any("composite" in reason and "below" in reason for reason in r["gate"]["reasons"])
-    raw.stdout.fnmatch_lines(["*gate FAILED: composite * is below --refract-fail-under=100*"])
+    raw.stdout.fnmatch_lines(["*gate FAILED: composite * is below --refract-fail-under=90*"])
     calibrated.stdout.fnmatch_lines(["*gate: passed (calibrated composite*"])
 
 
