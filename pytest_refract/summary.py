@@ -66,19 +66,21 @@ def render(tr, report: dict, json_path) -> None:
 
 def _render_ranking(tr, ranking, basis=None) -> None:
     tr.write_line("")
-    by = "calibrated composite" if basis == "calibrated" else "composite"
-    tr.write_line(f"candidates ranked by {by} (which config to ship; the control is never ranked):", bold=True)
+    by = "the calibrated one, which the gate reads" if basis == "calibrated" else "raw, which the gate reads"
+    tr.write_line(f"candidates ranked by composite ({by}; which config to ship; the control is never ranked):",
+                  bold=True)
     axes = [a for a in ORDER if any(a in r["axes"] for r in ranking)]
-    tr.write_line("  #  " + "candidate".ljust(28) + "calibrated [95% CI]        band      " + "raw [95% CI]".ljust(24) + "band      "
-                  + "".join(a.ljust(11) for a in axes) + "KV memory")
+    tr.write_line("  #  " + "candidate".ljust(28) + "calibrated [95% CI]        band      " + "composite band      "
+                  + "[95% CI]".ljust(18) + "".join(a.ljust(11) for a in axes) + "KV memory")
     for i, r in enumerate(ranking, start=1):
         cells = "".join(_fmt(r["axes"].get(a)).strip().ljust(11) for a in axes)
         kv = r.get("kv_vs_reference")
         calibrated = r.get("calibrated_composite")
         tr.write(f"  {i}  {r['candidate'][:27]:<28}{(_fmt(calibrated) + _ci(r.get('calibrated_composite_ci95'))):<27}")
         tr.write(f"{(r.get('calibrated_band') or 'n/a'):<10}", **{_COLOURS.get(r.get("calibrated_band"), "red"): True})
-        tr.write(f"{(_fmt(r['composite']) + _ci(r.get('composite_ci95'))):<24}")
+        tr.write(f"{_fmt(r['composite'])}    ")
         tr.write(f"{(r['band'] or 'NO SCORE'):<10}", **{_COLOURS.get(r["band"], "red"): True})
+        tr.write(f"{_ci(r.get('composite_ci95')).strip():<18}")
         tr.write_line(cells + ("?" if kv is None else f"{100 * kv:.0f}% of reference"))
 
 

@@ -41,7 +41,7 @@ def test_matrix_shares_one_reference_and_ranks(pytester, tiny_model, tiny_prompt
         ref_tokens = sum(c["axes"][axis]["compute"].get("reference", {}).get("batch_tokens", 0) for c in m["candidates"])
         assert ref_tokens == a["axes"][axis]["compute"]["reference"]["batch_tokens"]
     ranked = [r["candidate"] for r in m["ranking"]]
-    composites = [r["composite"] for r in m["ranking"]]
+    composites = [r["calibrated_composite"] for r in m["ranking"]]  # what the gate reads, by default
     assert composites == sorted(composites, reverse=True) and set(ranked) == set(labels)
     result.stdout.fnmatch_lines(["*candidates ranked by composite*", "*candidate*composite band*KV memory",
                                  "*1  ctk=*% of reference"])
