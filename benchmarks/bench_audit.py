@@ -8,7 +8,10 @@ Figures:
 - the default audit's wall time (a real `pytest --refract-model=...` subprocess), per axis;
 - the audit's tokens (from the JSON report's per-role compute counts) divided by those rates:
   the pure-compute time for the same tokens, and wall / compute (target <= 1.3);
-- peak RSS of the audit process next to the model file size.
+- peak RSS of the audit process next to the model file size;
+- with --sensitivity-cost: what the sensitivity control costs, cold (one more config's decode
+  and prefill) and warm (read from the reference cache: nothing), from four audits sharing
+  one reference-cache folder per pair.
 """
 
 from __future__ import annotations
@@ -125,7 +128,12 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=os.cpu_count() or 1)
     ap.add_argument("--quick", action="store_true", help="8 prompts x 32 tokens, 4 chunks (a smoke run)")
     ap.add_argument("--full", action="store_true", help="all four axes (--refract-full) with their defaults")
+    ap.add_argument("--sensitivity-cost", action="store_true",
+                    help="only measure the sensitivity control's cost: cold and warm, with and without it")
     args = ap.parse_args()
+    if args.sensitivity_cost:
+        sensitivity_cost(args)
+        return
 
     from pytest_refract.data import resolve_model
 
@@ -156,7 +164,8 @@ def main() -> None:
         for role, counts in section.get("compute", {}).items():
             tokens.append(f"{role}: {counts['batch_tokens']} batched + {counts['decode_tokens']} decoded alone + "
                           f"{counts.get('seq_decode_tokens', 0)} decoded in batches")
-        for item in section.get("items") or section.get("cells") or []:
+        control_items = (((rep.get("sensitivity") or {}).get("axes") or {}).get(name) or {}).get("items") or []
+        for item in (section.get("items") or section.get("cells") or []) + control_items:
             for role, counts in item.get("compute", {}).items():
                 r = rates["reference"] if role in ("reference", "floor") else rates["candidate"]
                 pp = r["pp_at"].get(item.get("length"), r["pp512"]) if name == "rniah" else r["pp512"]
@@ -172,6 +181,35 @@ def main() -> None:
     budget = model_path.stat().st_size / 1e6 + kv_mb + 400
     print(f"peak RSS {run['peak_rss_mb']:.0f} MB; budget {budget:.0f} MB = model file "
           f"{model_path.stat().st_size / 1e6:.0f} MB + KV caches {kv_mb:.0f} MB + 400 MB")
+
+
+def sensitivity_cost(args) -> None:
+    """Wall time of the same audit without and with the sensitivity control, each cold (an
+    empty reference cache) and then warm (the cache the cold run filled)."""
+    extra = ["--refract-n-predict=32", "--refract-chunks=4", "-k", "chunk or fact or reason"] if args.quick else []
+    if args.full:
+        extra.append("--refract-full")
+    walls = {}
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, flags in (("without control", ["--refract-no-sensitivity"]), ("with control", [])):
+            cache = Path(tmp) / name.replace(" ", "-")
+            for phase in ("cold", "warm"):
+                work = Path(tmp) / f"{name.replace(' ', '-')}-{phase}"
+                work.mkdir()
+                run = run_audit(args.model, args.candidate, extra + flags + [f"--refract-cache-dir={cache}"], work)
+                rep = run["report"]
+                tokens = 0
+                for section in ((rep.get("sensitivity") or {}).get("axes") or {}).values():
+                    for item in section.get("items") or section.get("cells") or []:
+                        for counts in item.get("compute", {}).values():
+                            tokens += sum(counts[k] for k in ("batch_tokens", "decode_tokens", "seq_decode_tokens"))
+                walls[(name, phase)] = run["wall_s"]
+                print(f"{name:<16} {phase}: wall {run['wall_s']:7.1f} s, exit {run['exit']}, composite "
+                      f"{rep['composite']}, calibrated {rep.get('calibrated_composite')}, control tokens {tokens}, "
+                      f"control read from cache: {(rep.get('sensitivity') or {}).get('cached')}")
+    for phase in ("cold", "warm"):
+        a, b = walls[("without control", phase)], walls[("with control", phase)]
+        print(f"control cost {phase}: {b - a:+.1f} s ({100 * (b - a) / a:+.0f} % of {a:.1f} s)")
 
 
 if __name__ == "__main__":

@@ -73,6 +73,17 @@ class Audit:
             self.candidate_roles.append(role)
             self.labels[role] = cand.label()
         self.id_prefix = _id_prefixes(settings.candidates)
+        # The sensitivity control: one more role measured on the same units as the candidates,
+        # inside the first selected candidate item of each unit (so item ids, counts and -k
+        # selection stay as they are), never ranked or gated itself.
+        self.control_role: Optional[str] = None
+        if settings.sensitivity is not None:
+            self.control_role = CONTROL
+            self.types[CONTROL] = validate_for_model(settings.sensitivity, types, head_k, head_v, "--refract-sensitivity")
+            self.configs[CONTROL] = settings.sensitivity
+            self.labels[CONTROL] = settings.sensitivity.label()
+        self._control_done: set = set()
+        self.item_roles: List[str] = self.candidate_roles + ([CONTROL] if self.control_role else [])
         self.self_reference = {role: self.configs[role] == settings.reference for role in self.candidate_roles}
 
         self.prompts: List[data.Prompt] = []
@@ -344,6 +355,18 @@ class Audit:
     def reference_greedy(self, prompt_tokens: List[int], n_predict: int) -> List[int]:
         """Reference greedy tokens only (PLAD anchors and perturbations, R-NIAH answers)."""
         key = self.refcache.key("greedy", prompt_tokens, n_predict)
+        # The control asks for the same reference answers right after the candidates: kept
+        # in memory (token ids only), so a cold run neither recomputes nor re-reads them.
+        memo = self.__dict__.setdefault("_ref_greedy_memo", {})
+        if key in memo:
+            return list(memo[key])
+        if len(memo) > 256:
+            memo.clear()
+        tokens = self._reference_greedy(key, prompt_tokens, n_predict)
+        memo[key] = list(tokens)
+        return tokens
+
+    def _reference_greedy(self, key: str, prompt_tokens: List[int], n_predict: int) -> List[int]:
         if self._read_cache:
             entry = self.refcache.load("greedy", key)
             if entry is not None:
@@ -422,13 +445,23 @@ class Audit:
         if not planned or unit["id"] not in planned:
             return [unit], [unit["candidate"]]
         roles = set().union(*(r for _, r in planned.values()))
-        return [u for u, _ in planned.values()], [r for r in self.candidate_roles if r in roles]
+        units = self._planned_units(axis, unit)
+        # The control decodes in the candidates' batches, unless the cache holds its results.
+        if self.control_role and not all(self.control_cached(axis, u) for u in units):
+            roles.add(CONTROL)
+        return units, [r for r in self.item_roles if r in roles]
+
+    def _planned_units(self, axis: str, unit: dict) -> List[dict]:
+        planned = self._plan.get((axis, unit.get("batch")))
+        if not planned or unit["id"] not in planned:
+            return [unit]
+        return [u for u, _ in planned.values()]
 
     def share_batch_time(self, axis: str, units: List[dict], role_seconds: Dict[str, float]) -> None:
         """Spread a batch's measured time over its items: each candidate's items carry that
         candidate's decode time plus an equal part of the shared work (reference, floor), so
         per-item and per-candidate wall times stay true although one item ran the batch."""
-        cands = [r for r in role_seconds if r in self.candidate_roles]
+        cands = [r for r in role_seconds if r in self.item_roles]
         if not cands or not units:
             return
         shared = sum(sec for r, sec in role_seconds.items() if r not in cands) / len(cands)
@@ -669,6 +702,15 @@ class Audit:
         self.progress.begin(describe(axis_module.NAME, unit, self.labels[unit["candidate"]] if multi else None), planned)
         try:
             result = self._measure_once(axis_module, unit)
+            done = (axis_module.NAME, unit["id"])
+            if self.control_role and done not in self._control_done:
+                # The first candidate item of a unit measures the control too; its result rides
+                # along (also from xdist workers) and the session files it under the control.
+                self._control_done.add(done)
+                try:
+                    result["_control"] = self._measure_control(axis_module, dict(unit, candidate=CONTROL))
+                except (MeasurementError, UsageProblem) as exc:
+                    result["_control_error"] = str(exc)
             repeats = []
             for _ in range(self.settings.repeat - 1):
                 self.forget()
@@ -679,10 +721,57 @@ class Audit:
             result["_repeats"] = repeats
         return result
 
+    # -- the sensitivity control (cached like the reference) ------------------------------
+
+    def _control_key(self, axis: str, unit: dict) -> str:
+        """Cache key of one control item: everything its result depends on beyond the cache's
+        namespace (model, reference, numerics, build): the control config, the item's own
+        inputs, the settings the axis reads and, for batched decoding, the batch's layout."""
+        import json
+
+        s = self.settings
+        own = {k: (v.prompt if isinstance(v, data.Prompt) else v) for k, v in unit.items()
+               if k not in ("candidate", "batch", "keywords")}
+        batch = [u["id"] for u in self._planned_units(axis, unit)] if unit.get("batch") is not None else None
+        reads = {"trajectory": {"n_predict": s.n_predict, "decode_batch": s.decode_batch},
+                 "plad": {"n_predict": s.n_predict, "decode_batch": s.decode_batch, "seed": s.seed},
+                 "kld": {"ctx": s.ctx, "corpus": self.corpus.sha256 if self.corpus else None},
+                 "rniah": {"seed": s.seed, "trials": s.rniah_trials, "needle": s.rniah_needle,
+                           "question": s.rniah_question, "answer": s.rniah_answer, "values": s.rniah_values,
+                           "answer_tokens": self.rniah_answer_tokens,
+                           "haystack": self.haystack_source.sha256 if self.haystack_source else None}}[axis]
+        text = json.dumps({"unit": own, "batch": batch, "reads": reads}, sort_keys=True, default=str)
+        return self.refcache.key("control-" + axis, self.labels[CONTROL], text)
+
+    def control_cached(self, axis: str, unit: dict) -> bool:
+        if not self._read_cache:
+            return False
+        return self.refcache.has("control-" + axis, self._control_key(axis, unit))
+
+    def _measure_control(self, axis_module, unit) -> dict:
+        """The control's item: read from the reference cache when there, else measured like a
+        candidate's and stored (its result depends only on what the key holds)."""
+        key = self._control_key(axis_module.NAME, unit)
+        if self._read_cache:
+            entry = self.refcache.load("control-" + axis_module.NAME, key)
+            if entry is not None and entry["meta"].get("result") is not None:
+                result = entry["meta"]["result"]
+                result["compute"] = {}
+                result["reference_cache"] = {"hits": 1, "misses": 0}
+                result["wall_s"] = 0.0  # read, not measured: this run paid nothing for it
+                result["control_cached"] = True
+                return result
+        result = self._measure_once(axis_module, unit)
+        stored = {k: v for k, v in result.items() if k not in ("compute", "reference_cache")}
+        self.refcache.store("control-" + axis_module.NAME, key, {}, meta={"result": stored})
+        result["control_cached"] = False
+        return result
+
     def forget(self) -> None:
         """Drop everything a repetition could reuse: cached decodes and KV caches."""
         self._greedy.clear()
         self._ref_memory.clear()
+        self.__dict__.pop("_ref_greedy_memo", None)
         self.batch_results.clear()
         self.batch_seconds.clear()
         for ctx in self._contexts.values():
@@ -795,6 +884,8 @@ class Audit:
         self._model_facts = facts
         return dict(facts)
 
+
+CONTROL = "control"
 
 # Axes whose greedy decodes run in multi-sequence batches with --refract-decode-batch > 1,
 # and how many decode-batch widths of units a batch (one xdist group) holds. A trajectory batch

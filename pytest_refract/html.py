@@ -344,7 +344,73 @@ def _axis_card(name: str, section: dict) -> str:
         f'<div class="axis-score"><span class="num">{shown}</span>{_badge(band)}</div>'
         f"{_ruler(score)}"
         f'<div class="headline">{_axis_headline(name, section)}</div>'
+        f"{_calibration_line(section)}"
         "</a>"
+    )
+
+
+def _ci(interval: Any, spec: str = ".1f") -> str:
+    pair = _list(interval)
+    if len(pair) != 2 or not all(_is_num(v) for v in pair):
+        return ""
+    return f" [{_num(pair[0], spec)}, {_num(pair[1], spec)}]"
+
+
+def _calibration_line(section: dict) -> str:
+    """The axis score's interval, and the control beside it with the calibrated score."""
+    parts = []
+    if _ci(section.get("ci95")):
+        parts.append(f"95% CI{_ci(section.get('ci95'))}")
+    cal = _dict(section.get("calibration"))
+    if cal:
+        parts.append(f"control {_num(cal.get('control_score'), '.1f')}{_ci(cal.get('control_ci95'))}")
+        verdict = "like the control" if cal.get("indistinguishable") else "beyond the control"
+        parts.append(f"calibrated <b>{_num(section.get('calibrated_score'), '.1f')}</b> ({verdict})")
+    return f'<div class="muted small calib">{" &middot; ".join(parts)}</div>' if parts else ""
+
+
+def _control_section(report: dict, axes: List[Tuple[str, dict]]) -> str:
+    """The sensitivity control beside the (first) candidate on every axis: labelled as the
+    yardstick, never ranked."""
+    control = _dict(report.get("sensitivity"))
+    if not control.get("config"):
+        note = control.get("note")
+        return (f'<section id="control" class="section"><h2>Sensitivity control</h2><p class="muted">'
+                f'{_t(note or "No sensitivity control in this report.")}</p></section>')
+    rows = []
+    for name, section in axes:
+        c = _dict(_dict(control.get("axes")).get(name))
+        cal = _dict(section.get("calibration"))
+        verdict = ("indistinguishable" if cal.get("indistinguishable") else
+                   "beyond the control" if cal.get("indistinguishable") is False else MISSING)
+        extra = ""
+        if name == "trajectory":
+            extra = (f"near-tie divergences {_num(c.get('n_near_tie_divergences'), 'd')}/{_num(c.get('n_divergences'), 'd')}"
+                     f" (candidate {_num(section.get('n_near_tie_divergences'), 'd')}/"
+                     f"{_num(section.get('n_divergences'), 'd')}); teacher-forced top-1 "
+                     f"{_num(c.get('teacher_forced_top1_pct'), '.1f')}% (candidate "
+                     f"{_num(section.get('teacher_forced_top1_pct'), '.1f')}%)")
+        elif name == "kld":
+            extra = f"mean KLD {_num(c.get('mean_kld'), '.5f')} (candidate {_num(section.get('mean_kld'), '.5f')})"
+        rows.append(
+            f"<tr><td>{_esc(name)}</td><td>{_num(section.get('score'))}{_ci(section.get('ci95'), '.2f')}</td>"
+            f"<td>{_num(c.get('score'))}{_ci(c.get('ci95'), '.2f')}</td>"
+            f"<td><b>{_num(section.get('calibrated_score'))}</b>{_ci(_list(cal.get('retention_ci95')) and [100 * v for v in cal['retention_ci95']], '.2f')}</td>"
+            f"<td>{_esc(verdict)}</td><td class=\"small\">{extra}</td></tr>")
+    composite = (f"<tr><td><b>composite</b></td><td>{_num(report.get('composite'))}{_ci(report.get('composite_ci95'), '.2f')}</td>"
+                 f"<td>{_num(control.get('composite'))}{_ci(control.get('composite_ci95'), '.2f')}</td>"
+                 f"<td><b>{_num(report.get('calibrated_composite'))}</b>{_ci(report.get('calibrated_composite_ci95'), '.2f')}</td>"
+                 f"<td>{_badge(report.get('calibrated_band'))}</td><td></td></tr>")
+    cached = " Read from the reference cache: this run paid nothing for it." if control.get("cached") else ""
+    return (
+        '<section id="control" class="section"><h2>Candidate beside the sensitivity control</h2>'
+        f'<p class="muted">Control <code>{_esc(control.get("config"))}</code>: {_t(control.get("note"))}. '
+        "It measures how far this model moves under a change that is rounding only; it is never ranked. "
+        "The calibrated score is 100 &times; the upper end of the 95% interval of the candidate's score over the "
+        f"control's (paired by item), 100 where the two cannot be told apart.{_t(cached)}</p>"
+        '<div class="scroll"><table class="grid-table"><thead><tr><th>axis</th><th>candidate [95% CI]</th>'
+        "<th>control [95% CI]</th><th>calibrated [retention CI]</th><th>verdict</th><th>detail</th></tr></thead>"
+        f"<tbody>{''.join(rows)}{composite}</tbody></table></div></section>"
     )
 
 
@@ -367,11 +433,18 @@ def _composite_card(report: dict, axes: List[Tuple[str, dict]]) -> str:
     floor_line = f'<div class="muted small">noise floor {_num(floor, ".2f")}</div>' if _is_num(floor) else ""
     repeat = _repeat_line(report.get("repeat"))
     repeat_line = f'<div class="muted small">{repeat}</div>' if repeat else ""
+    calibrated = report.get("calibrated_composite")
+    calibrated_line = ""
+    if _is_num(calibrated):
+        calibrated_line = (f'<div class="calibrated">calibrated <b>{_num(calibrated, ".1f")}</b>'
+                           f'{_ci(report.get("calibrated_composite_ci95"))} {_badge(report.get("calibrated_band"))}</div>')
+    ci = _ci(report.get("composite_ci95"))
+    ci_line = f'<div class="muted small">raw 95% CI{ci}</div>' if ci else ""
     return (
         f'<div class="card composite {_band_class(band)}" id="composite">'
         '<div class="label">Composite score</div>'
         f'<div class="big">{_num(score, ".1f", "n/a")}</div>'
-        f'{_badge(band, "no band")}{_ruler(score)}'
+        f'{_badge(band, "no band")}{_ruler(score)}{ci_line}{calibrated_line}'
         f'<div class="muted small">{note}</div>{floor_line}{repeat_line}'
         "</div>"
     )
@@ -411,7 +484,9 @@ def _gate_card(report: dict) -> str:
     return (
         f'<div class="card gate {cls}" id="gate"><div class="label">CI gate</div>'
         f'<div class="gate-head"><span class="dot"></span>{head}</div>'
-        f'<div class="muted small">fails under {_num(threshold, "g")}</div>{reasons}{custom_html}</div>'
+        f'<div class="muted small">fails under {_num(threshold, "g")} '
+        f'({"calibrated composite" if gate.get("basis") == "calibrated" else "raw composite"})</div>'
+        f'{reasons}{custom_html}</div>'
     )
 
 
@@ -445,14 +520,18 @@ def _ranking(report: dict) -> str:
         kv = r.get("kv_vs_reference")
         kv_cell = "?" if not isinstance(kv, (int, float)) else f"{100 * kv:.0f}%"
         rows.append(
-            f"<tr><td>{i}</td><td><code>{_esc(r.get('candidate'))}</code></td><td><b>{_num(r.get('composite'))}</b></td>"
+            f"<tr><td>{i}</td><td><code>{_esc(r.get('candidate'))}</code></td>"
+            f"<td><b>{_num(r.get('calibrated_composite'))}</b>{_ci(r.get('calibrated_composite_ci95'), '.2f')}</td>"
+            f"<td>{_badge(r.get('calibrated_band'))}</td>"
+            f"<td>{_num(r.get('composite'))}{_ci(r.get('composite_ci95'), '.2f')}</td>"
             f"<td>{_badge(r.get('band'))}</td>{scores}<td>{_esc(kv_cell)}</td><td>{_esc(gate)}</td></tr>"
         )
     return (
         '<section id="ranking" class="section"><h2>Candidates ranked</h2>'
         f'<p class="muted">Sections below show the first candidate, <code>{_esc(report.get("candidate"))}</code>; '
         "the JSON report holds every candidate in full.</p>"
-        f'<div class="scroll"><table class="grid-table"><thead><tr><th>#</th><th>candidate</th><th>composite</th><th>band</th>{head}'
+        f'<div class="scroll"><table class="grid-table"><thead><tr><th>#</th><th>candidate</th>'
+        '<th>calibrated [95% CI]</th><th>calibrated band</th><th>raw composite [95% CI]</th><th>raw band</th>{head}'
         '<th title="KV cache bytes per token, relative to the reference">KV memory</th>'
         f"<th>gate</th></tr></thead><tbody>{''.join(rows)}</tbody></table></div></section>"
     )
@@ -506,14 +585,20 @@ def _trajectory_chart(items: List[dict]) -> str:
             fd = item.get("first_divergence")
             fd = fd if _is_num(fd) else None
             where = f"diverges at token {fd:g}" if fd is not None else "no divergence index"
-            bars.append({"label": pid, "value": fd, "ghost": length or None, "cls": "bar-div",
-                         "title": f"{pid}: {where} of {length}"})
+            margin = item.get("ref_margin_at_divergence")
+            tie = item.get("near_tie_divergence") is True
+            how = (f"; reference top-2 margin {margin:.3f}" + (" (near-tie flip)" if tie else " (confident token changed)")
+                   if _is_num(margin) else "")
+            bars.append({"label": pid, "value": fd, "ghost": length or None, "cls": "bar-tie" if tie else "bar-div",
+                         "title": f"{pid}: {where} of {length}{how}"})
     n = len(bars)
     width = max(640, min(1100, 90 + 26 * n))
     chart = _bars_svg(bars, width=width, height=330, label="First divergence per prompt",
                       y_title="token index", value_fmt=lambda v: format(v, "g"), rotate_labels=True,
                       show_values=n <= 60, label_every=max(1, math.ceil(n / 60)))
-    legend = _legend((("bar-div", "first divergence (token index)"), ("bar-full", "full match (drawn at full length)"),
+    legend = _legend((("bar-div", "first divergence at a confident reference token"),
+                      ("bar-tie", "first divergence at a near-tie (reference top-2 margin < 0.1)"),
+                      ("bar-full", "full match (drawn at full length)"),
                       ("ghost", "continuation length")))
     return f'<figure class="fig fit">{chart}{legend}</figure>'
 
@@ -1074,6 +1159,7 @@ def render_html(report: dict) -> str:
         _incomplete_banner(report),
         _guarded(_glance, report, axes),
         _guarded(_ranking, report),
+        _guarded(_control_section, report, axes),
         *(_axis_section(n, s, report) for n, s in axes),
         _guarded(_run_details, report, axes),
         _repro(report),
@@ -1221,6 +1307,7 @@ section.axis-section, #run-details, #reproduce, #raw { margin-top: 34px; padding
 .chart .ghost, .sw.ghost { fill: var(--ghost); background: var(--ghost); }
 .chart .bar-div, .sw.bar-div { fill: var(--accent); background: var(--accent); }
 .chart .bar-full, .sw.bar-full { fill: var(--excellent); background: var(--excellent); }
+.chart .bar-tie, .sw.bar-tie { fill: var(--mark); background: var(--mark); }
 .chart .bar-kld, .chart .bar-chunk { fill: var(--accent-2); }
 .chart .err { stroke: var(--fg); stroke-width: 1; opacity: .55; fill: none; }
 .chart .hline { stroke: var(--degraded); stroke-width: 1.5; stroke-dasharray: 5 4; }

@@ -235,6 +235,15 @@ class RefractSession:
         if not info or report.when != "call":
             return
         role = info["candidate"]
+        result = info.get("result")
+        if result is not None and self.audit.control_role:
+            # The sensitivity control measured inside this item (see Audit.measure). Read, not
+            # popped: under xdist this hook runs in the worker before the report is sent on.
+            control = result.get("_control")
+            if control is not None:
+                self.results.setdefault(self.audit.control_role, {}).setdefault(info["axis"], {})[info["unit"]] = control
+            if result.get("_control_error") is not None:
+                self.failed.setdefault(self.audit.control_role, {}).setdefault(info["axis"], []).append(info["unit"])
         if info.get("result") is not None:
             self.results.setdefault(role, {}).setdefault(info["axis"], {})[info["unit"]] = info["result"]
         else:

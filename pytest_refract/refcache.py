@@ -253,6 +253,10 @@ class ReferenceCache:
     def _path(self, kind: str, key: str) -> Path:
         return self.directory / self.namespace / kind / f"{key[:40]}.rfc"
 
+    def has(self, kind: str, key: str) -> bool:
+        """Whether an entry exists (not whether it is sound: load checks that)."""
+        return self.enabled and self._path(kind, key).exists()
+
     def load(self, kind: str, key: str) -> Optional[dict]:
         if not self.enabled:
             return None

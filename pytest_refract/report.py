@@ -19,6 +19,8 @@ from typing import Dict, List, Optional
 
 from . import __version__, files
 from .axes import AXES, ORDER
+from . import calibration
+from .axes.trajectory import NEAR_TIE_MARGIN
 from .scoring import band_for, harmonic_mean, is_score
 
 SCHEMA = "pytest-refract.report.v1"
@@ -194,7 +196,8 @@ def diagnose(axes: Dict[str, dict], self_reference: bool = False) -> List[str]:
     return out
 
 
-def _candidate_section(audit, role: str, results, failed, gates, complete: bool) -> dict:
+def _candidate_section(audit, role: str, results, failed, gates, complete: bool,
+                       control: Optional[dict] = None) -> dict:
     """Everything about one candidate: axes, composite, floor, diagnosis, its own gate."""
     s = audit.settings
     axes = build_axes(results, failed)
@@ -202,6 +205,7 @@ def _candidate_section(audit, role: str, results, failed, gates, complete: bool)
     if not complete:
         # What was measured stays (items); no axis claims a score for what was not.
         _mark_not_run(audit, role, axes, results, failed)
+    calibrated = _calibrate(axes, control, gates, s.seed) if complete else {}
     floor = floor_of(axes) if s.floor else None
     self_reference = audit.self_reference[role]
     if audit.corpus is not None and "kld" in axes:
@@ -212,7 +216,11 @@ def _candidate_section(audit, role: str, results, failed, gates, complete: bool)
         "self_reference": self_reference,
         "composite": composite,
         "band": band_for(composite),
-        "diagnosis": diagnose(axes, self_reference),
+        "composite_ci95": calibrated.get("composite_ci95"),
+        "calibrated_composite": calibrated.get("calibrated_composite"),
+        "calibrated_band": band_for(calibrated.get("calibrated_composite")),
+        "calibrated_composite_ci95": calibrated.get("calibrated_composite_ci95"),
+        "diagnosis": diagnose(axes, self_reference) + calibration_diagnosis(axes, control),
         "axes": axes,
         "floor": floor,
         "custom_gates": gates,
@@ -291,6 +299,9 @@ def _context_facts(audit, role: str) -> dict:
 def _gate(audit, section: dict, complete: bool) -> dict:
     s = audit.settings
     composite, axes = section["composite"], section["axes"]
+    basis = s.gate_basis
+    gated = section["calibrated_composite"] if basis == "calibrated" else composite
+    name = "calibrated composite" if basis == "calibrated" else "composite"
     reasons = []
     if not complete:
         reasons.append("the run was interrupted; an incomplete audit never passes the gate")
@@ -299,15 +310,19 @@ def _gate(audit, section: dict, complete: bool) -> dict:
     elif composite is None:
         broken = [n for n, a in axes.items() if a.get("score") is None and a.get("status") != "n/a"]
         reasons.append(f"no composite: {', '.join(broken)} could not be scored (items failed to measure)")
-    elif composite < s.fail_under:
-        reasons.append(f"composite {composite:.2f} is below --refract-fail-under={s.fail_under_text} ({s.fail_under:g})")
+    elif gated is None:
+        reasons.append("no calibrated composite: the sensitivity control has no score on every axis that ran (its "
+                       "items failed or were deselected); the gate never substitutes the raw composite silently: "
+                       "select the control's items or use --refract-gate=raw")
+    elif gated < s.fail_under:
+        reasons.append(f"{name} {gated:.2f} is below --refract-fail-under={s.fail_under_text} ({s.fail_under:g})")
     if audit.baseline is not None and complete:
         from .baseline import baseline_for, drops
 
         base = baseline_for(audit.baseline, section["candidate"])
         if base is not None:
             reasons += drops(base, axes, composite, s.max_drop)
-    return {"passed": not reasons, "threshold": s.fail_under, "reasons": reasons}
+    return {"passed": not reasons, "threshold": s.fail_under, "basis": basis, "reasons": reasons}
 
 
 def build_report(
@@ -326,11 +341,13 @@ def build_report(
     candidate passes."""
     s = audit.settings
     custom = sorted(custom or [], key=lambda e: e["test"])
+    control = _control_section(audit, results, failed, complete)
     sections = []
     for role in audit.candidate_roles:
         label = audit.labels[role]
         gates = custom_gates([e for e in custom if e.get("candidate", label) == label])
-        sections.append(_candidate_section(audit, role, results.get(role, {}), failed.get(role, {}), gates, complete))
+        sections.append(_candidate_section(audit, role, results.get(role, {}), failed.get(role, {}), gates, complete,
+                                           control))
     first = sections[0]
     multi = len(sections) > 1
     reasons = [(f"{sec['candidate']}: " if multi else "") + r for sec in sections for r in sec["gate"]["reasons"]]
@@ -342,7 +359,10 @@ def build_report(
     if audit.rniah_lengths:
         settings["rniah"].update({"lengths": list(audit.rniah_lengths), "effective_answer_tokens": audit.rniah_answer_tokens,
                                   "thinking_template": audit.rniah_thinking})
-    ranked = sorted(sections, key=lambda sec: (sec["composite"] is None, -(sec["composite"] or 0.0)))
+    # Ranked by what the gate reads: the calibrated composite by default.
+    rank_key = "calibrated_composite" if s.gate_basis == "calibrated" else "composite"
+    ranked = sorted(sections, key=lambda sec: (sec[rank_key] is None, -(sec[rank_key] or 0.0),
+                                               sec["composite"] is None, -(sec["composite"] or 0.0)))
     all_items = [r for per_axis in results.values() for items in per_axis.values() for r in items.values()]
     report = {
         "schema": SCHEMA,
@@ -367,13 +387,21 @@ def build_report(
         "repro_command": "pytest " + " ".join(shlex.quote(a) for a in _portable_args(invocation_args)),
         "composite": first["composite"],
         "band": first["band"],
-        "gate": {"passed": not reasons, "threshold": s.fail_under, "reasons": reasons},
+        "composite_ci95": first["composite_ci95"],
+        "calibrated_composite": first["calibrated_composite"],
+        "calibrated_band": first["calibrated_band"],
+        "calibrated_composite_ci95": first["calibrated_composite_ci95"],
+        "gate": {"passed": not reasons, "threshold": s.fail_under, "basis": s.gate_basis, "reasons": reasons},
+        "sensitivity": _sensitivity_json(audit, control),
         "diagnosis": first["diagnosis"],
         "axes": first["axes"],
         "custom": {"gates": first["custom_gates"], "measurements": custom},
         "floor": first["floor"],
         "candidates": sections,
         "ranking": [{"candidate": sec["candidate"], "composite": sec["composite"], "band": sec["band"],
+                     "composite_ci95": sec["composite_ci95"], "calibrated_composite": sec["calibrated_composite"],
+                     "calibrated_band": sec["calibrated_band"],
+                     "calibrated_composite_ci95": sec["calibrated_composite_ci95"],
                      "passed": sec["gate"]["passed"],
                      "kv_vs_reference": (sec["kv_cache"] or {}).get("vs_reference"),
                      "rotation": sec.get("rotation"),
@@ -394,6 +422,151 @@ def build_report(
         # One candidate: its full result is the top level; no second copy.
         del report["candidates"]
     return report
+
+
+# --------------------------------------------------------------------------- calibration
+
+
+def _control_section(audit, results, failed, complete: bool) -> Optional[dict]:
+    """The sensitivity control's axes (with intervals), measured like a candidate; None
+    without a control."""
+    role = audit.control_role
+    if role is None:
+        return None
+    control_failed = {axis: list(units) for axis, units in failed.get(role, {}).items()}
+    # A unit a candidate ran but the control has no result for (its item crashed before the
+    # control's result was handed over) would leave the control scored on fewer items than
+    # the candidates: it counts as a failed control item instead.
+    for cand in audit.candidate_roles:
+        for axis, units in list(results.get(cand, {}).items()) + list(failed.get(cand, {}).items()):
+            have = results.get(role, {}).get(axis, {})
+            for unit in units:
+                if unit not in have and unit not in control_failed.setdefault(axis, []):
+                    control_failed[axis].append(unit)
+    axes = build_axes(results.get(role, {}), control_failed)
+    if not complete:
+        for section in axes.values():
+            section.update({"score": None, "band": None, "status": "incomplete"})
+    reps, sizes = [], []
+    for name, section in axes.items():
+        unc = calibration.axis_uncertainty(name, _items(section), audit.settings.seed) if section.get("score") is not None else None
+        section["ci95"] = unc["ci95"] if unc else None
+        if section.get("status") != "n/a":
+            reps.append(unc["replicates"] if unc else None)
+            sizes.append(unc["n_items"] if unc else 0)
+    composite = composite_of(axes) if complete else None
+    return {"config": audit.labels[role], "note": audit.settings.sensitivity_note, "axes": axes,
+            "composite": composite, "band": band_for(composite),
+            "composite_ci95": calibration.composite_interval(reps, sizes, composite) if composite is not None else None,
+            "cached": bool(results.get(role)) and all(r.get("control_cached") for per_axis in results[role].values()
+                                                      for r in per_axis.values())}
+
+
+def _items(section: dict) -> List[dict]:
+    return section.get("items") or section.get("cells") or []
+
+
+def _calibrate(axes: Dict[str, dict], control: Optional[dict], gates: Dict[str, float], seed: int) -> dict:
+    """Intervals on every axis score and the composite; with a control, each axis's
+    calibrated score (paired with the control by item) and the calibrated composite."""
+    raw_reps, cal_reps, sizes, cal_scores = [], [], [], []
+    for name, section in axes.items():
+        if section.get("score") is None:
+            section.update({"ci95": None, "calibrated_score": None})
+            continue
+        unc = calibration.axis_uncertainty(name, _items(section), seed)
+        section["ci95"] = unc["ci95"]
+        raw_reps.append(unc["replicates"])
+        sizes.append(unc["n_items"])
+        ctrl_axis = (control or {}).get("axes", {}).get(name)
+        if ctrl_axis is None or ctrl_axis.get("score") is None:
+            section["calibrated_score"] = None
+            cal_reps.append(None)
+            cal_scores.append(None)
+            continue
+        cal = calibration.calibrate_axis(name, _items(section), _items(ctrl_axis), seed)
+        reps = cal.pop("replicates")
+        section["calibrated_score"] = cal["calibrated_score"]
+        section["calibration"] = dict(cal, control_score=ctrl_axis["score"], control_ci95=ctrl_axis.get("ci95"))
+        cal_reps.append(reps)
+        cal_scores.append(cal["calibrated_score"])
+    out: Dict[str, object] = {}
+    scored = [n for n, a in axes.items() if a.get("status") != "n/a"]
+    if not axes and gates:
+        # Only the user's own gates (no axis ran): nothing for the control to calibrate.
+        out["calibrated_composite"] = harmonic_mean(list(gates.values()))
+    elif axes and all(axes[n].get("score") is not None for n in scored):
+        gate_values = list(gates.values())
+        # Custom gates have no control and no items: they enter both composites as they are,
+        # and an interval is only given without them.
+        raw_composite = harmonic_mean([axes[n]["score"] for n in scored])
+        out["composite_ci95"] = (calibration.composite_interval(raw_reps, sizes, raw_composite)
+                                 if not gate_values and scored else None)
+        if control is not None and cal_scores and all(c is not None for c in cal_scores):
+            out["calibrated_composite"] = harmonic_mean(cal_scores + gate_values)
+            out["calibrated_composite_ci95"] = (calibration.composite_interval(cal_reps, sizes, out["calibrated_composite"])
+                                                if not gate_values else None)
+    return out
+
+
+def calibration_diagnosis(axes: Dict[str, dict], control: Optional[dict]) -> List[str]:
+    """What the control says about this candidate's drift, axis by axis, and whether its
+    greedy divergences are near-tie flips (as the control's are) or confident changes."""
+    if control is None:
+        return []
+    out: List[str] = []
+    same, worse = [], []
+    for name, a in axes.items():
+        cal = a.get("calibration")
+        if not cal:
+            continue
+        if cal.get("indistinguishable"):
+            same.append(name)
+        elif cal.get("indistinguishable") is False:
+            lo, hi = cal["excess_damage_ci95"]
+            worse.append(f"{name} {a['score']:.2f} vs control {cal['control_score']:.2f} (excess damage {lo:.2f} to "
+                         f"{hi:.2f} points, calibrated {cal['calibrated_score']:.2f})")
+    control_name = control["config"]
+    if same:
+        out.append(f"Within the model's rounding sensitivity on {', '.join(same)}: statistically indistinguishable from "
+                   f"the control ({control_name}).")
+    if worse:
+        out.append(f"Beyond the control ({control_name}): " + "; ".join(worse) + ".")
+    traj, ctrl_traj = axes.get("trajectory"), control["axes"].get("trajectory")
+    if traj and ctrl_traj and traj.get("n_divergences"):
+        near, total = traj.get("n_near_tie_divergences", 0), traj["n_divergences"]
+        c_near, c_total = ctrl_traj.get("n_near_tie_divergences", 0), ctrl_traj.get("n_divergences", 0)
+        control_text = f"control: {c_near} of {c_total}" if c_total else "the control never diverges"
+        top1 = traj.get("teacher_forced_top1_pct")
+        c_top1 = ctrl_traj.get("teacher_forced_top1_pct")
+        along = (f"; teacher-forced top-1 agreement {top1:.1f}% (control {c_top1:.1f}%)"
+                 if top1 is not None and c_top1 is not None else "")
+        if total - near <= c_total - c_near:  # no more confident changes than the control makes
+            out.append(f"Greedy divergences are near-tie flips {'only' if near == total else 'mostly'} ({near} of "
+                       f"{total} at a reference top-2 margin "
+                       f"below {NEAR_TIE_MARGIN:g}; {control_text}), like the control's{along}.")
+        else:
+            out.append(f"Changes confident tokens: {total - near} of {total} greedy divergences happen where the "
+                       f"reference's top-2 margin is at least {NEAR_TIE_MARGIN:g} ({control_text}){along}.")
+    return out
+
+
+def _sensitivity_json(audit, control: Optional[dict]) -> Optional[dict]:
+    if control is None:
+        return {"config": None, "note": audit.settings.sensitivity_note, "axes": {}, "composite": None}
+    axes = {}
+    for name, a in control["axes"].items():
+        summary = {k: v for k, v in a.items() if not isinstance(v, (list, dict)) or k in ("ci95",)}
+        axes[name] = dict(summary, items=[_slim(i) for i in _items(a)])
+    return {"config": control["config"], "note": control["note"], "role": "control", "ranked": False,
+            "cached": control["cached"], "axes": axes, "composite": control["composite"], "band": control["band"],
+            "composite_ci95": control["composite_ci95"]}
+
+
+def _slim(item: dict) -> dict:
+    """A control item without what the candidates' items already show (texts, token ids)."""
+    drop = ("ref_tokens", "cand_tokens", "ref_text", "cand_text", "divergence", "prompt", "answers")
+    return {k: v for k, v in item.items() if k not in drop and not k.startswith("_")}
 
 
 def _portable_args(args: List[str]) -> List[str]:

@@ -85,6 +85,15 @@ def first_divergence(a: Sequence[int], b: Sequence[int]) -> Optional[int]:
     return n
 
 
+def top2_margin(logprobs: np.ndarray) -> float:
+    """p(most likely token) - p(second most likely) of one row of log-probabilities."""
+    row = np.asarray(logprobs, dtype=np.float64)
+    if row.size < 2:
+        return 1.0
+    top = np.partition(row, row.size - 2)[-2:]
+    return float(np.exp(top.max()) - np.exp(top.min()))
+
+
 def trajectory_item_score(ref: Sequence[int], cand: Sequence[int]) -> float:
     denom = max(len(ref), len(cand))
     if denom == 0:

@@ -52,12 +52,17 @@ OPTIONS = (
     ("max-drop", "string", "2.0", "with --refract-baseline: the largest allowed drop in points (default 2.0)"),
     ("llama-lib", "string", None, "folder holding another llama.cpp build's shared libllama/libggml (e.g. a fork such as "
                                   "TurboQuant) for llama-cpp-python to load instead of its own"),
+    ("sensitivity", "string", None, "control config measured on the same items to tell the model's rounding "
+                                    "sensitivity from cache damage (default: ctk=bf16,ctv=bf16 for an f16 reference)"),
+    ("gate", "string", "calibrated", "what the gate compares with --refract-fail-under: calibrated (the composite "
+                                     "beyond the control's drift, default) or raw (the seed-defined composite)"),
 )
 FLAGS = (("floor", "also measure reference vs reference (a second context) to show the noise floor"),
          ("no-cache", "do not read or write the reference cache"),
          ("clear-cache", "empty the reference cache before the run"),
          ("full", "run all four axes (trajectory, kld, rniah, plad)"),
-         ("no-progress", "do not show the progress of long items (a live line on a terminal, a line every few seconds in logs)"))
+         ("no-progress", "do not show the progress of long items (a live line on a terminal, a line every few seconds in logs)"),
+         ("no-sensitivity", "skip the sensitivity control (the gate then uses the raw composite)"))
 
 
 def register(parser) -> None:
@@ -152,6 +157,11 @@ class Settings:
     n_ubatch: int = 512
     decode_batch: int = 1
     decode_batch_note: Optional[str] = None
+    # The sensitivity control (None with --refract-no-sensitivity), why it was chosen, and
+    # which composite the gate reads.
+    sensitivity: Optional[KVConfig] = None
+    sensitivity_note: Optional[str] = None
+    gate_basis: str = "raw"
     extra: dict = field(default_factory=dict, compare=False)
     llama_lib: Optional[str] = None
     verbose: int = 0
@@ -193,6 +203,8 @@ class Settings:
             "floor": self.floor,
             "repeat": self.repeat,
             "decode_layout": self.decode_layout(),
+            "sensitivity": self.sensitivity.label() if self.sensitivity else None,
+            "gate_basis": self.gate_basis,
             "rniah": {
                 "lengths": list(self.rniah_lengths) if self.rniah_lengths else None,
                 "positions": list(self.rniah_positions),
@@ -280,7 +292,11 @@ def read_settings(config) -> Optional[Settings]:
     rniah = _rniah_settings(config)
     repeat = _int(config, "repeat", 1)
     decode_batch, decode_batch_note = _decode_batch(config, repeat)
+    sensitivity, sensitivity_note, gate_basis = _sensitivity(config, reference)
     return Settings(
+        sensitivity=sensitivity,
+        sensitivity_note=sensitivity_note,
+        gate_basis=gate_basis,
         decode_batch=decode_batch,
         decode_batch_note=decode_batch_note,
         **rniah,
@@ -310,6 +326,52 @@ def read_settings(config) -> Optional[Settings]:
         llama_lib=_get(config, "llama-lib"),
         verbose=int(getattr(config.option, "verbose", 0) or 0),
     )
+
+
+# The other 16-bit rounding of each float cache type: a change in rounding only, available in
+# every llama.cpp build. Wider or quantized reference types get f16, the nearest 16-bit
+# rounding of their values.
+_ROUNDING_ONLY = {"f16": "bf16", "bf16": "f16"}
+
+
+def default_control(reference: KVConfig) -> Tuple[KVConfig, str]:
+    """The rounding-only control for a reference, and a sentence saying why it was chosen."""
+    ctk, ctv = (_ROUNDING_ONLY.get(t, "f16") for t in (reference.ctk, reference.ctv))
+    control = replace(reference, ctk=ctk, ctv=ctv)
+    if (reference.ctk, reference.ctv) == ("f16", "f16"):
+        why = "bf16 cache: the same 16 bits rounded differently from the f16 reference"
+    else:
+        why = (f"the reference is {reference.ctk}/{reference.ctv}, not f16: the control is the nearest rounding-only "
+               f"change, {ctk}/{ctv}")
+    return control, why
+
+
+def _sensitivity(config, reference: KVConfig) -> Tuple[Optional[KVConfig], Optional[str], str]:
+    gate_text = (_get(config, "gate") or "calibrated").lower()
+    if gate_text not in ("raw", "calibrated"):
+        raise UsageProblem(f"--refract-gate={gate_text!r} must be raw or calibrated")
+    explicit_gate = config.getoption("refract_gate") is not None
+    if _get(config, "no-sensitivity"):
+        if _get(config, "sensitivity"):
+            raise UsageProblem("--refract-sensitivity and --refract-no-sensitivity contradict each other; give one")
+        if gate_text == "calibrated" and explicit_gate:
+            raise UsageProblem("--refract-gate=calibrated needs the sensitivity control; drop --refract-no-sensitivity "
+                               "or use --refract-gate=raw")
+        return None, "skipped (--refract-no-sensitivity): the gate uses the raw composite", "raw"
+    text = _get(config, "sensitivity")
+    if text:
+        control = parse_kv_config(text)
+        reference_fa, control = share_flash_attention(reference, control)
+        if control.fa != reference.fa:
+            raise UsageProblem("--refract-sensitivity must share flash attention with the reference")
+        control = replace(control, fa=reference.fa, fa_explicit=reference.fa_explicit)
+        why = "given by --refract-sensitivity"
+    else:
+        control, why = default_control(reference)
+    if (control.ctk, control.ctv) == (reference.ctk, reference.ctv):
+        raise UsageProblem(f"--refract-sensitivity={control.label()} equals the reference: a control must differ from it "
+                           "by rounding only (e.g. ctk=bf16,ctv=bf16 for an f16 reference)")
+    return control, why, gate_text
 
 
 def _decode_batch(config, repeat: int) -> Tuple[int, Optional[str]]:

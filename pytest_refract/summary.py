@@ -12,6 +12,10 @@ def _fmt(score) -> str:
     return "n/a" if score is None else f"{score:6.2f}"
 
 
+def _ci(interval) -> str:
+    return "" if not interval else f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
 def _worst(name: str, section: dict, n: int = 3):
     items = [i for i in (section.get("items") or section.get("cells") or []) if i.get("score") is not None]
     items.sort(key=lambda i: i["score"])
@@ -42,14 +46,17 @@ def render(tr, report: dict, json_path) -> None:
     if report["settings"].get("chunks_note"):
         tr.write_line(f"note       {report['settings']['chunks_note']}")
     sections = report.get("candidates") or [dict(report, custom_gates=(report.get("custom") or {}).get("gates", {}))]
+    control = report.get("sensitivity") or {}
+    _render_control(tr, control)
     for section in sections:
-        _render_candidate(tr, section)
+        _render_candidate(tr, section, control)
     if len(sections) > 1:
-        _render_ranking(tr, report["ranking"])
+        _render_ranking(tr, report["ranking"], report.get("gate", {}).get("basis"))
     gate = report.get("gate", {})
     tr.write_line("")
+    basis = "calibrated composite" if gate.get("basis") == "calibrated" else "composite"
     if gate.get("passed"):
-        tr.write_line(f"gate: passed (composite ≥ {gate['threshold']:g})", green=True)
+        tr.write_line(f"gate: passed ({basis} ≥ {gate['threshold']:g})", green=True)
     else:
         for reason in gate.get("reasons", []):
             tr.write_line(f"gate FAILED: {reason}", red=True, bold=True)
@@ -57,16 +64,23 @@ def render(tr, report: dict, json_path) -> None:
         tr.write_line(f"JSON report: {json_path}")
 
 
-def _render_ranking(tr, ranking) -> None:
+def _render_ranking(tr, ranking, basis=None) -> None:
     tr.write_line("")
-    tr.write_line("candidates ranked by composite (which config to ship):", bold=True)
+    by = "the calibrated one, which the gate reads" if basis == "calibrated" else "raw, which the gate reads"
+    tr.write_line(f"candidates ranked by composite ({by}; which config to ship; the control is never ranked):",
+                  bold=True)
     axes = [a for a in ORDER if any(a in r["axes"] for r in ranking)]
-    tr.write_line("  #  " + "candidate".ljust(28) + "composite band      " + "".join(a.ljust(11) for a in axes) + "KV memory")
+    tr.write_line("  #  " + "candidate".ljust(28) + "calibrated [95% CI]        band      " + "composite band      "
+                  + "[95% CI]".ljust(18) + "".join(a.ljust(11) for a in axes) + "KV memory")
     for i, r in enumerate(ranking, start=1):
         cells = "".join(_fmt(r["axes"].get(a)).strip().ljust(11) for a in axes)
         kv = r.get("kv_vs_reference")
-        tr.write(f"  {i}  {r['candidate'][:27]:<28}{_fmt(r['composite'])}    ")
+        calibrated = r.get("calibrated_composite")
+        tr.write(f"  {i}  {r['candidate'][:27]:<28}{(_fmt(calibrated) + _ci(r.get('calibrated_composite_ci95'))):<27}")
+        tr.write(f"{(r.get('calibrated_band') or 'n/a'):<10}", **{_COLOURS.get(r.get("calibrated_band"), "red"): True})
+        tr.write(f"{_fmt(r['composite'])}    ")
         tr.write(f"{(r['band'] or 'NO SCORE'):<10}", **{_COLOURS.get(r["band"], "red"): True})
+        tr.write(f"{_ci(r.get('composite_ci95')).strip():<18}")
         tr.write_line(cells + ("?" if kv is None else f"{100 * kv:.0f}% of reference"))
 
 
@@ -76,7 +90,32 @@ def _rotation_text(rotation: dict) -> str:
     return f"rotated {'+'.join(on)}" if on else "no rotation"
 
 
-def _render_candidate(tr, report: dict) -> None:
+def _render_control(tr, control: dict) -> None:
+    """The sensitivity control, shown like a candidate but labelled as the yardstick."""
+    tr.write_line("")
+    if not control.get("config"):
+        tr.write_line(f"control    none: {control.get('note') or 'no sensitivity control'}")
+        return
+    cached = "  (read from the reference cache)" if control.get("cached") else ""
+    tr.write_line(f"control    {control['config']}  (sensitivity: {control.get('note')}; never ranked){cached}")
+    for name in ORDER:
+        a = (control.get("axes") or {}).get(name)
+        if a is None:
+            continue
+        extra = ""
+        if name == "trajectory" and a.get("score") is not None:
+            top1 = a.get("teacher_forced_top1_pct")
+            extra = (f"  full match {100 * a['full_match_rate']:.0f}%, teacher-forced top-1 "
+                     f"{'-' if top1 is None else f'{top1:.1f}%'}, near-tie divergences "
+                     f"{a.get('n_near_tie_divergences', 0)}/{a.get('n_divergences', 0)}")
+        elif name == "kld" and a.get("score") is not None:
+            extra = f"  mean KLD {a['mean_kld']:.5f}, same top {a['same_top_p_pct']:.2f}%"
+        tr.write_line(f"  {name:<11}{_fmt(a.get('score'))}{_ci(a.get('ci95'))} {a.get('band') or 'NO SCORE'}{extra}")
+    tr.write_line(f"  composite  {_fmt(control.get('composite'))}{_ci(control.get('composite_ci95'))} "
+                  f"{control.get('band') or 'NO SCORE'}")
+
+
+def _render_candidate(tr, report: dict, control: dict = None) -> None:
     tr.write_line("")
     tr.write_line(f"candidate  {report['candidate']}" + ("   (self-reference)" if report.get("self_reference") else "")
                   + (f"   (llama.cpp: {_rotation_text(report['rotation'])})" if report.get("rotation") else ""))
@@ -92,8 +131,11 @@ def _render_candidate(tr, report: dict) -> None:
                      f"RMS Δp {section['rms_dp_pct']:.3f}%, PPL {section['ppl_ref']:.3f} → {section['ppl_cand']:.3f}")
         elif name == "trajectory" and section.get("score") is not None:
             md = section.get("median_first_divergence")
+            top1 = section.get("teacher_forced_top1_pct")
             extra = (f"  full match {100 * section['full_match_rate']:.0f}%, median first divergence "
-                     f"{'-' if md is None else f'{md:g}'}, teacher-forced KLD {section['teacher_forced_kld']:.5f}")
+                     f"{'-' if md is None else f'{md:g}'}, teacher-forced KLD {section['teacher_forced_kld']:.5f}, "
+                     f"teacher-forced top-1 {'-' if top1 is None else f'{top1:.1f}%'}, near-tie divergences "
+                     f"{section.get('n_near_tie_divergences', 0)}/{section.get('n_divergences', 0)}")
         elif name == "rniah" and section.get("status") is not None:
             extra = (f"  reference hit rate {100 * section['ref_hit_rate']:.0f}%, candidate {100 * section['cand_hit_rate']:.0f}%, "
                      f"{section['n_scored_cells']}/{section['n_cells']} cells scored"
@@ -106,6 +148,14 @@ def _render_candidate(tr, report: dict) -> None:
         tr.write(f"{name:<11}{_fmt(section.get('score'))} ", bold=True)
         tr.write(f"{band or 'NO SCORE':<9}", **{_COLOURS.get(band, 'red'): True})
         tr.write_line(f"{extra}{wall_text}")
+        if section.get("ci95") or section.get("calibration"):
+            cal = section.get("calibration") or {}
+            beside = ""
+            if cal:
+                verdict = "indistinguishable from the control" if cal.get("indistinguishable") else "beyond the control"
+                beside = (f"; control {_fmt(cal.get('control_score')).strip()}{_ci(cal.get('control_ci95'))}; "
+                          f"calibrated {_fmt(cal.get('calibrated_score')).strip()} ({verdict})")
+            tr.write_line(f"           95% CI{_ci(section.get('ci95')) or ' n/a'}{beside}")
         rep = section.get("repeat")
         if rep and rep.get("stdev") is not None:
             tr.write_line(f"           repeat x{rep['n']}: mean {rep['mean']:.2f}, stdev {rep['stdev']:.2f}, "
@@ -119,7 +169,13 @@ def _render_candidate(tr, report: dict) -> None:
     composite = report.get("composite")
     band = report.get("band")
     tr.write("composite  " + _fmt(composite) + " ", bold=True)
-    tr.write_line(band or "NO SCORE", **{_COLOURS.get(band, "red"): True, "bold": True})
+    tr.write(band or "NO SCORE", **{_COLOURS.get(band, "red"): True, "bold": True})
+    tr.write_line(f"  95% CI{_ci(report.get('composite_ci95'))}" if report.get("composite_ci95") else "")
+    if report.get("calibrated_composite") is not None:
+        cband = report.get("calibrated_band")
+        tr.write("calibrated " + _fmt(report["calibrated_composite"]) + " ", bold=True)
+        tr.write(cband or "NO SCORE", **{_COLOURS.get(cband, "red"): True, "bold": True})
+        tr.write_line(f"  95% CI{_ci(report.get('calibrated_composite_ci95'))}  (damage beyond the control's)")
     if report.get("floor") is not None:
         tr.write_line(f"floor      {report['floor']:.2f} (reference vs reference)")
     tr.write_line("")

@@ -44,9 +44,10 @@ def test_batched_and_serial_decode_give_the_same_results(pytester, tiny_model, t
     compute = batched["axes"]["trajectory"]["compute"]["cand0"]
     assert compute["decode_tokens"] == 0 and compute["seq_decode_tokens"] > 2 * compute["seq_decode_steps"]
     assert serial["axes"]["trajectory"]["compute"]["cand0"]["seq_decode_tokens"] == 0
-    # KV memory held at once: serial, one 256-cell context per role (f16 512 B/token, q4_0 144);
-    # batched, one 256-cell stream per sequence for both roles, so a whole multiple of that.
-    per_context = 256 * (512 + 144)
+    # KV memory held at once: serial, one 256-cell context per role (f16 512 B/token, q4_0 144,
+    # the bf16 sensitivity control 512); batched, one 256-cell stream per sequence for every
+    # role, so a whole multiple of that.
+    per_context = 256 * (512 + 144 + 512)
     assert serial["kv_cache_bytes_peak"] == per_context
     assert batched["kv_cache_bytes_peak"] % per_context == 0 and batched["kv_cache_bytes_peak"] >= 3 * per_context
 

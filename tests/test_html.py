@@ -590,3 +590,35 @@ def test_matrix_report_shows_the_ranking():
     assert "ctk=&lt;b&gt;q4_0&lt;/b&gt;,ctv=q4_0" in out and "<b>q4_0</b>" not in out
     single = json.loads((Path(__file__).parent / "data" / "report_traj_kld.json").read_text())
     assert 'id="ranking"' not in render_html(single)
+
+
+def test_candidate_beside_the_control_and_near_tie_marks():
+    report = _mini_report()
+    traj = report["axes"]["trajectory"]
+    traj.update(ci95=[40.0, 70.0], calibrated_score=81.25, teacher_forced_top1_pct=93.0, n_divergences=1,
+                n_near_tie_divergences=1,
+                calibration={"calibrated_score": 81.25, "retention": 0.7, "retention_ci95": [0.5, 0.8125],
+                             "indistinguishable": False, "control_score": 77.0, "control_ci95": [60.0, 90.0]})
+    traj["items"][0].update(ref_margin_at_divergence=0.031, near_tie_divergence=True)
+    report.update(composite_ci95=[60.1, 80.2], calibrated_composite=88.4, calibrated_band="PASS",
+                  calibrated_composite_ci95=[70.0, 88.4],
+                  sensitivity={"config": "ctk=bf16,ctv=bf16", "note": "bf16 cache: the same 16 bits rounded differently",
+                               "cached": True, "axes": {"trajectory": {"score": 77.0, "ci95": [60.0, 90.0],
+                                                                       "n_divergences": 1, "n_near_tie_divergences": 1,
+                                                                       "teacher_forced_top1_pct": 94.0}},
+                               "composite": 77.0, "composite_ci95": [60.0, 90.0]})
+    report["gate"]["basis"] = "calibrated"
+    page = _check_page(report)
+    assert 'id="control"' in page and "Candidate beside the sensitivity control" in page
+    assert "<code>ctk=bf16,ctv=bf16</code>" in page and "this run paid nothing for it" in page
+    assert "control 77.0 [60.0, 90.0]" in page and "calibrated <b>81.2</b> (beyond the control)" in page
+    assert "calibrated <b>88.4</b> [70.0, 88.4]" in page and "raw 95% CI [60.1, 80.2]" in page
+    assert 'class="bar-tie"' in page and "(near-tie flip)" in page
+    assert "(calibrated composite)" in page
+
+
+def test_report_without_control_says_so():
+    report = _mini_report()
+    report["sensitivity"] = {"config": None, "note": "skipped (--refract-no-sensitivity)", "axes": {}, "composite": None}
+    page = _check_page(report)
+    assert "skipped (--refract-no-sensitivity)" in page

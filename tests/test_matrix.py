@@ -41,7 +41,7 @@ def test_matrix_shares_one_reference_and_ranks(pytester, tiny_model, tiny_prompt
         ref_tokens = sum(c["axes"][axis]["compute"].get("reference", {}).get("batch_tokens", 0) for c in m["candidates"])
         assert ref_tokens == a["axes"][axis]["compute"]["reference"]["batch_tokens"]
     ranked = [r["candidate"] for r in m["ranking"]]
-    composites = [r["composite"] for r in m["ranking"]]
+    composites = [r["calibrated_composite"] for r in m["ranking"]]  # what the gate reads, by default
     assert composites == sorted(composites, reverse=True) and set(ranked) == set(labels)
     result.stdout.fnmatch_lines(["*candidates ranked by composite*", "*candidate*composite band*KV memory",
                                  "*1  ctk=*% of reference"])
@@ -57,7 +57,8 @@ def test_gate_applies_to_each_candidate(pytester, tiny_model, tiny_prompts, tiny
     report = pytester.path / "r.json"
     result = pytester.runpytest_subprocess(*_args(
         tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=f16,ctv=f16",
-        "--refract-candidate=ctk=q4_0,ctv=q4_0", "--refract-fail-under=99.99", f"--refract-json={report}"))
+        "--refract-candidate=ctk=q4_0,ctv=q4_0", "--refract-fail-under=99.99", "--refract-gate=raw",
+        f"--refract-json={report}"))
     data = read_report(report)
     assert data["candidates"][0]["gate"]["passed"] is True  # the self-reference
     assert data["candidates"][1]["gate"]["passed"] is False

@@ -124,7 +124,8 @@ def test_xdist_gives_the_serial_composite(pytester, tiny_model, tiny_prompts, ti
     assert a["composite"] is not None
     assert b["composite"] == a["composite"]
     assert b["axes"]["kld"]["mean_kld"] == a["axes"]["kld"]["mean_kld"]
-    assert result.ret == (1 if a["composite"] < 60 else 0)
+    assert b["calibrated_composite"] == a["calibrated_composite"]  # the control too, across workers
+    assert result.ret == (1 if a["calibrated_composite"] < 60 else 0)
 
 
 def test_gate_uses_fail_under_number(pytester, tiny_model, tiny_prompts, tiny_corpus):

@@ -216,7 +216,7 @@ def test_floor_below_threshold_is_a_loud_warning():
 
     from pytest_refract.report import _candidate_section
 
-    settings = SimpleNamespace(floor=True, repeat=1, fail_under=60.0, fail_under_text="FAIL")
+    settings = SimpleNamespace(floor=True, repeat=1, fail_under=60.0, fail_under_text="FAIL", seed=0, gate_basis="raw")
     audit = SimpleNamespace(settings=settings, self_reference={"cand0": False}, labels={"cand0": "ctk=q8_0,ctv=q8_0"},
                             corpus=None, haystack_source=None, baseline=None, kv_cache_facts=lambda role: None)
     item = {"id": "a", "category": "c", "prefix_agreement": 8, "ref_len": 8, "cand_len": 8, "first_divergence": None,

@@ -5,6 +5,7 @@ is the README's demo."""
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 
 import pytest
@@ -65,7 +66,7 @@ def test_q4_cache_drifts_and_exit_status_follows_the_band(pytester, smollm2, pro
     assert kld["n_positions"] == 2 * (512 - 1 - 256)
     assert kld["ppl_ref"] > 1 and kld["ppl_cand"] > 1
     assert data["composite"] is not None
-    expected = 1 if data["composite"] < 60 else 0
+    expected = 1 if data["calibrated_composite"] < 60 else 0  # the gate reads the calibrated composite
     assert result.ret == expected
     assert data["band"] in ("EXCELLENT", "PASS", "DEGRADED", "FAIL")
     item = data["axes"]["trajectory"]["items"][0]
@@ -79,7 +80,8 @@ def test_k_kld_runs_only_kld_items(pytester, smollm2, prompts_file):
 
 
 def test_fail_under_excellent_turns_a_q4_run_red(pytester, smollm2, prompts_file):
-    result, report = _run(pytester, smollm2, prompts_file, "ctk=q4_0,ctv=q4_0", "--refract-fail-under=EXCELLENT")
+    result, report = _run(pytester, smollm2, prompts_file, "ctk=q4_0,ctv=q4_0", "--refract-fail-under=EXCELLENT",
+                          "--refract-gate=raw")
     data = read_report(report)
     assert data["composite"] < 90
     assert result.ret == 1
@@ -204,3 +206,25 @@ def test_batched_decode_is_bit_identical_to_one_at_a_time(pytester, smollm2):
     assert serial["composite"] == batched["composite"]
     compute = batched["axes"]["plad"]["compute"]["cand0"]
     assert compute["decode_tokens"] == 0 and compute["seq_decode_tokens"] > 3 * compute["seq_decode_steps"]
+
+
+def test_sensitivity_control_and_calibrated_gate_on_smollm2(pytester, smollm2, prompts_file):
+    html = pytester.path / "report.html"
+    result, report = _run(pytester, smollm2, prompts_file, "ctk=bf16,ctv=bf16", "--refract-candidate=ctk=q4_0,ctv=q4_0",
+                          f"--refract-html={html}")
+    result.assert_outcomes(passed=2 * (3 + 2))  # the control adds no items
+    data = read_report(report)
+    assert data["sensitivity"]["config"] == "ctk=bf16,ctv=bf16" and data["gate"]["basis"] == "calibrated"
+    bf16, q4 = data["candidates"]
+    # The control measured as a candidate lands at the top of the calibrated scale.
+    assert bf16["calibrated_composite"] == 100.0
+    assert all(a["calibrated_score"] == 100.0 for a in bf16["axes"].values())
+    assert bf16["axes"]["kld"]["mean_kld"] == data["sensitivity"]["axes"]["kld"]["mean_kld"] > 0
+    for axis in q4["axes"].values():
+        lo, hi = axis["ci95"]
+        assert lo <= axis["score"] <= hi and axis["calibrated_score"] >= axis["score"]
+    assert q4["axes"]["kld"]["calibration"]["retention"] == pytest.approx(
+        math.exp(-(q4["axes"]["kld"]["mean_kld"] - data["sensitivity"]["axes"]["kld"]["mean_kld"])))
+    assert result.ret == (1 if q4["calibrated_composite"] < 60 else 0)
+    page = html.read_text()
+    assert 'id="control"' in page and "Candidate beside the sensitivity control" in page

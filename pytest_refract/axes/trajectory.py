@@ -16,11 +16,15 @@ from ..scoring import (
     is_score,
     kld_positions,
     prefix_agreement,
+    top2_margin,
     trajectory_axis_score,
     trajectory_item_score,
 )
 
 NAME = "trajectory"
+# A divergence where the reference's top two tokens are closer than this in probability is a
+# near-tie flip: a rounding change of the logits can reorder them without any real damage.
+NEAR_TIE_MARGIN = 0.1
 
 
 def units(audit) -> List[dict]:
@@ -62,10 +66,21 @@ def _teacher_forced_logits(cand_ctx, prompt_len, ref_tokens, cand_tokens, cand_l
 
 
 def _compare(audit, side_ctx, prompt_tokens, ref_tokens, ref_rows, ref_is_logprobs):
+    """(greedy tokens, teacher-forced KLD, teacher-forced top-1 agreement in %)."""
     tokens, logits = side_ctx.greedy(prompt_tokens, audit.settings.n_predict, keep_logits=True)
     tf_logits = _teacher_forced_logits(side_ctx, len(prompt_tokens), ref_tokens, tokens, logits)
     stats = kld_positions(ref_rows, tf_logits, ref_tokens, ref_is_logprobs=ref_is_logprobs)
-    return tokens, float(np.mean(stats["kld"]))
+    top1 = np.asarray(tf_logits).argmax(axis=1) == np.asarray(ref_tokens)
+    return tokens, float(np.mean(stats["kld"])), 100.0 * float(np.mean(top1))
+
+
+def _ref_margin(ref_rows, ref_tokens, cand_tokens):
+    """The reference's own top-2 probability margin where the candidate first leaves its
+    path (None without a divergence, or where the reference has no row there)."""
+    d = first_divergence(ref_tokens, cand_tokens)
+    if d is None or d >= len(ref_tokens):
+        return None
+    return top2_margin(np.asarray(ref_rows[d : d + 1], dtype=np.float32)[0])
 
 
 # Candidates are compared with the reference's 16-bit log-probs (see Audit.reference_trajectory).
@@ -100,10 +115,12 @@ def _measure_batch(audit, unit) -> None:
         started = time.perf_counter()
         compared = _compare_batch(audit, role, prompts, refs, use_logprobs)
         seconds[role] = time.perf_counter() - started
-        for u, p, (ref_tokens, _, _), (tokens, tf_kld) in zip(units, prompts, refs, compared):
+        for u, p, (ref_tokens, ref_rows, _), (tokens, tf_kld, tf_top1) in zip(units, prompts, refs, compared):
             audit.remember_greedy("reference", p, ref_tokens)
             audit.remember_greedy(role, p, tokens)
-            audit.batch_results[(NAME, key, u["id"])] = {"ref_tokens": ref_tokens, "tokens": tokens, "tf_kld": tf_kld}
+            audit.batch_results[(NAME, key, u["id"])] = {
+                "ref_tokens": ref_tokens, "tokens": tokens, "tf_kld": tf_kld, "tf_top1": tf_top1,
+                "ref_margin": _ref_margin(ref_rows, ref_tokens, tokens)}
     audit.share_batch_time(NAME, units, seconds)
 
 
@@ -113,6 +130,7 @@ def _compare_batch(audit, role, prompts, refs, ref_is_logprobs):
     left the reference path finishes, its cache is cut back to the shared prefix and fed the
     rest of the reference continuation, as _teacher_forced_logits does for one sequence."""
     klds: List[List[float]] = [[] for _ in prompts]
+    top1: List[List[bool]] = [[] for _ in prompts]
     ref_rows = [ref[1] if ref_is_logprobs else ref[2] for ref in refs]
     ref_tokens = [ref[0] for ref in refs]
     decoded: List[List[int]] = [[] for _ in prompts]
@@ -123,6 +141,7 @@ def _compare_batch(audit, role, prompts, refs, ref_is_logprobs):
             stats = kld_positions(ref_rows[i][step : step + 1], row[None, :], ref_tokens[i][step : step + 1],
                                   ref_is_logprobs=ref_is_logprobs)
             klds[i].append(float(stats["kld"][0]))
+            top1[i].append(int(np.argmax(row)) == ref_tokens[i][step])
         decoded[i].append(int(np.argmax(row)))
 
     def on_finish(ctx, i, slot):
@@ -136,6 +155,7 @@ def _compare_batch(audit, role, prompts, refs, ref_is_logprobs):
             rows = slice(valid + first, valid + first + view.shape[0])
             stats = kld_positions(ref_rows[i][rows], view, ref_tokens[i][rows], ref_is_logprobs=ref_is_logprobs)
             klds[i].extend(float(k) for k in stats["kld"])
+            top1[i].extend(bool(x) for x in view.argmax(axis=1) == np.asarray(ref_tokens[i][rows]))
 
         ctx.evaluate_each(slot, ref_tokens[i][shared : n_ref - 1], len(prompts[i]) + shared, 0, take)
 
@@ -144,7 +164,7 @@ def _compare_batch(audit, role, prompts, refs, ref_is_logprobs):
     for i, toks in enumerate(tokens):
         if len(klds[i]) != len(ref_tokens[i]):
             raise MeasurementError(f"internal: {len(klds[i])} teacher-forced rows for {len(ref_tokens[i])} reference tokens")
-        out.append((toks, float(np.mean(klds[i]))))
+        out.append((toks, float(np.mean(klds[i])), 100.0 * float(np.mean(top1[i]))))
     return out
 
 
@@ -160,10 +180,12 @@ def measure(audit, unit) -> dict:
             batch_s = time.perf_counter() - started
         done = audit.batch_results[(NAME, unit["candidate"], unit["id"])]
         ref_tokens, cand_tokens, tf_kld = done["ref_tokens"], done["tokens"], done["tf_kld"]
+        tf_top1, ref_margin = done["tf_top1"], done["ref_margin"]
     else:
         ref_tokens, ref_logprobs, ref_exact = audit.reference_trajectory(prompt_tokens)
-        cand_tokens, tf_kld = _compare(audit, audit.context(unit["candidate"]), prompt_tokens, ref_tokens,
-                                       ref_logprobs, True)
+        cand_tokens, tf_kld, tf_top1 = _compare(audit, audit.context(unit["candidate"]), prompt_tokens, ref_tokens,
+                                                ref_logprobs, True)
+        ref_margin = _ref_margin(ref_logprobs, ref_tokens, cand_tokens)
         audit.remember_greedy("reference", prompt_tokens, ref_tokens)
         audit.remember_greedy(unit["candidate"], prompt_tokens, cand_tokens)
     if not is_score(tf_kld):
@@ -180,6 +202,11 @@ def measure(audit, unit) -> dict:
         "first_divergence": first_divergence(ref_tokens, cand_tokens),
         "full_match": ref_tokens == cand_tokens,
         "teacher_forced_kld": tf_kld,
+        "teacher_forced_top1_pct": tf_top1,
+        # The reference's p(top 1) - p(top 2) where the candidate first left its path: small
+        # means a near-tie flipped, large means the candidate changed a confident token.
+        "ref_margin_at_divergence": ref_margin,
+        "near_tie_divergence": None if ref_margin is None else ref_margin < NEAR_TIE_MARGIN,
         "score": score,
         "band": band_for(score),
         "ref_tokens": ref_tokens,
@@ -194,7 +221,7 @@ def measure(audit, unit) -> dict:
             floor_done = audit.batch_results[(NAME, "floor", unit["id"])]
             floor_tokens, floor_tf = floor_done["tokens"], floor_done["tf_kld"]
         else:
-            floor_tokens, floor_tf = _compare(audit, audit.context("floor"), prompt_tokens, ref_tokens, ref_exact, False)
+            floor_tokens, floor_tf, _ = _compare(audit, audit.context("floor"), prompt_tokens, ref_tokens, ref_exact, False)
             audit.remember_greedy("floor", prompt_tokens, floor_tokens)
         result["floor"] = {
             "ref_len": len(ref_tokens),
@@ -220,9 +247,21 @@ def aggregate(results: List[dict]) -> dict:
         "mean_prefix_agreement": sum(r["prefix_agreement"] for r in results) / len(results),
         "mean_max_len": sum(max(r["ref_len"], r["cand_len"]) for r in results) / len(results),
         "teacher_forced_kld": sum(r["teacher_forced_kld"] for r in results) / len(results),
+        # Positions along the reference continuation where the candidate's argmax is the
+        # reference's token (every prompt's continuation counts by its length).
+        "teacher_forced_top1_pct": _weighted_top1(results),
+        "n_divergences": len(divergences),
+        "n_near_tie_divergences": sum(1 for r in results if r.get("near_tie_divergence")),
         "wall_s": sum(r["wall_s"] for r in results),
         "items": results,
     }
     floors = [r["floor"] for r in results if r.get("floor")]
     section["floor_score"] = trajectory_axis_score(floors) if len(floors) == len(results) else None
     return section
+
+
+def _weighted_top1(results: List[dict]):
+    pairs = [(r.get("teacher_forced_top1_pct"), r["ref_len"]) for r in results]
+    if any(p is None for p, _ in pairs) or not sum(n for _, n in pairs):
+        return None
+    return sum(p * n for p, n in pairs) / sum(n for _, n in pairs)

@@ -1,0 +1,143 @@
+"""The sensitivity control and the calibrated gate, run as users run the plugin (pytester
+subprocess) on the tiny random-weight model."""
+
+from __future__ import annotations
+
+import pytest
+
+from conftest import read_report
+
+
+def _args(model, prompts, corpus, *extra):
+    return [
+        f"--refract-model={model}",
+        f"--refract-prompts={prompts}",
+        f"--refract-corpus={corpus}",
+        "--refract-ctx=64",
+        "--refract-chunks=3",
+        "--refract-n-predict=8",
+        "--refract-threads=1",
+        *extra,
+    ]
+
+
+def _usage_error(result) -> str:
+    assert result.ret == 4, result.stdout.str() + result.stderr.str()
+    text = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in text
+    errors = [line for line in text.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1, text
+    return errors[0]
+
+
+def test_control_runs_by_default_inside_the_candidates_items(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0",
+               f"--refract-json={report}", f"--refract-cache-dir={pytester.path / 'cache'}"), "-v")
+    result.assert_outcomes(passed=6)  # the control adds no items: ids and counts are unchanged
+    result.stdout.fnmatch_lines(["*test_kld?chunk-00?*", "*control    ctk=bf16,ctv=bf16*"])
+    data = read_report(report)
+    sens = data["sensitivity"]
+    assert sens["config"] == "ctk=bf16,ctv=bf16" and "bf16" in sens["note"] and sens["ranked"] is False
+    assert sens["cached"] is False
+    for name in ("trajectory", "kld"):
+        assert sens["axes"][name]["score"] is not None
+        lo, hi = sens["axes"][name]["ci95"]
+        assert lo <= sens["axes"][name]["score"] <= hi
+        axis = data["axes"][name]
+        lo, hi = axis["ci95"]
+        assert lo <= axis["score"] <= hi
+        assert 0 <= axis["calibrated_score"] <= 100
+        assert axis["calibrated_score"] >= 100 * axis["calibration"]["retention"] - 1e-9
+    assert sens["axes"]["kld"]["n_chunks"] == 3
+    lo, hi = data["composite_ci95"]
+    assert lo <= data["composite"] <= hi
+    assert data["calibrated_composite"] is not None and data["calibrated_band"] is not None
+    assert data["gate"]["basis"] == "calibrated"
+    traj = data["axes"]["trajectory"]
+    assert 0 <= traj["teacher_forced_top1_pct"] <= 100
+    for item in traj["items"]:
+        assert "ref_margin_at_divergence" in item
+        if item["first_divergence"] is None:
+            assert item["ref_margin_at_divergence"] is None
+        elif item["first_divergence"] < item["ref_len"]:
+            assert 0 <= item["ref_margin_at_divergence"] <= 1
+    # A warm run reads the control from the reference cache, as it reads the reference.
+    again = pytester.path / "r2.json"
+    pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0",
+               f"--refract-json={again}", f"--refract-cache-dir={pytester.path / 'cache'}")).assert_outcomes(passed=6)
+    warm = read_report(again)
+    assert warm["sensitivity"]["cached"] is True
+    for name in ("trajectory", "kld"):
+        assert warm["sensitivity"]["axes"][name]["score"] == sens["axes"][name]["score"]
+        assert warm["sensitivity"]["axes"][name]["ci95"] == sens["axes"][name]["ci95"]
+    assert warm["calibrated_composite"] == data["calibrated_composite"]
+    assert "control" not in warm["axes"]["kld"]["compute"]
+
+
+def test_the_control_as_a_candidate_is_at_the_top(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=bf16,ctv=bf16",
+               "--refract-candidate=ctk=q4_0,ctv=q4_0", f"--refract-json={report}"))
+    data = read_report(report)
+    bf16 = next(c for c in data["candidates"] if c["candidate"] == "ctk=bf16,ctv=bf16")
+    assert bf16["calibrated_composite"] == 100.0 and bf16["calibrated_band"] == "EXCELLENT"
+    for axis in bf16["axes"].values():
+        assert axis["calibrated_score"] == 100.0 and axis["calibration"]["indistinguishable"] is True
+    assert all(r["candidate"] != "ctk=bf16,ctv=bf16" or r["calibrated_composite"] == 100.0 for r in data["ranking"])
+    assert len(data["ranking"]) == 2  # the control itself is never ranked
+    assert result.ret == (0 if all(c["calibrated_composite"] >= 60 for c in data["candidates"]) else 1)
+
+
+def test_gate_basis_flag_chooses_what_the_gate_reads(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    # On the tiny model q4_0 diverges on a prompt where the control does not, but three
+    # prompts cannot tell that from the control's sensitivity: raw below 90, calibrated 100.
+    common = _args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q4_0,ctv=q4_0",
+                   "--refract-fail-under=90")
+    calibrated = pytester.runpytest_subprocess(*common, f"--refract-json={pytester.path / 'c.json'}")
+    raw = pytester.runpytest_subprocess(*common, "--refract-gate=raw", f"--refract-json={pytester.path / 'r.json'}")
+    c, r = read_report(pytester.path / "c.json"), read_report(pytester.path / "r.json")
+    assert c["composite"] == r["composite"] < 90 <= c["calibrated_composite"] == r["calibrated_composite"]
+    assert c["gate"]["basis"] == "calibrated" and c["gate"]["passed"] is True and calibrated.ret == 0
+    assert r["gate"]["basis"] == "raw" and r["gate"]["passed"] is False and raw.ret == 1
+    assert any("composite" in reason and "below" in reason for reason in r["gate"]["reasons"])
+    raw.stdout.fnmatch_lines(["*gate FAILED: composite * is below --refract-fail-under=90*"])
+    calibrated.stdout.fnmatch_lines(["*gate: passed (calibrated composite*"])
+
+
+def test_no_sensitivity_gates_on_the_raw_composite(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-no-sensitivity",
+               f"--refract-json={report}"))
+    result.assert_outcomes(passed=6)
+    data = read_report(report)
+    assert data["sensitivity"]["config"] is None and data["gate"]["basis"] == "raw"
+    assert data["calibrated_composite"] is None and data["axes"]["kld"]["calibrated_score"] is None
+    assert data["axes"]["kld"]["ci95"] is not None  # intervals do not need the control
+
+
+def test_reference_not_f16_gets_the_nearest_rounding_only_control(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    report = pytester.path / "r.json"
+    pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-reference=ctk=bf16,ctv=bf16",
+               "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-axes=kld", f"--refract-json={report}"))
+    data = read_report(report)
+    assert data["sensitivity"]["config"] == "ctk=f16,ctv=f16"
+    assert "not f16" in data["sensitivity"]["note"]
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--refract-gate=median"], "--refract-gate='median' must be raw or calibrated"),
+    (["--refract-gate=calibrated", "--refract-no-sensitivity"], "needs the sensitivity control"),
+    (["--refract-sensitivity=ctk=f16,ctv=f16"], "equals the reference"),
+    (["--refract-sensitivity=ctk=q9_9,ctv=f16"], "--refract-sensitivity ctk=q9_9"),
+])
+def test_sensitivity_flag_problems_are_one_line_usage_errors(pytester, tiny_model, tiny_prompts, tiny_corpus, extra,
+                                                             message):
+    result = pytester.runpytest_subprocess(
+        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", *extra))
+    assert message in _usage_error(result)
