@@ -208,9 +208,10 @@ class Audit:
         self.kv_facts: Dict[str, object] = {}
         self.context_env: Dict[str, dict] = {}
         probe_settings = self._context_settings(256)
-        for role in ["reference", *self.candidate_roles]:
+        # The control is a config like any other: llama.cpp judges it and reports its cache too.
+        for role in ["reference", *self.item_roles]:
             kv = self.configs[role]
-            flag = "--refract-reference" if role == "reference" else "--refract-candidate"
+            flag = {"reference": "--refract-reference", CONTROL: "--refract-sensitivity"}.get(role, "--refract-candidate")
             try:
                 facts, env = self.engine.probe(kv, self.types[role], probe_settings)
             except self._engine_mod.ContextRefused as exc:
