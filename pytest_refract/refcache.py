@@ -32,7 +32,9 @@ _MAGIC = b"RFRC"
 # The file that says "this folder is pytest-refract's reference cache": without it a non-empty
 # folder is the user's, and is neither used nor cleared.
 MARKER = ".pytest-refract-cache"
-KINDS = ("trajectory", "kld", "greedy")
+# The folders entries are written to: the reference's kinds, and the sensitivity control's
+# results per axis (audit.py stores them as "control-<axis>").
+KINDS = ("trajectory", "kld", "greedy") + tuple(f"control-{axis}" for axis in ("trajectory", "kld", "rniah", "plad"))
 _NAMESPACE_RE = re.compile(r"[0-9a-f]{20}")
 _ENTRY_RE = re.compile(r"[0-9a-f]{40}\.rfc|\.[0-9a-f]{40}\.rfc\..+\.tmp")  # an entry, or write_atomic's temp file
 

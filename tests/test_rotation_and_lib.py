@@ -49,7 +49,7 @@ def test_own_library_folder_is_loaded_named_and_digested(pytester, tiny_model, t
         pytest.skip("this llama-cpp-python was installed bindings-only: it has no library folder of its own")
     report = pytester.path / "r.json"
     result = pytester.runpytest_subprocess(*_tiny_args(tiny_model, tiny_prompts, tiny_corpus,
-                                                       "--refract-candidate=ctk=q8_0,ctv=q8_0", "-k", "kld",
+                                                       "--refract-candidate=ctk=q8_0,ctv=q8_0", "-k", "kld", "--refract-no-sensitivity",
                                                        f"--refract-llama-lib={folder}", f"--refract-json={report}"))
     assert result.ret == 0, result.stdout.str()
     data = read_report(report)
@@ -85,7 +85,7 @@ def test_reference_cache_is_keyed_by_the_library_digest(pytester, tiny_model, ti
     def run(folder, name):
         report = pytester.path / f"{name}.json"
         result = pytester.runpytest_subprocess(*_tiny_args(
-            tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", "-k", "kld",
+            tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", "-k", "kld", "--refract-no-sensitivity",
             f"--refract-llama-lib={folder}", f"--refract-cache-dir={tmp_path / 'cache'}", f"--refract-json={report}"))
         assert result.ret == 0, result.stdout.str()
         return read_report(report)
@@ -101,7 +101,7 @@ def test_reference_cache_is_keyed_by_the_library_digest(pytester, tiny_model, ti
 
 
 def test_creation_log_is_printed_only_with_verbose(pytester, tiny_model, tiny_prompts, tiny_corpus):
-    args = _tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", "-k", "kld",
+    args = _tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", "-k", "kld", "--refract-no-sensitivity",
                       "-s")
     quiet = pytester.runpytest_subprocess(*args)
     loud = pytester.runpytest_subprocess(*args, "-v")

@@ -43,7 +43,7 @@ def test_prompt_longer_than_the_context(pytester, tiny_model, tiny_corpus):
     path = pytester.path / "long.jsonl"
     path.write_text(json.dumps({"id": "long", "prompt": "hello world " * 600}) + "\n")
     line = _one_error_line(pytester.runpytest_subprocess(*_q8(tiny_model, path, tiny_corpus)))
-    assert "prompt 'long' is" in line and "exceeds the model's context of 1024 tokens" in line
+    assert "prompt 'long' in" in line and "longer than the model's context of 1024 tokens" in line
 
 
 @pytest.mark.parametrize("content, expected", [(None, "corpus file not found"), (b"", "is empty"), (b"   \n", "is empty")])
