@@ -130,3 +130,17 @@ def subprocess_env() -> dict:
     env.pop("PYTEST_ADDOPTS", None)
     return env
 
+
+
+def tiny_args(model, prompts, corpus, *extra) -> list:
+    """Flags for a small audit of the tiny model: short chunks, few tokens, one thread."""
+    return [
+        f"--refract-model={model}",
+        f"--refract-prompts={prompts}",
+        f"--refract-corpus={corpus}",
+        "--refract-ctx=64",
+        "--refract-chunks=3",
+        "--refract-n-predict=8",
+        "--refract-threads=1",
+        *extra,
+    ]

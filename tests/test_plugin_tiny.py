@@ -8,31 +8,12 @@ import sys
 
 import pytest
 
-from conftest import read_report
+from conftest import read_report, one_usage_error_line as _one_error_line, tiny_args as _args
 from tiny_model import write_tiny_llama
 
 
-def _args(model, prompts, corpus, *extra):
-    return [
-        f"--refract-model={model}",
-        f"--refract-prompts={prompts}",
-        f"--refract-corpus={corpus}",
-        "--refract-ctx=64",
-        "--refract-chunks=3",
-        "--refract-n-predict=8",
-        "--refract-threads=1",
-        *extra,
-    ]
 
 
-def _one_error_line(result):
-    """A usage error: exit 4, the message on one ERROR line, and no traceback anywhere."""
-    assert result.ret == 4, result.stdout.str() + result.stderr.str()
-    text = result.stdout.str() + result.stderr.str()
-    assert "Traceback" not in text
-    errors = [line for line in text.splitlines() if line.startswith("ERROR:")]
-    assert len(errors) == 1, text
-    return errors[0]
 
 
 def test_without_model_the_plugin_adds_nothing(pytester):

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_report
+from conftest import read_report, one_usage_error_line as _one_error_line
 from pytest_refract import libload
 from pytest_refract.errors import UsageProblem
 
@@ -25,13 +25,6 @@ def _tiny_args(model, prompts, corpus, *extra):
             "--refract-ctx=64", "--refract-chunks=2", "--refract-n-predict=8", "--refract-threads=1", *extra]
 
 
-def _one_error_line(result):
-    assert result.ret == 4, result.stdout.str() + result.stderr.str()
-    text = result.stdout.str() + result.stderr.str()
-    assert "Traceback" not in text
-    errors = [line for line in text.splitlines() if line.startswith("ERROR:")]
-    assert len(errors) == 1, text
-    return errors[0]
 
 
 def _own_library_folder() -> Path:

@@ -5,29 +5,11 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import read_report
+from conftest import read_report, one_usage_error_line as _usage_error, tiny_args as _args
 
 
-def _args(model, prompts, corpus, *extra):
-    return [
-        f"--refract-model={model}",
-        f"--refract-prompts={prompts}",
-        f"--refract-corpus={corpus}",
-        "--refract-ctx=64",
-        "--refract-chunks=3",
-        "--refract-n-predict=8",
-        "--refract-threads=1",
-        *extra,
-    ]
 
 
-def _usage_error(result) -> str:
-    assert result.ret == 4, result.stdout.str() + result.stderr.str()
-    text = result.stdout.str() + result.stderr.str()
-    assert "Traceback" not in text
-    errors = [line for line in text.splitlines() if line.startswith("ERROR:")]
-    assert len(errors) == 1, text
-    return errors[0]
 
 
 def test_control_runs_by_default_inside_the_candidates_items(pytester, tiny_model, tiny_prompts, tiny_corpus):
