@@ -78,12 +78,12 @@ class NeedleResult:
 class RefractFixture:
     """Measurements of the candidate against the reference, for one test."""
 
-    def __init__(self, audit, node, role: str = "cand0"):
-        self.audit = audit
+    def __init__(self, runner, node, role: str = "cand0"):
+        self.runner = runner
         self._node = node
         self.role = role
-        self.reference = audit.settings.reference.label()
-        self.candidate = audit.labels[role]
+        self.reference = runner.settings.reference.label()
+        self.candidate = runner.labels[role]
 
     def _record(self, kind: str, metrics: dict, gate: Optional[str] = None) -> None:
         entries = self._node.stash.setdefault(_STASH, [])
@@ -94,12 +94,14 @@ class RefractFixture:
 
     def greedy(self, prompt: str, n_predict: Optional[int] = None, chat: bool = True) -> GreedyComparison:
         """Greedy continuation of ``prompt`` (chat-rendered by default) under both caches."""
-        n = n_predict or self.audit.settings.n_predict
-        tokens = self.audit.chat_tokens(prompt) if chat else self.audit.engine.tokenize(prompt, add_special=True)
+        run = self.runner
+        n = n_predict or run.settings.n_predict
+        tokens = run.inputs.chat_tokens(prompt) if chat else run.engine.tokenize(prompt, add_special=True)
         need = len(tokens) + n
-        ref, _ = self.audit.context("reference", min_ctx=need).greedy(tokens, n)
-        cand, _ = self.audit.context(self.role, min_ctx=need).greedy(tokens, n)
-        detok = self.audit.engine.detokenize
+        # Live on both sides, one prompt in each role's own context.
+        ref = run.context("reference", min_ctx=need).greedy([tokens], n)[0]
+        cand = run.context(self.role, min_ctx=need).greedy([tokens], n)[0]
+        detok = run.detokenize
         score = trajectory_item_score(ref, cand)
         result = GreedyComparison(prompt, Continuation(ref, detok(ref)), Continuation(cand, detok(cand)),
                                   prefix_agreement(ref, cand), first_divergence(ref, cand), score)
@@ -112,18 +114,19 @@ class RefractFixture:
         """KL(ref || cand) over your own text, with the KLD axis's (llama-perplexity's) conventions."""
         from .axes.kld import chunk_stats, chunk_tokens
 
-        n_ctx = ctx or self.audit.settings.ctx
-        eng = self.audit.engine
+        run = self.runner
+        n_ctx = ctx or run.settings.ctx
+        eng = run.engine
         all_tokens = eng.tokenize(text, add_special=True)
         available = len(all_tokens) // n_ctx
         if available < 1:
             raise UsageProblem(f"refract.kld: the text holds {len(all_tokens)} tokens, fewer than one chunk of {n_ctx}")
         n_chunks = min(chunks or available, available)
         # Room for this chunk size in every context the measurement uses.
-        for role in ("reference", self.role) + (("floor",) if self.audit.settings.floor else ()):
-            self.audit.context(role, min_ctx=n_ctx)
+        for role in ("reference", self.role) + (("floor",) if run.settings.floor else ()):
+            run.context(role, min_ctx=n_ctx)
         bos = eng.bos if eng.add_bos else None
-        parts = [chunk_stats(self.audit, chunk_tokens(all_tokens, i, n_ctx, bos), self.role)[0] for i in range(n_chunks)]
+        parts = [chunk_stats(run, chunk_tokens(all_tokens, i, n_ctx, bos), self.role)[0] for i in range(n_chunks)]
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
         summary = kld_summary(**merged)
         if kld_score(summary["mean_kld"]) is None:
@@ -140,37 +143,39 @@ class RefractFixture:
         from .axes.rniah import run_trials
         from .haystack import Haystack, strip_reasoning
 
-        s = self.audit.settings
+        run = self.runner
+        s = run.settings
         needle = needle or s.rniah_needle
         question = question or s.rniah_question
         answer = answer or s.rniah_answer
         if "{value}" not in needle or "{value}" not in answer:
             raise UsageProblem("refract.needle: needle and answer must contain {value}")
-        eng = self.audit.engine
-        text = haystack or (self.audit.haystack_source.text if self.audit.haystack_source else
-                            (self.audit.corpus.text if self.audit.corpus else None))
+        eng = run.engine
+        inputs = run.inputs
+        text = haystack or (inputs.haystack_source.text if inputs.haystack_source else
+                            (inputs.corpus.text if inputs.corpus else None))
         if text is None:
             from .data import load_corpus
 
             text = load_corpus().text
         hay = Haystack.from_text(text, lambda t: eng.tokenize(t, add_special=False))
-        head, tail = self.audit._chat_parts()
+        head, tail = inputs.chat_parts()
         q_tokens = eng.tokenize("\n\n" + question, add_special=False)
-        budget = self.audit.rniah_answer_tokens
+        budget = inputs.rniah_answer_tokens
         need = len(head) + length + len(q_tokens) + len(tail) + budget
-        limit = self.audit.info.n_ctx_train
+        limit = run.info.n_ctx_train
         if limit and need > limit:
             raise UsageProblem(f"refract.needle: {length} tokens need {need} with template, question and answer; "
                                f"the model's context is {limit}")
         def ask(role, tokens):
             # Live on both sides (your needle is not in the reference cache's keys), in a
             # context big enough for this haystack.
-            out, _ = self.audit.context(role, min_ctx=need).greedy(tokens, budget)
+            out = run.context(role, min_ctx=need).greedy([tokens], budget)[0]
             text = eng.detokenize(out)
             return {"text": text, "answer": strip_reasoning(text)}
 
         hits, answers, _ = run_trials(
-            self.audit, {"reference": "reference", "candidate": self.role}, length=length, position=position,
+            run, {"reference": "reference", "candidate": self.role}, length=length, position=position,
             trials=trials, needle=needle, answer=answer, haystack=hay,
             prompt_of=lambda body: list(head) + body + q_tokens + list(tail), ask=ask)
         result = NeedleResult(length, position, trials, hits["reference"], hits["candidate"], answers)

@@ -1,5 +1,5 @@
-"""pytest hooks. Thin on purpose: options live in settings.py, llama.cpp in engine.py, numbers
-in scoring.py and the axes, files in report.py.
+"""pytest hooks. Thin on purpose: options live in settings.py, measuring in runner.py and the
+axes, llama.cpp in engines/llamacpp.py, numbers in scoring.py, the report in report.py.
 
 Without --refract-model nothing here does any work, and llama_cpp is never imported.
 """
@@ -25,18 +25,30 @@ def pytest_addoption(parser):
     settings_mod.register(parser)
 
 
+def pytest_addhooks(pluginmanager):
+    from . import hookspecs
+
+    pluginmanager.add_hookspecs(hookspecs)
+
+
 @pytest.hookimpl(tryfirst=True)
 def pytest_configure(config):
-    try:
-        s = settings_mod.read_settings(config)
-        if s is None:
-            return
-        from .audit import Audit
+    from .axes import resolve
 
-        audit = Audit(s, is_worker=hasattr(config, "workerinput"))
+    try:
+        if not settings_mod.wants_audit(config):
+            return
+        try:
+            axes = resolve(axis for added in config.hook.pytest_refract_axes(config=config) for axis in added or ())
+        except ValueError as exc:
+            raise UsageProblem(str(exc)) from None
+        s = settings_mod.read_settings(config, axes)
+        from .runner import Runner
+
+        runner = Runner(s, axes, is_worker=hasattr(config, "workerinput"))
     except UsageProblem as exc:
         raise pytest.UsageError(str(exc)) from None
-    session = RefractSession(config, audit)
+    session = RefractSession(config, runner)
     config.stash[_STASH_KEY] = session
     _stop_on_sigterm(session)
     config.pluginmanager.register(session, "refract-session")
@@ -77,32 +89,29 @@ def refract(request):
 
     make_stash_key()
     # In a candidate matrix the test is parametrized over candidates (pytest_generate_tests).
-    return RefractFixture(rs.audit, request.node, getattr(request, "param", "cand0"))
+    return RefractFixture(rs.runner, request.node, getattr(request, "param", "cand0"))
 
 
 class RefractCollector(pytest.Collector):
     """Parent of the audit's items, so they exist even in a folder with no test files."""
 
     def collect(self):
-        from .audit import BATCHED_AXES
-        from .axes import AXES, ORDER
-
-        rs = get_session(self.config)
-        audit = rs.audit
-        for axis in ORDER:
-            if axis not in audit.settings.axes:
+        runner = get_session(self.config).runner
+        s = runner.settings
+        for name, axis in runner.axes.items():
+            if name not in s.axes:
                 continue
             # Unit-major, candidates innermost: the candidates of one unit run back to back and
             # share the reference's result for that unit (computed once, kept in memory).
-            batched = audit.settings.decode_batch > 1 and axis in BATCHED_AXES
-            size = audit.settings.decode_batch * BATCHED_AXES.get(axis, 1)
-            for index, unit in enumerate(AXES[axis].units(audit)):
+            batched = s.decode_batch > 1 and bool(axis.BATCHED)
+            size = s.decode_batch * (axis.BATCHED or 1)
+            for index, unit in enumerate(axis.units(runner)):
                 # Consecutive units form a decode batch; with `-n N --dist loadgroup` a batch
                 # (or, unbatched, a unit) goes to one worker with all its candidates.
-                group = f"{axis}-batch{index // size}" if batched else f"{axis}-{unit['id']}"
-                for role in audit.candidate_roles:
+                group = f"{name}-batch{index // size}" if batched else f"{name}-{unit['id']}"
+                for role in runner.candidate_roles:
                     item = RefractItem.from_parent(
-                        self, name=f"test_{axis}[{audit.id_prefix[role]}{unit['id']}]", axis=axis,
+                        self, name=f"test_{name}[{runner.id_prefix[role]}{unit['id']}]", axis=name,
                         unit=dict(unit, candidate=role, batch=index // size if batched else None),
                     )
                     item.add_marker(pytest.mark.xdist_group(group))
@@ -119,11 +128,9 @@ class RefractItem(pytest.Item):
             self.extra_keyword_matches.add(keyword)
 
     def runtest(self):
-        from .axes import AXES
-
         rs = get_session(self.config)
         try:
-            result = rs.audit.measure(AXES[self.axis], self.unit)
+            result = rs.runner.measure(rs.runner.axes[self.axis], self.unit)
         except (MeasurementError, UsageProblem) as exc:
             raise RefractItemError(f"{self.axis} {self.name}: {exc}") from None
         self.refract_result = result
@@ -134,11 +141,11 @@ class RefractItem(pytest.Item):
             self.user_properties.append(("refract_band", result["band"]))
         if result.get("skipped"):
             pytest.skip(result.get("reason") or "not applicable")
-        threshold = rs.audit.settings.item_fail_under
+        threshold = rs.runner.settings.item_fail_under
         if threshold is not None and result["score"] is not None and result["score"] < threshold:
             raise RefractItemError(
                 f"{self.axis} {self.name}: score {result['score']:.2f} ({result['band']}) is below "
-                f"--refract-item-fail-under={rs.audit.settings.item_fail_under:g}"
+                f"--refract-item-fail-under={threshold:g}"
             )
 
     def repr_failure(self, excinfo):
@@ -158,16 +165,16 @@ class RefractSession:
     """Collects item results (from this process or, under xdist, from workers' reports),
     gates the session on the composite, and writes the summary and the JSON report."""
 
-    def __init__(self, config, audit):
+    def __init__(self, config, runner):
         self.config = config
-        self.audit = audit
+        self.runner = runner
         # candidate role -> axis -> unit id -> result (or list of failed unit ids)
         self.results: Dict[str, Dict[str, Dict[str, dict]]] = {}
         self.failed: Dict[str, Dict[str, List[str]]] = {}
         self.custom: List[dict] = []
         self.started = time.time()
         self.report: Optional[dict] = None
-        self.gate: dict = {"passed": None, "threshold": audit.settings.fail_under, "reasons": []}
+        self.gate: dict = {"passed": None, "threshold": runner.settings.fail_under, "reasons": []}
         self.interrupted = False
         self.is_worker = hasattr(config, "workerinput")
 
@@ -175,10 +182,10 @@ class RefractSession:
         # Here, not in pytest_configure: the terminal reporter exists by now.
         from .progress import sink_for
 
-        self.audit.progress.sink = sink_for(self.config, settings_mod.show_progress(self.config))
+        self.runner.progress.sink = sink_for(self.config, settings_mod.show_progress(self.config))
 
     def pytest_runtest_logstart(self, nodeid, location):
-        sink = self.audit.progress.sink
+        sink = self.runner.progress.sink
         if sink is not None:
             sink.nodeid = nodeid  # to reopen pytest's line after progress lines (PlainLines.clear)
 
@@ -197,7 +204,7 @@ class RefractSession:
 
     def pytest_collection_finish(self, session):
         # After -k/-m: the items this process may run, so a decode batch holds only those.
-        self.audit.set_plan([(item.axis, item.unit) for item in session.items if isinstance(item, RefractItem)])
+        self.runner.set_plan([(item.axis, item.unit) for item in session.items if isinstance(item, RefractItem)])
 
     # -- results ------------------------------------------------------------------------
 
@@ -236,14 +243,14 @@ class RefractSession:
             return
         role = info["candidate"]
         result = info.get("result")
-        if result is not None and self.audit.control_role:
+        if result is not None and self.runner.control_role:
             # The sensitivity control measured inside this item (see Audit.measure). Read, not
             # popped: under xdist this hook runs in the worker before the report is sent on.
             control = result.get("_control")
             if control is not None:
-                self.results.setdefault(self.audit.control_role, {}).setdefault(info["axis"], {})[info["unit"]] = control
+                self.results.setdefault(self.runner.control_role, {}).setdefault(info["axis"], {})[info["unit"]] = control
             if result.get("_control_error") is not None:
-                self.failed.setdefault(self.audit.control_role, {}).setdefault(info["axis"], []).append(info["unit"])
+                self.failed.setdefault(self.runner.control_role, {}).setdefault(info["axis"], []).append(info["unit"])
         if info.get("result") is not None:
             self.results.setdefault(role, {}).setdefault(info["axis"], {})[info["unit"]] = info["result"]
         else:
@@ -251,16 +258,16 @@ class RefractSession:
 
     def _split_unit(self, text: str):
         """(candidate role, unit id) from the bracketed part of a test id."""
-        for role, prefix in self.audit.id_prefix.items():
+        for role, prefix in self.runner.id_prefix.items():
             if prefix and text.startswith(prefix):
                 return role, text[len(prefix):]
-        return self.audit.candidate_roles[0], text
+        return self.runner.candidate_roles[0], text
 
     def pytest_generate_tests(self, metafunc):
-        if "refract" in metafunc.fixturenames and len(self.audit.candidate_roles) > 1:
-            roles = self.audit.candidate_roles
+        if "refract" in metafunc.fixturenames and len(self.runner.candidate_roles) > 1:
+            roles = self.runner.candidate_roles
             metafunc.parametrize("refract", roles, indirect=True,
-                                 ids=[self.audit.id_prefix[r].rstrip("-") for r in roles])
+                                 ids=[self.runner.id_prefix[r].rstrip("-") for r in roles])
 
     def pytest_report_teststatus(self, report, config):
         info = getattr(report, "refract", None)
@@ -292,19 +299,19 @@ class RefractSession:
     def _finish(self, session) -> None:
         from .report import build_report
 
-        s = self.audit.settings
+        s = self.runner.settings
         ran = bool(self.results or self.failed or self.custom)
         if not ran and not self.interrupted:
             return  # nothing selected and nothing stopped: there is nothing to report
         complete = not self.interrupted and not session.shouldstop
         self.report = build_report(
-            audit=self.audit,
+            audit=self.runner,
             results=self.results,
             failed=self.failed,
             custom=self.custom,
             invocation_args=list(self.config.invocation_params.args),
             complete=complete,
-            llama_build=self.audit._engine_mod.build_info(),
+            llama_build=self.runner.build_info(),
         )
         self.gate = self.report["gate"]
         if not self.gate["passed"]:
@@ -314,15 +321,18 @@ class RefractSession:
         self.report["items_run"] = (sum(len(per_axis) for axes in self.results.values() for per_axis in axes.values())
                                     + sum(len(units) for axes in self.failed.values() for units in axes.values()))
         self.report["items_selected"] = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem)) or None
-        if self.audit.baseline is not None:
-            self.report["baseline"] = {"path": s.baseline_path, "composite": self.audit.baseline.get("composite"),
-                                       "timestamp": self.audit.baseline.get("timestamp"), "max_drop": s.max_drop}
+        if self.runner.baseline is not None:
+            self.report["baseline"] = {"path": s.baseline_path, "composite": self.runner.baseline.get("composite"),
+                                       "timestamp": self.runner.baseline.get("timestamp"), "max_drop": s.max_drop}
+        # Other plugins see the finished report before any file is written (and may add to
+        # its "custom" entries).
+        self.config.hook.pytest_refract_report(report=self.report, config=self.config)
         self._write_files()
 
     def _write_files(self) -> None:
         from .report import dumps, write_atomic
 
-        s = self.audit.settings
+        s = self.runner.settings
         if s.json_path:
             write_atomic(s.json_path, dumps(self.report))
         if s.html_path:
@@ -332,14 +342,14 @@ class RefractSession:
 
     def pytest_report_header(self, config):
         # What the run does differently from what was asked, said before anything runs.
-        return [f"refract: {self.audit.gpu_note}"] if getattr(self.audit, "gpu_note", None) else []
+        return [f"refract: {self.runner.gpu_note}"] if self.runner.gpu_note else []
 
     def pytest_terminal_summary(self, terminalreporter):
         if self.report is None:
             return
         from .summary import render
 
-        render(terminalreporter, self.report, self.audit.settings.json_path)
+        render(terminalreporter, self.report, self.runner.settings.json_path)
 
     def pytest_unconfigure(self, config):
-        self.audit.close()
+        self.runner.close()

@@ -33,10 +33,16 @@ _MAGIC = b"RFRC"
 # folder is the user's, and is neither used nor cleared.
 MARKER = ".pytest-refract-cache"
 # The folders entries are written to: the reference's kinds, and the sensitivity control's
-# results per axis (audit.py stores them as "control-<axis>").
-KINDS = ("trajectory", "kld", "greedy") + tuple(f"control-{axis}" for axis in ("trajectory", "kld", "rniah", "plad"))
+# results per axis ("control-<axis>", for any axis, a plugin's too: see refstore.py).
+KINDS = ("trajectory", "kld", "greedy")
+_CONTROL_KIND_RE = re.compile(r"control-[a-z][a-z0-9_]{0,31}")
 _NAMESPACE_RE = re.compile(r"[0-9a-f]{20}")
 _ENTRY_RE = re.compile(r"[0-9a-f]{40}\.rfc|\.[0-9a-f]{40}\.rfc\..+\.tmp")  # an entry, or write_atomic's temp file
+
+
+def is_kind(name: str) -> bool:
+    """Whether ``name`` is a folder of entries this cache writes."""
+    return name in KINDS or _CONTROL_KIND_RE.fullmatch(name) is not None
 
 
 class RefCacheWarning(UserWarning):
@@ -52,7 +58,7 @@ def _is_our_namespace(path: Path) -> bool:
     if not (_NAMESPACE_RE.fullmatch(path.name) and path.is_dir() and not path.is_symlink()):
         return False
     for kind in path.iterdir():
-        if kind.name not in KINDS or not kind.is_dir() or kind.is_symlink():
+        if not is_kind(kind.name) or not kind.is_dir() or kind.is_symlink():
             return False
         if not all(_is_our_entry(entry) for entry in kind.iterdir()):
             return False
@@ -116,7 +122,7 @@ def clear_entries(directory: Path) -> int:
         if not (_NAMESPACE_RE.fullmatch(namespace.name) and namespace.is_dir() and not namespace.is_symlink()):
             continue
         for kind in namespace.iterdir():
-            if kind.name not in KINDS or not kind.is_dir() or kind.is_symlink():
+            if not is_kind(kind.name) or not kind.is_dir() or kind.is_symlink():
                 continue
             for entry in kind.iterdir():
                 if _is_our_entry(entry):

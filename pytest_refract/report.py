@@ -208,9 +208,9 @@ def _candidate_section(audit, role: str, results, failed, gates, complete: bool,
     calibrated = _calibrate(axes, control, gates, s.seed) if complete else {}
     floor = floor_of(axes) if s.floor else None
     self_reference = audit.self_reference[role]
-    if audit.corpus is not None and "kld" in axes:
-        axes["kld"]["corpus"] = {"name": audit.corpus.name, "sha256": audit.corpus.sha256, "bytes": audit.corpus.bytes,
-                                 "replaced_invalid_utf8": audit.corpus.replaced_invalid_utf8}
+    if audit.inputs.corpus is not None and "kld" in axes:
+        axes["kld"]["corpus"] = {"name": audit.inputs.corpus.name, "sha256": audit.inputs.corpus.sha256, "bytes": audit.inputs.corpus.bytes,
+                                 "replaced_invalid_utf8": audit.inputs.corpus.replaced_invalid_utf8}
     section = {
         "candidate": audit.labels[role],
         "self_reference": self_reference,
@@ -239,7 +239,7 @@ def _candidate_section(audit, role: str, results, failed, gates, complete: bool,
             if r["verdict"] and r["verdict"] != "HEALTHY":
                 diagnosis.insert(0, f"WARNING: {name} is {r['verdict']} over {r['n']} repeats "
                                     f"(stdev {r['stdev']:.2f}): single runs are not trustworthy.")
-    for source in {id(x): x for x in (audit.corpus, audit.haystack_source) if x is not None}.values():
+    for source in {id(x): x for x in (audit.inputs.corpus, audit.inputs.haystack_source) if x is not None}.values():
         if source.replaced_invalid_utf8:
             diagnosis.append(f"{source.name} is not valid UTF-8: undecodable bytes were replaced (U+FFFD) before tokenizing.")
     if not complete:
@@ -352,13 +352,13 @@ def build_report(
     multi = len(sections) > 1
     reasons = [(f"{sec['candidate']}: " if multi else "") + r for sec in sections for r in sec["gate"]["reasons"]]
     settings = s.as_dict()
-    if audit.chunks_note:
-        settings["chunks_note"] = audit.chunks_note
+    if audit.inputs.chunks_note:
+        settings["chunks_note"] = audit.inputs.chunks_note
     if getattr(audit, "gpu_note", None):
         settings["gpu_layers_note"] = audit.gpu_note  # settings.gpu_layers is what ran: 0
-    if audit.rniah_lengths:
-        settings["rniah"].update({"lengths": list(audit.rniah_lengths), "effective_answer_tokens": audit.rniah_answer_tokens,
-                                  "thinking_template": audit.rniah_thinking})
+    if audit.inputs.rniah_lengths:
+        settings["rniah"].update({"lengths": list(audit.inputs.rniah_lengths), "effective_answer_tokens": audit.inputs.rniah_answer_tokens,
+                                  "thinking_template": audit.inputs.rniah_thinking})
     # Ranked by what the gate reads: the calibrated composite by default.
     rank_key = "calibrated_composite" if s.gate_basis == "calibrated" else "composite"
     ranked = sorted(sections, key=lambda sec: (sec[rank_key] is None, -(sec[rank_key] or 0.0),
@@ -367,7 +367,7 @@ def build_report(
     report = {
         "schema": SCHEMA,
         "plugin_version": __version__,
-        "llama_cpp_python_version": audit._engine_mod.library_version(),
+        "llama_cpp_python_version": audit.engine_mod.library_version(),
         "llama_cpp_build": llama_build,
         "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
         "complete": complete,
@@ -407,8 +407,8 @@ def build_report(
                      "rotation": sec.get("rotation"),
                      "axes": {n: a.get("score") for n, a in sec["axes"].items()}} for sec in ranked],
         "reference_cache": {
-            "enabled": audit.refcache.enabled,
-            "read": audit._read_cache,
+            "enabled": audit.reference.cache.enabled,
+            "read": audit.reference.read,
             "hits": sum(r.get("reference_cache", {}).get("hits", 0) for r in all_items),
             "misses": sum(r.get("reference_cache", {}).get("misses", 0) for r in all_items),
             "format": "16-bit log-probs per position (llama-perplexity --kl-divergence-base layout)",

@@ -13,7 +13,6 @@ from .errors import UsageProblem
 from .kvconfig import KVConfig, parse_kv_config, share_flash_attention
 from .scoring import parse_threshold
 
-KNOWN_AXES = ("trajectory", "kld", "rniah", "plad")
 DEFAULT_AXES = ("trajectory", "kld")
 
 # (name, ini type, default, help). The command-line flag is --refract-<name with dashes>; the
@@ -102,6 +101,11 @@ def _get(config, name: str):
     return value
 
 
+def wants_audit(config) -> bool:
+    """Whether the run audits at all: --refract-model (or its ini key) is given."""
+    return bool(_get(config, "model"))
+
+
 def show_progress(config) -> bool:
     """False with --refract-no-progress (or the refract_no_progress ini key); -qq and xdist
     are decided where the output is (progress.sink_for)."""
@@ -165,6 +169,8 @@ class Settings:
     extra: dict = field(default_factory=dict, compare=False)
     llama_lib: Optional[str] = None
     verbose: int = 0
+    # The axes that decode in multi-sequence batches when selected (see the axes' BATCHED).
+    batched_axes: Tuple[str, ...] = ()
 
     @property
     def candidate(self) -> KVConfig:
@@ -175,7 +181,7 @@ class Settings:
         """Which decode layout produced the numbers (in the report's settings)."""
         layout = {
             "sequences_per_batch": self.decode_batch,
-            "axes": ["trajectory", "plad"] if self.decode_batch > 1 else [],
+            "axes": list(self.batched_axes) if self.decode_batch > 1 else [],
             "prompt_evaluation": "one sequence at a time, cut at n_batch",
             "decode_step": ("one token for each unfinished sequence of a batch in one llama_decode, one KV stream per "
                             "sequence; batches are consecutive selected prompts of an axis, the same for the "
@@ -215,8 +221,14 @@ class Settings:
         }
 
 
-def read_settings(config) -> Optional[Settings]:
-    """None when --refract-model is absent: the plugin then does nothing at all."""
+def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Settings]:
+    """None when --refract-model is absent: the plugin then does nothing at all.
+    ``known_axes``: name -> axis of every axis a run may select (default: the built-ins)."""
+    if known_axes is None:
+        from .axes import resolve
+
+        known_axes = resolve()
+    known = tuple(known_axes)
     model = _get(config, "model")
     if not model:
         return None
@@ -245,15 +257,15 @@ def read_settings(config) -> Optional[Settings]:
         raise UsageProblem(f"--refract-candidate {duplicate} is given twice")
 
     if _get(config, "full"):
-        axes = KNOWN_AXES
+        axes = known
     else:
         raw_axes = _get(config, "axes") or ""
         axes = tuple(a.strip().lower() for a in raw_axes.split(",") if a.strip())
         if axes == ("none",):
             axes = ()
-        unknown = [a for a in axes if a not in KNOWN_AXES]
+        unknown = [a for a in axes if a not in known]
         if unknown:
-            raise UsageProblem(f"--refract-axes: unknown axis {unknown[0]!r}; choose from {', '.join(KNOWN_AXES)} or none")
+            raise UsageProblem(f"--refract-axes: unknown axis {unknown[0]!r}; choose from {', '.join(known)} or none")
     fail_text = _get(config, "fail-under") or "FAIL"
     try:
         fail_under = parse_threshold(fail_text)
@@ -325,6 +337,7 @@ def read_settings(config) -> Optional[Settings]:
         floor=bool(_get(config, "floor")),
         llama_lib=_get(config, "llama-lib"),
         verbose=int(getattr(config.option, "verbose", 0) or 0),
+        batched_axes=tuple(name for name, axis in known_axes.items() if getattr(axis, "BATCHED", 0)),
     )
 
 

@@ -97,7 +97,7 @@ def plugin_args() -> list:
 # shortened to fit a test. Pause and interval come from the environment.
 SLOW_DECODE_CONFTEST = """
 import os, time
-import pytest_refract.engine as engine
+import pytest_refract.engines.llamacpp as engine
 import pytest_refract.progress as progress
 
 _PAUSE = float(os.environ.get("REFRACT_TEST_DECODE_PAUSE", "0.02"))
@@ -111,8 +111,7 @@ def _slowed(original):
         return original(self, *args, **kwargs)
     return slowed
 
-engine.Context._decode = _slowed(engine.Context._decode)
-engine.SequencesContext._run = _slowed(engine.SequencesContext._run)
+engine.LlamaContext._decode = _slowed(engine.LlamaContext._decode)
 """
 
 

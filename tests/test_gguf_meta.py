@@ -12,7 +12,7 @@ from pytest_refract.gguf_meta import expected_data_end, head_sha256, read_gguf
 
 from tiny_model import write_tiny_llama
 
-engine = pytest.importorskip("pytest_refract.engine")
+engine = pytest.importorskip("pytest_refract.engines.llamacpp")
 
 
 @pytest.fixture
@@ -56,7 +56,7 @@ def test_blank_chat_template_counts_as_none(tmp_path):
 
 def test_expected_data_end_equals_file_size(tiny):
     info = read_gguf(tiny)
-    assert expected_data_end(info, engine.ggml_row_size) == os.path.getsize(tiny)
+    assert expected_data_end(info, engine.row_size) == os.path.getsize(tiny)
 
 
 def test_expected_data_end_detects_truncated_data(tiny, tmp_path):
@@ -64,7 +64,7 @@ def test_expected_data_end_detects_truncated_data(tiny, tmp_path):
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[:-1000])
     info = read_gguf(cut)  # the header is intact, so it still parses
-    end = expected_data_end(info, engine.ggml_row_size)
+    end = expected_data_end(info, engine.row_size)
     assert end == len(data)
     assert end > os.path.getsize(cut)
 

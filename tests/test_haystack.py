@@ -7,7 +7,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_refract import engine as E
+from pytest_refract.engines import llamacpp as E
 from pytest_refract.haystack import Haystack, split_sentences, strip_reasoning, trial_value
 
 TEXT = " ".join(

@@ -8,7 +8,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from pytest_refract import engine as E
+from pytest_refract.engines import base
+from pytest_refract.engines import llamacpp as E
 from pytest_refract.gguf_meta import read_gguf
 from pytest_refract.kvconfig import parse_kv_config, validate_for_model
 from tiny_model import write_tiny_family
@@ -46,10 +47,16 @@ def _prefill_after_a_long_sequence(ctx):
     first = shared + _tokens(400, 2)[1:]  # 700 tokens: far past the 256-cell window cache
     second = shared + _tokens(150, 3)[1:]
     ctx.reset()
-    fresh = ctx.evaluate(second, 0, logits_from=len(second) - 20)
+    fresh = ctx.evaluate(0, second, 0, logits_from=len(second) - 20)
     ctx.reset()
-    ctx.prefill(first, logits_from=len(first) - 1)
-    return fresh, ctx.prefill(second, logits_from=len(second) - 20)
+    _prefill(ctx, first, len(first) - 1)
+    return fresh, _prefill(ctx, second, len(second) - 20)
+
+
+def _prefill(ctx, tokens, logits_from):
+    rows = []
+    ctx.prefill(0, tokens, logits_from, lambda first, view: rows.append(view.copy()))
+    return np.concatenate(rows)
 
 
 @pytest.mark.parametrize("kv_text", ["ctk=f16,ctv=f16", "ctk=q8_0,ctv=q8_0"])
@@ -60,7 +67,7 @@ def test_prefix_reuse_past_the_window_is_exact(gemma, kv_text):
 
 def test_reusing_cells_the_window_dropped_would_be_wrong(gemma, monkeypatch):
     """Why the mend exists: trusting the cut (as llama_memory_seq_rm lets one) changes logits."""
-    monkeypatch.setattr(E, "_window_kept", lambda window, longest: True)
+    monkeypatch.setattr(base, "window_kept", lambda window, longest: True)
     fresh, reused = _prefill_after_a_long_sequence(_ctx(gemma, "ctk=f16,ctv=f16", "trusting"))
     assert not np.array_equal(fresh, reused)
 
@@ -81,12 +88,12 @@ def test_teacher_forcing_cut_past_the_window_is_exact(gemma):
     rest = _tokens(300, 5)[1:]
     forced = _tokens(40, 6)[1:]
     ctx.reset()
-    ctx.evaluate(prefix + rest, 0, logits_from=None)
-    ctx.truncate(len(prefix))
-    cut = ctx.evaluate(forced, len(prefix), logits_from=0)
+    ctx.evaluate(0, prefix + rest, 0, logits_from=None)
+    ctx.truncate(0, len(prefix))
+    cut = ctx.evaluate(0, forced, len(prefix), logits_from=0)
     ctx.reset()
-    ctx.evaluate(prefix, 0, logits_from=None)
-    fresh = ctx.evaluate(forced, len(prefix), logits_from=0)
+    ctx.evaluate(0, prefix, 0, logits_from=None)
+    fresh = ctx.evaluate(0, forced, len(prefix), logits_from=0)
     assert np.array_equal(cut, fresh)
 
 
@@ -95,17 +102,17 @@ def test_sequences_cut_past_the_window_match_a_single_context(gemma):
     single = _ctx(gemma, "ctk=q8_0,ctv=q8_0", "one")
     kv = parse_kv_config("ctk=q8_0,ctv=q8_0")
     types = validate_for_model(kv, E.cache_types(), *read_gguf(path).head_dims, "many")
-    many = eng.sequences_context(kv, types, E.ContextSettings(n_ctx=512, n_batch=N_BATCH, n_ubatch=N_BATCH,
-                                                              n_threads=1), "many", 2, 400)
+    many = eng.context(kv, types, E.ContextSettings(n_ctx=400, n_batch=N_BATCH, n_ubatch=N_BATCH, n_threads=1),
+                       "many", n_seq=2)
     prompts = [_tokens(2 * N_BATCH, 7), _tokens(2 * N_BATCH, 8)]
-    out = many.greedy_many(prompts, 60)
+    many.greedy(prompts, 60)
     forced = _tokens(12, 9)[1:]
     many.truncate(1, len(prompts[1]))
     rows = []
     many.evaluate_each(1, forced, len(prompts[1]), 0, lambda first, view: rows.append(view.copy()))
     single.reset()
-    single.evaluate(prompts[1], 0, logits_from=None)
-    expect = single.evaluate(forced, len(prompts[1]), logits_from=0)
+    single.evaluate(0, prompts[1], 0, logits_from=None)
+    expect = single.evaluate(0, forced, len(prompts[1]), logits_from=0)
     assert np.array_equal(np.concatenate(rows), expect)
 
 
@@ -124,9 +131,9 @@ def test_hybrid_prefix_reuse_and_teacher_forcing_are_exact(jamba):
     assert np.array_equal(fresh, reused)
     prefix, forced = _tokens(2 * N_BATCH, 10), _tokens(20, 11)[1:]
     ctx.reset()
-    ctx.evaluate(prefix + _tokens(50, 12)[1:], 0, logits_from=None)
-    ctx.truncate(len(prefix))  # llama.cpp cannot roll the recurrent state back: rebuilt
-    cut = ctx.evaluate(forced, len(prefix), logits_from=0)
+    ctx.evaluate(0, prefix + _tokens(50, 12)[1:], 0, logits_from=None)
+    ctx.truncate(0, len(prefix))  # llama.cpp cannot roll the recurrent state back: rebuilt
+    cut = ctx.evaluate(0, forced, len(prefix), logits_from=0)
     ctx.reset()
-    ctx.evaluate(prefix, 0, logits_from=None)
-    assert np.array_equal(cut, ctx.evaluate(forced, len(prefix), logits_from=0))
+    ctx.evaluate(0, prefix, 0, logits_from=None)
+    assert np.array_equal(cut, ctx.evaluate(0, forced, len(prefix), logits_from=0))

@@ -17,18 +17,26 @@ from ..errors import MeasurementError
 from ..scoring import band_for, is_score, kld_positions, kld_score, kld_summary
 
 NAME = "kld"
+NEEDS = ("corpus",)
+BATCHED = 0
 NON_FINITE_KLD = "the KLD is not a finite number (NaN or Infinity in the log-probabilities); no score is claimed"
 _RAW_KEYS = ("kld", "p_diff", "nll_ref", "nll_cand", "same_top")
 
 
-def units(audit) -> List[dict]:
-    return [{"id": f"chunk-{i:02d}", "keywords": [], "chunk": i} for i in range(audit.n_chunks)]
+def units(run) -> List[dict]:
+    return [{"id": f"chunk-{i:02d}", "keywords": [], "chunk": i} for i in range(run.inputs.n_chunks)]
 
 
-def planned_tokens(audit, unit) -> int:
+def cache_reads(run) -> dict:
+    """The settings and inputs an item's result depends on (for the control's cache key)."""
+    corpus = run.inputs.corpus
+    return {"ctx": run.settings.ctx, "corpus": corpus.sha256 if corpus else None}
+
+
+def planned_tokens(run, unit) -> int:
     """Tokens this item will feed llama.cpp (progress only): the chunk under the reference,
     the candidate and the floor (the reference may come from a cache, then it is fewer)."""
-    return (audit.settings.ctx - 1) * (2 + bool(audit.settings.floor))
+    return (run.settings.ctx - 1) * (2 + bool(run.settings.floor))
 
 
 def chunk_tokens(corpus_tokens: List[int], index: int, n_ctx: int, bos: Optional[int]) -> List[int]:
@@ -40,16 +48,16 @@ def chunk_tokens(corpus_tokens: List[int], index: int, n_ctx: int, bos: Optional
     return tokens
 
 
-def chunk_stats(audit, tokens: List[int], role: str) -> Tuple[dict, Optional[dict]]:
+def chunk_stats(run, tokens: List[int], role: str) -> Tuple[dict, Optional[dict]]:
     """Per-position statistics of one chunk for the candidate ``role`` (and the floor, when
     asked). Candidates are compared with the reference's 16-bit log-probs, as llama-perplexity
-    does with its stored base; the floor with the exact logits (see Audit.reference_chunk)."""
+    does with its stored base; the floor with the exact logits (see ReferenceStore.chunk)."""
     next_tokens = tokens[len(tokens) // 2 + 1 :]
-    ref_logprobs, ref_exact = audit.reference_chunk(tokens, lambda ctx, consume: _evaluate(ctx, tokens, consume))
-    stats = _streamed_stats(audit.context(role), tokens, ref_logprobs, next_tokens, ref_is_logprobs=True)
+    ref_logprobs, ref_exact = run.reference.chunk(tokens, lambda ctx, consume: _evaluate(ctx, tokens, consume))
+    stats = _streamed_stats(run.context(role), tokens, ref_logprobs, next_tokens, ref_is_logprobs=True)
     floor_stats = None
-    if audit.settings.floor:
-        floor_stats = _streamed_stats(audit.context("floor"), tokens, ref_exact, next_tokens, ref_is_logprobs=False)
+    if run.settings.floor:
+        floor_stats = _streamed_stats(run.context("floor"), tokens, ref_exact, next_tokens, ref_is_logprobs=False)
     return stats, floor_stats
 
 
@@ -57,7 +65,7 @@ def _evaluate(ctx, tokens: List[int], consume) -> None:
     """Run a chunk from a cleared cache; rows for positions n/2 .. n-2 go to ``consume`` batch
     by batch (the last position predicts nothing inside the chunk)."""
     ctx.reset()
-    ctx.evaluate_each(tokens[:-1], 0, len(tokens) // 2, consume)
+    ctx.evaluate_each(0, tokens[:-1], 0, len(tokens) // 2, consume)
 
 
 def _streamed_stats(ctx, tokens, ref_rows, next_tokens, ref_is_logprobs: bool) -> dict:
@@ -75,11 +83,12 @@ def _streamed_stats(ctx, tokens, ref_rows, next_tokens, ref_is_logprobs: bool) -
     return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
 
-def measure(audit, unit) -> dict:
+def measure(run, unit) -> dict:
     started = time.perf_counter()
-    bos = audit.bos if audit.add_bos else None
-    tokens = chunk_tokens(audit.corpus_tokens, unit["chunk"], audit.settings.ctx, bos)
-    stats, floor_stats = chunk_stats(audit, tokens, unit["candidate"])
+    inputs = run.inputs
+    bos = inputs.bos if inputs.add_bos else None
+    tokens = chunk_tokens(inputs.corpus_tokens, unit["chunk"], run.settings.ctx, bos)
+    stats, floor_stats = chunk_stats(run, tokens, unit["candidate"])
     with np.errstate(invalid="ignore", over="ignore"):  # a NaN is reported below, not warned about
         summary = kld_summary(**stats)
     score = kld_score(summary["mean_kld"])

@@ -18,37 +18,43 @@ from ..perturb import PERTURBATIONS, drift, perturb
 from ..scoring import band_for, is_score
 
 NAME = "plad"
+NEEDS = ("prompts",)
+# Decode-batch widths of units per batch: PLAD keeps only token ids, so a longer queue keeps
+# its batch full for longer.
+BATCHED = 4
 EXCESS_WEIGHT = 5.0
 
 
-def units(audit) -> List[dict]:
+def units(run) -> List[dict]:
     out = []
-    for p in audit.prompts:
+    for p in run.inputs.prompts:
         for kind in PERTURBATIONS:
-            text = perturb(p.prompt, kind, seed=audit.settings.seed, prompt_id=p.id)
+            text = perturb(p.prompt, kind, seed=run.settings.seed, prompt_id=p.id)
             out.append({"id": f"{p.id}-{kind}", "keywords": [kind, p.category], "prompt": p, "kind": kind,
                         "perturbed": text})
     return out
 
 
-def planned_tokens(audit, unit) -> int:
+def cache_reads(run) -> dict:
+    """The settings an item's result depends on (for the control's cache key)."""
+    s = run.settings
+    return {"n_predict": s.n_predict, "decode_batch": s.decode_batch, "seed": s.seed}
+
+
+def planned_tokens(run, unit) -> int:
     """Tokens this item will feed llama.cpp (progress only): anchor and perturbed prompt with
     their continuations, per side, for the whole batch where batched (zero once it ran). Anchors
     the trajectory axis already decoded are reused, so it is often fewer."""
-    s = audit.settings
-    if unit["perturbed"] is None:
+    s = run.settings
+    if unit["perturbed"] is None or (NAME, unit["candidate"], unit["id"]) in run.batch_seconds:
         return 0
-    if s.decode_batch > 1:
-        if (NAME, unit["candidate"], unit["id"]) in audit.batch_seconds:
-            return 0
-        units, roles = audit.batch_of(NAME, unit)
-    else:
-        units, roles = [unit], [unit["candidate"]]
+    units, roles = run.batch_of(NAME, unit)
     sides = 1 + len(roles) + bool(s.floor)
+    chat = run.inputs.chat_tokens
     total = 0
     for u in units:
         if u["perturbed"] is not None:
-            total += len(audit.chat_tokens(u["prompt"].prompt)) + len(audit.chat_tokens(u["perturbed"])) + 2 * s.n_predict
+            total += len(chat(u["prompt"].prompt)) + len(chat(u["perturbed"])) + 2 * s.n_predict
     return total * sides
 
 
@@ -58,27 +64,27 @@ def item_score(excess: float) -> Optional[float]:
     return 100.0 * math.exp(-EXCESS_WEIGHT * excess)
 
 
-def measure(audit, unit) -> dict:
+def measure(run, unit) -> dict:
     prompt, kind, perturbed = unit["prompt"], unit["kind"], unit["perturbed"]
     base = {"id": unit["id"], "prompt_id": prompt.id, "perturbation": kind}
     if perturbed is None:
         base.update({"skipped": True, "reason": f"{kind} does not apply to this prompt", "score": None, "band": None})
         return base
     started = time.perf_counter()
-    anchor_tokens = audit.chat_tokens(prompt.prompt)
-    perturbed_tokens = audit.chat_tokens(perturbed)
+    anchor_tokens = run.inputs.chat_tokens(prompt.prompt)
+    perturbed_tokens = run.inputs.chat_tokens(perturbed)
     # Report keys stay "reference"/"candidate"/"floor" whichever candidate of a matrix runs.
     roles = {"reference": "reference", "candidate": unit["candidate"]}
-    if audit.settings.floor:
+    if run.settings.floor:
         roles["floor"] = "floor"
     batch_s = 0.0  # time this item spent decoding its whole batch (shared out below)
-    if audit.settings.decode_batch > 1 and (NAME, unit["candidate"], unit["id"]) not in audit.batch_seconds:
-        _prefetch_batch(audit, unit, roles)
+    if (NAME, unit["candidate"], unit["id"]) not in run.batch_seconds:
+        _prefetch_batch(run, unit, roles)
         batch_s = time.perf_counter() - started
     drifts: Dict[str, float] = {}
     for name, role in roles.items():
-        anchor = audit.greedy_tokens(role, anchor_tokens)
-        moved = audit.greedy_tokens(role, perturbed_tokens)
+        anchor = run.greedy_tokens(role, anchor_tokens)
+        moved = run.greedy_tokens(role, perturbed_tokens)
         drifts[name] = drift(anchor, moved)
     if not all(is_score(d) for d in drifts.values()):
         # max(0, NaN) is 0: an unchecked NaN drift would score as "no excess drift".
@@ -96,26 +102,27 @@ def measure(audit, unit) -> dict:
     })
     if "floor" in drifts:
         base["floor_excess"] = max(0.0, drifts["floor"] - drifts["reference"])
-    base["wall_s"] = time.perf_counter() - started - batch_s + audit.batch_seconds.get((NAME, unit["candidate"], unit["id"]), 0.0)
+    base["wall_s"] = time.perf_counter() - started - batch_s + run.batch_seconds.get((NAME, unit["candidate"], unit["id"]), 0.0)
     return base
 
 
-def _prefetch_batch(audit, unit, roles) -> None:
+def _prefetch_batch(run, unit, roles) -> None:
     """Decode the anchors and perturbed prompts of the unit's whole batch together, per role
-    (anchors the trajectory axis already decoded are reused, as in the serial path)."""
-    units, cand_roles = audit.batch_of(NAME, unit)
+    (a unit in no batch is a batch of one; anchors the trajectory axis already decoded are
+    reused)."""
+    units, cand_roles = run.batch_of(NAME, unit)
     prompts = []
     for u in units:
         if u["perturbed"] is not None:
-            prompts.append(audit.chat_tokens(u["prompt"].prompt))
-            prompts.append(audit.chat_tokens(u["perturbed"]))
+            prompts.append(run.inputs.chat_tokens(u["prompt"].prompt))
+            prompts.append(run.inputs.chat_tokens(u["perturbed"]))
     seconds = {}
     # batch_of's roles include this unit's candidate (it is in the plan, or the batch is itself).
     for role in ["reference", *cand_roles] + (["floor"] if "floor" in roles.values() else []):
         started = time.perf_counter()
-        audit.prefetch_greedy(role, prompts)
+        run.prefetch_greedy(role, prompts)
         seconds[role] = time.perf_counter() - started
-    audit.share_batch_time(NAME, [u for u in units if u["perturbed"] is not None], seconds)
+    run.share_batch_time(NAME, [u for u in units if u["perturbed"] is not None], seconds)
 
 
 def aggregate(results: List[dict]) -> dict:

@@ -16,6 +16,8 @@ from ..haystack import strip_reasoning, trial_value
 from ..scoring import band_for
 
 NAME = "rniah"
+NEEDS = ("haystack",)
+BATCHED = 0
 LOW_CONFIDENCE_BELOW = 0.2
 
 
@@ -23,20 +25,28 @@ def cell_id(length: int, position: float) -> str:
     return f"{length}-{position:.2f}"
 
 
-def units(audit) -> List[dict]:
-    s = audit.settings
+def units(run) -> List[dict]:
+    s = run.settings
     return [
         {"id": cell_id(length, pos), "keywords": [], "length": length, "position": pos}
-        for length in audit.rniah_lengths
+        for length in run.inputs.rniah_lengths
         for pos in s.rniah_positions
     ]
 
 
-def planned_tokens(audit, unit) -> int:
+def cache_reads(run) -> dict:
+    """The settings and inputs an item's result depends on (for the control's cache key)."""
+    s, inputs = run.settings, run.inputs
+    return {"seed": s.seed, "trials": s.rniah_trials, "needle": s.rniah_needle, "question": s.rniah_question,
+            "answer": s.rniah_answer, "values": s.rniah_values, "answer_tokens": inputs.rniah_answer_tokens,
+            "haystack": inputs.haystack_source.sha256 if inputs.haystack_source else None}
+
+
+def planned_tokens(run, unit) -> int:
     """Tokens this cell will feed llama.cpp (progress only): per trial and side, the prompt
     and the whole answer budget (an answer that ends early, or a reused prefix, makes it fewer)."""
-    s = audit.settings
-    per_trial = unit["length"] + len(audit.rniah_prompt([])) + audit.rniah_answer_tokens
+    s, inputs = run.settings, run.inputs
+    per_trial = unit["length"] + len(inputs.rniah_prompt([])) + inputs.rniah_answer_tokens
     return s.rniah_trials * (2 + bool(s.floor)) * per_trial
 
 
@@ -44,28 +54,29 @@ def answer_pattern(template: str, value: str) -> "re.Pattern":
     return re.compile(template.replace("{value}", re.escape(value)), re.IGNORECASE)
 
 
-def _ask(audit, role: str, tokens: List[int]) -> dict:
+def _ask(run, role: str, tokens: List[int]) -> dict:
+    budget = run.inputs.rniah_answer_tokens
     if role == "reference":
-        answer = audit.reference_greedy(tokens, audit.rniah_answer_tokens)
+        answer = run.reference.greedy([tokens], budget)[0]
     else:
-        answer, _ = audit.context(role).greedy(tokens, audit.rniah_answer_tokens)
-    text = audit.engine.detokenize(answer)
+        answer = run.greedy(role, [tokens], budget)[0]
+    text = run.detokenize(answer)
     return {"tokens": len(answer), "text": text, "answer": strip_reasoning(text)}
 
 
-def run_trials(audit, roles: dict, *, length: int, position: float, trials: int, needle: str, answer: str,
+def run_trials(run, roles: dict, *, length: int, position: float, trials: int, needle: str, answer: str,
                haystack, prompt_of, ask):
     """The trials of one (length, position) cell, shared by the axis and the refract.needle
     fixture: per trial a seeded value, the needle with it spliced into the haystack, the
     prompt ``prompt_of(body)``, and each role's reply from ``ask(role, tokens)`` checked
     against the answer pattern. Returns (hits per role name, trial records, last prompt)."""
-    s = audit.settings
+    s = run.settings
     hits = {name: 0 for name in roles}
     records = []
     tokens: List[int] = []
     for trial in range(trials):
         value = trial_value(s.seed, length, position, trial, s.rniah_values)
-        body, offset = haystack.build(length, position, audit.plain_tokens(" " + needle.replace("{value}", value)))
+        body, offset = haystack.build(length, position, run.inputs.plain_tokens(" " + needle.replace("{value}", value)))
         tokens = prompt_of(body)
         pattern = answer_pattern(answer, value)
         record = {"value": value, "needle_offset": offset}
@@ -78,8 +89,8 @@ def run_trials(audit, roles: dict, *, length: int, position: float, trials: int,
     return hits, records, tokens
 
 
-def measure(audit, unit) -> dict:
-    s = audit.settings
+def measure(run, unit) -> dict:
+    s = run.settings
     started = time.perf_counter()
     length, position = unit["length"], unit["position"]
     # Report keys stay "reference"/"candidate"/"floor" whichever candidate of a matrix runs.
@@ -87,9 +98,9 @@ def measure(audit, unit) -> dict:
     if s.floor:
         roles["floor"] = "floor"
     hits, trials, tokens = run_trials(
-        audit, roles, length=length, position=position, trials=s.rniah_trials, needle=s.rniah_needle,
-        answer=s.rniah_answer, haystack=audit.haystack, prompt_of=audit.rniah_prompt,
-        ask=lambda role, toks: _ask(audit, role, toks))
+        run, roles, length=length, position=position, trials=s.rniah_trials, needle=s.rniah_needle,
+        answer=s.rniah_answer, haystack=run.inputs.haystack, prompt_of=run.inputs.rniah_prompt,
+        ask=lambda role, toks: _ask(run, role, toks))
     n = s.rniah_trials
     ref_rate, cand_rate = hits["reference"] / n, hits["candidate"] / n
     scored = hits["reference"] > 0

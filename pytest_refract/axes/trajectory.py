@@ -22,56 +22,35 @@ from ..scoring import (
 )
 
 NAME = "trajectory"
+NEEDS = ("prompts",)
+# Decode-batch widths of units per batch (one xdist group): a batch keeps its reference's
+# log-probs until the candidates have run, so it holds one width.
+BATCHED = 1
 # A divergence where the reference's top two tokens are closer than this in probability is a
 # near-tie flip: a rounding change of the logits can reorder them without any real damage.
 NEAR_TIE_MARGIN = 0.1
 
 
-def units(audit) -> List[dict]:
-    return [{"id": p.id, "keywords": [p.category], "prompt": p} for p in audit.prompts]
+def units(run) -> List[dict]:
+    return [{"id": p.id, "keywords": [p.category], "prompt": p} for p in run.inputs.prompts]
 
 
-def planned_tokens(audit, unit) -> int:
+def cache_reads(run) -> dict:
+    """The settings an item's result depends on (for the control's cache key)."""
+    return {"n_predict": run.settings.n_predict, "decode_batch": run.settings.decode_batch}
+
+
+def planned_tokens(run, unit) -> int:
     """Tokens this item will feed llama.cpp, estimated before it runs (for progress only):
     each side's prompt and continuation, and half a continuation of teacher forcing per
     candidate side (it starts at the first divergence). Zero when its batch already ran."""
-    s = audit.settings
-    if s.decode_batch > 1:
-        if (NAME, unit["candidate"], unit["id"]) in audit.batch_results:
-            return 0
-        units, roles = audit.batch_of(NAME, unit)
-    else:
-        units, roles = [unit], [unit["candidate"]]
+    s = run.settings
+    if (NAME, unit["candidate"], unit["id"]) in run.batch_results:
+        return 0
+    units, roles = run.batch_of(NAME, unit)
     sides = len(roles) + bool(s.floor)
-    prompts = [len(audit.chat_tokens(u["prompt"].prompt)) for u in units]
+    prompts = [len(run.inputs.chat_tokens(u["prompt"].prompt)) for u in units]
     return sum(n + s.n_predict for n in prompts) * (1 + sides) + len(prompts) * sides * (s.n_predict // 2)
-
-
-def _teacher_forced_logits(cand_ctx, prompt_len, ref_tokens, cand_tokens, cand_logits) -> np.ndarray:
-    """The candidate's logits along the *reference's* continuation.
-
-    Up to the first divergence the candidate's own greedy steps saw exactly the reference's
-    prefix, so those logits are reused. From there on, the candidate's cache is cut back to
-    the shared prefix and the rest of the reference continuation is fed in one batch.
-    """
-    n_ref = len(ref_tokens)
-    d = prefix_agreement(ref_tokens, cand_tokens)
-    valid = min(d + 1, len(cand_tokens), n_ref)
-    parts = [cand_logits[:valid]]
-    if valid < n_ref:
-        shared = valid - 1  # tokens of the continuation already in the candidate's cache
-        cand_ctx.truncate(prompt_len + shared)
-        parts.append(cand_ctx.evaluate(ref_tokens[shared : n_ref - 1], prompt_len + shared, logits_from=0))
-    return np.concatenate(parts) if len(parts) > 1 else parts[0]
-
-
-def _compare(audit, side_ctx, prompt_tokens, ref_tokens, ref_rows, ref_is_logprobs):
-    """(greedy tokens, teacher-forced KLD, teacher-forced top-1 agreement in %)."""
-    tokens, logits = side_ctx.greedy(prompt_tokens, audit.settings.n_predict, keep_logits=True)
-    tf_logits = _teacher_forced_logits(side_ctx, len(prompt_tokens), ref_tokens, tokens, logits)
-    stats = kld_positions(ref_rows, tf_logits, ref_tokens, ref_is_logprobs=ref_is_logprobs)
-    top1 = np.asarray(tf_logits).argmax(axis=1) == np.asarray(ref_tokens)
-    return tokens, float(np.mean(stats["kld"])), 100.0 * float(np.mean(top1))
 
 
 def _ref_margin(ref_rows, ref_tokens, cand_tokens):
@@ -83,52 +62,54 @@ def _ref_margin(ref_rows, ref_tokens, cand_tokens):
     return top2_margin(np.asarray(ref_rows[d : d + 1], dtype=np.float32)[0])
 
 
-# Candidates are compared with the reference's 16-bit log-probs (see Audit.reference_trajectory).
+# Candidates are compared with the reference's 16-bit log-probs (see ReferenceStore.trajectories).
 
 
-def _divergence_texts(engine, ref_tokens, cand_tokens) -> dict:
+def _divergence_texts(detokenize, ref_tokens, cand_tokens) -> dict:
     """The continuations split at the first differing token, for side-by-side display."""
     d = prefix_agreement(ref_tokens, cand_tokens)
     return {
-        "shared_text": engine.detokenize(ref_tokens[:d]),
-        "ref_token_text": engine.detokenize(ref_tokens[d : d + 1]),
-        "cand_token_text": engine.detokenize(cand_tokens[d : d + 1]),
-        "ref_rest": engine.detokenize(ref_tokens[d + 1 :]),
-        "cand_rest": engine.detokenize(cand_tokens[d + 1 :]),
+        "shared_text": detokenize(ref_tokens[:d]),
+        "ref_token_text": detokenize(ref_tokens[d : d + 1]),
+        "cand_token_text": detokenize(cand_tokens[d : d + 1]),
+        "ref_rest": detokenize(ref_tokens[d + 1 :]),
+        "cand_rest": detokenize(cand_tokens[d + 1 :]),
     }
 
 
-def _measure_batch(audit, unit) -> None:
-    """Decode the unit's whole batch (see Audit.batch_of) for the reference, every candidate
-    that needs it and the floor, one multi-sequence batch per role, and leave each item's
-    tokens and teacher-forced KLD in audit.batch_results."""
-    units, roles = audit.batch_of(NAME, unit)
-    prompts = [audit.chat_tokens(u["prompt"].prompt) for u in units]
+def _measure_batch(run, unit) -> None:
+    """Decode the unit's whole batch (see Runner.batch_of; a unit in no batch is a batch of
+    one) for the reference, every candidate that needs it and the floor, one multi-sequence
+    batch per role, and leave each item's tokens and teacher-forced KLD in run.batch_results."""
+    units, roles = run.batch_of(NAME, unit)
+    prompts = [run.inputs.chat_tokens(u["prompt"].prompt) for u in units]
     started = time.perf_counter()
-    refs = audit.reference_trajectories(prompts)
+    refs = run.reference.trajectories(prompts)
     seconds = {"reference": time.perf_counter() - started}
-    audit.batch_results.clear()
+    run.batch_results.clear()
     sides = [(role, role, True) for role in roles]
-    if audit.settings.floor:
+    if run.settings.floor:
         sides.append(("floor", "floor", False))
     for role, key, use_logprobs in sides:
         started = time.perf_counter()
-        compared = _compare_batch(audit, role, prompts, refs, use_logprobs)
+        compared = _compare_batch(run, role, prompts, refs, use_logprobs)
         seconds[role] = time.perf_counter() - started
         for u, p, (ref_tokens, ref_rows, _), (tokens, tf_kld, tf_top1) in zip(units, prompts, refs, compared):
-            audit.remember_greedy("reference", p, ref_tokens)
-            audit.remember_greedy(role, p, tokens)
-            audit.batch_results[(NAME, key, u["id"])] = {
+            run.remember_greedy("reference", p, ref_tokens)
+            run.remember_greedy(role, p, tokens)
+            run.batch_results[(NAME, key, u["id"])] = {
                 "ref_tokens": ref_tokens, "tokens": tokens, "tf_kld": tf_kld, "tf_top1": tf_top1,
                 "ref_margin": _ref_margin(ref_rows, ref_tokens, tokens)}
-    audit.share_batch_time(NAME, units, seconds)
+    run.share_batch_time(NAME, units, seconds)
 
 
-def _compare_batch(audit, role, prompts, refs, ref_is_logprobs):
-    """Batched _compare: the role's greedy decodes, with the KLD of each step that still
-    follows the reference computed as it comes (no logits are kept). When a sequence that
-    left the reference path finishes, its cache is cut back to the shared prefix and fed the
-    rest of the reference continuation, as _teacher_forced_logits does for one sequence."""
+def _compare_batch(run, role, prompts, refs, ref_is_logprobs):
+    """The role's greedy decodes, with the KLD of each step that still follows the reference
+    computed as it comes (no logits are kept): (tokens, teacher-forced KLD, teacher-forced
+    top-1 agreement in %) per prompt. Up to the first divergence the candidate's own greedy
+    steps saw exactly the reference's prefix, so those rows are the teacher-forced ones; when
+    a sequence that left the reference path finishes, its cache is cut back to the shared
+    prefix and fed the rest of the reference continuation."""
     klds: List[List[float]] = [[] for _ in prompts]
     top1: List[List[bool]] = [[] for _ in prompts]
     ref_rows = [ref[1] if ref_is_logprobs else ref[2] for ref in refs]
@@ -159,7 +140,7 @@ def _compare_batch(audit, role, prompts, refs, ref_is_logprobs):
 
         ctx.evaluate_each(slot, ref_tokens[i][shared : n_ref - 1], len(prompts[i]) + shared, 0, take)
 
-    tokens = audit._greedy_batches(role, prompts, audit.settings.n_predict, on_row, on_finish)
+    tokens = run.greedy(role, prompts, run.settings.n_predict, on_row, on_finish)
     out = []
     for i, toks in enumerate(tokens):
         if len(klds[i]) != len(ref_tokens[i]):
@@ -168,26 +149,17 @@ def _compare_batch(audit, role, prompts, refs, ref_is_logprobs):
     return out
 
 
-def measure(audit, unit) -> dict:
+def measure(run, unit) -> dict:
     prompt = unit["prompt"]
     started = time.perf_counter()
-    prompt_tokens = audit.chat_tokens(prompt.prompt)
-    batched = audit.settings.decode_batch > 1
+    prompt_tokens = run.inputs.chat_tokens(prompt.prompt)
     batch_s = 0.0  # time this item spent measuring its whole batch (shared out below)
-    if batched:
-        if (NAME, unit["candidate"], unit["id"]) not in audit.batch_results:
-            _measure_batch(audit, unit)
-            batch_s = time.perf_counter() - started
-        done = audit.batch_results[(NAME, unit["candidate"], unit["id"])]
-        ref_tokens, cand_tokens, tf_kld = done["ref_tokens"], done["tokens"], done["tf_kld"]
-        tf_top1, ref_margin = done["tf_top1"], done["ref_margin"]
-    else:
-        ref_tokens, ref_logprobs, ref_exact = audit.reference_trajectory(prompt_tokens)
-        cand_tokens, tf_kld, tf_top1 = _compare(audit, audit.context(unit["candidate"]), prompt_tokens, ref_tokens,
-                                                ref_logprobs, True)
-        ref_margin = _ref_margin(ref_logprobs, ref_tokens, cand_tokens)
-        audit.remember_greedy("reference", prompt_tokens, ref_tokens)
-        audit.remember_greedy(unit["candidate"], prompt_tokens, cand_tokens)
+    if (NAME, unit["candidate"], unit["id"]) not in run.batch_results:
+        _measure_batch(run, unit)
+        batch_s = time.perf_counter() - started
+    done = run.batch_results[(NAME, unit["candidate"], unit["id"])]
+    ref_tokens, cand_tokens, tf_kld = done["ref_tokens"], done["tokens"], done["tf_kld"]
+    tf_top1, ref_margin = done["tf_top1"], done["ref_margin"]
     if not is_score(tf_kld):
         raise MeasurementError("the teacher-forced KLD is not a finite number (NaN or Infinity); no score is claimed")
     score = trajectory_item_score(ref_tokens, cand_tokens)
@@ -211,25 +183,21 @@ def measure(audit, unit) -> dict:
         "band": band_for(score),
         "ref_tokens": ref_tokens,
         "cand_tokens": cand_tokens,
-        "ref_text": audit.engine.detokenize(ref_tokens),
-        "cand_text": audit.engine.detokenize(cand_tokens),
-        "divergence": _divergence_texts(audit.engine, ref_tokens, cand_tokens),
+        "ref_text": run.detokenize(ref_tokens),
+        "cand_text": run.detokenize(cand_tokens),
+        "divergence": _divergence_texts(run.detokenize, ref_tokens, cand_tokens),
     }
-    if audit.settings.floor:
+    if run.settings.floor:
         # The floor checks the engine bit for bit: against the exact reference logits.
-        if batched:
-            floor_done = audit.batch_results[(NAME, "floor", unit["id"])]
-            floor_tokens, floor_tf = floor_done["tokens"], floor_done["tf_kld"]
-        else:
-            floor_tokens, floor_tf, _ = _compare(audit, audit.context("floor"), prompt_tokens, ref_tokens, ref_exact, False)
-            audit.remember_greedy("floor", prompt_tokens, floor_tokens)
+        floor_done = run.batch_results[(NAME, "floor", unit["id"])]
+        floor_tokens, floor_tf = floor_done["tokens"], floor_done["tf_kld"]
         result["floor"] = {
             "ref_len": len(ref_tokens),
             "cand_len": len(floor_tokens),
             "prefix_agreement": prefix_agreement(ref_tokens, floor_tokens),
             "teacher_forced_kld": floor_tf,
         }
-    result["wall_s"] = time.perf_counter() - started - batch_s + audit.batch_seconds.get((NAME, unit["candidate"], unit["id"]), 0.0)
+    result["wall_s"] = time.perf_counter() - started - batch_s + run.batch_seconds.get((NAME, unit["candidate"], unit["id"]), 0.0)
     return result
 
 
