@@ -2,7 +2,9 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 
 import numpy as np
 import pytest
@@ -17,6 +19,7 @@ from pytest_refract.refcache import (
     RefCacheWarning,
     concat_quantized,
     dequantize_logprobs,
+    model_identity,
     quantize_logprobs,
 )
 from pytest_refract.scoring import kld_positions
@@ -165,3 +168,17 @@ def test_compressed_rows_hold_exactly_the_16bit_rows():
     assert rows.shape == (9, 300) and len(rows) == 9
     assert all(np.array_equal(rows.stored()[k], whole[k]) for k in whole)
     assert np.array_equal(np.asarray(rows[2:5]), dequantize_logprobs(whole)[2:5])
+
+
+@pytest.mark.parametrize("size", [10, (1 << 20) - 1, (3 << 20) + 12345])
+def test_model_identity_value_is_pinned(tmp_path, size):
+    """The cache namespace hashes this identity: any change to its value silently invalidates
+    every user's cache, so it is pinned to the bytes it has always hashed (the first MiB, the
+    MiB around the middle and the last MiB, in that order, overlapping in small files)."""
+    data = os.urandom(size)
+    path = tmp_path / "model.gguf"
+    path.write_bytes(data)
+    mib = 1 << 20
+    middle = max(0, size // 2 - mib // 2)
+    samples = data[:mib] + data[middle:middle + mib] + data[max(0, size - mib):][:mib]
+    assert model_identity(path) == {"size": size, "sample_sha256": hashlib.sha256(samples).hexdigest()}
