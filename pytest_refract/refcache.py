@@ -236,7 +236,6 @@ class ReferenceCache:
         self.namespace = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
         self.hits = 0
         self.misses = 0
-        self.rejected = 0
 
     @property
     def enabled(self) -> bool:
@@ -291,7 +290,6 @@ class ReferenceCache:
                     raise ValueError("non-finite log-probabilities")
             meta = json.loads(header.get("meta") or "{}")
         except Exception as exc:  # any defect: never use the entry
-            self.rejected += 1
             self.misses += 1
             warnings.warn(RefCacheWarning(f"reference cache entry {path.name} rejected ({exc}); recomputing"))
             try:
