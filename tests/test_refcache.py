@@ -9,8 +9,7 @@ import os
 import numpy as np
 import pytest
 
-from conftest import read_report
-from test_plugin_tiny import _args
+from conftest import read_report, tiny_args
 
 from pytest_refract.refcache import (
     CompressedRows,
@@ -93,9 +92,9 @@ def test_keys_depend_on_identity_and_content(tmp_path):
 def _run(pytester, model, prompts, corpus, candidate, cache_dir, name, *extra):
     report = pytester.path / f"{name}.json"
     result = pytester.runpytest_subprocess(
-        *_args(model, prompts, corpus, f"--refract-candidate={candidate}", f"--refract-cache-dir={cache_dir}",
-               f"--refract-json={report}", "--refract-full", "--refract-rniah-lengths=128",
-               "--refract-rniah-positions=0.5", "--refract-rniah-trials=1", *extra))
+        *tiny_args(model, prompts, corpus, f"--refract-candidate={candidate}", f"--refract-cache-dir={cache_dir}",
+                   f"--refract-json={report}", "--refract-full", "--refract-rniah-lengths=128",
+                   "--refract-rniah-positions=0.5", "--refract-rniah-trials=1", *extra))
     return result, read_report(report)
 
 
