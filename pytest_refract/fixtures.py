@@ -18,9 +18,6 @@ import numpy as np
 from .errors import MeasurementError, UsageProblem
 from .scoring import band_for, first_divergence, kld_score, kld_summary, prefix_agreement, trajectory_item_score
 
-STASH_KEY = "refract_custom"
-
-
 @dataclass
 class Continuation:
     tokens: List[int]

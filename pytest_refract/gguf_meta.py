@@ -181,9 +181,21 @@ def expected_data_end(info: GGUFInfo, row_size) -> int:
     return end
 
 
-def head_sha256(path, n_bytes: int = 1 << 20) -> str:
-    """sha256 of the first MiB: identifies a model file without reading gigabytes."""
+MIB = 1 << 20
+
+
+def sampled_sha256(path, offsets, n_bytes: int = MIB) -> str:
+    """sha256 over up to ``n_bytes`` read at each offset in turn (samples may overlap, and are
+    shorter where the file ends): a model file's fingerprint without reading gigabytes. The
+    report's fingerprint and the reference cache's model identity both come from here."""
     h = hashlib.sha256()
     with open(path, "rb") as fh:
-        h.update(fh.read(n_bytes))
+        for offset in offsets:
+            fh.seek(offset)
+            h.update(fh.read(n_bytes))
     return h.hexdigest()
+
+
+def head_sha256(path, n_bytes: int = MIB) -> str:
+    """sha256 of the first MiB: the report's ``model.sha256_first_mib``."""
+    return sampled_sha256(path, (0,), n_bytes)

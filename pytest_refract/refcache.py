@@ -26,6 +26,7 @@ import numpy as np
 
 from .errors import UsageProblem
 from .files import write_atomic
+from .gguf_meta import MIB, sampled_sha256
 
 FORMAT_VERSION = 2  # 2: raw arrays after a JSON layout (1 was an npz)
 _MAGIC = b"RFRC"
@@ -227,12 +228,11 @@ def model_identity(path: Path) -> dict:
     """Size plus hashes of the header and of samples from the middle and the end: enough to
     tell model files apart without reading gigabytes."""
     size = path.stat().st_size
-    h = hashlib.sha256()
-    with open(path, "rb") as fh:
-        for offset in (0, max(0, size // 2 - (1 << 19)), max(0, size - (1 << 20))):
-            fh.seek(offset)
-            h.update(fh.read(1 << 20))
-    return {"size": size, "sample_sha256": h.hexdigest()}
+    # The first MiB, the MiB around the middle and the last MiB. This is not the report's
+    # sha256_first_mib (which sees only the head): the cache key must also change when a
+    # file's tensors do, and changing it would invalidate every user's cache.
+    offsets = (0, max(0, size // 2 - MIB // 2), max(0, size - MIB))
+    return {"size": size, "sample_sha256": sampled_sha256(path, offsets)}
 
 
 class ReferenceCache:
@@ -242,7 +242,6 @@ class ReferenceCache:
         self.namespace = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
         self.hits = 0
         self.misses = 0
-        self.rejected = 0
 
     @property
     def enabled(self) -> bool:
@@ -297,7 +296,6 @@ class ReferenceCache:
                     raise ValueError("non-finite log-probabilities")
             meta = json.loads(header.get("meta") or "{}")
         except Exception as exc:  # any defect: never use the entry
-            self.rejected += 1
             self.misses += 1
             warnings.warn(RefCacheWarning(f"reference cache entry {path.name} rejected ({exc}); recomputing"))
             try:

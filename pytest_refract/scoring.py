@@ -195,7 +195,13 @@ def mean_and_uncertainty(values: np.ndarray) -> tuple:
 
 
 def llama_percentile(sorted_values: np.ndarray, fraction: float) -> float:
-    """Linear interpolation between order statistics, as llama-perplexity prints them."""
+    """Linear interpolation between order statistics, as llama-perplexity prints them.
+
+    This is numpy's default ("linear") percentile method, but not numpy's arithmetic: numpy
+    interpolates as ``a + (b - a) * t`` (or ``b - (b - a) * (1 - t)``), this as llama.cpp does,
+    ``(1 - t) * a + t * b``, and the two differ in the last bit for many inputs (e.g. the 99.9th
+    percentile of [1, 36]). Replacing this with ``np.percentile`` would change reported KLD
+    percentiles, so it stays; tests/test_scoring.py pins the difference."""
     v = sorted_values
     if fraction <= 0:
         return float(v[0])
@@ -205,13 +211,6 @@ def llama_percentile(sorted_values: np.ndarray, fraction: float) -> float:
     ip = int(p)
     p -= ip
     return float((1 - p) * v[ip] + p * v[min(ip + 1, len(v) - 1)])
-
-
-def median(sorted_values: np.ndarray) -> float:
-    n = len(sorted_values)
-    if n % 2 == 0:
-        return float(0.5 * (sorted_values[n // 2] + sorted_values[n // 2 - 1]))
-    return float(sorted_values[n // 2])
 
 
 def kld_summary(kld: np.ndarray, p_diff: np.ndarray, nll_ref: np.ndarray, nll_cand: np.ndarray, same_top: np.ndarray) -> dict:
@@ -240,7 +239,9 @@ def kld_summary(kld: np.ndarray, p_diff: np.ndarray, nll_ref: np.ndarray, nll_ca
             "99": llama_percentile(sorted_kld, 0.99),
             "95": llama_percentile(sorted_kld, 0.95),
             "90": llama_percentile(sorted_kld, 0.90),
-            "median": median(sorted_kld),
+            # np.median equals the mean-of-the-middle-two it replaced bit for bit, except that
+            # it turns a middle -0.0 into 0.0; a KL sum over two or more tokens is never -0.0.
+            "median": float(np.median(sorted_kld)),
         },
         "rms_dp_pct": 100.0 * rms,
         "rms_dp_pct_unc": 100.0 * rms_unc,

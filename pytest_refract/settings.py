@@ -4,7 +4,7 @@ and pytest-timeout do), so the plugin hooks stay thin."""
 from __future__ import annotations
 
 import os
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
 from _pytest.config.exceptions import UsageError
@@ -56,6 +56,7 @@ OPTIONS = (
     ("gate", "string", "calibrated", "what the gate compares with --refract-fail-under: calibrated (the composite "
                                      "beyond the control's drift, default) or raw (the seed-defined composite)"),
 )
+OPTION_DEFAULTS = {name: default for name, _type, default, _help in OPTIONS}
 FLAGS = (("floor", "also measure reference vs reference (a second context) to show the noise floor"),
          ("no-cache", "do not read or write the reference cache"),
          ("clear-cache", "empty the reference cache before the run"),
@@ -159,14 +160,14 @@ class Settings:
     max_drop: float = 2.0
     n_batch: int = 512
     n_ubatch: int = 512
-    decode_batch: int = 1
+    # The CLI's default, so a Settings made in code decodes as a default run does.
+    decode_batch: int = int(OPTION_DEFAULTS["decode-batch"])
     decode_batch_note: Optional[str] = None
     # The sensitivity control (None with --refract-no-sensitivity), why it was chosen, and
     # which composite the gate reads.
     sensitivity: Optional[KVConfig] = None
     sensitivity_note: Optional[str] = None
     gate_basis: str = "raw"
-    extra: dict = field(default_factory=dict, compare=False)
     llama_lib: Optional[str] = None
     verbose: int = 0
     # The axes that decode in multi-sequence batches when selected (see the axes' BATCHED).

@@ -8,15 +8,14 @@ import json
 
 import pytest
 
-from conftest import read_report
-from test_plugin_tiny import _args
+from conftest import read_report, tiny_args
 
 
 def _audit(pytester, model, prompts, corpus, name, *extra, candidate="ctk=q4_0,ctv=q4_0"):
     report = pytester.path / f"{name}.json"
     result = pytester.runpytest_subprocess(
-        *_args(model, prompts, corpus, f"--refract-candidate={candidate}", f"--refract-json={report}",
-               "--refract-axes=trajectory,plad", *extra))
+        *tiny_args(model, prompts, corpus, f"--refract-candidate={candidate}", f"--refract-json={report}",
+                   "--refract-axes=trajectory,plad", *extra))
     return result, read_report(report)
 
 
@@ -103,8 +102,8 @@ def test_xdist_keeps_a_batch_on_one_worker_or_decodes_serially(pytester, tiny_mo
 
 
 def test_decode_batch_must_be_positive(pytester, tiny_model, tiny_prompts, tiny_corpus):
-    result = pytester.runpytest_subprocess(*_args(tiny_model, tiny_prompts, tiny_corpus,
-                                                  "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-decode-batch=0"))
+    result = pytester.runpytest_subprocess(*tiny_args(tiny_model, tiny_prompts, tiny_corpus,
+                                                      "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-decode-batch=0"))
     assert result.ret == 4
     result.stderr.fnmatch_lines(["ERROR: --refract-decode-batch=0 must be at least 1"])
 

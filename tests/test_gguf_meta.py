@@ -1,18 +1,26 @@
-"""GGUF header reader, on tiny synthesised models (no real model download)."""
+"""GGUF header reader, on tiny synthesised models (no real model download), cross-checked
+against the gguf package's own reader (GGUFReader) on every architecture tiny_model writes
+and on SmolLM2."""
 
 from __future__ import annotations
 
 import hashlib
 import os
 
+import gguf  # a test dependency (tiny_model writes with it too)
 import pytest
 
 from pytest_refract.errors import UsageProblem
-from pytest_refract.gguf_meta import expected_data_end, head_sha256, read_gguf
+from pytest_refract.gguf_meta import _KEEP_ARRAY_MAX, _SkippedArray, expected_data_end, head_sha256, read_gguf
 
-from tiny_model import write_tiny_llama
+from tiny_model import FAMILIES, write_tiny_family, write_tiny_llama
 
-engine = pytest.importorskip("pytest_refract.engines.llamacpp")
+
+@pytest.fixture
+def ggml_row_size():
+    """ggml's own row-size function; only the data-end tests need llama.cpp for it, so only
+    they skip without it (the parser tests above and below run anywhere)."""
+    return pytest.importorskip("pytest_refract.engines.llamacpp").row_size
 
 
 @pytest.fixture
@@ -54,17 +62,17 @@ def test_blank_chat_template_counts_as_none(tmp_path):
     assert info.chat_template is None
 
 
-def test_expected_data_end_equals_file_size(tiny):
+def test_expected_data_end_equals_file_size(tiny, ggml_row_size):
     info = read_gguf(tiny)
-    assert expected_data_end(info, engine.row_size) == os.path.getsize(tiny)
+    assert expected_data_end(info, ggml_row_size) == os.path.getsize(tiny)
 
 
-def test_expected_data_end_detects_truncated_data(tiny, tmp_path):
+def test_expected_data_end_detects_truncated_data(tiny, tmp_path, ggml_row_size):
     data = tiny.read_bytes()
     cut = tmp_path / "cut.gguf"
     cut.write_bytes(data[:-1000])
     info = read_gguf(cut)  # the header is intact, so it still parses
-    end = expected_data_end(info, engine.row_size)
+    end = expected_data_end(info, ggml_row_size)
     assert end == len(data)
     assert end > os.path.getsize(cut)
 
@@ -134,3 +142,67 @@ def test_head_sha256_hashes_only_the_first_mib(tmp_path):
     assert head_sha256(a) == expected
     assert head_sha256(b) == expected
     assert head_sha256(a) != hashlib.sha256(data).hexdigest()
+
+
+# --------------------------------------------------------------------------- vs gguf.GGUFReader
+
+
+def _reader_value(field):
+    """A metadata value as GGUFReader decodes it (scalars, strings, lists of either)."""
+    value = field.contents()
+    return value.tolist() if hasattr(value, "tolist") else value
+
+
+def _assert_same_as_gguf_reader(path):
+    ours, theirs = read_gguf(path), gguf.GGUFReader(path)
+    fields = {k: _reader_value(f) for k, f in theirs.fields.items() if not k.startswith("GGUF.")}
+
+    assert ours.version == _reader_value(theirs.fields["GGUF.version"])
+    # Every key, and every value we keep; long arrays (token lists) are kept by length only.
+    assert set(ours.metadata) == set(fields)
+    for key, value in fields.items():
+        mine = ours.metadata[key]
+        if isinstance(mine, _SkippedArray):
+            assert isinstance(value, list) and mine.length == len(value) > _KEEP_ARRAY_MAX, key
+        else:
+            assert mine == value, key
+
+    # The properties the plugin reads, derived here straight from GGUFReader's fields.
+    arch = fields.get("general.architecture", "unknown")
+    assert ours.architecture == arch
+    assert ours.name == (fields.get("general.name") or path.stem)
+    assert ours.n_ctx_train == fields.get(f"{arch}.context_length")
+    heads = fields.get(f"{arch}.attention.head_count")
+    heads = next((h for h in heads if h), None) if isinstance(heads, list) else heads
+    embd = fields.get(f"{arch}.embedding_length")
+    split = embd // heads if heads and embd else None
+    assert ours.head_dims == (fields.get(f"{arch}.attention.key_length", split),
+                              fields.get(f"{arch}.attention.value_length", split))
+    template = fields.get("tokenizer.chat_template")
+    assert ours.chat_template == (template if template and template.strip() else None)
+
+    # The tensor table: names, dims (GGUF order), ggml types, offsets from the data start.
+    assert ours.n_tensors == len(theirs.tensors)
+    assert ours.tensors == [(t.name, t.shape.tolist(), int(t.tensor_type), t.data_offset - theirs.data_offset)
+                            for t in theirs.tensors]
+    assert ours.data_offset == theirs.data_offset
+    return ours
+
+
+@pytest.mark.parametrize("family", ("llama",) + FAMILIES)
+def test_header_matches_gguf_reader_on_tiny_models(tmp_path, family):
+    if family == "llama":
+        path = write_tiny_llama(tmp_path / "llama.gguf", chat_template="{{ messages }}")
+    else:
+        path = write_tiny_family(tmp_path / f"{family}.gguf", family)
+    info = _assert_same_as_gguf_reader(path)
+    assert info.architecture == family
+    assert info.tensors  # a model with no tensors would compare nothing
+
+
+@pytest.mark.smollm2
+def test_header_matches_gguf_reader_on_smollm2(smollm2):
+    info = _assert_same_as_gguf_reader(smollm2)
+    assert info.architecture == "llama"
+    assert info.chat_template is not None
+    assert any(isinstance(v, _SkippedArray) for v in info.metadata.values())  # the token list

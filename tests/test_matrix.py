@@ -4,13 +4,12 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import read_report
-from test_plugin_tiny import _args
+from conftest import read_report, tiny_args
 
 
 def _matrix(model, prompts, corpus, *extra):
-    return _args(model, prompts, corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0",
-                 "--refract-candidate=ctk=q4_0,ctv=q4_0", *extra)
+    return tiny_args(model, prompts, corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0",
+                     "--refract-candidate=ctk=q4_0,ctv=q4_0", *extra)
 
 
 def test_matrix_ids_and_collection(pytester, tiny_model, tiny_prompts, tiny_corpus):
@@ -24,8 +23,8 @@ def test_matrix_ids_and_collection(pytester, tiny_model, tiny_prompts, tiny_corp
 
 def test_matrix_shares_one_reference_and_ranks(pytester, tiny_model, tiny_prompts, tiny_corpus):
     single = pytester.path / "single.json"
-    pytester.runpytest_subprocess(*_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q4_0,ctv=q4_0",
-                                         "--refract-no-cache", f"--refract-json={single}"))
+    pytester.runpytest_subprocess(*tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q4_0,ctv=q4_0",
+                                             "--refract-no-cache", f"--refract-json={single}"))
     matrix = pytester.path / "matrix.json"
     result = pytester.runpytest_subprocess(*_matrix(tiny_model, tiny_prompts, tiny_corpus, "--refract-no-cache",
                                                     f"--refract-json={matrix}"))
@@ -55,7 +54,7 @@ def test_matrix_shares_one_reference_and_ranks(pytester, tiny_model, tiny_prompt
 
 def test_gate_applies_to_each_candidate(pytester, tiny_model, tiny_prompts, tiny_corpus):
     report = pytester.path / "r.json"
-    result = pytester.runpytest_subprocess(*_args(
+    result = pytester.runpytest_subprocess(*tiny_args(
         tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=f16,ctv=f16",
         "--refract-candidate=ctk=q4_0,ctv=q4_0", "--refract-fail-under=99.99", "--refract-gate=raw",
         f"--refract-json={report}"))
@@ -86,9 +85,9 @@ def test_fixture_is_parametrized_over_candidates(pytester, tiny_model, tiny_prom
 
 
 def test_duplicate_candidate_is_a_usage_error(pytester, tiny_model, tiny_prompts, tiny_corpus):
-    result = pytester.runpytest_subprocess(*_args(tiny_model, tiny_prompts, tiny_corpus,
-                                                  "--refract-candidate=ctk=q8_0,ctv=q8_0",
-                                                  "--refract-candidate=ctv=q8_0,ctk=q8_0"))
+    result = pytester.runpytest_subprocess(*tiny_args(tiny_model, tiny_prompts, tiny_corpus,
+                                                      "--refract-candidate=ctk=q8_0,ctv=q8_0",
+                                                      "--refract-candidate=ctv=q8_0,ctk=q8_0"))
     assert result.ret == 4
     result.stderr.fnmatch_lines(["ERROR: --refract-candidate ctk=q8_0,ctv=q8_0 is given twice"])
 

@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import hashlib
 import math
+import os
 
 import numpy as np
 import pytest
 
-from conftest import read_report
-from test_plugin_tiny import _args
+from conftest import read_report, tiny_args
 
 from pytest_refract.refcache import (
     CompressedRows,
@@ -17,6 +18,7 @@ from pytest_refract.refcache import (
     RefCacheWarning,
     concat_quantized,
     dequantize_logprobs,
+    model_identity,
     quantize_logprobs,
 )
 from pytest_refract.scoring import kld_positions
@@ -90,9 +92,9 @@ def test_keys_depend_on_identity_and_content(tmp_path):
 def _run(pytester, model, prompts, corpus, candidate, cache_dir, name, *extra):
     report = pytester.path / f"{name}.json"
     result = pytester.runpytest_subprocess(
-        *_args(model, prompts, corpus, f"--refract-candidate={candidate}", f"--refract-cache-dir={cache_dir}",
-               f"--refract-json={report}", "--refract-full", "--refract-rniah-lengths=128",
-               "--refract-rniah-positions=0.5", "--refract-rniah-trials=1", *extra))
+        *tiny_args(model, prompts, corpus, f"--refract-candidate={candidate}", f"--refract-cache-dir={cache_dir}",
+                   f"--refract-json={report}", "--refract-full", "--refract-rniah-lengths=128",
+                   "--refract-rniah-positions=0.5", "--refract-rniah-trials=1", *extra))
     return result, read_report(report)
 
 
@@ -165,3 +167,17 @@ def test_compressed_rows_hold_exactly_the_16bit_rows():
     assert rows.shape == (9, 300) and len(rows) == 9
     assert all(np.array_equal(rows.stored()[k], whole[k]) for k in whole)
     assert np.array_equal(np.asarray(rows[2:5]), dequantize_logprobs(whole)[2:5])
+
+
+@pytest.mark.parametrize("size", [10, (1 << 20) - 1, (3 << 20) + 12345])
+def test_model_identity_value_is_pinned(tmp_path, size):
+    """The cache namespace hashes this identity: any change to its value silently invalidates
+    every user's cache, so it is pinned to the bytes it has always hashed (the first MiB, the
+    MiB around the middle and the last MiB, in that order, overlapping in small files)."""
+    data = os.urandom(size)
+    path = tmp_path / "model.gguf"
+    path.write_bytes(data)
+    mib = 1 << 20
+    middle = max(0, size // 2 - mib // 2)
+    samples = data[:mib] + data[middle:middle + mib] + data[max(0, size - mib):][:mib]
+    assert model_identity(path) == {"size": size, "sample_sha256": hashlib.sha256(samples).hexdigest()}

@@ -15,7 +15,7 @@ from pathlib import Path
 
 import pytest
 
-from conftest import read_report, one_usage_error_line as _one_error_line
+from conftest import one_usage_error_line, read_report
 from pytest_refract import libload
 from pytest_refract.errors import UsageProblem
 
@@ -122,14 +122,14 @@ def test_a_library_that_does_not_load_is_one_line(pytester, tiny_model, tiny_pro
     result = pytester.runpytest_subprocess(*_tiny_args(tiny_model, tiny_prompts, tiny_corpus,
                                                        "--refract-candidate=ctk=q8_0,ctv=q8_0",
                                                        f"--refract-llama-lib={folder}"))
-    assert "libllama.so does not load" in _one_error_line(result)
+    assert "libllama.so does not load" in one_usage_error_line(result)
 
 
 def test_llama_lib_ini_key(pytester, tiny_model, tiny_prompts, tiny_corpus):
     pytester.makeini("[pytest]\nrefract_llama_lib = /nonexistent/ini-build\n")
     result = pytester.runpytest_subprocess(*_tiny_args(tiny_model, tiny_prompts, tiny_corpus,
                                                        "--refract-candidate=ctk=q8_0,ctv=q8_0"))
-    assert "folder /nonexistent/ini-build does not exist" in _one_error_line(result)
+    assert "folder /nonexistent/ini-build does not exist" in one_usage_error_line(result)
 
 
 # --------------------------------------------------------------------------- stock, SmolLM2
@@ -166,7 +166,7 @@ def test_rotation_off_vs_default_on_smollm2(pytester, smollm2):
 def test_per_side_rotation_on_a_stock_build_is_one_line(pytester, smollm2):
     result = pytester.runpytest_subprocess(f"--refract-model={smollm2}", "--refract-axes=none",
                                            "--refract-candidate=ctk=q8_0,ctv=q4_0,rot=v")
-    line = _one_error_line(result)
+    line = one_usage_error_line(result)
     assert "rot=v was not honoured: this build rotated K (rotated K+V)" in line
     assert "all-or-nothing" in line
 
@@ -175,7 +175,7 @@ def test_per_side_rotation_on_a_stock_build_is_one_line(pytester, smollm2):
 def test_refused_cache_type_quotes_llama_cpp_on_smollm2(pytester, smollm2):
     result = pytester.runpytest_subprocess(f"--refract-model={smollm2}", "--refract-axes=none",
                                            "--refract-candidate=ctk=q8_0,ctv=q4_k")
-    line = _one_error_line(result)
+    line = one_usage_error_line(result)
     assert "llama.cpp refused a context for ctk=q8_0,ctv=q4_k" in line
     assert "V cache type q4_K with block size 256 does not divide n_embd_head_v=64" in line
 
@@ -205,7 +205,7 @@ def test_fork_library_with_newer_bindings_names_the_matching_version(pytester, t
     result = pytester.runpytest_subprocess(*_tiny_args(tiny_model, tiny_prompts, tiny_corpus,
                                                        "--refract-candidate=ctk=q8_0,ctv=q8_0",
                                                        f"--refract-llama-lib={folder}"))
-    line = _one_error_line(result)
+    line = one_usage_error_line(result)
     assert "matches llama-cpp-python 0.3.22" in line
     assert "CMAKE_ARGS=-DLLAMA_BUILD=OFF pip install --no-cache-dir llama-cpp-python==0.3.22" in line
 

@@ -16,6 +16,7 @@ from pytest_refract.scoring import (
     kld_positions,
     kld_score,
     kld_summary,
+    llama_percentile,
     parse_threshold,
     prefix_agreement,
     trajectory_axis_score,
@@ -333,6 +334,81 @@ def test_kld_summary_single_position_and_empty():
     assert s["same_top_p_pct_unc"] == 0.0
     with pytest.raises(ValueError, match="no scored positions"):
         _summary([])
+
+
+# The KLD median was once computed by hand; it is np.median now. The hand-written version is
+# kept here as the oracle, so the replacement is proven not to move a reported bit.
+def _old_median(sorted_values):
+    n = len(sorted_values)
+    if n % 2 == 0:
+        return float(0.5 * (sorted_values[n // 2] + sorted_values[n // 2 - 1]))
+    return float(sorted_values[n // 2])
+
+
+def _old_percentile(sorted_values, fraction):
+    v = sorted_values
+    if fraction <= 0:
+        return float(v[0])
+    if fraction >= 1:
+        return float(v[-1])
+    p = fraction * (len(v) - 1)
+    ip = int(p)
+    p -= ip
+    return float((1 - p) * v[ip] + p * v[min(ip + 1, len(v) - 1)])
+
+
+def _bits(x):
+    return np.float64(x).tobytes()
+
+
+finite_arrays = st.lists(st.floats(allow_nan=False, allow_infinity=False), min_size=1, max_size=64)
+REPORTED_FRACTIONS = {"99.9": 0.999, "99": 0.99, "95": 0.95, "90": 0.90}
+
+
+@given(finite_arrays)
+def test_np_median_equals_the_old_median_bit_for_bit(values):
+    v = np.sort(np.array(values, dtype=np.float64))
+    with np.errstate(over="ignore"):
+        # "+ 0.0" maps only -0.0 to 0.0: np.median never returns -0.0, and a per-position KLD
+        # is never -0.0 (see test_kld_positions_never_gives_negative_zero).
+        assert _bits(np.median(v)) == _bits(_old_median(v) + 0.0)
+
+
+@given(finite_arrays.map(lambda xs: [x + 0.0 for x in xs]))
+def test_reported_kld_percentiles_unchanged_bit_for_bit(values):
+    with np.errstate(over="ignore", invalid="ignore"):
+        pct = _summary(values)["kld_percentiles"]
+    v = np.sort(np.array(values, dtype=np.float64))
+    expected = {name: _old_percentile(v, f) for name, f in REPORTED_FRACTIONS.items()}
+    expected.update(max=float(v[-1]), median=_old_median(v))
+    assert {k: _bits(x) for k, x in pct.items()} == {k: _bits(x) for k, x in expected.items()}
+
+
+@given(st.lists(st.floats(min_value=-1e300, max_value=1e300), min_size=1, max_size=64),
+       st.sampled_from(sorted(REPORTED_FRACTIONS.values())))
+def test_llama_percentile_is_numpys_linear_method_up_to_rounding(values, fraction):
+    v = np.sort(np.array(values, dtype=np.float64))
+    ours, theirs = llama_percentile(v, fraction), float(np.percentile(v, 100 * fraction))
+    scale = float(np.max(np.abs(v)))
+    assert abs(ours - theirs) <= 8 * np.finfo(np.float64).eps * scale
+
+
+def test_llama_percentile_is_not_numpys_arithmetic():
+    # Why scoring.llama_percentile was not replaced by np.percentile: numpy interpolates as
+    # a + (b - a) * t, llama.cpp as (1 - t) * a + t * b, and the last bit differs.
+    v = np.array([1.0, 36.0])
+    assert llama_percentile(v, 0.999) == (1 - 0.999) * 1.0 + 0.999 * 36.0
+    assert llama_percentile(v, 0.999) != float(np.quantile(v, 0.999))
+
+
+@given(st.integers(min_value=2, max_value=6), st.data())
+def test_kld_positions_never_gives_negative_zero(vocab, data):
+    rows = st.lists(st.floats(min_value=-30, max_value=30, width=32), min_size=vocab, max_size=vocab)
+    ref = np.array(data.draw(st.lists(rows, min_size=1, max_size=4)), dtype=np.float32)
+    # candidates equal to the reference or one float32 step away: the closest a sum can get to 0
+    cand = np.nextafter(ref, data.draw(st.sampled_from([np.float32(-np.inf), np.float32(np.inf), ref])))
+    kld = kld_positions(ref, cand, [0] * len(ref))["kld"]
+    assert not np.any((kld == 0) & np.signbit(kld))
 
 
 # --------------------------------------------------------------------------- KLD score

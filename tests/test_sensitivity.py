@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import pytest
 
-from conftest import read_report, one_usage_error_line as _usage_error, tiny_args as _args
+from conftest import one_usage_error_line, read_report, tiny_args
 
 
 
@@ -15,8 +15,8 @@ from conftest import read_report, one_usage_error_line as _usage_error, tiny_arg
 def test_control_runs_by_default_inside_the_candidates_items(pytester, tiny_model, tiny_prompts, tiny_corpus):
     report = pytester.path / "r.json"
     result = pytester.runpytest_subprocess(
-        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0",
-               f"--refract-json={report}", f"--refract-cache-dir={pytester.path / 'cache'}"), "-v")
+        *tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0",
+                   f"--refract-json={report}", f"--refract-cache-dir={pytester.path / 'cache'}"), "-v")
     result.assert_outcomes(passed=6)  # the control adds no items: ids and counts are unchanged
     result.stdout.fnmatch_lines(["*test_kld?chunk-00?*", "*control    ctk=bf16,ctv=bf16*"])
     data = read_report(report)
@@ -48,8 +48,8 @@ def test_control_runs_by_default_inside_the_candidates_items(pytester, tiny_mode
     # A warm run reads the control from the reference cache, as it reads the reference.
     again = pytester.path / "r2.json"
     pytester.runpytest_subprocess(
-        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0",
-               f"--refract-json={again}", f"--refract-cache-dir={pytester.path / 'cache'}")).assert_outcomes(passed=6)
+        *tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0",
+                   f"--refract-json={again}", f"--refract-cache-dir={pytester.path / 'cache'}")).assert_outcomes(passed=6)
     warm = read_report(again)
     assert warm["sensitivity"]["cached"] is True
     for name in ("trajectory", "kld"):
@@ -62,8 +62,8 @@ def test_control_runs_by_default_inside_the_candidates_items(pytester, tiny_mode
 def test_the_control_as_a_candidate_is_at_the_top(pytester, tiny_model, tiny_prompts, tiny_corpus):
     report = pytester.path / "r.json"
     result = pytester.runpytest_subprocess(
-        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=bf16,ctv=bf16",
-               "--refract-candidate=ctk=q4_0,ctv=q4_0", f"--refract-json={report}"))
+        *tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=bf16,ctv=bf16",
+                   "--refract-candidate=ctk=q4_0,ctv=q4_0", f"--refract-json={report}"))
     data = read_report(report)
     bf16 = next(c for c in data["candidates"] if c["candidate"] == "ctk=bf16,ctv=bf16")
     assert bf16["calibrated_composite"] == 100.0 and bf16["calibrated_band"] == "EXCELLENT"
@@ -77,8 +77,8 @@ def test_the_control_as_a_candidate_is_at_the_top(pytester, tiny_model, tiny_pro
 def test_gate_basis_flag_chooses_what_the_gate_reads(pytester, tiny_model, tiny_prompts, tiny_corpus):
     # On the tiny model q4_0 diverges on a prompt where the control does not, but three
     # prompts cannot tell that from the control's sensitivity: raw below 90, calibrated 100.
-    common = _args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q4_0,ctv=q4_0",
-                   "--refract-fail-under=90")
+    common = tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q4_0,ctv=q4_0",
+                       "--refract-fail-under=90")
     calibrated = pytester.runpytest_subprocess(*common, f"--refract-json={pytester.path / 'c.json'}")
     raw = pytester.runpytest_subprocess(*common, "--refract-gate=raw", f"--refract-json={pytester.path / 'r.json'}")
     c, r = read_report(pytester.path / "c.json"), read_report(pytester.path / "r.json")
@@ -93,8 +93,8 @@ def test_gate_basis_flag_chooses_what_the_gate_reads(pytester, tiny_model, tiny_
 def test_no_sensitivity_gates_on_the_raw_composite(pytester, tiny_model, tiny_prompts, tiny_corpus):
     report = pytester.path / "r.json"
     result = pytester.runpytest_subprocess(
-        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-no-sensitivity",
-               f"--refract-json={report}"))
+        *tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-no-sensitivity",
+                   f"--refract-json={report}"))
     result.assert_outcomes(passed=6)
     data = read_report(report)
     assert data["sensitivity"]["config"] is None and data["gate"]["basis"] == "raw"
@@ -105,8 +105,8 @@ def test_no_sensitivity_gates_on_the_raw_composite(pytester, tiny_model, tiny_pr
 def test_reference_not_f16_gets_the_nearest_rounding_only_control(pytester, tiny_model, tiny_prompts, tiny_corpus):
     report = pytester.path / "r.json"
     pytester.runpytest_subprocess(
-        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-reference=ctk=bf16,ctv=bf16",
-               "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-axes=kld", f"--refract-json={report}"))
+        *tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-reference=ctk=bf16,ctv=bf16",
+                   "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-axes=kld", f"--refract-json={report}"))
     data = read_report(report)
     assert data["sensitivity"]["config"] == "ctk=f16,ctv=f16"
     assert "not f16" in data["sensitivity"]["note"]
@@ -121,5 +121,5 @@ def test_reference_not_f16_gets_the_nearest_rounding_only_control(pytester, tiny
 def test_sensitivity_flag_problems_are_one_line_usage_errors(pytester, tiny_model, tiny_prompts, tiny_corpus, extra,
                                                              message):
     result = pytester.runpytest_subprocess(
-        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", *extra))
-    assert message in _usage_error(result)
+        *tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", *extra))
+    assert message in one_usage_error_line(result)

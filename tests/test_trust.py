@@ -8,8 +8,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import read_report
-from test_plugin_tiny import _args, _one_error_line
+from conftest import one_usage_error_line, read_report, tiny_args
 
 from pytest_refract.data import load_prompts
 from pytest_refract.errors import UsageProblem
@@ -17,7 +16,7 @@ from pytest_refract.report import dumps
 
 
 def _q8(model, prompts, corpus, *extra):
-    return _args(model, prompts, corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", *extra)
+    return tiny_args(model, prompts, corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", *extra)
 
 
 @pytest.mark.parametrize(
@@ -35,14 +34,14 @@ def test_prompt_file_problems(pytester, tiny_model, tiny_corpus, content, expect
     path = pytester.path / "p.jsonl"
     if content is not None:
         path.write_text(content)
-    line = _one_error_line(pytester.runpytest_subprocess(*_q8(tiny_model, path, tiny_corpus)))
+    line = one_usage_error_line(pytester.runpytest_subprocess(*_q8(tiny_model, path, tiny_corpus)))
     assert expected in line
 
 
 def test_prompt_longer_than_the_context(pytester, tiny_model, tiny_corpus):
     path = pytester.path / "long.jsonl"
     path.write_text(json.dumps({"id": "long", "prompt": "hello world " * 600}) + "\n")
-    line = _one_error_line(pytester.runpytest_subprocess(*_q8(tiny_model, path, tiny_corpus)))
+    line = one_usage_error_line(pytester.runpytest_subprocess(*_q8(tiny_model, path, tiny_corpus)))
     assert "prompt 'long' in" in line and "longer than the model's context of 1024 tokens" in line
 
 
@@ -51,7 +50,7 @@ def test_corpus_problems(pytester, tiny_model, tiny_prompts, content, expected):
     path = pytester.path / "c.txt"
     if content is not None:
         path.write_bytes(content)
-    line = _one_error_line(pytester.runpytest_subprocess(*_q8(tiny_model, tiny_prompts, path)))
+    line = one_usage_error_line(pytester.runpytest_subprocess(*_q8(tiny_model, tiny_prompts, path)))
     assert expected in line
 
 
@@ -69,8 +68,8 @@ def test_non_utf8_corpus_is_decoded_with_replacement_and_said(pytester, tiny_mod
 def test_self_reference_is_allowed_and_labelled(pytester, tiny_model, tiny_prompts, tiny_corpus):
     report = pytester.path / "r.json"
     result = pytester.runpytest_subprocess(
-        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=f16,ctv=f16", f"--refract-json={report}",
-               "-k", "kld"))
+        *tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=f16,ctv=f16", f"--refract-json={report}",
+                   "-k", "kld"))
     assert result.ret == 0
     data = read_report(report)
     assert data["self_reference"] is True and data["diagnosis"][0].startswith("Self-reference")
@@ -80,8 +79,8 @@ def test_self_reference_is_allowed_and_labelled(pytester, tiny_model, tiny_promp
 def test_repeat_reports_zero_spread_on_cpu(pytester, tiny_model, tiny_prompts, tiny_corpus):
     report = pytester.path / "r.json"
     pytester.runpytest_subprocess(
-        *_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q4_0,ctv=q4_0", "--refract-repeat=3",
-               f"--refract-json={report}"))
+        *tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q4_0,ctv=q4_0", "--refract-repeat=3",
+                   f"--refract-json={report}"))
     data = read_report(report)
     for name in ("trajectory", "kld"):
         rep = data["axes"][name]["repeat"]
