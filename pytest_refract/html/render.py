@@ -187,6 +187,11 @@ def _axis_body(ax: AxisView, report: dict) -> Markup:
     return _guarded(lambda: ax.tpl.body(section, report, ax.view(section, report)))
 
 
+def render_template(name: str, **context: Any) -> str:
+    """Any template of the package (the pytest-html fragments use this), autoescaped."""
+    return ENV.get_template(name).render(**context)
+
+
 def render_html(report: dict) -> str:
     """The report as one self-contained HTML5 document (no external resources, no script)."""
     report = report if isinstance(report, dict) else {}
