@@ -46,22 +46,29 @@ class _LayoutOnly(Extension):
     the source is left as it is. The break is kept inside an empty comment so line numbers
     in template errors stay right."""
 
+    OPENERS, CLOSERS = ("{{", "{%", "{#"), ("}}", "%}", "#}")
+
     def preprocess(self, source: str, name: Any, filename: Any = None) -> str:
-        out: List[str] = []
-        depth = 0
-        for k, line in enumerate(source.split("\n")):
-            if k == 0:
-                out.append(line)
-            elif depth > 0:  # inside a construct: whitespace is insignificant there
+        lines = source.split("\n")
+        out = [lines[0]]
+        last = lines[0].rstrip(" ")  # the last non-blank line, to decide the glue
+        depth = self._depth(lines[0])
+        for line in lines[1:]:
+            if depth > 0:  # inside a construct: whitespace is insignificant there
                 out.append("\n" + line)
             else:
-                prev, text = out[-1].rstrip(" "), line.lstrip(" ")
-                out[-1] = prev
-                glue = "" if (not prev or not text or prev.endswith((">", "}}", "%}", "#}"))
-                              or text.startswith(("<", "{{", "{%", "{#"))) else " "
-                out.append(glue + "{#\n#}" + text)
-            depth += sum(line.count(o) for o in ("{{", "{%", "{#")) - sum(line.count(c) for c in ("}}", "%}", "#}"))
+                out[-1] = out[-1].rstrip(" ")
+                text = line.lstrip(" ")
+                plain = last and text and not last.endswith((">", *self.CLOSERS)) \
+                    and not text.startswith(("<", *self.OPENERS))
+                out.append((" " if plain else "") + "{#\n#}" + text)
+                last = text.rstrip(" ") or last
+            depth += self._depth(line)
         return "".join(out)
+
+    @classmethod
+    def _depth(cls, line: str) -> int:
+        return sum(line.count(o) for o in cls.OPENERS) - sum(line.count(c) for c in cls.CLOSERS)
 
 
 def _env() -> jinja2.Environment:
