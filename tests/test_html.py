@@ -680,3 +680,16 @@ def test_ruler_splits_at_the_band_floors():
     assert [float(w) for _, w in segments] == [b - a for a, b in zip(floors, floors[1:] + [100.0])]
     page = render_html(_mini_report())
     assert "".join(f'<span class="{c}" style="flex:{w}"></span>' for c, w in segments) in page
+
+
+def test_template_line_breaks_are_layout_only():
+    import jinja2
+
+    from pytest_refract.html.render import ENV
+
+    source = "<p>\n  {{ a }}\n  and\n  wrapped prose\n  <b>{{ b }}</b>\n</p>"
+    assert ENV.from_string(source).render(a="<x>", b=None) == "<p>&lt;x&gt;and wrapped prose<b></b></p>"
+    # Line numbers in errors still point at the template's own lines.
+    with pytest.raises(jinja2.TemplateSyntaxError) as err:
+        ENV.from_string("<p>\n  {{ a }}\n  {% if %}\n</p>")
+    assert err.value.lineno == 3
