@@ -622,3 +622,74 @@ def test_report_without_control_says_so():
     report["sensitivity"] = {"config": None, "note": "skipped (--refract-no-sensitivity)", "axes": {}, "composite": None}
     page = _check_page(report)
     assert "skipped (--refract-no-sensitivity)" in page
+
+
+# --------------------------------------------------------------------------- templates
+
+
+def test_autoescaping_covers_prompts_and_axis_names():
+    report = _mini_report()
+    report["axes"]["trajectory"]["items"][0]["prompt"] = "<script>alert('p')</script>"
+    report["axes"]["<script>x</script>"] = {"score": 50.0, "band": "FAIL",
+                                            "items": [{"id": "<script>i</script>", "score": 50.0}]}
+    page = _check_page(report)
+    assert "<script>" not in page
+    assert "&lt;script&gt;alert(&#x27;p&#x27;)&lt;/script&gt;" in page  # the prompt, shown as text
+    assert 'id="section-&lt;script&gt;x&lt;/script&gt;"' in page  # the axis name, in an attribute
+    assert "<td>&lt;script&gt;i&lt;/script&gt;</td>" in page  # an item id in the generic table
+
+
+def test_unknown_axis_gets_the_generic_section():
+    report = _mini_report()
+    report["axes"]["length"] = {"score": 91.0, "band": "EXCELLENT", "calibrated_score": 97.5, "wall_s": 1.0,
+                                "items": [{"id": "fact-001", "score": 91.0, "band": "EXCELLENT"},
+                                          {"id": "fact-002", "score": 42.0}]}
+    report["axes"] = {"length": report["axes"].pop("length"), **report["axes"]}  # reported first
+    page = _check_page(report)
+    parsed = _parse(page)
+    # Built-in axes keep their order; the other one follows them, in the nav as in the sections.
+    order = [re.search(r'id="section-([^"]+)"', s).group(1) for s in re.findall(r'<section class="axis-section[^>]*>', page)]
+    assert order == ["trajectory", "kld", "rniah", "plad", "length"]
+    nav = page.split('<nav class="toc">')[1].split("</nav>")[0]
+    assert re.findall(r'href="#section-([^"]+)"', nav) == order
+    section = page.split('id="section-length"')[1].split("</section>")[0]
+    assert "91.0" in section and "calibrated <b>97.5</b>" in section
+    assert "<td>fact-001</td><td class=\"r\">91.0</td>" in section
+    assert "<td>fact-002</td><td class=\"r\">42.0</td><td><span class=\"badge b-fail\">FAIL</span>" in section
+    assert "grid-table generic-items" in parsed.classes
+    # R-NIAH names its items "cells"; an unknown axis may too.
+    report["axes"]["length"] = {"score": 80.0, "cells": [{"id": "c-1", "score": 80.0, "band": "PASS"}]}
+    assert "<td>c-1</td>" in render_html(report)
+
+
+def test_ranking_header_names_the_axis_columns():
+    base = json.loads((Path(__file__).parent / "data" / "report_traj_kld.json").read_text())
+    base["candidates"] = [base.copy(), dict(base, candidate="ctk=q4_0,ctv=q4_0")]
+    base["ranking"] = [{"candidate": "a", "axes": {"kld": 99.0, "trajectory": 40.0, "length": 70.0}},
+                       {"candidate": "b", "axes": {"trajectory": 5.0}}]
+    head = render_html(base).split('id="ranking"')[1].split("</thead>")[0]
+    assert "<th>raw band</th><th>trajectory</th><th>kld</th><th>length</th><th title=" in head
+
+
+def test_ruler_splits_at_the_band_floors():
+    from pytest_refract.html.fmt import ruler_segments
+    from pytest_refract.scoring import BANDS
+
+    segments = ruler_segments()
+    floors = sorted(floor for _, floor in BANDS)
+    assert [float(w) for _, w in segments] == [b - a for a, b in zip(floors, floors[1:] + [100.0])]
+    page = render_html(_mini_report())
+    assert "".join(f'<span class="{c}" style="flex:{w}"></span>' for c, w in segments) in page
+
+
+def test_template_line_breaks_are_layout_only():
+    import jinja2
+
+    from pytest_refract.html.render import ENV
+
+    source = "<p>\n  {{ a }}\n  and\n  wrapped prose\n  <b>{{ b }}</b>\n</p>"
+    assert ENV.from_string(source).render(a="<x>", b=None) == "<p>&lt;x&gt;and wrapped prose<b></b></p>"
+    # Line numbers in errors still point at the template's own lines.
+    with pytest.raises(jinja2.TemplateSyntaxError) as err:
+        ENV.from_string("<p>\n  {{ a }}\n  {% if %}\n</p>")
+    assert err.value.lineno == 3
