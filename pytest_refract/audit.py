@@ -885,6 +885,57 @@ class Audit:
         self._model_facts = facts
         return dict(facts)
 
+    def report_facts(self, *, wall_s: Optional[float] = None, items_selected: Optional[int] = None):
+        """Everything the report states about this run besides its measurements, as plain
+        data (report.build_report reads nothing else from the audit). ``wall_s`` and
+        ``items_selected`` are the session's: its wall time so far, and its items after -k/-m."""
+        import copy
+        import os
+        import platform
+
+        from .facts import ReportFacts
+
+        def source(text_file) -> dict:
+            return {"name": text_file.name, "sha256": text_file.sha256, "bytes": text_file.bytes,
+                    "replaced_invalid_utf8": text_file.replaced_invalid_utf8}
+
+        # The corpus and the haystack are one input when R-NIAH reads the corpus itself.
+        texts = {id(x): x for x in (self.corpus, self.haystack_source) if x is not None}.values()
+        roles = ["reference", *self.candidate_roles]
+        probed = hasattr(self, "kv_facts")  # llama.cpp judged every config (see _probe_contexts)
+        selected: Dict[str, Dict[str, int]] = {}
+        for (role, axis), count in (getattr(self, "selected", None) or {}).items():
+            selected.setdefault(role, {})[axis] = count
+        return ReportFacts(
+            settings=self.settings,
+            candidate_roles=tuple(self.candidate_roles),
+            labels=dict(self.labels),
+            self_reference=dict(self.self_reference),
+            control_role=self.control_role,
+            text_inputs=tuple(source(x) for x in texts),
+            axis_inputs={"kld": {"corpus": source(self.corpus)}} if self.corpus is not None else {},
+            axis_settings=({"rniah": {"lengths": list(self.rniah_lengths), "effective_answer_tokens": self.rniah_answer_tokens,
+                                      "thinking_template": self.rniah_thinking}} if self.rniah_lengths else {}),
+            chunks_note=self.chunks_note,
+            gpu_note=getattr(self, "gpu_note", None),
+            rotation={r: self.rotation(r) for r in roles} if probed else None,
+            kv_allocation={r: self.kv_allocation(r) for r in roles} if probed else None,
+            context_env={r: dict(self.context_env.get(r, {})) for r in roles} if probed else None,
+            kv_cache={r: self.kv_cache_facts(r) for r in self.candidate_roles},
+            reference_kv_bytes_per_token=self.kv_bytes_per_token("reference"),
+            kv_bytes_peak=getattr(self, "kv_bytes_peak", 0) or None,
+            model=self.model_facts(),
+            host={"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
+            reference_cache_enabled=self.refcache.enabled,
+            reference_cache_read=self._read_cache,
+            binding_version=self._engine_mod.library_version(),
+            llama_build=self._engine_mod.build_info(),
+            baseline=copy.deepcopy(self.baseline),
+            selected=selected,
+            items_selected=items_selected or None,
+            wall_s=wall_s,
+        )
+
 
 CONTROL = "control"
 

@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
+from .axes import BUILTIN, generic
 from .report import SCHEMA
 
 # (row label, getter, format, higher_is_better)
@@ -29,35 +30,24 @@ def _axis(name: str, key: str) -> Callable[[dict], Optional[float]]:
     return get
 
 
-METRICS: List[Metric] = [
+HEADLINE: List[Metric] = [
     ("composite", lambda r: r.get("composite"), "{:.2f}", True),
     ("calibrated composite", lambda r: r.get("calibrated_composite"), "{:.2f}", True),
     ("KV memory vs reference", lambda r: (r.get("kv_cache") or {}).get("vs_reference"), "{:.3f}", False),
-    ("trajectory score", _axis("trajectory", "score"), "{:.2f}", True),
-    ("  full match rate", _axis("trajectory", "full_match_rate"), "{:.3f}", True),
-    ("  median first divergence", _axis("trajectory", "median_first_divergence"), "{:g}", True),
-    ("  mean prefix agreement", _axis("trajectory", "mean_prefix_agreement"), "{:.2f}", True),
-    ("  teacher-forced KLD", _axis("trajectory", "teacher_forced_kld"), "{:.5f}", False),
-    ("  teacher-forced top-1 %", _axis("trajectory", "teacher_forced_top1_pct"), "{:.2f}", True),
-    ("  calibrated", _axis("trajectory", "calibrated_score"), "{:.2f}", True),
-    ("kld score", _axis("kld", "score"), "{:.2f}", True),
-    ("  mean KLD", _axis("kld", "mean_kld"), "{:.6f}", False),
-    ("  KLD p99", _axis("kld", "kld_percentiles.99"), "{:.5f}", False),
-    ("  same top p %", _axis("kld", "same_top_p_pct"), "{:.3f}", True),
-    ("  calibrated", _axis("kld", "calibrated_score"), "{:.2f}", True),
-    ("  RMS dp %", _axis("kld", "rms_dp_pct"), "{:.3f}", False),
-    ("  mean dp %", _axis("kld", "mean_dp_pct"), "{:.3f}", None),
-    ("  PPL ref", _axis("kld", "ppl_ref"), "{:.4f}", None),
-    ("  PPL cand", _axis("kld", "ppl_cand"), "{:.4f}", False),
-    ("rniah score", _axis("rniah", "score"), "{:.2f}", True),
-    ("  reference hit rate", _axis("rniah", "ref_hit_rate"), "{:.3f}", None),
-    ("  candidate hit rate", _axis("rniah", "cand_hit_rate"), "{:.3f}", True),
-    ("plad score", _axis("plad", "score"), "{:.2f}", True),
-    ("  typo", _axis("plad", "per_perturbation.typo"), "{:.2f}", True),
-    ("  case", _axis("plad", "per_perturbation.case"), "{:.2f}", True),
-    ("  punct", _axis("plad", "per_perturbation.punct"), "{:.2f}", True),
-    ("  paraphrase", _axis("plad", "per_perturbation.paraphrase"), "{:.2f}", True),
 ]
+
+
+def metrics(reports: List[dict], registry=None) -> List[Metric]:
+    """The rows: the headline numbers, then per axis its score and the axis's own
+    COMPARE_METRICS. Axes run in the registry's order (the built-ins: compare reads reports
+    offline), then axes only the reports know, which show their score row alone."""
+    registry = BUILTIN if registry is None else registry
+    names = {n: None for r in reports for n in (r.get("axes") or {})}
+    rows = list(HEADLINE)
+    for name, axis in list(registry.items()) + [(n, generic(n)) for n in names if n not in registry]:
+        rows.append((f"{name} score", _axis(name, "score"), "{:.2f}", True))
+        rows += [(label, _axis(name, key), fmt, better) for label, key, fmt, better in axis.COMPARE_METRICS]
+    return rows
 
 
 class CompareError(Exception):
@@ -179,7 +169,7 @@ def table(reports: List[dict], names: List[str]) -> List[List[str]]:
     rows = [header, ["model"] + [r.get("model", {}).get("path", "?") for r in reports],
             ["candidate"] + [r.get("candidate", "?") for r in reports],
             ["band"] + [r.get("band") or "n/a" for r in reports]]
-    for label, get, fmt, better in METRICS:
+    for label, get, fmt, better in metrics(reports):
         values = [get(r) for r in reports]
         if all(v is None for v in values):
             continue

@@ -290,33 +290,21 @@ class RefractSession:
             self._finish(session)
 
     def _finish(self, session) -> None:
+        from .axes import resolve
         from .report import build_report
 
-        s = self.audit.settings
         ran = bool(self.results or self.failed or self.custom)
         if not ran and not self.interrupted:
             return  # nothing selected and nothing stopped: there is nothing to report
         complete = not self.interrupted and not session.shouldstop
-        self.report = build_report(
-            audit=self.audit,
-            results=self.results,
-            failed=self.failed,
-            custom=self.custom,
-            invocation_args=list(self.config.invocation_params.args),
-            complete=complete,
-            llama_build=self.audit._engine_mod.build_info(),
-        )
+        selected = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem))
+        facts = self.audit.report_facts(wall_s=time.time() - self.started, items_selected=selected)
+        self.report = build_report(facts=facts, results=self.results, failed=self.failed, custom=self.custom,
+                                   invocation_args=list(self.config.invocation_params.args), complete=complete,
+                                   registry=resolve())
         self.gate = self.report["gate"]
         if not self.gate["passed"]:
             session.testsfailed += 1
-        self.report["wall_s"] = time.time() - self.started
-        # How far an interrupted run got: items with a result or a failure, of those selected.
-        self.report["items_run"] = (sum(len(per_axis) for axes in self.results.values() for per_axis in axes.values())
-                                    + sum(len(units) for axes in self.failed.values() for units in axes.values()))
-        self.report["items_selected"] = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem)) or None
-        if self.audit.baseline is not None:
-            self.report["baseline"] = {"path": s.baseline_path, "composite": self.audit.baseline.get("composite"),
-                                       "timestamp": self.audit.baseline.get("timestamp"), "max_drop": s.max_drop}
         self._write_files()
 
     def _write_files(self) -> None:
@@ -339,7 +327,9 @@ class RefractSession:
             return
         from .summary import render
 
-        render(terminalreporter, self.report, self.audit.settings.json_path)
+        from .axes import resolve
+
+        render(terminalreporter, self.report, self.audit.settings.json_path, resolve())
 
     def pytest_unconfigure(self, config):
         self.audit.close()

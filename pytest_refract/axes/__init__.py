@@ -1,12 +1,136 @@
-"""The audit's axes. Each module exposes:
+"""The audit's axes and their registry.
+
+An axis is a module here (the four built-ins) or any object with the same attributes (an
+external axis, e.g. returned by a plugin). Required:
 
 - ``NAME``: the axis name used in test ids (``test_<NAME>[unit]``) and in the report;
-- ``units(audit)``: the per-item units (ids and keywords), decided at collection time;
-- ``measure(audit, unit)``: run llama.cpp for one unit, return a JSON-able result dict;
-- ``aggregate(results)``: the axis section of the report, including ``score``.
+- ``units(run)``: the per-item units (ids and keywords), decided at collection time;
+- ``planned_tokens(run, unit)``: tokens an item will feed llama.cpp (progress only);
+- ``measure(run, unit)``: run llama.cpp for one unit, return a JSON-able result dict;
+- ``aggregate(results)``: the axis section of the report, including ``score`` and ``band``.
+
+Optional (``resolve`` supplies the defaults in ``DEFAULTS`` for an object that lacks them):
+
+- ``TITLE`` (display name; default NAME), ``ITEMS_KEY`` (section key of the per-item list);
+- ``diagnose(section, axes)``: the axis's diagnosis sentences, called for a scored axis only;
+  ``axes`` holds every axis section of the candidate, so an axis may read another's;
+- ``control_diagnosis(section, control_section)``: what the sensitivity control says about the
+  axis beyond the calibration verdict the report words for every axis;
+- ``item_detail(item)``: the detail shown beside a worst item in the terminal summary;
+- ``section_detail(section, control)``: the axis's figures on its terminal summary line
+  (``control`` is True on the sensitivity control's line);
+- ``COMPARE_METRICS``: ``(row label, dotted key in the section, format, higher_is_better)``
+  rows for ``python -m pytest_refract compare`` (the score row is added by compare);
+- ``item_table(items) -> (ids, ndarray)`` and ``statistic(table) -> ndarray``: the per-item
+  numbers the bootstrap resamples and the axis score computed from them (see calibration.py);
+- ``BATCHED``: decode-batch widths per xdist group (0: not batched).
 """
 
+from __future__ import annotations
+
+import re
+from typing import Dict, Iterable, List, Tuple
+
+import numpy as np
+
+from ..errors import UsageProblem
 from . import kld, plad, rniah, trajectory
 
-AXES = {m.NAME: m for m in (trajectory, kld, rniah, plad)}
-ORDER = ("trajectory", "kld", "rniah", "plad")
+REQUIRED = ("NAME", "units", "planned_tokens", "measure", "aggregate")
+
+BUILTIN = {m.NAME: m for m in (trajectory, kld, rniah, plad)}
+ORDER = tuple(BUILTIN)
+AXES = BUILTIN  # the name older code uses
+# The order in which the axes' own sentences appear in a diagnosis: the trajectory sentence is
+# phrased against the KLD's reading ("although distributions stay close"), so KLD comes first.
+# Axes not listed here follow in the order they ran.
+DIAGNOSIS_ORDER = ("kld", "trajectory", "rniah", "plad")
+
+
+def _default_item_table(items) -> Tuple[List[str], np.ndarray]:
+    """One column, the item's own score; unscored (skipped) items are left out."""
+    scored = [i for i in items if i.get("score") is not None]
+    values = np.asarray([float(i["score"]) for i in scored], dtype=np.float64)
+    return [str(i["id"]) for i in scored], values.reshape(len(scored), 1)
+
+
+def _default_statistic(table) -> np.ndarray:
+    return np.asarray(table, dtype=np.float64)[..., 0].mean(axis=-1)
+
+
+DEFAULTS = {
+    "ITEMS_KEY": "items",
+    "diagnose": lambda section, axes: [],
+    "control_diagnosis": lambda section, control_section: [],
+    "item_detail": lambda item: "",
+    "section_detail": lambda section, control=False: "",
+    "COMPARE_METRICS": (),
+    "item_table": _default_item_table,
+    "statistic": _default_statistic,
+    "BATCHED": 0,
+}
+
+
+class _WithDefaults:
+    """An external axis as given, with the documented default for each optional member it
+    lacks. Its own attributes always win; nothing is written onto the object itself."""
+
+    def __init__(self, axis):
+        self.__dict__["_axis"] = axis
+
+    def __getattr__(self, name):
+        try:
+            return getattr(self._axis, name)
+        except AttributeError:
+            if name == "TITLE":
+                return self._axis.NAME
+            if name in DEFAULTS:
+                return DEFAULTS[name]
+            raise
+
+    def __setattr__(self, name, value):
+        setattr(self._axis, name, value)
+
+    def __repr__(self):
+        return f"<axis {self._axis.NAME!r}: {self._axis!r}>"
+
+
+def normalise(axis):
+    """The axis itself when it has every optional member (the built-ins), else a view of it
+    with the defaults filled in."""
+    if all(hasattr(axis, name) for name in ("TITLE", *DEFAULTS)):
+        return axis
+    return _WithDefaults(axis)
+
+
+def generic(name: str):
+    """An axis a report names but this process does not know (compare reads reports offline):
+    only what every section has, its score, band and items, can be shown."""
+    stub = type("UnknownAxis", (), {"NAME": name})()
+    return _WithDefaults(stub)
+
+
+def resolve(extra: Iterable = ()) -> Dict[str, object]:
+    """Name -> axis: the built-ins in ORDER, then the extra axes in the order given, each with
+    every optional member present. An extra axis must have the required members and a name of
+    its own (a lowercase word, so test ids and JSON keys stay plain)."""
+    out: Dict[str, object] = dict(BUILTIN)
+    for axis in extra:
+        missing = [m for m in REQUIRED if not hasattr(axis, m)]
+        if missing:
+            raise UsageProblem(f"axis {axis!r} lacks {', '.join(missing)}: an axis needs {', '.join(REQUIRED)}")
+        name = axis.NAME
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z]+", name):
+            raise UsageProblem(f"axis name {name!r} must be a lowercase word (letters a-z)")
+        if name in out:
+            raise UsageProblem(f"axis {name!r} is registered twice")
+        out[name] = normalise(axis)
+    return out
+
+
+def known(names: Iterable[str], registry: Dict[str, object]) -> List[Tuple[str, object]]:
+    """(name, axis) for report sections: the registry's order first, then names the registry
+    does not know (shown generically), in the order given."""
+    names = list(names)
+    ordered = [(n, a) for n, a in registry.items() if n in names]
+    return ordered + [(n, generic(n)) for n in names if n not in registry]
