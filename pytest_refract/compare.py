@@ -82,12 +82,21 @@ def load_report(path) -> dict:
 # report writes null for what it did not measure). A hand-edited or foreign file with a
 # string where a number belongs is one line naming the field, never a TypeError later.
 _NUMBER, _TEXT, _OBJECT, _LIST = "a number", "a string", "an object", "a list"
-_AXIS_FIELDS = {"score": _NUMBER, "band": _TEXT, "floor_score": _NUMBER, "full_match_rate": _NUMBER,
-                "median_first_divergence": _NUMBER, "mean_prefix_agreement": _NUMBER,
-                "teacher_forced_kld": _NUMBER, "mean_kld": _NUMBER, "kld_percentiles": _OBJECT,
-                "same_top_p_pct": _NUMBER, "rms_dp_pct": _NUMBER, "mean_dp_pct": _NUMBER, "ppl_ref": _NUMBER,
-                "ppl_cand": _NUMBER, "ref_hit_rate": _NUMBER, "cand_hit_rate": _NUMBER,
-                "per_perturbation": _OBJECT, "status": _TEXT}
+
+
+def _axis_fields() -> dict:
+    """What every axis section has, and each field an axis's compare rows read: a number, or
+    an object of numbers for a dotted key (e.g. kld_percentiles.99)."""
+    fields = {"score": _NUMBER, "band": _TEXT, "floor_score": _NUMBER, "status": _TEXT}
+    for axis in BUILTIN.values():
+        for _label, key, _fmt, _better in axis.COMPARE_METRICS:
+            head, _, rest = key.partition(".")
+            fields.setdefault(head, _OBJECT if rest else _NUMBER)
+    return fields
+
+
+_AXIS_FIELDS = _axis_fields()
+_NESTED_NUMBERS = tuple(name for name, kind in _AXIS_FIELDS.items() if kind == _OBJECT)
 _SECTION_FIELDS = {"candidate": _TEXT, "composite": _NUMBER, "band": _TEXT, "axes": _OBJECT, "kv_cache": _OBJECT}
 _TOP_FIELDS = dict(_SECTION_FIELDS, reference=_TEXT, timestamp=_TEXT, model=_OBJECT, candidates=_LIST)
 _MODEL_FIELDS = {"path": _TEXT, "size_bytes": _NUMBER, "sha256_first_mib": _TEXT, "name": _TEXT}
@@ -118,7 +127,7 @@ def _section_problem(section: dict, where: str) -> Optional[str]:
         problem = _fields_problem(axis, _AXIS_FIELDS, f"{where}axes.{name}.")
         if problem:
             return problem
-        for nested in ("kld_percentiles", "per_perturbation"):
+        for nested in _NESTED_NUMBERS:
             for key, value in (axis.get(nested) or {}).items():
                 if _type_problem(value, _NUMBER):
                     return f"field {where}axes.{name}.{nested}.{key} must be a number or null, not {type(value).__name__}"

@@ -140,6 +140,7 @@ from ..scoring import BAND_FLOOR
 
 TITLE = "KLD"
 ITEMS_KEY = "items"
+BATCHED = 0  # not decoded in multi-sequence batches
 # Below this mean KLD (nats) a lower candidate perplexity is noise, not worth a warning.
 PPL_HIDES_MIN_KLD = 0.01
 

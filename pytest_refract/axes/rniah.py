@@ -158,6 +158,7 @@ from ..scoring import BAND_FLOOR
 
 TITLE = "R-NIAH"
 ITEMS_KEY = "cells"
+BATCHED = 0  # not decoded in multi-sequence batches
 
 
 def diagnose(section: dict, axes: dict) -> List[str]:
