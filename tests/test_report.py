@@ -88,7 +88,7 @@ def test_write_atomic_failure_keeps_previous_content(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(report.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk on fire"):
         write_atomic(target, "new content that never lands")
     assert target.read_text(encoding="utf-8") == "previous"
@@ -96,7 +96,7 @@ def test_write_atomic_failure_keeps_previous_content(tmp_path, monkeypatch):
 
 
 def test_write_atomic_failure_without_previous_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(report.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("nope")))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("nope")))
     with pytest.raises(OSError):
         write_atomic(tmp_path / "r.json", "x")
     assert os.listdir(tmp_path) == []
