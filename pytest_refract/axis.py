@@ -28,8 +28,6 @@ import numpy as np
 class Axis:
     #: The axis name: test ids ``test_<NAME>[...]``, ``--refract-axes``, ``axes.<NAME>`` in the JSON.
     NAME: str = ""
-    #: The display name.
-    TITLE: str = ""
     #: What the axis's inputs are loaded for: any of "prompts", "corpus", "haystack".
     NEEDS: Tuple[str, ...] = ()
     #: Decode-batch widths of units per batch for axes that decode in batches; 0 for none.
@@ -67,21 +65,49 @@ class Axis:
     def cache_reads(self, run) -> dict:
         """Everything besides the unit that an item's result depends on: part of the cache key
         of the sensitivity control's results. Default: every setting."""
-        return run.settings.as_dict()
+        return default_cache_reads(run)
 
     def diagnose(self, section: dict, axes: dict) -> List[str]:
+        """Sentences for the report's diagnosis (called for a scored axis)."""
+        return []
+
+    def control_diagnosis(self, section: dict, control_section: dict) -> List[str]:
         return []
 
     def item_detail(self, item: dict) -> str:
+        """The detail beside a worst item in the terminal summary."""
         return ""
+
+    def section_detail(self, section: dict, control: bool = False) -> str:
+        """The figures on the axis's terminal summary line."""
+        return ""
+
+    def section_facts(self, run) -> dict:
+        return {}
+
+    def settings_facts(self, run) -> dict:
+        return {}
 
     def item_table(self, items: Sequence[dict]):
         """(ids, one row per scored item) from which ``statistic`` recomputes the axis score,
         for bootstrap intervals and the calibrated score. Default: the item scores."""
-        scored = [i for i in items if i.get("score") is not None]
-        return [str(i["id"]) for i in scored], np.asarray([[float(i["score"])] for i in scored],
-                                                          dtype=np.float64).reshape(len(scored), 1)
+        return default_item_table(items)
 
     def statistic(self, table: np.ndarray) -> np.ndarray:
         """The axis score of a table (n, k), or of stacked tables (..., n, k). Default: the mean."""
-        return np.asarray(table, dtype=np.float64)[..., 0].mean(axis=-1)
+        return default_statistic(table)
+
+
+def default_cache_reads(run) -> dict:
+    return run.settings.as_dict()
+
+
+def default_item_table(items: Sequence[dict]):
+    """One column, the item's own score; unscored (skipped) items are left out."""
+    scored = [i for i in items if i.get("score") is not None]
+    values = np.asarray([float(i["score"]) for i in scored], dtype=np.float64)
+    return [str(i["id"]) for i in scored], values.reshape(len(scored), 1)
+
+
+def default_statistic(table) -> np.ndarray:
+    return np.asarray(table, dtype=np.float64)[..., 0].mean(axis=-1)

@@ -24,10 +24,12 @@ Two questions a verdict on a few dozen items must answer:
 from __future__ import annotations
 
 import math
+import zlib
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+from .axes import ORDER
 from .scoring import band_for
 
 N_RESAMPLES = 2000
@@ -35,62 +37,22 @@ LEVEL = 0.95
 # Fewer items than this give no interval: one item's resamples are all the same item, and a
 # zero-width interval would claim a certainty a single measurement cannot carry.
 MIN_ITEMS = 2
-AXIS_STREAM = {"trajectory": 1, "kld": 2, "rniah": 3, "plad": 4}
 # Score points of excess damage too small to matter: the report's resolution (scores print
 # with two decimals). A difference that is real but below this (e.g. a KLD 1e-6 nats above
 # the control's on every chunk) does not make a candidate "beyond the control".
 NEGLIGIBLE_POINTS = 0.01
 
 
-# --------------------------------------------------------------------------- per-item tables
+# --------------------------------------------------------------------------- per-axis streams
 
 
-def item_table(axis: str, items: Sequence[dict]) -> Tuple[List[str], np.ndarray]:
-    """(item ids, one row of numbers per scored item) from which ``axis_statistic`` computes
-    the axis score exactly as the axis's aggregate does."""
-    ids: List[str] = []
-    rows: List[Tuple[float, ...]] = []
-    for item in items:
-        if axis == "trajectory":
-            row = (float(item["prefix_agreement"]), float(max(item["ref_len"], item["cand_len"])))
-        elif axis == "kld":
-            n = float(item["n_positions"])
-            row = (float(item["mean_kld"]) * n, n)
-        elif axis == "rniah":
-            if not item.get("ref_hits"):
-                continue  # a cell the reference never retrieves is not scored
-            row = (max(0.0, (item["ref_hits"] - item["cand_hits"]) / item["trials"]),)
-        elif axis == "plad":
-            if item.get("skipped") or item.get("score") is None:
-                continue
-            row = (float(item["score"]),)
-        else:
-            raise ValueError(f"unknown axis {axis!r}")
-        ids.append(str(item["id"]))
-        rows.append(row)
-    width = {"trajectory": 2, "kld": 2, "rniah": 1, "plad": 1}[axis]
-    return ids, np.asarray(rows, dtype=np.float64).reshape(len(rows), width)
-
-
-def axis_statistic(axis: str, table: np.ndarray) -> np.ndarray:
-    """The axis score of a table (n, k), or of a stack of resampled tables (..., n, k) at once.
-
-    trajectory: 100 x total prefix agreement / total max length (a ratio of means);
-    kld: 100 x exp(-mean KLD over all positions); rniah: 100 x (1 - mean loss over cells);
-    plad: mean pair score."""
-    t = np.asarray(table, dtype=np.float64)
-    if axis == "trajectory":
-        agree, longest = t[..., 0].sum(axis=-1), t[..., 1].sum(axis=-1)
-        safe = np.where(longest > 0, longest, 1.0)
-        return np.where(longest > 0, 100.0 * agree / safe, 100.0)
-    if axis == "kld":
-        mean = t[..., 0].sum(axis=-1) / t[..., 1].sum(axis=-1)
-        return 100.0 * np.exp(-np.maximum(0.0, mean))
-    if axis == "rniah":
-        return 100.0 * (1.0 - t[..., 0].mean(axis=-1))
-    if axis == "plad":
-        return t[..., 0].mean(axis=-1)
-    raise ValueError(f"unknown axis {axis!r}")
+def stream_of(axis) -> int:
+    """The axis's own random stream: a built-in's place in the built-in order (1-4, the streams
+    these axes always had), another axis's name hashed, so each axis's draws are the same
+    whichever other axes ran."""
+    if axis.NAME in ORDER:
+        return ORDER.index(axis.NAME) + 1
+    return zlib.crc32(axis.NAME.encode("utf-8"))
 
 
 # --------------------------------------------------------------------------- bootstrap
@@ -113,9 +75,9 @@ def percentile_interval(samples: np.ndarray, level: float = LEVEL) -> Tuple[floa
     return float(lo), float(hi)
 
 
-def replicates(axis: str, table: np.ndarray, indices: np.ndarray) -> np.ndarray:
-    """Axis score of each resample."""
-    return axis_statistic(axis, table[indices])
+def replicates(axis, table: np.ndarray, indices: np.ndarray) -> np.ndarray:
+    """Axis score of each resample (``axis.statistic`` takes a stack of tables at once)."""
+    return axis.statistic(table[indices])
 
 
 def retention(candidate: np.ndarray, control: np.ndarray) -> np.ndarray:
@@ -145,26 +107,27 @@ def _interval(samples: np.ndarray, n_items: int, point: float) -> Optional[List[
     return [min(lo, point), max(hi, point)]
 
 
-def axis_uncertainty(axis: str, items: Sequence[dict], seed: int) -> dict:
-    """Point score, 95 % interval and the bootstrap replicates of one axis's items."""
-    ids, table = item_table(axis, items)
+def axis_uncertainty(axis, items: Sequence[dict], seed: int) -> dict:
+    """Point score, 95 % interval and the bootstrap replicates of one axis's items. ``axis`` is
+    an axis object: its ``item_table`` gives the numbers per item, its ``statistic`` the score."""
+    ids, table = axis.item_table(items)
     if not ids:
         return {"score": None, "ci95": None, "n_items": 0, "replicates": None}
-    idx = resample_indices(len(ids), seed, AXIS_STREAM[axis])
+    idx = resample_indices(len(ids), seed, stream_of(axis))
     reps = replicates(axis, table, idx)
-    point = float(axis_statistic(axis, table))
+    point = float(axis.statistic(table))
     return {"score": point, "ci95": _interval(reps, len(ids), point), "n_items": len(ids), "replicates": reps}
 
 
-def calibrate_axis(axis: str, candidate_items: Sequence[dict], control_items: Sequence[dict], seed: int) -> dict:
+def calibrate_axis(axis, candidate_items: Sequence[dict], control_items: Sequence[dict], seed: int) -> dict:
     """The candidate's retention of the control's score on one axis, paired by item.
 
     Returns ``calibrated_score`` (100 x the upper end of the retention interval), the
     retention estimate and its interval, whether the candidate is indistinguishable from the
     control (the interval of the paired difference covers 0), the paired difference
     (control minus candidate, in score points) with its interval, and the replicates."""
-    cand_ids, cand_table = item_table(axis, candidate_items)
-    ctrl_ids, ctrl_table = item_table(axis, control_items)
+    cand_ids, cand_table = axis.item_table(candidate_items)
+    ctrl_ids, ctrl_table = axis.item_table(control_items)
     ctrl_row = {i: k for k, i in enumerate(ctrl_ids)}
     shared = [(k, ctrl_row[i]) for k, i in enumerate(cand_ids) if i in ctrl_row]
     if not shared:
@@ -173,9 +136,9 @@ def calibrate_axis(axis: str, candidate_items: Sequence[dict], control_items: Se
     cand_table = cand_table[[a for a, _ in shared]]
     ctrl_table = ctrl_table[[b for _, b in shared]]
     n = len(shared)
-    idx = resample_indices(n, seed, AXIS_STREAM[axis])
+    idx = resample_indices(n, seed, stream_of(axis))
     cand_reps, ctrl_reps = replicates(axis, cand_table, idx), replicates(axis, ctrl_table, idx)
-    cand_score, ctrl_score = float(axis_statistic(axis, cand_table)), float(axis_statistic(axis, ctrl_table))
+    cand_score, ctrl_score = float(axis.statistic(cand_table)), float(axis.statistic(ctrl_table))
     ret_reps = retention(cand_reps, ctrl_reps)
     point = float(retention(cand_score, ctrl_score))
     if n >= MIN_ITEMS:

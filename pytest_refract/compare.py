@@ -12,6 +12,7 @@ import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
 
+from .axes import BUILTIN, generic
 from .report import SCHEMA
 
 # (row label, getter, format, higher_is_better)
@@ -29,35 +30,24 @@ def _axis(name: str, key: str) -> Callable[[dict], Optional[float]]:
     return get
 
 
-METRICS: List[Metric] = [
+HEADLINE: List[Metric] = [
     ("composite", lambda r: r.get("composite"), "{:.2f}", True),
     ("calibrated composite", lambda r: r.get("calibrated_composite"), "{:.2f}", True),
     ("KV memory vs reference", lambda r: (r.get("kv_cache") or {}).get("vs_reference"), "{:.3f}", False),
-    ("trajectory score", _axis("trajectory", "score"), "{:.2f}", True),
-    ("  full match rate", _axis("trajectory", "full_match_rate"), "{:.3f}", True),
-    ("  median first divergence", _axis("trajectory", "median_first_divergence"), "{:g}", True),
-    ("  mean prefix agreement", _axis("trajectory", "mean_prefix_agreement"), "{:.2f}", True),
-    ("  teacher-forced KLD", _axis("trajectory", "teacher_forced_kld"), "{:.5f}", False),
-    ("  teacher-forced top-1 %", _axis("trajectory", "teacher_forced_top1_pct"), "{:.2f}", True),
-    ("  calibrated", _axis("trajectory", "calibrated_score"), "{:.2f}", True),
-    ("kld score", _axis("kld", "score"), "{:.2f}", True),
-    ("  mean KLD", _axis("kld", "mean_kld"), "{:.6f}", False),
-    ("  KLD p99", _axis("kld", "kld_percentiles.99"), "{:.5f}", False),
-    ("  same top p %", _axis("kld", "same_top_p_pct"), "{:.3f}", True),
-    ("  calibrated", _axis("kld", "calibrated_score"), "{:.2f}", True),
-    ("  RMS dp %", _axis("kld", "rms_dp_pct"), "{:.3f}", False),
-    ("  mean dp %", _axis("kld", "mean_dp_pct"), "{:.3f}", None),
-    ("  PPL ref", _axis("kld", "ppl_ref"), "{:.4f}", None),
-    ("  PPL cand", _axis("kld", "ppl_cand"), "{:.4f}", False),
-    ("rniah score", _axis("rniah", "score"), "{:.2f}", True),
-    ("  reference hit rate", _axis("rniah", "ref_hit_rate"), "{:.3f}", None),
-    ("  candidate hit rate", _axis("rniah", "cand_hit_rate"), "{:.3f}", True),
-    ("plad score", _axis("plad", "score"), "{:.2f}", True),
-    ("  typo", _axis("plad", "per_perturbation.typo"), "{:.2f}", True),
-    ("  case", _axis("plad", "per_perturbation.case"), "{:.2f}", True),
-    ("  punct", _axis("plad", "per_perturbation.punct"), "{:.2f}", True),
-    ("  paraphrase", _axis("plad", "per_perturbation.paraphrase"), "{:.2f}", True),
 ]
+
+
+def metrics(reports: List[dict], registry=None) -> List[Metric]:
+    """The rows: the headline numbers, then per axis its score and the axis's own
+    COMPARE_METRICS. Axes run in the registry's order (the built-ins: compare reads reports
+    offline), then axes only the reports know, which show their score row alone."""
+    registry = BUILTIN if registry is None else registry
+    names = {n: None for r in reports for n in (r.get("axes") or {})}
+    rows = list(HEADLINE)
+    for name, axis in list(registry.items()) + [(n, generic(n)) for n in names if n not in registry]:
+        rows.append((f"{name} score", _axis(name, "score"), "{:.2f}", True))
+        rows += [(label, _axis(name, key), fmt, better) for label, key, fmt, better in axis.COMPARE_METRICS]
+    return rows
 
 
 class CompareError(Exception):
@@ -92,12 +82,21 @@ def load_report(path) -> dict:
 # report writes null for what it did not measure). A hand-edited or foreign file with a
 # string where a number belongs is one line naming the field, never a TypeError later.
 _NUMBER, _TEXT, _OBJECT, _LIST = "a number", "a string", "an object", "a list"
-_AXIS_FIELDS = {"score": _NUMBER, "band": _TEXT, "floor_score": _NUMBER, "full_match_rate": _NUMBER,
-                "median_first_divergence": _NUMBER, "mean_prefix_agreement": _NUMBER,
-                "teacher_forced_kld": _NUMBER, "mean_kld": _NUMBER, "kld_percentiles": _OBJECT,
-                "same_top_p_pct": _NUMBER, "rms_dp_pct": _NUMBER, "mean_dp_pct": _NUMBER, "ppl_ref": _NUMBER,
-                "ppl_cand": _NUMBER, "ref_hit_rate": _NUMBER, "cand_hit_rate": _NUMBER,
-                "per_perturbation": _OBJECT, "status": _TEXT}
+
+
+def _axis_fields() -> dict:
+    """What every axis section has, and each field an axis's compare rows read: a number, or
+    an object of numbers for a dotted key (e.g. kld_percentiles.99)."""
+    fields = {"score": _NUMBER, "band": _TEXT, "floor_score": _NUMBER, "status": _TEXT}
+    for axis in BUILTIN.values():
+        for _label, key, _fmt, _better in axis.COMPARE_METRICS:
+            head, _, rest = key.partition(".")
+            fields.setdefault(head, _OBJECT if rest else _NUMBER)
+    return fields
+
+
+_AXIS_FIELDS = _axis_fields()
+_NESTED_NUMBERS = tuple(name for name, kind in _AXIS_FIELDS.items() if kind == _OBJECT)
 _SECTION_FIELDS = {"candidate": _TEXT, "composite": _NUMBER, "band": _TEXT, "axes": _OBJECT, "kv_cache": _OBJECT}
 _TOP_FIELDS = dict(_SECTION_FIELDS, reference=_TEXT, timestamp=_TEXT, model=_OBJECT, candidates=_LIST)
 _MODEL_FIELDS = {"path": _TEXT, "size_bytes": _NUMBER, "sha256_first_mib": _TEXT, "name": _TEXT}
@@ -128,7 +127,7 @@ def _section_problem(section: dict, where: str) -> Optional[str]:
         problem = _fields_problem(axis, _AXIS_FIELDS, f"{where}axes.{name}.")
         if problem:
             return problem
-        for nested in ("kld_percentiles", "per_perturbation"):
+        for nested in _NESTED_NUMBERS:
             for key, value in (axis.get(nested) or {}).items():
                 if _type_problem(value, _NUMBER):
                     return f"field {where}axes.{name}.{nested}.{key} must be a number or null, not {type(value).__name__}"
@@ -179,7 +178,7 @@ def table(reports: List[dict], names: List[str]) -> List[List[str]]:
     rows = [header, ["model"] + [r.get("model", {}).get("path", "?") for r in reports],
             ["candidate"] + [r.get("candidate", "?") for r in reports],
             ["band"] + [r.get("band") or "n/a" for r in reports]]
-    for label, get, fmt, better in METRICS:
+    for label, get, fmt, better in metrics(reports):
         values = [get(r) for r in reports]
         if all(v is None for v in values):
             continue

@@ -38,10 +38,7 @@ def pytest_configure(config):
     try:
         if not settings_mod.wants_audit(config):
             return
-        try:
-            axes = resolve(axis for added in config.hook.pytest_refract_axes(config=config) for axis in added or ())
-        except ValueError as exc:
-            raise UsageProblem(str(exc)) from None
+        axes = resolve(axis for added in config.hook.pytest_refract_axes(config=config) for axis in added or ())
         s = settings_mod.read_settings(config, axes)
         from .runner import Runner
 
@@ -297,33 +294,21 @@ class RefractSession:
             self._finish(session)
 
     def _finish(self, session) -> None:
+        from .facts import gather
         from .report import build_report
 
-        s = self.runner.settings
         ran = bool(self.results or self.failed or self.custom)
         if not ran and not self.interrupted:
             return  # nothing selected and nothing stopped: there is nothing to report
         complete = not self.interrupted and not session.shouldstop
-        self.report = build_report(
-            audit=self.runner,
-            results=self.results,
-            failed=self.failed,
-            custom=self.custom,
-            invocation_args=list(self.config.invocation_params.args),
-            complete=complete,
-            llama_build=self.runner.build_info(),
-        )
+        selected = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem))
+        facts = gather(self.runner, wall_s=time.time() - self.started, items_selected=selected)
+        self.report = build_report(facts=facts, results=self.results, failed=self.failed, custom=self.custom,
+                                   invocation_args=list(self.config.invocation_params.args), complete=complete,
+                                   registry=self.runner.axes)
         self.gate = self.report["gate"]
         if not self.gate["passed"]:
             session.testsfailed += 1
-        self.report["wall_s"] = time.time() - self.started
-        # How far an interrupted run got: items with a result or a failure, of those selected.
-        self.report["items_run"] = (sum(len(per_axis) for axes in self.results.values() for per_axis in axes.values())
-                                    + sum(len(units) for axes in self.failed.values() for units in axes.values()))
-        self.report["items_selected"] = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem)) or None
-        if self.runner.baseline is not None:
-            self.report["baseline"] = {"path": s.baseline_path, "composite": self.runner.baseline.get("composite"),
-                                       "timestamp": self.runner.baseline.get("timestamp"), "max_drop": s.max_drop}
         # Other plugins see the finished report before any file is written (and may add to
         # its "custom" entries).
         self.config.hook.pytest_refract_report(report=self.report, config=self.config)
@@ -349,7 +334,7 @@ class RefractSession:
             return
         from .summary import render
 
-        render(terminalreporter, self.report, self.runner.settings.json_path)
+        render(terminalreporter, self.report, self.runner.settings.json_path, self.runner.axes)
 
     def pytest_unconfigure(self, config):
         self.runner.close()

@@ -1,8 +1,9 @@
-"""The terminal summary: what a user reads when CI goes red."""
+"""The terminal summary: what a user reads when CI goes red. It reads only the report dict;
+each axis's own figures come from its axis object (``section_detail``, ``item_detail``)."""
 
 from __future__ import annotations
 
-from .axes import ORDER
+from .axes import BUILTIN, known
 from .scoring import band_for
 
 _COLOURS = {"EXCELLENT": "green", "PASS": "green", "DEGRADED": "yellow", "FAIL": "red", None: "red"}
@@ -16,29 +17,20 @@ def _ci(interval) -> str:
     return "" if not interval else f" [{interval[0]:.2f}, {interval[1]:.2f}]"
 
 
-def _worst(name: str, section: dict, n: int = 3):
-    items = [i for i in (section.get("items") or section.get("cells") or []) if i.get("score") is not None]
+def _worst(name: str, axis, section: dict, n: int = 3):
+    items = [i for i in (section.get(axis.ITEMS_KEY) or section.get("items") or []) if i.get("score") is not None]
     items.sort(key=lambda i: i["score"])
     out = []
     for i in items[:n]:
         if i["score"] >= 100.0:
             break
-        if name == "trajectory":
-            fd = i.get("first_divergence")
-            detail = f"diverges at token {fd}" if fd is not None else "full match"
-        elif name == "kld":
-            detail = f"mean KLD {i['mean_kld']:.4f}, max {i['max_kld']:.3f}"
-        elif name == "rniah":
-            detail = f"reference {i['ref_hits']}/{i['trials']}, candidate {i['cand_hits']}/{i['trials']}"
-        elif name == "plad":
-            detail = f"drift {i['cand_drift']:.2f} vs reference {i['ref_drift']:.2f}"
-        else:
-            detail = ""
-        out.append(f"{name}[{i['id']}] {i['score']:.2f} {i['band']} ({detail})")
+        out.append(f"{name}[{i['id']}] {i['score']:.2f} {i['band']} ({axis.item_detail(i)})")
     return out
 
 
-def render(tr, report: dict, json_path) -> None:
+def render(tr, report: dict, json_path, registry=None) -> None:
+    """``registry``: name -> axis object (axes.resolve); the built-ins when not given."""
+    registry = BUILTIN if registry is None else registry
     tr.write_sep("=", "refract KV-cache audit")
     model = report["model"]
     tr.write_line(f"model      {model['name']} ({model['path']}, {model['size_bytes'] / 1e6:.1f} MB, {model['architecture']})")
@@ -47,11 +39,11 @@ def render(tr, report: dict, json_path) -> None:
         tr.write_line(f"note       {report['settings']['chunks_note']}")
     sections = report.get("candidates") or [dict(report, custom_gates=(report.get("custom") or {}).get("gates", {}))]
     control = report.get("sensitivity") or {}
-    _render_control(tr, control)
+    _render_control(tr, control, registry)
     for section in sections:
-        _render_candidate(tr, section, control)
+        _render_candidate(tr, section, registry)
     if len(sections) > 1:
-        _render_ranking(tr, report["ranking"], report.get("gate", {}).get("basis"))
+        _render_ranking(tr, report["ranking"], registry, report.get("gate", {}).get("basis"))
     gate = report.get("gate", {})
     tr.write_line("")
     basis = "calibrated composite" if gate.get("basis") == "calibrated" else "composite"
@@ -64,12 +56,12 @@ def render(tr, report: dict, json_path) -> None:
         tr.write_line(f"JSON report: {json_path}")
 
 
-def _render_ranking(tr, ranking, basis=None) -> None:
+def _render_ranking(tr, ranking, registry, basis=None) -> None:
     tr.write_line("")
     by = "the calibrated one, which the gate reads" if basis == "calibrated" else "raw, which the gate reads"
     tr.write_line(f"candidates ranked by composite ({by}; which config to ship; the control is never ranked):",
                   bold=True)
-    axes = [a for a in ORDER if any(a in r["axes"] for r in ranking)]
+    axes = [n for n, _ in known({n: None for r in ranking for n in r["axes"]}, registry)]
     tr.write_line("  #  " + "candidate".ljust(28) + "calibrated [95% CI]        band      " + "composite band      "
                   + "[95% CI]".ljust(18) + "".join(a.ljust(11) for a in axes) + "KV memory")
     for i, r in enumerate(ranking, start=1):
@@ -90,7 +82,7 @@ def _rotation_text(rotation: dict) -> str:
     return f"rotated {'+'.join(on)}" if on else "no rotation"
 
 
-def _render_control(tr, control: dict) -> None:
+def _render_control(tr, control: dict, registry) -> None:
     """The sensitivity control, shown like a candidate but labelled as the yardstick."""
     tr.write_line("")
     if not control.get("config"):
@@ -98,51 +90,24 @@ def _render_control(tr, control: dict) -> None:
         return
     cached = "  (read from the reference cache)" if control.get("cached") else ""
     tr.write_line(f"control    {control['config']}  (sensitivity: {control.get('note')}; never ranked){cached}")
-    for name in ORDER:
-        a = (control.get("axes") or {}).get(name)
-        if a is None:
-            continue
-        extra = ""
-        if name == "trajectory" and a.get("score") is not None:
-            top1 = a.get("teacher_forced_top1_pct")
-            extra = (f"  full match {100 * a['full_match_rate']:.0f}%, teacher-forced top-1 "
-                     f"{'-' if top1 is None else f'{top1:.1f}%'}, near-tie divergences "
-                     f"{a.get('n_near_tie_divergences', 0)}/{a.get('n_divergences', 0)}")
-        elif name == "kld" and a.get("score") is not None:
-            extra = f"  mean KLD {a['mean_kld']:.5f}, same top {a['same_top_p_pct']:.2f}%"
+    axes = control.get("axes") or {}
+    for name, axis in known(axes, registry):
+        a = axes[name]
+        extra = axis.section_detail(a, control=True)
         tr.write_line(f"  {name:<11}{_fmt(a.get('score'))}{_ci(a.get('ci95'))} {a.get('band') or 'NO SCORE'}{extra}")
     tr.write_line(f"  composite  {_fmt(control.get('composite'))}{_ci(control.get('composite_ci95'))} "
                   f"{control.get('band') or 'NO SCORE'}")
 
 
-def _render_candidate(tr, report: dict, control: dict = None) -> None:
+def _render_candidate(tr, report: dict, registry) -> None:
     tr.write_line("")
     tr.write_line(f"candidate  {report['candidate']}" + ("   (self-reference)" if report.get("self_reference") else "")
                   + (f"   (llama.cpp: {_rotation_text(report['rotation'])})" if report.get("rotation") else ""))
     tr.write_line("")
-    for name in ORDER:
-        section = report["axes"].get(name)
-        if section is None:
-            continue
+    for name, axis in known(report["axes"], registry):
+        section = report["axes"][name]
         band = section.get("band")
-        extra = ""
-        if name == "kld" and section.get("score") is not None:
-            extra = (f"  mean KLD {section['mean_kld']:.5f} ± {section['mean_kld_unc']:.5f}, same top {section['same_top_p_pct']:.2f}%, "
-                     f"RMS Δp {section['rms_dp_pct']:.3f}%, PPL {section['ppl_ref']:.3f} → {section['ppl_cand']:.3f}")
-        elif name == "trajectory" and section.get("score") is not None:
-            md = section.get("median_first_divergence")
-            top1 = section.get("teacher_forced_top1_pct")
-            extra = (f"  full match {100 * section['full_match_rate']:.0f}%, median first divergence "
-                     f"{'-' if md is None else f'{md:g}'}, teacher-forced KLD {section['teacher_forced_kld']:.5f}, "
-                     f"teacher-forced top-1 {'-' if top1 is None else f'{top1:.1f}%'}, near-tie divergences "
-                     f"{section.get('n_near_tie_divergences', 0)}/{section.get('n_divergences', 0)}")
-        elif name == "rniah" and section.get("status") is not None:
-            extra = (f"  reference hit rate {100 * section['ref_hit_rate']:.0f}%, candidate {100 * section['cand_hit_rate']:.0f}%, "
-                     f"{section['n_scored_cells']}/{section['n_cells']} cells scored"
-                     + ("  LOW CONFIDENCE" if section.get("confidence") == "low" else ""))
-        elif name == "plad" and section.get("status") is not None:
-            kinds = ", ".join(f"{k} {'n/a' if v is None else f'{v:.1f}'}" for k, v in section["per_perturbation"].items())
-            extra = f"  {kinds}; {section['n_pairs']} pairs, {section['n_skipped']} skipped"
+        extra = axis.section_detail(section, control=False)
         wall = section.get("wall_s")
         wall_text = f"  [{wall:.1f}s]" if wall is not None else ""
         tr.write(f"{name:<11}{_fmt(section.get('score'))} ", bold=True)
@@ -182,9 +147,8 @@ def _render_candidate(tr, report: dict, control: dict = None) -> None:
     for line in report.get("diagnosis", []):
         tr.write_line(f"- {line}")
     worst = []
-    for name in ORDER:
-        if name in report["axes"]:
-            worst += _worst(name, report["axes"][name])
+    for name, axis in known(report["axes"], registry):
+        worst += _worst(name, axis, report["axes"][name])
     if worst:
         tr.write_line("")
         tr.write_line("worst items:")

@@ -11,6 +11,8 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_refract import calibration as C
+from pytest_refract import sensitivity
+from pytest_refract.axes import BUILTIN
 from pytest_refract.scoring import band_for
 
 
@@ -34,39 +36,39 @@ def test_percentile_interval_interpolates_like_numpy_linear():
 
 
 def test_axis_statistics_match_the_axes_definitions():
-    _, t = C.item_table("trajectory", traj_items([(10, 20), (30, 40)]))
-    assert C.axis_statistic("trajectory", t) == pytest.approx(100 * 40 / 60)
+    _, t = BUILTIN["trajectory"].item_table(traj_items([(10, 20), (30, 40)]))
+    assert BUILTIN["trajectory"].statistic(t) == pytest.approx(100 * 40 / 60)
     kld = [{"id": "a", "mean_kld": 0.1, "n_positions": 10}, {"id": "b", "mean_kld": 0.3, "n_positions": 30}]
-    _, t = C.item_table("kld", kld)
-    assert C.axis_statistic("kld", t) == pytest.approx(100 * math.exp(-0.25))
+    _, t = BUILTIN["kld"].item_table(kld)
+    assert BUILTIN["kld"].statistic(t) == pytest.approx(100 * math.exp(-0.25))
     cells = [{"id": "c1", "ref_hits": 3, "cand_hits": 1, "trials": 3},
              {"id": "c2", "ref_hits": 0, "cand_hits": 0, "trials": 3},  # not scored: reference never retrieves
              {"id": "c3", "ref_hits": 2, "cand_hits": 3, "trials": 3}]
-    ids, t = C.item_table("rniah", cells)
+    ids, t = BUILTIN["rniah"].item_table(cells)
     assert ids == ["c1", "c3"]
-    assert C.axis_statistic("rniah", t) == pytest.approx(100 * (1 - (2 / 3 + 0) / 2))
-    _, t = C.item_table("plad", plad_items([40, 60]) + [{"id": "x", "score": None, "skipped": True}])
-    assert C.axis_statistic("plad", t) == pytest.approx(50.0)
+    assert BUILTIN["rniah"].statistic(t) == pytest.approx(100 * (1 - (2 / 3 + 0) / 2))
+    _, t = BUILTIN["plad"].item_table(plad_items([40, 60]) + [{"id": "x", "score": None, "skipped": True}])
+    assert BUILTIN["plad"].statistic(t) == pytest.approx(50.0)
 
 
 def test_replicates_by_hand():
     # Two trajectory prompts; resample (0, 0), (1, 1), (0, 1) by hand.
-    _, t = C.item_table("trajectory", traj_items([(10, 20), (30, 40)]))
+    _, t = BUILTIN["trajectory"].item_table(traj_items([(10, 20), (30, 40)]))
     idx = np.array([[0, 0], [1, 1], [0, 1]])
-    assert C.replicates("trajectory", t, idx).tolist() == pytest.approx([50.0, 75.0, 100 * 40 / 60])
+    assert C.replicates(BUILTIN["trajectory"], t, idx).tolist() == pytest.approx([50.0, 75.0, 100 * 40 / 60])
 
 
 def test_two_item_interval_by_hand():
     # Scores 0 and 100: a resample's mean is 0, 50 or 100 with chances 1/4, 1/2, 1/4, so with
     # 2000 resamples both tails hold far more than 2.5 %: the interval is [0, 100].
-    unc = C.axis_uncertainty("plad", plad_items([0, 100]), seed=0)
+    unc = C.axis_uncertainty(BUILTIN["plad"], plad_items([0, 100]), seed=0)
     assert unc["score"] == 50.0 and unc["ci95"] == [0.0, 100.0]
     counts = np.bincount((unc["replicates"] / 50).astype(int), minlength=3) / C.N_RESAMPLES
     assert counts == pytest.approx([0.25, 0.5, 0.25], abs=0.04)
 
 
 def test_one_item_has_no_interval():
-    assert C.axis_uncertainty("plad", plad_items([70]), seed=0)["ci95"] is None
+    assert C.axis_uncertainty(BUILTIN["plad"], plad_items([70]), seed=0)["ci95"] is None
 
 
 def test_retention_by_hand():
@@ -77,7 +79,7 @@ def test_retention_by_hand():
 
 def test_constant_damage_beyond_the_control_by_hand():
     # Control keeps 100 on every pair, the candidate 50: every resample's retention is 0.5.
-    cal = C.calibrate_axis("plad", plad_items([50] * 8), plad_items([100] * 8), seed=3)
+    cal = C.calibrate_axis(BUILTIN["plad"], plad_items([50] * 8), plad_items([100] * 8), seed=3)
     assert cal["calibrated_score"] == pytest.approx(50.0)
     assert cal["retention"] == 0.5 and cal["retention_ci95"] == pytest.approx([0.5, 0.5])
     assert cal["excess_damage"] == 50.0 and cal["excess_damage_ci95"] == pytest.approx([50.0, 50.0])
@@ -86,7 +88,7 @@ def test_constant_damage_beyond_the_control_by_hand():
 
 def test_candidate_equal_to_control_scores_top():
     items = traj_items([(3, 128), (17, 128), (128, 128), (40, 128), (9, 128)])
-    cal = C.calibrate_axis("trajectory", items, items, seed=0)
+    cal = C.calibrate_axis(BUILTIN["trajectory"], items, items, seed=0)
     assert cal["calibrated_score"] == 100.0 and cal["indistinguishable"] is True
     assert cal["excess_damage"] == 0.0
 
@@ -94,7 +96,7 @@ def test_candidate_equal_to_control_scores_top():
 def test_far_worse_than_control_fails():
     control = traj_items([(100 + i, 128) for i in range(20)])
     candidate = traj_items([(5 + i, 128) for i in range(20)])
-    cal = C.calibrate_axis("trajectory", candidate, control, seed=0)
+    cal = C.calibrate_axis(BUILTIN["trajectory"], candidate, control, seed=0)
     assert band_for(cal["calibrated_score"]) == "FAIL"
     assert cal["indistinguishable"] is False
 
@@ -102,7 +104,7 @@ def test_far_worse_than_control_fails():
 def test_pairing_uses_shared_items_only():
     control = plad_items([100, 100, 100])
     candidate = plad_items([100, 100])  # p02 missing
-    assert C.calibrate_axis("plad", candidate, control, seed=0)["n_paired"] == 2
+    assert C.calibrate_axis(BUILTIN["plad"], candidate, control, seed=0)["n_paired"] == 2
 
 
 def test_composite_interval_combines_replicates_by_harmonic_mean():
@@ -121,13 +123,13 @@ scores = st.lists(st.floats(min_value=0, max_value=100, allow_nan=False), min_si
 @given(scores, st.integers(min_value=0, max_value=2**31))
 def test_candidate_equal_to_control_is_top_for_any_items(values, seed):
     items = plad_items(values)
-    assert C.calibrate_axis("plad", items, items, seed)["calibrated_score"] == 100.0
+    assert C.calibrate_axis(BUILTIN["plad"], items, items, seed)["calibrated_score"] == 100.0
 
 
 @settings(max_examples=60, deadline=None)
 @given(scores, st.integers(min_value=0, max_value=2**31))
 def test_interval_contains_the_point_estimate(values, seed):
-    unc = C.axis_uncertainty("plad", plad_items(values), seed)
+    unc = C.axis_uncertainty(BUILTIN["plad"], plad_items(values), seed)
     lo, hi = unc["ci95"]
     assert lo <= unc["score"] <= hi
 
@@ -137,8 +139,8 @@ def test_interval_contains_the_point_estimate(values, seed):
        st.integers(min_value=0, max_value=2**31))
 def test_deterministic_for_a_seed(pairs, seed):
     items = traj_items([(min(a, n), n) for a, n in pairs])
-    first = C.axis_uncertainty("trajectory", items, seed)
-    again = C.axis_uncertainty("trajectory", items, seed)
+    first = C.axis_uncertainty(BUILTIN["trajectory"], items, seed)
+    again = C.axis_uncertainty(BUILTIN["trajectory"], items, seed)
     assert first["ci95"] == again["ci95"]
     assert np.array_equal(first["replicates"], again["replicates"])
 
@@ -148,7 +150,7 @@ def test_deterministic_for_a_seed(pairs, seed):
        st.integers(min_value=0, max_value=2**31))
 def test_far_worse_than_control_fails_for_any_items(control_values, seed):
     candidate_values = [v / 4 for v in control_values]  # a quarter of the control on every item
-    cal = C.calibrate_axis("plad", plad_items(candidate_values), plad_items(control_values), seed)
+    cal = C.calibrate_axis(BUILTIN["plad"], plad_items(candidate_values), plad_items(control_values), seed)
     assert band_for(cal["calibrated_score"]) == "FAIL"
 
 
@@ -156,12 +158,13 @@ def test_far_worse_than_control_fails_for_any_items(control_values, seed):
 @given(scores, scores, st.integers(min_value=0, max_value=2**31))
 def test_calibrated_score_is_at_least_the_retention_estimate(cand, ctrl, seed):
     n = min(len(cand), len(ctrl))
-    cal = C.calibrate_axis("plad", plad_items(cand[:n]), plad_items(ctrl[:n]), seed)
+    cal = C.calibrate_axis(BUILTIN["plad"], plad_items(cand[:n]), plad_items(ctrl[:n]), seed)
     assert 0.0 <= cal["calibrated_score"] <= 100.0
     assert cal["calibrated_score"] >= 100.0 * cal["retention"] - 1e-9
     # A control scores at most 100, so calibrating never lowers a score: what passes raw
     # passes calibrated.
-    assert cal["calibrated_score"] >= C.axis_statistic("plad", C.item_table("plad", plad_items(cand[:n]))[1]) - 1e-9
+    plad = BUILTIN["plad"]
+    assert cal["calibrated_score"] >= plad.statistic(plad.item_table(plad_items(cand[:n]))[1]) - 1e-9
 
 
 # --------------------------------------------------------------------------- in the report
@@ -170,7 +173,7 @@ def test_calibrated_score_is_at_least_the_retention_estimate(cand, ctrl, seed):
 def _traj_section(pairs, near_ties):
     items = [dict(t, near_tie_divergence=tie, first_divergence=t["prefix_agreement"])
              for t, tie in zip(traj_items(pairs), near_ties)]
-    return {"score": float(C.axis_statistic("trajectory", C.item_table("trajectory", items)[1])), "items": items,
+    return {"score": float(BUILTIN["trajectory"].statistic(BUILTIN["trajectory"].item_table(items)[1])), "items": items,
             "n_divergences": len(items), "n_near_tie_divergences": sum(near_ties), "teacher_forced_top1_pct": 95.0}
 
 
@@ -180,8 +183,6 @@ def _kld_section(means):
 
 
 def test_report_calibrates_each_axis_and_combines_by_harmonic_mean():
-    from pytest_refract import report
-
     control = {"config": "ctk=bf16,ctv=bf16",
                "axes": {"trajectory": _traj_section([(40, 128)] * 6, [True] * 6),
                         "kld": _kld_section([0.003, 0.004, 0.0035, 0.003])}}
@@ -190,7 +191,7 @@ def test_report_calibrates_each_axis_and_combines_by_harmonic_mean():
     axes = {"trajectory": _traj_section([(10, 128), (12, 128), (8, 128), (11, 128), (9, 128), (10, 128)],
                                         [False, True, False, False, True, False]),
             "kld": _kld_section([0.003, 0.004, 0.0035, 0.003])}
-    out = report._calibrate(axes, control, {}, seed=0)
+    out = sensitivity.calibrate(axes, control, {}, 0, BUILTIN)
     traj, kld = axes["trajectory"], axes["kld"]
     assert kld["calibrated_score"] == 100.0  # the same KLD as the control on every chunk
     assert traj["calibration"]["indistinguishable"] is False
@@ -200,28 +201,24 @@ def test_report_calibrates_each_axis_and_combines_by_harmonic_mean():
     assert out["calibrated_composite"] == pytest.approx(expected)
     lo, hi = out["composite_ci95"]
     assert lo <= 2 / (1 / traj["score"] + 1 / kld["score"]) <= hi
-    lines = report.calibration_diagnosis(axes, control)
+    lines = sensitivity.calibration_diagnosis(axes, control, BUILTIN)
     assert any(line.startswith("Within the model's rounding sensitivity on kld") for line in lines)
     assert any(line.startswith("Beyond the control (ctk=bf16,ctv=bf16): trajectory") for line in lines)
     assert any(line.startswith("Changes confident tokens: 4 of 6") for line in lines)
 
 
 def test_report_says_near_tie_flips_like_the_control():
-    from pytest_refract import report
-
     control = {"config": "ctk=bf16,ctv=bf16", "axes": {"trajectory": _traj_section([(40, 128)] * 4, [True] * 4)}}
     axes = {"trajectory": _traj_section([(40, 128)] * 4, [True] * 4)}
-    report._calibrate(axes, control, {}, seed=0)
-    lines = report.calibration_diagnosis(axes, control)
+    sensitivity.calibrate(axes, control, {}, 0, BUILTIN)
+    lines = sensitivity.calibration_diagnosis(axes, control, BUILTIN)
     assert any(line.startswith("Greedy divergences are near-tie flips only (4 of 4") for line in lines)
     assert axes["trajectory"]["calibrated_score"] == 100.0
 
 
 def test_report_without_control_has_intervals_but_no_calibration():
-    from pytest_refract import report
-
     axes = {"kld": _kld_section([0.01, 0.02, 0.03])}
-    out = report._calibrate(axes, None, {}, seed=0)
+    out = sensitivity.calibrate(axes, None, {}, 0, BUILTIN)
     assert axes["kld"]["calibrated_score"] is None and axes["kld"]["ci95"] is not None
     assert "calibrated_composite" not in out and out["composite_ci95"] is not None
-    assert report.calibration_diagnosis(axes, None) == []
+    assert sensitivity.calibration_diagnosis(axes, None, BUILTIN) == []

@@ -11,7 +11,8 @@ import numpy as np
 import pytest
 
 from pytest_refract import report
-from pytest_refract.report import composite_of, diagnose, dumps, write_atomic
+from pytest_refract.axes import BUILTIN
+from pytest_refract.report import composite_of, dumps, write_atomic
 
 
 def _reject(constant):
@@ -87,7 +88,7 @@ def test_write_atomic_failure_keeps_previous_content(tmp_path, monkeypatch):
     def broken_replace(src, dst):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(report.os, "replace", broken_replace)
+    monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError, match="disk on fire"):
         write_atomic(target, "new content that never lands")
     assert target.read_text(encoding="utf-8") == "previous"
@@ -95,7 +96,7 @@ def test_write_atomic_failure_keeps_previous_content(tmp_path, monkeypatch):
 
 
 def test_write_atomic_failure_without_previous_file(tmp_path, monkeypatch):
-    monkeypatch.setattr(report.os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("nope")))
+    monkeypatch.setattr(os, "replace", lambda src, dst: (_ for _ in ()).throw(OSError("nope")))
     with pytest.raises(OSError):
         write_atomic(tmp_path / "r.json", "x")
     assert os.listdir(tmp_path) == []
@@ -135,6 +136,10 @@ def _kld(score, mean_kld=None, ppl_ref=10.0, ppl_cand=10.5, same_top=95.0):
     if mean_kld is None:
         mean_kld = -math.log(score / 100.0)
     return {"score": score, "mean_kld": mean_kld, "same_top_p_pct": same_top, "ppl_ref": ppl_ref, "ppl_cand": ppl_cand}
+
+
+def diagnose(axes, self_reference=False):
+    return report.diagnose(axes, BUILTIN, self_reference)
 
 
 def _text(lines):
@@ -214,18 +219,18 @@ def test_diagnose_unscored_axis_and_self_reference():
 def test_floor_below_threshold_is_a_loud_warning():
     from types import SimpleNamespace
 
+    from pytest_refract.facts import ReportFacts
     from pytest_refract.report import _candidate_section
 
     settings = SimpleNamespace(floor=True, repeat=1, fail_under=60.0, fail_under_text="FAIL", seed=0, gate_basis="raw")
-    audit = SimpleNamespace(settings=settings, self_reference={"cand0": False}, labels={"cand0": "ctk=q8_0,ctv=q8_0"},
-                            corpus=None, haystack_source=None, baseline=None, kv_cache_facts=lambda role: None)
+    facts = ReportFacts(settings=settings, self_reference={"cand0": False}, labels={"cand0": "ctk=q8_0,ctv=q8_0"})
     item = {"id": "a", "category": "c", "prefix_agreement": 8, "ref_len": 8, "cand_len": 8, "first_divergence": None,
             "full_match": True, "teacher_forced_kld": 0.0, "wall_s": 1.0,
             "floor": {"prefix_agreement": 4, "ref_len": 8, "cand_len": 8, "teacher_forced_kld": 0.1}}
-    section = _candidate_section(audit, "cand0", {"trajectory": {"a": item}}, {}, {}, True)
+    section = _candidate_section(facts, "cand0", {"trajectory": {"a": item}}, {}, {}, True, None, BUILTIN)
     assert section["floor"] == 50.0
     assert section["diagnosis"][0].startswith("WARNING: the noise floor (reference vs reference) is 50.00")
     item["floor"]["prefix_agreement"] = 8
-    section = _candidate_section(audit, "cand0", {"trajectory": {"a": item}}, {}, {}, True)
+    section = _candidate_section(facts, "cand0", {"trajectory": {"a": item}}, {}, {}, True, None, BUILTIN)
     assert section["floor"] == 100.0
     assert section["diagnosis"][-1] == "Noise floor (reference vs reference): 100.00."

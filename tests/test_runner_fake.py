@@ -12,7 +12,9 @@ from pathlib import Path
 import pytest
 
 import fake_engine
+from pytest_refract.axis import Axis
 from pytest_refract.axes import resolve
+from pytest_refract.errors import UsageProblem
 from pytest_refract.kvconfig import parse_kv_config
 from pytest_refract.runner import Runner
 from pytest_refract.settings import Settings
@@ -139,12 +141,12 @@ def test_a_fifth_axis_from_outside_the_package_runs_beside_the_others(inputs):
 
 
 @pytest.mark.parametrize("bad, message", [
-    (type("NoName", (), {"units": None}), "no valid NAME"),
-    (type("Taken", (), {"NAME": "kld", "units": lambda s, r: [], "measure": None, "aggregate": None}), "taken"),
-    (type("Lacking", (), {"NAME": "x"}), "lacks units, measure, aggregate"),
+    (type("Nameless", (Axis,), {}), "must be a lowercase word"),
+    (type("Taken", (Axis,), {"NAME": "kld"}), "registered twice"),
+    (type("Lacking", (), {"NAME": "x"}), "lacks units, planned_tokens, measure, aggregate"),
 ])
 def test_an_axis_without_the_protocol_is_refused(bad, message):
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(UsageProblem, match=message):
         resolve([bad()])
 
 

@@ -1,57 +1,133 @@
-"""The axis registry: the built-in four, and axes other plugins add through the
-``pytest_refract_axes`` hook (see pytest_refract/axis.py for the protocol).
+"""The audit's axes and their registry.
 
-The built-in axes are modules, one per axis; each holds everything about its axis (inputs,
-units, measurement, aggregation, diagnosis, terminal detail, compare rows, bootstrap table).
+An axis is a module here (the four built-ins) or any object with the same attributes (an
+external axis, e.g. returned by a plugin). Required:
+
+- ``NAME``: the axis name used in test ids (``test_<NAME>[unit]``) and in the report;
+- ``units(run)``: the per-item units (ids and keywords), decided at collection time;
+- ``planned_tokens(run, unit)``: tokens an item will feed llama.cpp (progress only);
+- ``measure(run, unit)``: run llama.cpp for one unit, return a JSON-able result dict;
+- ``aggregate(results)``: the axis section of the report, including ``score`` and ``band``.
+
+Optional (``resolve`` supplies the defaults in ``DEFAULTS`` for an object that lacks them):
+
+- ``TITLE`` (display name; default NAME), ``ITEMS_KEY`` (section key of the per-item list);
+- ``diagnose(section, axes)``: the axis's diagnosis sentences, called for a scored axis only;
+  ``axes`` holds every axis section of the candidate, so an axis may read another's;
+- ``control_diagnosis(section, control_section)``: what the sensitivity control says about the
+  axis beyond the calibration verdict the report words for every axis;
+- ``item_detail(item)``: the detail shown beside a worst item in the terminal summary;
+- ``section_detail(section, control)``: the axis's figures on its terminal summary line
+  (``control`` is True on the sensitivity control's line);
+- ``COMPARE_METRICS``: ``(row label, dotted key in the section, format, higher_is_better)``
+  rows for ``python -m pytest_refract compare`` (the score row is added by compare);
+- ``item_table(items) -> (ids, ndarray)`` and ``statistic(table) -> ndarray``: the per-item
+  numbers the bootstrap resamples and the axis score computed from them (see calibration.py);
+- ``BATCHED``: decode-batch widths per xdist group (0: not batched);
+- ``NEEDS``: which inputs the axis reads ("prompts", "corpus", "haystack");
+- ``cache_reads(run)``: what an item's result depends on besides its unit (the sensitivity
+  control's cache key; default: every setting);
+- ``section_facts(run)`` / ``settings_facts(run)``: what the report adds to the axis's section
+  and to ``settings[<name>]`` beyond the measurements.
 """
 
 from __future__ import annotations
 
 import re
-from typing import Dict, Iterable
+from typing import Dict, Iterable, List, Tuple
 
-from ..axis import Axis
+from ..axis import default_cache_reads, default_item_table, default_statistic
+from ..errors import UsageProblem
 from . import kld, plad, rniah, trajectory
+
+REQUIRED = ("NAME", "units", "planned_tokens", "measure", "aggregate")
 
 BUILTIN = {m.NAME: m for m in (trajectory, kld, rniah, plad)}
 ORDER = tuple(BUILTIN)
-AXES = BUILTIN  # the built-in axes by name
-_NAME_RE = re.compile(r"^[a-z][a-z0-9_]{0,31}$")
-_REQUIRED = ("units", "measure", "aggregate")
+AXES = BUILTIN  # the name older code uses
+# The order in which the axes' own sentences appear in a diagnosis: the trajectory sentence is
+# phrased against the KLD's reading ("although distributions stay close"), so KLD comes first.
+# Axes not listed here follow in the order they ran.
+DIAGNOSIS_ORDER = ("kld", "trajectory", "rniah", "plad")
 
 
-class _Defaults(Axis):
-    """An axis object that lacks optional members, completed with Axis's defaults."""
+DEFAULTS = {
+    "ITEMS_KEY": "items",
+    "NEEDS": (),
+    "cache_reads": default_cache_reads,
+    "section_facts": lambda run: {},
+    "settings_facts": lambda run: {},
+    "diagnose": lambda section, axes: [],
+    "control_diagnosis": lambda section, control_section: [],
+    "item_detail": lambda item: "",
+    "section_detail": lambda section, control=False: "",
+    "COMPARE_METRICS": (),
+    "item_table": default_item_table,
+    "statistic": default_statistic,
+    "BATCHED": 0,
+}
+
+
+class _WithDefaults:
+    """An external axis as given, with the documented default for each optional member it
+    lacks. Its own attributes always win; nothing is written onto the object itself."""
 
     def __init__(self, axis):
-        self._axis = axis
+        self.__dict__["_axis"] = axis
 
-    def __getattribute__(self, name):
-        axis = object.__getattribute__(self, "_axis")
-        if name == "_axis":
-            return axis
-        if hasattr(axis, name):
-            return getattr(axis, name)
-        return object.__getattribute__(self, name)
+    def __getattr__(self, name):
+        try:
+            return getattr(self._axis, name)
+        except AttributeError:
+            if name == "TITLE":
+                return self._axis.NAME
+            if name in DEFAULTS:
+                return DEFAULTS[name]
+            raise
+
+    def __setattr__(self, name, value):
+        setattr(self._axis, name, value)
+
+    def __repr__(self):
+        return f"<axis {self._axis.NAME!r}: {self._axis!r}>"
 
 
-def complete(axis):
-    """``axis`` with every optional member of the protocol present."""
-    return axis if isinstance(axis, Axis) else _Defaults(axis)
+def normalise(axis):
+    """The axis itself when it has every optional member (the built-ins), else a view of it
+    with the defaults filled in."""
+    if all(hasattr(axis, name) for name in ("TITLE", *DEFAULTS)):
+        return axis
+    return _WithDefaults(axis)
+
+
+def generic(name: str):
+    """An axis a report names but this process does not know (compare reads reports offline):
+    only what every section has, its score, band and items, can be shown."""
+    stub = type("UnknownAxis", (), {"NAME": name})()
+    return _WithDefaults(stub)
 
 
 def resolve(extra: Iterable = ()) -> Dict[str, object]:
-    """Name -> axis: the built-ins in their order, then ``extra`` (from the hook) in the order
-    given. An extra axis must have a new, well-formed name and the required members."""
-    out = {name: complete(m) for name, m in BUILTIN.items()}
+    """Name -> axis: the built-ins in ORDER, then the extra axes in the order given, each with
+    every optional member present. An extra axis must have the required members and a name of
+    its own (a lowercase word, so test ids and JSON keys stay plain)."""
+    out: Dict[str, object] = dict(BUILTIN)
     for axis in extra:
-        name = getattr(axis, "NAME", None)
-        if not isinstance(name, str) or not _NAME_RE.match(name):
-            raise ValueError(f"an axis from pytest_refract_axes has no valid NAME (lowercase letters, digits, _): {name!r}")
-        if name in out:
-            raise ValueError(f"an axis from pytest_refract_axes is named {name!r}, which is taken")
-        missing = [m for m in _REQUIRED if not callable(getattr(axis, m, None))]
+        missing = [m for m in REQUIRED if not hasattr(axis, m)]
         if missing:
-            raise ValueError(f"axis {name!r} from pytest_refract_axes lacks {', '.join(missing)}")
-        out[name] = complete(axis)
+            raise UsageProblem(f"axis {axis!r} lacks {', '.join(missing)}: an axis needs {', '.join(REQUIRED)}")
+        name = axis.NAME
+        if not isinstance(name, str) or not re.fullmatch(r"[a-z]+", name):
+            raise UsageProblem(f"axis name {name!r} must be a lowercase word (letters a-z)")
+        if name in out:
+            raise UsageProblem(f"axis {name!r} is registered twice")
+        out[name] = normalise(axis)
     return out
+
+
+def known(names: Iterable[str], registry: Dict[str, object]) -> List[Tuple[str, object]]:
+    """(name, axis) for report sections: the registry's order first, then names the registry
+    does not know (shown generically), in the order given."""
+    names = list(names)
+    ordered = [(n, a) for n, a in registry.items() if n in names]
+    return ordered + [(n, generic(n)) for n in names if n not in registry]

@@ -33,6 +33,18 @@ def cache_reads(run) -> dict:
     return {"ctx": run.settings.ctx, "corpus": corpus.sha256 if corpus else None}
 
 
+def section_facts(run) -> dict:
+    """Added to the report's section: the corpus the chunks came from."""
+    from ..facts import text_source
+
+    corpus = run.inputs.corpus
+    return {"corpus": text_source(corpus)} if corpus is not None else {}
+
+
+def settings_facts(run) -> dict:
+    return {}
+
+
 def planned_tokens(run, unit) -> int:
     """Tokens this item will feed llama.cpp (progress only): the chunk under the reference,
     the candidate and the floor (the reference may come from a cache, then it is fewer)."""
@@ -139,3 +151,75 @@ def aggregate(results: List[dict]) -> dict:
     else:
         section["floor_score"] = None
     return section
+
+
+# --------------------------------------------------------------------------- presentation
+# (what the report, the terminal summary, compare and the bootstrap show of this axis)
+# Imported here, beside the code that needs them, so this block merges on its own.
+from ..scoring import BAND_FLOOR
+
+
+TITLE = "KLD"
+ITEMS_KEY = "items"
+# Below this mean KLD (nats) a lower candidate perplexity is noise, not worth a warning.
+PPL_HIDES_MIN_KLD = 0.01
+
+
+def diagnose(section: dict, axes: dict) -> List[str]:
+    out = []
+    if section["score"] < BAND_FLOOR["PASS"]:
+        out.append(
+            f"Short-context drift: next-token distributions move (mean KLD {section['mean_kld']:.4f} nats, "
+            f"same top token {section['same_top_p_pct']:.1f}% of positions)."
+        )
+    # Only where the drift is material: at tiny KLD, PPL moving either way is noise.
+    if section["mean_kld"] >= PPL_HIDES_MIN_KLD and section["ppl_cand"] <= section["ppl_ref"]:
+        out.append(
+            f"Perplexity hides the damage: PPL {section['ppl_cand']:.3f} vs {section['ppl_ref']:.3f} for the reference, "
+            f"yet mean KLD is {section['mean_kld']:.4f} nats."
+        )
+    return out
+
+
+def control_diagnosis(section: dict, control_section: dict) -> List[str]:
+    return []
+
+
+def item_detail(item: dict) -> str:
+    return f"mean KLD {item['mean_kld']:.4f}, max {item['max_kld']:.3f}"
+
+
+def section_detail(section: dict, control: bool = False) -> str:
+    if section.get("score") is None:
+        return ""
+    if control:
+        return f"  mean KLD {section['mean_kld']:.5f}, same top {section['same_top_p_pct']:.2f}%"
+    return (f"  mean KLD {section['mean_kld']:.5f} ± {section['mean_kld_unc']:.5f}, same top "
+            f"{section['same_top_p_pct']:.2f}%, RMS Δp {section['rms_dp_pct']:.3f}%, PPL {section['ppl_ref']:.3f} → "
+            f"{section['ppl_cand']:.3f}")
+
+
+COMPARE_METRICS = (
+    ("  mean KLD", "mean_kld", "{:.6f}", False),
+    ("  KLD p99", "kld_percentiles.99", "{:.5f}", False),
+    ("  same top p %", "same_top_p_pct", "{:.3f}", True),
+    ("  calibrated", "calibrated_score", "{:.2f}", True),
+    ("  RMS dp %", "rms_dp_pct", "{:.3f}", False),
+    ("  mean dp %", "mean_dp_pct", "{:.3f}", None),
+    ("  PPL ref", "ppl_ref", "{:.4f}", None),
+    ("  PPL cand", "ppl_cand", "{:.4f}", False),
+)
+
+
+def item_table(items) -> Tuple[List[str], np.ndarray]:
+    """Per chunk: (mean KLD x positions, positions), so the statistic weighs every position
+    equally, as the axis score does."""
+    rows = [(float(i["mean_kld"]) * float(i["n_positions"]), float(i["n_positions"])) for i in items]
+    return [str(i["id"]) for i in items], np.asarray(rows, dtype=np.float64).reshape(len(rows), 2)
+
+
+def statistic(table) -> np.ndarray:
+    """100 x exp(-mean KLD over all positions), of a table (n, 2) or a stack (..., n, 2)."""
+    t = np.asarray(table, dtype=np.float64)
+    mean = t[..., 0].sum(axis=-1) / t[..., 1].sum(axis=-1)
+    return 100.0 * np.exp(-np.maximum(0.0, mean))

@@ -41,6 +41,14 @@ def cache_reads(run) -> dict:
     return {"n_predict": s.n_predict, "decode_batch": s.decode_batch, "seed": s.seed}
 
 
+def section_facts(run) -> dict:
+    return {}
+
+
+def settings_facts(run) -> dict:
+    return {}
+
+
 def planned_tokens(run, unit) -> int:
     """Tokens this item will feed llama.cpp (progress only): anchor and perturbed prompt with
     their continuations, per side, for the whole batch where batched (zero once it ran). Anchors
@@ -148,3 +156,54 @@ def aggregate(results: List[dict]) -> dict:
     else:
         section["floor_score"] = None
     return section
+
+
+# --------------------------------------------------------------------------- presentation
+# (what the report, the terminal summary, compare and the bootstrap show of this axis)
+# Imported here, beside the code that needs them, so this block merges on its own.
+import numpy as np
+
+from ..scoring import BAND_FLOOR
+
+
+TITLE = "PLAD"
+ITEMS_KEY = "items"
+
+
+def diagnose(section: dict, axes: dict) -> List[str]:
+    if section["score"] >= BAND_FLOOR["PASS"]:
+        return []
+    worst = sorted(((v, k) for k, v in section.get("per_perturbation", {}).items() if v is not None))
+    named = f", most under {worst[0][1]} perturbations ({worst[0][0]:.1f})" if worst else ""
+    return [f"Brittleness: small prompt changes move the candidate's output more than the reference's{named}."]
+
+
+def control_diagnosis(section: dict, control_section: dict) -> List[str]:
+    return []
+
+
+def item_detail(item: dict) -> str:
+    return f"drift {item['cand_drift']:.2f} vs reference {item['ref_drift']:.2f}"
+
+
+def section_detail(section: dict, control: bool = False) -> str:
+    # An aggregated section (scored or n/a); a failed or interrupted one has no pairs.
+    if control or section.get("status") not in ("scored", "n/a"):
+        return ""
+    kinds = ", ".join(f"{k} {'n/a' if v is None else f'{v:.1f}'}" for k, v in section["per_perturbation"].items())
+    return f"  {kinds}; {section['n_pairs']} pairs, {section['n_skipped']} skipped"
+
+
+COMPARE_METRICS = tuple((f"  {kind}", f"per_perturbation.{kind}", "{:.2f}", True) for kind in PERTURBATIONS)
+
+
+def item_table(items):
+    """Per applied perturbation: the pair's score (skipped pairs are left out)."""
+    scored = [i for i in items if not i.get("skipped") and i.get("score") is not None]
+    rows = [(float(i["score"]),) for i in scored]
+    return [str(i["id"]) for i in scored], np.asarray(rows, dtype=np.float64).reshape(len(rows), 1)
+
+
+def statistic(table) -> np.ndarray:
+    """The mean pair score, of a table (n, 1) or a stack (..., n, 1)."""
+    return np.asarray(table, dtype=np.float64)[..., 0].mean(axis=-1)

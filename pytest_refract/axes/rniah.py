@@ -42,6 +42,19 @@ def cache_reads(run) -> dict:
             "haystack": inputs.haystack_source.sha256 if inputs.haystack_source else None}
 
 
+def section_facts(run) -> dict:
+    return {}
+
+
+def settings_facts(run) -> dict:
+    """Merged into the report's settings["rniah"]: what the cells ran with beyond the options."""
+    inputs = run.inputs
+    if not inputs.rniah_lengths:
+        return {}
+    return {"lengths": list(inputs.rniah_lengths), "effective_answer_tokens": inputs.rniah_answer_tokens,
+            "thinking_template": inputs.rniah_thinking}
+
+
 def planned_tokens(run, unit) -> int:
     """Tokens this cell will feed llama.cpp (progress only): per trial and side, the prompt
     and the whole answer budget (an answer that ends early, or a reused prefix, makes it fewer)."""
@@ -157,3 +170,68 @@ def aggregate(results: List[dict]) -> dict:
     else:
         section["floor_score"] = None
     return section
+
+
+# --------------------------------------------------------------------------- presentation
+# (what the report, the terminal summary, compare and the bootstrap show of this axis)
+# Imported here, beside the code that needs them, so this block merges on its own.
+import numpy as np
+
+from ..scoring import BAND_FLOOR
+
+
+TITLE = "R-NIAH"
+ITEMS_KEY = "cells"
+
+
+def diagnose(section: dict, axes: dict) -> List[str]:
+    out = []
+    if section["score"] < BAND_FLOOR["PASS"]:
+        lost = [f"{c['length']} tokens at {c['position']:.0%}" for c in section.get("cells", [])
+                if c.get("degradation") and c["degradation"] > 0]
+        out.append(
+            "Long-context retrieval loss: the candidate misses a needle the reference finds"
+            + (f" ({', '.join(lost[:6])})" if lost else "") + "."
+        )
+    if section.get("confidence") == "low":
+        out.append(
+            f"R-NIAH confidence is low: the reference retrieves the needle in only {100 * section['ref_hit_rate']:.0f}% "
+            "of trials, so the composite rests partly on a low-confidence axis."
+        )
+    return out
+
+
+def control_diagnosis(section: dict, control_section: dict) -> List[str]:
+    return []
+
+
+def item_detail(item: dict) -> str:
+    return f"reference {item['ref_hits']}/{item['trials']}, candidate {item['cand_hits']}/{item['trials']}"
+
+
+def section_detail(section: dict, control: bool = False) -> str:
+    # An aggregated section (scored or n/a); a failed or interrupted one has no hit rates.
+    if control or section.get("status") not in ("scored", "n/a"):
+        return ""
+    return (f"  reference hit rate {100 * section['ref_hit_rate']:.0f}%, candidate {100 * section['cand_hit_rate']:.0f}%, "
+            f"{section['n_scored_cells']}/{section['n_cells']} cells scored"
+            + ("  LOW CONFIDENCE" if section.get("confidence") == "low" else ""))
+
+
+COMPARE_METRICS = (
+    ("  reference hit rate", "ref_hit_rate", "{:.3f}", None),
+    ("  candidate hit rate", "cand_hit_rate", "{:.3f}", True),
+)
+
+
+def item_table(items):
+    """Per cell the reference retrieves in: the candidate's loss, (ref hits - cand hits) / trials
+    (a cell the reference never retrieves in is not scored)."""
+    scored = [i for i in items if i.get("ref_hits")]
+    rows = [(max(0.0, (i["ref_hits"] - i["cand_hits"]) / i["trials"]),) for i in scored]
+    return [str(i["id"]) for i in scored], np.asarray(rows, dtype=np.float64).reshape(len(rows), 1)
+
+
+def statistic(table) -> np.ndarray:
+    """100 x (1 - mean loss over cells), of a table (n, 1) or a stack (..., n, 1)."""
+    return 100.0 * (1.0 - np.asarray(table, dtype=np.float64)[..., 0].mean(axis=-1))

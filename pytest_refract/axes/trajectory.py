@@ -40,6 +40,14 @@ def cache_reads(run) -> dict:
     return {"n_predict": run.settings.n_predict, "decode_batch": run.settings.decode_batch}
 
 
+def section_facts(run) -> dict:
+    return {}
+
+
+def settings_facts(run) -> dict:
+    return {}
+
+
 def planned_tokens(run, unit) -> int:
     """Tokens this item will feed llama.cpp, estimated before it runs (for progress only):
     each side's prompt and continuation, and half a continuation of teacher forcing per
@@ -233,3 +241,90 @@ def _weighted_top1(results: List[dict]):
     if any(p is None for p, _ in pairs) or not sum(n for _, n in pairs):
         return None
     return sum(p * n for p, n in pairs) / sum(n for _, n in pairs)
+
+
+# --------------------------------------------------------------------------- presentation
+# (what the report, the terminal summary, compare and the bootstrap show of this axis)
+# Imported here, beside the code that needs them, so this block merges on its own.
+from ..scoring import BAND_FLOOR
+
+
+TITLE = "Trajectory"
+ITEMS_KEY = "items"
+
+
+def diagnose(section: dict, axes: dict) -> List[str]:
+    if section["score"] >= BAND_FLOOR["PASS"]:
+        return []
+    md = section.get("median_first_divergence")
+    where = f" after a median of {md:g} tokens" if md is not None else ""
+    kld = axes.get("kld") or {}
+    if kld.get("score") is not None and kld["score"] >= BAND_FLOOR["EXCELLENT"]:
+        return [f"Greedy decodes diverge{where} although distributions stay close: near-tie tokens flip, so "
+                "generated text changes wording even where the model's beliefs barely move."]
+    return [f"Generated text drifts: greedy continuations leave the reference's path{where}."]
+
+
+def control_diagnosis(section: dict, control_section: dict) -> List[str]:
+    """Whether the candidate's greedy divergences are near-tie flips (as the control's are) or
+    confident changes of the reference's token."""
+    if not section.get("n_divergences"):
+        return []
+    near, total = section.get("n_near_tie_divergences", 0), section["n_divergences"]
+    c_near, c_total = control_section.get("n_near_tie_divergences", 0), control_section.get("n_divergences", 0)
+    control_text = f"control: {c_near} of {c_total}" if c_total else "the control never diverges"
+    top1 = section.get("teacher_forced_top1_pct")
+    c_top1 = control_section.get("teacher_forced_top1_pct")
+    along = (f"; teacher-forced top-1 agreement {top1:.1f}% (control {c_top1:.1f}%)"
+             if top1 is not None and c_top1 is not None else "")
+    if total - near <= c_total - c_near:  # no more confident changes than the control makes
+        return [f"Greedy divergences are near-tie flips {'only' if near == total else 'mostly'} ({near} of "
+                f"{total} at a reference top-2 margin "
+                f"below {NEAR_TIE_MARGIN:g}; {control_text}), like the control's{along}."]
+    return [f"Changes confident tokens: {total - near} of {total} greedy divergences happen where the "
+            f"reference's top-2 margin is at least {NEAR_TIE_MARGIN:g} ({control_text}){along}."]
+
+
+def item_detail(item: dict) -> str:
+    fd = item.get("first_divergence")
+    return f"diverges at token {fd}" if fd is not None else "full match"
+
+
+def section_detail(section: dict, control: bool = False) -> str:
+    if section.get("score") is None:
+        return ""
+    top1 = section.get("teacher_forced_top1_pct")
+    top1_text = "-" if top1 is None else f"{top1:.1f}%"
+    ties = f"near-tie divergences {section.get('n_near_tie_divergences', 0)}/{section.get('n_divergences', 0)}"
+    if control:
+        return f"  full match {100 * section['full_match_rate']:.0f}%, teacher-forced top-1 {top1_text}, {ties}"
+    md = section.get("median_first_divergence")
+    return (f"  full match {100 * section['full_match_rate']:.0f}%, median first divergence "
+            f"{'-' if md is None else f'{md:g}'}, teacher-forced KLD {section['teacher_forced_kld']:.5f}, "
+            f"teacher-forced top-1 {top1_text}, {ties}")
+
+
+COMPARE_METRICS = (
+    ("  full match rate", "full_match_rate", "{:.3f}", True),
+    ("  median first divergence", "median_first_divergence", "{:g}", True),
+    ("  mean prefix agreement", "mean_prefix_agreement", "{:.2f}", True),
+    ("  teacher-forced KLD", "teacher_forced_kld", "{:.5f}", False),
+    ("  teacher-forced top-1 %", "teacher_forced_top1_pct", "{:.2f}", True),
+    ("  calibrated", "calibrated_score", "{:.2f}", True),
+)
+
+
+def item_table(items):
+    """Per prompt: (prefix agreement, longer continuation's length), the two sums the axis
+    score is a ratio of."""
+    rows = [(float(i["prefix_agreement"]), float(max(i["ref_len"], i["cand_len"]))) for i in items]
+    return [str(i["id"]) for i in items], np.asarray(rows, dtype=np.float64).reshape(len(rows), 2)
+
+
+def statistic(table) -> np.ndarray:
+    """100 x total prefix agreement / total longest length (100 when nothing was generated),
+    of a table (n, 2) or a stack (..., n, 2)."""
+    t = np.asarray(table, dtype=np.float64)
+    agree, longest = t[..., 0].sum(axis=-1), t[..., 1].sum(axis=-1)
+    safe = np.where(longest > 0, longest, 1.0)
+    return np.where(longest > 0, 100.0 * agree / safe, 100.0)
