@@ -29,7 +29,7 @@ from pathlib import Path
 
 def throughput(model_path: Path, kv_text: str, threads: int, n_ctx: int = 1024, repeats: int = 3,
                long_lengths: tuple = ()) -> dict:
-    from pytest_refract import engine as E
+    from pytest_refract.engines import llamacpp as E
     from pytest_refract.data import load_corpus
     from pytest_refract.gguf_meta import read_gguf
     from pytest_refract.kvconfig import parse_kv_config, validate_for_model
@@ -42,12 +42,12 @@ def throughput(model_path: Path, kv_text: str, threads: int, n_ctx: int = 1024, 
         ctx = eng.context(kv, types, E.ContextSettings(n_ctx=n_ctx, n_threads=threads), "bench")
         tokens = eng.tokenize(load_corpus().text[:20000], add_special=True)[:512]
         ctx.reset()
-        ctx.evaluate(tokens[:64], 0, logits_from=63)  # warm-up: graph allocation, page faults
+        ctx.evaluate(0, tokens[:64], 0, logits_from=63)  # warm-up: graph allocation, page faults
         pp = []
         for _ in range(repeats):
             ctx.reset()
             t = time.perf_counter()
-            ctx.evaluate(tokens, 0, logits_from=511)
+            ctx.evaluate(0, tokens, 0, logits_from=511)
             pp.append(512 / (time.perf_counter() - t))
         long_rates = {}
         if long_lengths:
@@ -59,21 +59,21 @@ def throughput(model_path: Path, kv_text: str, threads: int, n_ctx: int = 1024, 
             for length in long_lengths:
                 long_ctx.reset()
                 t = time.perf_counter()
-                long_ctx.evaluate(many[:length], 0, logits_from=length - 1)
+                long_ctx.evaluate(0, many[:length], 0, logits_from=length - 1)
                 long_rates[length] = length / (time.perf_counter() - t)
         tg = []
         for _ in range(repeats):
             ctx.reset()
-            ctx.evaluate(tokens[:1], 0, logits_from=0)
+            ctx.evaluate(0, tokens[:1], 0, logits_from=0)
             t = time.perf_counter()
             for i in range(128):
-                ctx._decode([tokens[(i + 1) % 512]], i + 1, [True])
+                ctx._step([(tokens[(i + 1) % 512], i + 1, True)], [0])
             tg.append(128 / (time.perf_counter() - t))
         # Decode with 16 sequences stepping together (one KV stream each), as the trajectory
         # and PLAD axes do with the default --refract-decode-batch: 16 prompts of 64 tokens,
         # then 128 steps of 16 rows. Audit tokens decoded this way are priced at this rate.
         width = 16
-        many = eng.sequences_context(kv, types, E.ContextSettings(n_ctx=256, n_threads=threads), "bench-seq", width, 256)
+        many = eng.context(kv, types, E.ContextSettings(n_ctx=256, n_threads=threads), "bench-seq", n_seq=width)
         tgw = []
         for _ in range(repeats):
             for slot in range(width):
@@ -81,7 +81,7 @@ def throughput(model_path: Path, kv_text: str, threads: int, n_ctx: int = 1024, 
                 many.evaluate_each(slot, tokens[slot * 8 : slot * 8 + 64], 0, 63, lambda first, view: None)
             t = time.perf_counter()
             for i in range(128):
-                many._run([(tokens[(i + slot) % 512], 64 + i, True) for slot in range(width)], list(range(width)))
+                many._step([(tokens[(i + slot) % 512], 64 + i, True) for slot in range(width)], list(range(width)))
             tgw.append(width * 128 / (time.perf_counter() - t))
         return {"pp512": statistics.median(pp), "tg128": statistics.median(tg), "tg128x16": statistics.median(tgw),
                 "pp_at": long_rates}

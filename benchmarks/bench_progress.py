@@ -42,7 +42,7 @@ def main() -> None:
     print(f"Progress.decoded without a sink:        {per_call_ns(bare.decoded):7.0f} ns/call")
     print(f"Progress.decoded with a sink, not due:  {per_call_ns(with_sink.decoded):7.0f} ns/call")
 
-    from pytest_refract import engine as E
+    from pytest_refract.engines import llamacpp as E
     from pytest_refract.data import resolve_model
     from pytest_refract.gguf_meta import read_gguf
     from pytest_refract.kvconfig import parse_kv_config, validate_for_model
@@ -55,10 +55,10 @@ def main() -> None:
     prompt = eng.tokenize("The quick brown fox jumps over the lazy dog.")
     steps = 64
     ctx.reset()
-    ctx.evaluate(prompt, 0, logits_from=len(prompt) - 1)
+    ctx.evaluate(0, prompt, 0, logits_from=len(prompt) - 1)
     started = time.perf_counter()
     for i in range(steps):
-        ctx._decode([prompt[-1]], len(prompt) + i, [True])
+        ctx._step([(prompt[-1], len(prompt) + i, True)], [0])
     step_ns = (time.perf_counter() - started) / steps * 1e9
     print(f"llama_decode, one token ({path.name}, {args.threads} threads): {step_ns / 1e6:7.2f} ms/call")
     print(f"progress per decode step: {100 * per_call_ns(with_sink.decoded) / step_ns:.4f}% of the step")

@@ -390,7 +390,11 @@ def test_llama_percentile_is_numpys_linear_method_up_to_rounding(values, fractio
     v = np.sort(np.array(values, dtype=np.float64))
     ours, theirs = llama_percentile(v, fraction), float(np.percentile(v, 100 * fraction))
     scale = float(np.max(np.abs(v)))
-    assert abs(ours - theirs) <= 8 * np.finfo(np.float64).eps * scale
+    # Besides the last-bit arithmetic, numpy computes the fractional index q * (n - 1) with
+    # its own rounding: the weight between two order statistics can differ by ~1e-13 (found
+    # by hypothesis on [0] * 1000 + [1] at 0.999), which moves the value by that share of the gap.
+    gap = float(v[-1] - v[0])
+    assert abs(ours - theirs) <= 8 * np.finfo(np.float64).eps * scale + 1e-9 * gap
 
 
 def test_llama_percentile_is_not_numpys_arithmetic():

@@ -178,6 +178,25 @@ def test_examples_pass_against_smollm2(pytester, smollm2):
     assert {m["kind"] for m in data["custom"]["measurements"]} == {"greedy", "kld", "needle", "gate"}
 
 
+def test_the_custom_axis_example_runs_as_documented(pytester, smollm2):
+    """examples/custom_axis: a fifth axis from a conftest.py, with the README's command (fewer
+    prompts and tokens)."""
+    folder = pytester.path / "custom_axis"
+    folder.mkdir()
+    source = Path(__file__).resolve().parent.parent / "examples" / "custom_axis" / "conftest.py"
+    (folder / "conftest.py").write_bytes(source.read_bytes())
+    report = pytester.path / "report.json"
+    result = pytester.runpytest_subprocess(
+        "custom_axis", f"--refract-model={smollm2}", "--refract-candidate=ctk=q8_0,ctv=q4_0",
+        "--refract-axes=trajectory,length", "--refract-n-predict=32", "-k", "fact", f"--refract-json={report}", "-v")
+    out = result.stdout.str()
+    assert result.ret in (0, 1), out[-3000:]
+    assert "test_length[fact-001] PASSED" in out
+    data = read_report(report)
+    assert data["axes"]["length"]["score"] is not None and data["composite"] is not None
+    assert len(data["axes"]["length"]["items"]) == len(data["axes"]["trajectory"]["items"]) > 0
+
+
 def test_batched_decode_is_bit_identical_to_one_at_a_time(pytester, smollm2):
     """Six bundled prompts, 4 sequences per batch: the trajectory axis runs two batches, PLAD
     one queue of ~30 prompts that reuses slots as sequences finish; q8_0/q4_0 leaves the
