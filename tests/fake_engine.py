@@ -12,11 +12,11 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from typing import Dict, List, Optional, Tuple  # noqa: F401
 
 import numpy as np
 
-from pytest_refract.engines.base import Context, ContextRefused, ContextSettings, padded  # noqa: F401
+from pytest_refract.engines.base import Context, ContextRefused, ContextSettings, context_for, padded
 from pytest_refract.kvconfig import CacheType
 from pytest_refract.kvlog import CacheAllocation, KVFacts
 
@@ -26,8 +26,6 @@ BOS, EOS = 1, 2
 TYPES = {"f32": (0, 32, 1, 4.0, 0.0), "f16": (1, 16, 1, 2.0, 0.0), "bf16": (30, 16, 1, 2.0, 0.002),
          "q8_0": (8, 8, 32, 34 / 32, 0.01), "q4_0": (2, 4, 32, 18 / 32, 0.6)}
 N_LAYER, N_HEAD_KV, HEAD = 2, 2, 32
-# What the tests can inspect: every context created (config label, n_seq) and every probe.
-CREATED: List[Tuple[str, int]] = []
 
 
 def cache_types() -> Dict[str, CacheType]:
@@ -91,17 +89,8 @@ class Engine:
         return lambda content: f"user: {content} assistant:"
 
     def context(self, kv, types, settings: ContextSettings, role: str, n_seq: int = 1, n_ctx_seq: Optional[int] = None):
-        n_ctx_seq = padded(n_ctx_seq or settings.n_ctx)
-        key = (role, kv.label())
-        ctx = self._contexts.get(key)
-        if ctx is not None and (ctx.n_seq < n_seq or ctx.n_ctx_seq < n_ctx_seq):
-            self._contexts.pop(key).close()
-            ctx = None
-        if ctx is None:
-            ctx = FakeContext(self, kv, types, settings, n_seq, n_ctx_seq)
-            self._contexts[key] = ctx
-            CREATED.append((kv.label(), n_seq))
-        return ctx
+        return context_for(self._contexts, (role, kv.label()), n_seq, padded(n_ctx_seq or settings.n_ctx),
+                           lambda n_ctx: FakeContext(self, kv, types, settings, n_seq, n_ctx))
 
     def probe(self, kv, types, settings: ContextSettings):
         if kv.rot not in ("default", "off"):

@@ -82,6 +82,18 @@ def padded(n: int, to: int = 256) -> int:
     return int(math.ceil(n / float(to)) * to)
 
 
+def context_for(pool: dict, key, n_seq: int, n_ctx_seq: int, create):
+    """The context ``pool[key]``, or a new one from ``create(n_ctx_seq)`` where there is none
+    or it is too small (fewer sequences or cells than asked); a replaced one is closed first."""
+    ctx = pool.get(key)
+    if ctx is not None and (ctx.n_seq < n_seq or ctx.n_ctx_seq < n_ctx_seq):
+        pool.pop(key).close()
+        ctx = None
+    if ctx is None:
+        ctx = pool[key] = create(n_ctx_seq)
+    return ctx
+
+
 class Context:
     """A KV cache with ``n_seq`` independent sequences of ``n_ctx_seq`` cells each.
 

@@ -23,7 +23,7 @@ import numpy as np
 from .. import kvlog, libload
 from ..errors import MeasurementError, UsageProblem
 from ..kvconfig import CacheType, KVConfig
-from .base import Context, ContextRefused, ContextSettings, TemplateProblem, padded, require_finite
+from .base import Context, ContextRefused, ContextSettings, TemplateProblem, context_for, padded, require_finite
 
 try:  # imported lazily by the plugin: only modules that need llama.cpp import this one
     import llama_cpp
@@ -368,16 +368,8 @@ class Engine:
         """The context of ``role`` (the floor gets its own, with the reference's config): up
         to ``n_seq`` sequences of ``n_ctx_seq`` cells (default: settings.n_ctx). A context too
         small for what is asked is replaced."""
-        n_ctx_seq = padded(n_ctx_seq or settings.n_ctx)
-        key = (role, kv.label())
-        ctx = self._contexts.get(key)
-        if ctx is not None and (ctx.n_seq < n_seq or ctx.n_ctx_seq < n_ctx_seq):
-            self._contexts.pop(key).close()
-            ctx = None
-        if ctx is None:
-            ctx = LlamaContext(self, kv, types, settings, n_seq, n_ctx_seq)
-            self._contexts[key] = ctx
-        return ctx
+        return context_for(self._contexts, (role, kv.label()), n_seq, padded(n_ctx_seq or settings.n_ctx),
+                           lambda n_ctx: LlamaContext(self, kv, types, settings, n_seq, n_ctx))
 
     def probe(self, kv: KVConfig, types: Tuple[CacheType, CacheType], settings: ContextSettings):
         """Create and free a small context for ``kv``: llama.cpp's verdict on the config (a
