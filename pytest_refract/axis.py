@@ -30,6 +30,8 @@ class Axis:
     NAME: str = ""
     #: What the axis's inputs are loaded for: any of "prompts", "corpus", "haystack".
     NEEDS: Tuple[str, ...] = ()
+    #: What the progress line calls a unit where its id alone does not say (R-NIAH: "cell").
+    UNIT_NOUN: str = ""
     #: Decode-batch widths of units per batch for axes that decode in batches; 0 for none.
     BATCHED: int = 0
     #: The section key of the per-item list.

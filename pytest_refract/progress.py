@@ -33,15 +33,14 @@ LIVE_INTERVAL_S = 0.25
 PLAIN_INTERVAL_S = 12.0
 
 
-def describe(axis: str, unit: dict, candidate: Optional[str] = None) -> str:
+def describe(axis: str, unit: dict, candidate: Optional[str] = None, noun: str = "") -> str:
     """What an item computes, as the status line names it: its decode batch where batched
-    (the batch is the long wait), else its prompt, chunk or cell."""
+    (the batch is the long wait), else its unit (``noun`` names it where the id alone does
+    not say what it is: "rniah cell 1024-0.50")."""
     if unit.get("batch") is not None:
         what = f"{axis} batch {unit['batch']}"
-    elif axis == "rniah":
-        what = f"rniah cell {unit['id']}"
     else:
-        what = f"{axis} {unit['id']}"
+        what = f"{axis} {noun + ' ' if noun else ''}{unit['id']}"
     return f"{what} [{candidate}]" if candidate else what
 
 

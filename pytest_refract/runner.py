@@ -376,7 +376,8 @@ class Runner:
 
         multi = len(self.candidate_roles) > 1
         planned = axis.planned_tokens(self, unit) * self.settings.repeat
-        self.progress.begin(describe(axis.NAME, unit, self.labels[unit["candidate"]] if multi else None), planned)
+        self.progress.begin(describe(axis.NAME, unit, self.labels[unit["candidate"]] if multi else None, axis.UNIT_NOUN),
+                            planned)
         try:
             result = self._measure_once(axis, unit)
             done = (axis.NAME, unit["id"])

@@ -60,7 +60,7 @@ def test_status_text_names_the_work_and_estimates_what_is_left():
 def test_describe_names_batch_cell_or_unit():
     assert describe("trajectory", {"id": "fact-001", "batch": 2}) == "trajectory batch 2"
     assert describe("trajectory", {"id": "fact-001", "batch": None}) == "trajectory fact-001"
-    assert describe("rniah", {"id": "1024-0.50"}) == "rniah cell 1024-0.50"
+    assert describe("rniah", {"id": "1024-0.50"}, noun="cell") == "rniah cell 1024-0.50"
     assert describe("kld", {"id": "chunk-07"}, "ctk=q8_0,ctv=q4_0") == "kld chunk-07 [ctk=q8_0,ctv=q4_0]"
 
 

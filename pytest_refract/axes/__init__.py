@@ -24,6 +24,7 @@ Optional (``resolve`` supplies the defaults in ``DEFAULTS`` for an object that l
 - ``item_table(items) -> (ids, ndarray)`` and ``statistic(table) -> ndarray``: the per-item
   numbers the bootstrap resamples and the axis score computed from them (see calibration.py);
 - ``BATCHED``: decode-batch widths per xdist group (0: not batched);
+- ``UNIT_NOUN``: what the progress line calls a unit where its id does not say ("cell");
 - ``NEEDS``: which inputs the axis reads ("prompts", "corpus", "haystack");
 - ``cache_reads(run)``: what an item's result depends on besides its unit (the sensitivity
   control's cache key; default: every setting);
@@ -54,6 +55,7 @@ DIAGNOSIS_ORDER = ("kld", "trajectory", "rniah", "plad")
 DEFAULTS = {
     "ITEMS_KEY": "items",
     "NEEDS": (),
+    "UNIT_NOUN": "",
     "cache_reads": default_cache_reads,
     "section_facts": lambda run: {},
     "settings_facts": lambda run: {},

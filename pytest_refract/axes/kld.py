@@ -18,6 +18,7 @@ from ..scoring import band_for, is_score, kld_positions, kld_score, kld_summary
 
 NAME = "kld"
 NEEDS = ("corpus",)
+UNIT_NOUN = ""
 BATCHED = 0
 NON_FINITE_KLD = "the KLD is not a finite number (NaN or Infinity in the log-probabilities); no score is claimed"
 _RAW_KEYS = ("kld", "p_diff", "nll_ref", "nll_cand", "same_top")

@@ -21,6 +21,7 @@ NAME = "plad"
 NEEDS = ("prompts",)
 # Decode-batch widths of units per batch: PLAD keeps only token ids, so a longer queue keeps
 # its batch full for longer.
+UNIT_NOUN = ""
 BATCHED = 4
 EXCESS_WEIGHT = 5.0
 

@@ -17,6 +17,7 @@ from ..scoring import band_for
 
 NAME = "rniah"
 NEEDS = ("haystack",)
+UNIT_NOUN = "cell"  # the progress line says "rniah cell 1024-0.50"
 BATCHED = 0
 LOW_CONFIDENCE_BELOW = 0.2
 

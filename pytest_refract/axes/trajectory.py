@@ -25,6 +25,7 @@ NAME = "trajectory"
 NEEDS = ("prompts",)
 # Decode-batch widths of units per batch (one xdist group): a batch keeps its reference's
 # log-probs until the candidates have run, so it holds one width.
+UNIT_NOUN = ""
 BATCHED = 1
 # A divergence where the reference's top two tokens are closer than this in probability is a
 # near-tie flip: a rounding change of the logits can reorder them without any real damage.
