@@ -241,7 +241,7 @@ class RefractSession:
         role = info["candidate"]
         result = info.get("result")
         if result is not None and self.runner.control_role:
-            # The sensitivity control measured inside this item (see Audit.measure). Read, not
+            # The sensitivity control measured inside this item (see Runner.measure). Read, not
             # popped: under xdist this hook runs in the worker before the report is sent on.
             control = result.get("_control")
             if control is not None:

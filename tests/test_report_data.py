@@ -178,7 +178,7 @@ def test_build_report_needs_no_llama_cpp():
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_report_data as t; "
             "from pytest_refract.report import build_report, dumps; dumps(build_report(**t._inputs())); "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'llama_cpp' "
-            "or m in ('pytest_refract.engine', 'pytest_refract.audit', 'pytest_refract.plugin'))))")
+            "or m.startswith('pytest_refract.engines') or m in ('pytest_refract.runner', 'pytest_refract.plugin'))))")
     env_path = str(Path(__file__).resolve().parents[1])
     done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
                           env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"}, timeout=120)
