@@ -15,6 +15,26 @@ from tiny_model import write_tiny_llama
 pytest_plugins = ["pytester"]
 
 
+def _bindings_only_install() -> bool:
+    """llama-cpp-python installed with CMAKE_ARGS=-DLLAMA_BUILD=OFF ships no libllama of its own
+    (found without importing llama_cpp, which would load a library)."""
+    from pytest_refract.libload import find_library
+
+    spec = importlib.util.find_spec("llama_cpp")
+    if spec is None or not spec.submodule_search_locations:
+        return False
+    return find_library(Path(list(spec.submodule_search_locations)[0]) / "lib") is None
+
+
+# Several test modules import pytest_refract.engine, which imports llama_cpp at collection. With
+# bindings-only llama-cpp-python (how the TurboQuant fork is used: 0.3.22, no library of its own)
+# that import finds no library and collection fails before `-m fork` can select anything; the
+# fork's build named by REFRACT_FORK_LIB is then the only library there is, so load that one.
+if (os.environ.get("REFRACT_FORK_LIB") and not os.environ.get("LLAMA_CPP_LIB_PATH")
+        and _bindings_only_install()):
+    os.environ["LLAMA_CPP_LIB_PATH"] = str(Path(os.environ["REFRACT_FORK_LIB"]).resolve())
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", n_ctx_train=1024)
