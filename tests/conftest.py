@@ -26,7 +26,7 @@ def _bindings_only_install() -> bool:
     return find_library(Path(list(spec.submodule_search_locations)[0]) / "lib") is None
 
 
-# Several test modules import pytest_refract.engine, which imports llama_cpp at collection. With
+# Several test modules import pytest_refract.engines.llamacpp, which imports llama_cpp at collection. With
 # bindings-only llama-cpp-python (how the TurboQuant fork is used: 0.3.22, no library of its own)
 # that import finds no library and collection fails before `-m fork` can select anything; the
 # fork's build named by REFRACT_FORK_LIB is then the only library there is, so load that one.
