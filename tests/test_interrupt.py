@@ -23,7 +23,11 @@ def _start(cwd, tiny_model, tiny_prompts, tiny_corpus, report, html):
         "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-ctx=64", "--refract-chunks=2",
         "--refract-n-predict=8", "--refract-threads=1", f"--refract-json={report}", f"--refract-html={html}",
     ]
-    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    # A shell without job control starts background jobs with SIGINT ignored, and a Python that
+    # starts with SIGINT ignored never turns it into KeyboardInterrupt: the child gets the
+    # default disposition back, as in a terminal, so the test does not depend on how it is run.
+    return subprocess.Popen(args, cwd=cwd, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                            preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL))
 
 
 @pytest.mark.parametrize("signum", [signal.SIGTERM, signal.SIGINT], ids=["SIGTERM", "SIGINT"])
