@@ -67,7 +67,7 @@ class Axis:
     def cache_reads(self, run) -> dict:
         """Everything besides the unit that an item's result depends on: part of the cache key
         of the sensitivity control's results. Default: every setting."""
-        return default_cache_reads(run)
+        return run.settings.as_dict()
 
     def diagnose(self, section: dict, axes: dict) -> List[str]:
         """Sentences for the report's diagnosis (called for a scored axis)."""
@@ -93,23 +93,11 @@ class Axis:
     def item_table(self, items: Sequence[dict]):
         """(ids, one row per scored item) from which ``statistic`` recomputes the axis score,
         for bootstrap intervals and the calibrated score. Default: the item scores."""
-        return default_item_table(items)
+        scored = [i for i in items if i.get("score") is not None]
+        values = np.asarray([float(i["score"]) for i in scored], dtype=np.float64)
+        return [str(i["id"]) for i in scored], values.reshape(len(scored), 1)
 
     def statistic(self, table: np.ndarray) -> np.ndarray:
         """The axis score of a table (n, k), or of stacked tables (..., n, k). Default: the mean."""
-        return default_statistic(table)
+        return np.asarray(table, dtype=np.float64)[..., 0].mean(axis=-1)
 
-
-def default_cache_reads(run) -> dict:
-    return run.settings.as_dict()
-
-
-def default_item_table(items: Sequence[dict]):
-    """One column, the item's own score; unscored (skipped) items are left out."""
-    scored = [i for i in items if i.get("score") is not None]
-    values = np.asarray([float(i["score"]) for i in scored], dtype=np.float64)
-    return [str(i["id"]) for i in scored], values.reshape(len(scored), 1)
-
-
-def default_statistic(table) -> np.ndarray:
-    return np.asarray(table, dtype=np.float64)[..., 0].mean(axis=-1)

@@ -37,7 +37,7 @@ from __future__ import annotations
 import re
 from typing import Dict, Iterable, List, Tuple
 
-from ..axis import default_cache_reads, default_item_table, default_statistic
+from ..axis import Axis
 from ..errors import UsageProblem
 from . import kld, plad, rniah, trajectory
 
@@ -52,22 +52,13 @@ AXES = BUILTIN  # the name older code uses
 DIAGNOSIS_ORDER = ("kld", "trajectory", "rniah", "plad")
 
 
-DEFAULTS = {
-    "ITEMS_KEY": "items",
-    "NEEDS": (),
-    "UNIT_NOUN": "",
-    "cache_reads": default_cache_reads,
-    "section_facts": lambda run: {},
-    "settings_facts": lambda run: {},
-    "diagnose": lambda section, axes: [],
-    "control_diagnosis": lambda section, control_section: [],
-    "item_detail": lambda item: "",
-    "section_detail": lambda section, control=False: "",
-    "COMPARE_METRICS": (),
-    "item_table": default_item_table,
-    "statistic": default_statistic,
-    "BATCHED": 0,
-}
+# The optional members, and their defaults: those of the public base class, so an axis that
+# subclasses Axis and one that does not get the same.
+OPTIONAL = ("ITEMS_KEY", "NEEDS", "UNIT_NOUN", "BATCHED", "COMPARE_METRICS", "cache_reads", "section_facts",
+            "settings_facts", "diagnose", "control_diagnosis", "item_detail", "section_detail", "item_table",
+            "statistic")
+_BASE = Axis()
+DEFAULTS = {name: getattr(_BASE, name) for name in OPTIONAL}
 
 
 class _WithDefaults:
