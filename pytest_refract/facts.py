@@ -65,10 +65,11 @@ def gather(runner, *, wall_s: Optional[float] = None, items_selected: Optional[i
         selected.setdefault(role, {})[axis] = count
     axis_inputs, axis_settings = {}, {}
     for name, axis in runner.axes.items():
-        if axis.section_facts(runner):
-            axis_inputs[name] = axis.section_facts(runner)
-        if axis.settings_facts(runner):
-            axis_settings[name] = axis.settings_facts(runner)
+        section, settings = axis.section_facts(runner), axis.settings_facts(runner)
+        if section:
+            axis_inputs[name] = section
+        if settings:
+            axis_settings[name] = settings
     return ReportFacts(
         settings=runner.settings,
         candidate_roles=tuple(runner.candidate_roles),

@@ -13,6 +13,7 @@ import stat
 import tempfile
 from typing import Dict, List, Optional, Tuple
 
+from . import data
 from .errors import UsageProblem
 
 
@@ -83,3 +84,18 @@ def _check_writable(name: str, path: str) -> None:
     if os.path.exists(path) and not os.access(path, os.W_OK) and os.geteuid() != 0:
         # The rename would still succeed, but a read-only file is the user saying "keep this".
         raise UsageProblem(f"{name}={path} exists and is read-only; give another path")
+
+
+def input_files(settings, model_path) -> List[tuple]:
+    """(what, path) of every file the run reads: none of them may be a report path."""
+    inputs = [("model (--refract-model)", model_path),
+              ("prompt set (--refract-prompts)", settings.prompts_path),
+              ("corpus (--refract-corpus)", settings.corpus_path),
+              ("haystack (--refract-haystack)", settings.haystack_path),
+              ("baseline report (--refract-baseline)", settings.baseline_path)]
+    try:
+        bundled = data.data_dir()
+        inputs += [("bundled prompt set", bundled / data.DEFAULT_PROMPTS), ("bundled corpus", bundled / data.DEFAULT_CORPUS)]
+    except UsageProblem:
+        pass  # reported where the bundled files are needed
+    return inputs

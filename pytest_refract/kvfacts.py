@@ -68,13 +68,3 @@ def model_facts(info, model_path, n_params: int) -> dict:
         "sha256_first_mib": head_sha256(model_path),
     }
 
-
-def tensor_params(info) -> int:
-    """Parameters counted from the GGUF's tensor shapes (no weights loaded)."""
-    total = 0
-    for _name, dims, _t, _o in info.tensors:
-        count = 1
-        for d in dims:
-            count *= d
-        total += count
-    return total

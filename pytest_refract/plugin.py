@@ -94,25 +94,11 @@ class RefractCollector(pytest.Collector):
 
     def collect(self):
         runner = get_session(self.config).runner
-        s = runner.settings
-        for name, axis in runner.axes.items():
-            if name not in s.axes:
-                continue
-            # Unit-major, candidates innermost: the candidates of one unit run back to back and
-            # share the reference's result for that unit (computed once, kept in memory).
-            batched = s.decode_batch > 1 and bool(axis.BATCHED)
-            size = s.decode_batch * (axis.BATCHED or 1)
-            for index, unit in enumerate(axis.units(runner)):
-                # Consecutive units form a decode batch; with `-n N --dist loadgroup` a batch
-                # (or, unbatched, a unit) goes to one worker with all its candidates.
-                group = f"{name}-batch{index // size}" if batched else f"{name}-{unit['id']}"
-                for role in runner.candidate_roles:
-                    item = RefractItem.from_parent(
-                        self, name=f"test_{name}[{runner.id_prefix[role]}{unit['id']}]", axis=name,
-                        unit=dict(unit, candidate=role, batch=index // size if batched else None),
-                    )
-                    item.add_marker(pytest.mark.xdist_group(group))
-                    yield item
+        for name, unit, group in runner.items():
+            item = RefractItem.from_parent(
+                self, name=f"test_{name}[{runner.id_prefix[unit['candidate']]}{unit['id']}]", axis=name, unit=unit)
+            item.add_marker(pytest.mark.xdist_group(group))
+            yield item
 
 
 class RefractItem(pytest.Item):

@@ -16,7 +16,7 @@ from . import data
 from .engines.base import ContextRefused, ContextSettings, padded
 from .errors import MeasurementError, UsageProblem
 from .gguf_meta import expected_data_end, read_gguf
-from .guard import check_outputs
+from .guard import check_outputs, input_files
 from .inputs import Inputs
 from .kvconfig import FLOAT_TYPES, validate_for_model
 from .settings import Settings
@@ -34,7 +34,7 @@ class Runner:
         self.model_path = data.resolve_model(settings.model)
         self.info = read_gguf(self.model_path)
         check_outputs({"--refract-json": settings.json_path, "--refract-html": settings.html_path},
-                      _input_files(settings, self.model_path))
+                      input_files(settings, self.model_path))
         from .refcache import prepare_cache_dir
 
         # Only ever a folder this cache marked as its own, cleared of its own entries only;
@@ -72,6 +72,9 @@ class Runner:
         self._greedy: Dict[tuple, List[int]] = {}
         self._control_done: set = set()
         self.kv_bytes_peak = 0
+        # Computed once, on first use: per role, the KV cache llama.cpp allocated; the model's facts.
+        self._allocations: Dict[str, Optional[dict]] = {}
+        self._model_facts: Optional[dict] = None
         from .progress import Progress
 
         # Silent until the plugin gives it a sink (see progress.sink_for).
@@ -158,10 +161,10 @@ class Runner:
     def kv_allocation(self, role: str) -> Optional[dict]:
         from .kvfacts import kv_allocation
 
-        cache = self.__dict__.setdefault("_alloc", {})
-        if role not in cache:
-            cache[role] = kv_allocation(self.info, self.kv_facts.get(role), self.types[role], self.engine_mod.row_size)
-        return cache[role]
+        if role not in self._allocations:
+            self._allocations[role] = kv_allocation(self.info, self.kv_facts.get(role), self.types[role],
+                                                    self.engine_mod.row_size)
+        return self._allocations[role]
 
     def kv_bytes_per_token(self, role: str) -> Optional[int]:
         """Bytes the role's KV cache takes per token over all layers, as llama.cpp allocated it;
@@ -178,7 +181,7 @@ class Runner:
     def model_facts(self) -> dict:
         from .kvfacts import model_facts
 
-        if "_model_facts" not in self.__dict__:
+        if self._model_facts is None:
             self._model_facts = model_facts(self.info, self.model_path, self.engine.n_params)
         return dict(self._model_facts)
 
@@ -311,6 +314,24 @@ class Runner:
             self._greedy[(role, tuple(p))] = toks
 
     # -- batches ---------------------------------------------------------------------------------
+
+    def items(self):
+        """(axis name, unit, xdist group) of every item the selected axes have, in run order:
+        unit-major with the candidates innermost, so the candidates of one unit run back to back
+        and share the reference's result for it (computed once, kept in memory). Each unit
+        carries its ``candidate`` role and its decode ``batch`` number (None when unbatched)."""
+        s = self.settings
+        for name, axis in self.axes.items():
+            if name not in s.axes:
+                continue
+            batched = s.decode_batch > 1 and bool(axis.BATCHED)
+            size = s.decode_batch * (axis.BATCHED or 1)
+            for index, unit in enumerate(axis.units(self)):
+                # Consecutive units form a decode batch; with `-n N --dist loadgroup` a batch
+                # (or, unbatched, a unit) goes to one worker with all its candidates.
+                group = f"{name}-batch{index // size}" if batched else f"{name}-{unit['id']}"
+                for role in self.candidate_roles:
+                    yield name, dict(unit, candidate=role, batch=index // size if batched else None), group
 
     def set_plan(self, planned) -> None:
         """(axis, unit) of every item this process may run, after -k/-m deselection. A batch is
@@ -463,21 +484,6 @@ def _load_llamacpp(settings: Settings):
         return load("llamacpp")
     except (OSError, RuntimeError) as exc:  # llama-cpp-python could not load the library
         raise UsageProblem(libload.import_problem(exc, lib_dir)) from None
-
-
-def _input_files(settings: Settings, model_path: Path) -> List[tuple]:
-    """(what, path) of every file the run reads: none of them may be a report path."""
-    inputs = [("model (--refract-model)", model_path),
-              ("prompt set (--refract-prompts)", settings.prompts_path),
-              ("corpus (--refract-corpus)", settings.corpus_path),
-              ("haystack (--refract-haystack)", settings.haystack_path),
-              ("baseline report (--refract-baseline)", settings.baseline_path)]
-    try:
-        bundled = data.data_dir()
-        inputs += [("bundled prompt set", bundled / data.DEFAULT_PROMPTS), ("bundled corpus", bundled / data.DEFAULT_CORPUS)]
-    except UsageProblem:
-        pass  # reported where the bundled files are needed
-    return inputs
 
 
 def _id_prefixes(candidates) -> Dict[str, str]:

@@ -37,15 +37,7 @@ def _run(settings, axes=None) -> tuple:
     runner and results as role -> axis -> unit id -> result."""
     axes = axes or resolve()
     runner = Runner(settings, axes, engine_mod=fake_engine)
-    planned = []
-    for name, axis in axes.items():
-        if name not in settings.axes:
-            continue
-        batched = settings.decode_batch > 1 and bool(axis.BATCHED)
-        size = settings.decode_batch * (axis.BATCHED or 1)
-        for index, unit in enumerate(axis.units(runner)):
-            for role in runner.candidate_roles:
-                planned.append((name, dict(unit, candidate=role, batch=index // size if batched else None)))
+    planned = [(name, unit) for name, unit, _group in runner.items()]
     runner.set_plan(planned)
     results: dict = {}
     for name, unit in planned:
