@@ -30,9 +30,9 @@ from pathlib import Path
 def throughput(model_path: Path, kv_text: str, threads: int, n_ctx: int = 1024, repeats: int = 3,
                long_lengths: tuple = ()) -> dict:
     from pytest_refract.engines import llamacpp as E
-    from pytest_refract.data import load_corpus
-    from pytest_refract.gguf_meta import read_gguf
-    from pytest_refract.kvconfig import parse_kv_config, validate_for_model
+    from pytest_refract.inputs.data import load_corpus
+    from pytest_refract.engines.gguf import read_gguf
+    from pytest_refract.engines.kvconfig import parse_kv_config, validate_for_model
 
     info = read_gguf(model_path)
     kv = parse_kv_config(kv_text)
@@ -135,7 +135,7 @@ def main() -> None:
         sensitivity_cost(args)
         return
 
-    from pytest_refract.data import resolve_model
+    from pytest_refract.inputs.data import resolve_model
 
     model_path = resolve_model(args.model)
     print(f"machine: {os.cpu_count()} cores, python {sys.version.split()[0]}; model {model_path.name} "

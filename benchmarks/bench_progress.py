@@ -33,7 +33,7 @@ def main() -> None:
     parser.add_argument("--threads", type=int, default=2)
     args = parser.parse_args()
 
-    from pytest_refract.progress import Progress
+    from pytest_refract.audit.progress import Progress
 
     bare = Progress()
     bare.begin("kld chunk-00", 10**9)
@@ -43,9 +43,9 @@ def main() -> None:
     print(f"Progress.decoded with a sink, not due:  {per_call_ns(with_sink.decoded):7.0f} ns/call")
 
     from pytest_refract.engines import llamacpp as E
-    from pytest_refract.data import resolve_model
-    from pytest_refract.gguf_meta import read_gguf
-    from pytest_refract.kvconfig import parse_kv_config, validate_for_model
+    from pytest_refract.inputs.data import resolve_model
+    from pytest_refract.engines.gguf import read_gguf
+    from pytest_refract.engines.kvconfig import parse_kv_config, validate_for_model
 
     path = resolve_model(args.model)
     eng = E.Engine(path)

@@ -47,7 +47,7 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--skip-full", action="store_true")
     args = ap.parse_args()
-    from pytest_refract.data import resolve_model
+    from pytest_refract.inputs.data import resolve_model
 
     model_path = resolve_model(args.model)
     size_mb = model_path.stat().st_size / 1e6

@@ -2,7 +2,7 @@
 
 import sys
 
-from .compare import main as compare_main
+from .cli.compare import main as compare_main
 
 USAGE = "usage: python -m pytest_refract compare A.json B.json [...] [--markdown]"
 

@@ -1,12 +1,13 @@
-"""Atomic file writes: a temp file in the target's folder, fsync, then rename. A crash or an
+"""What a path is, and atomic file writes: a temp file in the target's folder, fsync, then rename. A crash or an
 error mid-write leaves whatever file was there before intact."""
 
 from __future__ import annotations
 
 import os
+import stat
 import tempfile
 from pathlib import Path
-from typing import Sequence, Union
+from typing import Optional, Sequence, Union
 
 
 def write_atomic(path, data: Union[str, bytes, Sequence[bytes]]) -> Path:
@@ -33,3 +34,27 @@ def write_atomic(path, data: Union[str, bytes, Sequence[bytes]]) -> Path:
             pass
         raise
     return target
+
+
+def special_file_kind(path) -> Optional[str]:
+    """What a path that is not a regular file or folder is ("a FIFO (named pipe)", ...), or None.
+
+    Uses stat only: opening a FIFO that has no writer would block forever."""
+    try:
+        mode = os.stat(path).st_mode
+    except OSError:
+        return None
+    if stat.S_ISFIFO(mode):
+        shown = str(path)
+        if shown.startswith(("/dev/fd/", "/proc/self/fd/")) or "/fd/" in shown:
+            return "a pipe (e.g. from <(...) process substitution)"
+        return "a FIFO (named pipe)"
+    if stat.S_ISCHR(mode):
+        return "a character device"
+    if stat.S_ISBLK(mode):
+        return "a block device"
+    if stat.S_ISSOCK(mode):
+        return "a socket"
+    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+        return None
+    return "not a regular file"

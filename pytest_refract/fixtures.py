@@ -16,7 +16,15 @@ from typing import List, Optional
 import numpy as np
 
 from .errors import MeasurementError, UsageProblem
-from .scoring import band_for, first_divergence, kld_score, kld_summary, prefix_agreement, trajectory_item_score
+from .scoring.metrics import (
+    band_for,
+    first_divergence,
+    kld_score,
+    kld_summary,
+    prefix_agreement,
+    trajectory_item_score,
+)
+
 
 @dataclass
 class Continuation:
@@ -138,7 +146,7 @@ class RefractFixture:
                question: Optional[str] = None, answer: Optional[str] = None, haystack: Optional[str] = None) -> NeedleResult:
         """One R-NIAH cell with your own needle, question, answer pattern and haystack text."""
         from .axes.rniah import run_trials
-        from .haystack import Haystack, strip_reasoning
+        from .inputs.haystack import Haystack, strip_reasoning
 
         run = self.runner
         s = run.settings
@@ -152,7 +160,7 @@ class RefractFixture:
         text = haystack or (inputs.haystack_source.text if inputs.haystack_source else
                             (inputs.corpus.text if inputs.corpus else None))
         if text is None:
-            from .data import load_corpus
+            from .inputs.data import load_corpus
 
             text = load_corpus().text
         hay = Haystack.from_text(text, lambda t: eng.tokenize(t, add_special=False))

@@ -7,7 +7,7 @@ import pytest
 
 @pytest.hookspec
 def pytest_refract_axes(config):
-    """Return axis objects (see pytest_refract.axis.Axis) to run beside the built-in four.
+    """Return axis objects (see pytest_refract.axes.base.Axis) to run beside the built-in four.
 
     Called once per process at configure time, before options are read, so the axes' names
     are valid in ``--refract-axes``. Every implementation's result is collected; return an

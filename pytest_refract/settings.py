@@ -7,11 +7,11 @@ import os
 from dataclasses import dataclass, replace
 from typing import Optional, Tuple
 
-from _pytest.config.exceptions import UsageError
+import pytest
 
+from .engines.kvconfig import KVConfig, parse_kv_config, share_flash_attention
 from .errors import UsageProblem
-from .kvconfig import KVConfig, parse_kv_config, share_flash_attention
-from .scoring import parse_threshold
+from .scoring.metrics import parse_threshold
 
 DEFAULT_AXES = ("trajectory", "kld")
 
@@ -94,7 +94,7 @@ def _get(config, name: str):
     if value is None:
         try:
             value = config.getini(dest)
-        except (ValueError, UsageError) as exc:  # a bool ini key whose value is no truth value
+        except (ValueError, pytest.UsageError) as exc:  # a bool ini key whose value is no truth value
             raise UsageProblem(f"ini option {dest}: {exc}; use true or false") from None
     if isinstance(value, str):
         value = value.strip()

@@ -18,7 +18,7 @@ pytest_plugins = ["pytester"]
 def _bindings_only_install() -> bool:
     """llama-cpp-python installed with CMAKE_ARGS=-DLLAMA_BUILD=OFF ships no libllama of its own
     (found without importing llama_cpp, which would load a library)."""
-    from pytest_refract.libload import find_library
+    from pytest_refract.engines.libload import find_library
 
     spec = importlib.util.find_spec("llama_cpp")
     if spec is None or not spec.submodule_search_locations:
@@ -118,7 +118,7 @@ def plugin_args() -> list:
 SLOW_DECODE_CONFTEST = """
 import os, time
 import pytest_refract.engines.llamacpp as engine
-import pytest_refract.progress as progress
+import pytest_refract.audit.progress as progress
 
 _PAUSE = float(os.environ.get("REFRACT_TEST_DECODE_PAUSE", "0.02"))
 progress.PLAIN_INTERVAL_S = float(os.environ.get("REFRACT_TEST_PLAIN_INTERVAL", "0.3"))

@@ -17,8 +17,8 @@ from typing import Dict, List, Optional, Tuple
 import numpy as np
 
 from pytest_refract.engines.base import Context, ContextRefused, ContextSettings, context_for, padded
-from pytest_refract.kvconfig import CacheType
-from pytest_refract.kvlog import CacheAllocation, KVFacts
+from pytest_refract.engines.kvconfig import CacheType
+from pytest_refract.engines.kvlog import CacheAllocation, KVFacts
 
 N_VOCAB = 96
 BOS, EOS = 1, 2

@@ -14,7 +14,8 @@ import pytest
 
 from conftest import one_usage_error_line, read_report, tiny_args
 
-from pytest_refract import compare
+from pytest_refract.cli import compare
+from pytest_refract.report import schema
 
 
 @pytest.fixture
@@ -106,7 +107,7 @@ def test_compare_cli_text_and_markdown(base_report, tmp_path):
 
 
 def test_compare_table_deltas_are_against_the_first(base_report):
-    a = compare.load_report(base_report)
+    a = schema.load_report(base_report)
     b = copy.deepcopy(a)
     b["composite"] = a["composite"] + 3
     rows = compare.table([a, b], ["a", "b"])
@@ -197,7 +198,7 @@ def test_fixture_without_model_skips(pytester):
 
 
 def test_compare_gives_each_matrix_candidate_a_column(base_report, tmp_path):
-    a = compare.load_report(base_report)
+    a = schema.load_report(base_report)
     second = copy.deepcopy(a)
     second.update(candidate="ctk=q4_0,ctv=q4_0", composite=a["composite"] - 10, kv_cache={"vs_reference": 0.28125})
     first = dict(copy.deepcopy(a), kv_cache={"vs_reference": 0.40625})

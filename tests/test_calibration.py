@@ -1,4 +1,4 @@
-"""Intervals and the calibrated score (pytest_refract.calibration): hand-computed cases and
+"""Intervals and the calibrated score (pytest_refract.scoring.calibration): hand-computed cases and
 properties. Pure numpy, no llama.cpp."""
 
 from __future__ import annotations
@@ -10,10 +10,10 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_refract import calibration as C
-from pytest_refract import sensitivity
+from pytest_refract.scoring import calibration as C
+from pytest_refract.report import sensitivity
 from pytest_refract.axes import BUILTIN
-from pytest_refract.scoring import band_for
+from pytest_refract.scoring.metrics import band_for
 
 
 def plad_items(scores):

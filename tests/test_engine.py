@@ -11,9 +11,9 @@ import pytest
 
 from pytest_refract.axes.trajectory import _compare_batch
 from pytest_refract.engines import llamacpp as E
-from pytest_refract.gguf_meta import read_gguf
-from pytest_refract.kvconfig import parse_kv_config, validate_for_model
-from pytest_refract.scoring import kld_positions
+from pytest_refract.engines.gguf import read_gguf
+from pytest_refract.engines.kvconfig import parse_kv_config, validate_for_model
+from pytest_refract.scoring.metrics import kld_positions
 
 
 @pytest.fixture(scope="module")
@@ -59,7 +59,7 @@ def test_the_type_table_is_read_only_as_far_as_the_build_declares(monkeypatch, t
     """ggml's type functions do no bounds check: without a ggml.h declaring GGML_TYPE_COUNT the
     scan refuses (one line) instead of reading past the table; a build folder's CMakeCache.txt
     leads to its sources' header."""
-    from pytest_refract import libload
+    from pytest_refract.engines import libload
     from pytest_refract.errors import UsageProblem
 
     monkeypatch.setattr(E, "_CACHE_TYPES", None)

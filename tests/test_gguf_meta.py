@@ -11,7 +11,13 @@ import gguf  # a test dependency (tiny_model writes with it too)
 import pytest
 
 from pytest_refract.errors import UsageProblem
-from pytest_refract.gguf_meta import _KEEP_ARRAY_MAX, _SkippedArray, expected_data_end, head_sha256, read_gguf
+from pytest_refract.engines.gguf import (
+    _KEEP_ARRAY_MAX,
+    _SkippedArray,
+    expected_data_end,
+    head_sha256,
+    read_gguf,
+)
 
 from tiny_model import FAMILIES, write_tiny_family, write_tiny_llama
 

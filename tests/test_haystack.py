@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_refract.engines import llamacpp as E
-from pytest_refract.haystack import Haystack, split_sentences, strip_reasoning, trial_value
+from pytest_refract.inputs.haystack import Haystack, split_sentences, strip_reasoning, trial_value
 
 TEXT = " ".join(
     f"Sentence number {i} talks about the end of the world and a hello to it." if i % 3 else f"Short one {i}."

@@ -19,7 +19,7 @@ import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from pytest_refract.html import render_html
+from pytest_refract.report.html import render_html
 
 # Real reports written by the plugin (pytest-refract.report.v1). They live outside the repository,
 # so their tests skip where the directory is absent; everything else uses the report built below.
@@ -672,8 +672,8 @@ def test_ranking_header_names_the_axis_columns():
 
 
 def test_ruler_splits_at_the_band_floors():
-    from pytest_refract.html.fmt import ruler_segments
-    from pytest_refract.scoring import BANDS
+    from pytest_refract.report.html.fmt import ruler_segments
+    from pytest_refract.scoring.metrics import BANDS
 
     segments = ruler_segments()
     floors = sorted(floor for _, floor in BANDS)
@@ -685,7 +685,7 @@ def test_ruler_splits_at_the_band_floors():
 def test_template_line_breaks_are_layout_only():
     import jinja2
 
-    from pytest_refract.html.render import ENV
+    from pytest_refract.report.html.render import ENV
 
     source = "<p>\n  {{ a }}\n  and\n  wrapped prose\n  <b>{{ b }}</b>\n</p>"
     assert ENV.from_string(source).render(a="<x>", b=None) == "<p>&lt;x&gt;and wrapped prose<b></b></p>"

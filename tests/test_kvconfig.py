@@ -7,7 +7,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from pytest_refract.errors import UsageProblem
-from pytest_refract.kvconfig import (
+from pytest_refract.engines.kvconfig import (
     CacheType,
     KVConfig,
     parse_kv_config,

@@ -12,7 +12,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_refract.perturb import (
+from pytest_refract.inputs.perturb import (
     PERTURBATIONS,
     STOPWORDS,
     SYNONYMS,
@@ -172,7 +172,7 @@ def test_paraphrase_choice_varies_with_seed():
 def test_stable_across_processes_with_different_hash_seeds():
     # Python's hash() of a str changes with PYTHONHASHSEED; ours must not.
     code = (
-        "from pytest_refract.perturb import applicable;"
+        "from pytest_refract.inputs.perturb import applicable;"
         "print(repr(applicable('Give a Short answer, then describe several interesting "
         "consequences for big houses!', seed=7, prompt_id='p-1')))"
     )

@@ -10,8 +10,8 @@ import pytest
 
 from pytest_refract.engines import base
 from pytest_refract.engines import llamacpp as E
-from pytest_refract.gguf_meta import read_gguf
-from pytest_refract.kvconfig import parse_kv_config, validate_for_model
+from pytest_refract.engines.gguf import read_gguf
+from pytest_refract.engines.kvconfig import parse_kv_config, validate_for_model
 from tiny_model import write_tiny_family
 
 WINDOW = 32

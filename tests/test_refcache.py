@@ -11,7 +11,7 @@ import pytest
 
 from conftest import read_report, tiny_args
 
-from pytest_refract.refcache import (
+from pytest_refract.reference.cache import (
     CompressedRows,
     LogprobRows,
     ReferenceCache,
@@ -21,7 +21,7 @@ from pytest_refract.refcache import (
     model_identity,
     quantize_logprobs,
 )
-from pytest_refract.scoring import kld_positions
+from pytest_refract.scoring.metrics import kld_positions
 
 
 def test_quantized_logprobs_follow_llama_perplexity_layout():

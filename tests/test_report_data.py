@@ -15,14 +15,16 @@ from types import SimpleNamespace
 import pytest
 
 from pytest_refract import axes as axes_mod
-from pytest_refract import compare, summary
+from pytest_refract.cli import compare
+from pytest_refract.report import terminal as summary
 from pytest_refract.axes import BUILTIN, resolve
 from pytest_refract.axes.plad import item_score
 from pytest_refract.errors import UsageProblem
-from pytest_refract.facts import ReportFacts
-from pytest_refract.kvconfig import parse_kv_config
-from pytest_refract.report import build_report, dumps
-from pytest_refract.scoring import band_for
+from pytest_refract.report.facts import ReportFacts
+from pytest_refract.engines.kvconfig import parse_kv_config
+from pytest_refract.report.build import build_report
+from pytest_refract.report.jsonio import dumps
+from pytest_refract.scoring.metrics import band_for
 from pytest_refract.settings import Settings
 
 ROLES = ("cand0", "cand1", "control")
@@ -174,11 +176,14 @@ def test_build_report_gate_reads_the_baseline_from_the_facts():
 
 def test_build_report_needs_no_llama_cpp():
     """In a fresh interpreter: building (and writing) a report imports neither llama_cpp nor
-    the modules that drive it."""
+    the modules that drive it (the engine, the audit layer, the session). The options' parser
+    (engines/kvconfig.py, pure) may come in with Settings."""
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_report_data as t; "
-            "from pytest_refract.report import build_report, dumps; dumps(build_report(**t._inputs())); "
+            "from pytest_refract.report.build import build_report; from pytest_refract.report.jsonio import dumps; dumps(build_report(**t._inputs())); "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'llama_cpp' "
-            "or m.startswith('pytest_refract.engines') or m in ('pytest_refract.runner', 'pytest_refract.plugin'))))")
+            "or m.startswith('pytest_refract.audit') "
+            "or m in ('pytest_refract.engines.llamacpp', 'pytest_refract.engines.base', 'pytest_refract.plugin', "
+            "'pytest_refract.session'))))")
     env_path = str(Path(__file__).resolve().parents[1])
     done = subprocess.run([sys.executable, "-c", code, str(Path(__file__).parent)], capture_output=True, text=True,
                           env={"PYTHONPATH": env_path, "PATH": "/usr/bin:/bin"}, timeout=120)

@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from conftest import one_usage_error_line, read_report
-from pytest_refract import libload
+from pytest_refract.engines import libload
 from pytest_refract.errors import UsageProblem
 
 

@@ -12,11 +12,11 @@ from pathlib import Path
 import pytest
 
 import fake_engine
-from pytest_refract.axis import Axis
+from pytest_refract.axes import Axis
 from pytest_refract.axes import resolve
 from pytest_refract.errors import UsageProblem
-from pytest_refract.kvconfig import parse_kv_config
-from pytest_refract.runner import Runner
+from pytest_refract.engines.kvconfig import parse_kv_config
+from pytest_refract.audit.runner import Runner
 from pytest_refract.settings import Settings
 
 

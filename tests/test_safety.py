@@ -20,14 +20,21 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from conftest import read_report
-from pytest_refract import compare
+from pytest_refract.cli import compare
+from pytest_refract.report import schema
 from pytest_refract.axes import kld as kld_axis
 from pytest_refract.axes import plad as plad_axis
 from pytest_refract.errors import UsageProblem
-from pytest_refract.guard import check_outputs, special_file_kind
-from pytest_refract.refcache import MARKER, RefCacheWarning, ReferenceCache, clear_entries, prepare_cache_dir
-from pytest_refract.report import composite_of, floor_of, repeat_stats
-from pytest_refract.scoring import harmonic_mean, kld_score, trajectory_axis_score
+from pytest_refract.audit.guard import check_outputs, special_file_kind
+from pytest_refract.reference.cache import (
+    MARKER,
+    RefCacheWarning,
+    ReferenceCache,
+    clear_entries,
+    prepare_cache_dir,
+)
+from pytest_refract.report.build import composite_of, floor_of, repeat_stats
+from pytest_refract.scoring.metrics import harmonic_mean, kld_score, trajectory_axis_score
 from tiny_model import write_tiny_llama
 
 
@@ -88,7 +95,7 @@ def test_finite_scores_still_make_a_composite(scores):
 
 @given(NON_FINITE, st.integers(0, 5), st.integers(0, 7), st.booleans())
 def test_non_finite_logits_anywhere_yield_no_kld_score(bad, row, col, in_reference):
-    from pytest_refract.scoring import kld_positions, kld_summary
+    from pytest_refract.scoring.metrics import kld_positions, kld_summary
 
     rng = np.random.default_rng(row * 8 + col)
     ref, cand = rng.normal(size=(6, 8)).astype(np.float32), rng.normal(size=(6, 8)).astype(np.float32)
@@ -277,8 +284,8 @@ def _report(tmp_path, **changes) -> Path:
 ])
 def test_compare_names_the_file_and_the_field_of_a_malformed_report(tmp_path, changes, field):
     path = _report(tmp_path, **changes)
-    with pytest.raises(compare.CompareError, match="^" + re.escape(f"{path}: {field}")):
-        compare.load_report(path)
+    with pytest.raises(schema.ReportFileError, match="^" + re.escape(f"{path}: {field}")):
+        schema.load_report(path)
     run = subprocess.run([sys.executable, "-m", "pytest_refract", "compare", str(path), str(path)],
                          capture_output=True, text=True, timeout=60)
     assert run.returncode == 2 and "Traceback" not in run.stderr
@@ -293,7 +300,7 @@ def test_compare_says_a_folder_is_a_folder(tmp_path):
 
 
 def test_a_well_formed_report_still_loads(tmp_path):
-    assert compare.load_report(_report(tmp_path))["composite"] == 90.0
+    assert schema.load_report(_report(tmp_path))["composite"] == 90.0
 
 
 # --------------------------------------------------------------------------- usage errors before any model loads
@@ -342,7 +349,7 @@ def test_report_paths_never_overwrite_inputs_and_are_checked_first(pytester, tin
     corpus = pytester.path / "corpus.txt"
     shutil.copy(tiny_corpus, corpus)
     before = {p: p.read_bytes() for p in (model, corpus, Path(tiny_prompts))}
-    from pytest_refract.data import DEFAULT_CORPUS, data_dir
+    from pytest_refract.inputs.data import DEFAULT_CORPUS, data_dir
 
     outputs, expected = {
         "html-is-model": ((f"--refract-html={model}",), "is the model (--refract-model)"),

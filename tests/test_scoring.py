@@ -9,7 +9,7 @@ import pytest
 from hypothesis import assume, given
 from hypothesis import strategies as st
 
-from pytest_refract.scoring import (
+from pytest_refract.scoring.metrics import (
     band_for,
     first_divergence,
     harmonic_mean,

@@ -10,9 +10,9 @@ from hypothesis import strategies as st
 
 from conftest import one_usage_error_line, read_report, tiny_args
 
-from pytest_refract.data import load_prompts
+from pytest_refract.inputs.data import load_prompts
 from pytest_refract.errors import UsageProblem
-from pytest_refract.report import dumps
+from pytest_refract.report.jsonio import dumps
 
 
 def _q8(model, prompts, corpus, *extra):

@@ -3,14 +3,14 @@ answers are?
 
 Per prompt, the greedy continuation's length under the candidate is compared with the
 reference's (both capped at --refract-n-predict); the score is 100 x (1 - |difference| /
-longer length). Everything here uses the public axis and run API (pytest_refract.axis).
+longer length). Everything here uses the public axis and run API (pytest_refract.axes.base).
 
     pytest examples/custom_axis --refract-model=smollm2 --refract-candidate=ctk=q8_0,ctv=q4_0 \\
         --refract-axes=trajectory,length
 """
 
-from pytest_refract.axis import Axis
-from pytest_refract.scoring import band_for
+from pytest_refract.axes import Axis
+from pytest_refract.scoring.metrics import band_for
 
 
 class LengthAxis(Axis):

@@ -37,9 +37,9 @@ from __future__ import annotations
 import re
 from typing import Dict, Iterable, List, Tuple
 
-from ..axis import Axis
 from ..errors import UsageProblem
 from . import kld, plad, rniah, trajectory
+from .base import Axis
 
 REQUIRED = ("NAME", "units", "planned_tokens", "measure", "aggregate")
 
@@ -54,7 +54,7 @@ DIAGNOSIS_ORDER = ("kld", "trajectory", "rniah", "plad")
 
 # The optional members, and their defaults: those of the public base class, so an axis that
 # subclasses Axis and one that does not get the same.
-OPTIONAL = ("ITEMS_KEY", "NEEDS", "UNIT_NOUN", "BATCHED", "COMPARE_METRICS", "cache_reads", "section_facts",
+OPTIONAL = ("ITEMS_KEY", "STREAM", "NEEDS", "UNIT_NOUN", "BATCHED", "COMPARE_METRICS", "cache_reads", "section_facts",
             "settings_facts", "diagnose", "control_diagnosis", "item_detail", "section_detail", "item_table",
             "statistic")
 _BASE = Axis()

@@ -14,9 +14,11 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from ..errors import MeasurementError
-from ..scoring import band_for, is_score, kld_positions, kld_score, kld_summary
+from ..scoring.metrics import band_for, kld_positions, kld_score, kld_summary
 
 NAME = "kld"
+# The axis's random stream for bootstrap draws (scoring.calibration.stream_of).
+STREAM = 2
 NEEDS = ("corpus",)
 UNIT_NOUN = ""
 BATCHED = 0
@@ -36,10 +38,8 @@ def cache_reads(run) -> dict:
 
 def section_facts(run) -> dict:
     """Added to the report's section: the corpus the chunks came from."""
-    from ..facts import text_source
-
     corpus = run.inputs.corpus
-    return {"corpus": text_source(corpus)} if corpus is not None else {}
+    return {"corpus": corpus.describe()} if corpus is not None else {}
 
 
 def settings_facts(run) -> dict:
@@ -157,8 +157,7 @@ def aggregate(results: List[dict]) -> dict:
 # --------------------------------------------------------------------------- presentation
 # (what the report, the terminal summary, compare and the bootstrap show of this axis)
 # Imported here, beside the code that needs them, so this block merges on its own.
-from ..scoring import BAND_FLOOR
-
+from ..scoring.metrics import BAND_FLOOR
 
 TITLE = "KLD"
 ITEMS_KEY = "items"

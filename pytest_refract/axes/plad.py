@@ -14,10 +14,12 @@ import time
 from typing import Dict, List, Optional
 
 from ..errors import MeasurementError
-from ..perturb import PERTURBATIONS, drift, perturb
-from ..scoring import band_for, is_score
+from ..inputs.perturb import PERTURBATIONS, drift, perturb
+from ..scoring.metrics import band_for, is_score
 
 NAME = "plad"
+# The axis's random stream for bootstrap draws (scoring.calibration.stream_of).
+STREAM = 4
 NEEDS = ("prompts",)
 # Decode-batch widths of units per batch: PLAD keeps only token ids, so a longer queue keeps
 # its batch full for longer.
@@ -164,8 +166,7 @@ def aggregate(results: List[dict]) -> dict:
 # Imported here, beside the code that needs them, so this block merges on its own.
 import numpy as np
 
-from ..scoring import BAND_FLOOR
-
+from ..scoring.metrics import BAND_FLOOR
 
 TITLE = "PLAD"
 ITEMS_KEY = "items"

@@ -12,10 +12,12 @@ import re
 import time
 from typing import List, Optional
 
-from ..haystack import strip_reasoning, trial_value
-from ..scoring import band_for
+from ..inputs.haystack import strip_reasoning, trial_value
+from ..scoring.metrics import band_for
 
 NAME = "rniah"
+# The axis's random stream for bootstrap draws (scoring.calibration.stream_of).
+STREAM = 3
 NEEDS = ("haystack",)
 UNIT_NOUN = "cell"  # the progress line says "rniah cell 1024-0.50"
 BATCHED = 0
@@ -178,8 +180,7 @@ def aggregate(results: List[dict]) -> dict:
 # Imported here, beside the code that needs them, so this block merges on its own.
 import numpy as np
 
-from ..scoring import BAND_FLOOR
-
+from ..scoring.metrics import BAND_FLOOR
 
 TITLE = "R-NIAH"
 ITEMS_KEY = "cells"

@@ -10,7 +10,7 @@ from typing import List
 import numpy as np
 
 from ..errors import MeasurementError
-from ..scoring import (
+from ..scoring.metrics import (
     band_for,
     first_divergence,
     is_score,
@@ -22,6 +22,8 @@ from ..scoring import (
 )
 
 NAME = "trajectory"
+# The axis's random stream for bootstrap draws (scoring.calibration.stream_of).
+STREAM = 1
 NEEDS = ("prompts",)
 # Decode-batch widths of units per batch (one xdist group): a batch keeps its reference's
 # log-probs until the candidates have run, so it holds one width.
@@ -247,8 +249,7 @@ def _weighted_top1(results: List[dict]):
 # --------------------------------------------------------------------------- presentation
 # (what the report, the terminal summary, compare and the bootstrap show of this axis)
 # Imported here, beside the code that needs them, so this block merges on its own.
-from ..scoring import BAND_FLOOR
-
+from ..scoring.metrics import BAND_FLOOR
 
 TITLE = "Trajectory"
 ITEMS_KEY = "items"

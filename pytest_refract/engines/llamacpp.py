@@ -20,10 +20,17 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .. import kvlog, libload
 from ..errors import MeasurementError, UsageProblem
-from ..kvconfig import CacheType, KVConfig
-from .base import Context, ContextRefused, ContextSettings, TemplateProblem, context_for, padded, require_finite
+from . import kvlog, libload
+from .base import (
+    Context,
+    ContextRefused,
+    ContextSettings,
+    TemplateProblem,
+    context_for,
+    padded,
+)
+from .kvconfig import CacheType, KVConfig
 
 try:  # imported lazily by the plugin: only modules that need llama.cpp import this one
     import llama_cpp

@@ -1,0 +1,105 @@
+"""The axis protocol, for axes of your own (see examples/custom_axis/ and the README).
+
+An axis is any object with the attributes below; subclass :class:`Axis` to get the optional
+ones with their defaults. Return instances from the ``pytest_refract_axes(config)`` hook and
+they run beside the built-in four: their items are ``test_<NAME>[<unit id>]``, their score
+joins the composite, the terminal summary, the JSON (``axes.<NAME>``) and the HTML report.
+
+What an axis receives as ``run`` (a pytest_refract.audit.runner.Runner) and may use:
+
+- ``run.settings`` (the parsed options), ``run.inputs`` (``prompts``, ``chat_tokens(text)``,
+  ``plain_tokens(text)``, ``corpus``, ...), ``run.detokenize(tokens)``;
+- ``run.greedy(role, prompts, n_predict)``: greedy token ids per prompt under ``role``'s KV
+  config, decoded together up to --refract-decode-batch sequences;
+- ``run.reference.greedy(prompts, n_predict)``: the same for the reference, from the
+  reference cache when it holds them;
+- ``run.context(role)``: the role's engine context, for evaluation of your own.
+
+``unit["candidate"]`` is the role to measure (a candidate, or the sensitivity control).
+"""
+
+from __future__ import annotations
+
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+
+
+class Axis:
+    #: The axis name: test ids ``test_<NAME>[...]``, ``--refract-axes``, ``axes.<NAME>`` in the JSON.
+    NAME: str = ""
+    #: What the axis's inputs are loaded for: any of "prompts", "corpus", "haystack".
+    NEEDS: Tuple[str, ...] = ()
+    #: What the progress line calls a unit where its id alone does not say (R-NIAH: "cell").
+    UNIT_NOUN: str = ""
+    #: Decode-batch widths of units per batch for axes that decode in batches; 0 for none.
+    BATCHED: int = 0
+    #: The axis's own random stream for bootstrap draws; None: its name, hashed.
+    STREAM: Optional[int] = None
+    #: The section key of the per-item list.
+    ITEMS_KEY: str = "items"
+    #: Rows for ``python -m pytest_refract compare``: (label, dotted key in the section, format,
+    #: higher is better); the score row is always there.
+    COMPARE_METRICS: Tuple[tuple, ...] = ()
+
+    def units(self, run) -> List[dict]:
+        """The items, decided at collection time: each a dict with a unique ``id`` (the test id
+        part) and optional ``keywords`` (for ``-k``)."""
+        raise NotImplementedError
+
+    def planned_tokens(self, run, unit) -> int:
+        """Tokens the item will feed the engine, for the progress line only."""
+        return 0
+
+    def measure(self, run, unit) -> dict:
+        """Measure one item for ``unit["candidate"]``: a JSON-able dict with ``id``, ``score``
+        (0-100, or None for "not scored") and ``band``."""
+        raise NotImplementedError
+
+    def aggregate(self, results: List[dict]) -> dict:
+        """The axis section from its items' results: ``score``, ``band``, the items under
+        ITEMS_KEY. Default: the mean item score."""
+        from ..scoring.metrics import band_for
+
+        scored = [r["score"] for r in results if r.get("score") is not None]
+        score = sum(scored) / len(scored) if scored else None
+        return {"score": score, "band": band_for(score), "n_items": len(results), self.ITEMS_KEY: results,
+                "wall_s": sum(r.get("wall_s", 0.0) for r in results)}
+
+    def cache_reads(self, run) -> dict:
+        """Everything besides the unit that an item's result depends on: part of the cache key
+        of the sensitivity control's results. Default: every setting."""
+        return run.settings.as_dict()
+
+    def diagnose(self, section: dict, axes: dict) -> List[str]:
+        """Sentences for the report's diagnosis (called for a scored axis)."""
+        return []
+
+    def control_diagnosis(self, section: dict, control_section: dict) -> List[str]:
+        return []
+
+    def item_detail(self, item: dict) -> str:
+        """The detail beside a worst item in the terminal summary."""
+        return ""
+
+    def section_detail(self, section: dict, control: bool = False) -> str:
+        """The figures on the axis's terminal summary line."""
+        return ""
+
+    def section_facts(self, run) -> dict:
+        return {}
+
+    def settings_facts(self, run) -> dict:
+        return {}
+
+    def item_table(self, items: Sequence[dict]):
+        """(ids, one row per scored item) from which ``statistic`` recomputes the axis score,
+        for bootstrap intervals and the calibrated score. Default: the item scores."""
+        scored = [i for i in items if i.get("score") is not None]
+        values = np.asarray([float(i["score"]) for i in scored], dtype=np.float64)
+        return [str(i["id"]) for i in scored], values.reshape(len(scored), 1)
+
+    def statistic(self, table: np.ndarray) -> np.ndarray:
+        """The axis score of a table (n, k), or of stacked tables (..., n, k). Default: the mean."""
+        return np.asarray(table, dtype=np.float64)[..., 0].mean(axis=-1)
+

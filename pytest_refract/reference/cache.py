@@ -1,0 +1,382 @@
+"""On-disk cache of everything the reference side produces.
+
+The reference (f16 KV) does not change between runs or between candidates, yet it is half of
+every audit. Entries are keyed by everything that determines them: the model file's identity,
+the reference config, the settings that change llama.cpp's numerics, the exact token ids of the
+item, the llama.cpp build and this cache's format version. An entry is checksummed; a corrupt,
+truncated or mismatched one is reported, deleted and recomputed, never used.
+
+Log-probabilities are stored as llama-perplexity stores its KLD base: per position a scale and
+an offset, and one uint16 per vocabulary entry, with everything below max - 16 clamped.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import re
+import struct
+import warnings
+import zlib
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..engines.gguf import MIB, sampled_sha256
+from ..errors import UsageProblem
+from ..files import write_atomic
+
+FORMAT_VERSION = 2  # 2: raw arrays after a JSON layout (1 was an npz)
+_MAGIC = b"RFRC"
+# The file that says "this folder is pytest-refract's reference cache": without it a non-empty
+# folder is the user's, and is neither used nor cleared.
+MARKER = ".pytest-refract-cache"
+# The folders entries are written to: the reference's kinds, and the sensitivity control's
+# results per axis ("control-<axis>", for any axis, a plugin's too: see refstore.py).
+KINDS = ("trajectory", "kld", "greedy")
+_CONTROL_KIND_RE = re.compile(r"control-[a-z][a-z0-9_]{0,31}")
+_NAMESPACE_RE = re.compile(r"[0-9a-f]{20}")
+_ENTRY_RE = re.compile(r"[0-9a-f]{40}\.rfc|\.[0-9a-f]{40}\.rfc\..+\.tmp")  # an entry, or write_atomic's temp file
+
+
+def is_kind(name: str) -> bool:
+    """Whether ``name`` is a folder of entries this cache writes."""
+    return name in KINDS or _CONTROL_KIND_RE.fullmatch(name) is not None
+
+
+class RefCacheWarning(UserWarning):
+    pass
+
+
+def _is_our_entry(path: Path) -> bool:
+    return _ENTRY_RE.fullmatch(path.name) is not None and path.is_file() and not path.is_symlink()
+
+
+def _is_our_namespace(path: Path) -> bool:
+    """A folder laid out exactly as this cache writes one: kind folders holding entries."""
+    if not (_NAMESPACE_RE.fullmatch(path.name) and path.is_dir() and not path.is_symlink()):
+        return False
+    for kind in path.iterdir():
+        if not is_kind(kind.name) or not kind.is_dir() or kind.is_symlink():
+            return False
+        if not all(_is_our_entry(entry) for entry in kind.iterdir()):
+            return False
+    return True
+
+
+def _has_marker(directory: Path) -> bool:
+    marker = directory / MARKER
+    if not marker.is_file():
+        return False
+    try:
+        return json.loads(marker.read_text(encoding="utf-8")).get("written_by") == "pytest-refract"
+    except (OSError, ValueError, AttributeError):
+        return False
+
+
+def _cache_warning(text: str) -> None:
+    warnings.warn(RefCacheWarning(text + "; measuring without the reference cache"), stacklevel=3)
+
+
+def prepare_cache_dir(directory: Path, clear: bool = False) -> Optional[Path]:
+    """The folder to cache in, marked as this cache's own, or None (measure without a cache)
+    when it cannot be used: it is a file, or cannot be created or written (one warning).
+
+    A non-empty folder without the marker is refused (UsageProblem), unless everything in it
+    is laid out as this cache writes (a cache from before the marker existed): it may be the
+    user's, and clearing or filling it could lose their files. ``clear`` removes only entries
+    this cache wrote."""
+    directory = Path(directory)
+    try:
+        if directory.exists() and not directory.is_dir():
+            _cache_warning(f"reference cache folder {directory} is not a folder")
+            return None
+        if directory.is_dir() and not _has_marker(directory):
+            foreign = [e.name for e in sorted(directory.iterdir()) if not _is_our_namespace(e)]
+            if foreign:
+                shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
+                raise UsageProblem(
+                    f"reference cache folder {directory} holds files pytest-refract did not write ({shown}) and no "
+                    f"{MARKER} marker; refusing to use or clear it: give --refract-cache-dir an empty or new folder"
+                )
+        directory.mkdir(parents=True, exist_ok=True)
+        if not _has_marker(directory):
+            write_atomic(directory / MARKER, json.dumps({"written_by": "pytest-refract", "format": FORMAT_VERSION}) + "\n")
+        probe = directory / f".write-check.{os.getpid()}.tmp"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as exc:
+        _cache_warning(f"reference cache folder {directory} cannot be used ({exc.strerror or exc})")
+        return None
+    if clear:
+        clear_entries(directory)
+    return directory
+
+
+def clear_entries(directory: Path) -> int:
+    """Delete the entries this cache wrote (and their folders, once empty); nothing else.
+    Returns how many entries were deleted."""
+    removed = 0
+    for namespace in sorted(Path(directory).iterdir()):
+        if not (_NAMESPACE_RE.fullmatch(namespace.name) and namespace.is_dir() and not namespace.is_symlink()):
+            continue
+        for kind in namespace.iterdir():
+            if not is_kind(kind.name) or not kind.is_dir() or kind.is_symlink():
+                continue
+            for entry in kind.iterdir():
+                if _is_our_entry(entry):
+                    try:
+                        entry.unlink()
+                        removed += 1
+                    except OSError:
+                        pass
+            try:
+                kind.rmdir()  # only if nothing else is left in it
+            except OSError:
+                pass
+        try:
+            namespace.rmdir()
+        except OSError:
+            pass
+    return removed
+
+
+def quantize_logprobs(logits: np.ndarray, block: int = 32) -> Dict[str, np.ndarray]:
+    """16-bit log-probabilities, as llama-perplexity's --kl-divergence-base file: per row a
+    scale and the log-prob of the lowest kept logit (max - 16), then one uint16 per entry.
+    Done in row blocks, in float32, so the temporaries stay a few MB."""
+    x = np.asarray(logits, dtype=np.float32)
+    n, vocab = x.shape
+    q = np.empty((n, vocab), dtype=np.uint16)
+    scale = np.empty(n, dtype=np.float32)
+    min_log_prob = np.empty(n, dtype=np.float32)
+    for lo in range(0, n, block):
+        xb = x[lo : lo + block]
+        mx = xb.max(axis=1)
+        mn = np.maximum(xb.min(axis=1), mx - np.float32(16.0))
+        lse = np.log(np.exp(xb - mx[:, None]).sum(axis=1, dtype=np.float64)).astype(np.float32)
+        sc = (mx - mn) / np.float32(65535.0)
+        inv = np.divide(np.float32(1.0), sc, out=np.zeros_like(sc), where=sc > 0)
+        t = (xb - mn[:, None]) * inv[:, None]
+        np.rint(t, out=t)
+        np.clip(t, 0, 65535, out=t)
+        t[xb <= mn[:, None]] = 0
+        q[lo : lo + block] = t.astype(np.uint16)
+        scale[lo : lo + block] = sc
+        min_log_prob[lo : lo + block] = mn - mx - lse
+    return {"q": q, "scale": scale, "min_log_prob": min_log_prob}
+
+
+def dequantize_logprobs(stored: Dict[str, np.ndarray]) -> np.ndarray:
+    out = stored["q"].astype(np.float32)
+    out *= stored["scale"][:, None]
+    out += stored["min_log_prob"][:, None]
+    return out
+
+
+def concat_quantized(parts: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
+    """One stored entry from row segments quantized one after another."""
+    if len(parts) == 1:
+        return parts[0]
+    return {k: np.concatenate([p[k] for p in parts]) for k in ("q", "scale", "min_log_prob")}
+
+
+def _unpack_arrays(data: bytes, layout: list) -> Dict[str, np.ndarray]:
+    """Arrays laid out one after another in ``data`` (read-only views, no copies)."""
+    arrays: Dict[str, np.ndarray] = {}
+    offset = 0
+    for item in layout:
+        dtype = np.dtype(item["dtype"])
+        count = int(np.prod(item["shape"], dtype=np.int64))
+        if offset + count * dtype.itemsize > len(data):
+            raise ValueError("payload shorter than its layout")
+        arrays[item["name"]] = np.frombuffer(data, dtype=dtype, count=count, offset=offset).reshape(item["shape"])
+        offset += count * dtype.itemsize
+    if offset != len(data):
+        raise ValueError("payload longer than its layout")
+    return arrays
+
+
+class LogprobRows:
+    """16-bit log-probabilities held as stored, dequantized only a few rows at a time.
+
+    Holding the reference this way costs 2 bytes per vocabulary entry instead of 4. Slicing
+    rows gives another LogprobRows over the same storage (no copy); ``np.asarray`` of it gives
+    the float32 log-probs, exactly those of ``dequantize_logprobs``. Scoring reads in small row
+    blocks, so the float matrix of a whole chunk never exists."""
+
+    def __init__(self, stored: Dict[str, np.ndarray]):
+        self.stored = stored
+        self.shape = stored["q"].shape
+
+    def __len__(self) -> int:
+        return self.shape[0]
+
+    def __getitem__(self, rows: slice) -> "LogprobRows":
+        if not isinstance(rows, slice):
+            raise TypeError("LogprobRows is read by row slices")
+        return LogprobRows({k: v[rows] for k, v in self.stored.items()})
+
+    def __array__(self, dtype=None, copy=None):
+        out = dequantize_logprobs(self.stored)
+        return out if dtype is None else out.astype(dtype, copy=False)
+
+
+def model_identity(path: Path) -> dict:
+    """Size plus hashes of the header and of samples from the middle and the end: enough to
+    tell model files apart without reading gigabytes."""
+    size = path.stat().st_size
+    # The first MiB, the MiB around the middle and the last MiB. This is not the report's
+    # sha256_first_mib (which sees only the head): the cache key must also change when a
+    # file's tensors do, and changing it would invalidate every user's cache.
+    offsets = (0, max(0, size // 2 - MIB // 2), max(0, size - MIB))
+    return {"size": size, "sample_sha256": sampled_sha256(path, offsets)}
+
+
+class ReferenceCache:
+    def __init__(self, directory: Optional[Path], identity: dict):
+        self.directory = Path(directory) if directory else None
+        self.identity = dict(identity, format=FORMAT_VERSION)
+        self.namespace = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
+        self.hits = 0
+        self.misses = 0
+
+    @property
+    def enabled(self) -> bool:
+        return self.directory is not None
+
+    def key(self, kind: str, *parts) -> str:
+        h = hashlib.sha256(self.namespace.encode() + kind.encode())
+        for part in parts:
+            if isinstance(part, (list, tuple)):
+                h.update(np.asarray(part, dtype=np.int64).tobytes())
+            else:
+                h.update(repr(part).encode())
+            h.update(b"|")
+        return h.hexdigest()
+
+    def _path(self, kind: str, key: str) -> Path:
+        return self.directory / self.namespace / kind / f"{key[:40]}.rfc"
+
+    def has(self, kind: str, key: str) -> bool:
+        """Whether an entry exists (not whether it is sound: load checks that)."""
+        return self.enabled and self._path(kind, key).exists()
+
+    def load(self, kind: str, key: str) -> Optional[dict]:
+        if not self.enabled:
+            return None
+        path = self._path(kind, key)
+        if not path.exists():
+            self.misses += 1
+            return None
+        try:
+            raw = path.read_bytes()
+        except OSError as exc:  # e.g. an entry replaced by a folder: a cache problem, not the item's
+            self.misses += 1
+            self._give_up(f"reference cache entry {path} cannot be read ({exc.strerror or exc})")
+            return None
+        try:
+            if raw[:4] != _MAGIC:
+                raise ValueError("bad magic")
+            (header_len,) = struct.unpack("<I", raw[4:8])
+            if 8 + header_len > len(raw):
+                raise ValueError("truncated header")
+            header = json.loads(raw[8 : 8 + header_len])
+            payload = memoryview(raw)[8 + header_len :]
+            if header.get("format") != FORMAT_VERSION or header.get("key") != key:
+                raise ValueError("entry belongs to another key or format")
+            if len(payload) != header.get("size") or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
+                raise ValueError("checksum mismatch (truncated or corrupt)")
+            arrays = _unpack_arrays(zlib.decompress(payload), header["arrays"])
+            del raw, payload
+            for name in ("scale", "min_log_prob"):
+                if name in arrays and not np.isfinite(arrays[name]).all():
+                    raise ValueError("non-finite log-probabilities")
+            meta = json.loads(header.get("meta") or "{}")
+        except Exception as exc:  # any defect: never use the entry
+            self.misses += 1
+            warnings.warn(RefCacheWarning(f"reference cache entry {path.name} rejected ({exc}); recomputing"))
+            try:
+                path.unlink()
+            except OSError:
+                pass
+            return None
+        self.hits += 1
+        return {"meta": meta, "arrays": arrays}
+
+    def store(self, kind: str, key: str, arrays: Dict[str, np.ndarray], meta: Optional[dict] = None) -> None:
+        if not self.enabled:
+            return
+        # Arrays are compressed straight from their own memory, one after another, and the
+        # header and compressed parts are written without joining them: a KLD entry is tens
+        # of MB, and every extra copy would add to the audit's peak memory.
+        compressor = zlib.compressobj(1)
+        digest = hashlib.sha256()
+        parts: List[bytes] = []
+        layout = []
+        for name, arr in arrays.items():
+            arr = np.ascontiguousarray(arr)
+            layout.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape)})
+            if arr.size:
+                parts.append(compressor.compress(memoryview(arr.reshape(-1)).cast("B")))
+        parts.append(compressor.flush())
+        for part in parts:
+            digest.update(part)
+        header = json.dumps({"format": FORMAT_VERSION, "key": key, "size": sum(len(p) for p in parts),
+                             "sha256": digest.hexdigest(), "arrays": layout,
+                             "meta": json.dumps(meta or {})}).encode()
+        path = self._path(kind, key)
+        try:
+            path.parent.mkdir(parents=True, exist_ok=True)
+            write_atomic(path, [_MAGIC + struct.pack("<I", len(header)) + header, *parts])
+        except OSError as exc:  # a full disk, a folder where the entry goes: never the item's failure
+            self._give_up(f"reference cache entry {path} cannot be written ({exc.strerror or exc})")
+
+    def _give_up(self, why: str) -> None:
+        """One warning, then no cache for the rest of the run."""
+        self.directory = None
+        _cache_warning(why)
+
+
+class CompressedRows:
+    """16-bit log-prob rows kept zlib-compressed in memory, one row per block, appended as a
+    decode produces them: a batch of reference continuations takes ~40 % of its 16-bit size.
+    Slicing gives a LogprobRows of the decompressed rows; ``stored()`` the whole entry."""
+
+    def __init__(self, n_vocab: int):
+        self.n_vocab = n_vocab
+        self._rows: List[bytes] = []
+        self._scale: List[float] = []
+        self._min: List[float] = []
+
+    def append_logits(self, logits: np.ndarray) -> None:
+        """Quantize one row of logits (as quantize_logprobs) and keep it compressed."""
+        q = quantize_logprobs(logits[None, :])
+        self._rows.append(zlib.compress(q["q"].tobytes(), 1))
+        self._scale.append(q["scale"][0])
+        self._min.append(q["min_log_prob"][0])
+
+    @property
+    def shape(self) -> tuple:
+        return (len(self._rows), self.n_vocab)
+
+    def __len__(self) -> int:
+        return len(self._rows)
+
+    def _stored(self, rows: slice) -> Dict[str, np.ndarray]:
+        picked = self._rows[rows]
+        q = np.empty((len(picked), self.n_vocab), dtype=np.uint16)
+        for k, blob in enumerate(picked):
+            q[k] = np.frombuffer(zlib.decompress(blob), dtype=np.uint16)
+        return {"q": q, "scale": np.asarray(self._scale[rows], dtype=np.float32),
+                "min_log_prob": np.asarray(self._min[rows], dtype=np.float32)}
+
+    def __getitem__(self, rows: slice) -> LogprobRows:
+        if not isinstance(rows, slice):
+            raise TypeError("CompressedRows is read by row slices")
+        return LogprobRows(self._stored(rows))
+
+    def stored(self) -> Dict[str, np.ndarray]:
+        return self._stored(slice(None))

@@ -1,0 +1,238 @@
+"""The reference side's results, computed once and shared: by the candidates of a matrix (in
+memory) and by later runs (the on-disk reference cache, refcache.py). Every reference result
+goes through one get-or-compute here; so do the sensitivity control's item results, which
+depend only on what their key holds."""
+
+from __future__ import annotations
+
+import json
+from typing import Dict, List, Optional
+
+import numpy as np
+
+from ..errors import MeasurementError
+from ..inputs import data
+from .cache import (
+    CompressedRows,
+    LogprobRows,
+    ReferenceCache,
+    concat_quantized,
+    model_identity,
+    quantize_logprobs,
+)
+
+
+def batch_signature(prompts: List[List[int]]) -> List[int]:
+    """Every prompt of a decode batch, in order, as one id list (for cache keys)."""
+    flat: List[int] = [len(prompts)]
+    for p in prompts:
+        flat.append(len(p))
+        flat.extend(p)
+    return flat
+
+
+class ReferenceStore:
+    def __init__(self, runner, directory, identity: dict):
+        self.runner = runner
+        self.settings = runner.settings
+        self.cache = ReferenceCache(directory, identity)
+        # The floor compares the reference with itself bit for bit: it needs the live reference.
+        # --refract-repeat must re-measure the reference too, so it does not read either.
+        s = self.settings
+        self.read = self.cache.enabled and not s.floor and s.repeat == 1
+        self._memory: Dict[str, tuple] = {}
+        self._greedy_memo: Dict[str, List[int]] = {}
+
+    @staticmethod
+    def identity(model_path, settings, build: dict, context_env: dict, rotation) -> dict:
+        """Everything that determines a reference result besides the item's own inputs."""
+        return {
+            "model": model_identity(model_path),
+            "reference": settings.reference.label(),
+            # Everything that changes llama.cpp's numbers (context size does not: attention
+            # runs over the cells in use).
+            "numerics": {"n_batch": settings.n_batch, "n_ubatch": settings.n_ubatch, "threads": settings.threads,
+                         "gpu_layers": settings.gpu_layers, "flash_attn": settings.reference.fa},
+            "build": {k: v for k, v in build.items() if k != "library_folder"},
+            # Variables llama.cpp reads (rotation among them) and the rotation it then applied
+            # (not where the library lies: its digest, in "build", says which bytes ran).
+            "context_env": {k: v for k, v in context_env.items() if k != "LLAMA_CPP_LIB_PATH"},
+            "rotation": rotation,
+        }
+
+    @property
+    def hits(self) -> int:
+        return self.cache.hits
+
+    @property
+    def misses(self) -> int:
+        return self.cache.misses
+
+    def forget(self) -> None:
+        """Drop what a repetition could reuse (--refract-repeat)."""
+        self._memory.clear()
+        self._greedy_memo.clear()
+
+    def forget_batches(self) -> None:
+        self._memory.pop("trajectory-batch", None)
+
+    # -- memory: one entry per kind (the candidates of a matrix measure a unit back to back) --
+
+    def _remember(self, kind: str, key, value):
+        self._memory[kind] = (key, value)
+        return value
+
+    def _recall(self, kind: str, key):
+        hit = self._memory.get(kind)
+        if hit and hit[0] == key:
+            return hit[1]
+        # Forget the previous unit before the next one is computed, not after: a KLD entry is
+        # tens of MB, and holding two at once would raise the audit's peak memory.
+        self._memory.pop(kind, None)
+        return None
+
+    def _load_all(self, kind: str, keys: List[str]) -> Optional[list]:
+        """Every entry of a decode batch, or None unless all are there: a batch is recomputed
+        whole, so each entry keeps the layout its key names."""
+        if not self.read:
+            return None
+        entries = []
+        for key in keys:
+            entry = self.cache.load(kind, key)
+            if entry is None:
+                return None
+            entries.append(entry)
+        return entries
+
+    def _keys(self, kind: str, prompts: List[List[int]], n_predict: int) -> List[str]:
+        # A batch's layout can change a model's rounding (see engines.base.Context), so where
+        # prompts step together their entries are keyed by the whole batch as well; a prompt
+        # decoded alone is keyed by itself.
+        if self.runner.decode_width(len(prompts)) > 1:
+            batch = batch_signature(prompts)
+            return [self.cache.key(kind, p, n_predict, batch) for p in prompts]
+        return [self.cache.key(kind, p, n_predict) for p in prompts]
+
+    # -- the reference's results ------------------------------------------------------------
+
+    def trajectories(self, prompts: List[List[int]]) -> list:
+        """(greedy tokens, 16-bit log-probs, exact logits or None) of the reference per prompt,
+        the prompts decoded together.
+
+        Candidates are always compared with the 16-bit log-probs, live or cached, exactly as
+        llama-perplexity compares with its stored base: so a cold run, a warm (cached) run and
+        an xdist run give the same numbers. The exact logits serve the floor, which checks the
+        engine bit for bit (and never reads the cache)."""
+        n = self.settings.n_predict
+        keys = self._keys("trajectory", prompts, n)
+        value = self._recall("trajectory-batch", tuple(keys))
+        if value is not None:
+            return value
+        entries = self._load_all("trajectory", keys)
+        if entries is not None:
+            value = [([int(t) for t in e["arrays"]["tokens"]], LogprobRows(e["arrays"]), None) for e in entries]
+            return self._remember("trajectory-batch", tuple(keys), value)
+        floor = self.settings.floor
+        # A batch holds every prompt's continuation until the candidates have run: kept
+        # compressed, since 16 prompts x 128 steps x a 49k vocabulary is 200 MB at 16 bits.
+        rows = [CompressedRows(self.runner.n_vocab) for _ in prompts]
+        exact: List[list] = [[] for _ in prompts]
+
+        def keep(i, step, row):
+            rows[i].append_logits(row)
+            if floor:  # only the floor needs the exact logits
+                exact[i].append(row.copy())
+
+        tokens = self.runner.greedy("reference", prompts, n, keep)
+        value = []
+        for i, key in enumerate(keys):
+            if self.cache.enabled:
+                self.cache.store("trajectory", key, dict(rows[i].stored(), tokens=np.asarray(tokens[i])))
+            value.append((tokens[i], rows[i], np.stack(exact[i]) if floor else None))
+        return self._remember("trajectory-batch", tuple(keys), value)
+
+    def chunk(self, tokens: List[int], evaluate_fn):
+        """(16-bit log-probs as LogprobRows, exact logits or None) of the reference for one
+        KLD chunk. ``evaluate_fn(ctx, consume)`` runs the chunk and hands over logit rows
+        batch by batch; they are quantized as they come, so only the 16-bit form is held
+        (the exact rows are kept only for the floor)."""
+        key = self.cache.key("kld", tokens)
+        value = self._recall("kld", key)
+        if value is not None:
+            return value
+        if self.read:
+            entry = self.cache.load("kld", key)
+            if entry is not None:
+                return self._remember("kld", key, (LogprobRows(entry["arrays"]), None))
+        parts: List[dict] = []
+        exact: List[np.ndarray] = []
+
+        def take(first_row, view):
+            parts.append(quantize_logprobs(view))
+            if self.settings.floor:
+                exact.append(view.copy())
+
+        evaluate_fn(self.runner.context("reference"), take)
+        if not parts:
+            raise MeasurementError("internal: the reference produced no logit rows for a KLD chunk")
+        stored = concat_quantized(parts)
+        self.cache.store("kld", key, stored)
+        return self._remember("kld", key, (LogprobRows(stored), np.concatenate(exact) if exact else None))
+
+    def greedy(self, prompts: List[List[int]], n_predict: int) -> List[List[int]]:
+        """The reference's greedy tokens per prompt (PLAD anchors and perturbations, R-NIAH
+        answers). Prompts that step together are read or computed as a whole batch; a prompt
+        decoded alone is kept in memory too (token ids only), since the control asks for the
+        same reference answers right after the candidates."""
+        keys = self._keys("greedy", prompts, n_predict)
+        if self.runner.decode_width(len(prompts)) > 1:
+            entries = self._load_all("greedy", keys)
+            if entries is not None:
+                return [[int(t) for t in e["arrays"]["tokens"]] for e in entries]
+            tokens = self.runner.greedy("reference", prompts, n_predict)
+            for key, toks in zip(keys, tokens):
+                self.cache.store("greedy", key, {"tokens": np.asarray(toks, dtype=np.int64)})
+            return tokens
+        return [self._greedy_one(key, p, n_predict) for key, p in zip(keys, prompts)]
+
+    def _greedy_one(self, key: str, prompt: List[int], n_predict: int) -> List[int]:
+        if key in self._greedy_memo:
+            return list(self._greedy_memo[key])
+        if len(self._greedy_memo) > 256:
+            self._greedy_memo.clear()
+        tokens = None
+        if self.read:
+            entry = self.cache.load("greedy", key)
+            if entry is not None:
+                tokens = [int(t) for t in entry["arrays"]["tokens"]]
+        if tokens is None:
+            tokens = self.runner.greedy("reference", [prompt], n_predict)[0]
+            self.cache.store("greedy", key, {"tokens": np.asarray(tokens, dtype=np.int64)})
+        self._greedy_memo[key] = list(tokens)
+        return tokens
+
+    # -- the sensitivity control's item results ----------------------------------------------
+
+    def control_key(self, axis, unit: dict, batch: Optional[List[str]], label: str) -> str:
+        """Cache key of one control item: everything its result depends on beyond the cache's
+        namespace (model, reference, numerics, build): the control config, the item's own
+        inputs, the settings the axis reads and, for batched decoding, the batch's layout."""
+        own = {k: (v.prompt if isinstance(v, data.Prompt) else v) for k, v in unit.items()
+               if k not in ("candidate", "batch", "keywords")}
+        text = json.dumps({"unit": own, "batch": batch, "reads": axis.cache_reads(self.runner)},
+                          sort_keys=True, default=str)
+        return self.cache.key("control-" + axis.NAME, label, text)
+
+    def has_control(self, axis_name: str, key: str) -> bool:
+        return self.read and self.cache.has("control-" + axis_name, key)
+
+    def load_control(self, axis_name: str, key: str) -> Optional[dict]:
+        if not self.read:
+            return None
+        entry = self.cache.load("control-" + axis_name, key)
+        if entry is not None and entry["meta"].get("result") is not None:
+            return entry["meta"]["result"]
+        return None
+
+    def store_control(self, axis_name: str, key: str, result: dict) -> None:
+        self.cache.store("control-" + axis_name, key, {}, meta={"result": result})

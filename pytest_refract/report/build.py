@@ -1,0 +1,304 @@
+"""The audit's result as data: ``build_report`` turns the measured results and the run's facts
+(plain data, see facts.py) into the report dict, gate included, and touches nothing else: no
+llama.cpp, no session, no clock but the timestamp. The JSON file, the terminal summary, compare
+and the HTML page read only that dict. Axis-specific wording comes from the axis objects.
+"""
+
+from __future__ import annotations
+
+import copy
+import shlex
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Dict, List, Optional
+
+from .. import __version__
+from ..axes import DIAGNOSIS_ORDER, known
+from ..scoring.metrics import BAND_FLOOR, band_for
+from .facts import ReportFacts
+from .jsonio import SCHEMA
+from .sections import build_axes, composite_of, custom_gates, floor_of, repeat_stats
+from .sensitivity import (
+    calibrate,
+    calibration_diagnosis,
+    control_section,
+    sensitivity_json,
+)
+
+FLOOR_WARN_BELOW = 99.5
+
+
+def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False) -> List[str]:
+    """Plain-English reading of the axis pattern, most important first: what holds for any
+    axis here, each scored axis's own sentences from its ``diagnose``."""
+    out: List[str] = []
+    if self_reference:
+        out.append("Self-reference: the candidate configuration equals the reference, so this run measures the noise floor.")
+    for name, a in axes.items():
+        if a.get("status") == "n/a":
+            out.append(f"{name}: nothing to score (the reference itself never succeeds there); left out of the composite.")
+    # An interrupted run's axes are "incomplete": their items did not run, nothing failed.
+    broken = [n for n, a in axes.items() if a.get("score") is None and a.get("status") not in ("n/a", "incomplete")]
+    if broken:
+        out.append(f"No score for {', '.join(broken)}: some items failed to measure (see the failed tests).")
+    scored = {n: a for n, a in axes.items() if a.get("score") is not None}
+    if not scored:
+        return out
+    low = {n for n, a in scored.items() if a["score"] < BAND_FLOOR["PASS"]}
+    if all(a["score"] < BAND_FLOOR["DEGRADED"] for a in scored.values()):
+        out.append("Catastrophic: every axis is in the FAIL band; the candidate cache does not preserve the model's behaviour.")
+    by_name = dict(known(scored, registry))
+    for name in [n for n in DIAGNOSIS_ORDER if n in scored] + [n for n in scored if n not in DIAGNOSIS_ORDER]:
+        out += by_name[name].diagnose(scored[name], axes)
+    if not low and all(a["score"] >= BAND_FLOOR["EXCELLENT"] for a in scored.values()):
+        out.append("All clear: the candidate cache tracks the f16 reference on every axis that ran.")
+    elif not low:
+        out.append("Minor drift: every axis that ran is PASS or better.")
+    return out
+
+
+def _candidate_section(facts: ReportFacts, role: str, results, failed, gates, complete: bool,
+                       control: Optional[dict], registry) -> dict:
+    """Everything about one candidate: axes, composite, floor, diagnosis, its own gate."""
+    s = facts.settings
+    axes = build_axes(results, failed, registry)
+    composite = composite_of(axes, gates) if complete else None
+    if not complete:
+        # What was measured stays (items); no axis claims a score for what was not.
+        _mark_not_run(facts, role, axes, results, failed)
+    calibrated = calibrate(axes, control, gates, s.seed, registry) if complete else {}
+    floor = floor_of(axes) if s.floor else None
+    self_reference = facts.self_reference[role]
+    for name, inputs in facts.axis_inputs.items():
+        if name in axes:
+            axes[name].update(copy.deepcopy(inputs))  # e.g. the KLD axis's corpus
+    section = {
+        "candidate": facts.labels[role],
+        "self_reference": self_reference,
+        "composite": composite,
+        "band": band_for(composite),
+        "composite_ci95": calibrated.get("composite_ci95"),
+        "calibrated_composite": calibrated.get("calibrated_composite"),
+        "calibrated_band": band_for(calibrated.get("calibrated_composite")),
+        "calibrated_composite_ci95": calibrated.get("calibrated_composite_ci95"),
+        "diagnosis": diagnose(axes, registry, self_reference) + calibration_diagnosis(axes, control, registry),
+        "axes": axes,
+        "floor": floor,
+        "custom_gates": gates,
+        "kv_cache": facts.kv_cache.get(role),
+        **_context_facts(facts, role),
+    }
+    diagnosis = section["diagnosis"]
+    repeats = [a.get("repeat") for a in axes.values()]
+    if s.repeat > 1 and repeats and all(repeats) and complete:
+        per_run = [composite_of({n: {"score": a["repeat"]["scores"][k]} for n, a in axes.items()
+                                 if a.get("status") != "n/a"}, gates)
+                   for k in range(s.repeat)]
+        section["repeat"] = repeat_stats(per_run)
+        for name, a in axes.items():
+            r = a["repeat"]
+            if r["verdict"] and r["verdict"] != "HEALTHY":
+                diagnosis.insert(0, f"WARNING: {name} is {r['verdict']} over {r['n']} repeats "
+                                    f"(stdev {r['stdev']:.2f}): single runs are not trustworthy.")
+    for source in facts.text_inputs:
+        if source.get("replaced_invalid_utf8"):
+            diagnosis.append(f"{source['name']} is not valid UTF-8: undecodable bytes were replaced (U+FFFD) before tokenizing.")
+    if not complete:
+        diagnosis.insert(0, "INCOMPLETE: the run was interrupted; items measured so far are listed, no score is claimed. "
+                            + _ran_text(axes))
+    if floor is not None and floor < FLOOR_WARN_BELOW:
+        diagnosis.insert(0, f"WARNING: the noise floor (reference vs reference) is {floor:.2f}, below "
+                            f"{FLOOR_WARN_BELOW}: deltas are not trustworthy.")
+    elif floor is not None:
+        diagnosis.append(f"Noise floor (reference vs reference): {floor:.2f}.")
+    section["gate"] = _gate(facts, section, complete)
+    return section
+
+
+def _mark_not_run(facts: ReportFacts, role: str, axes: Dict[str, dict], results, failed) -> None:
+    """An interrupted run: every axis is unscored and says how many of its items ran; the
+    items that did not run are "not run", never "failed to measure"."""
+    selected = facts.selected.get(role, {})
+    for name in facts.settings.axes:
+        wanted = selected.get(name)
+        if name not in axes and wanted:
+            axes[name] = {"score": None, "band": None, "items": []}
+        if name not in axes:
+            continue
+        section = axes[name]
+        ran = len(results.get(name) or {}) + len(failed.get(name) or [])
+        section.update({"score": None, "band": None, "status": "incomplete", "n_run": ran,
+                        "n_not_run": max(0, wanted - ran) if wanted is not None else None})
+        failures = len(failed.get(name) or [])
+        failed_text = f" ({failures} of them failed to measure)" if failures else ""
+        if wanted is not None and ran >= wanted:
+            section["error"] = f"all {ran} item(s) ran{failed_text}, but the run was interrupted: no score is claimed"
+        else:
+            shown = f"{ran} of {wanted}" if wanted is not None else f"{ran}"
+            section["error"] = (f"not all items ran: {shown} item(s) ran before the interruption{failed_text}; "
+                                "the rest were not run")
+
+
+def _ran_text(axes: Dict[str, dict]) -> str:
+    ran = sum(a.get("n_run") or 0 for a in axes.values())
+    missing = [a.get("n_not_run") for a in axes.values()]
+    if missing and all(m is not None for m in missing):
+        return f"{ran} of {ran + sum(missing)} selected items ran; {sum(missing)} were not run."
+    return f"{ran} items ran."
+
+
+def _context_facts(facts: ReportFacts, role: str) -> dict:
+    """What llama.cpp logged when it created the role's context: the attention rotation it
+    applied ({"k": bool, "v": bool}, null where the build has none), the cache it allocated,
+    and every LLAMA_*/GGML_* variable in effect then."""
+    if facts.rotation is None:
+        return {}
+    return {"rotation": facts.rotation.get(role), "kv_allocation": (facts.kv_allocation or {}).get(role),
+            "context_env": (facts.context_env or {}).get(role, {})}
+
+
+def _gate(facts: ReportFacts, section: dict, complete: bool) -> dict:
+    s = facts.settings
+    composite, axes = section["composite"], section["axes"]
+    basis = s.gate_basis
+    gated = section["calibrated_composite"] if basis == "calibrated" else composite
+    name = "calibrated composite" if basis == "calibrated" else "composite"
+    reasons = []
+    if not complete:
+        reasons.append("the run was interrupted; an incomplete audit never passes the gate")
+    elif composite is None and not axes and not section["custom_gates"]:
+        pass  # only fixture measurements without a gate: nothing to gate on
+    elif composite is None:
+        broken = [n for n, a in axes.items() if a.get("score") is None and a.get("status") != "n/a"]
+        reasons.append(f"no composite: {', '.join(broken)} could not be scored (items failed to measure)")
+    elif gated is None:
+        reasons.append("no calibrated composite: the sensitivity control has no score on every axis that ran (its "
+                       "items failed or were deselected); the gate never substitutes the raw composite silently: "
+                       "select the control's items or use --refract-gate=raw")
+    elif gated < s.fail_under:
+        reasons.append(f"{name} {gated:.2f} is below --refract-fail-under={s.fail_under_text} ({s.fail_under:g})")
+    if facts.baseline is not None and complete:
+        from .baseline import baseline_for, drops
+
+        base = baseline_for(facts.baseline, section["candidate"])
+        if base is not None:
+            reasons += drops(base, axes, composite, s.max_drop)
+    return {"passed": not reasons, "threshold": s.fail_under, "basis": basis, "reasons": reasons}
+
+
+def build_report(
+    *,
+    facts: ReportFacts,
+    results: Dict[str, Dict[str, Dict[str, dict]]],
+    failed: Dict[str, Dict[str, List[str]]],
+    custom: Optional[List[dict]] = None,
+    invocation_args: List[str],
+    complete: bool,
+    registry,
+) -> dict:
+    """The whole report, gate included, from plain data: ``results`` (candidate role -> axis ->
+    unit id -> item result), ``failed`` (role -> axis -> unit ids), the fixtures' ``custom``
+    measurements, the run's ``facts``, the command line, whether the run completed, and the
+    axes (``registry``: name -> axis object, as axes.resolve gives). Inputs are not modified.
+
+    Top-level ``candidate``/``axes``/``composite``/``band``/``diagnosis``/``floor`` describe
+    the first candidate (the only one outside a matrix); ``candidates`` has one section per
+    candidate and ``ranking`` orders them; ``gate`` passes only if every candidate passes."""
+    s = facts.settings
+    custom = sorted(custom or [], key=lambda e: e["test"])
+    control = control_section(facts, results, failed, complete, registry)
+    sections = []
+    for role in facts.candidate_roles:
+        label = facts.labels[role]
+        gates = custom_gates([e for e in custom if e.get("candidate", label) == label])
+        sections.append(_candidate_section(facts, role, results.get(role, {}), failed.get(role, {}), gates, complete,
+                                           control, registry))
+    first = sections[0]
+    multi = len(sections) > 1
+    reasons = [(f"{sec['candidate']}: " if multi else "") + r for sec in sections for r in sec["gate"]["reasons"]]
+    settings = s.as_dict()
+    if facts.chunks_note:
+        settings["chunks_note"] = facts.chunks_note
+    if facts.gpu_note:
+        settings["gpu_layers_note"] = facts.gpu_note  # settings.gpu_layers is what ran: 0
+    for name, as_run in facts.axis_settings.items():
+        settings.setdefault(name, {}).update(as_run)  # e.g. R-NIAH's lengths as capped to the model
+    # Ranked by what the gate reads: the calibrated composite by default.
+    rank_key = "calibrated_composite" if s.gate_basis == "calibrated" else "composite"
+    ranked = sorted(sections, key=lambda sec: (sec[rank_key] is None, -(sec[rank_key] or 0.0),
+                                               sec["composite"] is None, -(sec["composite"] or 0.0)))
+    all_items = [r for per_axis in results.values() for items in per_axis.values() for r in items.values()]
+    report = {
+        "schema": SCHEMA,
+        "plugin_version": __version__,
+        "llama_cpp_python_version": facts.binding_version,
+        "llama_cpp_build": dict(facts.llama_build),
+        "timestamp": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "complete": complete,
+        "host": dict(facts.host),
+        "model": dict(facts.model),
+        "reference": s.reference.label(),
+        "reference_kv_bytes_per_token": facts.reference_kv_bytes_per_token,
+        **({"reference_rotation": facts.rotation.get("reference"),
+            "reference_kv_allocation": (facts.kv_allocation or {}).get("reference"),
+            "rotation": first.get("rotation"), "kv_allocation": first.get("kv_allocation"),
+            "context_env": first.get("context_env")} if facts.rotation is not None else {}),
+        # The most KV-cache memory this process held at once (under xdist: the controller's,
+        # which measures nothing; see each worker's own run).
+        "kv_cache_bytes_peak": facts.kv_bytes_peak or None,
+        "candidate": first["candidate"],
+        "self_reference": first["self_reference"],
+        "settings": settings,
+        "repro_command": "pytest " + " ".join(shlex.quote(a) for a in _portable_args(invocation_args)),
+        "composite": first["composite"],
+        "band": first["band"],
+        "composite_ci95": first["composite_ci95"],
+        "calibrated_composite": first["calibrated_composite"],
+        "calibrated_band": first["calibrated_band"],
+        "calibrated_composite_ci95": first["calibrated_composite_ci95"],
+        "gate": {"passed": not reasons, "threshold": s.fail_under, "basis": s.gate_basis, "reasons": reasons},
+        "sensitivity": sensitivity_json(facts, control, registry),
+        "diagnosis": first["diagnosis"],
+        "axes": first["axes"],
+        "custom": {"gates": first["custom_gates"], "measurements": custom},
+        "floor": first["floor"],
+        "candidates": sections,
+        "ranking": [{"candidate": sec["candidate"], "composite": sec["composite"], "band": sec["band"],
+                     "composite_ci95": sec["composite_ci95"], "calibrated_composite": sec["calibrated_composite"],
+                     "calibrated_band": sec["calibrated_band"],
+                     "calibrated_composite_ci95": sec["calibrated_composite_ci95"],
+                     "passed": sec["gate"]["passed"],
+                     "kv_vs_reference": (sec["kv_cache"] or {}).get("vs_reference"),
+                     "rotation": sec.get("rotation"),
+                     "axes": {n: a.get("score") for n, a in sec["axes"].items()}} for sec in ranked],
+        "reference_cache": {
+            "enabled": facts.reference_cache_enabled,
+            "read": facts.reference_cache_read,
+            "hits": sum(r.get("reference_cache", {}).get("hits", 0) for r in all_items),
+            "misses": sum(r.get("reference_cache", {}).get("misses", 0) for r in all_items),
+            "format": "16-bit log-probs per position (llama-perplexity --kl-divergence-base layout)",
+        },
+    }
+    if "repeat" in first:
+        report["repeat"] = first["repeat"]
+    for sec in sections:
+        sec.pop("custom_gates", None)
+    if not multi:
+        # One candidate: its full result is the top level; no second copy.
+        del report["candidates"]
+    report["wall_s"] = facts.wall_s
+    # How far an interrupted run got: items with a result or a failure (the control's
+    # included), of those selected.
+    report["items_run"] = (sum(len(per_axis) for axes in results.values() for per_axis in axes.values())
+                           + sum(len(units) for axes in failed.values() for units in axes.values()))
+    report["items_selected"] = facts.items_selected
+    if facts.baseline is not None:
+        report["baseline"] = {"path": s.baseline_path, "composite": facts.baseline.get("composite"),
+                              "timestamp": facts.baseline.get("timestamp"), "max_drop": s.max_drop}
+    return report
+
+
+def _portable_args(args: List[str]) -> List[str]:
+    """No home directories in a report that may be shared: show ~ instead."""
+    home = str(Path.home())
+    return [a.replace(home, "~") if home and home != "/" else a for a in args]

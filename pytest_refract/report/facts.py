@@ -1,0 +1,49 @@
+"""What the report states about the run besides the measurements: plain data, gathered once
+from the live runner (session.gather_facts) and handed to ``build.build_report``, which then
+needs nothing else that lives in a process (no llama.cpp, no clock but the timestamp)."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, Optional, Tuple
+
+
+@dataclass(frozen=True)
+class ReportFacts:
+    settings: object  # settings.Settings (a frozen dataclass of the options)
+    # Candidates in the order given; role -> label for the candidates and the control.
+    candidate_roles: Tuple[str, ...] = ("cand0",)
+    labels: Dict[str, str] = field(default_factory=dict)
+    self_reference: Dict[str, bool] = field(default_factory=dict)  # per candidate role
+    control_role: Optional[str] = None  # the sensitivity control's role, None without one
+    # Every text file the run tokenized (corpus, haystack; each once): {"name", "sha256",
+    # "bytes", "replaced_invalid_utf8"}; undecodable bytes there get a diagnosis line.
+    text_inputs: Tuple[dict, ...] = ()
+    # Axis name -> keys added to that axis's section, e.g. {"kld": {"corpus": {...}}}.
+    axis_inputs: Dict[str, dict] = field(default_factory=dict)
+    # Axis name -> what it ran with beyond its options, merged into settings[<name>], e.g.
+    # {"rniah": {"lengths": [...], "effective_answer_tokens": 32, "thinking_template": False}}.
+    axis_settings: Dict[str, dict] = field(default_factory=dict)
+    chunks_note: Optional[str] = None  # the corpus held fewer KLD chunks than asked for
+    gpu_note: Optional[str] = None  # GPU layers asked for on a build without offload
+    # What llama.cpp logged per role ("reference" and each candidate) when it created the
+    # role's context; None when no context was probed (then the report leaves these out).
+    rotation: Optional[Dict[str, Optional[dict]]] = None
+    kv_allocation: Optional[Dict[str, Optional[dict]]] = None
+    context_env: Optional[Dict[str, dict]] = None
+    kv_cache: Dict[str, Optional[dict]] = field(default_factory=dict)  # per candidate: bytes/token, vs reference
+    reference_kv_bytes_per_token: Optional[int] = None
+    kv_bytes_peak: Optional[int] = None  # the most KV-cache memory this process held at once
+    model: dict = field(default_factory=dict)  # name, path, size, architecture, parameters, fingerprint
+    host: dict = field(default_factory=dict)  # machine, system, cpus
+    reference_cache_enabled: bool = False
+    reference_cache_read: bool = False  # whether this run read reference results from the cache
+    binding_version: Optional[str] = None  # llama-cpp-python's version
+    llama_build: dict = field(default_factory=dict)  # the llama.cpp library that ran
+    baseline: Optional[dict] = None  # the --refract-baseline report, loaded
+    # Items selected after -k/-m: candidate role -> axis -> count (an interrupted run says how
+    # many of them ran), and their total (None where this process collected none, e.g. the
+    # xdist controller).
+    selected: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    items_selected: Optional[int] = None
+    wall_s: Optional[float] = None  # the session's wall time up to the report

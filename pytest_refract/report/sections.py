@@ -1,0 +1,91 @@
+"""Axis sections and composites from per-item results: the arithmetic the report, the
+sensitivity control and the gate share. Pure functions of plain data."""
+
+from __future__ import annotations
+
+import statistics
+from typing import Dict, List, Optional
+
+from ..scoring.metrics import harmonic_mean, is_score
+
+HEALTHY_MAX_STDEV = 1.0
+NOISY_MAX_STDEV = 3.0
+
+
+def build_axes(results: Dict[str, Dict[str, dict]], failed: Dict[str, List[str]], registry) -> Dict[str, dict]:
+    """Axis sections from per-item results, in the registry's order. An axis with any item
+    that failed to measure has no score: scoring the rest would claim a number for what was
+    not measured."""
+    sections = {}
+    for name, axis in registry.items():
+        items = results.get(name) or {}
+        errors = failed.get(name) or []
+        if not items and not errors:
+            continue
+        ordered = [items[k] for k in sorted(items)]
+        if errors or not ordered:
+            sections[name] = {
+                "score": None,
+                "band": None,
+                "error": f"{len(errors)} item(s) failed to measure: {', '.join(sorted(errors)[:5])}",
+                # "items" whatever the axis's ITEMS_KEY: what the JSON has always held here.
+                "items": [{k: v for k, v in r.items() if k != "_raw"} for r in ordered],
+            }
+            continue
+        section = axis.aggregate(ordered)
+        repeats = [r.get("_repeats") for r in ordered]
+        if repeats and all(repeats):
+            scores = [section["score"]] + [
+                axis.aggregate([r["_repeats"][k] for r in ordered])["score"] for k in range(len(repeats[0]))
+            ]
+            section["repeat"] = repeat_stats(scores)
+        key = axis.ITEMS_KEY
+        if key in section:
+            section[key] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in section[key]]
+        compute: Dict[str, Dict[str, int]] = {}
+        for r in ordered:
+            for role, counts in r.get("compute", {}).items():
+                into = compute.setdefault(role, {})
+                for count, value in counts.items():
+                    into[count] = into.get(count, 0) + value
+        section["compute"] = compute
+        sections[name] = section
+    return sections
+
+
+def custom_gates(custom: List[dict]) -> Dict[str, float]:
+    """Scores users put into the gate with refract.gate(name, score); the lowest per name."""
+    gates: Dict[str, float] = {}
+    for entry in custom:
+        if entry.get("gate"):
+            score = entry["metrics"]["score"]
+            gates[entry["gate"]] = min(score, gates.get(entry["gate"], score))
+    return gates
+
+
+def repeat_stats(scores: List[Optional[float]]) -> dict:
+    """Spread of one score over --refract-repeat runs: on a CPU build it must be exactly 0."""
+    values = [s for s in scores if is_score(s)]
+    if len(values) != len(scores) or not values:
+        return {"n": len(scores), "scores": scores, "mean": None, "stdev": None, "range": None, "verdict": None}
+    mean = sum(values) / len(values)
+    stdev = statistics.stdev(values) if len(values) > 1 else 0.0
+    verdict = "HEALTHY" if stdev <= HEALTHY_MAX_STDEV else "NOISY" if stdev <= NOISY_MAX_STDEV else "UNSTABLE"
+    return {"n": len(values), "scores": values, "mean": mean, "stdev": stdev,
+            "range": max(values) - min(values), "verdict": verdict}
+
+
+def composite_of(axes: Dict[str, dict], gates: Optional[Dict[str, float]] = None) -> Optional[float]:
+    # An axis with nothing to score (status n/a: e.g. the reference never retrieves the needle)
+    # is left out, like an axis that did not run; a failed axis (no status) blocks the composite.
+    scores = [a["score"] for a in axes.values() if a.get("status") != "n/a"] + list((gates or {}).values())
+    if not scores or not all(is_score(s) for s in scores):
+        return None  # a missing or non-finite axis score never becomes part of a composite
+    return harmonic_mean(scores)
+
+
+def floor_of(axes: Dict[str, dict]) -> Optional[float]:
+    floors = [a.get("floor_score") for a in axes.values() if a.get("status") != "n/a"]
+    if not floors or not all(is_score(f) for f in floors):
+        return None
+    return harmonic_mean(floors)

@@ -1,0 +1,156 @@
+"""The terminal summary: what a user reads when CI goes red. It reads only the report dict;
+each axis's own figures come from its axis object (``section_detail``, ``item_detail``)."""
+
+from __future__ import annotations
+
+from ..axes import BUILTIN, known
+from ..scoring.metrics import band_for
+
+_COLOURS = {"EXCELLENT": "green", "PASS": "green", "DEGRADED": "yellow", "FAIL": "red", None: "red"}
+
+
+def _fmt(score) -> str:
+    return "n/a" if score is None else f"{score:6.2f}"
+
+
+def _ci(interval) -> str:
+    return "" if not interval else f" [{interval[0]:.2f}, {interval[1]:.2f}]"
+
+
+def _worst(name: str, axis, section: dict, n: int = 3):
+    items = [i for i in (section.get(axis.ITEMS_KEY) or section.get("items") or []) if i.get("score") is not None]
+    items.sort(key=lambda i: i["score"])
+    out = []
+    for i in items[:n]:
+        if i["score"] >= 100.0:
+            break
+        out.append(f"{name}[{i['id']}] {i['score']:.2f} {i['band']} ({axis.item_detail(i)})")
+    return out
+
+
+def render(tr, report: dict, json_path, registry=None) -> None:
+    """``registry``: name -> axis object (axes.resolve); the built-ins when not given."""
+    registry = BUILTIN if registry is None else registry
+    tr.write_sep("=", "refract KV-cache audit")
+    model = report["model"]
+    tr.write_line(f"model      {model['name']} ({model['path']}, {model['size_bytes'] / 1e6:.1f} MB, {model['architecture']})")
+    tr.write_line(f"reference  {report['reference']}")
+    if report["settings"].get("chunks_note"):
+        tr.write_line(f"note       {report['settings']['chunks_note']}")
+    sections = report.get("candidates") or [dict(report, custom_gates=(report.get("custom") or {}).get("gates", {}))]
+    control = report.get("sensitivity") or {}
+    _render_control(tr, control, registry)
+    for section in sections:
+        _render_candidate(tr, section, registry)
+    if len(sections) > 1:
+        _render_ranking(tr, report["ranking"], registry, report.get("gate", {}).get("basis"))
+    gate = report.get("gate", {})
+    tr.write_line("")
+    basis = "calibrated composite" if gate.get("basis") == "calibrated" else "composite"
+    if gate.get("passed"):
+        tr.write_line(f"gate: passed ({basis} ≥ {gate['threshold']:g})", green=True)
+    else:
+        for reason in gate.get("reasons", []):
+            tr.write_line(f"gate FAILED: {reason}", red=True, bold=True)
+    if json_path:
+        tr.write_line(f"JSON report: {json_path}")
+
+
+def _render_ranking(tr, ranking, registry, basis=None) -> None:
+    tr.write_line("")
+    by = "the calibrated one, which the gate reads" if basis == "calibrated" else "raw, which the gate reads"
+    tr.write_line(f"candidates ranked by composite ({by}; which config to ship; the control is never ranked):",
+                  bold=True)
+    axes = [n for n, _ in known({n: None for r in ranking for n in r["axes"]}, registry)]
+    tr.write_line("  #  " + "candidate".ljust(28) + "calibrated [95% CI]        band      " + "composite band      "
+                  + "[95% CI]".ljust(18) + "".join(a.ljust(11) for a in axes) + "KV memory")
+    for i, r in enumerate(ranking, start=1):
+        cells = "".join(_fmt(r["axes"].get(a)).strip().ljust(11) for a in axes)
+        kv = r.get("kv_vs_reference")
+        calibrated = r.get("calibrated_composite")
+        tr.write(f"  {i}  {r['candidate'][:27]:<28}{(_fmt(calibrated) + _ci(r.get('calibrated_composite_ci95'))):<27}")
+        tr.write(f"{(r.get('calibrated_band') or 'n/a'):<10}", **{_COLOURS.get(r.get("calibrated_band"), "red"): True})
+        tr.write(f"{_fmt(r['composite'])}    ")
+        tr.write(f"{(r['band'] or 'NO SCORE'):<10}", **{_COLOURS.get(r["band"], "red"): True})
+        tr.write(f"{_ci(r.get('composite_ci95')).strip():<18}")
+        tr.write_line(cells + ("?" if kv is None else f"{100 * kv:.0f}% of reference"))
+
+
+def _rotation_text(rotation: dict) -> str:
+    """Rotation as llama.cpp logged it for the config's context."""
+    on = [side.upper() for side in ("k", "v") if rotation.get(side)]
+    return f"rotated {'+'.join(on)}" if on else "no rotation"
+
+
+def _render_control(tr, control: dict, registry) -> None:
+    """The sensitivity control, shown like a candidate but labelled as the yardstick."""
+    tr.write_line("")
+    if not control.get("config"):
+        tr.write_line(f"control    none: {control.get('note') or 'no sensitivity control'}")
+        return
+    cached = "  (read from the reference cache)" if control.get("cached") else ""
+    tr.write_line(f"control    {control['config']}  (sensitivity: {control.get('note')}; never ranked){cached}")
+    axes = control.get("axes") or {}
+    for name, axis in known(axes, registry):
+        a = axes[name]
+        extra = axis.section_detail(a, control=True)
+        tr.write_line(f"  {name:<11}{_fmt(a.get('score'))}{_ci(a.get('ci95'))} {a.get('band') or 'NO SCORE'}{extra}")
+    tr.write_line(f"  composite  {_fmt(control.get('composite'))}{_ci(control.get('composite_ci95'))} "
+                  f"{control.get('band') or 'NO SCORE'}")
+
+
+def _render_candidate(tr, report: dict, registry) -> None:
+    tr.write_line("")
+    tr.write_line(f"candidate  {report['candidate']}" + ("   (self-reference)" if report.get("self_reference") else "")
+                  + (f"   (llama.cpp: {_rotation_text(report['rotation'])})" if report.get("rotation") else ""))
+    tr.write_line("")
+    for name, axis in known(report["axes"], registry):
+        section = report["axes"][name]
+        band = section.get("band")
+        extra = axis.section_detail(section, control=False)
+        wall = section.get("wall_s")
+        wall_text = f"  [{wall:.1f}s]" if wall is not None else ""
+        tr.write(f"{name:<11}{_fmt(section.get('score'))} ", bold=True)
+        tr.write(f"{band or 'NO SCORE':<9}", **{_COLOURS.get(band, 'red'): True})
+        tr.write_line(f"{extra}{wall_text}")
+        if section.get("ci95") or section.get("calibration"):
+            cal = section.get("calibration") or {}
+            beside = ""
+            if cal:
+                verdict = "indistinguishable from the control" if cal.get("indistinguishable") else "beyond the control"
+                beside = (f"; control {_fmt(cal.get('control_score')).strip()}{_ci(cal.get('control_ci95'))}; "
+                          f"calibrated {_fmt(cal.get('calibrated_score')).strip()} ({verdict})")
+            tr.write_line(f"           95% CI{_ci(section.get('ci95')) or ' n/a'}{beside}")
+        rep = section.get("repeat")
+        if rep and rep.get("stdev") is not None:
+            tr.write_line(f"           repeat x{rep['n']}: mean {rep['mean']:.2f}, stdev {rep['stdev']:.2f}, "
+                          f"range {rep['range']:.2f} -> {rep['verdict']}")
+        if section.get("error"):
+            tr.write_line(f"           {section['error']}", red=True)
+    for name, score in (report.get("custom_gates") or {}).items():
+        tr.write(f"custom {name}: {_fmt(score).strip()} ", bold=True)
+        tr.write_line(band_for(score) or "", **{_COLOURS.get(band_for(score), "red"): True})
+    tr.write_line("")
+    composite = report.get("composite")
+    band = report.get("band")
+    tr.write("composite  " + _fmt(composite) + " ", bold=True)
+    tr.write(band or "NO SCORE", **{_COLOURS.get(band, "red"): True, "bold": True})
+    tr.write_line(f"  95% CI{_ci(report.get('composite_ci95'))}" if report.get("composite_ci95") else "")
+    if report.get("calibrated_composite") is not None:
+        cband = report.get("calibrated_band")
+        tr.write("calibrated " + _fmt(report["calibrated_composite"]) + " ", bold=True)
+        tr.write(cband or "NO SCORE", **{_COLOURS.get(cband, "red"): True, "bold": True})
+        tr.write_line(f"  95% CI{_ci(report.get('calibrated_composite_ci95'))}  (damage beyond the control's)")
+    if report.get("floor") is not None:
+        tr.write_line(f"floor      {report['floor']:.2f} (reference vs reference)")
+    tr.write_line("")
+    for line in report.get("diagnosis", []):
+        tr.write_line(f"- {line}")
+    worst = []
+    for name, axis in known(report["axes"], registry):
+        worst += _worst(name, axis, report["axes"][name])
+    if worst:
+        tr.write_line("")
+        tr.write_line("worst items:")
+        for line in worst:
+            tr.write_line(f"  {line}")

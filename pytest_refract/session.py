@@ -1,0 +1,348 @@
+"""The audit's session: its items and their collector, and the RefractSession that collects
+their results (also from xdist workers), gates the run and writes the report.
+
+Only the plugin's hooks create it; it turns the runner (audit/) into the report's plain facts
+and hands them to report/."""
+
+from __future__ import annotations
+
+import re
+import signal
+import time
+from typing import Dict, List, Optional
+
+import pytest
+
+from . import settings as settings_mod
+from .errors import MeasurementError, UsageProblem
+from .report.facts import ReportFacts
+
+_STASH_KEY = pytest.StashKey["RefractSession"]()
+# xdist's loadgroup mode appends "@group" to node ids.
+_NODEID_RE = re.compile(r"^refract::test_([a-z]+)\[(.+)\](?:@.*)?$")
+
+
+def get_session(config) -> Optional["RefractSession"]:
+    return config.stash.get(_STASH_KEY, None)
+
+
+def install(config, session: "RefractSession") -> None:
+    """Make ``session`` this config's: stashed, registered for its hooks, SIGTERM handled,
+    and pytest-html fed when that plugin is active."""
+    config.stash[_STASH_KEY] = session
+    _stop_on_sigterm(session)
+    config.pluginmanager.register(session, "refract-session")
+    if config.pluginmanager.hasplugin("html"):
+        from .report.pytest_html import HtmlHooks
+
+        config.pluginmanager.register(HtmlHooks(session), "refract-html-hooks")
+
+
+def _stop_on_sigterm(session) -> None:
+    """SIGTERM (a CI job cancelled, a container stopped) ends the run like Ctrl-C: pytest
+    unwinds, and the report is written with "complete": false instead of not at all."""
+    if session.is_worker or signal.getsignal(signal.SIGTERM) not in (signal.SIG_DFL, None):
+        return
+
+    def handler(signum, frame):
+        session.interrupted = True
+        raise KeyboardInterrupt("SIGTERM")
+
+    try:
+        signal.signal(signal.SIGTERM, handler)
+    except ValueError:  # not the main thread: leave the default behaviour
+        pass
+
+
+class RefractCollector(pytest.Collector):
+    """Parent of the audit's items, so they exist even in a folder with no test files."""
+
+    def collect(self):
+        runner = get_session(self.config).runner
+        for name, unit, group in runner.items():
+            item = RefractItem.from_parent(
+                self, name=f"test_{name}[{runner.id_prefix[unit['candidate']]}{unit['id']}]", axis=name, unit=unit)
+            item.add_marker(pytest.mark.xdist_group(group))
+            yield item
+
+
+class RefractItem(pytest.Item):
+    def __init__(self, *, axis: str, unit: dict, **kwargs):
+        super().__init__(**kwargs)
+        self.axis = axis
+        self.unit = unit
+        self.refract_result = None
+        for keyword in unit.get("keywords", ()):
+            self.extra_keyword_matches.add(keyword)
+
+    def runtest(self):
+        rs = get_session(self.config)
+        try:
+            result = rs.runner.measure(rs.runner.axes[self.axis], self.unit)
+        except (MeasurementError, UsageProblem) as exc:
+            raise RefractItemError(f"{self.axis} {self.name}: {exc}") from None
+        self.refract_result = result
+        if result.get("score") is not None:
+            # On the item, so every report phase carries them: JUnit XML writes user_properties
+            # as <property> elements of the test case.
+            self.user_properties.append(("refract_score", round(result["score"], 4)))
+            self.user_properties.append(("refract_band", result["band"]))
+        if result.get("skipped"):
+            pytest.skip(result.get("reason") or "not applicable")
+        threshold = rs.runner.settings.item_fail_under
+        if threshold is not None and result["score"] is not None and result["score"] < threshold:
+            raise RefractItemError(
+                f"{self.axis} {self.name}: score {result['score']:.2f} ({result['band']}) is below "
+                f"--refract-item-fail-under={threshold:g}"
+            )
+
+    def repr_failure(self, excinfo):
+        if isinstance(excinfo.value, RefractItemError):
+            return str(excinfo.value)
+        return super().repr_failure(excinfo)
+
+    def reportinfo(self):
+        return self.path, None, self.name
+
+
+class RefractItemError(Exception):
+    """An item failure whose message is the whole story (no traceback)."""
+
+
+class RefractSession:
+    """Collects item results (from this process or, under xdist, from workers' reports),
+    gates the session on the composite, and writes the summary and the JSON report."""
+
+    def __init__(self, config, runner):
+        self.config = config
+        self.runner = runner
+        # candidate role -> axis -> unit id -> result (or list of failed unit ids)
+        self.results: Dict[str, Dict[str, Dict[str, dict]]] = {}
+        self.failed: Dict[str, Dict[str, List[str]]] = {}
+        self.custom: List[dict] = []
+        self.started = time.time()
+        self.report: Optional[dict] = None
+        self.gate: dict = {"passed": None, "threshold": runner.settings.fail_under, "reasons": []}
+        self.interrupted = False
+        self.is_worker = hasattr(config, "workerinput")
+        self.baseline: Optional[dict] = None
+        if runner.settings.baseline_path:
+            from .report.baseline import load_baseline
+
+            self.baseline = load_baseline(runner.settings.baseline_path, runner.model_facts(),
+                                          runner.settings.reference.label())
+
+    def pytest_sessionstart(self, session):
+        # Here, not in pytest_configure: the terminal reporter exists by now.
+        from .audit.progress import sink_for
+
+        self.runner.progress.sink = sink_for(self.config, settings_mod.show_progress(self.config))
+
+    def pytest_runtest_logstart(self, nodeid, location):
+        sink = self.runner.progress.sink
+        if sink is not None:
+            sink.nodeid = nodeid  # to reopen pytest's line after progress lines (PlainLines.clear)
+
+    # -- collection ---------------------------------------------------------------------
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_collection_modifyitems(self, session, config, items):
+        # tryfirst: our items must exist before -k / -m deselection runs.
+        # Reported like any collected node, so pytest's "collected N items" counts them.
+        collector = RefractCollector.from_parent(session, name="refract", nodeid="refract")
+        report = config.hook.pytest_make_collect_report(collector=collector)
+        config.hook.pytest_collectreport(report=report)
+        if report.failed:
+            raise pytest.UsageError(f"pytest-refract could not collect its items: {report.longreprtext}")
+        items.extend(report.result)
+
+    def pytest_collection_finish(self, session):
+        # After -k/-m: the items this process may run, so a decode batch holds only those.
+        self.runner.set_plan([(item.axis, item.unit) for item in session.items if isinstance(item, RefractItem)])
+
+    # -- results ------------------------------------------------------------------------
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtest_makereport(self, item, call):
+        report = yield
+        if call.when == "call":
+            from . import fixtures
+
+            if fixtures._STASH is not None and item.stash.get(fixtures._STASH, None):
+                report.refract_custom = item.stash[fixtures._STASH]
+        if isinstance(item, RefractItem) and call.when == "call":
+            # A plain dict attribute survives xdist's report serialization.
+            report.refract = {"candidate": item.unit["candidate"], "axis": item.axis, "unit": item.unit["id"],
+                              "result": item.refract_result}
+            if item.refract_result is not None and item.config.pluginmanager.hasplugin("html"):
+                from .report.pytest_html import item_extras
+
+                report.extras = getattr(report, "extras", []) + item_extras(item.refract_result)
+        return report
+
+    def pytest_runtest_logreport(self, report):
+        custom = getattr(report, "refract_custom", None)
+        if custom and report.when == "call":
+            self.custom.extend(custom)
+        info = getattr(report, "refract", None)
+        if info is None and report.failed:
+            # No result attached: the item died outside our code (an xdist worker crash, an
+            # error in setup). Its axis must not be scored as if the item never existed.
+            m = _NODEID_RE.match(report.nodeid)
+            if m:
+                role, unit = self._split_unit(m.group(2))
+                self.failed.setdefault(role, {}).setdefault(m.group(1), []).append(unit)
+            return
+        if not info or report.when != "call":
+            return
+        role = info["candidate"]
+        result = info.get("result")
+        if result is not None and self.runner.control_role:
+            # The sensitivity control measured inside this item (see Runner.measure). Read, not
+            # popped: under xdist this hook runs in the worker before the report is sent on.
+            control = result.get("_control")
+            if control is not None:
+                self.results.setdefault(self.runner.control_role, {}).setdefault(info["axis"], {})[info["unit"]] = control
+            if result.get("_control_error") is not None:
+                self.failed.setdefault(self.runner.control_role, {}).setdefault(info["axis"], []).append(info["unit"])
+        if info.get("result") is not None:
+            self.results.setdefault(role, {}).setdefault(info["axis"], {})[info["unit"]] = info["result"]
+        else:
+            self.failed.setdefault(role, {}).setdefault(info["axis"], []).append(info["unit"])
+
+    def _split_unit(self, text: str):
+        """(candidate role, unit id) from the bracketed part of a test id."""
+        for role, prefix in self.runner.id_prefix.items():
+            if prefix and text.startswith(prefix):
+                return role, text[len(prefix):]
+        return self.runner.candidate_roles[0], text
+
+    def pytest_generate_tests(self, metafunc):
+        if "refract" in metafunc.fixturenames and len(self.runner.candidate_roles) > 1:
+            roles = self.runner.candidate_roles
+            metafunc.parametrize("refract", roles, indirect=True,
+                                 ids=[self.runner.id_prefix[r].rstrip("-") for r in roles])
+
+    def pytest_report_teststatus(self, report, config):
+        info = getattr(report, "refract", None)
+        if info and report.when == "call" and report.passed and info.get("result"):
+            r = info["result"]
+            shown = f"{r['score']:.2f} {r['band']}" if r.get("score") is not None else "n/a (not scored)"
+            return "passed", ".", (f"PASSED {shown}", {"green": True})
+        return None
+
+    @pytest.hookimpl(wrapper=True)
+    def pytest_runtestloop(self, session):
+        try:
+            return (yield)
+        except KeyboardInterrupt:
+            self.interrupted = True
+            raise
+        finally:
+            if not self.is_worker and not session.config.option.collectonly:
+                self._finish(session)
+
+    @pytest.hookimpl(tryfirst=True)
+    def pytest_sessionfinish(self, session, exitstatus):
+        # Interrupted before the test loop began (during collection): still leave a report.
+        if (self.report is None and not self.is_worker and not session.config.option.collectonly
+                and exitstatus == pytest.ExitCode.INTERRUPTED):
+            self.interrupted = True
+            self._finish(session)
+
+    def _finish(self, session) -> None:
+        from .report.build import build_report
+
+        ran = bool(self.results or self.failed or self.custom)
+        if not ran and not self.interrupted:
+            return  # nothing selected and nothing stopped: there is nothing to report
+        complete = not self.interrupted and not session.shouldstop
+        selected = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem))
+        facts = gather_facts(self.runner, self.baseline, wall_s=time.time() - self.started, items_selected=selected)
+        self.report = build_report(facts=facts, results=self.results, failed=self.failed, custom=self.custom,
+                                   invocation_args=list(self.config.invocation_params.args), complete=complete,
+                                   registry=self.runner.axes)
+        self.gate = self.report["gate"]
+        if not self.gate["passed"]:
+            session.testsfailed += 1
+        # Other plugins see the finished report before any file is written (and may add to
+        # its "custom" entries).
+        self.config.hook.pytest_refract_report(report=self.report, config=self.config)
+        self._write_files()
+
+    def _write_files(self) -> None:
+        from .files import write_atomic
+        from .report.jsonio import dumps
+
+        s = self.runner.settings
+        if s.json_path:
+            write_atomic(s.json_path, dumps(self.report))
+        if s.html_path:
+            from .report.html import render_html
+
+            write_atomic(s.html_path, render_html(self.report))
+
+    def pytest_report_header(self, config):
+        # What the run does differently from what was asked, said before anything runs.
+        return [f"refract: {self.runner.gpu_note}"] if self.runner.gpu_note else []
+
+    def pytest_terminal_summary(self, terminalreporter):
+        if self.report is None:
+            return
+        from .report.terminal import render
+
+        render(terminalreporter, self.report, self.runner.settings.json_path, self.runner.axes)
+
+    def pytest_unconfigure(self, config):
+        self.runner.close()
+
+
+def gather_facts(runner, baseline: Optional[dict], *, wall_s: Optional[float] = None, items_selected: Optional[int] = None) -> ReportFacts:
+    """The facts of ``runner`` (an audit.runner.Runner): only its public members. ``wall_s`` and
+    ``items_selected`` are the session's: its wall time so far, and its items after -k/-m."""
+    import copy
+    import os
+    import platform
+
+    inputs = runner.inputs
+    # The corpus and the haystack are one input when R-NIAH reads the corpus itself.
+    texts = {id(x): x for x in (inputs.corpus, inputs.haystack_source) if x is not None}.values()
+    roles = ["reference", *runner.candidate_roles]
+    selected: Dict[str, Dict[str, int]] = {}
+    for (role, axis), count in runner.selected.items():
+        selected.setdefault(role, {})[axis] = count
+    axis_inputs, axis_settings = {}, {}
+    for name, axis in runner.axes.items():
+        section, settings = axis.section_facts(runner), axis.settings_facts(runner)
+        if section:
+            axis_inputs[name] = section
+        if settings:
+            axis_settings[name] = settings
+    return ReportFacts(
+        settings=runner.settings,
+        candidate_roles=tuple(runner.candidate_roles),
+        labels=dict(runner.labels),
+        self_reference=dict(runner.self_reference),
+        control_role=runner.control_role,
+        text_inputs=tuple(x.describe() for x in texts),
+        axis_inputs=axis_inputs,
+        axis_settings=axis_settings,
+        chunks_note=inputs.chunks_note,
+        gpu_note=runner.gpu_note,
+        rotation={r: runner.rotation(r) for r in roles},
+        kv_allocation={r: runner.kv_allocation(r) for r in roles},
+        context_env={r: dict(runner.context_env.get(r, {})) for r in roles},
+        kv_cache={r: runner.kv_cache_facts(r) for r in runner.candidate_roles},
+        reference_kv_bytes_per_token=runner.kv_bytes_per_token("reference"),
+        kv_bytes_peak=runner.kv_bytes_peak or None,
+        model=runner.model_facts(),
+        host={"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
+        reference_cache_enabled=runner.reference.cache.enabled,
+        reference_cache_read=runner.reference.read,
+        binding_version=runner.engine_mod.library_version(),
+        llama_build=runner.build_info(),
+        baseline=copy.deepcopy(baseline),
+        selected=selected,
+        items_selected=items_selected or None,
+        wall_s=wall_s,
+    )
