@@ -14,16 +14,13 @@ from dataclasses import asdict, dataclass, field
 from typing import List, Optional
 
 import numpy as np
+import pytest
 
-from .errors import MeasurementError, UsageProblem
-from .scoring.metrics import (
-    band_for,
-    first_divergence,
-    kld_score,
-    kld_summary,
-    prefix_agreement,
-    trajectory_item_score,
-)
+from .errors import UsageProblem
+from .scoring.metrics import band_for
+
+# Where a test's own measurements wait for the session: on the test item's stash, one list per item.
+CUSTOM_RESULTS = pytest.StashKey[list]()
 
 
 @dataclass
@@ -84,6 +81,8 @@ class RefractFixture:
     """Measurements of the candidate against the reference, for one test."""
 
     def __init__(self, runner, node, role: str = "cand0"):
+        # The runner itself (this is a top-level API over the same engine and contexts); the
+        # axes' own functions get its facade, runner.run, as in the audit.
         self.runner = runner
         self._node = node
         self.role = role
@@ -91,7 +90,7 @@ class RefractFixture:
         self.candidate = runner.labels[role]
 
     def _record(self, kind: str, metrics: dict, gate: Optional[str] = None) -> None:
-        entries = self._node.stash.setdefault(_STASH, [])
+        entries = self._node.stash.setdefault(CUSTOM_RESULTS, [])
         entries.append({"test": self._node.nodeid, "candidate": self.candidate, "kind": kind, "gate": gate,
                         "metrics": metrics})
 
@@ -106,10 +105,13 @@ class RefractFixture:
         # Live on both sides, one prompt in each role's own context.
         ref = run.context("reference", min_ctx=need).greedy([tokens], n)[0]
         cand = run.context(self.role, min_ctx=need).greedy([tokens], n)[0]
+        from .axes.trajectory import compare_tokens
+
         detok = run.detokenize
-        score = trajectory_item_score(ref, cand)
+        agreement = compare_tokens(ref, cand)
+        score = agreement["score"]
         result = GreedyComparison(prompt, Continuation(ref, detok(ref)), Continuation(cand, detok(cand)),
-                                  prefix_agreement(ref, cand), first_divergence(ref, cand), score)
+                                  agreement["prefix_agreement"], agreement["first_divergence"], score)
         self._record("greedy", {"prompt": prompt, "prefix_agreement": result.prefix_agreement,
                                 "first_divergence": result.first_divergence, "score": score,
                                 "ref_text": result.ref.text, "cand_text": result.cand.text})
@@ -117,7 +119,7 @@ class RefractFixture:
 
     def kld(self, text: str, ctx: Optional[int] = None, chunks: Optional[int] = None) -> KLDResult:
         """KL(ref || cand) over your own text, with the KLD axis's (llama-perplexity's) conventions."""
-        from .axes.kld import chunk_stats, chunk_tokens
+        from .axes.kld import chunk_stats, chunk_tokens, summarize
 
         run = self.runner
         n_ctx = ctx or run.settings.ctx
@@ -131,14 +133,12 @@ class RefractFixture:
         for role in ("reference", self.role) + (("floor",) if run.settings.floor else ()):
             run.context(role, min_ctx=n_ctx)
         bos = eng.bos if eng.add_bos else None
-        parts = [chunk_stats(run, chunk_tokens(all_tokens, i, n_ctx, bos), self.role)[0] for i in range(n_chunks)]
+        parts = [chunk_stats(run.run, chunk_tokens(all_tokens, i, n_ctx, bos), self.role)[0] for i in range(n_chunks)]
         merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
-        summary = kld_summary(**merged)
-        if kld_score(summary["mean_kld"]) is None:
-            raise MeasurementError("refract.kld: the KLD is not a finite number (NaN or Infinity); no score is claimed")
+        summary, score = summarize(merged)  # the KLD axis's statistics, and its refusal of a NaN
         result = KLDResult(summary["mean_kld"], summary["mean_kld_unc"], summary["same_top_p_pct"],
                            summary["rms_dp_pct"], summary["ppl_ref"], summary["ppl_cand"], n_chunks,
-                           summary["n_positions"], kld_score(summary["mean_kld"]), summary["kld_percentiles"])
+                           summary["n_positions"], score, summary["kld_percentiles"])
         self._record("kld", asdict(result))
         return result
 
@@ -180,7 +180,7 @@ class RefractFixture:
             return {"text": text, "answer": strip_reasoning(text)}
 
         hits, answers, _ = run_trials(
-            run, {"reference": "reference", "candidate": self.role}, length=length, position=position,
+            run.run, {"reference": "reference", "candidate": self.role}, length=length, position=position,
             trials=trials, needle=needle, answer=answer, haystack=hay,
             prompt_of=lambda body: list(head) + body + q_tokens + list(tail), ask=ask)
         result = NeedleResult(length, position, trials, hits["reference"], hits["candidate"], answers)
@@ -198,15 +198,3 @@ class RefractFixture:
         if not (0.0 <= value <= 100.0):
             raise ValueError(f"refract.gate({name!r}): score {score} is outside 0-100")
         self._record("gate", {"score": value, "band": band_for(value)}, gate=str(name))
-
-
-_STASH = None  # set by the plugin to a pytest.StashKey, so this module imports without pytest
-
-
-def make_stash_key():
-    import pytest
-
-    global _STASH
-    if _STASH is None:
-        _STASH = pytest.StashKey[list]()
-    return _STASH

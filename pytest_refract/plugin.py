@@ -49,9 +49,8 @@ def refract(request):
     rs = get_session(request.config)
     if rs is None:
         pytest.skip("the refract fixture needs --refract-model and --refract-candidate")
-    from .fixtures import RefractFixture, make_stash_key
+    from .fixtures import RefractFixture
 
-    make_stash_key()
     # In a candidate matrix the test is parametrized over candidates (pytest_generate_tests).
     return RefractFixture(rs.runner, request.node, getattr(request, "param", "cand0"))
 

@@ -6,7 +6,6 @@ and hands them to report/."""
 
 from __future__ import annotations
 
-import re
 import signal
 import time
 from typing import Dict, List, Optional
@@ -14,12 +13,12 @@ from typing import Dict, List, Optional
 import pytest
 
 from . import settings as settings_mod
+from .audit.results import ItemResult
 from .errors import MeasurementError, UsageProblem
+from .fixtures import CUSTOM_RESULTS
 from .report.facts import ReportFacts
 
 _STASH_KEY = pytest.StashKey["RefractSession"]()
-# xdist's loadgroup mode appends "@group" to node ids.
-_NODEID_RE = re.compile(r"^refract::test_([a-z]+)\[(.+)\](?:@.*)?$")
 
 
 def get_session(config) -> Optional["RefractSession"]:
@@ -60,10 +59,14 @@ class RefractCollector(pytest.Collector):
     def collect(self):
         runner = get_session(self.config).runner
         for name, unit, group in runner.items():
-            item = RefractItem.from_parent(
-                self, name=f"test_{name}[{runner.id_prefix[unit['candidate']]}{unit['id']}]", axis=name, unit=unit)
+            item = RefractItem.from_parent(self, name=item_name(runner, name, unit), axis=name, unit=unit)
             item.add_marker(pytest.mark.xdist_group(group))
             yield item
+
+
+def item_name(runner, axis: str, unit: dict) -> str:
+    """``test_<axis>[<candidate prefix><unit id>]``: the candidate prefix only in a matrix."""
+    return f"test_{axis}[{runner.id_prefix[unit['candidate']]}{unit['id']}]"
 
 
 class RefractItem(pytest.Item):
@@ -71,17 +74,17 @@ class RefractItem(pytest.Item):
         super().__init__(**kwargs)
         self.axis = axis
         self.unit = unit
-        self.refract_result = None
+        self.measured: Optional[ItemResult] = None
         for keyword in unit.get("keywords", ()):
             self.extra_keyword_matches.add(keyword)
 
     def runtest(self):
         rs = get_session(self.config)
         try:
-            result = rs.runner.measure(rs.runner.axes[self.axis], self.unit)
+            self.measured = rs.runner.measure(rs.runner.axes[self.axis], self.unit)
         except (MeasurementError, UsageProblem) as exc:
             raise RefractItemError(f"{self.axis} {self.name}: {exc}") from None
-        self.refract_result = result
+        result = self.measured.result
         if result.get("score") is not None:
             # On the item, so every report phase carries them: JUnit XML writes user_properties
             # as <property> elements of the test case.
@@ -116,9 +119,13 @@ class RefractSession:
     def __init__(self, config, runner):
         self.config = config
         self.runner = runner
-        # candidate role -> axis -> unit id -> result (or list of failed unit ids)
+        # role -> axis -> unit id -> result (or list of failed unit ids, or further results)
         self.results: Dict[str, Dict[str, Dict[str, dict]]] = {}
         self.failed: Dict[str, Dict[str, List[str]]] = {}
+        self.repeats: Dict[str, Dict[str, Dict[str, List[dict]]]] = {}
+        # Node id -> (role, axis, unit id) of every item the runner plans: an item that died
+        # without a result (an xdist worker crash) is still filed under its axis.
+        self._item_of: Optional[Dict[str, tuple]] = None
         self.custom: List[dict] = []
         self.started = time.time()
         self.report: Optional[dict] = None
@@ -166,56 +173,54 @@ class RefractSession:
     def pytest_runtest_makereport(self, item, call):
         report = yield
         if call.when == "call":
-            from . import fixtures
-
-            if fixtures._STASH is not None and item.stash.get(fixtures._STASH, None):
-                report.refract_custom = item.stash[fixtures._STASH]
-        if isinstance(item, RefractItem) and call.when == "call":
+            custom = item.stash.get(CUSTOM_RESULTS, None)
+            if custom:
+                report.refract_custom = custom
+        if isinstance(item, RefractItem) and call.when == "call" and item.measured is not None:
             # A plain dict attribute survives xdist's report serialization.
-            report.refract = {"candidate": item.unit["candidate"], "axis": item.axis, "unit": item.unit["id"],
-                              "result": item.refract_result}
-            if item.refract_result is not None and item.config.pluginmanager.hasplugin("html"):
+            report.refract = item.measured.to_wire()
+            if item.config.pluginmanager.hasplugin("html"):
                 from .report.pytest_html import item_extras
 
-                report.extras = getattr(report, "extras", []) + item_extras(item.refract_result)
+                report.extras = (getattr(report, "extras", [])
+                                 + item_extras(item.measured.result, self.runner.axes[item.axis]))
         return report
 
     def pytest_runtest_logreport(self, report):
         custom = getattr(report, "refract_custom", None)
         if custom and report.when == "call":
             self.custom.extend(custom)
-        info = getattr(report, "refract", None)
-        if info is None and report.failed:
-            # No result attached: the item died outside our code (an xdist worker crash, an
-            # error in setup). Its axis must not be scored as if the item never existed.
-            m = _NODEID_RE.match(report.nodeid)
-            if m:
-                role, unit = self._split_unit(m.group(2))
-                self.failed.setdefault(role, {}).setdefault(m.group(1), []).append(unit)
+        wire = getattr(report, "refract", None)
+        if wire is None:
+            if report.failed:
+                # No result: the item failed to measure, or died outside our code (an xdist
+                # worker crash, an error in setup). Its axis must not be scored as if the item
+                # never existed.
+                planned = self._planned_item(report.nodeid)
+                if planned:
+                    role, axis, unit = planned
+                    self.failed.setdefault(role, {}).setdefault(axis, []).append(unit)
             return
-        if not info or report.when != "call":
+        if report.when != "call":
             return
-        role = info["candidate"]
-        result = info.get("result")
-        if result is not None and self.runner.control_role:
-            # The sensitivity control measured inside this item (see Runner.measure). Read, not
-            # popped: under xdist this hook runs in the worker before the report is sent on.
-            control = result.get("_control")
-            if control is not None:
-                self.results.setdefault(self.runner.control_role, {}).setdefault(info["axis"], {})[info["unit"]] = control
-            if result.get("_control_error") is not None:
-                self.failed.setdefault(self.runner.control_role, {}).setdefault(info["axis"], []).append(info["unit"])
-        if info.get("result") is not None:
-            self.results.setdefault(role, {}).setdefault(info["axis"], {})[info["unit"]] = info["result"]
-        else:
-            self.failed.setdefault(role, {}).setdefault(info["axis"], []).append(info["unit"])
+        measured = ItemResult.from_wire(wire)
+        self._file(measured)
+        if measured.repeats:
+            self.repeats.setdefault(measured.role, {}).setdefault(measured.axis, {})[measured.unit] = measured.repeats
+        if measured.control is not None:
+            self._file(measured.control)
+        if measured.control_error is not None and self.runner.control_role:
+            self.failed.setdefault(self.runner.control_role, {}).setdefault(measured.axis, []).append(measured.unit)
 
-    def _split_unit(self, text: str):
-        """(candidate role, unit id) from the bracketed part of a test id."""
-        for role, prefix in self.runner.id_prefix.items():
-            if prefix and text.startswith(prefix):
-                return role, text[len(prefix):]
-        return self.runner.candidate_roles[0], text
+    def _file(self, measured: ItemResult) -> None:
+        self.results.setdefault(measured.role, {}).setdefault(measured.axis, {})[measured.unit] = measured.result
+
+    def _planned_item(self, nodeid: str) -> Optional[tuple]:
+        if self._item_of is None:
+            self._item_of = {f"refract::{item_name(self.runner, axis, unit)}": (unit["candidate"], axis, unit["id"])
+                             for axis, unit, _group in self.runner.items()}
+        # xdist's loadgroup mode appends "@<group>" to node ids.
+        return self._item_of.get(nodeid.split("@", 1)[0])
 
     def pytest_generate_tests(self, metafunc):
         if "refract" in metafunc.fixturenames and len(self.runner.candidate_roles) > 1:
@@ -224,9 +229,9 @@ class RefractSession:
                                  ids=[self.runner.id_prefix[r].rstrip("-") for r in roles])
 
     def pytest_report_teststatus(self, report, config):
-        info = getattr(report, "refract", None)
-        if info and report.when == "call" and report.passed and info.get("result"):
-            r = info["result"]
+        wire = getattr(report, "refract", None)
+        if wire and report.when == "call" and report.passed:
+            r = wire["result"]
             shown = f"{r['score']:.2f} {r['band']}" if r.get("score") is not None else "n/a (not scored)"
             return "passed", ".", (f"PASSED {shown}", {"green": True})
         return None
@@ -261,7 +266,7 @@ class RefractSession:
         facts = gather_facts(self.runner, self.baseline, wall_s=time.time() - self.started, items_selected=selected)
         self.report = build_report(facts=facts, results=self.results, failed=self.failed, custom=self.custom,
                                    invocation_args=list(self.config.invocation_params.args), complete=complete,
-                                   registry=self.runner.axes)
+                                   registry=self.runner.axes, repeats=self.repeats)
         self.gate = self.report["gate"]
         if not self.gate["passed"]:
             session.testsfailed += 1

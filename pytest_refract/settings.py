@@ -11,6 +11,7 @@ import pytest
 
 from .engines.kvconfig import KVConfig, parse_kv_config, share_flash_attention
 from .errors import UsageProblem
+from .audit.roles import default_control
 from .scoring.metrics import parse_threshold
 
 DEFAULT_AXES = ("trajectory", "kld")
@@ -340,24 +341,6 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         verbose=int(getattr(config.option, "verbose", 0) or 0),
         batched_axes=tuple(name for name, axis in known_axes.items() if getattr(axis, "BATCHED", 0)),
     )
-
-
-# The other 16-bit rounding of each float cache type: a change in rounding only, available in
-# every llama.cpp build. Wider or quantized reference types get f16, the nearest 16-bit
-# rounding of their values.
-_ROUNDING_ONLY = {"f16": "bf16", "bf16": "f16"}
-
-
-def default_control(reference: KVConfig) -> Tuple[KVConfig, str]:
-    """The rounding-only control for a reference, and a sentence saying why it was chosen."""
-    ctk, ctv = (_ROUNDING_ONLY.get(t, "f16") for t in (reference.ctk, reference.ctv))
-    control = replace(reference, ctk=ctk, ctv=ctv)
-    if (reference.ctk, reference.ctv) == ("f16", "f16"):
-        why = "bf16 cache: the same 16 bits rounded differently from the f16 reference"
-    else:
-        why = (f"the reference is {reference.ctk}/{reference.ctv}, not f16: the control is the nearest rounding-only "
-               f"change, {ctk}/{ctv}")
-    return control, why
 
 
 def _sensitivity(config, reference: KVConfig) -> Tuple[Optional[KVConfig], Optional[str], str]:

@@ -34,15 +34,17 @@ def _settings(model, prompts, corpus, candidate="ctk=q4_0,ctv=q4_0", **over) -> 
 def _run(settings, axes=None) -> tuple:
     """Every item of every selected axis, as the plugin collects and runs them (units in
     order, candidates innermost, consecutive units forming decode batches); returns the
-    runner and results as role -> axis -> unit id -> result."""
+    runner and results as role -> axis -> unit id -> result, the control's under "control"."""
     axes = axes or resolve()
     runner = Runner(settings, axes, engine_mod=fake_engine)
     planned = [(name, unit) for name, unit, _group in runner.items()]
     runner.set_plan(planned)
     results: dict = {}
     for name, unit in planned:
-        result = runner.measure(axes[name], unit)
-        results.setdefault(unit["candidate"], {}).setdefault(name, {})[unit["id"]] = result
+        item = runner.measure(axes[name], unit)
+        for measured in (item, item.control):
+            if measured is not None:
+                results.setdefault(measured.role, {}).setdefault(name, {})[measured.unit] = measured.result
     runner.close()
     return runner, results
 
@@ -93,8 +95,9 @@ def test_serial_decoding_is_a_batch_of_one(inputs):
 def test_the_control_is_measured_inside_the_first_candidate_item(inputs):
     _, results = _run(_settings(*inputs, axes=("trajectory", "kld")))
     for axis in ("trajectory", "kld"):
-        for r in results["cand0"][axis].values():
-            control = r["_control"]
+        assert set(results["control"][axis]) == set(results["cand0"][axis])
+        for uid, r in results["cand0"][axis].items():
+            control = results["control"][axis][uid]
             assert control["id"] == r["id"] and control["score"] is not None and not control["control_cached"]
 
 
@@ -102,12 +105,12 @@ def test_the_reference_store_reads_back_what_it_wrote(inputs, tmp_path):
     settings = _settings(*inputs, axes=("trajectory", "kld", "plad"), cache_dir=str(tmp_path / "cache"))
     _, cold = _run(settings)
     _, warm = _run(settings)
-    strip = ("compute", "reference_cache", "wall_s", "_control")
+    strip = ("compute", "reference_cache", "wall_s")
     for axis, items in cold["cand0"].items():
         for uid, r in items.items():
             w = warm["cand0"][axis][uid]
             assert {k: v for k, v in r.items() if k not in strip} == {k: v for k, v in w.items() if k not in strip}
-            assert w["_control"]["control_cached"]
+            assert warm["control"][axis][uid]["control_cached"]
     # Warm: the reference decoded and evaluated nothing; it was all read.
     ref_tokens = sum(sum(r["compute"].get("reference", {}).values()) for items in warm["cand0"].values()
                      for r in items.values())
@@ -127,7 +130,7 @@ def test_a_fifth_axis_from_outside_the_package_runs_beside_the_others(inputs):
     assert set(items) == {p.id for p in runner.inputs.prompts}
     for r in items.values():
         assert r["score"] == pytest.approx(100.0 * (1 - r["gap_tokens"] / max(r["ref_len"], r["cand_len"])))
-        assert r["_control"]["score"] is not None
+        assert results["control"]["length"][r["id"]]["score"] is not None
     section = axes["length"].aggregate(list(items.values()))
     assert section["score"] == pytest.approx(sum(r["score"] for r in items.values()) / len(items))
 

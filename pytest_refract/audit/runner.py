@@ -1,16 +1,18 @@
 """Runs the audit's items in one process: checks inputs before any model loads, then (lazily,
-on the first item that needs it) one model and its contexts; plans decode batches, shares
-out their time and counts compute. Created in pytest_configure of every process (controller
-and xdist workers alike), so flag problems surface as usage errors everywhere.
+on the first item that needs it) one model and its contexts; plans decode batches, keeps their
+results until their items have run, times items and counts compute. Created in
+pytest_configure of every process (controller and xdist workers alike), so flag problems
+surface as usage errors everywhere.
 
-The axes use what is public here; the reference side lives in refstore.py, the inputs in
-inputs.py, the engine behind engines/."""
+The axes never see the runner: they get its facade (audit/run.py). The reference side lives in
+reference/, the inputs in inputs/, the engine behind engines/."""
 
 from __future__ import annotations
 
+import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
 
 from ..engines.base import ContextRefused, ContextSettings, padded
 from ..engines.gguf import expected_data_end, read_gguf
@@ -19,11 +21,13 @@ from ..errors import MeasurementError, UsageProblem
 from ..inputs import data
 from ..inputs.loaded import Inputs
 from .guard import check_outputs, input_files
+from .results import ItemResult
+from .roles import Role
+from .run import Run
 
 if TYPE_CHECKING:  # the options' type only: settings.py sits above this layer
     from ..settings import Settings
 
-CONTROL = "control"
 _ZERO_COUNTS = {"batch_tokens": 0, "decode_tokens": 0, "seq_decode_tokens": 0, "seq_decode_steps": 0}
 
 
@@ -68,9 +72,15 @@ class Runner:
         self._seq_contexts: Dict[str, object] = {}
         self._plan: Dict[tuple, Dict[str, tuple]] = {}
         self.selected: Dict[tuple, int] = {}
-        self.batch_results: Dict[tuple, dict] = {}
-        self.batch_seconds: Dict[tuple, float] = {}
+        # The decode batch in flight: what it measured per (axis, role, unit id), each item's
+        # share of its wall time, and the time this item itself spent decoding batches.
+        self._batch_values: Dict[tuple, object] = {}
+        self._batch_seconds: Dict[tuple, float] = {}
+        self._batch_time_in_item = 0.0
         self._axis_now: Optional[str] = None  # the axis of the last item measured
+        # Greedy continuations decoded so far: (role, prompt ids, n_predict) -> token ids. PLAD's
+        # anchors are the trajectory axis's decodes of the same prompts; R-NIAH's control asks
+        # for the reference answers the candidates just had.
         self._greedy: Dict[tuple, List[int]] = {}
         self._control_done: set = set()
         self.kv_bytes_peak = 0
@@ -82,11 +92,17 @@ class Runner:
         # Silent until the plugin gives it a sink (see progress.sink_for).
         self.progress = Progress()
         self._probe_contexts()
-        from ..reference.store import ReferenceStore
+        from ..reference.store import ReferenceSide, ReferenceStore
 
         identity = ReferenceStore.identity(self.model_path, settings, self.build_info(), self.context_env["reference"],
                                            self.rotation("reference"))
-        self.reference = ReferenceStore(self, cache_dir, identity)
+        side = ReferenceSide(
+            greedy=lambda prompts, n_predict, on_row=None: self.greedy(Role.REFERENCE, prompts, n_predict, on_row),
+            context=lambda: self.context(Role.REFERENCE), decode_width=self.decode_width,
+            n_vocab=lambda: self.n_vocab)
+        self.reference = ReferenceStore(settings, cache_dir, identity, side)
+        # What the axes see of this runner (audit/run.py documents it).
+        self.run = Run(self)
 
     def _configure_roles(self) -> None:
         """One role per config: "reference" (and "floor", a second reference context), one
@@ -96,12 +112,12 @@ class Runner:
         types = self.engine_mod.cache_types()
         head_k, head_v = self.info.head_dims
         ref_types = validate_for_model(s.reference, types, head_k, head_v, "--refract-reference")
-        self.types = {"reference": ref_types, "floor": ref_types}
-        self.configs = {"reference": s.reference, "floor": s.reference}
-        self.candidate_roles: List[str] = []
+        self.types = {Role.REFERENCE: ref_types, Role.FLOOR: ref_types}
+        self.configs = {Role.REFERENCE: s.reference, Role.FLOOR: s.reference}
+        self.candidate_roles: List[Role] = []
         self.labels: Dict[str, str] = {}
         for i, cand in enumerate(s.candidates):
-            role = f"cand{i}"
+            role = Role.candidate(i)
             self.types[role] = validate_for_model(cand, types, head_k, head_v, "--refract-candidate")
             self.configs[role] = cand
             self.candidate_roles.append(role)
@@ -110,13 +126,13 @@ class Runner:
         # The sensitivity control: one more role measured on the same units as the candidates,
         # inside the first selected candidate item of each unit (so item ids, counts and -k
         # selection stay as they are), never ranked or gated itself.
-        self.control_role: Optional[str] = None
+        self.control_role: Optional[Role] = None
         if s.sensitivity is not None:
-            self.control_role = CONTROL
-            self.types[CONTROL] = validate_for_model(s.sensitivity, types, head_k, head_v, "--refract-sensitivity")
-            self.configs[CONTROL] = s.sensitivity
-            self.labels[CONTROL] = s.sensitivity.label()
-        self.item_roles: List[str] = self.candidate_roles + ([CONTROL] if self.control_role else [])
+            self.control_role = Role.CONTROL
+            self.types[Role.CONTROL] = validate_for_model(s.sensitivity, types, head_k, head_v, "--refract-sensitivity")
+            self.configs[Role.CONTROL] = s.sensitivity
+            self.labels[Role.CONTROL] = s.sensitivity.label()
+        self.item_roles: List[Role] = self.candidate_roles + ([Role.CONTROL] if self.control_role else [])
         self.self_reference = {role: self.configs[role] == s.reference for role in self.candidate_roles}
 
     def _probe_contexts(self) -> None:
@@ -129,9 +145,9 @@ class Runner:
 
         self.kv_facts: Dict[str, object] = {}
         self.context_env: Dict[str, dict] = {}
-        for role in ["reference", *self.item_roles]:
+        for role in [Role.REFERENCE, *self.item_roles]:
             kv = self.configs[role]
-            flag = {"reference": "--refract-reference", CONTROL: "--refract-sensitivity"}.get(role, "--refract-candidate")
+            flag = {Role.REFERENCE: "--refract-reference", Role.CONTROL: "--refract-sensitivity"}.get(role, "--refract-candidate")
             try:
                 facts, env = self.engine.probe(kv, self.types[role], self._context_settings(256))
             except ContextRefused as exc:
@@ -142,8 +158,8 @@ class Runner:
                 raise UsageProblem(problem)
             self.kv_facts[role] = facts
             self.context_env[role] = env
-        self.kv_facts["floor"] = self.kv_facts["reference"]
-        self.context_env["floor"] = self.context_env["reference"]
+        self.kv_facts[Role.FLOOR] = self.kv_facts[Role.REFERENCE]
+        self.context_env[Role.FLOOR] = self.context_env[Role.REFERENCE]
 
     # -- facts ------------------------------------------------------------------------------
 
@@ -170,7 +186,7 @@ class Runner:
         return alloc["bytes_per_token"] if alloc else None
 
     def kv_cache_facts(self, role: str) -> Optional[dict]:
-        own, ref = self.kv_bytes_per_token(role), self.kv_bytes_per_token("reference")
+        own, ref = self.kv_bytes_per_token(role), self.kv_bytes_per_token(Role.REFERENCE)
         if own is None or not ref:
             return None
         return {"bytes_per_token": own, "vs_reference": own / ref}
@@ -275,40 +291,47 @@ class Runner:
         """The role's greedy tokens per prompt, up to --refract-decode-batch sequences stepping
         together (see engines.base.Context.greedy for on_row/on_finish; on_finish here gets
         the context too: ``on_finish(ctx, index, slot)``). One prompt at a time runs in the
-        role's one-sequence context, where a shared prefix (an R-NIAH haystack) is reused."""
+        role's one-sequence context, where a shared prefix (an R-NIAH haystack) is reused.
+        Always decodes; what it decoded is remembered for greedy_tokens."""
         width = self.decode_width(len(prompts))
         if width == 1:
             ctx = self.context(role, max(len(p) for p in prompts) + n_predict)
         else:
             ctx = self.sequences(role, width, max(len(p) for p in prompts) + n_predict)
-        return ctx.greedy(prompts, n_predict, on_row, None if on_finish is None else
-                          (lambda i, slot: on_finish(ctx, i, slot)))
+        tokens = ctx.greedy(prompts, n_predict, on_row, None if on_finish is None else
+                            (lambda i, slot: on_finish(ctx, i, slot)))
+        self.remember_greedy(role, prompts, n_predict, tokens)
+        return tokens
+
+    def remember_greedy(self, role: str, prompts: List[List[int]], n_predict: int, tokens: List[List[int]]) -> None:
+        for p, toks in zip(prompts, tokens):
+            self._greedy[(role, tuple(p), n_predict)] = list(toks)
+
+    def remembered_greedy(self, role: str, prompts: List[List[int]], n_predict: int) -> Optional[List[List[int]]]:
+        """The role's remembered continuations of every prompt, or None unless all are known."""
+        found = [self._greedy.get((role, tuple(p), n_predict)) for p in prompts]
+        return None if any(f is None for f in found) else [list(f) for f in found]
 
     def greedy_tokens(self, role: str, prompt_tokens: List[int]) -> List[int]:
         """Greedy continuation (--refract-n-predict), shared between axes: PLAD's anchors are
         the trajectory axis's decodes of the same prompts with the same settings."""
         self.prefetch_greedy(role, [prompt_tokens])
-        return list(self._greedy[(role, tuple(prompt_tokens))])
-
-    def remember_greedy(self, role: str, prompt_tokens: List[int], tokens: List[int]) -> None:
-        self._greedy[(role, tuple(prompt_tokens))] = list(tokens)
+        return list(self._greedy[(role, tuple(prompt_tokens), self.settings.n_predict)])
 
     def prefetch_greedy(self, role: str, prompts: List[List[int]]) -> None:
         """Decode together every prompt the role has no greedy continuation for yet, so that
         greedy_tokens then finds them all (PLAD anchors and perturbations)."""
+        n = self.settings.n_predict
         missing = []
         for p in prompts:
-            if (role, tuple(p)) not in self._greedy and p not in missing:
+            if (role, tuple(p), n) not in self._greedy and p not in missing:
                 missing.append(p)
         if not missing:
             return
-        n = self.settings.n_predict
-        if role == "reference":
-            tokens = self.reference.greedy(missing, n)
+        if role == Role.REFERENCE:
+            self.remember_greedy(role, missing, n, self.reference.greedy(missing, n))
         else:
-            tokens = self.greedy(role, missing, n)
-        for p, toks in zip(missing, tokens):
-            self._greedy[(role, tuple(p))] = toks
+            self.greedy(role, missing, n)
 
     # -- batches ---------------------------------------------------------------------------------
 
@@ -355,7 +378,7 @@ class Runner:
         units = self._planned_units(axis, unit)
         # The control decodes in the candidates' batches, unless the cache holds its results.
         if self.control_role and not all(self.control_cached(axis, u) for u in units):
-            roles.add(CONTROL)
+            roles.add(Role.CONTROL)
         return units, [r for r in self.item_roles if r in roles]
 
     def _planned_units(self, axis: str, unit: dict) -> List[dict]:
@@ -364,7 +387,32 @@ class Runner:
             return [unit]
         return [u for u, _ in planned.values()]
 
-    def share_batch_time(self, axis: str, units: List[dict], role_seconds: Dict[str, float]) -> None:
+    def batch_done(self, axis: str, unit: dict) -> bool:
+        """Whether the unit's decode batch already ran (its items then cost nothing more)."""
+        return (axis, unit["candidate"], unit["id"]) in self._batch_values
+
+    def batch(self, axis: str, unit: dict, decode: Callable[[List[dict], List[str]], Tuple[dict, dict]]):
+        """This item's part of its decode batch. The first item of a batch runs
+        ``decode(units, roles)``, which measures every unit of the batch under every role that
+        needs it and returns ``({(role, unit id): value}, {role: seconds})``; the values are kept
+        until the batch's other items (other candidates, the control) ask for theirs, and the
+        seconds are shared out over the items (see _share_batch_time)."""
+        key = (axis, unit["candidate"], unit["id"])
+        if key not in self._batch_values:
+            units, roles = self.batch_of(axis, unit)
+            # One batch in flight: the previous batch's items have all run (plan order).
+            self._batch_values.clear()
+            self._batch_seconds.clear()
+            started = time.perf_counter()
+            values, seconds = decode(units, roles)
+            self._batch_time_in_item += time.perf_counter() - started
+            for (role, unit_id), value in values.items():
+                self._batch_values[(axis, role, unit_id)] = value
+            measured = {unit_id for (_role, unit_id) in values}
+            self._share_batch_time(axis, [u for u in units if u["id"] in measured], seconds)
+        return self._batch_values[key]
+
+    def _share_batch_time(self, axis: str, units: List[dict], role_seconds: Dict[str, float]) -> None:
         """Spread a batch's measured time over its items: each candidate's items carry that
         candidate's decode time plus an equal part of the shared work (reference, floor), so
         per-item and per-candidate wall times stay true although one item ran the batch."""
@@ -374,52 +422,54 @@ class Runner:
         shared = sum(sec for r, sec in role_seconds.items() if r not in cands) / len(cands)
         for role in cands:
             for u in units:
-                self.batch_seconds[(axis, role, u["id"])] = (role_seconds[role] + shared) / len(units)
+                self._batch_seconds[(axis, role, u["id"])] = (role_seconds[role] + shared) / len(units)
+
+    def _forget_batches(self) -> None:
+        self._batch_values.clear()
+        self._batch_seconds.clear()
 
     # -- measuring an item -------------------------------------------------------------------------
 
-    def measure(self, axis, unit) -> dict:
+    def measure(self, axis, unit) -> ItemResult:
         """Run one item (``--refract-repeat`` times) and record the tokens it cost, so a
         benchmark can compare wall time with llama.cpp's raw throughput for the same tokens."""
         if axis.NAME != self._axis_now:
             # A new axis: what the previous one kept for its batches is not needed any more
             # (the KLD axis, where memory peaks, uses none of it).
             self._axis_now = axis.NAME
-            self.batch_results.clear()
-            self.batch_seconds.clear()
+            self._forget_batches()
             self.reference.forget_batches()
             if not axis.BATCHED:
                 self.release_sequences()
         from .progress import describe
 
         multi = len(self.candidate_roles) > 1
-        planned = axis.planned_tokens(self, unit) * self.settings.repeat
+        planned = axis.planned_tokens(self.run, unit) * self.settings.repeat
         self.progress.begin(describe(axis.NAME, unit, self.labels[unit["candidate"]] if multi else None, axis.UNIT_NOUN),
                             planned)
         try:
-            result = self._measure_once(axis, unit)
+            item = ItemResult(unit["candidate"], axis.NAME, unit["id"], self._measure_once(axis, unit))
             done = (axis.NAME, unit["id"])
             if self.control_role and done not in self._control_done:
                 # The first candidate item of a unit measures the control too; its result rides
                 # along (also from xdist workers) and the session files it under the control.
                 self._control_done.add(done)
                 try:
-                    result["_control"] = self._measure_control(axis, dict(unit, candidate=CONTROL))
+                    item.control = ItemResult(Role.CONTROL, axis.NAME, unit["id"],
+                                              self._measure_control(axis, dict(unit, candidate=Role.CONTROL)))
                 except (MeasurementError, UsageProblem) as exc:
-                    result["_control_error"] = str(exc)
-            repeats = []
+                    item.control_error = str(exc)
             for _ in range(self.settings.repeat - 1):
                 self.forget()
-                repeats.append(self._measure_once(axis, unit))
+                item.repeats.append(self._measure_once(axis, unit))
         finally:
             self.progress.end()
-        if repeats:
-            result["_repeats"] = repeats
-        return result
+        return item
 
     def _control_key(self, axis_name: str, unit: dict) -> str:
         batch = [u["id"] for u in self._planned_units(axis_name, unit)] if unit.get("batch") is not None else None
-        return self.reference.control_key(self.axes[axis_name], unit, batch, self.labels[CONTROL])
+        axis = self.axes[axis_name]
+        return self.reference.control_key(axis.NAME, unit, batch, self.labels[Role.CONTROL], axis.cache_reads(self.run))
 
     def control_cached(self, axis_name: str, unit: dict) -> bool:
         return self.reference.has_control(axis_name, self._control_key(axis_name, unit))
@@ -445,15 +495,20 @@ class Runner:
         """Drop everything a repetition could reuse: cached decodes and KV caches."""
         self._greedy.clear()
         self.reference.forget()
-        self.batch_results.clear()
-        self.batch_seconds.clear()
+        self._forget_batches()
         for ctx in self._contexts.values():
             ctx.reset()
 
     def _measure_once(self, axis, unit) -> dict:
         cache_before = (self.reference.hits, self.reference.misses)
         before = self.token_counts()
-        result = axis.measure(self, unit)
+        self._batch_time_in_item = 0.0
+        started = time.perf_counter()
+        result = axis.measure(self.run, unit)
+        if not result.get("skipped"):
+            # The item's own time, less the batch decodes it ran for others, plus its share.
+            result["wall_s"] = (time.perf_counter() - started - self._batch_time_in_item
+                                + self._batch_seconds.get((axis.NAME, unit["candidate"], unit["id"]), 0.0))
         after = self.token_counts()
         result["compute"] = {
             role: {k: counts[k] - before.get(role, _ZERO_COUNTS)[k] for k in counts} for role, counts in after.items()
@@ -486,8 +541,8 @@ def _id_prefixes(candidates) -> Dict[str, str]:
     """Test-id prefix per candidate role: none for a single candidate (test_kld[chunk-07]),
     the cache types for a matrix (test_kld[q8_0-q4_0-chunk-07]), more detail if those clash."""
     if len(candidates) == 1:
-        return {"cand0": ""}
+        return {Role.candidate(0): ""}
     shorts = [c.short() for c in candidates]
     if len(set(shorts)) != len(shorts):
         shorts = [c.label().replace("ctk=", "").replace("ctv=", "").replace("=", "_").replace(",", "-") for c in candidates]
-    return {f"cand{i}": f"{short}-" for i, short in enumerate(shorts)}
+    return {Role.candidate(i): f"{short}-" for i, short in enumerate(shorts)}

@@ -1,7 +1,7 @@
 """The audit's axes and their registry.
 
-An axis is a module here (the four built-ins) or any object with the same attributes (an
-external axis, e.g. returned by a plugin). Required:
+An axis is an Axis subclass (base.py; the four built-ins here) or any object with the same
+attributes (an external axis, e.g. returned by a plugin). Required:
 
 - ``NAME``: the axis name used in test ids (``test_<NAME>[unit]``) and in the report;
 - ``units(run)``: the per-item units (ids and keywords), decided at collection time;
@@ -43,9 +43,8 @@ from .base import Axis
 
 REQUIRED = ("NAME", "units", "planned_tokens", "measure", "aggregate")
 
-BUILTIN = {m.NAME: m for m in (trajectory, kld, rniah, plad)}
+BUILTIN = {axis.NAME: axis for axis in (trajectory.TrajectoryAxis(), kld.KLDAxis(), rniah.RNIAHAxis(), plad.PLADAxis())}
 ORDER = tuple(BUILTIN)
-AXES = BUILTIN  # the name older code uses
 # The order in which the axes' own sentences appear in a diagnosis: the trajectory sentence is
 # phrased against the KLD's reading ("although distributions stay close"), so KLD comes first.
 # Axes not listed here follow in the order they ran.
@@ -54,11 +53,10 @@ DIAGNOSIS_ORDER = ("kld", "trajectory", "rniah", "plad")
 
 # The optional members, and their defaults: those of the public base class, so an axis that
 # subclasses Axis and one that does not get the same.
-OPTIONAL = ("ITEMS_KEY", "STREAM", "NEEDS", "UNIT_NOUN", "BATCHED", "COMPARE_METRICS", "cache_reads", "section_facts",
-            "settings_facts", "diagnose", "control_diagnosis", "item_detail", "section_detail", "item_table",
-            "statistic")
-_BASE = Axis()
-DEFAULTS = {name: getattr(_BASE, name) for name in OPTIONAL}
+OPTIONAL = ("ITEMS_KEY", "EXTRA_KEYS", "STREAM", "PRIVATE_KEYS", "NEEDS", "UNIT_NOUN", "BATCHED", "COMPARE_METRICS",
+            "section_items", "cache_reads", "section_facts", "settings_facts", "diagnose", "control_diagnosis",
+            "item_detail", "section_detail", "item_table", "statistic")
+DEFAULTS = {name: getattr(Axis, name) for name in OPTIONAL}
 
 
 class _WithDefaults:
@@ -75,7 +73,10 @@ class _WithDefaults:
             if name == "TITLE":
                 return self._axis.NAME
             if name in DEFAULTS:
-                return DEFAULTS[name]
+                default = DEFAULTS[name]
+                # A default method runs on this view, so it reads the axis's own attributes
+                # (section_items reads its ITEMS_KEY).
+                return default.__get__(self) if callable(default) else default
             raise
 
     def __setattr__(self, name, value):
@@ -88,7 +89,7 @@ class _WithDefaults:
 def normalise(axis):
     """The axis itself when it has every optional member (the built-ins), else a view of it
     with the defaults filled in."""
-    if all(hasattr(axis, name) for name in ("TITLE", *DEFAULTS)):
+    if isinstance(axis, Axis) or all(hasattr(axis, name) for name in ("TITLE", *DEFAULTS)):
         return axis
     return _WithDefaults(axis)
 

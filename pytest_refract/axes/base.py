@@ -28,6 +28,12 @@ import numpy as np
 class Axis:
     #: The axis name: test ids ``test_<NAME>[...]``, ``--refract-axes``, ``axes.<NAME>`` in the JSON.
     NAME: str = ""
+
+    @property
+    def TITLE(self) -> str:  # noqa: N802 (a constant in subclasses, like NAME)
+        """Its display name; subclasses set it as a class attribute. Default: NAME."""
+        return self.NAME
+
     #: What the axis's inputs are loaded for: any of "prompts", "corpus", "haystack".
     NEEDS: Tuple[str, ...] = ()
     #: What the progress line calls a unit where its id alone does not say (R-NIAH: "cell").
@@ -36,8 +42,13 @@ class Axis:
     BATCHED: int = 0
     #: The axis's own random stream for bootstrap draws; None: its name, hashed.
     STREAM: Optional[int] = None
+    #: Keys of an item result that only the axis's aggregate reads (they travel from xdist
+    #: workers with the result) and the report never shows.
+    PRIVATE_KEYS: Tuple[str, ...] = ()
     #: The section key of the per-item list.
     ITEMS_KEY: str = "items"
+    #: Item result keys shown in an item's pytest-html extras, when present.
+    EXTRA_KEYS: Tuple[str, ...] = ("score", "band")
     #: Rows for ``python -m pytest_refract compare``: (label, dotted key in the section, format,
     #: higher is better); the score row is always there.
     COMPARE_METRICS: Tuple[tuple, ...] = ()
@@ -65,6 +76,11 @@ class Axis:
         score = sum(scored) / len(scored) if scored else None
         return {"score": score, "band": band_for(score), "n_items": len(results), self.ITEMS_KEY: results,
                 "wall_s": sum(r.get("wall_s", 0.0) for r in results)}
+
+    def section_items(self, section: dict) -> List[dict]:
+        """The per-item list of one of this axis's sections. A section whose items failed to
+        measure keeps them under "items" whatever ITEMS_KEY says (the JSON has always done so)."""
+        return section.get(self.ITEMS_KEY) or section.get("items") or []
 
     def cache_reads(self, run) -> dict:
         """Everything besides the unit that an item's result depends on: part of the cache key

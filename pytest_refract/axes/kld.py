@@ -8,48 +8,22 @@ llama.cpp's ``llama-perplexity --kl-divergence`` conventions:
 
 from __future__ import annotations
 
-import time
 from typing import List, Optional, Tuple
 
 import numpy as np
 
 from ..errors import MeasurementError
-from ..scoring.metrics import band_for, kld_positions, kld_score, kld_summary
+from ..scoring.metrics import (
+    BAND_FLOOR,
+    band_for,
+    kld_positions,
+    kld_score,
+    kld_summary,
+)
+from .base import Axis
 
-NAME = "kld"
-# The axis's random stream for bootstrap draws (scoring.calibration.stream_of).
-STREAM = 2
-NEEDS = ("corpus",)
-UNIT_NOUN = ""
-BATCHED = 0
 NON_FINITE_KLD = "the KLD is not a finite number (NaN or Infinity in the log-probabilities); no score is claimed"
 _RAW_KEYS = ("kld", "p_diff", "nll_ref", "nll_cand", "same_top")
-
-
-def units(run) -> List[dict]:
-    return [{"id": f"chunk-{i:02d}", "keywords": [], "chunk": i} for i in range(run.inputs.n_chunks)]
-
-
-def cache_reads(run) -> dict:
-    """The settings and inputs an item's result depends on (for the control's cache key)."""
-    corpus = run.inputs.corpus
-    return {"ctx": run.settings.ctx, "corpus": corpus.sha256 if corpus else None}
-
-
-def section_facts(run) -> dict:
-    """Added to the report's section: the corpus the chunks came from."""
-    corpus = run.inputs.corpus
-    return {"corpus": corpus.describe()} if corpus is not None else {}
-
-
-def settings_facts(run) -> dict:
-    return {}
-
-
-def planned_tokens(run, unit) -> int:
-    """Tokens this item will feed llama.cpp (progress only): the chunk under the reference,
-    the candidate and the floor (the reference may come from a cache, then it is fewer)."""
-    return (run.settings.ctx - 1) * (2 + bool(run.settings.floor))
 
 
 def chunk_tokens(corpus_tokens: List[int], index: int, n_ctx: int, bos: Optional[int]) -> List[int]:
@@ -96,130 +70,142 @@ def _streamed_stats(ctx, tokens, ref_rows, next_tokens, ref_is_logprobs: bool) -
     return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
 
-def measure(run, unit) -> dict:
-    started = time.perf_counter()
-    inputs = run.inputs
-    bos = inputs.bos if inputs.add_bos else None
-    tokens = chunk_tokens(inputs.corpus_tokens, unit["chunk"], run.settings.ctx, bos)
-    stats, floor_stats = chunk_stats(run, tokens, unit["candidate"])
-    with np.errstate(invalid="ignore", over="ignore"):  # a NaN is reported below, not warned about
+# Below this mean KLD (nats) a lower candidate perplexity is noise, not worth a warning.
+def summarize(stats: dict) -> Tuple[dict, float]:
+    """llama-perplexity's statistics of per-position values (one chunk, or several merged),
+    and the KLD score; a KLD that is not a finite number is no measurement."""
+    with np.errstate(invalid="ignore", over="ignore"):  # a NaN is refused below, not warned about
         summary = kld_summary(**stats)
     score = kld_score(summary["mean_kld"])
     if score is None:
         raise MeasurementError(NON_FINITE_KLD)
-    result = {
-        "id": unit["id"],
-        "chunk": unit["chunk"],
-        "score": score,
-        "band": band_for(score),
-        "mean_kld": summary["mean_kld"],
-        "mean_kld_unc": summary["mean_kld_unc"],
-        "max_kld": summary["kld_percentiles"]["max"],
-        "p99_kld": summary["kld_percentiles"]["99"],
-        "same_top_p_pct": summary["same_top_p_pct"],
-        "rms_dp_pct": summary["rms_dp_pct"],
-        "ppl_ref": summary["ppl_ref"],
-        "ppl_cand": summary["ppl_cand"],
-        "n_positions": summary["n_positions"],
-        # Per-position values travel to the aggregator (also across xdist workers) so the axis
-        # statistics are computed over all positions, exactly as llama-perplexity does; they
-        # are dropped from the written report.
-        "_raw": {k: np.asarray(stats[k]).astype(float).tolist() for k in _RAW_KEYS},
-    }
-    if floor_stats is not None:
-        result["floor"] = {"mean_kld": float(np.mean(floor_stats["kld"])), "n_positions": len(floor_stats["kld"])}
-    result["wall_s"] = time.perf_counter() - started
-    return result
+    return summary, score
 
 
-def aggregate(results: List[dict]) -> dict:
-    raw = {k: np.concatenate([np.asarray(r["_raw"][k]) for r in results]) for k in _RAW_KEYS}
-    raw["same_top"] = raw["same_top"].astype(bool)
-    with np.errstate(invalid="ignore", over="ignore"):
-        summary = kld_summary(**raw)
-    score = kld_score(summary["mean_kld"])  # None when not finite: the axis then has no score
-    section = {"score": score, "band": band_for(score), "n_chunks": len(results)}
-    if score is None:
-        section["error"] = NON_FINITE_KLD
-    section.update(summary)
-    section["wall_s"] = sum(r["wall_s"] for r in results)
-    section["items"] = [{k: v for k, v in r.items() if k != "_raw"} for r in results]
-    floors = [r["floor"] for r in results if r.get("floor")]
-    if len(floors) == len(results):
-        total = sum(f["mean_kld"] * f["n_positions"] for f in floors)
-        positions = sum(f["n_positions"] for f in floors)
-        section["floor_score"] = kld_score(total / positions) if positions else None
-    else:
-        section["floor_score"] = None
-    return section
-
-
-# --------------------------------------------------------------------------- presentation
-# (what the report, the terminal summary, compare and the bootstrap show of this axis)
-# Imported here, beside the code that needs them, so this block merges on its own.
-from ..scoring.metrics import BAND_FLOOR
-
-TITLE = "KLD"
-ITEMS_KEY = "items"
-# Below this mean KLD (nats) a lower candidate perplexity is noise, not worth a warning.
 PPL_HIDES_MIN_KLD = 0.01
 
 
-def diagnose(section: dict, axes: dict) -> List[str]:
-    out = []
-    if section["score"] < BAND_FLOOR["PASS"]:
-        out.append(
-            f"Short-context drift: next-token distributions move (mean KLD {section['mean_kld']:.4f} nats, "
-            f"same top token {section['same_top_p_pct']:.1f}% of positions)."
-        )
-    # Only where the drift is material: at tiny KLD, PPL moving either way is noise.
-    if section["mean_kld"] >= PPL_HIDES_MIN_KLD and section["ppl_cand"] <= section["ppl_ref"]:
-        out.append(
-            f"Perplexity hides the damage: PPL {section['ppl_cand']:.3f} vs {section['ppl_ref']:.3f} for the reference, "
-            f"yet mean KLD is {section['mean_kld']:.4f} nats."
-        )
-    return out
+class KLDAxis(Axis):
+    NAME = "kld"
+    NEEDS = ("corpus",)
+    TITLE = "KLD"
+    COMPARE_METRICS = (
+        ("  mean KLD", "mean_kld", "{:.6f}", False),
+        ("  KLD p99", "kld_percentiles.99", "{:.5f}", False),
+        ("  same top p %", "same_top_p_pct", "{:.3f}", True),
+        ("  calibrated", "calibrated_score", "{:.2f}", True),
+        ("  RMS dp %", "rms_dp_pct", "{:.3f}", False),
+        ("  mean dp %", "mean_dp_pct", "{:.3f}", None),
+        ("  PPL ref", "ppl_ref", "{:.4f}", None),
+        ("  PPL cand", "ppl_cand", "{:.4f}", False),
+    )
+    STREAM = 2
+    EXTRA_KEYS = ("score", "band", "mean_kld", "same_top_p_pct")
+    # Per-position values travel to the aggregator (also across xdist workers) so the axis
+    # statistics are computed over all positions, exactly as llama-perplexity does; they are
+    # dropped from the written report.
+    PRIVATE_KEYS = ("_raw",)
 
+    def units(self, run) -> List[dict]:
+        return [{"id": f"chunk-{i:02d}", "keywords": [], "chunk": i} for i in range(run.inputs.n_chunks)]
 
-def control_diagnosis(section: dict, control_section: dict) -> List[str]:
-    return []
+    def cache_reads(self, run) -> dict:
+        """The settings and inputs an item's result depends on (for the control's cache key)."""
+        corpus = run.inputs.corpus
+        return {"ctx": run.settings.ctx, "corpus": corpus.sha256 if corpus else None}
 
+    def section_facts(self, run) -> dict:
+        """Added to the report's section: the corpus the chunks came from."""
+        corpus = run.inputs.corpus
+        return {"corpus": corpus.describe()} if corpus is not None else {}
 
-def item_detail(item: dict) -> str:
-    return f"mean KLD {item['mean_kld']:.4f}, max {item['max_kld']:.3f}"
+    def planned_tokens(self, run, unit) -> int:
+        """Tokens this item will feed llama.cpp (progress only): the chunk under the reference,
+        the candidate and the floor (the reference may come from a cache, then it is fewer)."""
+        return (run.settings.ctx - 1) * (2 + bool(run.settings.floor))
 
+    def measure(self, run, unit) -> dict:
+        inputs = run.inputs
+        bos = inputs.bos if inputs.add_bos else None
+        tokens = chunk_tokens(inputs.corpus_tokens, unit["chunk"], run.settings.ctx, bos)
+        stats, floor_stats = chunk_stats(run, tokens, unit["candidate"])
+        summary, score = summarize(stats)
+        result = {
+            "id": unit["id"],
+            "chunk": unit["chunk"],
+            "score": score,
+            "band": band_for(score),
+            "mean_kld": summary["mean_kld"],
+            "mean_kld_unc": summary["mean_kld_unc"],
+            "max_kld": summary["kld_percentiles"]["max"],
+            "p99_kld": summary["kld_percentiles"]["99"],
+            "same_top_p_pct": summary["same_top_p_pct"],
+            "rms_dp_pct": summary["rms_dp_pct"],
+            "ppl_ref": summary["ppl_ref"],
+            "ppl_cand": summary["ppl_cand"],
+            "n_positions": summary["n_positions"],
+            "_raw": {k: np.asarray(stats[k]).astype(float).tolist() for k in _RAW_KEYS},
+        }
+        if floor_stats is not None:
+            result["floor"] = {"mean_kld": float(np.mean(floor_stats["kld"])), "n_positions": len(floor_stats["kld"])}
+        return result
 
-def section_detail(section: dict, control: bool = False) -> str:
-    if section.get("score") is None:
-        return ""
-    if control:
-        return f"  mean KLD {section['mean_kld']:.5f}, same top {section['same_top_p_pct']:.2f}%"
-    return (f"  mean KLD {section['mean_kld']:.5f} ± {section['mean_kld_unc']:.5f}, same top "
-            f"{section['same_top_p_pct']:.2f}%, RMS Δp {section['rms_dp_pct']:.3f}%, PPL {section['ppl_ref']:.3f} → "
-            f"{section['ppl_cand']:.3f}")
+    def aggregate(self, results: List[dict]) -> dict:
+        raw = {k: np.concatenate([np.asarray(r["_raw"][k]) for r in results]) for k in _RAW_KEYS}
+        raw["same_top"] = raw["same_top"].astype(bool)
+        with np.errstate(invalid="ignore", over="ignore"):
+            summary = kld_summary(**raw)
+        score = kld_score(summary["mean_kld"])  # None when not finite: the axis then has no score
+        section = {"score": score, "band": band_for(score), "n_chunks": len(results)}
+        if score is None:
+            section["error"] = NON_FINITE_KLD
+        section.update(summary)
+        section["wall_s"] = sum(r["wall_s"] for r in results)
+        section["items"] = [{k: v for k, v in r.items() if k not in self.PRIVATE_KEYS} for r in results]
+        floors = [r["floor"] for r in results if r.get("floor")]
+        if len(floors) == len(results):
+            total = sum(f["mean_kld"] * f["n_positions"] for f in floors)
+            positions = sum(f["n_positions"] for f in floors)
+            section["floor_score"] = kld_score(total / positions) if positions else None
+        else:
+            section["floor_score"] = None
+        return section
 
+    def diagnose(self, section: dict, axes: dict) -> List[str]:
+        out = []
+        if section["score"] < BAND_FLOOR["PASS"]:
+            out.append(
+                f"Short-context drift: next-token distributions move (mean KLD {section['mean_kld']:.4f} nats, "
+                f"same top token {section['same_top_p_pct']:.1f}% of positions)."
+            )
+        # Only where the drift is material: at tiny KLD, PPL moving either way is noise.
+        if section["mean_kld"] >= PPL_HIDES_MIN_KLD and section["ppl_cand"] <= section["ppl_ref"]:
+            out.append(
+                f"Perplexity hides the damage: PPL {section['ppl_cand']:.3f} vs {section['ppl_ref']:.3f} for the reference, "
+                f"yet mean KLD is {section['mean_kld']:.4f} nats."
+            )
+        return out
 
-COMPARE_METRICS = (
-    ("  mean KLD", "mean_kld", "{:.6f}", False),
-    ("  KLD p99", "kld_percentiles.99", "{:.5f}", False),
-    ("  same top p %", "same_top_p_pct", "{:.3f}", True),
-    ("  calibrated", "calibrated_score", "{:.2f}", True),
-    ("  RMS dp %", "rms_dp_pct", "{:.3f}", False),
-    ("  mean dp %", "mean_dp_pct", "{:.3f}", None),
-    ("  PPL ref", "ppl_ref", "{:.4f}", None),
-    ("  PPL cand", "ppl_cand", "{:.4f}", False),
-)
+    def item_detail(self, item: dict) -> str:
+        return f"mean KLD {item['mean_kld']:.4f}, max {item['max_kld']:.3f}"
 
+    def section_detail(self, section: dict, control: bool = False) -> str:
+        if section.get("score") is None:
+            return ""
+        if control:
+            return f"  mean KLD {section['mean_kld']:.5f}, same top {section['same_top_p_pct']:.2f}%"
+        return (f"  mean KLD {section['mean_kld']:.5f} ± {section['mean_kld_unc']:.5f}, same top "
+                f"{section['same_top_p_pct']:.2f}%, RMS Δp {section['rms_dp_pct']:.3f}%, PPL {section['ppl_ref']:.3f} → "
+                f"{section['ppl_cand']:.3f}")
 
-def item_table(items) -> Tuple[List[str], np.ndarray]:
-    """Per chunk: (mean KLD x positions, positions), so the statistic weighs every position
-    equally, as the axis score does."""
-    rows = [(float(i["mean_kld"]) * float(i["n_positions"]), float(i["n_positions"])) for i in items]
-    return [str(i["id"]) for i in items], np.asarray(rows, dtype=np.float64).reshape(len(rows), 2)
+    def item_table(self, items) -> Tuple[List[str], np.ndarray]:
+        """Per chunk: (mean KLD x positions, positions), so the statistic weighs every position
+        equally, as the axis score does."""
+        rows = [(float(i["mean_kld"]) * float(i["n_positions"]), float(i["n_positions"])) for i in items]
+        return [str(i["id"]) for i in items], np.asarray(rows, dtype=np.float64).reshape(len(rows), 2)
 
-
-def statistic(table) -> np.ndarray:
-    """100 x exp(-mean KLD over all positions), of a table (n, 2) or a stack (..., n, 2)."""
-    t = np.asarray(table, dtype=np.float64)
-    mean = t[..., 0].sum(axis=-1) / t[..., 1].sum(axis=-1)
-    return 100.0 * np.exp(-np.maximum(0.0, mean))
+    def statistic(self, table) -> np.ndarray:
+        """100 x exp(-mean KLD over all positions), of a table (n, 2) or a stack (..., n, 2)."""
+        t = np.asarray(table, dtype=np.float64)
+        mean = t[..., 0].sum(axis=-1) / t[..., 1].sum(axis=-1)
+        return 100.0 * np.exp(-np.maximum(0.0, mean))

@@ -9,61 +9,19 @@ the candidate's cache.
 from __future__ import annotations
 
 import re
-import time
 from typing import List, Optional
 
-from ..inputs.haystack import strip_reasoning, trial_value
-from ..scoring.metrics import band_for
+import numpy as np
 
-NAME = "rniah"
-# The axis's random stream for bootstrap draws (scoring.calibration.stream_of).
-STREAM = 3
-NEEDS = ("haystack",)
-UNIT_NOUN = "cell"  # the progress line says "rniah cell 1024-0.50"
-BATCHED = 0
+from ..inputs.haystack import strip_reasoning, trial_value
+from ..scoring.metrics import BAND_FLOOR, band_for
+from .base import Axis
+
 LOW_CONFIDENCE_BELOW = 0.2
 
 
 def cell_id(length: int, position: float) -> str:
     return f"{length}-{position:.2f}"
-
-
-def units(run) -> List[dict]:
-    s = run.settings
-    return [
-        {"id": cell_id(length, pos), "keywords": [], "length": length, "position": pos}
-        for length in run.inputs.rniah_lengths
-        for pos in s.rniah_positions
-    ]
-
-
-def cache_reads(run) -> dict:
-    """The settings and inputs an item's result depends on (for the control's cache key)."""
-    s, inputs = run.settings, run.inputs
-    return {"seed": s.seed, "trials": s.rniah_trials, "needle": s.rniah_needle, "question": s.rniah_question,
-            "answer": s.rniah_answer, "values": s.rniah_values, "answer_tokens": inputs.rniah_answer_tokens,
-            "haystack": inputs.haystack_source.sha256 if inputs.haystack_source else None}
-
-
-def section_facts(run) -> dict:
-    return {}
-
-
-def settings_facts(run) -> dict:
-    """Merged into the report's settings["rniah"]: what the cells ran with beyond the options."""
-    inputs = run.inputs
-    if not inputs.rniah_lengths:
-        return {}
-    return {"lengths": list(inputs.rniah_lengths), "effective_answer_tokens": inputs.rniah_answer_tokens,
-            "thinking_template": inputs.rniah_thinking}
-
-
-def planned_tokens(run, unit) -> int:
-    """Tokens this cell will feed llama.cpp (progress only): per trial and side, the prompt
-    and the whole answer budget (an answer that ends early, or a reused prefix, makes it fewer)."""
-    s, inputs = run.settings, run.inputs
-    per_trial = unit["length"] + len(inputs.rniah_prompt([])) + inputs.rniah_answer_tokens
-    return s.rniah_trials * (2 + bool(s.floor)) * per_trial
 
 
 def answer_pattern(template: str, value: str) -> "re.Pattern":
@@ -105,43 +63,6 @@ def run_trials(run, roles: dict, *, length: int, position: float, trials: int, n
     return hits, records, tokens
 
 
-def measure(run, unit) -> dict:
-    s = run.settings
-    started = time.perf_counter()
-    length, position = unit["length"], unit["position"]
-    # Report keys stay "reference"/"candidate"/"floor" whichever candidate of a matrix runs.
-    roles = {"reference": "reference", "candidate": unit["candidate"]}
-    if s.floor:
-        roles["floor"] = "floor"
-    hits, trials, tokens = run_trials(
-        run, roles, length=length, position=position, trials=s.rniah_trials, needle=s.rniah_needle,
-        answer=s.rniah_answer, haystack=run.inputs.haystack, prompt_of=run.inputs.rniah_prompt,
-        ask=lambda role, toks: _ask(run, role, toks))
-    n = s.rniah_trials
-    ref_rate, cand_rate = hits["reference"] / n, hits["candidate"] / n
-    scored = hits["reference"] > 0
-    degradation = max(0.0, ref_rate - cand_rate)
-    score = 100.0 * (1.0 - degradation) if scored else None
-    result = {
-        "id": unit["id"],
-        "length": length,
-        "position": position,
-        "prompt_tokens": len(tokens),
-        "trials": n,
-        "ref_hits": hits["reference"],
-        "cand_hits": hits["candidate"],
-        "degradation": degradation if scored else None,
-        "status": "scored" if scored else "n/a",
-        "score": score,
-        "band": band_for(score),
-        "answers": trials,
-    }
-    if s.floor:
-        result["floor_hits"] = hits["floor"]
-    result["wall_s"] = time.perf_counter() - started
-    return result
-
-
 def _axis_score(cells: List[dict], cand_key: str) -> Optional[float]:
     scored = [c for c in cells if c["ref_hits"] > 0]
     if not scored:
@@ -150,90 +71,141 @@ def _axis_score(cells: List[dict], cand_key: str) -> Optional[float]:
     return 100.0 * (1.0 - sum(losses) / len(losses))
 
 
-def aggregate(results: List[dict]) -> dict:
-    cells = sorted(results, key=lambda c: (c["length"], c["position"]))
-    total = sum(c["trials"] for c in cells)
-    ref_rate = sum(c["ref_hits"] for c in cells) / total
-    cand_rate = sum(c["cand_hits"] for c in cells) / total
-    score = _axis_score(cells, "cand_hits")
-    section = {
-        "score": score,
-        "band": band_for(score),
-        "status": "scored" if score is not None else "n/a",
-        "confidence": "low" if ref_rate < LOW_CONFIDENCE_BELOW else "ok",
-        "ref_hit_rate": ref_rate,
-        "cand_hit_rate": cand_rate,
-        "n_cells": len(cells),
-        "n_scored_cells": sum(1 for c in cells if c["status"] == "scored"),
-        "cells": cells,
-        "wall_s": sum(c["wall_s"] for c in cells),
-    }
-    if all("floor_hits" in c for c in cells):
-        section["floor_score"] = _axis_score(cells, "floor_hits") if score is not None else None
-    else:
-        section["floor_score"] = None
-    return section
+class RNIAHAxis(Axis):
+    NAME = "rniah"
+    NEEDS = ("haystack",)
+    UNIT_NOUN = "cell"  # the progress line says "rniah cell 1024-0.50"
+    TITLE = "R-NIAH"
+    ITEMS_KEY = "cells"
+    COMPARE_METRICS = (
+        ("  reference hit rate", "ref_hit_rate", "{:.3f}", None),
+        ("  candidate hit rate", "cand_hit_rate", "{:.3f}", True),
+    )
+    STREAM = 3
+    EXTRA_KEYS = ("score", "band", "ref_hits", "cand_hits")
 
+    def units(self, run) -> List[dict]:
+        s = run.settings
+        return [
+            {"id": cell_id(length, pos), "keywords": [], "length": length, "position": pos}
+            for length in run.inputs.rniah_lengths
+            for pos in s.rniah_positions
+        ]
 
-# --------------------------------------------------------------------------- presentation
-# (what the report, the terminal summary, compare and the bootstrap show of this axis)
-# Imported here, beside the code that needs them, so this block merges on its own.
-import numpy as np
+    def cache_reads(self, run) -> dict:
+        """The settings and inputs an item's result depends on (for the control's cache key)."""
+        s, inputs = run.settings, run.inputs
+        return {"seed": s.seed, "trials": s.rniah_trials, "needle": s.rniah_needle, "question": s.rniah_question,
+                "answer": s.rniah_answer, "values": s.rniah_values, "answer_tokens": inputs.rniah_answer_tokens,
+                "haystack": inputs.haystack_source.sha256 if inputs.haystack_source else None}
 
-from ..scoring.metrics import BAND_FLOOR
+    def settings_facts(self, run) -> dict:
+        """Merged into the report's settings["rniah"]: what the cells ran with beyond the options."""
+        inputs = run.inputs
+        if not inputs.rniah_lengths:
+            return {}
+        return {"lengths": list(inputs.rniah_lengths), "effective_answer_tokens": inputs.rniah_answer_tokens,
+                "thinking_template": inputs.rniah_thinking}
 
-TITLE = "R-NIAH"
-ITEMS_KEY = "cells"
+    def planned_tokens(self, run, unit) -> int:
+        """Tokens this cell will feed llama.cpp (progress only): per trial and side, the prompt
+        and the whole answer budget (an answer that ends early, or a reused prefix, makes it fewer)."""
+        s, inputs = run.settings, run.inputs
+        per_trial = unit["length"] + len(inputs.rniah_prompt([])) + inputs.rniah_answer_tokens
+        return s.rniah_trials * (2 + bool(s.floor)) * per_trial
 
+    def measure(self, run, unit) -> dict:
+        s = run.settings
+        length, position = unit["length"], unit["position"]
+        # Report keys stay "reference"/"candidate"/"floor" whichever candidate of a matrix runs.
+        roles = {"reference": "reference", "candidate": unit["candidate"]}
+        if s.floor:
+            roles["floor"] = "floor"
+        hits, trials, tokens = run_trials(
+            run, roles, length=length, position=position, trials=s.rniah_trials, needle=s.rniah_needle,
+            answer=s.rniah_answer, haystack=run.inputs.haystack, prompt_of=run.inputs.rniah_prompt,
+            ask=lambda role, toks: _ask(run, role, toks))
+        n = s.rniah_trials
+        ref_rate, cand_rate = hits["reference"] / n, hits["candidate"] / n
+        scored = hits["reference"] > 0
+        degradation = max(0.0, ref_rate - cand_rate)
+        score = 100.0 * (1.0 - degradation) if scored else None
+        result = {
+            "id": unit["id"],
+            "length": length,
+            "position": position,
+            "prompt_tokens": len(tokens),
+            "trials": n,
+            "ref_hits": hits["reference"],
+            "cand_hits": hits["candidate"],
+            "degradation": degradation if scored else None,
+            "status": "scored" if scored else "n/a",
+            "score": score,
+            "band": band_for(score),
+            "answers": trials,
+        }
+        if s.floor:
+            result["floor_hits"] = hits["floor"]
+        return result
 
-def diagnose(section: dict, axes: dict) -> List[str]:
-    out = []
-    if section["score"] < BAND_FLOOR["PASS"]:
-        lost = [f"{c['length']} tokens at {c['position']:.0%}" for c in section.get("cells", [])
-                if c.get("degradation") and c["degradation"] > 0]
-        out.append(
-            "Long-context retrieval loss: the candidate misses a needle the reference finds"
-            + (f" ({', '.join(lost[:6])})" if lost else "") + "."
-        )
-    if section.get("confidence") == "low":
-        out.append(
-            f"R-NIAH confidence is low: the reference retrieves the needle in only {100 * section['ref_hit_rate']:.0f}% "
-            "of trials, so the composite rests partly on a low-confidence axis."
-        )
-    return out
+    def aggregate(self, results: List[dict]) -> dict:
+        cells = sorted(results, key=lambda c: (c["length"], c["position"]))
+        total = sum(c["trials"] for c in cells)
+        ref_rate = sum(c["ref_hits"] for c in cells) / total
+        cand_rate = sum(c["cand_hits"] for c in cells) / total
+        score = _axis_score(cells, "cand_hits")
+        section = {
+            "score": score,
+            "band": band_for(score),
+            "status": "scored" if score is not None else "n/a",
+            "confidence": "low" if ref_rate < LOW_CONFIDENCE_BELOW else "ok",
+            "ref_hit_rate": ref_rate,
+            "cand_hit_rate": cand_rate,
+            "n_cells": len(cells),
+            "n_scored_cells": sum(1 for c in cells if c["status"] == "scored"),
+            "cells": cells,
+            "wall_s": sum(c["wall_s"] for c in cells),
+        }
+        if all("floor_hits" in c for c in cells):
+            section["floor_score"] = _axis_score(cells, "floor_hits") if score is not None else None
+        else:
+            section["floor_score"] = None
+        return section
 
+    def diagnose(self, section: dict, axes: dict) -> List[str]:
+        out = []
+        if section["score"] < BAND_FLOOR["PASS"]:
+            lost = [f"{c['length']} tokens at {c['position']:.0%}" for c in section.get("cells", [])
+                    if c.get("degradation") and c["degradation"] > 0]
+            out.append(
+                "Long-context retrieval loss: the candidate misses a needle the reference finds"
+                + (f" ({', '.join(lost[:6])})" if lost else "") + "."
+            )
+        if section.get("confidence") == "low":
+            out.append(
+                f"R-NIAH confidence is low: the reference retrieves the needle in only {100 * section['ref_hit_rate']:.0f}% "
+                "of trials, so the composite rests partly on a low-confidence axis."
+            )
+        return out
 
-def control_diagnosis(section: dict, control_section: dict) -> List[str]:
-    return []
+    def item_detail(self, item: dict) -> str:
+        return f"reference {item['ref_hits']}/{item['trials']}, candidate {item['cand_hits']}/{item['trials']}"
 
+    def section_detail(self, section: dict, control: bool = False) -> str:
+        # An aggregated section (scored or n/a); a failed or interrupted one has no hit rates.
+        if control or section.get("status") not in ("scored", "n/a"):
+            return ""
+        return (f"  reference hit rate {100 * section['ref_hit_rate']:.0f}%, candidate {100 * section['cand_hit_rate']:.0f}%, "
+                f"{section['n_scored_cells']}/{section['n_cells']} cells scored"
+                + ("  LOW CONFIDENCE" if section.get("confidence") == "low" else ""))
 
-def item_detail(item: dict) -> str:
-    return f"reference {item['ref_hits']}/{item['trials']}, candidate {item['cand_hits']}/{item['trials']}"
+    def item_table(self, items):
+        """Per cell the reference retrieves in: the candidate's loss, (ref hits - cand hits) / trials
+        (a cell the reference never retrieves in is not scored)."""
+        scored = [i for i in items if i.get("ref_hits")]
+        rows = [(max(0.0, (i["ref_hits"] - i["cand_hits"]) / i["trials"]),) for i in scored]
+        return [str(i["id"]) for i in scored], np.asarray(rows, dtype=np.float64).reshape(len(rows), 1)
 
-
-def section_detail(section: dict, control: bool = False) -> str:
-    # An aggregated section (scored or n/a); a failed or interrupted one has no hit rates.
-    if control or section.get("status") not in ("scored", "n/a"):
-        return ""
-    return (f"  reference hit rate {100 * section['ref_hit_rate']:.0f}%, candidate {100 * section['cand_hit_rate']:.0f}%, "
-            f"{section['n_scored_cells']}/{section['n_cells']} cells scored"
-            + ("  LOW CONFIDENCE" if section.get("confidence") == "low" else ""))
-
-
-COMPARE_METRICS = (
-    ("  reference hit rate", "ref_hit_rate", "{:.3f}", None),
-    ("  candidate hit rate", "cand_hit_rate", "{:.3f}", True),
-)
-
-
-def item_table(items):
-    """Per cell the reference retrieves in: the candidate's loss, (ref hits - cand hits) / trials
-    (a cell the reference never retrieves in is not scored)."""
-    scored = [i for i in items if i.get("ref_hits")]
-    rows = [(max(0.0, (i["ref_hits"] - i["cand_hits"]) / i["trials"]),) for i in scored]
-    return [str(i["id"]) for i in scored], np.asarray(rows, dtype=np.float64).reshape(len(rows), 1)
-
-
-def statistic(table) -> np.ndarray:
-    """100 x (1 - mean loss over cells), of a table (n, 1) or a stack (..., n, 1)."""
-    return 100.0 * (1.0 - np.asarray(table, dtype=np.float64)[..., 0].mean(axis=-1))
+    def statistic(self, table) -> np.ndarray:
+        """100 x (1 - mean loss over cells), of a table (n, 1) or a stack (..., n, 1)."""
+        return 100.0 * (1.0 - np.asarray(table, dtype=np.float64)[..., 0].mean(axis=-1))

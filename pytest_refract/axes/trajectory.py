@@ -11,6 +11,7 @@ import numpy as np
 
 from ..errors import MeasurementError
 from ..scoring.metrics import (
+    BAND_FLOOR,
     band_for,
     first_divergence,
     is_score,
@@ -20,48 +21,11 @@ from ..scoring.metrics import (
     trajectory_axis_score,
     trajectory_item_score,
 )
+from .base import Axis
 
-NAME = "trajectory"
-# The axis's random stream for bootstrap draws (scoring.calibration.stream_of).
-STREAM = 1
-NEEDS = ("prompts",)
-# Decode-batch widths of units per batch (one xdist group): a batch keeps its reference's
-# log-probs until the candidates have run, so it holds one width.
-UNIT_NOUN = ""
-BATCHED = 1
 # A divergence where the reference's top two tokens are closer than this in probability is a
 # near-tie flip: a rounding change of the logits can reorder them without any real damage.
 NEAR_TIE_MARGIN = 0.1
-
-
-def units(run) -> List[dict]:
-    return [{"id": p.id, "keywords": [p.category], "prompt": p} for p in run.inputs.prompts]
-
-
-def cache_reads(run) -> dict:
-    """The settings an item's result depends on (for the control's cache key)."""
-    return {"n_predict": run.settings.n_predict, "decode_batch": run.settings.decode_batch}
-
-
-def section_facts(run) -> dict:
-    return {}
-
-
-def settings_facts(run) -> dict:
-    return {}
-
-
-def planned_tokens(run, unit) -> int:
-    """Tokens this item will feed llama.cpp, estimated before it runs (for progress only):
-    each side's prompt and continuation, and half a continuation of teacher forcing per
-    candidate side (it starts at the first divergence). Zero when its batch already ran."""
-    s = run.settings
-    if (NAME, unit["candidate"], unit["id"]) in run.batch_results:
-        return 0
-    units, roles = run.batch_of(NAME, unit)
-    sides = len(roles) + bool(s.floor)
-    prompts = [len(run.inputs.chat_tokens(u["prompt"].prompt)) for u in units]
-    return sum(n + s.n_predict for n in prompts) * (1 + sides) + len(prompts) * sides * (s.n_predict // 2)
 
 
 def _ref_margin(ref_rows, ref_tokens, cand_tokens):
@@ -88,30 +52,38 @@ def _divergence_texts(detokenize, ref_tokens, cand_tokens) -> dict:
     }
 
 
-def _measure_batch(run, unit) -> None:
-    """Decode the unit's whole batch (see Runner.batch_of; a unit in no batch is a batch of
-    one) for the reference, every candidate that needs it and the floor, one multi-sequence
-    batch per role, and leave each item's tokens and teacher-forced KLD in run.batch_results."""
-    units, roles = run.batch_of(NAME, unit)
+def _decode_batch(run, units, roles):
+    """Decode a whole batch (see Runner.batch; a unit in no batch is a batch of one) for the
+    reference, every role that needs it and the floor, one multi-sequence batch per role:
+    per (role, unit id) the tokens and teacher-forced KLD, with the floor's beside them."""
     prompts = [run.inputs.chat_tokens(u["prompt"].prompt) for u in units]
     started = time.perf_counter()
     refs = run.reference.trajectories(prompts)
     seconds = {"reference": time.perf_counter() - started}
-    run.batch_results.clear()
-    sides = [(role, role, True) for role in roles]
+    measured = {}
+    sides = [(role, True) for role in roles]
     if run.settings.floor:
-        sides.append(("floor", "floor", False))
-    for role, key, use_logprobs in sides:
+        sides.append(("floor", False))
+    for role, use_logprobs in sides:
         started = time.perf_counter()
         compared = _compare_batch(run, role, prompts, refs, use_logprobs)
         seconds[role] = time.perf_counter() - started
-        for u, p, (ref_tokens, ref_rows, _), (tokens, tf_kld, tf_top1) in zip(units, prompts, refs, compared):
-            run.remember_greedy("reference", p, ref_tokens)
-            run.remember_greedy(role, p, tokens)
-            run.batch_results[(NAME, key, u["id"])] = {
+        for u, (ref_tokens, ref_rows, _), (tokens, tf_kld, tf_top1) in zip(units, refs, compared):
+            measured[(role, u["id"])] = {
                 "ref_tokens": ref_tokens, "tokens": tokens, "tf_kld": tf_kld, "tf_top1": tf_top1,
                 "ref_margin": _ref_margin(ref_rows, ref_tokens, tokens)}
-    run.share_batch_time(NAME, units, seconds)
+    values = {(role, u["id"]): dict(measured[(role, u["id"])], floor=measured.get(("floor", u["id"])))
+              for role in roles for u in units}
+    return values, seconds
+
+
+def compare_tokens(ref_tokens: List[int], cand_tokens: List[int]) -> dict:
+    """How a candidate's greedy continuation agrees with the reference's: the trajectory
+    item's own figures, shared with the refract fixture's greedy comparison."""
+    return {"prefix_agreement": prefix_agreement(ref_tokens, cand_tokens),
+            "first_divergence": first_divergence(ref_tokens, cand_tokens),
+            "full_match": ref_tokens == cand_tokens,
+            "score": trajectory_item_score(ref_tokens, cand_tokens)}
 
 
 def _compare_batch(run, role, prompts, refs, ref_is_logprobs):
@@ -160,85 +132,6 @@ def _compare_batch(run, role, prompts, refs, ref_is_logprobs):
     return out
 
 
-def measure(run, unit) -> dict:
-    prompt = unit["prompt"]
-    started = time.perf_counter()
-    prompt_tokens = run.inputs.chat_tokens(prompt.prompt)
-    batch_s = 0.0  # time this item spent measuring its whole batch (shared out below)
-    if (NAME, unit["candidate"], unit["id"]) not in run.batch_results:
-        _measure_batch(run, unit)
-        batch_s = time.perf_counter() - started
-    done = run.batch_results[(NAME, unit["candidate"], unit["id"])]
-    ref_tokens, cand_tokens, tf_kld = done["ref_tokens"], done["tokens"], done["tf_kld"]
-    tf_top1, ref_margin = done["tf_top1"], done["ref_margin"]
-    if not is_score(tf_kld):
-        raise MeasurementError("the teacher-forced KLD is not a finite number (NaN or Infinity); no score is claimed")
-    score = trajectory_item_score(ref_tokens, cand_tokens)
-    result = {
-        "id": prompt.id,
-        "category": prompt.category,
-        "prompt": prompt.prompt,
-        "prompt_tokens": len(prompt_tokens),
-        "ref_len": len(ref_tokens),
-        "cand_len": len(cand_tokens),
-        "prefix_agreement": prefix_agreement(ref_tokens, cand_tokens),
-        "first_divergence": first_divergence(ref_tokens, cand_tokens),
-        "full_match": ref_tokens == cand_tokens,
-        "teacher_forced_kld": tf_kld,
-        "teacher_forced_top1_pct": tf_top1,
-        # The reference's p(top 1) - p(top 2) where the candidate first left its path: small
-        # means a near-tie flipped, large means the candidate changed a confident token.
-        "ref_margin_at_divergence": ref_margin,
-        "near_tie_divergence": None if ref_margin is None else ref_margin < NEAR_TIE_MARGIN,
-        "score": score,
-        "band": band_for(score),
-        "ref_tokens": ref_tokens,
-        "cand_tokens": cand_tokens,
-        "ref_text": run.detokenize(ref_tokens),
-        "cand_text": run.detokenize(cand_tokens),
-        "divergence": _divergence_texts(run.detokenize, ref_tokens, cand_tokens),
-    }
-    if run.settings.floor:
-        # The floor checks the engine bit for bit: against the exact reference logits.
-        floor_done = run.batch_results[(NAME, "floor", unit["id"])]
-        floor_tokens, floor_tf = floor_done["tokens"], floor_done["tf_kld"]
-        result["floor"] = {
-            "ref_len": len(ref_tokens),
-            "cand_len": len(floor_tokens),
-            "prefix_agreement": prefix_agreement(ref_tokens, floor_tokens),
-            "teacher_forced_kld": floor_tf,
-        }
-    result["wall_s"] = time.perf_counter() - started - batch_s + run.batch_seconds.get((NAME, unit["candidate"], unit["id"]), 0.0)
-    return result
-
-
-def aggregate(results: List[dict]) -> dict:
-    score = trajectory_axis_score(results)
-    divergences = [r["first_divergence"] for r in results if r["first_divergence"] is not None]
-    section = {
-        "score": score,
-        "band": band_for(score),
-        "n_items": len(results),
-        "full_match_rate": sum(r["full_match"] for r in results) / len(results),
-        # Prompts that never diverge are left out of the median: it answers "when it goes
-        # wrong, how soon", and is null when nothing went wrong.
-        "median_first_divergence": statistics.median(divergences) if divergences else None,
-        "mean_prefix_agreement": sum(r["prefix_agreement"] for r in results) / len(results),
-        "mean_max_len": sum(max(r["ref_len"], r["cand_len"]) for r in results) / len(results),
-        "teacher_forced_kld": sum(r["teacher_forced_kld"] for r in results) / len(results),
-        # Positions along the reference continuation where the candidate's argmax is the
-        # reference's token (every prompt's continuation counts by its length).
-        "teacher_forced_top1_pct": _weighted_top1(results),
-        "n_divergences": len(divergences),
-        "n_near_tie_divergences": sum(1 for r in results if r.get("near_tie_divergence")),
-        "wall_s": sum(r["wall_s"] for r in results),
-        "items": results,
-    }
-    floors = [r["floor"] for r in results if r.get("floor")]
-    section["floor_score"] = trajectory_axis_score(floors) if len(floors) == len(results) else None
-    return section
-
-
 def _weighted_top1(results: List[dict]):
     pairs = [(r.get("teacher_forced_top1_pct"), r["ref_len"]) for r in results]
     if any(p is None for p, _ in pairs) or not sum(n for _, n in pairs):
@@ -246,87 +139,169 @@ def _weighted_top1(results: List[dict]):
     return sum(p * n for p, n in pairs) / sum(n for _, n in pairs)
 
 
-# --------------------------------------------------------------------------- presentation
-# (what the report, the terminal summary, compare and the bootstrap show of this axis)
-# Imported here, beside the code that needs them, so this block merges on its own.
-from ..scoring.metrics import BAND_FLOOR
+class TrajectoryAxis(Axis):
+    NAME = "trajectory"
+    NEEDS = ("prompts",)
+    BATCHED = 1
+    TITLE = "Trajectory"
+    COMPARE_METRICS = (
+        ("  full match rate", "full_match_rate", "{:.3f}", True),
+        ("  median first divergence", "median_first_divergence", "{:g}", True),
+        ("  mean prefix agreement", "mean_prefix_agreement", "{:.2f}", True),
+        ("  teacher-forced KLD", "teacher_forced_kld", "{:.5f}", False),
+        ("  teacher-forced top-1 %", "teacher_forced_top1_pct", "{:.2f}", True),
+        ("  calibrated", "calibrated_score", "{:.2f}", True),
+    )
+    STREAM = 1
+    EXTRA_KEYS = ("score", "band", "first_divergence", "prefix_agreement", "teacher_forced_kld")
 
-TITLE = "Trajectory"
-ITEMS_KEY = "items"
+    def units(self, run) -> List[dict]:
+        return [{"id": p.id, "keywords": [p.category], "prompt": p} for p in run.inputs.prompts]
 
+    def cache_reads(self, run) -> dict:
+        """The settings an item's result depends on (for the control's cache key)."""
+        return {"n_predict": run.settings.n_predict, "decode_batch": run.settings.decode_batch}
 
-def diagnose(section: dict, axes: dict) -> List[str]:
-    if section["score"] >= BAND_FLOOR["PASS"]:
-        return []
-    md = section.get("median_first_divergence")
-    where = f" after a median of {md:g} tokens" if md is not None else ""
-    kld = axes.get("kld") or {}
-    if kld.get("score") is not None and kld["score"] >= BAND_FLOOR["EXCELLENT"]:
-        return [f"Greedy decodes diverge{where} although distributions stay close: near-tie tokens flip, so "
-                "generated text changes wording even where the model's beliefs barely move."]
-    return [f"Generated text drifts: greedy continuations leave the reference's path{where}."]
+    def planned_tokens(self, run, unit) -> int:
+        """Tokens this item will feed llama.cpp, estimated before it runs (for progress only):
+        each side's prompt and continuation, and half a continuation of teacher forcing per
+        candidate side (it starts at the first divergence). Zero when its batch already ran."""
+        s = run.settings
+        if run.batch_done(self.NAME, unit):
+            return 0
+        units, roles = run.batch_units(self.NAME, unit)
+        sides = len(roles) + bool(s.floor)
+        prompts = [len(run.inputs.chat_tokens(u["prompt"].prompt)) for u in units]
+        return sum(n + s.n_predict for n in prompts) * (1 + sides) + len(prompts) * sides * (s.n_predict // 2)
 
+    def measure(self, run, unit) -> dict:
+        prompt = unit["prompt"]
+        prompt_tokens = run.inputs.chat_tokens(prompt.prompt)
+        done = run.batch(self.NAME, unit, lambda units, roles: _decode_batch(run, units, roles))
+        ref_tokens, cand_tokens, tf_kld = done["ref_tokens"], done["tokens"], done["tf_kld"]
+        tf_top1, ref_margin = done["tf_top1"], done["ref_margin"]
+        if not is_score(tf_kld):
+            raise MeasurementError("the teacher-forced KLD is not a finite number (NaN or Infinity); no score is claimed")
+        agreement = compare_tokens(ref_tokens, cand_tokens)
+        score = agreement["score"]
+        result = {
+            "id": prompt.id,
+            "category": prompt.category,
+            "prompt": prompt.prompt,
+            "prompt_tokens": len(prompt_tokens),
+            "ref_len": len(ref_tokens),
+            "cand_len": len(cand_tokens),
+            "prefix_agreement": agreement["prefix_agreement"],
+            "first_divergence": agreement["first_divergence"],
+            "full_match": agreement["full_match"],
+            "teacher_forced_kld": tf_kld,
+            "teacher_forced_top1_pct": tf_top1,
+            # The reference's p(top 1) - p(top 2) where the candidate first left its path: small
+            # means a near-tie flipped, large means the candidate changed a confident token.
+            "ref_margin_at_divergence": ref_margin,
+            "near_tie_divergence": None if ref_margin is None else ref_margin < NEAR_TIE_MARGIN,
+            "score": score,
+            "band": band_for(score),
+            "ref_tokens": ref_tokens,
+            "cand_tokens": cand_tokens,
+            "ref_text": run.detokenize(ref_tokens),
+            "cand_text": run.detokenize(cand_tokens),
+            "divergence": _divergence_texts(run.detokenize, ref_tokens, cand_tokens),
+        }
+        if run.settings.floor:
+            # The floor checks the engine bit for bit: against the exact reference logits.
+            floor_tokens, floor_tf = done["floor"]["tokens"], done["floor"]["tf_kld"]
+            result["floor"] = {
+                "ref_len": len(ref_tokens),
+                "cand_len": len(floor_tokens),
+                "prefix_agreement": prefix_agreement(ref_tokens, floor_tokens),
+                "teacher_forced_kld": floor_tf,
+            }
+        return result
 
-def control_diagnosis(section: dict, control_section: dict) -> List[str]:
-    """Whether the candidate's greedy divergences are near-tie flips (as the control's are) or
-    confident changes of the reference's token."""
-    if not section.get("n_divergences"):
-        return []
-    near, total = section.get("n_near_tie_divergences", 0), section["n_divergences"]
-    c_near, c_total = control_section.get("n_near_tie_divergences", 0), control_section.get("n_divergences", 0)
-    control_text = f"control: {c_near} of {c_total}" if c_total else "the control never diverges"
-    top1 = section.get("teacher_forced_top1_pct")
-    c_top1 = control_section.get("teacher_forced_top1_pct")
-    along = (f"; teacher-forced top-1 agreement {top1:.1f}% (control {c_top1:.1f}%)"
-             if top1 is not None and c_top1 is not None else "")
-    if total - near <= c_total - c_near:  # no more confident changes than the control makes
-        return [f"Greedy divergences are near-tie flips {'only' if near == total else 'mostly'} ({near} of "
-                f"{total} at a reference top-2 margin "
-                f"below {NEAR_TIE_MARGIN:g}; {control_text}), like the control's{along}."]
-    return [f"Changes confident tokens: {total - near} of {total} greedy divergences happen where the "
-            f"reference's top-2 margin is at least {NEAR_TIE_MARGIN:g} ({control_text}){along}."]
+    def aggregate(self, results: List[dict]) -> dict:
+        score = trajectory_axis_score(results)
+        divergences = [r["first_divergence"] for r in results if r["first_divergence"] is not None]
+        section = {
+            "score": score,
+            "band": band_for(score),
+            "n_items": len(results),
+            "full_match_rate": sum(r["full_match"] for r in results) / len(results),
+            # Prompts that never diverge are left out of the median: it answers "when it goes
+            # wrong, how soon", and is null when nothing went wrong.
+            "median_first_divergence": statistics.median(divergences) if divergences else None,
+            "mean_prefix_agreement": sum(r["prefix_agreement"] for r in results) / len(results),
+            "mean_max_len": sum(max(r["ref_len"], r["cand_len"]) for r in results) / len(results),
+            "teacher_forced_kld": sum(r["teacher_forced_kld"] for r in results) / len(results),
+            # Positions along the reference continuation where the candidate's argmax is the
+            # reference's token (every prompt's continuation counts by its length).
+            "teacher_forced_top1_pct": _weighted_top1(results),
+            "n_divergences": len(divergences),
+            "n_near_tie_divergences": sum(1 for r in results if r.get("near_tie_divergence")),
+            "wall_s": sum(r["wall_s"] for r in results),
+            "items": results,
+        }
+        floors = [r["floor"] for r in results if r.get("floor")]
+        section["floor_score"] = trajectory_axis_score(floors) if len(floors) == len(results) else None
+        return section
 
+    def diagnose(self, section: dict, axes: dict) -> List[str]:
+        if section["score"] >= BAND_FLOOR["PASS"]:
+            return []
+        md = section.get("median_first_divergence")
+        where = f" after a median of {md:g} tokens" if md is not None else ""
+        kld = axes.get("kld") or {}
+        if kld.get("score") is not None and kld["score"] >= BAND_FLOOR["EXCELLENT"]:
+            return [f"Greedy decodes diverge{where} although distributions stay close: near-tie tokens flip, so "
+                    "generated text changes wording even where the model's beliefs barely move."]
+        return [f"Generated text drifts: greedy continuations leave the reference's path{where}."]
 
-def item_detail(item: dict) -> str:
-    fd = item.get("first_divergence")
-    return f"diverges at token {fd}" if fd is not None else "full match"
+    def control_diagnosis(self, section: dict, control_section: dict) -> List[str]:
+        """Whether the candidate's greedy divergences are near-tie flips (as the control's are) or
+        confident changes of the reference's token."""
+        if not section.get("n_divergences"):
+            return []
+        near, total = section.get("n_near_tie_divergences", 0), section["n_divergences"]
+        c_near, c_total = control_section.get("n_near_tie_divergences", 0), control_section.get("n_divergences", 0)
+        control_text = f"control: {c_near} of {c_total}" if c_total else "the control never diverges"
+        top1 = section.get("teacher_forced_top1_pct")
+        c_top1 = control_section.get("teacher_forced_top1_pct")
+        along = (f"; teacher-forced top-1 agreement {top1:.1f}% (control {c_top1:.1f}%)"
+                 if top1 is not None and c_top1 is not None else "")
+        if total - near <= c_total - c_near:  # no more confident changes than the control makes
+            return [f"Greedy divergences are near-tie flips {'only' if near == total else 'mostly'} ({near} of "
+                    f"{total} at a reference top-2 margin "
+                    f"below {NEAR_TIE_MARGIN:g}; {control_text}), like the control's{along}."]
+        return [f"Changes confident tokens: {total - near} of {total} greedy divergences happen where the "
+                f"reference's top-2 margin is at least {NEAR_TIE_MARGIN:g} ({control_text}){along}."]
 
+    def item_detail(self, item: dict) -> str:
+        fd = item.get("first_divergence")
+        return f"diverges at token {fd}" if fd is not None else "full match"
 
-def section_detail(section: dict, control: bool = False) -> str:
-    if section.get("score") is None:
-        return ""
-    top1 = section.get("teacher_forced_top1_pct")
-    top1_text = "-" if top1 is None else f"{top1:.1f}%"
-    ties = f"near-tie divergences {section.get('n_near_tie_divergences', 0)}/{section.get('n_divergences', 0)}"
-    if control:
-        return f"  full match {100 * section['full_match_rate']:.0f}%, teacher-forced top-1 {top1_text}, {ties}"
-    md = section.get("median_first_divergence")
-    return (f"  full match {100 * section['full_match_rate']:.0f}%, median first divergence "
-            f"{'-' if md is None else f'{md:g}'}, teacher-forced KLD {section['teacher_forced_kld']:.5f}, "
-            f"teacher-forced top-1 {top1_text}, {ties}")
+    def section_detail(self, section: dict, control: bool = False) -> str:
+        if section.get("score") is None:
+            return ""
+        top1 = section.get("teacher_forced_top1_pct")
+        top1_text = "-" if top1 is None else f"{top1:.1f}%"
+        ties = f"near-tie divergences {section.get('n_near_tie_divergences', 0)}/{section.get('n_divergences', 0)}"
+        if control:
+            return f"  full match {100 * section['full_match_rate']:.0f}%, teacher-forced top-1 {top1_text}, {ties}"
+        md = section.get("median_first_divergence")
+        return (f"  full match {100 * section['full_match_rate']:.0f}%, median first divergence "
+                f"{'-' if md is None else f'{md:g}'}, teacher-forced KLD {section['teacher_forced_kld']:.5f}, "
+                f"teacher-forced top-1 {top1_text}, {ties}")
 
+    def item_table(self, items):
+        """Per prompt: (prefix agreement, longer continuation's length), the two sums the axis
+        score is a ratio of."""
+        rows = [(float(i["prefix_agreement"]), float(max(i["ref_len"], i["cand_len"]))) for i in items]
+        return [str(i["id"]) for i in items], np.asarray(rows, dtype=np.float64).reshape(len(rows), 2)
 
-COMPARE_METRICS = (
-    ("  full match rate", "full_match_rate", "{:.3f}", True),
-    ("  median first divergence", "median_first_divergence", "{:g}", True),
-    ("  mean prefix agreement", "mean_prefix_agreement", "{:.2f}", True),
-    ("  teacher-forced KLD", "teacher_forced_kld", "{:.5f}", False),
-    ("  teacher-forced top-1 %", "teacher_forced_top1_pct", "{:.2f}", True),
-    ("  calibrated", "calibrated_score", "{:.2f}", True),
-)
-
-
-def item_table(items):
-    """Per prompt: (prefix agreement, longer continuation's length), the two sums the axis
-    score is a ratio of."""
-    rows = [(float(i["prefix_agreement"]), float(max(i["ref_len"], i["cand_len"]))) for i in items]
-    return [str(i["id"]) for i in items], np.asarray(rows, dtype=np.float64).reshape(len(rows), 2)
-
-
-def statistic(table) -> np.ndarray:
-    """100 x total prefix agreement / total longest length (100 when nothing was generated),
-    of a table (n, 2) or a stack (..., n, 2)."""
-    t = np.asarray(table, dtype=np.float64)
-    agree, longest = t[..., 0].sum(axis=-1), t[..., 1].sum(axis=-1)
-    safe = np.where(longest > 0, longest, 1.0)
-    return np.where(longest > 0, 100.0 * agree / safe, 100.0)
+    def statistic(self, table) -> np.ndarray:
+        """100 x total prefix agreement / total longest length (100 when nothing was generated),
+        of a table (n, 2) or a stack (..., n, 2)."""
+        t = np.asarray(table, dtype=np.float64)
+        agree, longest = t[..., 0].sum(axis=-1), t[..., 1].sum(axis=-1)
+        safe = np.where(longest > 0, longest, 1.0)
+        return np.where(longest > 0, 100.0 * agree / safe, 100.0)

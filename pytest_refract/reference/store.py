@@ -1,12 +1,16 @@
 """The reference side's results, computed once and shared: by the candidates of a matrix (in
-memory) and by later runs (the on-disk reference cache, refcache.py). Every reference result
+memory) and by later runs (the on-disk reference cache, cache.py). Every reference result
 goes through one get-or-compute here; so do the sensitivity control's item results, which
-depend only on what their key holds."""
+depend only on what their key holds.
+
+The store knows nothing of the runner: what it needs of the engine side (the reference role's
+decodes and context) comes in as a ReferenceSide."""
 
 from __future__ import annotations
 
 import json
-from typing import Dict, List, Optional
+from dataclasses import dataclass
+from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
@@ -31,17 +35,28 @@ def batch_signature(prompts: List[List[int]]) -> List[int]:
     return flat
 
 
+@dataclass(frozen=True)
+class ReferenceSide:
+    """The reference role on the engine side: ``greedy(prompts, n_predict, on_row=None)``
+    decodes prompts together (see Runner.greedy), ``context()`` is its one-sequence context,
+    ``decode_width(n)`` how many of n prompts step together, ``n_vocab()`` the vocabulary size."""
+
+    greedy: Callable
+    context: Callable
+    decode_width: Callable[[int], int]
+    n_vocab: Callable[[], int]
+
+
 class ReferenceStore:
-    def __init__(self, runner, directory, identity: dict):
-        self.runner = runner
-        self.settings = runner.settings
+    def __init__(self, settings, directory, identity: dict, side: ReferenceSide):
+        self.settings = settings
+        self.side = side
         self.cache = ReferenceCache(directory, identity)
         # The floor compares the reference with itself bit for bit: it needs the live reference.
         # --refract-repeat must re-measure the reference too, so it does not read either.
         s = self.settings
         self.read = self.cache.enabled and not s.floor and s.repeat == 1
         self._memory: Dict[str, tuple] = {}
-        self._greedy_memo: Dict[str, List[int]] = {}
 
     @staticmethod
     def identity(model_path, settings, build: dict, context_env: dict, rotation) -> dict:
@@ -71,10 +86,10 @@ class ReferenceStore:
     def forget(self) -> None:
         """Drop what a repetition could reuse (--refract-repeat)."""
         self._memory.clear()
-        self._greedy_memo.clear()
 
     def forget_batches(self) -> None:
-        self._memory.pop("trajectory-batch", None)
+        """A new axis begins: what the last one kept in memory is not asked for again."""
+        self._memory.clear()
 
     # -- memory: one entry per kind (the candidates of a matrix measure a unit back to back) --
 
@@ -108,7 +123,7 @@ class ReferenceStore:
         # A batch's layout can change a model's rounding (see engines.base.Context), so where
         # prompts step together their entries are keyed by the whole batch as well; a prompt
         # decoded alone is keyed by itself.
-        if self.runner.decode_width(len(prompts)) > 1:
+        if self.side.decode_width(len(prompts)) > 1:
             batch = batch_signature(prompts)
             return [self.cache.key(kind, p, n_predict, batch) for p in prompts]
         return [self.cache.key(kind, p, n_predict) for p in prompts]
@@ -135,7 +150,7 @@ class ReferenceStore:
         floor = self.settings.floor
         # A batch holds every prompt's continuation until the candidates have run: kept
         # compressed, since 16 prompts x 128 steps x a 49k vocabulary is 200 MB at 16 bits.
-        rows = [CompressedRows(self.runner.n_vocab) for _ in prompts]
+        rows = [CompressedRows(self.side.n_vocab()) for _ in prompts]
         exact: List[list] = [[] for _ in prompts]
 
         def keep(i, step, row):
@@ -143,7 +158,7 @@ class ReferenceStore:
             if floor:  # only the floor needs the exact logits
                 exact[i].append(row.copy())
 
-        tokens = self.runner.greedy("reference", prompts, n, keep)
+        tokens = self.side.greedy(prompts, n, keep)
         value = []
         for i, key in enumerate(keys):
             if self.cache.enabled:
@@ -172,7 +187,7 @@ class ReferenceStore:
             if self.settings.floor:
                 exact.append(view.copy())
 
-        evaluate_fn(self.runner.context("reference"), take)
+        evaluate_fn(self.side.context(), take)
         if not parts:
             raise MeasurementError("internal: the reference produced no logit rows for a KLD chunk")
         stored = concat_quantized(parts)
@@ -181,47 +196,39 @@ class ReferenceStore:
 
     def greedy(self, prompts: List[List[int]], n_predict: int) -> List[List[int]]:
         """The reference's greedy tokens per prompt (PLAD anchors and perturbations, R-NIAH
-        answers). Prompts that step together are read or computed as a whole batch; a prompt
-        decoded alone is kept in memory too (token ids only), since the control asks for the
-        same reference answers right after the candidates."""
+        answers). Prompts that step together are read or computed as a whole batch (each
+        entry keeps the layout its key names); a prompt decoded alone is keyed by itself."""
         keys = self._keys("greedy", prompts, n_predict)
-        if self.runner.decode_width(len(prompts)) > 1:
+        if self.side.decode_width(len(prompts)) > 1:
             entries = self._load_all("greedy", keys)
             if entries is not None:
                 return [[int(t) for t in e["arrays"]["tokens"]] for e in entries]
-            tokens = self.runner.greedy("reference", prompts, n_predict)
+            tokens = self.side.greedy(prompts, n_predict)
             for key, toks in zip(keys, tokens):
                 self.cache.store("greedy", key, {"tokens": np.asarray(toks, dtype=np.int64)})
             return tokens
         return [self._greedy_one(key, p, n_predict) for key, p in zip(keys, prompts)]
 
     def _greedy_one(self, key: str, prompt: List[int], n_predict: int) -> List[int]:
-        if key in self._greedy_memo:
-            return list(self._greedy_memo[key])
-        if len(self._greedy_memo) > 256:
-            self._greedy_memo.clear()
-        tokens = None
         if self.read:
             entry = self.cache.load("greedy", key)
             if entry is not None:
-                tokens = [int(t) for t in entry["arrays"]["tokens"]]
-        if tokens is None:
-            tokens = self.runner.greedy("reference", [prompt], n_predict)[0]
-            self.cache.store("greedy", key, {"tokens": np.asarray(tokens, dtype=np.int64)})
-        self._greedy_memo[key] = list(tokens)
+                return [int(t) for t in entry["arrays"]["tokens"]]
+        tokens = self.side.greedy([prompt], n_predict)[0]
+        self.cache.store("greedy", key, {"tokens": np.asarray(tokens, dtype=np.int64)})
         return tokens
 
     # -- the sensitivity control's item results ----------------------------------------------
 
-    def control_key(self, axis, unit: dict, batch: Optional[List[str]], label: str) -> str:
+    def control_key(self, axis_name: str, unit: dict, batch: Optional[List[str]], label: str, reads: dict) -> str:
         """Cache key of one control item: everything its result depends on beyond the cache's
         namespace (model, reference, numerics, build): the control config, the item's own
-        inputs, the settings the axis reads and, for batched decoding, the batch's layout."""
+        inputs, the settings the axis reads (``reads``, its cache_reads) and, for batched
+        decoding, the batch's layout."""
         own = {k: (v.prompt if isinstance(v, data.Prompt) else v) for k, v in unit.items()
                if k not in ("candidate", "batch", "keywords")}
-        text = json.dumps({"unit": own, "batch": batch, "reads": axis.cache_reads(self.runner)},
-                          sort_keys=True, default=str)
-        return self.cache.key("control-" + axis.NAME, label, text)
+        text = json.dumps({"unit": own, "batch": batch, "reads": reads}, sort_keys=True, default=str)
+        return self.cache.key("control-" + axis_name, label, text)
 
     def has_control(self, axis_name: str, key: str) -> bool:
         return self.read and self.cache.has("control-" + axis_name, key)

@@ -58,10 +58,10 @@ def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False) -> L
 
 
 def _candidate_section(facts: ReportFacts, role: str, results, failed, gates, complete: bool,
-                       control: Optional[dict], registry) -> dict:
+                       control: Optional[dict], registry, repeats=None) -> dict:
     """Everything about one candidate: axes, composite, floor, diagnosis, its own gate."""
     s = facts.settings
-    axes = build_axes(results, failed, registry)
+    axes = build_axes(results, failed, registry, repeats)
     composite = composite_of(axes, gates) if complete else None
     if not complete:
         # What was measured stays (items); no axis claims a score for what was not.
@@ -195,9 +195,11 @@ def build_report(
     invocation_args: List[str],
     complete: bool,
     registry,
+    repeats: Optional[Dict[str, Dict[str, Dict[str, List[dict]]]]] = None,
 ) -> dict:
     """The whole report, gate included, from plain data: ``results`` (candidate role -> axis ->
-    unit id -> item result), ``failed`` (role -> axis -> unit ids), the fixtures' ``custom``
+    unit id -> item result), ``failed`` (role -> axis -> unit ids), ``repeats`` (role -> axis ->
+    unit id -> the further results of --refract-repeat), the fixtures' ``custom``
     measurements, the run's ``facts``, the command line, whether the run completed, and the
     axes (``registry``: name -> axis object, as axes.resolve gives). Inputs are not modified.
 
@@ -212,7 +214,7 @@ def build_report(
         label = facts.labels[role]
         gates = custom_gates([e for e in custom if e.get("candidate", label) == label])
         sections.append(_candidate_section(facts, role, results.get(role, {}), failed.get(role, {}), gates, complete,
-                                           control, registry))
+                                           control, registry, (repeats or {}).get(role)))
     first = sections[0]
     multi = len(sections) > 1
     reasons = [(f"{sec['candidate']}: " if multi else "") + r for sec in sections for r in sec["gate"]["reasons"]]

@@ -9,9 +9,6 @@ from ..scoring.metrics import band_for
 from .html.render import render_template
 
 _BAND_COLOURS = {"EXCELLENT": "#1a7f37", "PASS": "#0f766e", "DEGRADED": "#b45309", "FAIL": "#b91c1c"}
-# Result keys shown in an item's extras, when present (each axis writes some of them).
-_EXTRA_KEYS = ("score", "band", "first_divergence", "prefix_agreement", "teacher_forced_kld", "mean_kld",
-               "same_top_p_pct", "ref_hits", "cand_hits", "ref_drift", "cand_drift", "excess", "perturbed_prompt")
 
 
 class HtmlHooks:
@@ -35,11 +32,12 @@ class HtmlHooks:
                                         band=band_for(score), colours=_BAND_COLOURS))
 
 
-def item_extras(result: dict) -> list:
-    """pytest-html extras for one item: a compact HTML block with its key numbers."""
+def item_extras(result: dict, axis) -> list:
+    """pytest-html extras for one item: a compact HTML block with the key numbers its axis
+    names (EXTRA_KEYS)."""
     try:
         from pytest_html import extras
     except ImportError:  # pragma: no cover - only called when pytest-html is active
         return []
-    keys = [k for k in _EXTRA_KEYS if k in result]
+    keys = [k for k in axis.EXTRA_KEYS if k in result]
     return [extras.html(render_template("pytest_html/item_extras.html.j2", keys=keys, result=result))]

@@ -12,36 +12,39 @@ HEALTHY_MAX_STDEV = 1.0
 NOISY_MAX_STDEV = 3.0
 
 
-def build_axes(results: Dict[str, Dict[str, dict]], failed: Dict[str, List[str]], registry) -> Dict[str, dict]:
+def build_axes(results: Dict[str, Dict[str, dict]], failed: Dict[str, List[str]], registry,
+               repeats: Optional[Dict[str, Dict[str, List[dict]]]] = None) -> Dict[str, dict]:
     """Axis sections from per-item results, in the registry's order. An axis with any item
     that failed to measure has no score: scoring the rest would claim a number for what was
-    not measured."""
+    not measured. ``repeats`` (axis -> unit id -> further results) adds each axis's spread
+    over --refract-repeat runs."""
     sections = {}
     for name, axis in registry.items():
         items = results.get(name) or {}
         errors = failed.get(name) or []
         if not items and not errors:
             continue
-        ordered = [items[k] for k in sorted(items)]
+        keys = sorted(items)
+        ordered = [items[k] for k in keys]
         if errors or not ordered:
             sections[name] = {
                 "score": None,
                 "band": None,
                 "error": f"{len(errors)} item(s) failed to measure: {', '.join(sorted(errors)[:5])}",
                 # "items" whatever the axis's ITEMS_KEY: what the JSON has always held here.
-                "items": [{k: v for k, v in r.items() if k != "_raw"} for r in ordered],
+                "items": [_public(axis, r) for r in ordered],
             }
             continue
         section = axis.aggregate(ordered)
-        repeats = [r.get("_repeats") for r in ordered]
-        if repeats and all(repeats):
+        again = [((repeats or {}).get(name) or {}).get(k) for k in keys]
+        if again and all(again):
             scores = [section["score"]] + [
-                axis.aggregate([r["_repeats"][k] for r in ordered])["score"] for k in range(len(repeats[0]))
+                axis.aggregate([runs[i] for runs in again])["score"] for i in range(len(again[0]))
             ]
             section["repeat"] = repeat_stats(scores)
         key = axis.ITEMS_KEY
         if key in section:
-            section[key] = [{k: v for k, v in r.items() if not k.startswith("_")} for r in section[key]]
+            section[key] = [_public(axis, r) for r in section[key]]
         compute: Dict[str, Dict[str, int]] = {}
         for r in ordered:
             for role, counts in r.get("compute", {}).items():
@@ -89,3 +92,9 @@ def floor_of(axes: Dict[str, dict]) -> Optional[float]:
     if not floors or not all(is_score(f) for f in floors):
         return None
     return harmonic_mean(floors)
+
+
+def _public(axis, result: dict) -> dict:
+    """An item result as the report shows it: without what only the axis's aggregate reads."""
+    private = getattr(axis, "PRIVATE_KEYS", ())
+    return {k: v for k, v in result.items() if k not in private}

@@ -15,12 +15,6 @@ from ..scoring.metrics import band_for, harmonic_mean
 from .sections import build_axes, composite_of
 
 
-def items_of(section: dict, axis) -> List[dict]:
-    """The per-item list of an axis section. A section whose items failed to measure keeps
-    them under "items" whatever the axis's own key (the JSON has always done so)."""
-    return section.get(axis.ITEMS_KEY) or section.get("items") or []
-
-
 def control_section(facts, results, failed, complete: bool, registry) -> Optional[dict]:
     """The sensitivity control's axes (with intervals), measured like a candidate; None
     without a control."""
@@ -45,7 +39,7 @@ def control_section(facts, results, failed, complete: bool, registry) -> Optiona
     by_name = dict(known(axes, registry))
     for name, section in axes.items():
         axis = by_name[name]
-        unc = (calibration.axis_uncertainty(axis, items_of(section, axis), facts.settings.seed)
+        unc = (calibration.axis_uncertainty(axis, axis.section_items(section), facts.settings.seed)
                if section.get("score") is not None else None)
         section["ci95"] = unc["ci95"] if unc else None
         if section.get("status") != "n/a":
@@ -70,7 +64,7 @@ def calibrate(axes: Dict[str, dict], control: Optional[dict], gates: Dict[str, f
         if section.get("score") is None:
             section.update({"ci95": None, "calibrated_score": None})
             continue
-        unc = calibration.axis_uncertainty(axis, items_of(section, axis), seed)
+        unc = calibration.axis_uncertainty(axis, axis.section_items(section), seed)
         section["ci95"] = unc["ci95"]
         raw_reps.append(unc["replicates"])
         sizes.append(unc["n_items"])
@@ -80,7 +74,7 @@ def calibrate(axes: Dict[str, dict], control: Optional[dict], gates: Dict[str, f
             cal_reps.append(None)
             cal_scores.append(None)
             continue
-        cal = calibration.calibrate_axis(axis, items_of(section, axis), items_of(ctrl_axis, axis), seed)
+        cal = calibration.calibrate_axis(axis, axis.section_items(section), axis.section_items(ctrl_axis), seed)
         reps = cal.pop("replicates")
         section["calibrated_score"] = cal["calibrated_score"]
         section["calibration"] = dict(cal, control_score=ctrl_axis["score"], control_ci95=ctrl_axis.get("ci95"))
@@ -142,7 +136,7 @@ def sensitivity_json(facts, control: Optional[dict], registry) -> Optional[dict]
     by_name = dict(known(control["axes"], registry))
     for name, a in control["axes"].items():
         summary = {k: v for k, v in a.items() if not isinstance(v, (list, dict)) or k in ("ci95",)}
-        axes[name] = dict(summary, items=[_slim(i) for i in items_of(a, by_name[name])])
+        axes[name] = dict(summary, items=[_slim(i) for i in by_name[name].section_items(a)])
     return {"config": control["config"], "note": control["note"], "role": "control", "ranked": False,
             "cached": control["cached"], "axes": axes, "composite": control["composite"], "band": control["band"],
             "composite_ci95": control["composite_ci95"]}

@@ -18,7 +18,7 @@ def _ci(interval) -> str:
 
 
 def _worst(name: str, axis, section: dict, n: int = 3):
-    items = [i for i in (section.get(axis.ITEMS_KEY) or section.get("items") or []) if i.get("score") is not None]
+    items = [i for i in axis.section_items(section) if i.get("score") is not None]
     items.sort(key=lambda i: i["score"])
     out = []
     for i in items[:n]:

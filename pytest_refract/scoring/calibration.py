@@ -23,13 +23,11 @@ Two questions a verdict on a few dozen items must answer:
 
 from __future__ import annotations
 
-import math
 import zlib
 from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from .metrics import band_for
 
 N_RESAMPLES = 2000
 LEVEL = 0.95
@@ -178,12 +176,3 @@ def composite_interval(axis_replicates: Sequence[Optional[np.ndarray]], n_items:
     return [lo, hi]
 
 
-def calibrated_band(score: Optional[float]) -> Optional[str]:
-    return band_for(score)
-
-
-def finite_or_none(value) -> Optional[float]:
-    if value is None:
-        return None
-    value = float(value)
-    return value if math.isfinite(value) else None

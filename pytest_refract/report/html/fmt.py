@@ -123,11 +123,6 @@ def band_of(section: Any) -> Optional[str]:
     return band_for(score) if is_num(score) else None
 
 
-def band_or_score(band: Any, score: Any) -> Optional[str]:
-    """A stated band if it is one of ours, else the score's band."""
-    return band if band in BAND_NAMES else (band_for(score) if is_num(score) else None)
-
-
 def score_band(score: Any) -> Optional[str]:
     return band_for(score) if is_num(score) else None
 

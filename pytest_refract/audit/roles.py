@@ -1,0 +1,56 @@
+"""The parts a KV config plays in an audit, and the choice of the sensitivity control.
+
+A role names one llama.cpp context's KV config: the f16 ``reference``; the ``floor`` (a second
+context with the reference's config, which checks the engine bit for bit); each candidate
+(``cand0``, ``cand1``, ... in the order given); the sensitivity ``control``. Roles are strings
+underneath, so they stay plain keys in results, reports and across xdist workers."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from typing import Tuple
+
+from ..engines.kvconfig import KVConfig
+
+
+class Role(str):
+    """A role name with what the audit asks of it."""
+
+    REFERENCE: "Role"
+    FLOOR: "Role"
+    CONTROL: "Role"
+
+    @classmethod
+    def candidate(cls, index: int) -> "Role":
+        return cls(f"cand{index}")
+
+    @property
+    def is_candidate(self) -> bool:
+        return self.startswith("cand") and self[4:].isdigit()
+
+    @property
+    def is_reference_side(self) -> bool:
+        """The reference and its floor share one config and are never measured as items."""
+        return self in (Role.REFERENCE, Role.FLOOR)
+
+
+Role.REFERENCE = Role("reference")
+Role.FLOOR = Role("floor")
+Role.CONTROL = Role("control")
+
+# The other 16-bit rounding of each float cache type: a change in rounding only, available in
+# every llama.cpp build. Wider or quantized reference types get f16, the nearest 16-bit
+# rounding of their values.
+_ROUNDING_ONLY = {"f16": "bf16", "bf16": "f16"}
+
+
+def default_control(reference: KVConfig) -> Tuple[KVConfig, str]:
+    """The rounding-only control for a reference, and a sentence saying why it was chosen."""
+    ctk, ctv = (_ROUNDING_ONLY.get(t, "f16") for t in (reference.ctk, reference.ctv))
+    control = replace(reference, ctk=ctk, ctv=ctv)
+    if (reference.ctk, reference.ctv) == ("f16", "f16"):
+        why = "bf16 cache: the same 16 bits rounded differently from the f16 reference"
+    else:
+        why = (f"the reference is {reference.ctk}/{reference.ctv}, not f16: the control is the nearest rounding-only "
+               f"change, {ctk}/{ctv}")
+    return control, why
