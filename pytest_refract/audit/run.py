@@ -19,7 +19,7 @@ Members (the public API for axes of your own, see axes/base.py):
 - ``reference``: the reference's results, from the reference cache when it holds them:
   ``greedy(prompts, n_predict)``, ``trajectories(prompts)``, ``chunk(tokens, evaluate)``;
 - ``batch(axis, unit, decode)``, ``batch_done(axis, unit)``, ``batch_units(axis, unit)``:
-  decode batches (see Runner.batch).
+  decode batches (see audit/batches.py).
 """
 
 from __future__ import annotations
@@ -58,14 +58,14 @@ class Run:
         self._runner.prefetch_greedy(role, prompts)
 
     def batch(self, axis: str, unit: dict, decode):
-        return self._runner.batch(axis, unit, decode)
+        return self._runner.batches.batch(axis, unit, decode)
 
     def batch_done(self, axis: str, unit: dict) -> bool:
-        return self._runner.batch_done(axis, unit)
+        return self._runner.batches.batch_done(axis, unit)
 
     def batch_units(self, axis: str, unit: dict):
         """(units, candidate roles) decoded together with ``unit``, in plan order."""
-        return self._runner.batch_of(axis, unit)
+        return self._runner.batches.batch_of(axis, unit)
 
 
 class ReferenceResults:

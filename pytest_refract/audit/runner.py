@@ -12,7 +12,7 @@ from __future__ import annotations
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional
 
 from ..engines.base import ContextRefused, ContextSettings, padded
 from ..engines.gguf import expected_data_end, read_gguf
@@ -20,6 +20,7 @@ from ..engines.kvconfig import FLOAT_TYPES, validate_for_model
 from ..errors import MeasurementError, UsageProblem
 from ..inputs import data
 from ..inputs.loaded import Inputs
+from .batches import DecodeBatches
 from .guard import check_outputs, input_files
 from .results import ItemResult
 from .roles import Role
@@ -70,13 +71,8 @@ class Runner:
         # Batched decoding (--refract-decode-batch): one multi-sequence context per role, the
         # plan of items this process will run, and per-axis memos of a finished batch.
         self._seq_contexts: Dict[str, object] = {}
-        self._plan: Dict[tuple, Dict[str, tuple]] = {}
         self.selected: Dict[tuple, int] = {}
-        # The decode batch in flight: what it measured per (axis, role, unit id), each item's
-        # share of its wall time, and the time this item itself spent decoding batches.
-        self._batch_values: Dict[tuple, object] = {}
-        self._batch_seconds: Dict[tuple, float] = {}
-        self._batch_time_in_item = 0.0
+        self.batches = DecodeBatches(self.item_roles, self.control_role, self.control_cached)
         self._axis_now: Optional[str] = None  # the axis of the last item measured
         # Greedy continuations decoded so far: (role, prompt ids, n_predict) -> token ids. PLAD's
         # anchors are the trajectory axis's decodes of the same prompts; R-NIAH's control asks
@@ -346,7 +342,7 @@ class Runner:
                 continue
             batched = s.decode_batch > 1 and bool(axis.BATCHED)
             size = s.decode_batch * (axis.BATCHED or 1)
-            for index, unit in enumerate(axis.units(self)):
+            for index, unit in enumerate(axis.units(self.run)):
                 # Consecutive units form a decode batch; with `-n N --dist loadgroup` a batch
                 # (or, unbatched, a unit) goes to one worker with all its candidates.
                 group = f"{name}-batch{index // size}" if batched else f"{name}-{unit['id']}"
@@ -354,79 +350,12 @@ class Runner:
                     yield name, dict(unit, candidate=role, batch=index // size if batched else None), group
 
     def set_plan(self, planned) -> None:
-        """(axis, unit) of every item this process may run, after -k/-m deselection. A batch is
-        the planned units of an axis that share a batch number (given at collection); under
-        xdist's loadgroup a batch is one group, so it runs on one worker."""
-        self._plan = {}
+        """(axis, unit) of every item this process may run, after -k/-m deselection."""
         self.selected = {}  # (candidate role, axis) -> items selected: an interrupted report says how many ran
         for axis, unit in planned:
             key = (unit["candidate"], axis)
             self.selected[key] = self.selected.get(key, 0) + 1
-            if unit.get("batch") is None:
-                continue
-            units = self._plan.setdefault((axis, unit["batch"]), {})
-            entry = units.setdefault(unit["id"], (unit, set()))
-            entry[1].add(unit["candidate"])
-
-    def batch_of(self, axis: str, unit: dict):
-        """(units, roles) decoded together with ``unit``, in plan order: the unit alone when
-        it is in no planned batch."""
-        planned = self._plan.get((axis, unit.get("batch")))
-        if not planned or unit["id"] not in planned:
-            return [unit], [unit["candidate"]]
-        roles = set().union(*(r for _, r in planned.values()))
-        units = self._planned_units(axis, unit)
-        # The control decodes in the candidates' batches, unless the cache holds its results.
-        if self.control_role and not all(self.control_cached(axis, u) for u in units):
-            roles.add(Role.CONTROL)
-        return units, [r for r in self.item_roles if r in roles]
-
-    def _planned_units(self, axis: str, unit: dict) -> List[dict]:
-        planned = self._plan.get((axis, unit.get("batch")))
-        if not planned or unit["id"] not in planned:
-            return [unit]
-        return [u for u, _ in planned.values()]
-
-    def batch_done(self, axis: str, unit: dict) -> bool:
-        """Whether the unit's decode batch already ran (its items then cost nothing more)."""
-        return (axis, unit["candidate"], unit["id"]) in self._batch_values
-
-    def batch(self, axis: str, unit: dict, decode: Callable[[List[dict], List[str]], Tuple[dict, dict]]):
-        """This item's part of its decode batch. The first item of a batch runs
-        ``decode(units, roles)``, which measures every unit of the batch under every role that
-        needs it and returns ``({(role, unit id): value}, {role: seconds})``; the values are kept
-        until the batch's other items (other candidates, the control) ask for theirs, and the
-        seconds are shared out over the items (see _share_batch_time)."""
-        key = (axis, unit["candidate"], unit["id"])
-        if key not in self._batch_values:
-            units, roles = self.batch_of(axis, unit)
-            # One batch in flight: the previous batch's items have all run (plan order).
-            self._batch_values.clear()
-            self._batch_seconds.clear()
-            started = time.perf_counter()
-            values, seconds = decode(units, roles)
-            self._batch_time_in_item += time.perf_counter() - started
-            for (role, unit_id), value in values.items():
-                self._batch_values[(axis, role, unit_id)] = value
-            measured = {unit_id for (_role, unit_id) in values}
-            self._share_batch_time(axis, [u for u in units if u["id"] in measured], seconds)
-        return self._batch_values[key]
-
-    def _share_batch_time(self, axis: str, units: List[dict], role_seconds: Dict[str, float]) -> None:
-        """Spread a batch's measured time over its items: each candidate's items carry that
-        candidate's decode time plus an equal part of the shared work (reference, floor), so
-        per-item and per-candidate wall times stay true although one item ran the batch."""
-        cands = [r for r in role_seconds if r in self.item_roles]
-        if not cands or not units:
-            return
-        shared = sum(sec for r, sec in role_seconds.items() if r not in cands) / len(cands)
-        for role in cands:
-            for u in units:
-                self._batch_seconds[(axis, role, u["id"])] = (role_seconds[role] + shared) / len(units)
-
-    def _forget_batches(self) -> None:
-        self._batch_values.clear()
-        self._batch_seconds.clear()
+        self.batches.set_plan(planned)
 
     # -- measuring an item -------------------------------------------------------------------------
 
@@ -437,7 +366,7 @@ class Runner:
             # A new axis: what the previous one kept for its batches is not needed any more
             # (the KLD axis, where memory peaks, uses none of it).
             self._axis_now = axis.NAME
-            self._forget_batches()
+            self.batches.forget()
             self.reference.forget_batches()
             if not axis.BATCHED:
                 self.release_sequences()
@@ -467,7 +396,7 @@ class Runner:
         return item
 
     def _control_key(self, axis_name: str, unit: dict) -> str:
-        batch = [u["id"] for u in self._planned_units(axis_name, unit)] if unit.get("batch") is not None else None
+        batch = [u["id"] for u in self.batches.planned_units(axis_name, unit)] if unit.get("batch") is not None else None
         axis = self.axes[axis_name]
         return self.reference.control_key(axis.NAME, unit, batch, self.labels[Role.CONTROL], axis.cache_reads(self.run))
 
@@ -495,20 +424,20 @@ class Runner:
         """Drop everything a repetition could reuse: cached decodes and KV caches."""
         self._greedy.clear()
         self.reference.forget()
-        self._forget_batches()
+        self.batches.forget()
         for ctx in self._contexts.values():
             ctx.reset()
 
     def _measure_once(self, axis, unit) -> dict:
         cache_before = (self.reference.hits, self.reference.misses)
         before = self.token_counts()
-        self._batch_time_in_item = 0.0
+        self.batches.time_in_item = 0.0
         started = time.perf_counter()
         result = axis.measure(self.run, unit)
         if not result.get("skipped"):
             # The item's own time, less the batch decodes it ran for others, plus its share.
-            result["wall_s"] = (time.perf_counter() - started - self._batch_time_in_item
-                                + self._batch_seconds.get((axis.NAME, unit["candidate"], unit["id"]), 0.0))
+            result["wall_s"] = (time.perf_counter() - started - self.batches.time_in_item
+                                + self.batches.seconds_of(axis.NAME, unit))
         after = self.token_counts()
         result["compute"] = {
             role: {k: counts[k] - before.get(role, _ZERO_COUNTS)[k] for k in counts} for role, counts in after.items()
