@@ -1,7 +1,7 @@
 """Compare two source trees of pytest-refract on the same audit: wall time, peak RSS, and
 whether every number in the JSON report is the same (a refactoring must change none).
 
-    python benchmarks/bench_trees.py BEFORE_TREE AFTER_TREE [--quick] [--rounds 1]
+    python benchmarks/bench_trees.py BEFORE_TREE AFTER_TREE [--quick | --full-small] [--rounds 1]
 
 Each tree runs the default audit (SmolLM2, ctk=q8_0,ctv=q4_0) in a fresh pytest process with
 PYTHONPATH pointing at it, one after the other, alternating over rounds; run it on a quiet
@@ -51,9 +51,14 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--candidate", default="ctk=q8_0,ctv=q4_0")
     ap.add_argument("--quick", action="store_true", help="8 prompts x 32 tokens, 4 chunks (a smoke run)")
+    ap.add_argument("--full-small", action="store_true",
+                    help="all four axes, small: 6 prompts x 32 tokens, 3 chunks, R-NIAH at 512 and 1024 tokens")
     ap.add_argument("--rounds", type=int, default=1)
     args = ap.parse_args()
     extra = ["--refract-n-predict=32", "--refract-chunks=4", "-k", "chunk or fact or reason"] if args.quick else []
+    if args.full_small:
+        extra = ["--refract-full", "--refract-n-predict=32", "--refract-chunks=3", "--refract-rniah-lengths=512,1024",
+                 "-k", "chunk or rniah or fact-00"]
     runs = {"before": [], "after": []}
     saved = os.environ.get("PYTHONPATH")
     try:

@@ -21,6 +21,7 @@ from ..errors import MeasurementError, UsageProblem
 from ..inputs import data
 from ..inputs.loaded import Inputs
 from .batches import DecodeBatches
+from .control import SensitivityControl
 from .guard import check_outputs, input_files
 from .results import ItemResult
 from .roles import Role
@@ -78,7 +79,6 @@ class Runner:
         # anchors are the trajectory axis's decodes of the same prompts; R-NIAH's control asks
         # for the reference answers the candidates just had.
         self._greedy: Dict[tuple, List[int]] = {}
-        self._control_done: set = set()
         self.kv_bytes_peak = 0
         # Computed once, on first use: per role, the KV cache llama.cpp allocated; the model's facts.
         self._allocations: Dict[str, Optional[dict]] = {}
@@ -99,6 +99,8 @@ class Runner:
         self.reference = ReferenceStore(settings, cache_dir, identity, side)
         # What the axes see of this runner (audit/run.py documents it).
         self.run = Run(self)
+        self.control = (SensitivityControl(self.reference, self.labels[Role.CONTROL], self.axes, self.run,
+                                           self.batches.planned_units) if self.control_role else None)
 
     def _configure_roles(self) -> None:
         """One role per config: "reference" (and "floor", a second reference context), one
@@ -378,14 +380,12 @@ class Runner:
                             planned)
         try:
             item = ItemResult(unit["candidate"], axis.NAME, unit["id"], self._measure_once(axis, unit))
-            done = (axis.NAME, unit["id"])
-            if self.control_role and done not in self._control_done:
+            if self.control is not None and self.control.due(axis.NAME, unit["id"]):
                 # The first candidate item of a unit measures the control too; its result rides
                 # along (also from xdist workers) and the session files it under the control.
-                self._control_done.add(done)
                 try:
                     item.control = ItemResult(Role.CONTROL, axis.NAME, unit["id"],
-                                              self._measure_control(axis, dict(unit, candidate=Role.CONTROL)))
+                                              self.control.measure(axis, unit, self._measure_once))
                 except (MeasurementError, UsageProblem) as exc:
                     item.control_error = str(exc)
             for _ in range(self.settings.repeat - 1):
@@ -395,30 +395,8 @@ class Runner:
             self.progress.end()
         return item
 
-    def _control_key(self, axis_name: str, unit: dict) -> str:
-        batch = [u["id"] for u in self.batches.planned_units(axis_name, unit)] if unit.get("batch") is not None else None
-        axis = self.axes[axis_name]
-        return self.reference.control_key(axis.NAME, unit, batch, self.labels[Role.CONTROL], axis.cache_reads(self.run))
-
     def control_cached(self, axis_name: str, unit: dict) -> bool:
-        return self.reference.has_control(axis_name, self._control_key(axis_name, unit))
-
-    def _measure_control(self, axis, unit) -> dict:
-        """The control's item: read from the reference cache when there, else measured like a
-        candidate's and stored (its result depends only on what the key holds)."""
-        key = self._control_key(axis.NAME, unit)
-        result = self.reference.load_control(axis.NAME, key)
-        if result is not None:
-            result["compute"] = {}
-            result["reference_cache"] = {"hits": 1, "misses": 0}
-            result["wall_s"] = 0.0  # read, not measured: this run paid nothing for it
-            result["control_cached"] = True
-            return result
-        result = self._measure_once(axis, unit)
-        self.reference.store_control(axis.NAME, key, {k: v for k, v in result.items()
-                                                      if k not in ("compute", "reference_cache")})
-        result["control_cached"] = False
-        return result
+        return self.control is not None and self.control.cached(axis_name, unit)
 
     def forget(self) -> None:
         """Drop everything a repetition could reuse: cached decodes and KV caches."""
