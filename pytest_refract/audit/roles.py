@@ -2,8 +2,8 @@
 
 A role names one llama.cpp context's KV config: the f16 ``reference``; the ``floor`` (a second
 context with the reference's config, which checks the engine bit for bit); each candidate
-(``cand0``, ``cand1``, ... in the order given); the sensitivity ``control``. Roles are strings
-underneath, so they stay plain keys in results, reports and across xdist workers."""
+(``cand0``, ``cand1``, ... in the order given); the sensitivity ``control``. Roles are strings,
+so they stay plain keys in results, reports and across xdist workers."""
 
 from __future__ import annotations
 
@@ -13,30 +13,18 @@ from typing import Tuple
 from ..engines.kvconfig import KVConfig
 
 
-class Role(str):
-    """A role name with what the audit asks of it."""
+class Role:
+    """The role names, and what a name says. Plain strings on purpose: they are dict keys in
+    results and reports and cross to xdist workers, whose serializer takes only built-in types."""
 
-    REFERENCE: "Role"
-    FLOOR: "Role"
-    CONTROL: "Role"
+    REFERENCE = "reference"
+    FLOOR = "floor"
+    CONTROL = "control"
 
-    @classmethod
-    def candidate(cls, index: int) -> "Role":
-        return cls(f"cand{index}")
+    @staticmethod
+    def candidate(index: int) -> str:
+        return f"cand{index}"
 
-    @property
-    def is_candidate(self) -> bool:
-        return self.startswith("cand") and self[4:].isdigit()
-
-    @property
-    def is_reference_side(self) -> bool:
-        """The reference and its floor share one config and are never measured as items."""
-        return self in (Role.REFERENCE, Role.FLOOR)
-
-
-Role.REFERENCE = Role("reference")
-Role.FLOOR = Role("floor")
-Role.CONTROL = Role("control")
 
 # The other 16-bit rounding of each float cache type: a change in rounding only, available in
 # every llama.cpp build. Wider or quantized reference types get f16, the nearest 16-bit

@@ -112,7 +112,7 @@ class Runner:
         ref_types = validate_for_model(s.reference, types, head_k, head_v, "--refract-reference")
         self.types = {Role.REFERENCE: ref_types, Role.FLOOR: ref_types}
         self.configs = {Role.REFERENCE: s.reference, Role.FLOOR: s.reference}
-        self.candidate_roles: List[Role] = []
+        self.candidate_roles: List[str] = []
         self.labels: Dict[str, str] = {}
         for i, cand in enumerate(s.candidates):
             role = Role.candidate(i)
@@ -124,13 +124,13 @@ class Runner:
         # The sensitivity control: one more role measured on the same units as the candidates,
         # inside the first selected candidate item of each unit (so item ids, counts and -k
         # selection stay as they are), never ranked or gated itself.
-        self.control_role: Optional[Role] = None
+        self.control_role: Optional[str] = None
         if s.sensitivity is not None:
             self.control_role = Role.CONTROL
             self.types[Role.CONTROL] = validate_for_model(s.sensitivity, types, head_k, head_v, "--refract-sensitivity")
             self.configs[Role.CONTROL] = s.sensitivity
             self.labels[Role.CONTROL] = s.sensitivity.label()
-        self.item_roles: List[Role] = self.candidate_roles + ([Role.CONTROL] if self.control_role else [])
+        self.item_roles: List[str] = self.candidate_roles + ([Role.CONTROL] if self.control_role else [])
         self.self_reference = {role: self.configs[role] == s.reference for role in self.candidate_roles}
 
     def _probe_contexts(self) -> None:
