@@ -11,7 +11,6 @@ import pytest
 
 from .engines.kvconfig import KVConfig, parse_kv_config, share_flash_attention
 from .errors import UsageProblem
-from .audit.roles import default_control
 from .scoring.metrics import parse_threshold
 
 DEFAULT_AXES = ("trajectory", "kld")
@@ -364,6 +363,8 @@ def _sensitivity(config, reference: KVConfig) -> Tuple[Optional[KVConfig], Optio
         control = replace(control, fa=reference.fa, fa_explicit=reference.fa_explicit)
         why = "given by --refract-sensitivity"
     else:
+        from .audit.roles import default_control  # here: reading options must not load the audit layer
+
         control, why = default_control(reference)
     if (control.ctk, control.ctv) == (reference.ctk, reference.ctv):
         raise UsageProblem(f"--refract-sensitivity={control.label()} equals the reference: a control must differ from it "

@@ -237,10 +237,10 @@ def test_registry_fills_the_documented_defaults():
 
 def test_builtin_axes_define_every_optional_member():
     registry = resolve()
-    assert list(registry) == list(axes_mod.ORDER) and axes_mod.AXES is BUILTIN
-    for name, module in BUILTIN.items():
-        assert registry[name] is module and module.NAME == name
-        assert all(hasattr(module, member) for member in ("TITLE", *axes_mod.DEFAULTS)), name
+    assert list(registry) == list(axes_mod.ORDER)
+    for name, axis in BUILTIN.items():
+        assert registry[name] is axis and axis.NAME == name and isinstance(axis, axes_mod.Axis)
+        assert all(hasattr(axis, member) for member in ("TITLE", *axes_mod.DEFAULTS)), name
 
 
 @pytest.mark.parametrize("extra, message", [

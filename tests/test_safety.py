@@ -22,7 +22,7 @@ from hypothesis import strategies as st
 from conftest import read_report
 from pytest_refract.cli import compare
 from pytest_refract.report import schema
-from pytest_refract.axes import kld as kld_axis
+from pytest_refract.axes import BUILTIN
 from pytest_refract.axes import plad as plad_axis
 from pytest_refract.errors import UsageProblem
 from pytest_refract.audit.guard import check_outputs, special_file_kind
@@ -109,7 +109,7 @@ def test_non_finite_logits_anywhere_yield_no_kld_score(bad, row, col, in_referen
 def test_kld_axis_with_a_non_finite_position_has_no_score(bad):
     raw = {"kld": [0.01, bad, 0.02], "p_diff": [0.0, 0.0, 0.0], "nll_ref": [1.0, 1.0, 1.0],
            "nll_cand": [1.0, 1.0, 1.0], "same_top": [1, 1, 1]}
-    section = kld_axis.aggregate([{"id": "chunk-00", "_raw": raw, "wall_s": 0.0}])
+    section = BUILTIN["kld"].aggregate([{"id": "chunk-00", "_raw": raw, "wall_s": 0.0}])
     assert section["score"] is None and section["band"] is None
     assert "not a finite number" in section["error"]
     assert composite_of({"kld": section, "trajectory": {"score": 100.0}}) is None
