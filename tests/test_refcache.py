@@ -50,19 +50,20 @@ def test_kld_against_16bit_reference_is_within_half_a_percent():
 
 
 def test_store_load_roundtrip_and_corruption_detection(tmp_path):
+    # A kind without a content schema (see cache.check_entry): any arrays round-trip.
     cache = ReferenceCache(tmp_path, {"model": "x"})
-    key = cache.key("kld", [1, 2, 3])
-    assert cache.load("kld", key) is None and cache.misses == 1
-    cache.store("kld", key, {"a": np.arange(10)}, {"note": "hi"})
-    entry = cache.load("kld", key)
+    key = cache.key("scratch", [1, 2, 3])
+    assert cache.load("scratch", key) is None and cache.misses == 1
+    cache.store("scratch", key, {"a": np.arange(10)}, {"note": "hi"})
+    entry = cache.load("scratch", key)
     assert entry["meta"] == {"note": "hi"} and entry["arrays"]["a"].tolist() == list(range(10))
     assert cache.hits == 1
     mixed = {"q": np.arange(12, dtype=np.uint16).reshape(3, 4), "scale": np.array([0.5, 1.5, 2.5], dtype=np.float32),
              "tokens": np.array([7, -1], dtype=np.int64), "empty": np.zeros((0, 4), dtype=np.float32)}
-    cache.store("kld", key, mixed)
-    back = cache.load("kld", key)["arrays"]
+    cache.store("scratch", key, mixed)
+    back = cache.load("scratch", key)["arrays"]
     assert all(back[k].dtype == v.dtype and back[k].shape == v.shape and np.array_equal(back[k], v) for k, v in mixed.items())
-    path = next((tmp_path / cache.namespace / "kld").iterdir())
+    path = next((tmp_path / cache.namespace / "scratch").iterdir())
     damages = [
         (lambda b: b[:-7], "checksum mismatch"),
         (lambda b: b[:-1] + bytes([b[-1] ^ 0xFF]), "checksum mismatch"),  # last payload byte
@@ -70,16 +71,16 @@ def test_store_load_roundtrip_and_corruption_detection(tmp_path):
         (lambda b: b[:12], "truncated header"),
     ]
     for damage, why in damages:
-        cache.store("kld", key, {"a": np.arange(10)})
+        cache.store("scratch", key, {"a": np.arange(10)})
         path.write_bytes(damage(path.read_bytes()))
         with pytest.warns(RefCacheWarning, match=f"rejected \\({why}"):
-            assert cache.load("kld", key) is None
+            assert cache.load("scratch", key) is None
         assert not path.exists()  # a bad entry is removed, then recomputed by the caller
-    other = cache.key("kld", [1, 2, 4])
-    cache.store("kld", key, {"a": np.arange(3)})
+    other = cache.key("scratch", [1, 2, 4])
+    cache.store("scratch", key, {"a": np.arange(3)})
     path.rename(path.with_name(f"{other[:40]}.rfc"))  # an entry under the wrong key
     with pytest.warns(RefCacheWarning, match="another key"):
-        assert cache.load("kld", other) is None
+        assert cache.load("scratch", other) is None
 
 
 def test_keys_depend_on_identity_and_content(tmp_path):

@@ -35,7 +35,8 @@ class ReferenceStore:
     def __init__(self, runner, directory, identity: dict):
         self.runner = runner
         self.settings = runner.settings
-        self.cache = ReferenceCache(directory, identity)
+        # The vocabulary size checks every entry's rows on load (the model is loaded by now).
+        self.cache = ReferenceCache(directory, identity, n_vocab=runner.n_vocab)
         # The floor compares the reference with itself bit for bit: it needs the live reference.
         # --refract-repeat must re-measure the reference too, so it does not read either.
         s = self.settings
