@@ -33,7 +33,10 @@ def cache_types() -> Dict[str, CacheType]:
 
 
 def _spec(type_id: int):
-    return next(spec for spec in TYPES.values() if spec[0] == type_id)
+    spec = next((spec for spec in TYPES.values() if spec[0] == type_id), None)
+    if spec is None:  # as the llama.cpp engine says of a type outside its table
+        raise ValueError(f"ggml type {type_id} is not a type this llama.cpp build knows")
+    return spec
 
 
 def row_size(type_id: int, n: int) -> int:

@@ -120,3 +120,228 @@ def test_a_tampered_control_cache_never_changes_a_result(inputs, tmp_path):
 def _scores_of(results):
     return {role: {axis: {uid: r.get("score") for uid, r in items.items()} for axis, items in axes.items()}
             for role, axes in results.items()}
+
+
+# --------------------------------------------------------------------------- 5. model identity
+
+
+def test_an_edit_outside_any_sample_changes_the_model_identity(tmp_path, monkeypatch):
+    """Finding 5: same size, one byte changed 1.5 MiB into a 4 MiB file (outside the first,
+    middle and last MiB the old identity sampled)."""
+    from pytest_refract.reference import cache as cache_mod
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(bytes(range(256)) * (4 * 4096))
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    reads = []
+    real = cache_mod.file_sha256
+    monkeypatch.setattr(cache_mod, "file_sha256", lambda p: reads.append(p) or real(p))
+    before = cache_mod.model_identity(model, folder)
+    assert cache_mod.model_identity(model, folder) == before and len(reads) == 1  # warm: nothing re-read
+    with open(model, "r+b") as fh:
+        fh.seek(3 << 19)
+        fh.write(b"\xff")
+    after = cache_mod.model_identity(model, folder)
+    assert after["size"] == before["size"] and after["sha256"] != before["sha256"] and len(reads) == 2
+
+
+def test_an_edit_that_restores_the_mtime_is_still_seen(tmp_path):
+    import os
+    import time
+
+    from pytest_refract.reference.cache import model_identity
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"a" * 4096)
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    before = model_identity(model, folder)
+    st = os.stat(model)
+    time.sleep(0.01)
+    with open(model, "r+b") as fh:
+        fh.write(b"b")
+    os.utime(model, ns=(st.st_atime_ns, st.st_mtime_ns))  # as `touch -d` would put it back
+    assert model_identity(model, folder)["sha256"] != before["sha256"]
+
+
+def test_a_foreign_or_huge_index_is_ignored_not_trusted(tmp_path):
+    from pytest_refract.reference.cache import MODEL_INDEX, _file_key, model_identity
+    import hashlib
+    import os
+
+    model = tmp_path / "m.gguf"
+    model.write_bytes(b"model bytes")
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    # An index not written by us, claiming a hash for this very file.
+    (folder / MODEL_INDEX).write_text(json.dumps({"files": {_file_key(os.stat(model)): {"sha256": "0" * 64}}}))
+    assert model_identity(model, folder)["sha256"] == hashlib.sha256(b"model bytes").hexdigest()
+
+
+# --------------------------------------------------------------------------- 9, 10. crafted GGUF files
+
+import struct  # noqa: E402
+import subprocess  # noqa: E402
+import sys  # noqa: E402
+
+from pytest_refract.engines.gguf import expected_data_end, read_gguf  # noqa: E402
+from pytest_refract.errors import UsageProblem  # noqa: E402
+
+
+def _s(text: str) -> bytes:
+    raw = text.encode()
+    return struct.pack("<Q", len(raw)) + raw
+
+
+def _value(kind, value) -> bytes:
+    """GGUF value bytes (without the type tag) for kind: u32, u64, i32, f32, str, or
+    ("arr", item kind, [items])."""
+    if isinstance(kind, tuple):
+        _, item_kind, items = kind
+        return struct.pack("<IQ", _TYPE[item_kind if not isinstance(item_kind, tuple) else "arr"], len(items)) + b"".join(
+            _value(item_kind, v) for v in items)
+    if kind == "str":
+        return _s(value)
+    return struct.pack({"u32": "<I", "u64": "<Q", "i32": "<i", "f32": "<f"}[kind], value)
+
+
+_TYPE = {"u32": 4, "i32": 5, "f32": 6, "str": 8, "arr": 9, "u64": 10}
+
+
+def _craft(path: Path, meta: list, tensors=(("t", [32], 0, 0),)) -> Path:
+    """A GGUF v3 header: ``meta`` as (key, kind, value), ``tensors`` as (name, dims, type, offset)."""
+    out = [b"GGUF", struct.pack("<IQQ", 3, len(tensors), len(meta))]
+    for key, kind, value in meta:
+        out += [_s(key), struct.pack("<I", _TYPE["arr"] if isinstance(kind, tuple) else _TYPE[kind]), _value(kind, value)]
+    for name, dims, ttype, offset in tensors:
+        out += [_s(name), struct.pack("<I", len(dims)), b"".join(struct.pack("<Q", d) for d in dims),
+                struct.pack("<IQ", ttype, offset)]
+    body = b"".join(out)
+    path.write_bytes(body + b"\0" * (-len(body) % 32) + b"\0" * 4096)
+    return path
+
+
+ARCH = ("general.architecture", "str", "llama")
+
+
+def _nested(depth: int):
+    kind = "u32"
+    for _ in range(depth):
+        kind = ("arr", kind, None)
+    return kind
+
+
+def _nested_value(depth: int) -> bytes:
+    inner = struct.pack("<IQ", 4, 0)
+    for _ in range(depth - 1):
+        inner = struct.pack("<IQ", 9, 1) + inner
+    return inner
+
+
+@pytest.mark.parametrize("entry, said", [
+    (("llama.context_length", "str", "2048"), "llama.context_length is '2048', not a whole number"),
+    (("llama.context_length", "f32", float("nan")), "llama.context_length is nan"),
+    (("llama.embedding_length", "str", "64"), "llama.embedding_length is '64'"),
+    (("llama.attention.head_count", ("arr", "str", ["a", "b"]), None), "llama.attention.head_count is ['a', 'b']"),
+    (("llama.attention.head_count", "i32", -2), "llama.attention.head_count is -2"),
+    (("llama.attention.head_count", ("arr", "u32", [0, 0]), None), "llama.attention.head_count is [0, 0]"),
+    (("general.alignment", "f32", 0.5), "general.alignment is 0.5, not a power of two"),
+    (("general.alignment", ("arr", "u32", [32, 32]), None), "general.alignment is [32, 32]"),
+    (("general.alignment", "u32", 0), "general.alignment is 0"),
+    (("general.architecture", "u32", 7), "general.architecture is 7"),
+])
+def test_metadata_of_an_unexpected_type_is_one_line(tmp_path, entry, said):
+    """Finding 10: every key this package reads as a number is checked once, at read."""
+    meta = [ARCH, entry] if entry[0] != "general.architecture" else [entry]
+    path = _craft(tmp_path / "m.gguf", meta)
+    with pytest.raises(UsageProblem, match="corrupt GGUF metadata") as caught:
+        info = read_gguf(path)
+        info.n_ctx_train, info.head_dims  # what a lenient reader would trip on later
+    assert said in str(caught.value) and "\n" not in str(caught.value)
+
+
+def test_five_thousand_nested_arrays_are_one_line(tmp_path):
+    path = tmp_path / "m.gguf"
+    body = (b"GGUF" + struct.pack("<IQQ", 3, 0, 2) + _s("general.architecture") + struct.pack("<I", 8) + _s("llama")
+            + _s("deep") + struct.pack("<I", 9) + _nested_value(5000))
+    path.write_bytes(body + b"\0" * 64)
+    with pytest.raises(UsageProblem, match="corrupt GGUF header .*nested deeper than 8"):
+        read_gguf(path)
+
+
+def test_more_than_four_dimensions_is_one_line(tmp_path):
+    path = _craft(tmp_path / "m.gguf", [ARCH], tensors=(("t", [1] * 5, 0, 0),))
+    with pytest.raises(UsageProblem, match="claims 5 dimensions"):
+        read_gguf(path)
+
+
+CRAFTED_TYPE = """
+import sys
+sys.path.insert(0, {tests!r})
+from pathlib import Path
+from test_safety_round3 import _craft, ARCH
+from pytest_refract.engines import llamacpp
+from pytest_refract.engines.gguf import expected_data_end, read_gguf
+from pytest_refract.errors import UsageProblem
+path = _craft(Path({path!r}), [ARCH], tensors=(("blk.0.attn_q.weight", [32, 4], {ttype}, 0),))
+try:
+    expected_data_end(read_gguf(path), llamacpp.row_size)
+except UsageProblem as exc:
+    print("USAGE:", exc)
+"""
+
+
+@pytest.mark.parametrize("ttype, said", [(4, "ggml type 4 is not a type this llama.cpp build knows"),
+                                         (2**31 - 1, "ggml type 2147483647 is not a type"),
+                                         (8, "a row of 32 values cannot be stored as ggml type 8")])
+def test_a_crafted_tensor_type_is_one_line_not_a_signal(tmp_path, ttype, said):
+    """Finding 9: type 4 (a removed slot, block size 0) gave SIGFPE inside ggml_row_size,
+    2**31-1 SIGSEGV. Run in a child process: a regression must not kill the test session."""
+    pytest.importorskip("llama_cpp")
+    if ttype == 8:  # q8_0 has blocks of 32: a row of 32 fits; make it 33 wide instead
+        said = "a row of 33 values cannot be stored as ggml type 8"
+    code = CRAFTED_TYPE.format(tests=str(Path(__file__).parent), path=str(tmp_path / "m.gguf"), ttype=ttype)
+    if ttype == 8:
+        code = code.replace("[32, 4]", "[33, 4]")
+    run = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert run.returncode == 0, (run.returncode, run.stderr[-2000:])
+    assert "USAGE: corrupt GGUF tensor table" in run.stdout and said in run.stdout, run.stdout
+
+
+def _usage_error(result) -> str:
+    """Exit 4, exactly one ERROR line, no traceback; returns that line."""
+    text = result.stdout.str() + result.stderr.str()
+    assert result.ret == 4, text
+    assert "Traceback" not in text and "INTERNALERROR" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1, text
+    return errors[0]
+
+
+def _args(model, prompts, corpus, *extra):
+    return [f"--refract-model={model}", f"--refract-prompts={prompts}", f"--refract-corpus={corpus}",
+            "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-ctx=64", "--refract-chunks=2",
+            "--refract-n-predict=8", "--refract-threads=1", *extra]
+
+
+@pytest.mark.parametrize("broken", ["missing-tensor", "zero-heads"])
+def test_a_full_load_llama_cpp_refuses_is_one_line(pytester, tiny_prompts, tiny_corpus, broken):
+    """Finding 10: the vocabulary-only load passes, the full load is refused: one line."""
+    pytest.importorskip("llama_cpp")
+    from tiny_model import write_tiny_llama
+
+    kwargs = {"missing-tensor": {"missing_tensor": "blk.1.ffn_up.weight"}, "zero-heads": {"head_count": 0}}[broken]
+    model = write_tiny_llama(pytester.path / "m.gguf", n_ctx_train=1024, **kwargs)
+    line = _usage_error(pytester.runpytest_subprocess(*_args(model, tiny_prompts, tiny_corpus), timeout=120))
+    assert "llama.cpp could not load m.gguf" in line, line
+
+
+def test_a_one_token_vocabulary_is_refused_before_tokenizing(pytester, tiny_prompts, tiny_corpus):
+    """Finding 12: llama.cpp's tokenizer aborted on a 1-token vocabulary."""
+    pytest.importorskip("llama_cpp")
+    from tiny_model import write_tiny_llama
+
+    model = write_tiny_llama(pytester.path / "one.gguf", n_ctx_train=1024, n_vocab_kept=1)
+    line = _usage_error(pytester.runpytest_subprocess(*_args(model, tiny_prompts, tiny_corpus), timeout=120))
+    assert "vocabulary of 1 token" in line or "could not load" in line, line

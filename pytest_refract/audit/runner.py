@@ -85,7 +85,7 @@ class Runner:
         from ..reference.store import ReferenceStore
 
         identity = ReferenceStore.identity(self.model_path, settings, self.build_info(), self.context_env["reference"],
-                                           self.rotation("reference"))
+                                           self.rotation("reference"), cache_dir)
         self.reference = ReferenceStore(self, cache_dir, identity)
 
     def _configure_roles(self) -> None:
@@ -180,6 +180,7 @@ class Runner:
 
         if self._model_facts is None:
             self._model_facts = model_facts(self.info, self.model_path, self.engine.n_params)
+            self._model_facts["sha256"] = self.reference.cache.identity["model"]["sha256"]  # None without a cache
         return dict(self._model_facts)
 
     def detokenize(self, tokens) -> str:
@@ -190,7 +191,10 @@ class Runner:
     @property
     def engine(self):
         if self._engine is None:
-            self._engine = self.engine_mod.Engine(self.model_path, n_gpu_layers=self.settings.gpu_layers)
+            try:
+                self._engine = self.engine_mod.Engine(self.model_path, n_gpu_layers=self.settings.gpu_layers)
+            except MeasurementError as exc:  # the full load is refused though the vocabulary loaded: one line
+                raise UsageProblem(f"{exc}; the vocabulary loaded, so its weights or hyperparameters are at fault") from None
             self._engine.on_decoded = self.progress.decoded
             self.inputs.tokenizer = self._engine
         return self._engine

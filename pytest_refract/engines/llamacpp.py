@@ -209,6 +209,8 @@ class _TypeTraits(ctypes.Structure):
 
 _CACHE_TYPES: Optional[Dict[str, CacheType]] = None
 _ROW_SIZE = None
+# type id -> block size of every type the loaded ggml build has a layout for (tensors too).
+_BLOCK_SIZES: Dict[int, int] = {}
 # Integer and deprecated slots in ggml's enum are not storage formats for a KV cache.
 _NOT_CACHE_TYPES = {"i8", "i16", "i32", "i64", "f64", "none", "deprecated", "q8_1", "q8_k"}
 _TYPE_NAME_RE = re.compile(r"^[a-z0-9_]{2,16}$")
@@ -262,6 +264,7 @@ def cache_types() -> Dict[str, CacheType]:
             traits = lib.ggml_get_type_traits(type_id).contents
             if traits.blck_size <= 0 or traits.type_size <= 0 or not traits.type_name:
                 continue  # removed slots of the enum
+            _BLOCK_SIZES[type_id] = int(traits.blck_size)
             if traits.type_name != b"f32" and (not traits.from_float_ref or not traits.to_float):
                 continue  # a type nothing can write into (e.g. needs an importance matrix)
             name = traits.type_name.decode("ascii", errors="replace").strip().lower()
@@ -274,8 +277,15 @@ def cache_types() -> Dict[str, CacheType]:
 
 
 def row_size(type_id: int, n: int) -> int:
-    """Bytes of one row of ``n`` values stored as ggml type ``type_id``."""
+    """Bytes of one row of ``n`` values stored as ggml type ``type_id``. ValueError for a type
+    this build's table does not have, or a row its blocks cannot tile: ggml_row_size itself
+    checks neither (a removed type has block size 0: SIGFPE; 2**31-1 reads past the table)."""
     cache_types()
+    block = _BLOCK_SIZES.get(type_id)
+    if block is None:
+        raise ValueError(f"ggml type {type_id} is not a type this llama.cpp build knows")
+    if n < 0 or n >= 1 << 62 or n % block:
+        raise ValueError(f"a row of {n} values cannot be stored as ggml type {type_id} (blocks of {block})")
     return _ROW_SIZE(type_id, n)
 
 

@@ -66,6 +66,11 @@ class Inputs:
         except MeasurementError as exc:
             raise UsageProblem(str(exc)) from None
         try:
+            if tok.n_vocab < 2:
+                # llama.cpp's tokenizer aborts the process on such a vocabulary; and a model
+                # that can say only one token has no distribution to compare.
+                raise UsageProblem(f"{self.model_path.name} has a vocabulary of {tok.n_vocab} token(s): nothing to "
+                                   "tokenize with or to compare; give a real model")
             if tok.is_recurrent:
                 # Its state is a fixed-size recurrence per sequence, not a cache of keys and
                 # values per token: there is nothing for ctk/ctv to quantize, so no score.

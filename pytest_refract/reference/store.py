@@ -45,10 +45,11 @@ class ReferenceStore:
         self._greedy_memo: Dict[str, List[int]] = {}
 
     @staticmethod
-    def identity(model_path, settings, build: dict, context_env: dict, rotation) -> dict:
-        """Everything that determines a reference result besides the item's own inputs."""
+    def identity(model_path, settings, build: dict, context_env: dict, rotation, directory=None) -> dict:
+        """Everything that determines a reference result besides the item's own inputs.
+        ``directory``: the cache folder (the model's whole-file hash is remembered there)."""
         return {
-            "model": model_identity(model_path),
+            "model": model_identity(model_path, directory),
             "reference": settings.reference.label(),
             # Everything that changes llama.cpp's numbers (context size does not: attention
             # runs over the cells in use).

@@ -24,6 +24,11 @@ def load_baseline(path: str, model_facts: dict, reference_label: str) -> dict:
             f"--refract-baseline {path} was measured on another model ({theirs.get('path')}, "
             f"{theirs.get('size_bytes')} bytes) than {model_facts['path']}; use a baseline of the same model"
         )
+    if theirs.get("sha256") and model_facts.get("sha256") and theirs["sha256"] != model_facts["sha256"]:
+        raise UsageProblem(
+            f"--refract-baseline {path} was measured on another model: {theirs.get('path')} has the same size and "
+            f"first MiB as {model_facts['path']} but another whole-file sha256; use a baseline of the same model"
+        )
     if baseline.get("reference") != reference_label:
         raise UsageProblem(
             f"--refract-baseline {path} used reference {baseline.get('reference')!r}, this run uses "

@@ -61,7 +61,7 @@ _AXIS_FIELDS = _axis_fields()
 _NESTED_NUMBERS = tuple(name for name, kind in _AXIS_FIELDS.items() if kind == _OBJECT)
 _SECTION_FIELDS = {"candidate": _TEXT, "composite": _NUMBER, "band": _TEXT, "axes": _OBJECT, "kv_cache": _OBJECT}
 _TOP_FIELDS = dict(_SECTION_FIELDS, reference=_TEXT, timestamp=_TEXT, model=_OBJECT, candidates=_LIST)
-_MODEL_FIELDS = {"path": _TEXT, "size_bytes": _NUMBER, "sha256_first_mib": _TEXT, "name": _TEXT}
+_MODEL_FIELDS = {"path": _TEXT, "size_bytes": _NUMBER, "sha256_first_mib": _TEXT, "sha256": _TEXT, "name": _TEXT}
 
 
 def _type_problem(value, kind: str) -> bool:
