@@ -345,3 +345,120 @@ def test_a_one_token_vocabulary_is_refused_before_tokenizing(pytester, tiny_prom
     model = write_tiny_llama(pytester.path / "one.gguf", n_ctx_train=1024, n_vocab_kept=1)
     line = _usage_error(pytester.runpytest_subprocess(*_args(model, tiny_prompts, tiny_corpus), timeout=120))
     assert "vocabulary of 1 token" in line or "could not load" in line, line
+
+
+# --------------------------------------------------------------------------- 6, 7, 8. report outputs
+
+import os  # noqa: E402
+from types import SimpleNamespace  # noqa: E402
+
+from pytest_refract.audit.guard import check_foreign_outputs, check_outputs  # noqa: E402
+from pytest_refract.files import write_atomic, write_reports  # noqa: E402
+
+
+@pytest.mark.parametrize("how", ["direct", "symlink", "symlink-to-fd"])
+def test_a_report_path_leading_into_dev_is_refused(tmp_path, how):
+    """Finding 6: /dev/stdout with stdout redirected to a file stats as a regular file; the
+    rename then replaced the /dev/stdout link. Any path that leads through /dev or a process's
+    descriptors is refused, whatever it points to now."""
+    path = {"direct": "/dev/stdout", "symlink": tmp_path / "r.json", "symlink-to-fd": tmp_path / "fd.json"}[how]
+    if how == "symlink":
+        path.symlink_to("/dev/stdout")
+    elif how == "symlink-to-fd":
+        path.symlink_to(f"/proc/self/fd/{os.open(tmp_path, os.O_RDONLY)}")
+    with pytest.raises(UsageProblem, match="never a report file"):
+        check_outputs({"--refract-json": str(path)}, [])
+
+
+def test_write_atomic_replaces_what_a_link_points_to_never_the_link(tmp_path):
+    real = tmp_path / "real.json"
+    real.write_text("old")
+    link = tmp_path / "link.json"
+    link.symlink_to(real)
+    write_atomic(link, "new")
+    assert link.is_symlink() and real.read_text() == "new"
+    fifo = tmp_path / "pipe"
+    os.mkfifo(fifo)
+    to_fifo = tmp_path / "to-fifo.json"
+    to_fifo.symlink_to(fifo)
+    with pytest.raises(OSError, match="FIFO"):
+        write_atomic(to_fifo, "x")  # returns at once: a FIFO is never opened
+    assert to_fifo.is_symlink() and fifo.exists() and not fifo.is_file()
+
+
+def test_a_report_path_inside_the_cache_folder_is_refused(tmp_path):
+    """Finding 6: the cache's marker named as a report path would be replaced by the report."""
+    cache = tmp_path / "cache"
+    assert prepare_cache_dir(cache) == cache
+    for name in (".pytest-refract-cache", "r.json"):
+        with pytest.raises(UsageProblem, match="inside the reference cache folder"):
+            check_outputs({"--refract-json": str(cache / name)}, [], str(cache))
+
+
+def test_a_legal_long_name_passes_the_check_and_the_write(tmp_path):
+    """Finding 7: a 250-byte name made a temp name past 255 bytes; the check used a short one."""
+    path = tmp_path / ("r" * 245 + ".json")
+    check_outputs({"--refract-json": str(path)}, [])
+    write_atomic(path, "{}")
+    assert path.read_text() == "{}" and sorted(p.name for p in tmp_path.iterdir()) == [path.name]
+
+
+def test_a_failed_write_goes_beside_the_cache_and_says_so(tmp_path):
+    gone = tmp_path / "gone" / "r.json"
+    fallback = tmp_path / "fallback"
+    written, problems = write_reports([("--refract-json", str(gone), lambda: "{}")], fallback)
+    assert written["--refract-json"] == fallback / "r.json" and (fallback / "r.json").read_text() == "{}"
+    assert len(problems) == 1 and f"--refract-json={gone} could not be written" in problems[0]
+    assert f"written to {fallback / 'r.json'} instead" in problems[0]
+    _, problems = write_reports([("--refract-json", str(gone), lambda: "{}")], None)
+    assert problems and "instead" not in problems[0]
+
+
+@pytest.mark.parametrize("dest, flag", [("xmlpath", "--junitxml"), ("htmlpath", "--html"),
+                                        ("report_log", "--report-log"), ("debug", "--debug")])
+def test_another_plugins_output_on_our_path_is_refused(tmp_path, dest, flag):
+    """Finding 8: --junitxml on the --refract-json path, or pytest-html's --html on ours."""
+    ours = str(tmp_path / "r.out")
+    with pytest.raises(UsageProblem, match=f"is also {flag}"):
+        check_foreign_outputs({"--refract-json": ours}, SimpleNamespace(**{dest: ours}))
+    check_foreign_outputs({"--refract-json": ours}, SimpleNamespace(**{dest: str(tmp_path / "other")}))
+
+
+def test_junitxml_on_the_json_path_is_a_usage_error(pytester, tiny_model):
+    path = pytester.path / "r.xml"
+    line = _usage_error(pytester.runpytest_subprocess(f"--refract-model={tiny_model}",
+                                                      "--refract-candidate=ctk=q8_0,ctv=q8_0",
+                                                      f"--refract-json={path}", f"--junitxml={path}"))
+    assert "is also --junitxml" in line and not path.exists()
+
+
+REMOVE_REPORT_FOLDER = """
+import shutil
+def pytest_runtest_call(item):
+    shutil.rmtree({folder!r}, ignore_errors=True)
+"""
+
+
+def test_a_report_folder_removed_mid_run_keeps_the_summary_and_the_gate(pytester, tiny_prompts, tiny_corpus):
+    """Finding 7: the report folder removed mid-run ended in INTERNALERROR after all items ran."""
+    pytest.importorskip("llama_cpp")
+    folder = pytester.path / "out"
+    folder.mkdir()
+    pytester.makeconftest(REMOVE_REPORT_FOLDER.format(folder=str(folder)))
+    result = pytester.runpytest_subprocess(*_args(Path(tiny_prompts).parent / "x", tiny_prompts, tiny_corpus)[1:],
+                                           f"--refract-model={_tiny_for(pytester)}", "--refract-axes=kld",
+                                           f"--refract-json={folder / 'r.json'}", "-p", "cacheprovider", timeout=300)
+    text = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in text and "Traceback" not in text, text
+    assert "refract KV-cache audit" in text and "gate" in text
+    fallback = pytester.path / ".pytest_cache" / "d" / "refract-reports" / "r.json"
+    assert f"--refract-json={folder / 'r.json'} could not be written" in text
+    assert f"written to {fallback} instead" in text
+    assert json.loads(fallback.read_text())["schema"].startswith("pytest-refract.report")
+    assert result.ret == 1
+
+
+def _tiny_for(pytester) -> Path:
+    from tiny_model import write_tiny_llama
+
+    return write_tiny_llama(pytester.path / "tiny.gguf", n_ctx_train=1024)
