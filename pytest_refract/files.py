@@ -112,3 +112,37 @@ def write_reports(outputs, fallback_dir: Optional[Path] = None):
                 line += f"; nor beside pytest's cache ({exc.strerror or exc})"
         problems.append(line)
     return written, problems
+
+
+# Largest input files read whole (documented in the README's safety section): a prompt set,
+# a corpus or haystack, a report (baseline, compare). A read stops one byte past the bound, so
+# a device such as /dev/zero, or a file still growing, can never exhaust memory.
+MAX_PROMPTS_BYTES = 16 << 20
+MAX_TEXT_BYTES = 64 << 20
+MAX_REPORT_BYTES = 64 << 20
+
+
+def read_input(path, what: str, max_bytes: int, option: str = "") -> bytes:
+    """The bytes of an input file, checked as the model path is: a FIFO, device or socket is
+    named without being opened (opening a FIFO with no writer blocks forever), and a file
+    larger than ``max_bytes`` is refused. UsageProblem, one line, for every defect."""
+    from .errors import UsageProblem
+
+    p = Path(path).expanduser()
+    where = f" ({option})" if option else ""
+    kind = special_file_kind(p)
+    if kind:
+        raise UsageProblem(f"{what} path {p} is {kind}, not a regular file{where}; give a file on disk")
+    if not p.exists():
+        raise UsageProblem(f"{what} file not found: {p}{where}")
+    if p.is_dir():
+        raise UsageProblem(f"{what} path is a directory, not a file: {p}{where}")
+    try:
+        with open(p, "rb") as fh:
+            raw = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise UsageProblem(f"{what} file {p} cannot be read ({exc.strerror or exc}){where}") from None
+    if len(raw) > max_bytes:
+        raise UsageProblem(f"{what} file {p} is larger than {max_bytes >> 20} MiB, the most pytest-refract reads"
+                           f"{where}; give a smaller file")
+    return raw

@@ -462,3 +462,276 @@ def _tiny_for(pytester) -> Path:
     from tiny_model import write_tiny_llama
 
     return write_tiny_llama(pytester.path / "tiny.gguf", n_ctx_train=1024)
+
+
+# --------------------------------------------------------------------------- 3. degenerate measurements
+
+
+def test_a_template_that_drops_the_content_is_refused(pytester, tiny_prompts, tiny_corpus):
+    pytest.importorskip("llama_cpp")
+    from tiny_model import write_tiny_llama
+
+    model = write_tiny_llama(pytester.path / "t.gguf", n_ctx_train=1024,
+                             chat_template="{{ bos_token }}hello world{% if add_generation_prompt %} the end{% endif %}")
+    line = _usage_error(pytester.runpytest_subprocess(*_args(model, tiny_prompts, tiny_corpus), timeout=120))
+    assert "drops the user's content" in line and "t.gguf" in line
+
+
+def test_a_uniform_model_cannot_pass(pytester, tiny_prompts, tiny_corpus):
+    """Finding 3: every logit equal reported "composite 100.00 EXCELLENT, All clear"."""
+    pytest.importorskip("llama_cpp")
+    from tiny_model import write_tiny_llama
+
+    model = write_tiny_llama(pytester.path / "u.gguf", n_ctx_train=1024, uniform_output=True)
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess(*_args(model, tiny_prompts, tiny_corpus, f"--refract-json={report}"),
+                                           timeout=300)
+    assert result.ret == 1, result.stdout.str()
+    data = json.loads(report.read_text())
+    assert data["gate"]["passed"] is False
+    assert any("cannot show cache damage" in r for r in data["gate"]["reasons"]), data["gate"]
+
+
+def test_vacuous_reasons_need_both_a_flat_reference_and_no_kld():
+    from pytest_refract.report.vacuous import vacuous_reasons
+
+    assert vacuous_reasons({"kld": {"ppl_ref": 332.0, "mean_kld": 0.0}}, 332)
+    assert not vacuous_reasons({"kld": {"ppl_ref": 349.7, "mean_kld": 0.0}}, 332)  # random weights, not flat
+    assert not vacuous_reasons({"kld": {"ppl_ref": 332.0, "mean_kld": 0.01}}, 332)  # damage shows
+    assert vacuous_reasons({"trajectory": {"score": 100.0, "mean_max_len": 1.0}}, 332)
+    assert not vacuous_reasons({"trajectory": {"score": 100.0, "mean_max_len": 8.0}}, 332)
+
+
+@pytest.mark.parametrize("pattern", ["{value}|", "|{value}", "{value}|.", "(?:{value})?", "{value}|\\d{4}"])
+def test_an_answer_pattern_matching_a_reply_without_the_value_is_refused(pytester, tiny_model, pattern):
+    line = _usage_error(pytester.runpytest_subprocess(f"--refract-model={tiny_model}",
+                                                      "--refract-candidate=ctk=q8_0,ctv=q8_0",
+                                                      f"--refract-rniah-answer={pattern}"))
+    assert "matches a reply that lacks the value" in line
+
+
+# --------------------------------------------------------------------------- 4. the baseline gate
+
+from pytest_refract.report.baseline import baseline_reasons, load_baseline, no_composite_reason  # noqa: E402
+
+_AXES = {"kld": {"score": 90.0}, "trajectory": {"score": 80.0}}
+
+
+def test_a_baseline_that_never_measured_this_candidate_fails():
+    matrix = {"candidates": [{"candidate": "ctk=q4_0,ctv=q4_0", "axes": _AXES, "composite": 85.0}]}
+    reasons = baseline_reasons(matrix, "ctk=q8_0,ctv=q8_0", _AXES, 85.0, 0.0)
+    assert reasons == ["--refract-baseline never measured ctk=q8_0,ctv=q8_0 (it holds ctk=q4_0,ctv=q4_0); "
+                       "a baseline gate needs a baseline of the same candidate"]
+    single = {"candidate": "ctk=q4_0,ctv=q4_0", "axes": _AXES, "composite": 85.0}
+    assert "measured ctk=q4_0,ctv=q4_0, not ctk=q8_0,ctv=q8_0" in baseline_reasons(single, "ctk=q8_0,ctv=q8_0",
+                                                                                  _AXES, 85.0, 0.0)[0]
+    assert baseline_reasons(single, "ctk=q4_0,ctv=q4_0", _AXES, 85.0, 0.0) == []
+
+
+def test_a_baseline_with_nothing_comparable_fails_and_other_settings_are_named():
+    base = {"candidate": "c", "axes": {"rniah": {"score": 90.0}}, "composite": None}
+    assert "no score comparable" in baseline_reasons(base, "c", _AXES, None, 2.0)[0]
+    base = {"candidate": "c", "axes": {"kld": {"score": 99.0}}, "composite": None, "settings": {"ctx": 512}}
+    reasons = baseline_reasons(base, "c", _AXES, None, 2.0, {"ctx": 64})
+    assert len(reasons) == 1 and "kld dropped 9.00" in reasons[0] and "ctx 512 there, 64 here" in reasons[0]
+
+
+@pytest.mark.parametrize("changes, said", [({"complete": False}, "interrupted run"),
+                                           ({"composite": None, "axes": {"kld": {"score": None}}}, "no score at all")])
+def test_an_interrupted_or_empty_baseline_is_refused(tmp_path, changes, said):
+    data = {"schema": "pytest-refract.report.v1", "composite": 90.0, "candidate": "c", "reference": "r",
+            "model": {"path": "m", "size_bytes": 1, "sha256_first_mib": "x"}, "axes": {"kld": {"score": 90.0}}}
+    data.update(changes)
+    path = tmp_path / "b.json"
+    path.write_text(json.dumps(data))
+    with pytest.raises(UsageProblem, match=said):
+        load_baseline(str(path), {"path": "m", "size_bytes": 1, "sha256_first_mib": "x"}, "r")
+
+
+def test_no_composite_with_nothing_scorable_names_why():
+    """Finding 12: the reason read "no composite:  could not be scored" with no axis name."""
+    line = no_composite_reason({"rniah": {"score": None, "status": "n/a", "error": "no cell could be scored"}})
+    assert line == "no composite: no axis had anything to score (rniah: no cell could be scored)"
+
+
+def test_rniah_alone_gives_no_chunks_note(inputs):
+    runner, _ = _run(_settings(*inputs, axes=("rniah",)))
+    assert runner.inputs.chunks_note is None
+
+
+# --------------------------------------------------------------------------- 11. inputs that block or never end
+
+import threading  # noqa: E402
+
+from pytest_refract.files import MAX_TEXT_BYTES  # noqa: E402
+from pytest_refract.inputs.data import load_corpus, load_prompts  # noqa: E402
+
+
+def _returns_within(seconds, call):
+    """call()'s exception or result, failing (not hanging) when it does not return in time."""
+    out = {}
+
+    def work():
+        try:
+            out["value"] = call()
+        except BaseException as exc:
+            out["error"] = exc
+
+    worker = threading.Thread(target=work, daemon=True)
+    worker.start()
+    worker.join(seconds)
+    assert not worker.is_alive(), "blocked"
+    return out
+
+
+@pytest.mark.parametrize("loader", ["prompts", "corpus", "haystack"])
+@pytest.mark.parametrize("kind", ["fifo", "device"])
+def test_an_input_that_is_no_regular_file_is_named_without_opening_it(tmp_path, loader, kind):
+    path = tmp_path / "in"
+    if kind == "fifo":
+        os.mkfifo(path)
+    else:
+        path = Path("/dev/zero")
+    call = {"prompts": lambda: load_prompts(path), "corpus": lambda: load_corpus(path),
+            "haystack": lambda: load_corpus(path, "haystack", "--refract-haystack")}[loader]
+    out = _returns_within(10, call)
+    assert isinstance(out.get("error"), UsageProblem), out
+    assert ("a FIFO" if kind == "fifo" else "a character device") in str(out["error"])
+
+
+def test_an_input_larger_than_the_bound_is_refused_without_reading_it_all(tmp_path):
+    big = tmp_path / "big.txt"
+    with open(big, "wb") as fh:
+        fh.truncate(MAX_TEXT_BYTES + 1)  # sparse: no disk used
+    with pytest.raises(UsageProblem, match="larger than 64 MiB"):
+        load_corpus(big)
+
+
+@pytest.mark.parametrize("template, said", [
+    ("{% for a in range(100000) %}{% for b in range(100000) %}{% endfor %}{% endfor %}{{ messages[0].content }}",
+     "range() items"),
+    ("{% for a in range(90000) %}{{ 'xxxxxxxxxxxxxxxxxxxx' }}{% endfor %}{{ messages[0].content }}", "characters"),
+    ("{% for a in 'x' * 100000 %}{% for b in 'x' * 100000 %}{% endfor %}{% endfor %}{{ messages[0].content }}",
+     "took over"),
+])
+def test_template_rendering_is_bounded(tiny_model, monkeypatch, template, said):
+    pytest.importorskip("llama_cpp")
+    from pytest_refract.engines import llamacpp
+    from pytest_refract.engines.base import TemplateProblem
+
+    monkeypatch.setattr(llamacpp, "TEMPLATE_SECONDS", 1.0)
+    engine = llamacpp.Engine(tiny_model, vocab_only=True)
+    try:
+        render = engine.user_turn_renderer(template)
+        out = _returns_within(20, lambda: render("hi"))
+    finally:
+        engine.close()
+    assert isinstance(out.get("error"), TemplateProblem) and said in str(out["error"]), out
+
+
+# --------------------------------------------------------------------------- 12. smaller ones
+
+from pytest_refract.report import schema  # noqa: E402
+
+
+@pytest.mark.parametrize("text, said", [
+    ('{"schema": "pytest-refract.report.v1", "composite": 1' + "0" * 400 + "}", "has 401 digits"),
+    ('{"schema": "pytest-refract.report.v1", "composite": 1e999}', "out of range"),
+    ('{"schema": "pytest-refract.report.v1", "x": ' + "[" * 5000 + "]" * 5000 + "}", "nested deeper"),
+    ('{"schema": "pytest-refract.report.v1", "x": ' + "[" * 40 + "]" * 40 + "}", "nested deeper"),
+])
+def test_reports_with_huge_numbers_or_deep_nesting_are_one_line(tmp_path, text, said):
+    path = tmp_path / "r.json"
+    path.write_text(text)
+    with pytest.raises(schema.ReportFileError, match=said):
+        schema.load_report(path)
+    run = subprocess.run([sys.executable, "-m", "pytest_refract", "compare", str(path), str(path)],
+                         capture_output=True, text=True, timeout=60)
+    assert run.returncode == 2 and "Traceback" not in run.stderr and said in run.stderr
+
+
+def test_a_lone_surrogate_in_a_prompt_is_one_line(tmp_path):
+    path = tmp_path / "p.jsonl"
+    path.write_text('{"id": "a", "prompt": "hi \\ud800 there"}\n')
+    with pytest.raises(UsageProblem, match=r"p.jsonl:1: prompt holds a lone surrogate"):
+        load_prompts(path)
+
+
+def test_a_blank_ini_model_is_a_usage_error_like_the_flag(pytester):
+    pytester.makeini("[pytest]\nrefract_model =\n")
+    line = _usage_error(pytester.runpytest_subprocess("--refract-candidate=ctk=q8_0,ctv=q8_0"))
+    assert "ini option refract_model is empty" in line
+
+
+def test_fa_on_spelled_out_is_the_same_candidate(pytester, tiny_model):
+    line = _usage_error(pytester.runpytest_subprocess(f"--refract-model={tiny_model}",
+                                                      "--refract-candidate=ctk=q8_0,ctv=q8_0",
+                                                      "--refract-candidate=ctk=q8_0,ctv=q8_0,fa=on"))
+    assert "is given twice" in line
+
+
+# --------------------------------------------------------------------------- 2. the cache types llama.cpp used
+
+from pytest_refract.engines.kvlog import CacheAllocation, KVFacts, check_cache_types, parse_log  # noqa: E402
+from pytest_refract.audit.runner import Runner  # noqa: E402
+from pytest_refract.axes import resolve  # noqa: E402
+
+FORK_WARNING = ("llama_kv_cache: auto-asymmetric: GQA ratio 6:1 (n_head=6, n_head_kv=1) — upgrading K from turbo4 "
+                "to q8_0 to prevent quality degradation. Disable with TURBO_AUTO_ASYMMETRIC=0")
+
+
+def test_check_cache_types_names_what_was_used_and_why():
+    facts = parse_log([(3, FORK_WARNING + "\n"),
+                       (2, "llama_kv_cache: size =    1.00 MiB (   256 cells,   2 layers,  1/1 seqs), "
+                           "K (q8_0):    0.50 MiB, V (turbo4):    0.50 MiB\n")])
+    line = check_cache_types(("turbo4", "turbo4"), facts, "--refract-candidate ctk=turbo4,ctv=turbo4")
+    assert line.startswith("--refract-candidate ctk=turbo4,ctv=turbo4: llama.cpp created a q8_0/turbo4 (K/V) cache, "
+                           "not the turbo4/turbo4 asked for (it changed K); llama.cpp logged: llama_kv_cache: "
+                           "auto-asymmetric")
+    assert "TURBO_AUTO_ASYMMETRIC=0" in line and "ctk=q8_0,ctv=turbo4" in line and "\n" not in line
+    assert check_cache_types(("q8_0", "turbo4"), facts, "x") is None
+    silent = KVFacts(caches=[CacheAllocation(256, "f16", 1.0, "q4_0", 1.0)])
+    assert "logged no reason" in check_cache_types(("q4_0", "q4_0"), silent, "x")
+    assert check_cache_types(("q4_0", "q4_0"), KVFacts(), "x") is None  # a build that logs no sizes
+
+
+@pytest.mark.parametrize("role, asked, flag", [("reference", "f16", "--refract-reference"),
+                                               ("control", "bf16", "--refract-sensitivity"),
+                                               ("candidate", "q4_0", "--refract-candidate"),
+                                               ("second candidate", "q8_0", "--refract-candidate")])
+def test_a_substituted_cache_type_is_refused_for_every_role(inputs, monkeypatch, role, asked, flag):
+    """Finding 2, on the fake engine: whichever context llama.cpp changes the types of, the
+    run stops before any item with one line naming what was used and why."""
+    monkeypatch.setattr(fake_engine, "SUBSTITUTE", {asked: ("q8_0" if asked != "q8_0" else "f16",
+                                                            f"fake: upgrading K from {asked}")})
+    s = _settings(*inputs, candidates=tuple(parse_kv_config(c) for c in ("ctk=q4_0,ctv=q4_0", "ctk=q8_0,ctv=q8_0")))
+    with pytest.raises(UsageProblem) as caught:
+        Runner(s, resolve(), engine_mod=fake_engine)
+    line = str(caught.value)
+    assert line.startswith(flag) and f"not the {asked}/" in line and f"fake: upgrading K from {asked}" in line
+
+
+def test_unsubstituted_types_still_run(inputs):
+    runner = Runner(_settings(*inputs), resolve(), engine_mod=fake_engine)
+    runner.close()
+
+
+from pytest_refract.engines.kvconfig import parse_kv_config  # noqa: E402
+
+
+def test_the_fork_upgrading_turbo4_on_a_gqa6_model_is_refused(pytester, tiny_prompts, tiny_corpus):
+    """Finding 2 on a real TurboQuant fork build (REFRACT_FORK_LIB): a tiny model with 6 query
+    heads per KV head, symmetric turbo4 asked for."""
+    lib = os.environ.get("REFRACT_FORK_LIB")
+    if not lib:
+        pytest.skip("REFRACT_FORK_LIB names no TurboQuant fork build")
+    from tiny_model import write_tiny_llama
+
+    model = write_tiny_llama(pytester.path / "gqa6.gguf", n_ctx_train=1024, n_embd=192, n_head=6, n_head_kv=1)
+    result = pytester.runpytest_subprocess(*_args(model, tiny_prompts, tiny_corpus)[:3],
+                                           "--refract-candidate=ctk=turbo4,ctv=turbo4", f"--refract-llama-lib={lib}",
+                                           "--refract-threads=1", "--refract-ctx=64", "--refract-chunks=1",
+                                           "--refract-n-predict=4", timeout=600)
+    line = _usage_error(result)
+    assert "llama.cpp created a q8_0/turbo4 (K/V) cache, not the turbo4/turbo4 asked for" in line, line
+    assert "auto-asymmetric" in line

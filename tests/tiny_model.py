@@ -56,7 +56,7 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
 def write_tiny_llama(path, *, n_ctx_train=2048, n_embd=64, n_head=2, n_head_kv=2,
                      n_layer=2, n_ff=128, seed=0, chat_template=None,
                      architecture="llama", nan_output=False, missing_tensor=None, head_count=None,
-                     n_vocab_kept=None) -> pathlib.Path:
+                     n_vocab_kept=None, uniform_output=False) -> pathlib.Path:
     """Write a tiny llama GGUF to `path` (a file, or a directory to put
     "tiny-llama.gguf" in) and return the file path.
 
@@ -67,6 +67,8 @@ def write_tiny_llama(path, *, n_ctx_train=2048, n_embd=64, n_head=2, n_head_kv=2
     name, e.g. "blk.1.ffn_up.weight") is left out and `head_count` replaces
     the written head count: files whose vocabulary loads but whose full load
     llama.cpp refuses. `n_vocab_kept` keeps only the first tokens.
+    `uniform_output` zeroes the output projection: every logit is 0, every
+    next token equally likely, whatever the cache holds.
     """
     assert n_embd % n_head == 0, "n_embd must be divisible by n_head"
     head_dim = n_embd // n_head
@@ -133,6 +135,8 @@ def write_tiny_llama(path, *, n_ctx_train=2048, n_embd=64, n_head=2, n_head_kv=2
     output = rand(n_vocab, n_embd)
     if nan_output:
         output[:] = np.nan
+    if uniform_output:
+        output[:] = 0.0
     w.add_tensor(name(T.OUTPUT), output)
     for i in range(n_layer):
         blk = {

@@ -125,7 +125,7 @@ class Runner:
         model's heads) is a usage error quoting llama.cpp; the rotation it applied and the cache
         sizes it allocated are read back from its log, and a rotation policy it did not honour
         is refused as well."""
-        from ..engines.kvlog import check_rotation
+        from ..engines.kvlog import check_cache_types, check_rotation
 
         self.kv_facts: Dict[str, object] = {}
         self.context_env: Dict[str, dict] = {}
@@ -138,6 +138,7 @@ class Runner:
                 raise UsageProblem(f"{flag} {exc}") from None
             quantized = tuple(t.name not in FLOAT_TYPES for t in self.types[role])
             problem = check_rotation(kv.rot, facts.rotation, quantized, f"{flag} {kv.label()}")
+            problem = problem or check_cache_types(tuple(t.name for t in self.types[role]), facts, f"{flag} {kv.label()}")
             if problem:
                 raise UsageProblem(problem)
             self.kv_facts[role] = facts
@@ -181,6 +182,7 @@ class Runner:
         if self._model_facts is None:
             self._model_facts = model_facts(self.info, self.model_path, self.engine.n_params)
             self._model_facts["sha256"] = self.reference.cache.identity["model"]["sha256"]  # None without a cache
+            self._model_facts["n_vocab"] = self.engine.n_vocab
         return dict(self._model_facts)
 
     def detokenize(self, tokens) -> str:
