@@ -735,3 +735,29 @@ def test_the_fork_upgrading_turbo4_on_a_gqa6_model_is_refused(pytester, tiny_pro
     line = _usage_error(result)
     assert "llama.cpp created a q8_0/turbo4 (K/V) cache, not the turbo4/turbo4 asked for" in line, line
     assert "auto-asymmetric" in line
+
+
+# --------------------------------------------------------------------------- 12. the cache marker
+
+
+def test_a_temp_marker_left_by_a_crash_or_a_concurrent_run_does_not_refuse_the_folder(tmp_path):
+    """Finding 12: a second first run saw the first one's temporary marker as a user's file
+    (1 in 7 tries), and a crash mid-write left one that refused the folder forever."""
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    (folder / "..pytest-refract-cache.abc123xy.tmp").write_text("")  # write_atomic's temp name
+    (folder / ".write-check.4242.tmp").write_text("")
+    assert prepare_cache_dir(folder) == folder and (folder / ".pytest-refract-cache").is_file()
+
+
+def test_concurrent_first_runs_on_a_fresh_folder_all_succeed(tmp_path):
+    script = ("import sys\nfrom pathlib import Path\nfrom pytest_refract.reference.cache import prepare_cache_dir\n"
+              "ok = 0\nfor i in range(20):\n"
+              "    d = Path(sys.argv[1]) / str(i)\n"
+              "    try:\n        ok += prepare_cache_dir(d) == d\n"
+              "    except Exception as exc:\n        print(exc)\nprint(ok)\n")
+    runs = [subprocess.Popen([sys.executable, "-c", script, str(tmp_path)], stdout=subprocess.PIPE,
+                             stderr=subprocess.PIPE, text=True) for _ in range(4)]
+    outs = [r.communicate(timeout=120) for r in runs]
+    assert all(r.returncode == 0 for r in runs), outs
+    assert [o[0].strip() for o in outs] == ["20"] * 4, [o[0] for o in outs]

@@ -72,6 +72,18 @@ def _is_our_namespace(path: Path) -> bool:
     return True
 
 
+# Files this cache writes at its top level besides entries: write_atomic's temp files of the
+# marker and the model index (another run may be writing one right now, or a crash left one),
+# the model index itself, and the writability probe.
+_SCRATCH_RE = re.compile(r"\.\.pytest-refract-cache\..+\.tmp|\.model-sha256\.json|\.\.model-sha256\.json\..+\.tmp"
+                         r"|\.write-check\.\d+\.tmp")
+
+
+def _is_our_scratch(path: Path) -> bool:
+    """By name only: another run's temp file may be renamed away between listing and a stat."""
+    return _SCRATCH_RE.fullmatch(path.name) is not None and not path.is_symlink()
+
+
 def _has_marker(directory: Path) -> bool:
     marker = directory / MARKER
     if not marker.is_file():
@@ -100,8 +112,10 @@ def prepare_cache_dir(directory: Path, clear: bool = False) -> Optional[Path]:
             _cache_warning(f"reference cache folder {directory} is not a folder")
             return None
         if directory.is_dir() and not _has_marker(directory):
-            foreign = [e.name for e in sorted(directory.iterdir()) if not _is_our_namespace(e)]
-            if foreign:
+            foreign = [e.name for e in sorted(directory.iterdir())
+                       if not (_is_our_namespace(e) or _is_our_scratch(e))]
+            # Asked again: another run may have renamed its marker into place since the first look.
+            if foreign and not _has_marker(directory):
                 shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
                 raise UsageProblem(
                     f"reference cache folder {directory} holds files pytest-refract did not write ({shown}) and no "
