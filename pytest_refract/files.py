@@ -10,12 +10,36 @@ from pathlib import Path
 from typing import Optional, Sequence, Union
 
 
+# The part of a target's name its temp file repeats: mkstemp adds 8 characters and ".tmp", and
+# a legal 250-byte name must still leave a legal temp name (255 bytes on most file systems).
+_TEMP_NAME_KEEP = 96
+
+
+def temp_prefix(target: Path) -> str:
+    """The prefix of write_atomic's temp file for ``target`` (the up-front writability check
+    creates exactly such a file)."""
+    return "." + target.name.encode("utf-8", "surrogateescape")[:_TEMP_NAME_KEEP].decode("utf-8", "ignore") + "."
+
+
+def resolved_target(path) -> Path:
+    """Where a write to ``path`` lands: through every symlink, so that the atomic rename
+    replaces the file a link points to and never the link itself (a /dev/stdout link
+    replaced by a regular file broke the system's stdout)."""
+    target = Path(path).expanduser()
+    return Path(os.path.realpath(target)) if target.is_symlink() else target
+
+
 def write_atomic(path, data: Union[str, bytes, Sequence[bytes]]) -> Path:
     """``data`` may be a list of byte strings, written one after another: a large payload
-    then need not be concatenated with its header in memory first."""
-    target = Path(path).expanduser()
+    then need not be concatenated with its header in memory first. Only a regular file (or
+    nothing) is ever replaced: a device, FIFO or socket at the path, or behind a symlink
+    there, is refused with OSError before anything is written."""
+    target = resolved_target(path)
+    kind = special_file_kind(target)
+    if kind or target.is_dir():
+        raise OSError(f"{target} is {kind or 'a folder'}; only a regular file is ever replaced")
     parts = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=str(target.parent))
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=str(target.parent))
     try:
         # mkstemp makes 0600 files; reports are artifacts others read, so honour the umask.
         umask = os.umask(0)
@@ -58,3 +82,67 @@ def special_file_kind(path) -> Optional[str]:
     if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
         return None
     return "not a regular file"
+
+
+def write_reports(outputs, fallback_dir: Optional[Path] = None):
+    """Write each report; a failure (a full disk, the folder removed mid-run, a name too long)
+    never loses a measured audit. ``outputs``: (option, path, make_text) triples; the text is
+    made once. Returns (option -> the path actually written or None, one line per failure
+    saying where the report could not go and where it went instead, if anywhere): the
+    fallback is ``fallback_dir`` (beside pytest's cache), under the report's own name."""
+    written, problems = {}, []
+    for option, path, make_text in outputs:
+        if not path:
+            continue
+        text = make_text()
+        try:
+            written[option] = write_atomic(path, text)
+            continue
+        except OSError as exc:
+            why = exc.strerror or str(exc)
+        written[option] = None
+        line = f"{option}={path} could not be written ({why})"
+        if fallback_dir is not None:
+            try:
+                Path(fallback_dir).mkdir(parents=True, exist_ok=True)
+                name = Path(path).name.encode("utf-8", "surrogateescape")[:_TEMP_NAME_KEEP].decode("utf-8", "ignore")
+                written[option] = write_atomic(Path(fallback_dir) / (name or "report"), text)
+                line += f"; written to {written[option]} instead"
+            except OSError as exc:
+                line += f"; nor beside pytest's cache ({exc.strerror or exc})"
+        problems.append(line)
+    return written, problems
+
+
+# Largest input files read whole (documented in the README's safety section): a prompt set,
+# a corpus or haystack, a report (baseline, compare). A read stops one byte past the bound, so
+# a device such as /dev/zero, or a file still growing, can never exhaust memory.
+MAX_PROMPTS_BYTES = 16 << 20
+MAX_TEXT_BYTES = 64 << 20
+MAX_REPORT_BYTES = 64 << 20
+
+
+def read_input(path, what: str, max_bytes: int, option: str = "") -> bytes:
+    """The bytes of an input file, checked as the model path is: a FIFO, device or socket is
+    named without being opened (opening a FIFO with no writer blocks forever), and a file
+    larger than ``max_bytes`` is refused. UsageProblem, one line, for every defect."""
+    from .errors import UsageProblem
+
+    p = Path(path).expanduser()
+    where = f" ({option})" if option else ""
+    kind = special_file_kind(p)
+    if kind:
+        raise UsageProblem(f"{what} path {p} is {kind}, not a regular file{where}; give a file on disk")
+    if not p.exists():
+        raise UsageProblem(f"{what} file not found: {p}{where}")
+    if p.is_dir():
+        raise UsageProblem(f"{what} path is a directory, not a file: {p}{where}")
+    try:
+        with open(p, "rb") as fh:
+            raw = fh.read(max_bytes + 1)
+    except OSError as exc:
+        raise UsageProblem(f"{what} file {p} cannot be read ({exc.strerror or exc}){where}") from None
+    if len(raw) > max_bytes:
+        raise UsageProblem(f"{what} file {p} is larger than {max_bytes >> 20} MiB, the most pytest-refract reads"
+                           f"{where}; give a smaller file")
+    return raw

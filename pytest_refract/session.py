@@ -274,18 +274,28 @@ class RefractSession:
         # its "custom" entries).
         self.config.hook.pytest_refract_report(report=self.report, config=self.config)
         self._write_files()
+        if self.write_problems:  # a report that was asked for and is not where it was asked
+            session.testsfailed += 1
 
     def _write_files(self) -> None:
-        from .files import write_atomic
+        from .files import write_reports
         from .report.jsonio import dumps
 
         s = self.runner.settings
-        if s.json_path:
-            write_atomic(s.json_path, dumps(self.report))
-        if s.html_path:
+
+        def html():
             from .report.html import render_html
 
-            write_atomic(s.html_path, render_html(self.report))
+            return render_html(self.report)
+
+        cache = getattr(self.config, "cache", None)
+        try:  # where a report goes when its own path fails late (see files.write_reports)
+            fallback = cache.mkdir("refract-reports") if cache is not None else None
+        except OSError:
+            fallback = None
+        self.written, self.write_problems = write_reports(
+            [("--refract-json", s.json_path, lambda: dumps(self.report)), ("--refract-html", s.html_path, html)],
+            fallback)
 
     def pytest_report_header(self, config):
         # What the run does differently from what was asked, said before anything runs.
@@ -296,7 +306,10 @@ class RefractSession:
             return
         from .report.terminal import render
 
-        render(terminalreporter, self.report, self.runner.settings.json_path, self.runner.axes)
+        written = getattr(self, "written", {})
+        render(terminalreporter, self.report, written.get("--refract-json"), self.runner.axes)
+        for line in getattr(self, "write_problems", []):
+            terminalreporter.write_line(f"refract: {line}", red=True, bold=True)
 
     def pytest_unconfigure(self, config):
         self.runner.close()

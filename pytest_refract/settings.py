@@ -56,6 +56,8 @@ OPTIONS = (
     ("gate", "string", "calibrated", "what the gate compares with --refract-fail-under: calibrated (the composite "
                                      "beyond the control's drift, default) or raw (the seed-defined composite)"),
 )
+# The ini default of options without one: tells a key that is absent from one set blank.
+_UNSET = "\x00unset"
 OPTION_DEFAULTS = {name: default for name, _type, default, _help in OPTIONS}
 FLAGS = (("floor", "also measure reference vs reference (a second context) to show the noise floor"),
          ("no-cache", "do not read or write the reference cache"),
@@ -77,7 +79,7 @@ def register(parser) -> None:
             parser.addini(dest, help_text, type="linelist", default=[])
             continue
         group.addoption(f"--refract-{name}", dest=dest, default=None, help=help_text)
-        parser.addini(dest, help_text, type=ini_type, default=default)
+        parser.addini(dest, help_text, type=ini_type, default=_UNSET if default is None else default)
     for name, help_text in FLAGS:
         dest = "refract_" + name.replace("-", "_")
         group.addoption(f"--refract-{name}", dest=dest, action="store_true", default=None, help=help_text)
@@ -96,6 +98,12 @@ def _get(config, name: str):
             value = config.getini(dest)
         except (ValueError, pytest.UsageError) as exc:  # a bool ini key whose value is no truth value
             raise UsageProblem(f"ini option {dest}: {exc}; use true or false") from None
+        if value == _UNSET:
+            return None  # the key is not in the ini file
+        if isinstance(value, str) and not value.strip() and name in OPTION_DEFAULTS:
+            # `refract_model =` must not quietly mean "no audit" (or a default) when
+            # `--refract-model=` is an error.
+            raise UsageProblem(f"ini option {dest} is empty; give a value or remove the line")
     if isinstance(value, str):
         value = value.strip()
         return value or None
@@ -252,10 +260,11 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         fa = explicit.pop()
         reference = replace(reference, fa=fa)
         candidates = [replace(c, fa=fa) for c in candidates]
-    labels = [c.label() for c in candidates]
-    duplicate = next((l for l in labels if labels.count(l) > 1), None)
+    # Compared as configs, not as their text: fa=on spelled out is the default it names.
+    duplicate = next((c for i, c in enumerate(candidates) if c in candidates[:i]), None)
     if duplicate:
-        raise UsageProblem(f"--refract-candidate {duplicate} is given twice")
+        raise UsageProblem(f"--refract-candidate {duplicate.label()} is given twice (as "
+                           f"{' and '.join(t for t, c in zip(candidate_texts, candidates) if c == duplicate)})")
 
     if _get(config, "full"):
         axes = known
@@ -445,9 +454,22 @@ def _rniah_settings(config) -> dict:
     try:
         import re
 
-        re.compile(answer.replace("{value}", "0"))
+        compiled = re.compile(answer.replace("{value}", re.escape("4817")), re.IGNORECASE)
     except re.error as exc:
         raise UsageProblem(f"--refract-rniah-answer is not a valid regex: {exc}") from None
+    # A pattern that matches a reply without the value (the empty reply, a refusal) scores
+    # every trial found: the axis would measure nothing.
+    for reply in ("", " ", "I do not know the magic number.", "The answer is 1234."):
+        if compiled.search(reply):
+            raise UsageProblem(f"--refract-rniah-answer={answer!r} matches a reply that lacks the value "
+                               f"({reply!r}), so every trial would count as found; make {{value}} required")
+    for name, text in (("rniah-needle", needle), ("rniah-answer", answer),
+                       ("rniah-question", _get(config, "rniah-question") or "")):
+        try:
+            text.encode("utf-8")
+        except UnicodeEncodeError:
+            # Bytes that are not UTF-8 on the command line arrive as lone surrogates.
+            raise UsageProblem(f"--refract-{name} holds bytes that are not UTF-8 text; give UTF-8") from None
     values = (_get(config, "rniah-values") or "numbers").lower()
     if values not in ("numbers", "words"):
         raise UsageProblem("--refract-rniah-values must be numbers or words")

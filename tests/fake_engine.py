@@ -26,6 +26,9 @@ BOS, EOS = 1, 2
 TYPES = {"f32": (0, 32, 1, 4.0, 0.0), "f16": (1, 16, 1, 2.0, 0.0), "bf16": (30, 16, 1, 2.0, 0.002),
          "q8_0": (8, 8, 32, 34 / 32, 0.01), "q4_0": (2, 4, 32, 18 / 32, 0.6)}
 N_LAYER, N_HEAD_KV, HEAD = 2, 2, 32
+# Requested K type -> (the K type the fake "llama.cpp" creates instead, the warning it logs):
+# a build that substitutes a cache type, as the TurboQuant fork does on a GQA >= 6 model.
+SUBSTITUTE: Dict[str, Tuple[str, str]] = {}
 
 
 def cache_types() -> Dict[str, CacheType]:
@@ -33,7 +36,10 @@ def cache_types() -> Dict[str, CacheType]:
 
 
 def _spec(type_id: int):
-    return next(spec for spec in TYPES.values() if spec[0] == type_id)
+    spec = next((spec for spec in TYPES.values() if spec[0] == type_id), None)
+    if spec is None:  # as the llama.cpp engine says of a type outside its table
+        raise ValueError(f"ggml type {type_id} is not a type this llama.cpp build knows")
+    return spec
 
 
 def row_size(type_id: int, n: int) -> int:
@@ -97,8 +103,10 @@ class Engine:
             raise ContextRefused(f"fake engine refused a context for {kv.label()}: no per-side rotation")
         cells = settings.n_ctx
         per_side = [row_size(t.ggml_type, N_HEAD_KV * HEAD) * N_LAYER * cells / 2**20 for t in types]
+        k_type, warning = SUBSTITUTE.get(types[0].name, (types[0].name, None))
         facts = KVFacts(rotation_k=False, rotation_v=False,
-                        caches=[CacheAllocation(cells, types[0].name, per_side[0], types[1].name, per_side[1])])
+                        caches=[CacheAllocation(cells, k_type, per_side[0], types[1].name, per_side[1])],
+                        warnings=[warning] if warning else [])
         return facts, {}
 
     def drop_context(self, role: str) -> None:

@@ -89,7 +89,8 @@ def test_duplicate_candidate_is_a_usage_error(pytester, tiny_model, tiny_prompts
                                                       "--refract-candidate=ctk=q8_0,ctv=q8_0",
                                                       "--refract-candidate=ctv=q8_0,ctk=q8_0"))
     assert result.ret == 4
-    result.stderr.fnmatch_lines(["ERROR: --refract-candidate ctk=q8_0,ctv=q8_0 is given twice"])
+    result.stderr.fnmatch_lines(["ERROR: --refract-candidate ctk=q8_0,ctv=q8_0 is given twice (as ctk=q8_0,ctv=q8_0 and "
+                                 "ctv=q8_0,ctk=q8_0)"])
 
 
 def test_matrix_under_xdist_loadgroup_matches_serial(pytester, tiny_model, tiny_prompts, tiny_corpus):

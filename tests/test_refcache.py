@@ -50,19 +50,20 @@ def test_kld_against_16bit_reference_is_within_half_a_percent():
 
 
 def test_store_load_roundtrip_and_corruption_detection(tmp_path):
+    # A kind without a content schema (see cache.check_entry): any arrays round-trip.
     cache = ReferenceCache(tmp_path, {"model": "x"})
-    key = cache.key("kld", [1, 2, 3])
-    assert cache.load("kld", key) is None and cache.misses == 1
-    cache.store("kld", key, {"a": np.arange(10)}, {"note": "hi"})
-    entry = cache.load("kld", key)
+    key = cache.key("scratch", [1, 2, 3])
+    assert cache.load("scratch", key) is None and cache.misses == 1
+    cache.store("scratch", key, {"a": np.arange(10)}, {"note": "hi"})
+    entry = cache.load("scratch", key)
     assert entry["meta"] == {"note": "hi"} and entry["arrays"]["a"].tolist() == list(range(10))
     assert cache.hits == 1
     mixed = {"q": np.arange(12, dtype=np.uint16).reshape(3, 4), "scale": np.array([0.5, 1.5, 2.5], dtype=np.float32),
              "tokens": np.array([7, -1], dtype=np.int64), "empty": np.zeros((0, 4), dtype=np.float32)}
-    cache.store("kld", key, mixed)
-    back = cache.load("kld", key)["arrays"]
+    cache.store("scratch", key, mixed)
+    back = cache.load("scratch", key)["arrays"]
     assert all(back[k].dtype == v.dtype and back[k].shape == v.shape and np.array_equal(back[k], v) for k, v in mixed.items())
-    path = next((tmp_path / cache.namespace / "kld").iterdir())
+    path = next((tmp_path / cache.namespace / "scratch").iterdir())
     damages = [
         (lambda b: b[:-7], "checksum mismatch"),
         (lambda b: b[:-1] + bytes([b[-1] ^ 0xFF]), "checksum mismatch"),  # last payload byte
@@ -70,16 +71,16 @@ def test_store_load_roundtrip_and_corruption_detection(tmp_path):
         (lambda b: b[:12], "truncated header"),
     ]
     for damage, why in damages:
-        cache.store("kld", key, {"a": np.arange(10)})
+        cache.store("scratch", key, {"a": np.arange(10)})
         path.write_bytes(damage(path.read_bytes()))
         with pytest.warns(RefCacheWarning, match=f"rejected \\({why}"):
-            assert cache.load("kld", key) is None
+            assert cache.load("scratch", key) is None
         assert not path.exists()  # a bad entry is removed, then recomputed by the caller
-    other = cache.key("kld", [1, 2, 4])
-    cache.store("kld", key, {"a": np.arange(3)})
+    other = cache.key("scratch", [1, 2, 4])
+    cache.store("scratch", key, {"a": np.arange(3)})
     path.rename(path.with_name(f"{other[:40]}.rfc"))  # an entry under the wrong key
     with pytest.warns(RefCacheWarning, match="another key"):
-        assert cache.load("kld", other) is None
+        assert cache.load("scratch", other) is None
 
 
 def test_keys_depend_on_identity_and_content(tmp_path):
@@ -171,13 +172,14 @@ def test_compressed_rows_hold_exactly_the_16bit_rows():
 
 @pytest.mark.parametrize("size", [10, (1 << 20) - 1, (3 << 20) + 12345])
 def test_model_identity_value_is_pinned(tmp_path, size):
-    """The cache namespace hashes this identity: any change to its value silently invalidates
-    every user's cache, so it is pinned to the bytes it has always hashed (the first MiB, the
-    MiB around the middle and the last MiB, in that order, overlapping in small files)."""
+    """The cache namespace hashes this identity: any change to its value invalidates every
+    user's cache, so it is pinned: the size and the sha256 of every byte of the file (issue
+    22: the first, middle and last MiB it used to sample missed edits elsewhere), or no hash
+    without a cache folder to remember it in."""
     data = os.urandom(size)
     path = tmp_path / "model.gguf"
     path.write_bytes(data)
-    mib = 1 << 20
-    middle = max(0, size // 2 - mib // 2)
-    samples = data[:mib] + data[middle:middle + mib] + data[max(0, size - mib):][:mib]
-    assert model_identity(path) == {"size": size, "sample_sha256": hashlib.sha256(samples).hexdigest()}
+    folder = tmp_path / "cache"
+    folder.mkdir()
+    assert model_identity(path, folder) == {"size": size, "sha256": hashlib.sha256(data).hexdigest()}
+    assert model_identity(path) == {"size": size, "sha256": None}

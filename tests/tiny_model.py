@@ -55,14 +55,20 @@ def _vocab() -> tuple[list[str], list[float], list[int]]:
 
 def write_tiny_llama(path, *, n_ctx_train=2048, n_embd=64, n_head=2, n_head_kv=2,
                      n_layer=2, n_ff=128, seed=0, chat_template=None,
-                     architecture="llama", nan_output=False) -> pathlib.Path:
+                     architecture="llama", nan_output=False, missing_tensor=None, head_count=None,
+                     n_vocab_kept=None, uniform_output=False) -> pathlib.Path:
     """Write a tiny llama GGUF to `path` (a file, or a directory to put
     "tiny-llama.gguf" in) and return the file path.
 
     `architecture` goes into general.architecture and prefixes the hyper-
     parameter keys; an unknown name yields a file llama.cpp refuses to load.
     `nan_output` fills the output projection with NaN: every logit is NaN,
-    as with a GGUF whose weights are corrupt.
+    as with a GGUF whose weights are corrupt. `missing_tensor` (a tensor
+    name, e.g. "blk.1.ffn_up.weight") is left out and `head_count` replaces
+    the written head count: files whose vocabulary loads but whose full load
+    llama.cpp refuses. `n_vocab_kept` keeps only the first tokens.
+    `uniform_output` zeroes the output projection: every logit is 0, every
+    next token equally likely, whatever the cache holds.
     """
     assert n_embd % n_head == 0, "n_embd must be divisible by n_head"
     head_dim = n_embd // n_head
@@ -77,6 +83,8 @@ def write_tiny_llama(path, *, n_ctx_train=2048, n_embd=64, n_head=2, n_head_kv=2
     path.parent.mkdir(parents=True, exist_ok=True)
 
     tokens, scores, types = _vocab()
+    if n_vocab_kept is not None:
+        tokens, scores, types = tokens[:n_vocab_kept], scores[:n_vocab_kept], types[:n_vocab_kept]
     n_vocab = len(tokens)
 
     # The writer prefixes arch-specific keys ("<arch>.context_length", ...)
@@ -88,7 +96,7 @@ def write_tiny_llama(path, *, n_ctx_train=2048, n_embd=64, n_head=2, n_head_kv=2
     w.add_embedding_length(n_embd)
     w.add_block_count(n_layer)
     w.add_feed_forward_length(n_ff)
-    w.add_head_count(n_head)
+    w.add_head_count(n_head if head_count is None else head_count)
     w.add_head_count_kv(n_head_kv)
     w.add_layer_norm_rms_eps(1e-5)
     w.add_rope_dimension_count(head_dim)
@@ -127,6 +135,8 @@ def write_tiny_llama(path, *, n_ctx_train=2048, n_embd=64, n_head=2, n_head_kv=2
     output = rand(n_vocab, n_embd)
     if nan_output:
         output[:] = np.nan
+    if uniform_output:
+        output[:] = 0.0
     w.add_tensor(name(T.OUTPUT), output)
     for i in range(n_layer):
         blk = {
@@ -141,7 +151,8 @@ def write_tiny_llama(path, *, n_ctx_train=2048, n_embd=64, n_head=2, n_head_kv=2
             T.FFN_DOWN: rand(n_embd, n_ff),
         }
         for kind, arr in blk.items():
-            w.add_tensor(name(kind, i), arr)
+            if name(kind, i) != missing_tensor:
+                w.add_tensor(name(kind, i), arr)
 
     w.write_header_to_file()
     w.write_kv_data_to_file()

@@ -42,7 +42,7 @@ class Runner:
         self.model_path = data.resolve_model(settings.model)
         self.info = read_gguf(self.model_path)
         check_outputs({"--refract-json": settings.json_path, "--refract-html": settings.html_path},
-                      input_files(settings, self.model_path))
+                      input_files(settings, self.model_path), settings.cache_dir)
         from ..reference.cache import prepare_cache_dir
 
         # Only ever a folder this cache marked as its own, cleared of its own entries only;
@@ -91,7 +91,7 @@ class Runner:
         from ..reference.store import ReferenceSide, ReferenceStore
 
         identity = ReferenceStore.identity(self.model_path, settings, self.build_info(), self.context_env["reference"],
-                                           self.rotation("reference"))
+                                           self.rotation("reference"), cache_dir)
         side = ReferenceSide(
             greedy=lambda prompts, n_predict, on_row=None: self.greedy(Role.REFERENCE, prompts, n_predict, on_row),
             context=lambda: self.context(Role.REFERENCE), decode_width=self.decode_width,
@@ -139,7 +139,7 @@ class Runner:
         model's heads) is a usage error quoting llama.cpp; the rotation it applied and the cache
         sizes it allocated are read back from its log, and a rotation policy it did not honour
         is refused as well."""
-        from ..engines.kvlog import check_rotation
+        from ..engines.kvlog import check_cache_types, check_rotation
 
         self.kv_facts: Dict[str, object] = {}
         self.context_env: Dict[str, dict] = {}
@@ -152,6 +152,7 @@ class Runner:
                 raise UsageProblem(f"{flag} {exc}") from None
             quantized = tuple(t.name not in FLOAT_TYPES for t in self.types[role])
             problem = check_rotation(kv.rot, facts.rotation, quantized, f"{flag} {kv.label()}")
+            problem = problem or check_cache_types(tuple(t.name for t in self.types[role]), facts, f"{flag} {kv.label()}")
             if problem:
                 raise UsageProblem(problem)
             self.kv_facts[role] = facts
@@ -194,6 +195,8 @@ class Runner:
 
         if self._model_facts is None:
             self._model_facts = model_facts(self.info, self.model_path, self.engine.n_params)
+            self._model_facts["sha256"] = self.reference.cache.identity["model"]["sha256"]  # None without a cache
+            self._model_facts["n_vocab"] = self.engine.n_vocab
         return dict(self._model_facts)
 
     def detokenize(self, tokens) -> str:
@@ -204,7 +207,10 @@ class Runner:
     @property
     def engine(self):
         if self._engine is None:
-            self._engine = self.engine_mod.Engine(self.model_path, n_gpu_layers=self.settings.gpu_layers)
+            try:
+                self._engine = self.engine_mod.Engine(self.model_path, n_gpu_layers=self.settings.gpu_layers)
+            except MeasurementError as exc:  # the full load is refused though the vocabulary loaded: one line
+                raise UsageProblem(f"{exc}; the vocabulary loaded, so its weights or hyperparameters are at fault") from None
             self._engine.on_decoded = self.progress.decoded
             self.inputs.tokenizer = self._engine
         return self._engine

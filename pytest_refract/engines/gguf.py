@@ -22,6 +22,11 @@ _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<
 _STRING, _ARRAY = 8, 9
 # Arrays longer than this are skipped rather than kept (token lists, merges): we only need sizes.
 _KEEP_ARRAY_MAX = 64
+# Arrays of arrays deeper than this are not a model's metadata (no GGUF writer nests them), and
+# each level costs a Python stack frame.
+_MAX_NESTING = 8
+# ggml tensors have at most 4 dimensions (GGML_MAX_DIMS).
+_MAX_DIMS = 4
 
 
 class _Truncated(Exception):
@@ -48,7 +53,9 @@ class _Reader:
             raise _Truncated()
         return self.read(n).decode("utf-8", errors="replace")
 
-    def value(self, vtype: int):
+    def value(self, vtype: int, depth: int = 0):
+        if depth > _MAX_NESTING:
+            raise ValueError(f"metadata arrays nested deeper than {_MAX_NESTING} levels")
         if vtype in _SCALARS:
             return self.scalar(_SCALARS[vtype])
         if vtype == _STRING:
@@ -63,7 +70,7 @@ class _Reader:
                 if self.fh.tell() > self.size:
                     raise _Truncated()
                 return _SkippedArray(count)
-            items = [self.value(item_type) for _ in range(count)]
+            items = [self.value(item_type, depth + 1) for _ in range(count)]
             return items if count <= _KEEP_ARRAY_MAX else _SkippedArray(count)
         raise ValueError(f"unknown GGUF value type {vtype}")
 
@@ -100,7 +107,7 @@ class GGUFInfo:
 
     @property
     def n_ctx_train(self) -> Optional[int]:
-        value = self.arch_key("context_length")
+        value = self.arch_key("context_length")  # a whole number when present: see _check_metadata
         return int(value) if value is not None else None
 
     @property
@@ -153,6 +160,8 @@ def read_gguf(path) -> GGUFInfo:
             for _ in range(n_tensors):
                 name = reader.string()
                 n_dims = reader.scalar("<I")
+                if n_dims > _MAX_DIMS:
+                    raise ValueError(f"tensor {name!r} claims {n_dims} dimensions (ggml has at most {_MAX_DIMS})")
                 dims = [reader.scalar("<Q") for _ in range(n_dims)]
                 ttype = reader.scalar("<I")
                 offset = reader.scalar("<Q")
@@ -161,22 +170,72 @@ def read_gguf(path) -> GGUFInfo:
             raise UsageProblem(f"truncated GGUF file (header ends early): {p}") from None
         except (ValueError, struct.error) as exc:
             raise UsageProblem(f"corrupt GGUF header in {p}: {exc}") from None
-        alignment = int(metadata.get("general.alignment", 32) or 32)
+        _check_metadata(metadata, p)
+        alignment = metadata.get("general.alignment", 32)
         pos = fh.tell()
         data_offset = (pos + alignment - 1) // alignment * alignment
     return GGUFInfo(p, size, version, metadata, n_tensors, tensors, data_offset)
+
+
+# Metadata this package reads as numbers: key suffix (after "<arch>.") -> whether a per-layer
+# list of whole numbers is allowed, and the smallest value allowed (a recurrent model has 0 heads).
+_NUMERIC_KEYS = {"context_length": (False, 1), "embedding_length": (False, 1), "block_count": (False, 1),
+                 "attention.head_count": (True, 0), "attention.head_count_kv": (True, 0),
+                 "attention.key_length": (False, 1), "attention.value_length": (False, 1)}
+_MAX_WHOLE = (1 << 32) - 1  # llama.cpp reads these keys as uint32
+
+
+def _whole(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_metadata(metadata: Dict[str, Any], path: Path) -> None:
+    """One line for a metadata value this package would read as a number but is not one in
+    range (a string or NaN context_length, head_count as a list of strings, an alignment of
+    0.5): never a traceback later."""
+    def shown(value) -> str:
+        text = f"{value!r}" if not isinstance(value, _SkippedArray) else f"an array of {value.length} items"
+        return text if len(text) <= 40 else text[:37] + "..."
+
+    arch = metadata.get("general.architecture", "unknown")
+    if not isinstance(arch, str):
+        raise UsageProblem(f"corrupt GGUF metadata in {path}: general.architecture is {shown(arch)}, not a name")
+    alignment = metadata.get("general.alignment", 32)
+    if not (_whole(alignment) and 0 < alignment <= (1 << 30) and alignment & (alignment - 1) == 0):
+        raise UsageProblem(f"corrupt GGUF metadata in {path}: general.alignment is {shown(alignment)}, "
+                           "not a power of two")
+    for suffix, (per_layer, lowest) in _NUMERIC_KEYS.items():
+        key = f"{arch}.{suffix}"
+        value = metadata.get(key)
+        if value is None:
+            continue
+        if per_layer and isinstance(value, list):
+            if all(_whole(v) and 0 <= v <= _MAX_WHOLE for v in value) and any(v >= max(lowest, 1) for v in value):
+                continue
+        elif _whole(value) and lowest <= value <= _MAX_WHOLE:
+            continue
+        raise UsageProblem(f"corrupt GGUF metadata in {path}: {key} is {shown(value)}, not a whole number "
+                           f"from {lowest} to {_MAX_WHOLE}{' (or a list of them per layer)' if per_layer else ''}")
 
 
 def expected_data_end(info: GGUFInfo, row_size) -> int:
     """Byte offset where the last tensor's data ends; ``row_size(ggml_type, n)`` is ggml's own
     row-size function so that every quantization format is sized correctly."""
     end = info.data_offset
-    for _name, dims, ttype, offset in info.tensors:
+    for name, dims, ttype, offset in info.tensors:
         n_per_row = dims[0] if dims else 1
         n_rows = 1
         for d in dims[1:]:
             n_rows *= d
-        end = max(end, info.data_offset + offset + row_size(ttype, n_per_row) * n_rows)
+        if n_per_row * n_rows >= 1 << 62:
+            raise UsageProblem(f"corrupt GGUF tensor table in {info.path}: tensor {name!r} has dimensions {dims}")
+        try:
+            # row_size validates ttype against the build's ggml type table before any C call:
+            # ggml's own functions do no bounds check (type 4, a removed slot, divides by zero).
+            size = row_size(ttype, n_per_row)
+        except ValueError as exc:
+            raise UsageProblem(f"corrupt GGUF tensor table in {info.path}: tensor {name!r}: {exc}") from None
+        end = max(end, info.data_offset + offset + size * n_rows)
     return end
 
 
@@ -192,6 +251,23 @@ def sampled_sha256(path, offsets, n_bytes: int = MIB) -> str:
         for offset in offsets:
             fh.seek(offset)
             h.update(fh.read(n_bytes))
+    return h.hexdigest()
+
+
+def file_sha256(path, block: int = 8 * MIB) -> str:
+    """sha256 of the whole file, read in blocks into one reused buffer (memory stays ``block``
+    bytes whatever the file's size). The model's identity for the reference cache: an edit
+    anywhere, even in bytes no sample would read, changes it. See cache.model_identity for how
+    a warm run avoids re-reading."""
+    h = hashlib.sha256()
+    buf = bytearray(block)
+    view = memoryview(buf)
+    with open(path, "rb", buffering=0) as fh:
+        while True:
+            n = fh.readinto(buf)
+            if not n:
+                break
+            h.update(view[:n])
     return h.hexdigest()
 
 

@@ -29,8 +29,8 @@ _POLICY_ENV: Dict[str, Dict[str, str]] = {
     "kv": {"LLAMA_ATTN_ROT_K_OVERRIDE": "1", "LLAMA_ATTN_ROT_V_OVERRIDE": "1"},
 }
 # Every variable of these families in effect at context creation goes into the report: any of
-# them may change llama.cpp's numbers.
-_RECORDED_ENV = re.compile(r"^(LLAMA_|GGML_)")
+# them may change llama.cpp's numbers (TURBO_*: the TurboQuant fork's, e.g. TURBO_AUTO_ASYMMETRIC).
+_RECORDED_ENV = re.compile(r"^(LLAMA_|GGML_|TURBO_)")
 
 
 def rotation_env(policy: str) -> Dict[str, Optional[str]]:
@@ -62,6 +62,7 @@ class KVFacts:
     rotation_v: Optional[bool] = None
     caches: List[CacheAllocation] = field(default_factory=list)
     errors: List[str] = field(default_factory=list)
+    warnings: List[str] = field(default_factory=list)
 
     @property
     def rotation(self) -> Optional[dict]:
@@ -95,6 +96,8 @@ def parse_log(lines: Iterable[Tuple[int, str]]) -> KVFacts:
                     facts.rotation_v = bool(facts.rotation_v) or on
             if level == 4 and line.strip():  # GGML_LOG_LEVEL_ERROR
                 facts.errors.append(line.strip())
+            elif level == 3 and line.strip():  # GGML_LOG_LEVEL_WARN: e.g. a cache type changed
+                facts.warnings.append(line.strip())
     return facts
 
 
@@ -159,3 +162,25 @@ def describe_rotation(rotation: Optional[dict]) -> str:
         return "rotation unknown"
     on = [s.upper() for s in ("k", "v") if rotation[s]]
     return f"rotated {'+'.join(on)}" if on else "no rotation"
+
+
+def check_cache_types(requested: Tuple[str, str], facts: KVFacts, label: str) -> Optional[str]:
+    """One line when a cache llama.cpp created holds other types than ``requested`` (K, V),
+    else None. The TurboQuant fork, for one, silently upgrades a symmetric turbo K to q8_0 on
+    a model whose GQA ratio is 6 or more: measured under the requested name, that would label
+    one configuration with another's. The line names what was used and llama.cpp's reason
+    (a warning of the creation naming either type), if it logged one. A build that logs no
+    cache sizes cannot be checked here (None)."""
+    for cache in facts.caches:
+        used = (cache.k_type, cache.v_type)
+        if used == tuple(requested):
+            continue
+        sides = [side for side, want, got in zip("KV", requested, used) if want != got]
+        names = {n.lower() for n in (*requested, *used)}
+        reason = next((w for w in facts.warnings if any(n in w.lower() for n in names)), None)
+        why = f"; llama.cpp logged: {' '.join(reason.split())}" if reason else "; llama.cpp logged no reason"
+        return (f"{label}: llama.cpp created a {used[0]}/{used[1]} (K/V) cache, not the {requested[0]}/{requested[1]} "
+                f"asked for (it changed {' and '.join(sides)}){why}. A config is never measured under another's "
+                f"name: ask for ctk={used[0]},ctv={used[1]} to measure what this build uses, or keep it from "
+                "changing the types")
+    return None

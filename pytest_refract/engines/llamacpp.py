@@ -176,6 +176,62 @@ def system_info() -> str:
         return ""
 
 
+# --------------------------------------------------------------------------- chat templates
+
+# Bounds on rendering a chat template (a file's own code): items its range() loops may produce
+# per render, seconds per render, characters of the rendered turn. A real template renders a
+# user turn in milliseconds, to a few hundred characters plus the content.
+TEMPLATE_MAX_LOOP_ITEMS = 100_000
+TEMPLATE_SECONDS = 10.0
+TEMPLATE_MAX_CHARS = 1 << 20
+
+
+class _TemplateBudget(Exception):
+    pass
+
+
+def _bound_template_loops(formatter) -> list:
+    """Give the template a range() that counts what all its loops draw from it in one render
+    (Jinja2's sandbox only caps each range at 100k items: nested, 100k x 100k never ends).
+    Returns the budget cell render() resets."""
+    budget = [TEMPLATE_MAX_LOOP_ITEMS]
+    env = getattr(getattr(formatter, "_environment", None), "environment", None)
+    if env is None:
+        return budget  # another llama-cpp-python layout: the time bound still holds
+    inner = env.globals.get("range", range)
+
+    def counted(*args):
+        items = inner(*args)
+        budget[0] -= len(items)
+        if budget[0] < 0:
+            raise _TemplateBudget(f"its loops draw more than {TEMPLATE_MAX_LOOP_ITEMS} range() items for one turn")
+        return items
+
+    env.globals["range"] = counted
+    return budget
+
+
+def _bounded_render(call):
+    """``call()`` in a daemon thread, waited for TEMPLATE_SECONDS: a template that does not
+    finish is a TemplateProblem (its thread is abandoned; the run then stops at configure)."""
+    out: dict = {}
+
+    def work():
+        try:
+            out["text"] = call()
+        except BaseException as exc:  # reported below, in the caller's thread
+            out["error"] = exc
+
+    worker = threading.Thread(target=work, name="refract-template", daemon=True)
+    worker.start()
+    worker.join(TEMPLATE_SECONDS)
+    if worker.is_alive():
+        raise TemplateProblem(TimeoutError(f"rendering one user turn took over {TEMPLATE_SECONDS:g} s"))
+    if "error" in out:
+        raise TemplateProblem(out["error"]) from None
+    return out["text"]
+
+
 # --------------------------------------------------------------------------- ggml type table
 
 
@@ -209,6 +265,8 @@ class _TypeTraits(ctypes.Structure):
 
 _CACHE_TYPES: Optional[Dict[str, CacheType]] = None
 _ROW_SIZE = None
+# type id -> block size of every type the loaded ggml build has a layout for (tensors too).
+_BLOCK_SIZES: Dict[int, int] = {}
 # Integer and deprecated slots in ggml's enum are not storage formats for a KV cache.
 _NOT_CACHE_TYPES = {"i8", "i16", "i32", "i64", "f64", "none", "deprecated", "q8_1", "q8_k"}
 _TYPE_NAME_RE = re.compile(r"^[a-z0-9_]{2,16}$")
@@ -262,6 +320,7 @@ def cache_types() -> Dict[str, CacheType]:
             traits = lib.ggml_get_type_traits(type_id).contents
             if traits.blck_size <= 0 or traits.type_size <= 0 or not traits.type_name:
                 continue  # removed slots of the enum
+            _BLOCK_SIZES[type_id] = int(traits.blck_size)
             if traits.type_name != b"f32" and (not traits.from_float_ref or not traits.to_float):
                 continue  # a type nothing can write into (e.g. needs an importance matrix)
             name = traits.type_name.decode("ascii", errors="replace").strip().lower()
@@ -274,8 +333,15 @@ def cache_types() -> Dict[str, CacheType]:
 
 
 def row_size(type_id: int, n: int) -> int:
-    """Bytes of one row of ``n`` values stored as ggml type ``type_id``."""
+    """Bytes of one row of ``n`` values stored as ggml type ``type_id``. ValueError for a type
+    this build's table does not have, or a row its blocks cannot tile: ggml_row_size itself
+    checks neither (a removed type has block size 0: SIGFPE; 2**31-1 reads past the table)."""
     cache_types()
+    block = _BLOCK_SIZES.get(type_id)
+    if block is None:
+        raise ValueError(f"ggml type {type_id} is not a type this llama.cpp build knows")
+    if n < 0 or n >= 1 << 62 or n % block:
+        raise ValueError(f"a row of {n} values cannot be stored as ggml type {type_id} (blocks of {block})")
     return _ROW_SIZE(type_id, n)
 
 
@@ -350,8 +416,9 @@ class Engine:
 
     def user_turn_renderer(self, template: str):
         """``render(content) -> str``: one user turn through the model's chat template, as
-        llama-cpp-python renders it (Jinja2, with the model's BOS/EOS texts). A template
-        that does not compile or render raises TemplateProblem with the reason."""
+        llama-cpp-python renders it (Jinja2's sandbox, with the model's BOS/EOS texts). A
+        template that does not compile or render, or exceeds the bounds (TEMPLATE_* below:
+        loop items, seconds, characters), raises TemplateProblem with the reason."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 
         try:
@@ -359,12 +426,15 @@ class Engine:
                                             bos_token=self.token_text(self.bos))
         except Exception as exc:  # jinja2 raises its own syntax errors, and a template may raise anything
             raise TemplateProblem(exc) from None
+        budget = _bound_template_loops(formatter)
 
         def render(content: str) -> str:
-            try:
-                return formatter(messages=[{"role": "user", "content": content}]).prompt
-            except Exception as exc:  # see above
-                raise TemplateProblem(exc) from None
+            budget[0] = TEMPLATE_MAX_LOOP_ITEMS
+            text = _bounded_render(lambda: formatter(messages=[{"role": "user", "content": content}]).prompt)
+            if len(text) > TEMPLATE_MAX_CHARS:
+                raise TemplateProblem(ValueError(f"one user turn renders to {len(text)} characters, more than "
+                                                 f"{TEMPLATE_MAX_CHARS}"))
+            return text
 
         return render
 

@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import List, Optional
 
 from ..errors import UsageProblem
+from ..files import MAX_PROMPTS_BYTES, MAX_TEXT_BYTES, read_input
 
 DEFAULT_PROMPTS = "default.jsonl"
 DEFAULT_CORPUS = "corpus_en.txt"
@@ -46,6 +47,16 @@ def resolve_model(value: str) -> Path:
     return Path(value).expanduser()
 
 
+def _encodable(text: str) -> bool:
+    """Whether ``text`` is real Unicode text (JSON's "\\ud800" escape decodes to a lone
+    surrogate, which no tokenizer can encode)."""
+    try:
+        text.encode("utf-8")
+        return True
+    except UnicodeEncodeError:
+        return False
+
+
 @dataclass(frozen=True)
 class Prompt:
     id: str
@@ -57,12 +68,11 @@ class Prompt:
 def load_prompts(path: Optional[Path] = None) -> List[Prompt]:
     """JSONL with id, category, prompt (license optional). Every problem names its line."""
     p = Path(path).expanduser() if path else data_dir() / DEFAULT_PROMPTS
-    if not p.exists():
-        raise UsageProblem(f"prompts file not found: {p}")
     if p.is_dir():
         raise UsageProblem(f"prompts path is a directory, not a JSONL file: {p}")
+    raw = read_input(p, "prompts", MAX_PROMPTS_BYTES, "--refract-prompts")
     try:
-        text = p.read_text(encoding="utf-8")
+        text = raw.decode("utf-8")
     except UnicodeDecodeError as exc:
         raise UsageProblem(f"prompts file {p} is not UTF-8 (byte {exc.start})") from None
     prompts: List[Prompt] = []
@@ -76,11 +86,17 @@ def load_prompts(path: Optional[Path] = None) -> List[Prompt]:
             obj = json.loads(line)
         except json.JSONDecodeError as exc:
             raise UsageProblem(f"{p}:{lineno}: malformed JSON ({exc.msg}); each line must be one JSON object") from None
+        except RecursionError:
+            raise UsageProblem(f"{p}:{lineno}: JSON nested too deeply; each line must be one flat JSON object") from None
         if not isinstance(obj, dict):
             raise UsageProblem(f"{p}:{lineno}: expected a JSON object with id, category, prompt")
         missing = [k for k in ("id", "prompt") if not isinstance(obj.get(k), str) or not obj.get(k).strip()]
         if missing:
             raise UsageProblem(f"{p}:{lineno}: missing or empty {', '.join(missing)} (need string id and prompt)")
+        for key in ("id", "category", "prompt", "license"):
+            if isinstance(obj.get(key), str) and not _encodable(obj[key]):
+                raise UsageProblem(f"{p}:{lineno}: {key} holds a lone surrogate (an escape such as \\ud800 without "
+                                   "its pair), which is no character; fix the escape")
         pid = obj["id"].strip()
         if not _ID_RE.match(pid):
             raise UsageProblem(
@@ -114,11 +130,9 @@ class Corpus:
 def load_corpus(path: Optional[Path] = None, what: str = "corpus", option: str = "--refract-corpus") -> Corpus:
     """``what``/``option`` name the input in messages: the same loader reads the haystack."""
     p = Path(path).expanduser() if path else data_dir() / DEFAULT_CORPUS
-    if not p.exists():
-        raise UsageProblem(f"{what} file not found: {p} ({option})")
     if p.is_dir():
         raise UsageProblem(f"{what} path is a directory, not a text file: {p} ({option})")
-    raw = p.read_bytes()
+    raw = read_input(p, what, MAX_TEXT_BYTES, option)
     if not raw.strip():
         raise UsageProblem(f"{what} file {p} is empty ({option})")
     try:

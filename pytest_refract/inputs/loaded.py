@@ -66,6 +66,11 @@ class Inputs:
         except MeasurementError as exc:
             raise UsageProblem(str(exc)) from None
         try:
+            if tok.n_vocab < 2:
+                # llama.cpp's tokenizer aborts the process on such a vocabulary; and a model
+                # that can say only one token has no distribution to compare.
+                raise UsageProblem(f"{self.model_path.name} has a vocabulary of {tok.n_vocab} token(s): nothing to "
+                                   "tokenize with or to compare; give a real model")
             if tok.is_recurrent:
                 # Its state is a fixed-size recurrence per sequence, not a cache of keys and
                 # values per token: there is nothing for ctk/ctv to quantize, so no score.
@@ -101,6 +106,11 @@ class Inputs:
                 f"which must hold the prompt as well as the answer; use a value well below {limit}"
             )
         source = s.prompts_path or "the bundled prompt set"
+        rendered = {tuple(self.chat_tokens(p.prompt)) for p in self.prompts}
+        if len(self.prompts) > 1 and len(rendered) == 1:
+            raise UsageProblem(
+                f"every prompt of {source} renders to the same tokens in the chat template of {self.model_path.name} "
+                "(tokenizer.chat_template): the template drops the user's content; fix it in the file")
         for p in self.prompts:
             # Tokenized here even without a known limit: the vocabulary-only model is loaded now.
             n = len(self.chat_tokens(p.prompt))
@@ -147,7 +157,8 @@ class Inputs:
 
     @property
     def chunks_note(self) -> Optional[str]:
-        if self.corpus is not None and self.n_chunks < self.settings.chunks:
+        # Only when the KLD axis reads the corpus: as R-NIAH's haystack it is not cut in chunks.
+        if self.corpus is not None and "corpus" in self.needs and self.n_chunks < self.settings.chunks:
             return (
                 f"corpus holds {self.n_chunks} chunks of {self.settings.ctx} tokens; "
                 f"{self.settings.chunks} were asked for"
@@ -188,7 +199,13 @@ class Inputs:
             tok = self.tokenizer
             render = self._renderer()
             if render:
-                head, _, tail = self._guarded(lambda: render(_SENTINEL)).partition(_SENTINEL)
+                rendered = self._guarded(lambda: render(_SENTINEL))
+                if _SENTINEL not in rendered:
+                    raise UsageProblem(
+                        f"the chat template of {self.model_path.name} (tokenizer.chat_template) drops the user's "
+                        "content: every prompt would render to the same tokens, so nothing the audit asks reaches "
+                        "the model; fix it in the file, e.g. gguf-new-metadata --chat-template-file")
+                head, _, tail = rendered.partition(_SENTINEL)
                 add_special = tok.add_bos and not head.startswith(tok.token_text(tok.bos))
                 self._parts = (
                     tok.tokenize(head, add_special=add_special, parse_special=True) if head else

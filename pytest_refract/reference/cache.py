@@ -3,8 +3,10 @@
 The reference (f16 KV) does not change between runs or between candidates, yet it is half of
 every audit. Entries are keyed by everything that determines them: the model file's identity,
 the reference config, the settings that change llama.cpp's numerics, the exact token ids of the
-item, the llama.cpp build and this cache's format version. An entry is checksummed; a corrupt,
-truncated or mismatched one is reported, deleted and recomputed, never used.
+item, the llama.cpp build and this cache's format version. An entry is checksummed over every
+byte after the checksum itself (its header, the arrays' layout, the meta JSON a control result
+lives in, and the payload); a corrupt, truncated or mismatched one, or one whose arrays have
+the wrong shape or dtype for its kind, is reported once, deleted and recomputed, never used.
 
 Log-probabilities are stored as llama-perplexity stores its KLD base: per position a scale and
 an offset, and one uint16 per vocabulary entry, with everything below max - 16 clamped.
@@ -24,12 +26,16 @@ from typing import Dict, List, Optional
 
 import numpy as np
 
-from ..engines.gguf import MIB, sampled_sha256
+from ..engines.gguf import file_sha256
 from ..errors import UsageProblem
 from ..files import write_atomic
 
-FORMAT_VERSION = 2  # 2: raw arrays after a JSON layout (1 was an npz)
+# 3: the sha256 covers header, meta and payload (2 covered the payload only: a control
+# entry's result, in its meta, could be edited unnoticed); 2: raw arrays after a JSON layout.
+FORMAT_VERSION = 3
 _MAGIC = b"RFRC"
+# An entry: magic, the sha256 of everything after it, the header's length, header, payload.
+_DIGEST_LEN = 32
 # The file that says "this folder is pytest-refract's reference cache": without it a non-empty
 # folder is the user's, and is neither used nor cleared.
 MARKER = ".pytest-refract-cache"
@@ -66,6 +72,18 @@ def _is_our_namespace(path: Path) -> bool:
     return True
 
 
+# Files this cache writes at its top level besides entries: write_atomic's temp files of the
+# marker and the model index (another run may be writing one right now, or a crash left one),
+# the model index itself, and the writability probe.
+_SCRATCH_RE = re.compile(r"\.\.pytest-refract-cache\..+\.tmp|\.model-sha256\.json|\.\.model-sha256\.json\..+\.tmp"
+                         r"|\.write-check\.\d+\.tmp")
+
+
+def _is_our_scratch(path: Path) -> bool:
+    """By name only: another run's temp file may be renamed away between listing and a stat."""
+    return _SCRATCH_RE.fullmatch(path.name) is not None and not path.is_symlink()
+
+
 def _has_marker(directory: Path) -> bool:
     marker = directory / MARKER
     if not marker.is_file():
@@ -94,8 +112,10 @@ def prepare_cache_dir(directory: Path, clear: bool = False) -> Optional[Path]:
             _cache_warning(f"reference cache folder {directory} is not a folder")
             return None
         if directory.is_dir() and not _has_marker(directory):
-            foreign = [e.name for e in sorted(directory.iterdir()) if not _is_our_namespace(e)]
-            if foreign:
+            foreign = [e.name for e in sorted(directory.iterdir())
+                       if not (_is_our_namespace(e) or _is_our_scratch(e))]
+            # Asked again: another run may have renamed its marker into place since the first look.
+            if foreign and not _has_marker(directory):
                 shown = ", ".join(foreign[:3]) + (", ..." if len(foreign) > 3 else "")
                 raise UsageProblem(
                     f"reference cache folder {directory} holds files pytest-refract did not write ({shown}) and no "
@@ -224,20 +244,133 @@ class LogprobRows:
         return out if dtype is None else out.astype(dtype, copy=False)
 
 
-def model_identity(path: Path) -> dict:
-    """Size plus hashes of the header and of samples from the middle and the end: enough to
-    tell model files apart without reading gigabytes."""
-    size = path.stat().st_size
-    # The first MiB, the MiB around the middle and the last MiB. This is not the report's
-    # sha256_first_mib (which sees only the head): the cache key must also change when a
-    # file's tensors do, and changing it would invalidate every user's cache.
-    offsets = (0, max(0, size // 2 - MIB // 2), max(0, size - MIB))
-    return {"size": size, "sample_sha256": sampled_sha256(path, offsets)}
+# The model hashes this cache has computed, by file identity: a warm run reads a few hundred
+# bytes instead of the whole model. Bounded: at most _INDEX_ENTRIES files, and an index larger
+# than _INDEX_MAX_BYTES (not one we wrote) is ignored.
+MODEL_INDEX = ".model-sha256.json"
+_INDEX_ENTRIES = 64
+_INDEX_MAX_BYTES = 1 << 20
+
+
+def _file_key(st: os.stat_result) -> str:
+    """What changes whenever the file's bytes may have: device, inode, size, mtime and ctime
+    (in ns). ctime cannot be set back by a user (touch -d sets mtime only), so an edit in
+    place that restores the old mtime still changes the key."""
+    return f"{st.st_dev}:{st.st_ino}:{st.st_size}:{st.st_mtime_ns}:{st.st_ctime_ns}"
+
+
+def _read_index(index: Path) -> dict:
+    try:
+        if not index.is_file() or index.is_symlink() or index.stat().st_size > _INDEX_MAX_BYTES:
+            return {}
+        data = json.loads(index.read_text(encoding="utf-8"))
+        entries = data.get("files") if isinstance(data, dict) and data.get("written_by") == "pytest-refract" else None
+        return {k: v for k, v in entries.items() if isinstance(v, dict) and isinstance(v.get("sha256"), str)
+                and re.fullmatch(r"[0-9a-f]{64}", v["sha256"])} if isinstance(entries, dict) else {}
+    except (OSError, ValueError, RecursionError):
+        return {}
+
+
+def model_identity(path: Path, directory: Optional[Path] = None) -> dict:
+    """The model file's size and the sha256 of all its bytes.
+
+    The hash is computed once per file (one sequential read of the whole file) and remembered
+    in ``directory``'s MODEL_INDEX, by device, inode, size, mtime and ctime: a later run whose
+    file has the same five reads nothing more. Without a folder (no cache) there is nothing to
+    key, so nothing is hashed: ``sha256`` is None."""
+    path = Path(path)
+    st = os.stat(path)
+    if directory is None:
+        return {"size": st.st_size, "sha256": None}
+    index = Path(directory) / MODEL_INDEX
+    entries = _read_index(index)
+    key = _file_key(st)
+    known = entries.get(key)
+    if known is not None:
+        return {"size": st.st_size, "sha256": known["sha256"]}
+    digest = file_sha256(path)
+    if _file_key(os.stat(path)) != key:  # changed while being read: the hash describes neither version
+        raise UsageProblem(f"model file {path} changed while it was being hashed; run again once it is complete")
+    entries.pop(key, None)
+    entries[key] = {"sha256": digest, "file": path.name}
+    kept = dict(list(entries.items())[-_INDEX_ENTRIES:])
+    try:
+        write_atomic(index, json.dumps({"written_by": "pytest-refract", "files": kept}, indent=0) + "\n")
+    except OSError:
+        pass  # only a later run's speed depends on it
+    return {"size": st.st_size, "sha256": digest}
+
+
+def _verified_parts(raw: bytes):
+    """(header dict, payload view) of an entry whose sha256 matches every byte after it, or
+    ValueError. Nothing of the entry is parsed before the checksum has passed."""
+    start = 4 + _DIGEST_LEN
+    if raw[:4] != _MAGIC:
+        raise ValueError("bad magic")
+    if len(raw) < start + 4:
+        raise ValueError("truncated header")
+    if hashlib.sha256(memoryview(raw)[start:]).digest() != raw[4:start]:
+        raise ValueError("checksum mismatch (truncated or corrupt)")
+    (header_len,) = struct.unpack("<I", raw[start : start + 4])
+    if start + 4 + header_len > len(raw):
+        raise ValueError("truncated header")
+    header = json.loads(raw[start + 4 : start + 4 + header_len])
+    if not isinstance(header, dict) or not isinstance(header.get("arrays"), list):
+        raise ValueError("malformed header")
+    return header, memoryview(raw)[start + 4 + header_len :]
+
+
+# What each kind's entry must hold: array name -> (dtype kind letters, number of dimensions).
+# Rows of log-probabilities: one uint16 per vocabulary entry, a float32 scale and offset per row.
+_LOGPROB_ARRAYS = {"q": ("u", 2), "scale": ("f", 1), "min_log_prob": ("f", 1)}
+_REQUIRED_ARRAYS = {
+    "kld": _LOGPROB_ARRAYS,
+    "trajectory": dict(_LOGPROB_ARRAYS, tokens=("iu", 1)),
+    "greedy": {"tokens": ("iu", 1)},
+}
+
+
+def check_entry(kind: str, arrays: Dict[str, np.ndarray], meta, n_vocab: Optional[int] = None) -> None:
+    """ValueError naming the defect when an entry's contents cannot be what its kind stores:
+    a missing array, a wrong dtype or number of dimensions, rows of another vocabulary size,
+    per-row arrays of another length, token ids outside the vocabulary, non-finite
+    log-probabilities, or (a control entry) no result object. Such an entry passed its
+    checksum, so it was written so (an older build, a bug); it is still never used."""
+    if not isinstance(meta, dict):
+        raise ValueError("meta is not an object")
+    for name, (kinds, ndim) in _REQUIRED_ARRAYS.get(kind, {}).items():
+        arr = arrays.get(name)
+        if arr is None:
+            raise ValueError(f"no {name} array")
+        if arr.dtype.kind not in kinds or arr.ndim != ndim:
+            raise ValueError(f"{name} is {arr.dtype}{list(arr.shape)}, not a {ndim}-D "
+                             f"{'integer' if 'i' in kinds else 'unsigned' if kinds == 'u' else 'float'} array")
+    q = arrays.get("q")
+    if q is not None and kind in _REQUIRED_ARRAYS and "q" in _REQUIRED_ARRAYS[kind]:
+        if q.dtype != np.uint16:
+            raise ValueError(f"q is {q.dtype}, not uint16")
+        if n_vocab is not None and q.shape[1] != n_vocab:
+            raise ValueError(f"rows of {q.shape[1]} entries, the model's vocabulary has {n_vocab}")
+        for name in ("scale", "min_log_prob"):
+            if arrays[name].shape != (q.shape[0],):
+                raise ValueError(f"{name} has {arrays[name].shape[0]} rows, q has {q.shape[0]}")
+            if not np.isfinite(arrays[name]).all():
+                raise ValueError("non-finite log-probabilities")
+    tokens = arrays.get("tokens")
+    if tokens is not None and kind in ("trajectory", "greedy"):
+        if tokens.size and (int(tokens.min()) < 0 or (n_vocab is not None and int(tokens.max()) >= n_vocab)):
+            raise ValueError("token ids outside the vocabulary")
+        if kind == "trajectory" and len(tokens) > q.shape[0]:
+            raise ValueError(f"{len(tokens)} tokens but {q.shape[0]} log-prob rows")
+    if kind.startswith("control-") and not isinstance(meta.get("result"), dict):
+        raise ValueError("no result object in a control entry")
 
 
 class ReferenceCache:
-    def __init__(self, directory: Optional[Path], identity: dict):
+    def __init__(self, directory: Optional[Path], identity: dict, n_vocab: Optional[int] = None):
         self.directory = Path(directory) if directory else None
+        # The model's vocabulary size, when known: an entry's rows must have exactly as many.
+        self.n_vocab = n_vocab
         self.identity = dict(identity, format=FORMAT_VERSION)
         self.namespace = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
         self.hits = 0
@@ -278,23 +411,15 @@ class ReferenceCache:
             self._give_up(f"reference cache entry {path} cannot be read ({exc.strerror or exc})")
             return None
         try:
-            if raw[:4] != _MAGIC:
-                raise ValueError("bad magic")
-            (header_len,) = struct.unpack("<I", raw[4:8])
-            if 8 + header_len > len(raw):
-                raise ValueError("truncated header")
-            header = json.loads(raw[8 : 8 + header_len])
-            payload = memoryview(raw)[8 + header_len :]
+            header, payload = _verified_parts(raw)
             if header.get("format") != FORMAT_VERSION or header.get("key") != key:
                 raise ValueError("entry belongs to another key or format")
-            if len(payload) != header.get("size") or hashlib.sha256(payload).hexdigest() != header.get("sha256"):
-                raise ValueError("checksum mismatch (truncated or corrupt)")
+            if len(payload) != header.get("size"):
+                raise ValueError("payload size differs from its header")
             arrays = _unpack_arrays(zlib.decompress(payload), header["arrays"])
             del raw, payload
-            for name in ("scale", "min_log_prob"):
-                if name in arrays and not np.isfinite(arrays[name]).all():
-                    raise ValueError("non-finite log-probabilities")
             meta = json.loads(header.get("meta") or "{}")
+            check_entry(kind, arrays, meta, self.n_vocab)
         except Exception as exc:  # any defect: never use the entry
             self.misses += 1
             warnings.warn(RefCacheWarning(f"reference cache entry {path.name} rejected ({exc}); recomputing"))
@@ -313,7 +438,6 @@ class ReferenceCache:
         # header and compressed parts are written without joining them: a KLD entry is tens
         # of MB, and every extra copy would add to the audit's peak memory.
         compressor = zlib.compressobj(1)
-        digest = hashlib.sha256()
         parts: List[bytes] = []
         layout = []
         for name, arr in arrays.items():
@@ -322,15 +446,16 @@ class ReferenceCache:
             if arr.size:
                 parts.append(compressor.compress(memoryview(arr.reshape(-1)).cast("B")))
         parts.append(compressor.flush())
+        header = json.dumps({"format": FORMAT_VERSION, "key": key, "size": sum(len(p) for p in parts),
+                             "arrays": layout, "meta": json.dumps(meta or {})}).encode()
+        head = struct.pack("<I", len(header)) + header
+        digest = hashlib.sha256(head)
         for part in parts:
             digest.update(part)
-        header = json.dumps({"format": FORMAT_VERSION, "key": key, "size": sum(len(p) for p in parts),
-                             "sha256": digest.hexdigest(), "arrays": layout,
-                             "meta": json.dumps(meta or {})}).encode()
         path = self._path(kind, key)
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
-            write_atomic(path, [_MAGIC + struct.pack("<I", len(header)) + header, *parts])
+            write_atomic(path, [_MAGIC + digest.digest() + head, *parts])
         except OSError as exc:  # a full disk, a folder where the entry goes: never the item's failure
             self._give_up(f"reference cache entry {path} cannot be written ({exc.strerror or exc})")
 

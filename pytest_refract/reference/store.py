@@ -51,7 +51,8 @@ class ReferenceStore:
     def __init__(self, settings, directory, identity: dict, side: ReferenceSide):
         self.settings = settings
         self.side = side
-        self.cache = ReferenceCache(directory, identity)
+        # The vocabulary size checks every entry's rows on load (the model is loaded by now).
+        self.cache = ReferenceCache(directory, identity, n_vocab=side.n_vocab())
         # The floor compares the reference with itself bit for bit: it needs the live reference.
         # --refract-repeat must re-measure the reference too, so it does not read either.
         s = self.settings
@@ -59,10 +60,11 @@ class ReferenceStore:
         self._memory: Dict[str, tuple] = {}
 
     @staticmethod
-    def identity(model_path, settings, build: dict, context_env: dict, rotation) -> dict:
-        """Everything that determines a reference result besides the item's own inputs."""
+    def identity(model_path, settings, build: dict, context_env: dict, rotation, directory=None) -> dict:
+        """Everything that determines a reference result besides the item's own inputs.
+        ``directory``: the cache folder (the model's whole-file hash is remembered there)."""
         return {
-            "model": model_identity(model_path),
+            "model": model_identity(model_path, directory),
             "reference": settings.reference.label(),
             # Everything that changes llama.cpp's numbers (context size does not: attention
             # runs over the cells in use).

@@ -5,7 +5,7 @@ numbers, so it is refused up front rather than silently compared."""
 
 from __future__ import annotations
 
-from typing import List
+from typing import List, Optional
 
 from ..errors import UsageProblem
 from .schema import ReportFileError, load_report
@@ -16,6 +16,13 @@ def load_baseline(path: str, model_facts: dict, reference_label: str) -> dict:
         baseline = load_report(path)
     except ReportFileError as exc:
         raise UsageProblem(f"--refract-baseline: {exc}") from None
+    if baseline.get("complete") is False:
+        raise UsageProblem(f"--refract-baseline {path} is from an interrupted run (complete: false); an incomplete "
+                           "audit is no baseline: use a report of a run that finished")
+    if baseline.get("composite") is None and not any(
+            (a or {}).get("score") is not None for s in [baseline, *(baseline.get("candidates") or [])]
+            if isinstance(s, dict) for a in (s.get("axes") or {}).values() if isinstance(a, dict)):
+        raise UsageProblem(f"--refract-baseline {path} holds no score at all; a baseline gate needs a measured baseline")
     theirs = baseline.get("model") or {}
     if (theirs.get("sha256_first_mib"), theirs.get("size_bytes")) != (
         model_facts["sha256_first_mib"], model_facts["size_bytes"]
@@ -23,6 +30,11 @@ def load_baseline(path: str, model_facts: dict, reference_label: str) -> dict:
         raise UsageProblem(
             f"--refract-baseline {path} was measured on another model ({theirs.get('path')}, "
             f"{theirs.get('size_bytes')} bytes) than {model_facts['path']}; use a baseline of the same model"
+        )
+    if theirs.get("sha256") and model_facts.get("sha256") and theirs["sha256"] != model_facts["sha256"]:
+        raise UsageProblem(
+            f"--refract-baseline {path} was measured on another model: {theirs.get('path')} has the same size and "
+            f"first MiB as {model_facts['path']} but another whole-file sha256; use a baseline of the same model"
         )
     if baseline.get("reference") != reference_label:
         raise UsageProblem(
@@ -62,3 +74,52 @@ def drops(baseline: dict, axes: dict, composite, max_drop: float) -> List[str]:
         reasons.append(f"composite dropped {before - composite:.2f} points vs baseline ({before:.2f} -> "
                        f"{composite:.2f}; --refract-max-drop={max_drop:g})")
     return reasons
+
+
+# Settings that change what a score measures: a baseline measured with others is named so.
+_COMPARED_SETTINGS = ("axes", "ctx", "chunks", "n_predict", "seed", "n_batch", "n_ubatch", "gate_basis", "sensitivity")
+
+
+def _settings_differences(baseline: dict, settings: Optional[dict]) -> List[str]:
+    theirs = baseline.get("settings") if isinstance(baseline.get("settings"), dict) else {}
+    ours = settings or {}
+    return [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in _COMPARED_SETTINGS
+            if k in theirs and k in ours and theirs.get(k) != ours.get(k)]
+
+
+def baseline_reasons(baseline: dict, candidate_label: str, axes: dict, composite, max_drop: float,
+                     settings: Optional[dict] = None) -> List[str]:
+    """Every reason the baseline gate fails, never none by default: a baseline that never
+    measured this candidate, or has no score comparable with this run's, is a reason itself
+    (a gate that compared nothing would pass anything). A baseline measured with other
+    settings is named in each reason."""
+    base = baseline_for(baseline, candidate_label)
+    if base is None:
+        measured = [str(s.get("candidate")) for s in baseline.get("candidates") or [] if isinstance(s, dict)]
+        return [f"--refract-baseline never measured {candidate_label} (it holds {', '.join(measured) or 'no candidate'}); "
+                "a baseline gate needs a baseline of the same candidate"]
+    if not baseline.get("candidates") and baseline.get("candidate") not in (None, candidate_label):
+        return [f"--refract-baseline measured {baseline.get('candidate')}, not {candidate_label}; a baseline gate "
+                "needs a baseline of the same candidate"]
+    base_axes = base.get("axes") or {}
+    comparable = [n for n, a in axes.items() if a.get("score") is not None
+                  and (base_axes.get(n) or {}).get("score") is not None]
+    if not comparable and not (base.get("composite") is not None and composite is not None):
+        return [f"--refract-baseline has no score comparable with this run's (it scored "
+                f"{', '.join(n for n, a in base_axes.items() if (a or {}).get('score') is not None) or 'nothing'}; "
+                f"this run scored {', '.join(n for n, a in axes.items() if a.get('score') is not None) or 'nothing'})"]
+    reasons = drops(base, axes, composite, max_drop)
+    differences = _settings_differences(baseline, settings)
+    if differences:
+        reasons = [f"{r} (the baseline was measured with other settings: {'; '.join(differences)})" for r in reasons]
+    return reasons
+
+
+def no_composite_reason(axes: dict) -> str:
+    """The gate's line when there is no composite: which axes failed to measure, or, when none
+    did, that no axis had anything to score (and why, as each axis said)."""
+    broken = [n for n, a in axes.items() if a.get("score") is None and a.get("status") != "n/a"]
+    if broken:
+        return f"no composite: {', '.join(broken)} could not be scored (items failed to measure)"
+    why = "; ".join(f"{n}: {a['error']}" if a.get("error") else n for n, a in axes.items())
+    return f"no composite: no axis had anything to score ({why})"

@@ -169,20 +169,22 @@ def _gate(facts: ReportFacts, section: dict, complete: bool) -> dict:
     elif composite is None and not axes and not section["custom_gates"]:
         pass  # only fixture measurements without a gate: nothing to gate on
     elif composite is None:
-        broken = [n for n, a in axes.items() if a.get("score") is None and a.get("status") != "n/a"]
-        reasons.append(f"no composite: {', '.join(broken)} could not be scored (items failed to measure)")
+        from .baseline import no_composite_reason
+
+        reasons.append(no_composite_reason(axes))
     elif gated is None:
         reasons.append("no calibrated composite: the sensitivity control has no score on every axis that ran (its "
                        "items failed or were deselected); the gate never substitutes the raw composite silently: "
                        "select the control's items or use --refract-gate=raw")
     elif gated < s.fail_under:
         reasons.append(f"{name} {gated:.2f} is below --refract-fail-under={s.fail_under_text} ({s.fail_under:g})")
-    if facts.baseline is not None and complete:
-        from .baseline import baseline_for, drops
+    from .vacuous import vacuous_reasons
 
-        base = baseline_for(facts.baseline, section["candidate"])
-        if base is not None:
-            reasons += drops(base, axes, composite, s.max_drop)
+    reasons += vacuous_reasons(axes, (facts.model or {}).get("n_vocab"))
+    if facts.baseline is not None and complete:
+        from .baseline import baseline_reasons
+
+        reasons += baseline_reasons(facts.baseline, section["candidate"], axes, composite, s.max_drop, s.as_dict())
     return {"passed": not reasons, "threshold": s.fail_under, "basis": basis, "reasons": reasons}
 
 

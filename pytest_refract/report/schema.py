@@ -5,11 +5,33 @@ hand-edited or foreign file is one line naming the field, never a TypeError late
 from __future__ import annotations
 
 import json
+import math
 from pathlib import Path
 from typing import Optional
 
 from ..axes import BUILTIN
+from ..errors import UsageProblem
+from ..files import MAX_REPORT_BYTES, read_input
 from .jsonio import SCHEMA
+
+# A report nests a few levels (axes -> axis -> percentiles); deeper is not one of ours, and
+# Python's parser would hit its recursion limit on thousands of levels.
+MAX_REPORT_DEPTH = 32
+# Whole numbers in a report are counts and sizes: 19 digits hold any of them (a 10**400
+# integer overflowed later, when turned into a float).
+_MAX_INT_DIGITS = 19
+
+
+def _depth_problem(data, limit: int = MAX_REPORT_DEPTH) -> bool:
+    """Whether ``data`` nests deeper than ``limit`` (walked without recursion)."""
+    stack = [(data, 1)]
+    while stack:
+        value, depth = stack.pop()
+        if isinstance(value, (dict, list)):
+            if depth > limit:
+                return True
+            stack.extend((v, depth + 1) for v in (value.values() if isinstance(value, dict) else value))
+    return False
 
 
 class ReportFileError(Exception):
@@ -22,16 +44,34 @@ def load_report(path) -> dict:
         raise ReportFileError(f"{p} is a folder, not a report file; give the JSON report's path")
     if not p.exists():
         raise ReportFileError(f"{p}: no such report file")
-    if not p.is_file():
-        raise ReportFileError(f"{p} is not a regular file; give the JSON report's path")
+    try:
+        raw = read_input(p, "report", MAX_REPORT_BYTES)
+    except UsageProblem as exc:
+        raise ReportFileError(str(exc)) from None
 
     def reject(constant):
         raise ReportFileError(f"{p}: not strict JSON ({constant})")
 
+    def whole(text):
+        if len(text.lstrip("-")) > _MAX_INT_DIGITS:
+            raise ReportFileError(f"{p}: the number {text[:12]}... has {len(text)} digits; no report field is that large")
+        return int(text)
+
+    def real(text):
+        value = float(text)
+        if not math.isfinite(value):
+            raise ReportFileError(f"{p}: the number {text[:24]} is out of range (a report holds finite numbers "
+                                  "or null)")
+        return value
+
     try:
-        data = json.loads(p.read_text(encoding="utf-8"), parse_constant=reject)
+        data = json.loads(raw.decode("utf-8"), parse_constant=reject, parse_int=whole, parse_float=real)
     except (json.JSONDecodeError, UnicodeDecodeError) as exc:
         raise ReportFileError(f"{p}: not a JSON report ({exc})") from None
+    except RecursionError:
+        raise ReportFileError(f"{p}: JSON nested deeper than any report (at most {MAX_REPORT_DEPTH} levels)") from None
+    if _depth_problem(data):
+        raise ReportFileError(f"{p}: JSON nested deeper than any report (at most {MAX_REPORT_DEPTH} levels)")
     if not isinstance(data, dict) or data.get("schema") != SCHEMA:
         raise ReportFileError(f"{p}: not a pytest-refract report (schema {SCHEMA} expected)")
     problem = report_problem(data)
@@ -61,7 +101,7 @@ _AXIS_FIELDS = _axis_fields()
 _NESTED_NUMBERS = tuple(name for name, kind in _AXIS_FIELDS.items() if kind == _OBJECT)
 _SECTION_FIELDS = {"candidate": _TEXT, "composite": _NUMBER, "band": _TEXT, "axes": _OBJECT, "kv_cache": _OBJECT}
 _TOP_FIELDS = dict(_SECTION_FIELDS, reference=_TEXT, timestamp=_TEXT, model=_OBJECT, candidates=_LIST)
-_MODEL_FIELDS = {"path": _TEXT, "size_bytes": _NUMBER, "sha256_first_mib": _TEXT, "name": _TEXT}
+_MODEL_FIELDS = {"path": _TEXT, "size_bytes": _NUMBER, "sha256_first_mib": _TEXT, "sha256": _TEXT, "name": _TEXT}
 
 
 def _type_problem(value, kind: str) -> bool:
