@@ -17,9 +17,13 @@ from pytest_refract.reference.cache import (
     ReferenceCache,
     RefCacheWarning,
     concat_quantized,
+    check_sparse,
+    dense_q,
     dequantize_logprobs,
     model_identity,
     quantize_logprobs,
+    sparse_logprobs,
+    sparsify,
 )
 from pytest_refract.scoring.metrics import kld_positions
 
@@ -165,7 +169,9 @@ def test_compressed_rows_hold_exactly_the_16bit_rows():
         rows.append_logits(row)
     whole = quantize_logprobs(logits)
     assert rows.shape == (9, 300) and len(rows) == 9
-    assert all(np.array_equal(rows.stored()[k], whole[k]) for k in whole)
+    kept = rows.stored()
+    assert np.array_equal(dense_q(kept), whole["q"])
+    assert np.array_equal(kept["scale"], whole["scale"]) and np.array_equal(kept["min_log_prob"], whole["min_log_prob"])
     assert np.array_equal(np.asarray(rows[2:5]), dequantize_logprobs(whole)[2:5])
 
 
@@ -181,3 +187,81 @@ def test_model_identity_value_is_pinned(tmp_path, size):
     middle = max(0, size // 2 - mib // 2)
     samples = data[:mib] + data[middle:middle + mib] + data[max(0, size - mib):][:mib]
     assert model_identity(path) == {"size": size, "sample_sha256": hashlib.sha256(samples).hexdigest()}
+
+
+# --------------------------------------------------------------------------- sparse rows (format 3)
+
+
+def _rows_like_a_large_vocabulary(rng, n, vocab):
+    """Logits with a long low tail (most entries far below max - 16, as a trained model's), some
+    rows flat enough that every entry is kept, and exact ties for the maximum."""
+    x = rng.normal(-25, 6, size=(n, vocab)).astype(np.float32)
+    x[:, rng.randint(0, vocab, size=20)] += 25
+    x[0] = rng.normal(0, 1, size=vocab)  # all within 16 nats: only the minimum is 0
+    x[1, :3] = x[1].max() + 1  # a tie for the top entry
+    return x
+
+
+@pytest.mark.parametrize("vocab", [300, 70001])
+def test_sparse_rows_rebuild_llama_perplexitys_rows_bit_for_bit(vocab):
+    rng = np.random.RandomState(11)
+    x = _rows_like_a_large_vocabulary(rng, 40, vocab)
+    dense = quantize_logprobs(x)
+    sparse = sparse_logprobs(x, block=7)  # blocks that do not divide the rows
+    check_sparse(sparse)
+    assert np.array_equal(dense_q(sparse), dense["q"])
+    assert np.array_equal(dequantize_logprobs(sparse), dequantize_logprobs(dense))
+    assert sparse["col"].dtype == np.uint32 and sparse["val"].dtype == np.uint16
+    assert (sparse["val"] > 0).all()
+    if vocab > 1000:
+        assert len(sparse["col"]) < 0.2 * x.size  # the point of it: far fewer entries kept
+    # Every statistic, on every slice (KLD, Δp, same-top, NLL for PPL), is the dense one.
+    cand = x + rng.normal(0, 0.3, size=x.shape).astype(np.float32)
+    toks = rng.randint(0, vocab, size=len(x))
+    a = kld_positions(LogprobRows(sparse), cand, toks, ref_is_logprobs=True)
+    b = kld_positions(LogprobRows(dense), cand, toks, ref_is_logprobs=True)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    rows = LogprobRows(sparse)
+    assert rows.shape == (40, vocab)
+    assert np.array_equal(np.asarray(rows[5:33][3:9]), dequantize_logprobs(dense)[8:14])
+    assert np.asarray(rows[9:9]).shape == (0, vocab)
+
+
+def test_sparse_concat_equals_sparse_of_the_whole():
+    rng = np.random.RandomState(2)
+    x = _rows_like_a_large_vocabulary(rng, 23, 500)
+    parts = [sparsify(quantize_logprobs(x[:10])), sparsify(quantize_logprobs(x[10:11])), sparsify(quantize_logprobs(x[11:]))]
+    joined, whole = concat_quantized(parts), sparsify(quantize_logprobs(x))
+    assert all(np.array_equal(joined[k], whole[k]) for k in whole)
+
+
+@pytest.mark.parametrize("damage", ["ptr_start", "ptr_end", "ptr_down", "col_range", "no_vocab", "rows"])
+def test_malformed_sparse_entries_are_rejected(damage):
+    s = dict(sparse_logprobs(_rows_like_a_large_vocabulary(np.random.RandomState(1), 6, 400)))
+    if damage == "ptr_start":
+        s["row_ptr"] = s["row_ptr"] + 1
+    elif damage == "ptr_end":
+        s["row_ptr"] = np.concatenate([s["row_ptr"][:-1], [len(s["col"]) + 5]])
+    elif damage == "ptr_down":
+        s["row_ptr"] = s["row_ptr"].copy()
+        s["row_ptr"][2], s["row_ptr"][3] = s["row_ptr"][3], s["row_ptr"][2] - 1
+    elif damage == "col_range":
+        s["col"] = s["col"].copy()
+        s["col"][0] = 400
+    elif damage == "no_vocab":
+        del s["n_vocab"]
+    else:
+        s["scale"] = s["scale"][:-1]
+    with pytest.raises(ValueError):
+        check_sparse(s)
+
+
+def test_sparse_entry_survives_the_disk_and_a_damaged_one_is_not_used(tmp_path):
+    rng = np.random.RandomState(4)
+    stored = sparse_logprobs(_rows_like_a_large_vocabulary(rng, 12, 3000))
+    cache = ReferenceCache(tmp_path, {"model": "m"})
+    key = cache.key("kld", [1, 2, 3])
+    cache.store("kld", key, stored)
+    back = cache.load("kld", key)["arrays"]
+    assert all(np.array_equal(back[k], stored[k]) for k in stored)
+    assert np.array_equal(np.asarray(LogprobRows(back)), dequantize_logprobs(stored))

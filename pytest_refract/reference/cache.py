@@ -6,8 +6,11 @@ the reference config, the settings that change llama.cpp's numerics, the exact t
 item, the llama.cpp build and this cache's format version. An entry is checksummed; a corrupt,
 truncated or mismatched one is reported, deleted and recomputed, never used.
 
-Log-probabilities are stored as llama-perplexity stores its KLD base: per position a scale and
-an offset, and one uint16 per vocabulary entry, with everything below max - 16 clamped.
+Log-probabilities are quantized as llama-perplexity quantizes its KLD base: per position a scale
+and an offset, and one uint16 per vocabulary entry, with everything at or below max - 16 set to
+0. They are stored sparse: per row only the entries that are not 0 (column and uint16 value),
+which is exactly what llama-perplexity's file says and nothing less, so the dense rows rebuilt
+from them are bit-identical (a 262k-entry vocabulary keeps a few percent of its entries).
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from ..engines.gguf import MIB, sampled_sha256
 from ..errors import UsageProblem
 from ..files import write_atomic
 
-FORMAT_VERSION = 2  # 2: raw arrays after a JSON layout (1 was an npz)
+FORMAT_VERSION = 3  # 3: sparse log-prob rows; 2: dense uint16 rows after a JSON layout; 1: an npz
 _MAGIC = b"RFRC"
 # The file that says "this folder is pytest-refract's reference cache": without it a non-empty
 # folder is the user's, and is neither used nor cleared.
@@ -169,18 +172,105 @@ def quantize_logprobs(logits: np.ndarray, block: int = 32) -> Dict[str, np.ndarr
     return {"q": q, "scale": scale, "min_log_prob": min_log_prob}
 
 
+def sparse_logprobs(logits: np.ndarray, block: int = 32) -> Dict[str, np.ndarray]:
+    """quantize_logprobs, kept sparse (see sparsify): quantized a block of rows at a time, so
+    the dense uint16 form of a whole chunk never exists."""
+    x = np.asarray(logits, dtype=np.float32)
+    return concat_quantized([sparsify(quantize_logprobs(x[lo : lo + block], block)) for lo in range(0, len(x), block)]
+                            or [sparsify(quantize_logprobs(x, block))])
+
+
+def sparsify(stored: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Dense 16-bit rows as their non-zero entries: ``row_ptr`` (n + 1 offsets), ``col``
+    (uint32, ascending within a row), ``val`` (uint16), plus scale, min_log_prob and the
+    vocabulary size. Zero entries dequantize to min_log_prob exactly, so nothing is lost."""
+    q = stored["q"]
+    rows, cols = np.nonzero(q)
+    counts = np.bincount(rows, minlength=q.shape[0]) if q.shape[0] else np.zeros(0, dtype=np.int64)
+    row_ptr = np.zeros(q.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=row_ptr[1:])
+    return {"scale": stored["scale"], "min_log_prob": stored["min_log_prob"], "row_ptr": row_ptr,
+            "col": cols.astype(np.uint32), "val": q[rows, cols], "n_vocab": np.asarray([q.shape[1]], dtype=np.int64)}
+
+
+def is_sparse(stored: Dict[str, np.ndarray]) -> bool:
+    return "col" in stored
+
+
+def dense_q(stored: Dict[str, np.ndarray]) -> np.ndarray:
+    """The uint16 rows llama-perplexity would have written, from either form."""
+    if not is_sparse(stored):
+        return stored["q"]
+    n, vocab = len(stored["row_ptr"]) - 1, int(stored["n_vocab"][0])
+    q = np.zeros((n, vocab), dtype=np.uint16)
+    # row_ptr starts at 0 (slices are rebased): entry j of row r goes to r * vocab + col[j].
+    flat = np.repeat(np.arange(n, dtype=np.int64) * vocab, np.diff(stored["row_ptr"]))
+    flat += stored["col"]
+    q.reshape(-1)[flat] = stored["val"]
+    return q
+
+
+def check_sparse(stored: Dict[str, np.ndarray]) -> None:
+    """A loaded sparse entry must be well formed before any row is rebuilt from it."""
+    if not is_sparse(stored):
+        return
+    ptr, col, val, vocab = stored["row_ptr"], stored["col"], stored["val"], stored.get("n_vocab")
+    if vocab is None or vocab.shape != (1,) or int(vocab[0]) <= 0:
+        raise ValueError("sparse entry without its vocabulary size")
+    if len(ptr) != len(stored["scale"]) + 1 or len(stored["min_log_prob"]) != len(stored["scale"]):
+        raise ValueError("sparse entry's row counts disagree")
+    if len(ptr) and (ptr[0] != 0 or ptr[-1] != len(col) or len(col) != len(val) or (np.diff(ptr) < 0).any()):
+        raise ValueError("sparse entry's row offsets are inconsistent")
+    if len(col) and int(col.max()) >= int(vocab[0]):
+        raise ValueError("sparse entry's columns exceed the vocabulary")
+
+
 def dequantize_logprobs(stored: Dict[str, np.ndarray]) -> np.ndarray:
-    out = stored["q"].astype(np.float32)
+    out = dense_q(stored).astype(np.float32)
     out *= stored["scale"][:, None]
     out += stored["min_log_prob"][:, None]
     return out
 
 
+def _shape(stored: Dict[str, np.ndarray]) -> tuple:
+    if is_sparse(stored):
+        return (len(stored["row_ptr"]) - 1, int(stored["n_vocab"][0]))
+    return stored["q"].shape
+
+
+def _slice_rows(stored: Dict[str, np.ndarray], rows: slice) -> Dict[str, np.ndarray]:
+    """Rows of either form, as views (a sparse slice keeps absolute offsets, rebased here)."""
+    if not is_sparse(stored):
+        return {k: v[rows] for k, v in stored.items()}
+    lo, hi, step = rows.indices(len(stored["row_ptr"]) - 1)
+    if step != 1:
+        raise TypeError("sparse log-prob rows are read by contiguous row slices")
+    hi = max(hi, lo)
+    ptr = stored["row_ptr"][lo : hi + 1]
+    a, b = int(ptr[0]), int(ptr[-1])
+    return {"scale": stored["scale"][lo:hi], "min_log_prob": stored["min_log_prob"][lo:hi], "row_ptr": ptr - a,
+            "col": stored["col"][a:b], "val": stored["val"][a:b], "n_vocab": stored["n_vocab"]}
+
+
 def concat_quantized(parts: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
-    """One stored entry from row segments quantized one after another."""
+    """One stored entry from row segments quantized one after another (both of one form)."""
     if len(parts) == 1:
         return parts[0]
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("q", "scale", "min_log_prob")}
+    if not is_sparse(parts[0]):
+        return {k: np.concatenate([p[k] for p in parts]) for k in ("q", "scale", "min_log_prob")}
+    ptrs, base = [np.zeros(1, dtype=np.int64)], 0
+    for p in parts:
+        ptrs.append(p["row_ptr"][1:] + base)
+        base += int(p["row_ptr"][-1])
+    return {"scale": np.concatenate([p["scale"] for p in parts]),
+            "min_log_prob": np.concatenate([p["min_log_prob"] for p in parts]),
+            "row_ptr": np.concatenate(ptrs), "col": np.concatenate([p["col"] for p in parts]),
+            "val": np.concatenate([p["val"] for p in parts]), "n_vocab": parts[0]["n_vocab"]}
+
+
+def stored_nbytes(stored: Dict[str, np.ndarray]) -> int:
+    """Bytes the stored form holds in memory."""
+    return int(sum(np.asarray(v).nbytes for v in stored.values()))
 
 
 def _unpack_arrays(data: bytes, layout: list) -> Dict[str, np.ndarray]:
@@ -209,7 +299,7 @@ class LogprobRows:
 
     def __init__(self, stored: Dict[str, np.ndarray]):
         self.stored = stored
-        self.shape = stored["q"].shape
+        self.shape = _shape(stored)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -217,7 +307,7 @@ class LogprobRows:
     def __getitem__(self, rows: slice) -> "LogprobRows":
         if not isinstance(rows, slice):
             raise TypeError("LogprobRows is read by row slices")
-        return LogprobRows({k: v[rows] for k, v in self.stored.items()})
+        return LogprobRows(_slice_rows(self.stored, rows))
 
     def __array__(self, dtype=None, copy=None):
         out = dequantize_logprobs(self.stored)
@@ -294,6 +384,7 @@ class ReferenceCache:
             for name in ("scale", "min_log_prob"):
                 if name in arrays and not np.isfinite(arrays[name]).all():
                     raise ValueError("non-finite log-probabilities")
+            check_sparse(arrays)
             meta = json.loads(header.get("meta") or "{}")
         except Exception as exc:  # any defect: never use the entry
             self.misses += 1
@@ -341,22 +432,22 @@ class ReferenceCache:
 
 
 class CompressedRows:
-    """16-bit log-prob rows kept zlib-compressed in memory, one row per block, appended as a
-    decode produces them: a batch of reference continuations takes ~40 % of its 16-bit size.
-    Slicing gives a LogprobRows of the decompressed rows; ``stored()`` the whole entry."""
+    """16-bit log-prob rows kept in memory as a decode produces them, sparse (only the entries
+    llama-perplexity keeps, see sparsify) and zlib-compressed row by row. Slicing gives a
+    LogprobRows of those rows; ``stored()`` the whole entry, in the sparse form stored on disk."""
 
     def __init__(self, n_vocab: int):
         self.n_vocab = n_vocab
-        self._rows: List[bytes] = []
+        self._rows: List[tuple] = []  # (count, zlib(col), zlib(val)) per row
         self._scale: List[float] = []
         self._min: List[float] = []
 
     def append_logits(self, logits: np.ndarray) -> None:
-        """Quantize one row of logits (as quantize_logprobs) and keep it compressed."""
-        q = quantize_logprobs(logits[None, :])
-        self._rows.append(zlib.compress(q["q"].tobytes(), 1))
-        self._scale.append(q["scale"][0])
-        self._min.append(q["min_log_prob"][0])
+        """Quantize one row of logits (as quantize_logprobs) and keep it sparse and compressed."""
+        sp = sparsify(quantize_logprobs(logits[None, :]))
+        self._rows.append((len(sp["col"]), zlib.compress(sp["col"].tobytes(), 1), zlib.compress(sp["val"].tobytes(), 1)))
+        self._scale.append(sp["scale"][0])
+        self._min.append(sp["min_log_prob"][0])
 
     @property
     def shape(self) -> tuple:
@@ -365,13 +456,20 @@ class CompressedRows:
     def __len__(self) -> int:
         return len(self._rows)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the compressed rows hold (what a batch of continuations costs in memory)."""
+        return sum(len(c) + len(v) for _, c, v in self._rows) + 8 * len(self._rows)
+
     def _stored(self, rows: slice) -> Dict[str, np.ndarray]:
         picked = self._rows[rows]
-        q = np.empty((len(picked), self.n_vocab), dtype=np.uint16)
-        for k, blob in enumerate(picked):
-            q[k] = np.frombuffer(zlib.decompress(blob), dtype=np.uint16)
-        return {"q": q, "scale": np.asarray(self._scale[rows], dtype=np.float32),
-                "min_log_prob": np.asarray(self._min[rows], dtype=np.float32)}
+        row_ptr = np.zeros(len(picked) + 1, dtype=np.int64)
+        np.cumsum([n for n, _, _ in picked], out=row_ptr[1:])
+        col = np.frombuffer(b"".join(zlib.decompress(c) for _, c, _ in picked), dtype=np.uint32)
+        val = np.frombuffer(b"".join(zlib.decompress(v) for _, _, v in picked), dtype=np.uint16)
+        return {"scale": np.asarray(self._scale[rows], dtype=np.float32),
+                "min_log_prob": np.asarray(self._min[rows], dtype=np.float32), "row_ptr": row_ptr,
+                "col": col, "val": val, "n_vocab": np.asarray([self.n_vocab], dtype=np.int64)}
 
     def __getitem__(self, rows: slice) -> LogprobRows:
         if not isinstance(rows, slice):

@@ -18,7 +18,7 @@ from .cache import (
     ReferenceCache,
     concat_quantized,
     model_identity,
-    quantize_logprobs,
+    sparse_logprobs,
 )
 
 
@@ -168,7 +168,7 @@ class ReferenceStore:
         exact: List[np.ndarray] = []
 
         def take(first_row, view):
-            parts.append(quantize_logprobs(view))
+            parts.append(sparse_logprobs(view))
             if self.settings.floor:
                 exact.append(view.copy())
 
