@@ -114,6 +114,13 @@ def test_warm_run_matches_cold_and_skips_the_reference(pytester, tiny_model, tin
     _, warm = _run(pytester, tiny_model, tiny_prompts, tiny_corpus, "ctk=q4_0,ctv=q4_0", cache, "warm")
     assert warm["reference_cache"]["misses"] == 0 and warm["reference_cache"]["hits"] > 0
     assert _numbers(warm) == _numbers(cold) and warm["composite"] == cold["composite"]
+    # The cache's cost is stated: the cold run wrote every entry the folder holds, the warm
+    # run wrote nothing and read them.
+    on_disk = sum(p.stat().st_size for p in cache.rglob("*.rfc"))
+    assert cold["reference_cache"]["bytes_written"] == on_disk == cold["reference_cache"]["folder_bytes"] > 0
+    assert cold["reference_cache"]["bytes_read"] == 0
+    assert warm["reference_cache"]["bytes_written"] == 0 and 0 < warm["reference_cache"]["bytes_read"] <= on_disk
+    assert warm["reference_cache"]["folder_bytes"] == on_disk
     for section in warm["axes"].values():
         ref = section["compute"].get("reference", {"batch_tokens": 0, "decode_tokens": 0})
         assert ref == {"batch_tokens": 0, "decode_tokens": 0}  # the reference did not run at all

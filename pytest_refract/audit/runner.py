@@ -87,6 +87,7 @@ class Runner:
         identity = ReferenceStore.identity(self.model_path, settings, self.build_info(), self.context_env["reference"],
                                            self.rotation("reference"))
         self.reference = ReferenceStore(self, cache_dir, identity)
+        self.progress.suffix = self.reference.size_text
 
     def _configure_roles(self) -> None:
         """One role per config: "reference" (and "floor", a second reference context), one

@@ -118,6 +118,33 @@ def prepare_cache_dir(directory: Path, clear: bool = False) -> Optional[Path]:
     return directory
 
 
+def folder_bytes(directory: Optional[Path]) -> Optional[int]:
+    """Bytes of all entries this cache holds in ``directory`` (every namespace), or None."""
+    if directory is None:
+        return None
+    total = 0
+    try:
+        for namespace in Path(directory).iterdir():
+            if not (_NAMESPACE_RE.fullmatch(namespace.name) and namespace.is_dir() and not namespace.is_symlink()):
+                continue
+            for kind in namespace.iterdir():
+                if is_kind(kind.name) and kind.is_dir() and not kind.is_symlink():
+                    with os.scandir(kind) as entries:
+                        total += sum(e.stat(follow_symlinks=False).st_size for e in entries if e.is_file(follow_symlinks=False))
+    except OSError:
+        return None
+    return total
+
+
+def describe_size(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def clear_entries(directory: Path) -> int:
     """Delete the entries this cache wrote (and their folders, once empty); nothing else.
     Returns how many entries were deleted."""
@@ -332,6 +359,9 @@ class ReferenceCache:
         self.namespace = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
         self.hits = 0
         self.misses = 0
+        # Bytes of entries this run wrote and read (the cost of the reference on disk).
+        self.bytes_written = 0
+        self.bytes_read = 0
 
     @property
     def enabled(self) -> bool:
@@ -363,6 +393,7 @@ class ReferenceCache:
             return None
         try:
             raw = path.read_bytes()
+            n_read = len(raw)
         except OSError as exc:  # e.g. an entry replaced by a folder: a cache problem, not the item's
             self.misses += 1
             self._give_up(f"reference cache entry {path} cannot be read ({exc.strerror or exc})")
@@ -395,6 +426,7 @@ class ReferenceCache:
                 pass
             return None
         self.hits += 1
+        self.bytes_read += n_read
         return {"meta": meta, "arrays": arrays}
 
     def store(self, kind: str, key: str, arrays: Dict[str, np.ndarray], meta: Optional[dict] = None) -> None:
@@ -422,6 +454,7 @@ class ReferenceCache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, [_MAGIC + struct.pack("<I", len(header)) + header, *parts])
+            self.bytes_written += 8 + len(header) + sum(len(p) for p in parts)
         except OSError as exc:  # a full disk, a folder where the entry goes: never the item's failure
             self._give_up(f"reference cache entry {path} cannot be written ({exc.strerror or exc})")
 

@@ -60,6 +60,23 @@ class ReferenceStore:
             "rotation": rotation,
         }
 
+    def size_facts(self) -> dict:
+        """The reference cache's cost: bytes this run wrote and read, and the folder's total."""
+        from .cache import folder_bytes
+
+        return {"bytes_written": self.cache.bytes_written, "bytes_read": self.cache.bytes_read,
+                "folder_bytes": folder_bytes(self.cache.directory)}
+
+    def size_text(self) -> str:
+        """For the progress line: what this run wrote and read (the folder's total is walked
+        once, at the end, for the report)."""
+        from .cache import describe_size
+
+        if not self.cache.enabled:
+            return ""
+        return (f"ref cache {describe_size(self.cache.bytes_written)} written, "
+                f"{describe_size(self.cache.bytes_read)} read")
+
     @property
     def hits(self) -> int:
         return self.cache.hits
