@@ -272,3 +272,14 @@ def test_sparse_entry_survives_the_disk_and_a_damaged_one_is_not_used(tmp_path):
     back = cache.load("kld", key)["arrays"]
     assert all(np.array_equal(back[k], stored[k]) for k in stored)
     assert np.array_equal(np.asarray(LogprobRows(back)), dequantize_logprobs(stored))
+
+
+def test_compact_keeps_whichever_form_is_smaller_and_the_same_floats():
+    from pytest_refract.reference.cache import compact, is_sparse
+
+    rng = np.random.RandomState(8)
+    tail = sparse_logprobs(_rows_like_a_large_vocabulary(rng, 8, 5000))  # few entries kept
+    flat = sparse_logprobs(rng.normal(0, 1, size=(8, 5000)).astype(np.float32))  # nearly all kept
+    assert is_sparse(compact(tail)) and not is_sparse(compact(flat))
+    for s in (tail, flat):
+        assert np.array_equal(dequantize_logprobs(compact(s)), dequantize_logprobs(s))

@@ -295,6 +295,17 @@ def concat_quantized(parts: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray
             "val": np.concatenate([p["val"] for p in parts]), "n_vocab": parts[0]["n_vocab"]}
 
 
+def compact(stored: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """The smaller of the two forms of the same rows (both rebuild the same floats): sparse
+    wins on a trained model's large vocabulary; a small or flat one may keep most entries,
+    and then 2 bytes per entry beat 6."""
+    if is_sparse(stored):
+        n, vocab = _shape(stored)
+        if len(stored["col"]) * 6 > n * vocab * 2:
+            return {"q": dense_q(stored), "scale": stored["scale"], "min_log_prob": stored["min_log_prob"]}
+    return stored
+
+
 def stored_nbytes(stored: Dict[str, np.ndarray]) -> int:
     """Bytes the stored form holds in memory."""
     return int(sum(np.asarray(v).nbytes for v in stored.values()))

@@ -16,6 +16,7 @@ from .cache import (
     CompressedRows,
     LogprobRows,
     ReferenceCache,
+    compact,
     concat_quantized,
     model_identity,
     sparse_logprobs,
@@ -192,7 +193,7 @@ class ReferenceStore:
         evaluate_fn(self.runner.context("reference"), take)
         if not parts:
             raise MeasurementError("internal: the reference produced no logit rows for a KLD chunk")
-        stored = concat_quantized(parts)
+        stored = compact(concat_quantized(parts))
         self.cache.store("kld", key, stored)
         return self._remember("kld", key, (LogprobRows(stored), np.concatenate(exact) if exact else None))
 
