@@ -21,17 +21,15 @@ PROMPTS = [
 ]
 
 
-@pytest.fixture(scope="module")
-def full_run(gemma3, tmp_path_factory):
-    """One audit shared by the tests below (the costly part: about 1-3 min on 2 cores)."""
-    pytester_dir = tmp_path_factory.mktemp("gemma3-run")
-    prompts = pytester_dir / "prompts.jsonl"
-    prompts.write_text("\n".join(json.dumps(p) for p in PROMPTS) + "\n")
-    return pytester_dir, prompts
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in PROMPTS) + "\n")
+    return path
 
 
-def test_gemma3_full_audit_runs_as_users_run_it(pytester, gemma3, full_run, monkeypatch):
-    _, prompts = full_run
+def test_gemma3_full_audit_runs_as_users_run_it(pytester, gemma3, prompts_file, monkeypatch):
+    prompts = prompts_file
     report = pytester.path / "report.json"
     # The model is found by name, in the cache folder its first resolution filled.
     monkeypatch.setenv("XDG_CACHE_HOME", str(gemma3.parent.parent.parent))
