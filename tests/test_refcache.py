@@ -283,3 +283,19 @@ def test_compact_keeps_whichever_form_is_smaller_and_the_same_floats():
     assert is_sparse(compact(tail)) and not is_sparse(compact(flat))
     for s in (tail, flat):
         assert np.array_equal(dequantize_logprobs(compact(s)), dequantize_logprobs(s))
+
+
+def test_column_gaps_on_disk_round_trip_with_empty_rows():
+    from pytest_refract.reference.cache import decode_payload, encode_payload
+
+    rng = np.random.RandomState(9)
+    x = _rows_like_a_large_vocabulary(rng, 10, 4000)
+    stored = sparse_logprobs(x)
+    # Rows with no entry at all (a row flat at its minimum keeps nothing).
+    flat = sparsify({"q": np.zeros((2, 4000), dtype=np.uint16), "scale": np.zeros(2, np.float32),
+                     "min_log_prob": np.zeros(2, np.float32)})
+    for s in (stored, concat_quantized([flat, stored, flat]), flat):
+        disk = encode_payload(s)
+        assert "col" not in disk or not len(s["col"])
+        back = decode_payload(dict(disk))
+        assert all(np.array_equal(back[k], s[k]) and back[k].dtype == s[k].dtype for k in s)

@@ -31,7 +31,7 @@ from ..engines.gguf import MIB, sampled_sha256
 from ..errors import UsageProblem
 from ..files import write_atomic
 
-FORMAT_VERSION = 3  # 3: sparse log-prob rows; 2: dense uint16 rows after a JSON layout; 1: an npz
+FORMAT_VERSION = 3  # 3: sparse log-prob rows (columns as gaps on disk); 2: dense uint16 rows after a JSON layout; 1: an npz
 _MAGIC = b"RFRC"
 # The file that says "this folder is pytest-refract's reference cache": without it a non-empty
 # folder is the user's, and is neither used nor cleared.
@@ -237,6 +237,40 @@ def dense_q(stored: Dict[str, np.ndarray]) -> np.ndarray:
     return q
 
 
+def encode_payload(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """What goes to disk: a sparse entry's columns as gaps within each row (the row's first
+    column as is), which zlib packs to about a byte where absolute uint32 columns need ~3."""
+    if "col" not in arrays or not len(arrays["col"]):
+        return arrays
+    col, ptr = arrays["col"], arrays["row_ptr"]
+    gaps = np.empty_like(col)
+    gaps[0] = col[0]
+    np.subtract(col[1:], col[:-1], out=gaps[1:])
+    starts = ptr[:-1][np.diff(ptr) > 0]
+    gaps[starts] = col[starts]
+    out = {k: v for k, v in arrays.items() if k != "col"}
+    out["col_gaps"] = gaps
+    return out
+
+
+def decode_payload(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """encode_payload undone, then the entry checked (check_sparse) before any row is rebuilt."""
+    if "col_gaps" in arrays:
+        gaps, ptr = arrays["col_gaps"], arrays.get("row_ptr")
+        if ptr is None or len(ptr) < 1 or ptr[0] != 0 or ptr[-1] != len(gaps) or (np.diff(ptr) < 0).any():
+            raise ValueError("sparse entry's row offsets are inconsistent")
+        run = np.cumsum(gaps, dtype=np.int64)
+        counts = np.diff(ptr)
+        before = np.where(ptr[:-1] > 0, run[np.maximum(ptr[:-1] - 1, 0)] if len(run) else 0, 0)
+        col = run - np.repeat(before, counts)
+        if len(col) and (col.min() < 0 or col.max() > np.iinfo(np.uint32).max):
+            raise ValueError("sparse entry's columns are out of range")
+        arrays = {k: v for k, v in arrays.items() if k != "col_gaps"}
+        arrays["col"] = col.astype(np.uint32)
+    check_sparse(arrays)
+    return arrays
+
+
 def check_sparse(stored: Dict[str, np.ndarray]) -> None:
     """A loaded sparse entry must be well formed before any row is rebuilt from it."""
     if not is_sparse(stored):
@@ -426,7 +460,7 @@ class ReferenceCache:
             for name in ("scale", "min_log_prob"):
                 if name in arrays and not np.isfinite(arrays[name]).all():
                     raise ValueError("non-finite log-probabilities")
-            check_sparse(arrays)
+            arrays = decode_payload(arrays)
             meta = json.loads(header.get("meta") or "{}")
         except Exception as exc:  # any defect: never use the entry
             self.misses += 1
@@ -443,6 +477,7 @@ class ReferenceCache:
     def store(self, kind: str, key: str, arrays: Dict[str, np.ndarray], meta: Optional[dict] = None) -> None:
         if not self.enabled:
             return
+        arrays = encode_payload(arrays)
         # Arrays are compressed straight from their own memory, one after another, and the
         # header and compressed parts are written without joining them: a KLD entry is tens
         # of MB, and every extra copy would add to the audit's peak memory.
