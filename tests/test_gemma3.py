@@ -2,7 +2,8 @@
 head of 256, a 262,144-token vocabulary, no chat template) through the plugin as a user runs it
 (`--refract-model=gemma3`). Small settings: 3 prompts x 16 tokens, 2 KLD chunks, R-NIAH at 4096
 tokens (past the window, so the window cache's cut-back and a retrieval across the window run),
-all four axes, one candidate, the sensitivity control on."""
+all four axes, one candidate, the sensitivity control on. This file took 133 s under the CPU
+lock on the project's shared 2-core VM (2026-12-02; other agents' tiny tests beside it)."""
 
 from __future__ import annotations
 
