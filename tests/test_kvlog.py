@@ -32,7 +32,7 @@ FORK_LOG = [
 def test_parse_upstream_log():
     facts = kvlog.parse_log(UPSTREAM_LOG)
     assert facts.rotation == {"k": True, "v": True}
-    assert facts.caches == [kvlog.CacheAllocation(256, "q8_0", 1.49, "q4_0", 0.79)]
+    assert facts.caches == [kvlog.CacheAllocation(256, "q8_0", 1.49, "q4_0", 0.79, layers=30)]
     assert facts.errors == []
 
 

@@ -86,6 +86,21 @@ def test_progress_waits_for_the_delay_then_throttles():
     assert progress.done == 25 and len(sink.shown) == 3
 
 
+def test_the_line_states_the_reference_caches_size():
+    clock, sink = FakeClock(), RecordingSink(delay=0.0, interval=0.0)
+    progress = Progress(sink, clock)
+    written = [0]
+    progress.suffix = lambda: f"ref cache {written[0]} B written, 0 B read"
+    progress.begin("kld chunk-00", 100)
+    clock.now += 1
+    progress.decoded(10)
+    written[0] = 4096
+    clock.now += 1
+    progress.decoded(10)
+    assert sink.shown[0].endswith("; ref cache 0 B written, 0 B read")
+    assert sink.shown[1].endswith("; ref cache 4096 B written, 0 B read")  # read when drawn
+
+
 def test_a_short_item_shows_nothing_and_clears_nothing():
     clock, sink = FakeClock(), RecordingSink(delay=1.0, interval=0.5)
     progress = Progress(sink, clock)
@@ -201,7 +216,8 @@ def test_plain_lines_in_a_pipe(slow_decode_dir, tiny_model, tiny_prompts, tiny_c
     assert status, out
     assert "\x1b[" not in out and "\r" not in out  # no cursor control in a log
     # Every status line stands alone, and pytest's result lines and summary are intact.
-    assert all(re.fullmatch(r"refract: .*tokens, [\d,]+ tok/s(, ~.* left)?", line) for line in status)
+    assert all(re.fullmatch(r"refract: .*tokens, [\d,]+ tok/s(, ~.* left)?(; ref cache .* written, .* read)?", line)
+               for line in status)
     assert any(re.fullmatch(r"refract [.]+ +\[100%\]", line) for line in lines), out
     assert re.search(r"=+ 5 passed in .* =+", out), out
     assert "refract KV-cache audit" in out

@@ -17,9 +17,13 @@ from pytest_refract.reference.cache import (
     ReferenceCache,
     RefCacheWarning,
     concat_quantized,
+    check_sparse,
+    dense_q,
     dequantize_logprobs,
     model_identity,
     quantize_logprobs,
+    sparse_logprobs,
+    sparsify,
 )
 from pytest_refract.scoring.metrics import kld_positions
 
@@ -111,6 +115,13 @@ def test_warm_run_matches_cold_and_skips_the_reference(pytester, tiny_model, tin
     _, warm = _run(pytester, tiny_model, tiny_prompts, tiny_corpus, "ctk=q4_0,ctv=q4_0", cache, "warm")
     assert warm["reference_cache"]["misses"] == 0 and warm["reference_cache"]["hits"] > 0
     assert _numbers(warm) == _numbers(cold) and warm["composite"] == cold["composite"]
+    # The cache's cost is stated: the cold run wrote every entry the folder holds, the warm
+    # run wrote nothing and read them.
+    on_disk = sum(p.stat().st_size for p in cache.rglob("*.rfc"))
+    assert cold["reference_cache"]["bytes_written"] == on_disk == cold["reference_cache"]["folder_bytes"] > 0
+    assert cold["reference_cache"]["bytes_read"] == 0
+    assert warm["reference_cache"]["bytes_written"] == 0 and 0 < warm["reference_cache"]["bytes_read"] <= on_disk
+    assert warm["reference_cache"]["folder_bytes"] == on_disk
     for section in warm["axes"].values():
         ref = section["compute"].get("reference", {"batch_tokens": 0, "decode_tokens": 0})
         assert ref == {"batch_tokens": 0, "decode_tokens": 0}  # the reference did not run at all
@@ -166,7 +177,9 @@ def test_compressed_rows_hold_exactly_the_16bit_rows():
         rows.append_logits(row)
     whole = quantize_logprobs(logits)
     assert rows.shape == (9, 300) and len(rows) == 9
-    assert all(np.array_equal(rows.stored()[k], whole[k]) for k in whole)
+    kept = rows.stored()
+    assert np.array_equal(dense_q(kept), whole["q"])
+    assert np.array_equal(kept["scale"], whole["scale"]) and np.array_equal(kept["min_log_prob"], whole["min_log_prob"])
     assert np.array_equal(np.asarray(rows[2:5]), dequantize_logprobs(whole)[2:5])
 
 
@@ -183,3 +196,107 @@ def test_model_identity_value_is_pinned(tmp_path, size):
     folder.mkdir()
     assert model_identity(path, folder) == {"size": size, "sha256": hashlib.sha256(data).hexdigest()}
     assert model_identity(path) == {"size": size, "sha256": None}
+
+# --------------------------------------------------------------------------- sparse rows
+
+
+def _rows_like_a_large_vocabulary(rng, n, vocab):
+    """Logits with a long low tail (most entries far below max - 16, as a trained model's), some
+    rows flat enough that every entry is kept, and exact ties for the maximum."""
+    x = rng.normal(-25, 6, size=(n, vocab)).astype(np.float32)
+    x[:, rng.randint(0, vocab, size=20)] += 25
+    x[0] = rng.normal(0, 1, size=vocab)  # all within 16 nats: only the minimum is 0
+    x[1, :3] = x[1].max() + 1  # a tie for the top entry
+    return x
+
+
+@pytest.mark.parametrize("vocab", [300, 70001])
+def test_sparse_rows_rebuild_llama_perplexitys_rows_bit_for_bit(vocab):
+    rng = np.random.RandomState(11)
+    x = _rows_like_a_large_vocabulary(rng, 40, vocab)
+    dense = quantize_logprobs(x)
+    sparse = sparse_logprobs(x, block=7)  # blocks that do not divide the rows
+    check_sparse(sparse)
+    assert np.array_equal(dense_q(sparse), dense["q"])
+    assert np.array_equal(dequantize_logprobs(sparse), dequantize_logprobs(dense))
+    assert sparse["col"].dtype == np.uint32 and sparse["val"].dtype == np.uint16
+    assert (sparse["val"] > 0).all()
+    if vocab > 1000:
+        assert len(sparse["col"]) < 0.2 * x.size  # the point of it: far fewer entries kept
+    # Every statistic, on every slice (KLD, Δp, same-top, NLL for PPL), is the dense one.
+    cand = x + rng.normal(0, 0.3, size=x.shape).astype(np.float32)
+    toks = rng.randint(0, vocab, size=len(x))
+    a = kld_positions(LogprobRows(sparse), cand, toks, ref_is_logprobs=True)
+    b = kld_positions(LogprobRows(dense), cand, toks, ref_is_logprobs=True)
+    assert all(np.array_equal(a[k], b[k]) for k in a)
+    rows = LogprobRows(sparse)
+    assert rows.shape == (40, vocab)
+    assert np.array_equal(np.asarray(rows[5:33][3:9]), dequantize_logprobs(dense)[8:14])
+    assert np.asarray(rows[9:9]).shape == (0, vocab)
+
+
+def test_sparse_concat_equals_sparse_of_the_whole():
+    rng = np.random.RandomState(2)
+    x = _rows_like_a_large_vocabulary(rng, 23, 500)
+    parts = [sparsify(quantize_logprobs(x[:10])), sparsify(quantize_logprobs(x[10:11])), sparsify(quantize_logprobs(x[11:]))]
+    joined, whole = concat_quantized(parts), sparsify(quantize_logprobs(x))
+    assert all(np.array_equal(joined[k], whole[k]) for k in whole)
+
+
+@pytest.mark.parametrize("damage", ["ptr_start", "ptr_end", "ptr_down", "col_range", "no_vocab", "rows"])
+def test_malformed_sparse_entries_are_rejected(damage):
+    s = dict(sparse_logprobs(_rows_like_a_large_vocabulary(np.random.RandomState(1), 6, 400)))
+    if damage == "ptr_start":
+        s["row_ptr"] = s["row_ptr"] + 1
+    elif damage == "ptr_end":
+        s["row_ptr"] = np.concatenate([s["row_ptr"][:-1], [len(s["col"]) + 5]])
+    elif damage == "ptr_down":
+        s["row_ptr"] = s["row_ptr"].copy()
+        s["row_ptr"][2], s["row_ptr"][3] = s["row_ptr"][3], s["row_ptr"][2] - 1
+    elif damage == "col_range":
+        s["col"] = s["col"].copy()
+        s["col"][0] = 400
+    elif damage == "no_vocab":
+        del s["n_vocab"]
+    else:
+        s["scale"] = s["scale"][:-1]
+    with pytest.raises(ValueError):
+        check_sparse(s)
+
+
+def test_sparse_entry_survives_the_disk_and_a_damaged_one_is_not_used(tmp_path):
+    rng = np.random.RandomState(4)
+    stored = sparse_logprobs(_rows_like_a_large_vocabulary(rng, 12, 3000))
+    cache = ReferenceCache(tmp_path, {"model": "m"})
+    key = cache.key("kld", [1, 2, 3])
+    cache.store("kld", key, stored)
+    back = cache.load("kld", key)["arrays"]
+    assert all(np.array_equal(back[k], stored[k]) for k in stored)
+    assert np.array_equal(np.asarray(LogprobRows(back)), dequantize_logprobs(stored))
+
+
+def test_compact_keeps_whichever_form_is_smaller_and_the_same_floats():
+    from pytest_refract.reference.cache import compact, is_sparse
+
+    rng = np.random.RandomState(8)
+    tail = sparse_logprobs(_rows_like_a_large_vocabulary(rng, 8, 5000))  # few entries kept
+    flat = sparse_logprobs(rng.normal(0, 1, size=(8, 5000)).astype(np.float32))  # nearly all kept
+    assert is_sparse(compact(tail)) and not is_sparse(compact(flat))
+    for s in (tail, flat):
+        assert np.array_equal(dequantize_logprobs(compact(s)), dequantize_logprobs(s))
+
+
+def test_column_gaps_on_disk_round_trip_with_empty_rows():
+    from pytest_refract.reference.cache import decode_payload, encode_payload
+
+    rng = np.random.RandomState(9)
+    x = _rows_like_a_large_vocabulary(rng, 10, 4000)
+    stored = sparse_logprobs(x)
+    # Rows with no entry at all (a row flat at its minimum keeps nothing).
+    flat = sparsify({"q": np.zeros((2, 4000), dtype=np.uint16), "scale": np.zeros(2, np.float32),
+                     "min_log_prob": np.zeros(2, np.float32)})
+    for s in (stored, concat_quantized([flat, stored, flat]), flat):
+        disk = encode_payload(s)
+        assert "col" not in disk or not len(s["col"])
+        back = decode_payload(dict(disk))
+        assert all(np.array_equal(back[k], s[k]) and back[k].dtype == s[k].dtype for k in s)

@@ -78,6 +78,8 @@ class Progress:
         self.done = 0
         self.started = 0.0
         self._shown = False
+        # What else the line says (the reference cache's size), read when the line is drawn.
+        self.suffix: Optional[Callable[[], str]] = None
 
     def begin(self, label: str, planned_tokens: int) -> None:
         self.label = label
@@ -93,7 +95,9 @@ class Progress:
         now = self.clock()
         elapsed = now - self.started
         if self.sink.due(now, elapsed):
-            self.sink.show(status_text(self.label, self.done, self.planned, elapsed), now)
+            text = status_text(self.label, self.done, self.planned, elapsed)
+            extra = self.suffix() if self.suffix is not None else ""
+            self.sink.show(text + (f"; {extra}" if extra else ""), now)
             self._shown = True
 
     def end(self) -> None:

@@ -97,6 +97,7 @@ class Runner:
             context=lambda: self.context(Role.REFERENCE), decode_width=self.decode_width,
             n_vocab=lambda: self.n_vocab)
         self.reference = ReferenceStore(settings, cache_dir, identity, side)
+        self.progress.suffix = self.reference.size_text
         # What the axes see of this runner (audit/run.py documents it).
         self.run = Run(self)
         self.control = (SensitivityControl(self.reference, self.labels[Role.CONTROL], self.axes, self.run,
@@ -185,10 +186,9 @@ class Runner:
         return alloc["bytes_per_token"] if alloc else None
 
     def kv_cache_facts(self, role: str) -> Optional[dict]:
-        own, ref = self.kv_bytes_per_token(role), self.kv_bytes_per_token(Role.REFERENCE)
-        if own is None or not ref:
-            return None
-        return {"bytes_per_token": own, "vs_reference": own / ref}
+        from ..engines.allocation import kv_cache_facts
+
+        return kv_cache_facts(self.kv_allocation(role), self.kv_allocation(Role.REFERENCE))
 
     def model_facts(self) -> dict:
         from ..engines.allocation import model_facts
@@ -260,11 +260,11 @@ class Runner:
     def _note_kv_bytes(self) -> None:
         """Track the most KV-cache memory held at once (all contexts), for the report: the
         'both KV caches' term of a memory budget, batched-decoding streams included."""
+        from ..engines.allocation import context_kv_bytes
+
         total = 0
-        for role, ctx in self._contexts.items():
-            total += (self.kv_bytes_per_token(role) or 0) * ctx.n_ctx
-        for role, ctx in self._seq_contexts.items():
-            total += (self.kv_bytes_per_token(role) or 0) * ctx.n_ctx_seq * ctx.n_seq
+        for role, ctx in list(self._contexts.items()) + list(self._seq_contexts.items()):
+            total += context_kv_bytes(self.kv_allocation(role), ctx)  # sliding-window caches as logged
         self.kv_bytes_peak = max(self.kv_bytes_peak, total)
 
     def release_sequences(self) -> None:

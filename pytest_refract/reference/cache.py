@@ -8,8 +8,11 @@ byte after the checksum itself (its header, the arrays' layout, the meta JSON a 
 lives in, and the payload); a corrupt, truncated or mismatched one, or one whose arrays have
 the wrong shape or dtype for its kind, is reported once, deleted and recomputed, never used.
 
-Log-probabilities are stored as llama-perplexity stores its KLD base: per position a scale and
-an offset, and one uint16 per vocabulary entry, with everything below max - 16 clamped.
+Log-probabilities are quantized as llama-perplexity quantizes its KLD base: per position a scale
+and an offset, and one uint16 per vocabulary entry, with everything at or below max - 16 set to
+0. They are stored sparse: per row only the entries that are not 0 (column and uint16 value),
+which is exactly what llama-perplexity's file says and nothing less, so the dense rows rebuilt
+from them are bit-identical (a 262k-entry vocabulary keeps a few percent of its entries).
 """
 
 from __future__ import annotations
@@ -30,9 +33,10 @@ from ..engines.gguf import file_sha256
 from ..errors import UsageProblem
 from ..files import write_atomic
 
-# 3: the sha256 covers header, meta and payload (2 covered the payload only: a control
-# entry's result, in its meta, could be edited unnoticed); 2: raw arrays after a JSON layout.
-FORMAT_VERSION = 3
+# 4: the sha256 covers header, meta and payload (before 4 it covered the payload only: a control
+# entry's result, in its meta, could be edited unnoticed), and log-prob rows may be stored
+# sparse (columns as gaps on disk); 2: dense uint16 rows after a JSON layout; 1: an npz.
+FORMAT_VERSION = 4
 _MAGIC = b"RFRC"
 # An entry: magic, the sha256 of everything after it, the header's length, header, payload.
 _DIGEST_LEN = 32
@@ -135,6 +139,33 @@ def prepare_cache_dir(directory: Path, clear: bool = False) -> Optional[Path]:
     return directory
 
 
+def folder_bytes(directory: Optional[Path]) -> Optional[int]:
+    """Bytes of all entries this cache holds in ``directory`` (every namespace), or None."""
+    if directory is None:
+        return None
+    total = 0
+    try:
+        for namespace in Path(directory).iterdir():
+            if not (_NAMESPACE_RE.fullmatch(namespace.name) and namespace.is_dir() and not namespace.is_symlink()):
+                continue
+            for kind in namespace.iterdir():
+                if is_kind(kind.name) and kind.is_dir() and not kind.is_symlink():
+                    with os.scandir(kind) as entries:
+                        total += sum(e.stat(follow_symlinks=False).st_size for e in entries if e.is_file(follow_symlinks=False))
+    except OSError:
+        return None
+    return total
+
+
+def describe_size(n: Optional[int]) -> str:
+    if n is None:
+        return "?"
+    for unit, scale in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= scale:
+            return f"{n / scale:.1f} {unit}"
+    return f"{n} B"
+
+
 def clear_entries(directory: Path) -> int:
     """Delete the entries this cache wrote (and their folders, once empty); nothing else.
     Returns how many entries were deleted."""
@@ -189,18 +220,150 @@ def quantize_logprobs(logits: np.ndarray, block: int = 32) -> Dict[str, np.ndarr
     return {"q": q, "scale": scale, "min_log_prob": min_log_prob}
 
 
+def sparse_logprobs(logits: np.ndarray, block: int = 32) -> Dict[str, np.ndarray]:
+    """quantize_logprobs, kept sparse (see sparsify): quantized a block of rows at a time, so
+    the dense uint16 form of a whole chunk never exists."""
+    x = np.asarray(logits, dtype=np.float32)
+    return concat_quantized([sparsify(quantize_logprobs(x[lo : lo + block], block)) for lo in range(0, len(x), block)]
+                            or [sparsify(quantize_logprobs(x, block))])
+
+
+def sparsify(stored: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """Dense 16-bit rows as their non-zero entries: ``row_ptr`` (n + 1 offsets), ``col``
+    (uint32, ascending within a row), ``val`` (uint16), plus scale, min_log_prob and the
+    vocabulary size. Zero entries dequantize to min_log_prob exactly, so nothing is lost."""
+    q = stored["q"]
+    rows, cols = np.nonzero(q)
+    counts = np.bincount(rows, minlength=q.shape[0]) if q.shape[0] else np.zeros(0, dtype=np.int64)
+    row_ptr = np.zeros(q.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=row_ptr[1:])
+    return {"scale": stored["scale"], "min_log_prob": stored["min_log_prob"], "row_ptr": row_ptr,
+            "col": cols.astype(np.uint32), "val": q[rows, cols], "n_vocab": np.asarray([q.shape[1]], dtype=np.int64)}
+
+
+def is_sparse(stored: Dict[str, np.ndarray]) -> bool:
+    return "col" in stored
+
+
+def dense_q(stored: Dict[str, np.ndarray]) -> np.ndarray:
+    """The uint16 rows llama-perplexity would have written, from either form."""
+    if not is_sparse(stored):
+        return stored["q"]
+    n, vocab = len(stored["row_ptr"]) - 1, int(stored["n_vocab"][0])
+    q = np.zeros((n, vocab), dtype=np.uint16)
+    # row_ptr starts at 0 (slices are rebased): entry j of row r goes to r * vocab + col[j].
+    flat = np.repeat(np.arange(n, dtype=np.int64) * vocab, np.diff(stored["row_ptr"]))
+    flat += stored["col"]
+    q.reshape(-1)[flat] = stored["val"]
+    return q
+
+
+def encode_payload(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """What goes to disk: a sparse entry's columns as gaps within each row (the row's first
+    column as is), which zlib packs to about a byte where absolute uint32 columns need ~3."""
+    if "col" not in arrays or not len(arrays["col"]):
+        return arrays
+    col, ptr = arrays["col"], arrays["row_ptr"]
+    gaps = np.empty_like(col)
+    gaps[0] = col[0]
+    np.subtract(col[1:], col[:-1], out=gaps[1:])
+    starts = ptr[:-1][np.diff(ptr) > 0]
+    gaps[starts] = col[starts]
+    out = {k: v for k, v in arrays.items() if k != "col"}
+    out["col_gaps"] = gaps
+    return out
+
+
+def decode_payload(arrays: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """encode_payload undone, then the entry checked (check_sparse) before any row is rebuilt."""
+    if "col_gaps" in arrays:
+        gaps, ptr = arrays["col_gaps"], arrays.get("row_ptr")
+        if ptr is None or len(ptr) < 1 or ptr[0] != 0 or ptr[-1] != len(gaps) or (np.diff(ptr) < 0).any():
+            raise ValueError("sparse entry's row offsets are inconsistent")
+        run = np.cumsum(gaps, dtype=np.int64)
+        counts = np.diff(ptr)
+        before = np.where(ptr[:-1] > 0, run[np.maximum(ptr[:-1] - 1, 0)] if len(run) else 0, 0)
+        col = run - np.repeat(before, counts)
+        if len(col) and (col.min() < 0 or col.max() > np.iinfo(np.uint32).max):
+            raise ValueError("sparse entry's columns are out of range")
+        arrays = {k: v for k, v in arrays.items() if k != "col_gaps"}
+        arrays["col"] = col.astype(np.uint32)
+    check_sparse(arrays)
+    return arrays
+
+
+def check_sparse(stored: Dict[str, np.ndarray]) -> None:
+    """A loaded sparse entry must be well formed before any row is rebuilt from it."""
+    if not is_sparse(stored):
+        return
+    ptr, col, val, vocab = stored["row_ptr"], stored["col"], stored["val"], stored.get("n_vocab")
+    if vocab is None or vocab.shape != (1,) or int(vocab[0]) <= 0:
+        raise ValueError("sparse entry without its vocabulary size")
+    if len(ptr) != len(stored["scale"]) + 1 or len(stored["min_log_prob"]) != len(stored["scale"]):
+        raise ValueError("sparse entry's row counts disagree")
+    if len(ptr) and (ptr[0] != 0 or ptr[-1] != len(col) or len(col) != len(val) or (np.diff(ptr) < 0).any()):
+        raise ValueError("sparse entry's row offsets are inconsistent")
+    if len(col) and int(col.max()) >= int(vocab[0]):
+        raise ValueError("sparse entry's columns exceed the vocabulary")
+
+
 def dequantize_logprobs(stored: Dict[str, np.ndarray]) -> np.ndarray:
-    out = stored["q"].astype(np.float32)
+    out = dense_q(stored).astype(np.float32)
     out *= stored["scale"][:, None]
     out += stored["min_log_prob"][:, None]
     return out
 
 
+def _shape(stored: Dict[str, np.ndarray]) -> tuple:
+    if is_sparse(stored):
+        return (len(stored["row_ptr"]) - 1, int(stored["n_vocab"][0]))
+    return stored["q"].shape
+
+
+def _slice_rows(stored: Dict[str, np.ndarray], rows: slice) -> Dict[str, np.ndarray]:
+    """Rows of either form, as views (a sparse slice keeps absolute offsets, rebased here)."""
+    if not is_sparse(stored):
+        return {k: v[rows] for k, v in stored.items()}
+    lo, hi, step = rows.indices(len(stored["row_ptr"]) - 1)
+    if step != 1:
+        raise TypeError("sparse log-prob rows are read by contiguous row slices")
+    hi = max(hi, lo)
+    ptr = stored["row_ptr"][lo : hi + 1]
+    a, b = int(ptr[0]), int(ptr[-1])
+    return {"scale": stored["scale"][lo:hi], "min_log_prob": stored["min_log_prob"][lo:hi], "row_ptr": ptr - a,
+            "col": stored["col"][a:b], "val": stored["val"][a:b], "n_vocab": stored["n_vocab"]}
+
+
 def concat_quantized(parts: List[Dict[str, np.ndarray]]) -> Dict[str, np.ndarray]:
-    """One stored entry from row segments quantized one after another."""
+    """One stored entry from row segments quantized one after another (both of one form)."""
     if len(parts) == 1:
         return parts[0]
-    return {k: np.concatenate([p[k] for p in parts]) for k in ("q", "scale", "min_log_prob")}
+    if not is_sparse(parts[0]):
+        return {k: np.concatenate([p[k] for p in parts]) for k in ("q", "scale", "min_log_prob")}
+    ptrs, base = [np.zeros(1, dtype=np.int64)], 0
+    for p in parts:
+        ptrs.append(p["row_ptr"][1:] + base)
+        base += int(p["row_ptr"][-1])
+    return {"scale": np.concatenate([p["scale"] for p in parts]),
+            "min_log_prob": np.concatenate([p["min_log_prob"] for p in parts]),
+            "row_ptr": np.concatenate(ptrs), "col": np.concatenate([p["col"] for p in parts]),
+            "val": np.concatenate([p["val"] for p in parts]), "n_vocab": parts[0]["n_vocab"]}
+
+
+def compact(stored: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
+    """The smaller of the two forms of the same rows (both rebuild the same floats): sparse
+    wins on a trained model's large vocabulary; a small or flat one may keep most entries,
+    and then 2 bytes per entry beat 6."""
+    if is_sparse(stored):
+        n, vocab = _shape(stored)
+        if len(stored["col"]) * 6 > n * vocab * 2:
+            return {"q": dense_q(stored), "scale": stored["scale"], "min_log_prob": stored["min_log_prob"]}
+    return stored
+
+
+def stored_nbytes(stored: Dict[str, np.ndarray]) -> int:
+    """Bytes the stored form holds in memory."""
+    return int(sum(np.asarray(v).nbytes for v in stored.values()))
 
 
 def _unpack_arrays(data: bytes, layout: list) -> Dict[str, np.ndarray]:
@@ -229,7 +392,7 @@ class LogprobRows:
 
     def __init__(self, stored: Dict[str, np.ndarray]):
         self.stored = stored
-        self.shape = stored["q"].shape
+        self.shape = _shape(stored)
 
     def __len__(self) -> int:
         return self.shape[0]
@@ -237,7 +400,7 @@ class LogprobRows:
     def __getitem__(self, rows: slice) -> "LogprobRows":
         if not isinstance(rows, slice):
             raise TypeError("LogprobRows is read by row slices")
-        return LogprobRows({k: v[rows] for k, v in self.stored.items()})
+        return LogprobRows(_slice_rows(self.stored, rows))
 
     def __array__(self, dtype=None, copy=None):
         out = dequantize_logprobs(self.stored)
@@ -322,7 +485,11 @@ def _verified_parts(raw: bytes):
 
 # What each kind's entry must hold: array name -> (dtype kind letters, number of dimensions).
 # Rows of log-probabilities: one uint16 per vocabulary entry, a float32 scale and offset per row.
+# The dense form's arrays; a sparse entry (col, val, row_ptr, n_vocab) is checked by check_sparse
+# and then as the same rows.
 _LOGPROB_ARRAYS = {"q": ("u", 2), "scale": ("f", 1), "min_log_prob": ("f", 1)}
+_SPARSE_ARRAYS = {"col": ("u", 1), "val": ("u", 1), "row_ptr": ("iu", 1), "n_vocab": ("iu", 1),
+                  "scale": ("f", 1), "min_log_prob": ("f", 1)}
 _REQUIRED_ARRAYS = {
     "kld": _LOGPROB_ARRAYS,
     "trajectory": dict(_LOGPROB_ARRAYS, tokens=("iu", 1)),
@@ -338,30 +505,42 @@ def check_entry(kind: str, arrays: Dict[str, np.ndarray], meta, n_vocab: Optiona
     checksum, so it was written so (an older build, a bug); it is still never used."""
     if not isinstance(meta, dict):
         raise ValueError("meta is not an object")
-    for name, (kinds, ndim) in _REQUIRED_ARRAYS.get(kind, {}).items():
+    required = dict(_REQUIRED_ARRAYS.get(kind, {}))
+    sparse = "q" in required and is_sparse(arrays)
+    if sparse:
+        required = dict({k: v for k, v in required.items() if k not in _LOGPROB_ARRAYS}, **_SPARSE_ARRAYS)
+    for name, (kinds, ndim) in required.items():
         arr = arrays.get(name)
         if arr is None:
             raise ValueError(f"no {name} array")
         if arr.dtype.kind not in kinds or arr.ndim != ndim:
             raise ValueError(f"{name} is {arr.dtype}{list(arr.shape)}, not a {ndim}-D "
                              f"{'integer' if 'i' in kinds else 'unsigned' if kinds == 'u' else 'float'} array")
-    q = arrays.get("q")
-    if q is not None and kind in _REQUIRED_ARRAYS and "q" in _REQUIRED_ARRAYS[kind]:
-        if q.dtype != np.uint16:
-            raise ValueError(f"q is {q.dtype}, not uint16")
-        if n_vocab is not None and q.shape[1] != n_vocab:
-            raise ValueError(f"rows of {q.shape[1]} entries, the model's vocabulary has {n_vocab}")
+    n_rows = None
+    if "q" in _REQUIRED_ARRAYS.get(kind, {}):
+        if sparse:
+            check_sparse(arrays)
+            n_rows, width = len(arrays["scale"]), int(arrays["n_vocab"][0])
+            if arrays["val"].dtype != np.uint16:
+                raise ValueError(f"val is {arrays['val'].dtype}, not uint16")
+        else:
+            q = arrays["q"]
+            if q.dtype != np.uint16:
+                raise ValueError(f"q is {q.dtype}, not uint16")
+            n_rows, width = q.shape
+        if n_vocab is not None and width != n_vocab:
+            raise ValueError(f"rows of {width} entries, the model's vocabulary has {n_vocab}")
         for name in ("scale", "min_log_prob"):
-            if arrays[name].shape != (q.shape[0],):
-                raise ValueError(f"{name} has {arrays[name].shape[0]} rows, q has {q.shape[0]}")
+            if arrays[name].shape != (n_rows,):
+                raise ValueError(f"{name} has {arrays[name].shape[0]} rows, the entry has {n_rows}")
             if not np.isfinite(arrays[name]).all():
                 raise ValueError("non-finite log-probabilities")
     tokens = arrays.get("tokens")
     if tokens is not None and kind in ("trajectory", "greedy"):
         if tokens.size and (int(tokens.min()) < 0 or (n_vocab is not None and int(tokens.max()) >= n_vocab)):
             raise ValueError("token ids outside the vocabulary")
-        if kind == "trajectory" and len(tokens) > q.shape[0]:
-            raise ValueError(f"{len(tokens)} tokens but {q.shape[0]} log-prob rows")
+        if kind == "trajectory" and len(tokens) > n_rows:
+            raise ValueError(f"{len(tokens)} tokens but {n_rows} log-prob rows")
     if kind.startswith("control-") and not isinstance(meta.get("result"), dict):
         raise ValueError("no result object in a control entry")
 
@@ -375,6 +554,9 @@ class ReferenceCache:
         self.namespace = hashlib.sha256(json.dumps(self.identity, sort_keys=True).encode()).hexdigest()[:20]
         self.hits = 0
         self.misses = 0
+        # Bytes of entries this run wrote and read (the cost of the reference on disk).
+        self.bytes_written = 0
+        self.bytes_read = 0
 
     @property
     def enabled(self) -> bool:
@@ -406,6 +588,7 @@ class ReferenceCache:
             return None
         try:
             raw = path.read_bytes()
+            n_read = len(raw)
         except OSError as exc:  # e.g. an entry replaced by a folder: a cache problem, not the item's
             self.misses += 1
             self._give_up(f"reference cache entry {path} cannot be read ({exc.strerror or exc})")
@@ -418,6 +601,7 @@ class ReferenceCache:
                 raise ValueError("payload size differs from its header")
             arrays = _unpack_arrays(zlib.decompress(payload), header["arrays"])
             del raw, payload
+            arrays = decode_payload(arrays)
             meta = json.loads(header.get("meta") or "{}")
             check_entry(kind, arrays, meta, self.n_vocab)
         except Exception as exc:  # any defect: never use the entry
@@ -429,11 +613,13 @@ class ReferenceCache:
                 pass
             return None
         self.hits += 1
+        self.bytes_read += n_read
         return {"meta": meta, "arrays": arrays}
 
     def store(self, kind: str, key: str, arrays: Dict[str, np.ndarray], meta: Optional[dict] = None) -> None:
         if not self.enabled:
             return
+        arrays = encode_payload(arrays)
         # Arrays are compressed straight from their own memory, one after another, and the
         # header and compressed parts are written without joining them: a KLD entry is tens
         # of MB, and every extra copy would add to the audit's peak memory.
@@ -456,6 +642,7 @@ class ReferenceCache:
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, [_MAGIC + digest.digest() + head, *parts])
+            self.bytes_written += len(_MAGIC) + digest.digest_size + len(head) + sum(len(p) for p in parts)
         except OSError as exc:  # a full disk, a folder where the entry goes: never the item's failure
             self._give_up(f"reference cache entry {path} cannot be written ({exc.strerror or exc})")
 
@@ -466,22 +653,22 @@ class ReferenceCache:
 
 
 class CompressedRows:
-    """16-bit log-prob rows kept zlib-compressed in memory, one row per block, appended as a
-    decode produces them: a batch of reference continuations takes ~40 % of its 16-bit size.
-    Slicing gives a LogprobRows of the decompressed rows; ``stored()`` the whole entry."""
+    """16-bit log-prob rows kept in memory as a decode produces them, sparse (only the entries
+    llama-perplexity keeps, see sparsify) and zlib-compressed row by row. Slicing gives a
+    LogprobRows of those rows; ``stored()`` the whole entry, in the sparse form stored on disk."""
 
     def __init__(self, n_vocab: int):
         self.n_vocab = n_vocab
-        self._rows: List[bytes] = []
+        self._rows: List[tuple] = []  # (count, zlib(col), zlib(val)) per row
         self._scale: List[float] = []
         self._min: List[float] = []
 
     def append_logits(self, logits: np.ndarray) -> None:
-        """Quantize one row of logits (as quantize_logprobs) and keep it compressed."""
-        q = quantize_logprobs(logits[None, :])
-        self._rows.append(zlib.compress(q["q"].tobytes(), 1))
-        self._scale.append(q["scale"][0])
-        self._min.append(q["min_log_prob"][0])
+        """Quantize one row of logits (as quantize_logprobs) and keep it sparse and compressed."""
+        sp = sparsify(quantize_logprobs(logits[None, :]))
+        self._rows.append((len(sp["col"]), zlib.compress(sp["col"].tobytes(), 1), zlib.compress(sp["val"].tobytes(), 1)))
+        self._scale.append(sp["scale"][0])
+        self._min.append(sp["min_log_prob"][0])
 
     @property
     def shape(self) -> tuple:
@@ -490,13 +677,20 @@ class CompressedRows:
     def __len__(self) -> int:
         return len(self._rows)
 
+    @property
+    def nbytes(self) -> int:
+        """Bytes the compressed rows hold (what a batch of continuations costs in memory)."""
+        return sum(len(c) + len(v) for _, c, v in self._rows) + 8 * len(self._rows)
+
     def _stored(self, rows: slice) -> Dict[str, np.ndarray]:
         picked = self._rows[rows]
-        q = np.empty((len(picked), self.n_vocab), dtype=np.uint16)
-        for k, blob in enumerate(picked):
-            q[k] = np.frombuffer(zlib.decompress(blob), dtype=np.uint16)
-        return {"q": q, "scale": np.asarray(self._scale[rows], dtype=np.float32),
-                "min_log_prob": np.asarray(self._min[rows], dtype=np.float32)}
+        row_ptr = np.zeros(len(picked) + 1, dtype=np.int64)
+        np.cumsum([n for n, _, _ in picked], out=row_ptr[1:])
+        col = np.frombuffer(b"".join(zlib.decompress(c) for _, c, _ in picked), dtype=np.uint32)
+        val = np.frombuffer(b"".join(zlib.decompress(v) for _, _, v in picked), dtype=np.uint16)
+        return {"scale": np.asarray(self._scale[rows], dtype=np.float32),
+                "min_log_prob": np.asarray(self._min[rows], dtype=np.float32), "row_ptr": row_ptr,
+                "col": col, "val": val, "n_vocab": np.asarray([self.n_vocab], dtype=np.int64)}
 
     def __getitem__(self, rows: slice) -> LogprobRows:
         if not isinstance(rows, slice):

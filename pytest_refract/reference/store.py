@@ -20,9 +20,10 @@ from .cache import (
     CompressedRows,
     LogprobRows,
     ReferenceCache,
+    compact,
     concat_quantized,
     model_identity,
-    quantize_logprobs,
+    sparse_logprobs,
 )
 
 
@@ -76,6 +77,23 @@ class ReferenceStore:
             "context_env": {k: v for k, v in context_env.items() if k != "LLAMA_CPP_LIB_PATH"},
             "rotation": rotation,
         }
+
+    def size_facts(self) -> dict:
+        """The reference cache's cost: bytes this run wrote and read, and the folder's total."""
+        from .cache import folder_bytes
+
+        return {"bytes_written": self.cache.bytes_written, "bytes_read": self.cache.bytes_read,
+                "folder_bytes": folder_bytes(self.cache.directory)}
+
+    def size_text(self) -> str:
+        """For the progress line: what this run wrote and read (the folder's total is walked
+        once, at the end, for the report)."""
+        from .cache import describe_size
+
+        if not self.cache.enabled:
+            return ""
+        return (f"ref cache {describe_size(self.cache.bytes_written)} written, "
+                f"{describe_size(self.cache.bytes_read)} read")
 
     @property
     def hits(self) -> int:
@@ -185,14 +203,14 @@ class ReferenceStore:
         exact: List[np.ndarray] = []
 
         def take(first_row, view):
-            parts.append(quantize_logprobs(view))
+            parts.append(sparse_logprobs(view))
             if self.settings.floor:
                 exact.append(view.copy())
 
         evaluate_fn(self.side.context(), take)
         if not parts:
             raise MeasurementError("internal: the reference produced no logit rows for a KLD chunk")
-        stored = concat_quantized(parts)
+        stored = compact(concat_quantized(parts))
         self.cache.store("kld", key, stored)
         return self._remember("kld", key, (LogprobRows(stored), np.concatenate(exact) if exact else None))
 

@@ -250,6 +250,8 @@ def build_report(
         # The most KV-cache memory this process held at once (under xdist: the controller's,
         # which measures nothing; see each worker's own run).
         "kv_cache_bytes_peak": facts.kv_bytes_peak or None,
+        # The first candidate's KV cache against the reference's (full and SWA caches apart).
+        "kv_cache": first.get("kv_cache"),
         "candidate": first["candidate"],
         "self_reference": first["self_reference"],
         "settings": settings,
@@ -280,7 +282,9 @@ def build_report(
             "read": facts.reference_cache_read,
             "hits": sum(r.get("reference_cache", {}).get("hits", 0) for r in all_items),
             "misses": sum(r.get("reference_cache", {}).get("misses", 0) for r in all_items),
-            "format": "16-bit log-probs per position (llama-perplexity --kl-divergence-base layout)",
+            "format": ("16-bit log-probs per position as llama-perplexity --kl-divergence-base quantizes them, "
+                       "stored sparse: the entries within 16 nats of each row's maximum"),
+            **(facts.reference_cache_size or {"bytes_written": None, "bytes_read": None, "folder_bytes": None}),
         },
     }
     if "repeat" in first:

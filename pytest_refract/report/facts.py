@@ -38,6 +38,8 @@ class ReportFacts:
     host: dict = field(default_factory=dict)  # machine, system, cpus
     reference_cache_enabled: bool = False
     reference_cache_read: bool = False  # whether this run read reference results from the cache
+    # bytes_written / bytes_read this run, folder_bytes: the whole folder's entries (None: no cache)
+    reference_cache_size: Optional[Dict[str, Optional[int]]] = None
     binding_version: Optional[str] = None  # llama-cpp-python's version
     llama_build: dict = field(default_factory=dict)  # the llama.cpp library that ran
     baseline: Optional[dict] = None  # the --refract-baseline report, loaded

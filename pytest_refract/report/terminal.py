@@ -37,6 +37,11 @@ def render(tr, report: dict, json_path, registry=None) -> None:
     tr.write_line(f"reference  {report['reference']}")
     if report["settings"].get("chunks_note"):
         tr.write_line(f"note       {report['settings']['chunks_note']}")
+    cache = report.get("reference_cache") or {}
+    if cache.get("folder_bytes") is not None:
+        mb = {k: (cache.get(k) or 0) / 1e6 for k in ("bytes_written", "bytes_read", "folder_bytes")}
+        tr.write_line(f"ref cache  {mb['bytes_written']:.1f} MB written, {mb['bytes_read']:.1f} MB read this run; "
+                      f"{mb['folder_bytes']:.1f} MB in its folder")
     sections = report.get("candidates") or [dict(report, custom_gates=(report.get("custom") or {}).get("gates", {}))]
     control = report.get("sensitivity") or {}
     _render_control(tr, control, registry)

@@ -1,0 +1,78 @@
+"""Integration: the real Gemma 3 270M (gemma3: sliding window 512 on 15 of 18 layers, one KV
+head of 256, a 262,144-token vocabulary, no chat template) through the plugin as a user runs it
+(`--refract-model=gemma3`). Small settings: 3 prompts x 16 tokens, 2 KLD chunks, R-NIAH at 4096
+tokens (past the window, so the window cache's cut-back and a retrieval across the window run),
+all four axes, one candidate, the sensitivity control on. This file took 133 s under the CPU
+lock on the project's shared 2-core VM (2026-12-02; other agents' tiny tests beside it)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from conftest import read_report
+
+pytestmark = pytest.mark.gemma3
+
+PROMPTS = [
+    {"id": "fact-001", "category": "factual", "prompt": "The capital of France is"},
+    {"id": "code-001", "category": "code", "prompt": "def add(a, b):\n    return"},
+    {"id": "creative-001", "category": "creative", "prompt": "A quiet harbour at dawn:"},
+]
+
+
+@pytest.fixture
+def prompts_file(tmp_path):
+    path = tmp_path / "prompts.jsonl"
+    path.write_text("\n".join(json.dumps(p) for p in PROMPTS) + "\n")
+    return path
+
+
+def test_gemma3_full_audit_runs_as_users_run_it(pytester, gemma3, prompts_file, monkeypatch):
+    prompts = prompts_file
+    report = pytester.path / "report.json"
+    # The model is found by name, in the cache folder its first resolution filled.
+    monkeypatch.setenv("XDG_CACHE_HOME", str(gemma3.parent.parent.parent))
+    result = pytester.runpytest_subprocess(
+        "--refract-model=gemma3", "--refract-candidate=ctk=q8_0,ctv=q4_0", f"--refract-prompts={prompts}",
+        "--refract-n-predict=16", "--refract-chunks=2", "--refract-full", "--refract-rniah-lengths=4096",
+        "--refract-rniah-positions=0.5", "--refract-rniah-trials=1", "--refract-threads=2",
+        f"--refract-json={report}", "-p", "no:cacheprovider",
+    )
+    text = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in text
+    data = read_report(report)
+    assert result.ret == (1 if data["calibrated_composite"] < 60 else 0)
+    assert data["model"]["architecture"] == "gemma3" and data["model"]["path"] == "gemma-3-270m-q4_k_m.gguf"
+    assert set(data["axes"]) == {"trajectory", "kld", "rniah", "plad"}
+    kld = data["axes"]["kld"]
+    assert kld["n_positions"] == 2 * (512 - 1 - 256)
+    assert kld["mean_kld"] > 0 and kld["ppl_ref"] > 1 and kld["ppl_cand"] > 1
+    rniah = data["axes"]["rniah"]
+    assert [c["length"] for c in rniah["cells"]] == [4096]
+
+    # Two caches, read from llama.cpp's log: 3 full-attention layers and 15 sliding-window
+    # layers, each with 1 KV head of 256 (f16 reference: 2 bytes x 256 x K and V per layer).
+    ref = data["reference_kv_allocation"]
+    assert (ref["full_layers"], ref["swa_layers"]) == (3, 15)
+    assert ref["bytes_per_token"] == 3 * 256 * 2 * 2 and ref["swa_bytes_per_cell"] == 15 * 256 * 2 * 2
+    assert ref["exact"] is True
+    # q8_0 K (272 bytes per 256-wide head) and q4_0 V (144 bytes) against f16's 512 + 512:
+    # full with full, SWA with SWA.
+    kv = data["kv_cache"]
+    assert kv["vs_reference"] == pytest.approx(416 / 1024) and kv["swa_vs_reference"] == pytest.approx(416 / 1024)
+    assert data["kv_cache_bytes_peak"] > 0
+
+
+def test_gemma3_has_what_this_test_is_for(gemma3):
+    """The paths named above really are this model's: no chat template, a 512-token window,
+    256-wide heads, a 262,144-token vocabulary."""
+    from pytest_refract.engines.gguf import read_gguf
+
+    info = read_gguf(gemma3)
+    assert info.architecture == "gemma3"
+    assert not info.chat_template
+    assert info.arch_key("attention.sliding_window") == 512
+    assert info.head_dims == (256, 256)
+    assert info.get("tokenizer.ggml.tokens").length == 262144  # a large array: its length only
