@@ -209,3 +209,22 @@ def item_table(items):
 def statistic(table) -> np.ndarray:
     """The mean pair score, of a table (n, 1) or a stack (..., n, 1)."""
     return np.asarray(table, dtype=np.float64)[..., 0].mean(axis=-1)
+
+
+# --------------------------------------------------------------------------- the verdict's damage
+# (scoring/verdict.py; the README's "What the verdict means" gives the numbers' reasons)
+from ..scoring.verdict import ratio_of_sums as damage  # noqa: E402
+
+DAMAGE_LABEL = "excess drift"
+MARGIN = 3.0
+ABSOLUTE_TOLERANCE = 0.05
+DAMAGE_RESOLUTION = 0.0
+CONTROL_MAX_DAMAGE = 0.25
+
+
+def damage_table(items):
+    """Per applied perturbation: (excess drift over the reference's, 1): the damage is the mean
+    excess drift."""
+    scored = [i for i in items if not i.get("skipped") and i.get("excess") is not None]
+    rows = [(float(i["excess"]), 1.0) for i in scored]
+    return [str(i["id"]) for i in scored], np.asarray(rows, dtype=np.float64).reshape(len(rows), 2)

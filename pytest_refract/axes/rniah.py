@@ -237,3 +237,22 @@ def item_table(items):
 def statistic(table) -> np.ndarray:
     """100 x (1 - mean loss over cells), of a table (n, 1) or a stack (..., n, 1)."""
     return 100.0 * (1.0 - np.asarray(table, dtype=np.float64)[..., 0].mean(axis=-1))
+
+
+# --------------------------------------------------------------------------- the verdict's damage
+# (scoring/verdict.py; the README's "What the verdict means" gives the numbers' reasons)
+from ..scoring.verdict import ratio_of_sums as damage  # noqa: E402
+
+DAMAGE_LABEL = "retrieval loss"
+MARGIN = 3.0
+# A control usually loses no needle: the candidate may then lose at most 5 % of the reference's.
+ABSOLUTE_TOLERANCE = 0.05
+DAMAGE_RESOLUTION = 0.0
+CONTROL_MAX_DAMAGE = 0.25
+
+
+def damage_table(items):
+    """Per cell the reference retrieves in: (retrievals lost, the reference's retrievals)."""
+    scored = [i for i in items if i.get("ref_hits")]
+    rows = [(float(max(0, i["ref_hits"] - i["cand_hits"])), float(i["ref_hits"])) for i in scored]
+    return [str(i["id"]) for i in scored], np.asarray(rows, dtype=np.float64).reshape(len(rows), 2)
