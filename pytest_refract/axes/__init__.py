@@ -57,7 +57,7 @@ DIAGNOSIS_ORDER = ("kld", "trajectory", "rniah", "plad")
 OPTIONAL = ("ITEMS_KEY", "STREAM", "NEEDS", "UNIT_NOUN", "BATCHED", "COMPARE_METRICS", "cache_reads", "section_facts",
             "settings_facts", "diagnose", "control_diagnosis", "item_detail", "section_detail", "item_table",
             "statistic", "DAMAGE_LABEL", "MARGIN", "ABSOLUTE_TOLERANCE", "DAMAGE_RESOLUTION", "CONTROL_MAX_DAMAGE",
-            "damage_table", "damage")
+            "ZERO_DAMAGE_EXACT", "damage_table", "damage")
 _BASE = Axis()
 DEFAULTS = {name: getattr(_BASE, name) for name in OPTIONAL}
 

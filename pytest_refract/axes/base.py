@@ -116,6 +116,9 @@ class Axis:
     #: A control damage above this is more than a rounding-only change can cause: the yardstick
     #: is broken. None: only a control scoring 0 is.
     CONTROL_MAX_DAMAGE: Optional[float] = None
+    #: Whether a damage of 0 on every item is exact (bit-identical) rather than a count of 0
+    #: events that a zero-event bound must qualify.
+    ZERO_DAMAGE_EXACT: bool = False
 
     def damage_table(self, items: Sequence[dict]):
         """(ids, (n, 2) table) whose ``damage`` is the axis's damage, 0 for "identical to the

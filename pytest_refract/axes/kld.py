@@ -235,6 +235,8 @@ MARGIN = 3.0
 ABSOLUTE_TOLERANCE = 0.012
 # The 16-bit storage floor of the reference log-probs is ~1e-7 nats.
 DAMAGE_RESOLUTION = 1e-6
+# A KLD of 0 on every position is bit-identical logits, not a sample that could hide damage.
+ZERO_DAMAGE_EXACT = True
 # A q4_0/q4_0 cache measures 0.047 nats on SmolLM2; a rounding-only control beyond 0.05 is broken.
 CONTROL_MAX_DAMAGE = 0.05
 

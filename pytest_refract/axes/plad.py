@@ -219,6 +219,7 @@ DAMAGE_LABEL = "excess drift"
 MARGIN = 3.0
 ABSOLUTE_TOLERANCE = 0.05
 DAMAGE_RESOLUTION = 0.0
+ZERO_DAMAGE_EXACT = False  # 0 damaged units can still hide some: the zero-event bound qualifies it
 CONTROL_MAX_DAMAGE = 0.25
 
 

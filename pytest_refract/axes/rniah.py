@@ -248,6 +248,7 @@ MARGIN = 3.0
 # A control usually loses no needle: the candidate may then lose at most 5 % of the reference's.
 ABSOLUTE_TOLERANCE = 0.05
 DAMAGE_RESOLUTION = 0.0
+ZERO_DAMAGE_EXACT = False  # 0 damaged units can still hide some: the zero-event bound qualifies it
 CONTROL_MAX_DAMAGE = 0.25
 
 

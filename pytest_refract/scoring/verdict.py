@@ -150,15 +150,19 @@ def multiple_interval(candidate: np.ndarray, control: np.ndarray, damage=ratio_o
     return Estimate(point, math.exp(log_m - t * se), math.exp(log_m + t * se), se, n)
 
 
-def damage_interval(table: np.ndarray, damage=ratio_of_sums, level: float = LEVEL) -> Estimate:
+def damage_interval(table: np.ndarray, damage=ratio_of_sums, level: float = LEVEL,
+                    zero_is_exact: bool = False) -> Estimate:
     """The candidate's own damage with a jackknife-t interval (clamped at 0). With no damage on
     any item the upper end is the Poisson bound for zero events over the exposure,
-    -ln((1 - level) / 2) / sum(column 1): what a count of damaged units could still hide."""
+    -ln((1 - level) / 2) / sum(column 1): what a count of damaged units could still hide; 0 where
+    the axis's zero is exact (a KLD of 0 on every position means bit-identical logits)."""
     t = np.asarray(table, dtype=np.float64)
     n = t.shape[0]
     point = float(damage(t))
     if n < MIN_ITEMS:
         return Estimate(point, None, None, None, n)
+    if point <= 0 and zero_is_exact:
+        return Estimate(0.0, 0.0, 0.0, None, n)
     if point <= 0:
         exposure = float(t[:, 1].sum()) if t.shape[-1] > 1 else float(n)
         upper = -math.log((1 - level) / 2) / max(exposure, 1.0)
@@ -298,6 +302,7 @@ def axis_verdict(axis, candidate_items: Sequence[dict], control_items: Optional[
     tolerance = float(member(axis, "ABSOLUTE_TOLERANCE", DEFAULT_ABSOLUTE_TOLERANCE))
     resolution = float(member(axis, "DAMAGE_RESOLUTION", DEFAULT_DAMAGE_RESOLUTION))
     damage = axis.damage
+    exact_zero = bool(member(axis, "ZERO_DAMAGE_EXACT", False))
     if control_items is None:
         _ids, cand = axis.damage_table(candidate_items)
         ctrl = None
@@ -314,20 +319,20 @@ def axis_verdict(axis, candidate_items: Sequence[dict], control_items: Optional[
                            reason=problem)
     ctrl_items_damaged = int((np.asarray(damage(ctrl[:, None, :])) > 0).sum()) if ctrl is not None else 0
     if ctrl is not None and d_ctrl > resolution and ctrl_items_damaged >= MIN_CONTROL_ITEMS_WITH_DAMAGE:
-        return _multiple_verdict(name, label, margin, cand, ctrl, damage, d_cand, d_ctrl, level)
+        return _multiple_verdict(name, label, margin, cand, ctrl, damage, d_cand, d_ctrl, level, exact_zero)
     why = ("no control was measured" if ctrl is None else
            f"the control's {label} is {_num(d_ctrl)} on {ctrl_items_damaged} of {n} items: the multiple is undefined")
-    return _absolute_verdict(name, label, tolerance, margin, cand, damage, d_ctrl, level, why)
+    return _absolute_verdict(name, label, tolerance, margin, cand, damage, d_ctrl, level, why, exact_zero)
 
 
-def _multiple_verdict(name, label, margin, cand, ctrl, damage, d_cand, d_ctrl, level) -> AxisVerdict:
+def _multiple_verdict(name, label, margin, cand, ctrl, damage, d_cand, d_ctrl, level, exact_zero) -> AxisVerdict:
     n = cand.shape[0]
     est = multiple_interval(cand, ctrl, damage, level)
     lo, hi = est.lo, est.hi
     if d_cand <= 0 and n >= MIN_ITEMS:
         # No damage at all on the candidate: M is 0, and its upper end is the zero-event bound
         # on the candidate's damage over the control's.
-        lo, hi = 0.0, damage_interval(cand, damage, level).hi / d_ctrl
+        lo, hi = 0.0, damage_interval(cand, damage, level, exact_zero).hi / d_ctrl
     elif lo is None and n >= MIN_ITEMS:
         # No log-scale jackknife (the candidate's damage rests on one item): the conservative
         # ratio of the two sides' own intervals, the candidate's ends over the control's.
@@ -348,9 +353,9 @@ def _multiple_verdict(name, label, margin, cand, ctrl, damage, d_cand, d_ctrl, l
                        reason="" if ci else f"fewer than {MIN_ITEMS} items: no interval, no decision")
 
 
-def _absolute_verdict(name, label, tolerance, margin, cand, damage, d_ctrl, level, why) -> AxisVerdict:
+def _absolute_verdict(name, label, tolerance, margin, cand, damage, d_ctrl, level, why, exact_zero) -> AxisVerdict:
     n = cand.shape[0]
-    est = damage_interval(cand, damage, level)
+    est = damage_interval(cand, damage, level, exact_zero)
     verdict = decide(est.lo, est.hi, tolerance)
     needed = None
     if verdict == UNDECIDED and est.hi is not None:
