@@ -221,3 +221,15 @@ def test_a_clear_difference_is_decided_and_a_close_one_asks_for_items():
     assert v.verdict == "UNDECIDED"
     assert v.items_needed is not None and v.items_needed > 8
     assert "items in all" in V.undecided_advice(v)
+
+
+def test_a_self_reference_zero_is_exact():
+    # The reference's own config decodes the same computation: 0 flips is not a sample of 0
+    # events that a zero-event bound must qualify.
+    zero = np.column_stack([np.zeros(3), np.full(3, 8.0)])
+    ns = SimpleNamespace(**vars(AXIS), damage_table=lambda items: ([i["id"] for i in items],
+                                                                    np.asarray([i["row"] for i in items], float)))
+    items = [{"id": f"i{k}", "row": r} for k, r in enumerate(zero)]
+    assert V.axis_verdict(ns, items, items).verdict == "UNDECIDED"
+    exact = V.axis_verdict(ns, items, items, same_computation=True)
+    assert exact.verdict == "PASS" and exact.damage_ci95 == [0.0, 0.0]

@@ -174,3 +174,20 @@ def test_terminal_leads_each_candidate_with_its_verdict():
     assert "calibrated " not in text  # the older retention bound is not shown beside the verdict
     assert "which config to ship" in text
     assert "gate FAILED: ctk=q4_0,ctv=q4_0: verdict FAIL" in text
+
+
+def test_html_leads_with_the_verdict_and_shows_the_raw_composite_smaller():
+    from pytest_refract.report.html.render import render_html, render_template
+
+    report = _report()
+    page = render_html(report)
+    assert page.index('id="verdict"') < page.index('id="composite"')
+    assert "REFRACT-comparable composite" in page
+    verdict_card = page[page.index('id="verdict"'):page.index('id="composite"')]
+    assert 'class="big">PASS<' in verdict_card.replace("\n", "")
+    composite_card = page[page.index('id="composite"'):page.index('id="composite"') + 400]
+    assert 'class="mid"' in composite_card and 'class="big"' not in composite_card
+    assert "the control&#39;s (margin 3" in page or "the control's (margin 3" in page
+    assert 'id="verdict-ranking"' in page and "reads the verdict" in page
+    summary = render_template("pytest_html/summary.html.j2", report=report, colours={})
+    assert summary.index("verdict PASS") < summary.index("REFRACT-comparable composite")

@@ -69,7 +69,7 @@ def _candidate_section(facts: ReportFacts, role: str, results, failed, gates, co
         _mark_not_run(facts, role, axes, results, failed)
     calibrated = calibrate(axes, control, gates, s.seed, registry) if complete else {}
     # What the default gate reads: each axis's damage as a multiple of the control's.
-    verdict = candidate_verdict(axes, control, registry) if complete else None
+    verdict = candidate_verdict(axes, control, registry, facts.self_reference[role]) if complete else None
     floor = floor_of(axes) if s.floor else None
     self_reference = facts.self_reference[role]
     for name, inputs in facts.axis_inputs.items():
@@ -85,7 +85,9 @@ def _candidate_section(facts: ReportFacts, role: str, results, failed, gates, co
         "calibrated_composite": calibrated.get("calibrated_composite"),
         "calibrated_band": band_for(calibrated.get("calibrated_composite")),
         "calibrated_composite_ci95": calibrated.get("calibrated_composite_ci95"),
-        "diagnosis": _verdict_diagnosis(verdict) + diagnose(axes, registry, self_reference)
+        # The verdict leads, after only the one fact that changes how to read it (a self-reference).
+        "diagnosis": diagnose(axes, registry, self_reference)[:int(self_reference)] + _verdict_diagnosis(verdict)
+                     + diagnose(axes, registry, self_reference)[int(self_reference):]
                      + calibration_diagnosis(axes, control, registry,
                                              retention_sentences=s.gate_basis == "calibrated"),
         "axes": axes,

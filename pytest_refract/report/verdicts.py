@@ -11,7 +11,8 @@ from ..scoring import verdict as V
 from .sensitivity import items_of
 
 
-def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry) -> Optional[dict]:
+def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
+                      self_reference: bool = False) -> Optional[dict]:
     """The run verdict of one candidate (JSON-able), each axis's written into its section under
     "verdict"; None without a control (no yardstick: the gate says so)."""
     if control is None:
@@ -28,7 +29,8 @@ def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry) 
                               float(V.member(axis, "MARGIN", V.DEFAULT_MARGIN)), 0,
                               reason=f"{side} has no score on {name}")
         else:
-            v = V.axis_verdict(axis, items_of(section, axis), items_of(ctrl, axis), control_score=ctrl["score"])
+            v = V.axis_verdict(axis, items_of(section, axis), items_of(ctrl, axis), control_score=ctrl["score"],
+                               same_computation=self_reference)
         section["verdict"] = v.as_json()
         per_axis[name] = v
     run = V.run_verdict(per_axis)

@@ -293,16 +293,19 @@ def control_problem(axis, control_damage: Optional[float], control_score: Option
 
 
 def axis_verdict(axis, candidate_items: Sequence[dict], control_items: Optional[Sequence[dict]],
-                 control_score: Optional[float] = None, level: float = LEVEL) -> AxisVerdict:
+                 control_score: Optional[float] = None, level: float = LEVEL,
+                 same_computation: bool = False) -> AxisVerdict:
     """The verdict of one axis: the multiple of the control's damage where the control has
-    damage to compare with, else the candidate's damage against the absolute tolerance."""
+    damage to compare with, else the candidate's damage against the absolute tolerance.
+    ``same_computation``: the candidate is the reference's own config (a self-reference), so a
+    damage of 0 is exact, not a count of 0 events that could hide some."""
     name = axis.NAME
     label = member(axis, "DAMAGE_LABEL", name)
     margin = float(member(axis, "MARGIN", DEFAULT_MARGIN))
     tolerance = float(member(axis, "ABSOLUTE_TOLERANCE", DEFAULT_ABSOLUTE_TOLERANCE))
     resolution = float(member(axis, "DAMAGE_RESOLUTION", DEFAULT_DAMAGE_RESOLUTION))
     damage = axis.damage
-    exact_zero = bool(member(axis, "ZERO_DAMAGE_EXACT", False))
+    exact_zero = same_computation or bool(member(axis, "ZERO_DAMAGE_EXACT", False))
     if control_items is None:
         _ids, cand = axis.damage_table(candidate_items)
         ctrl = None
