@@ -53,8 +53,9 @@ SCORE_KNOTS = ((1.0, 100.0), (1.5, 90.0), (3.0, 80.0), (10.0, 60.0), (100.0, 0.0
 # tolerance 0.2 is the PASS band's floor of 80).
 DEFAULT_ABSOLUTE_TOLERANCE = 0.2
 DEFAULT_DAMAGE_RESOLUTION = 0.0
-# Fewer items than this give no interval and so no decision.
-MIN_ITEMS = 3
+# Fewer items than this give no interval and so no decision (at 2 the t quantile is 12.7: an
+# interval that decides only what is far from the margin).
+MIN_ITEMS = 2
 # A multiple needs at least this many items where the control has any damage: a ratio resting on
 # one item's damage has a standard error that the jackknife cannot estimate.
 MIN_CONTROL_ITEMS_WITH_DAMAGE = 2
