@@ -191,3 +191,12 @@ def test_html_leads_with_the_verdict_and_shows_the_raw_composite_smaller():
     assert 'id="verdict-ranking"' in page and "reads the verdict" in page
     summary = render_template("pytest_html/summary.html.j2", report=report, colours={})
     assert summary.index("verdict PASS") < summary.index("REFRACT-comparable composite")
+
+
+def test_no_all_clear_beside_a_failing_verdict():
+    report = _report(cand0=1.2, cand1=20.0)
+    near, far = report["candidates"]
+    # The raw scores of both are EXCELLENT on this data; only the passing one may say "all clear".
+    assert far["band"] == "EXCELLENT" and far["verdict"]["verdict"] == "FAIL"
+    assert not any(d.startswith(("All clear", "Minor drift")) for d in far["diagnosis"])
+    assert any(d.startswith("All clear") for d in near["diagnosis"])

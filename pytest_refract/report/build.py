@@ -29,7 +29,7 @@ from .verdicts import candidate_verdict, gate_reasons, pareto, rank
 FLOOR_WARN_BELOW = 99.5
 
 
-def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False) -> List[str]:
+def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False, verdict: Optional[str] = None) -> List[str]:
     """Plain-English reading of the axis pattern, most important first: what holds for any
     axis here, each scored axis's own sentences from its ``diagnose``."""
     out: List[str] = []
@@ -51,6 +51,9 @@ def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False) -> L
     by_name = dict(known(scored, registry))
     for name in [n for n in DIAGNOSIS_ORDER if n in scored] + [n for n in scored if n not in DIAGNOSIS_ORDER]:
         out += by_name[name].diagnose(scored[name], axes)
+    if verdict is not None and verdict != "PASS":
+        # The raw bands' all-clear would contradict the verdict the gate reads.
+        return out
     if not low and all(a["score"] >= BAND_FLOOR["EXCELLENT"] for a in scored.values()):
         out.append("All clear: the candidate cache tracks the f16 reference on every axis that ran.")
     elif not low:
@@ -85,9 +88,8 @@ def _candidate_section(facts: ReportFacts, role: str, results, failed, gates, co
         "calibrated_composite": calibrated.get("calibrated_composite"),
         "calibrated_band": band_for(calibrated.get("calibrated_composite")),
         "calibrated_composite_ci95": calibrated.get("calibrated_composite_ci95"),
-        # The verdict leads, after only the one fact that changes how to read it (a self-reference).
-        "diagnosis": diagnose(axes, registry, self_reference)[:int(self_reference)] + _verdict_diagnosis(verdict)
-                     + diagnose(axes, registry, self_reference)[int(self_reference):]
+        "diagnosis": _diagnosis_led_by(verdict, diagnose(axes, registry, self_reference, (verdict or {}).get("verdict")),
+                                       self_reference)
                      + calibration_diagnosis(axes, control, registry,
                                              retention_sentences=s.gate_basis == "calibrated"),
         "axes": axes,
@@ -163,6 +165,12 @@ def _context_facts(facts: ReportFacts, role: str) -> dict:
         return {}
     return {"rotation": facts.rotation.get(role), "kv_allocation": (facts.kv_allocation or {}).get(role),
             "context_env": (facts.context_env or {}).get(role, {})}
+
+
+def _diagnosis_led_by(verdict: Optional[dict], lines: List[str], self_reference: bool) -> List[str]:
+    """The verdict leads, after only the one fact that changes how to read it (a self-reference)."""
+    first = lines[:1] if self_reference else []
+    return first + _verdict_diagnosis(verdict) + lines[len(first):]
 
 
 def _verdict_diagnosis(verdict: Optional[dict]) -> List[str]:

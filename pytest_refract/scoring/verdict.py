@@ -256,10 +256,14 @@ class AxisVerdict:
 def _num(x: float) -> str:
     if x == 0:
         return "0"
+    if not math.isfinite(x):
+        return "inf"
     if abs(x) >= 100:
         return f"{x:.0f}"
+    if abs(x) >= 10:
+        return f"{x:.1f}"
     if abs(x) >= 0.1:
-        return f"{x:.2g}" if abs(x) < 10 else f"{x:.3g}"
+        return f"{x:.2f}"
     return f"{x:.2g}"
 
 
