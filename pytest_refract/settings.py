@@ -53,8 +53,11 @@ OPTIONS = (
                                   "TurboQuant) for llama-cpp-python to load instead of its own"),
     ("sensitivity", "string", None, "control config measured on the same items to tell the model's rounding "
                                     "sensitivity from cache damage (default: ctk=bf16,ctv=bf16 for an f16 reference)"),
-    ("gate", "string", "calibrated", "what the gate compares with --refract-fail-under: calibrated (the composite "
-                                     "beyond the control's drift, default) or raw (the seed-defined composite)"),
+    ("gate", "string", "verdict", "what the gate reads: verdict (damage as a multiple of the control's, PASS/FAIL/"
+                                  "UNDECIDED, default), raw (the seed-defined composite against --refract-fail-under) "
+                                  "or calibrated (the older retention bound, kept for comparison)"),
+    ("undecided", "string", "fail", "what the gate does with an UNDECIDED verdict: fail (default: the evidence is not "
+                                    "there yet) or pass"),
 )
 # The ini default of options without one: tells a key that is absent from one set blank.
 _UNSET = "\x00unset"
@@ -176,6 +179,8 @@ class Settings:
     sensitivity: Optional[KVConfig] = None
     sensitivity_note: Optional[str] = None
     gate_basis: str = "raw"
+    # What the verdict gate does with UNDECIDED: "fail" or "pass".
+    undecided: str = "fail"
     llama_lib: Optional[str] = None
     verbose: int = 0
     # The axes that decode in multi-sequence batches when selected (see the axes' BATCHED).
@@ -220,6 +225,7 @@ class Settings:
             "decode_layout": self.decode_layout(),
             "sensitivity": self.sensitivity.label() if self.sensitivity else None,
             "gate_basis": self.gate_basis,
+            "undecided": self.undecided,
             "rniah": {
                 "lengths": list(self.rniah_lengths) if self.rniah_lengths else None,
                 "positions": list(self.rniah_positions),
@@ -319,6 +325,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         sensitivity=sensitivity,
         sensitivity_note=sensitivity_note,
         gate_basis=gate_basis,
+        undecided=_undecided(config),
         decode_batch=decode_batch,
         decode_batch_note=decode_batch_note,
         **rniah,
@@ -351,16 +358,23 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
     )
 
 
+def _undecided(config) -> str:
+    text = (_get(config, "undecided") or "fail").lower()
+    if text not in ("fail", "pass"):
+        raise UsageProblem(f"--refract-undecided={text!r} must be fail or pass")
+    return text
+
+
 def _sensitivity(config, reference: KVConfig) -> Tuple[Optional[KVConfig], Optional[str], str]:
-    gate_text = (_get(config, "gate") or "calibrated").lower()
-    if gate_text not in ("raw", "calibrated"):
-        raise UsageProblem(f"--refract-gate={gate_text!r} must be raw or calibrated")
+    gate_text = (_get(config, "gate") or "verdict").lower()
+    if gate_text not in ("verdict", "raw", "calibrated"):
+        raise UsageProblem(f"--refract-gate={gate_text!r} must be verdict, raw or calibrated")
     explicit_gate = config.getoption("refract_gate") is not None
     if _get(config, "no-sensitivity"):
         if _get(config, "sensitivity"):
             raise UsageProblem("--refract-sensitivity and --refract-no-sensitivity contradict each other; give one")
-        if gate_text == "calibrated" and explicit_gate:
-            raise UsageProblem("--refract-gate=calibrated needs the sensitivity control; drop --refract-no-sensitivity "
+        if gate_text in ("verdict", "calibrated") and explicit_gate:
+            raise UsageProblem(f"--refract-gate={gate_text} needs the sensitivity control; drop --refract-no-sensitivity "
                                "or use --refract-gate=raw")
         return None, "skipped (--refract-no-sensitivity): the gate uses the raw composite", "raw"
     text = _get(config, "sensitivity")

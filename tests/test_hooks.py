@@ -33,7 +33,7 @@ def test_a_fifth_axis_and_the_report_hook(pytester, tiny_model, tiny_prompts, ti
     result = pytester.runpytest_subprocess(
         *tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q4_0,ctv=q4_0",
                    "--refract-axes=trajectory,length", f"--refract-json={report}", f"--refract-html={page}",
-                   "--refract-fail-under=0"), "-v")
+                   "--refract-fail-under=0", "--refract-undecided=pass"), "-v")
     out = result.stdout.str()
     assert result.ret == 0, out[-3000:]
     for prompt in ("fact-001", "code-001", "creative-001"):

@@ -40,10 +40,18 @@ def test_matrix_shares_one_reference_and_ranks(pytester, tiny_model, tiny_prompt
         ref_tokens = sum(c["axes"][axis]["compute"].get("reference", {}).get("batch_tokens", 0) for c in m["candidates"])
         assert ref_tokens == a["axes"][axis]["compute"]["reference"]["batch_tokens"]
     ranked = [r["candidate"] for r in m["ranking"]]
-    composites = [r["calibrated_composite"] for r in m["ranking"]]  # what the gate reads, by default
-    assert composites == sorted(composites, reverse=True) and set(ranked) == set(labels)
-    result.stdout.fnmatch_lines(["*candidates ranked by composite*", "*candidate*composite band*KV memory",
-                                 "*1  ctk=*% of reference"])
+    assert set(ranked) == set(labels)
+    # Ranked by what the gate reads, the verdict: PASSing candidates from the smallest KV cache
+    # up, then the rest (UNDECIDED before FAIL) by verdict score.
+    order = {"PASS": 0, "UNDECIDED": 1, "FAIL": 2}
+    verdicts = [order[r["verdict"]] for r in m["ranking"]]
+    assert verdicts == sorted(verdicts)
+    passing = [r["kv_bytes_per_token"] for r in m["ranking"] if r["verdict"] == "PASS"]
+    assert passing == sorted(passing)
+    rest = [r["verdict_score"] for r in m["ranking"] if r["verdict"] == "UNDECIDED"]
+    assert rest == sorted(rest, reverse=True)
+    result.stdout.fnmatch_lines(["*which config to ship*", "*candidate*verdict*KV bytes/token*pareto*raw composite",
+                                 "*1  ctk=*"])
     # KV bytes per token, worked out by hand for the tiny model (2 layers, 2 KV heads of 32):
     # a 64-wide row is 128 B in f16, 2 x 34 B in q8_0, 2 x 18 B in q4_0; K and V per layer.
     assert m["reference_kv_bytes_per_token"] == 2 * (128 + 128)

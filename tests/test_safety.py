@@ -477,8 +477,10 @@ def test_gpu_layers_on_a_build_without_offload_records_zero(pytester, tiny_model
     if llama_cpp.llama_supports_gpu_offload():
         pytest.skip("this llama.cpp build offloads to a GPU")
     report = pytester.path / "r.json"
+    # Two chunks cannot decide a verdict; the gate is not what this test is about.
     result = pytester.runpytest_subprocess(*_tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-gpu-layers=9999",
-                                                       "--refract-axes=kld", f"--refract-json={report}"))
+                                                       "--refract-axes=kld", "--refract-undecided=pass",
+                                                       f"--refract-json={report}"))
     assert result.ret == 0
     result.stdout.fnmatch_lines(["refract: --refract-gpu-layers=9999: this llama.cpp build has no GPU offload; "
                                  "every layer runs on the CPU (0 offloaded)"])
@@ -490,7 +492,9 @@ def test_gpu_layers_on_a_build_without_offload_records_zero(pytester, tiny_model
 def test_cache_problems_are_one_warning_never_item_failures(pytester, tiny_model, tiny_prompts, tiny_corpus, layout):
     _needs_llama()
     cache = pytester.path / "cache"
-    args = _tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-axes=kld", f"--refract-cache-dir={cache}")
+    # Two chunks cannot decide a verdict; the gate is not what this test is about.
+    args = _tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-axes=kld", "--refract-undecided=pass",
+                      f"--refract-cache-dir={cache}")
     if layout == "file":
         cache.write_text("not a folder")
     else:

@@ -36,7 +36,15 @@ def test_control_runs_by_default_inside_the_candidates_items(pytester, tiny_mode
     lo, hi = data["composite_ci95"]
     assert lo <= data["composite"] <= hi
     assert data["calibrated_composite"] is not None and data["calibrated_band"] is not None
-    assert data["gate"]["basis"] == "calibrated"
+    # The gate reads the verdict: each axis's damage as a multiple of the control's.
+    assert data["gate"]["basis"] == "verdict" and data["gate"]["undecided"] == "fail"
+    assert data["verdict"]["verdict"] in ("PASS", "FAIL", "UNDECIDED")
+    for name in ("trajectory", "kld"):
+        v = data["axes"][name]["verdict"]
+        assert v == data["verdict"]["axes"][name]
+        if v["basis"] == "multiple" and v["multiple_ci95"]:
+            assert v["multiple_ci95"][0] <= v["multiple"] <= v["multiple_ci95"][1]
+    assert data["gate"]["passed"] == (data["verdict"]["verdict"] == "PASS")
     traj = data["axes"]["trajectory"]
     assert 0 <= traj["teacher_forced_top1_pct"] <= 100
     for item in traj["items"]:
@@ -71,7 +79,17 @@ def test_the_control_as_a_candidate_is_at_the_top(pytester, tiny_model, tiny_pro
         assert axis["calibrated_score"] == 100.0 and axis["calibration"]["indistinguishable"] is True
     assert all(r["candidate"] != "ctk=bf16,ctv=bf16" or r["calibrated_composite"] == 100.0 for r in data["ranking"])
     assert len(data["ranking"]) == 2  # the control itself is never ranked
-    assert result.ret == (0 if all(c["calibrated_composite"] >= 60 for c in data["candidates"]) else 1)
+    # The control measured as a candidate has exactly the control's damage: 1x and PASS where
+    # the control has damage; where it has none (the tiny model's bf16 cache can be
+    # bit-identical to f16) the candidate's own damage is 0, held to the absolute tolerance, and
+    # never FAILs. Its score is 100 either way.
+    assert bf16["verdict"]["verdict"] != "FAIL" and bf16["verdict"]["score"] == 100.0
+    for v in bf16["verdict"]["axes"].values():
+        if v["basis"] == "multiple":
+            assert v["multiple"] == pytest.approx(1.0) and v["verdict"] == "PASS"
+        else:
+            assert v["basis"] == "absolute" and v["damage"] == 0.0 and v["verdict"] != "FAIL"
+    assert result.ret == (0 if all(c["verdict"]["verdict"] == "PASS" for c in data["candidates"]) else 1)
 
 
 def test_gate_basis_flag_chooses_what_the_gate_reads(pytester, tiny_model, tiny_prompts, tiny_corpus):
@@ -79,10 +97,18 @@ def test_gate_basis_flag_chooses_what_the_gate_reads(pytester, tiny_model, tiny_
     # prompts cannot tell that from the control's sensitivity: raw below 90, calibrated 100.
     common = tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q4_0,ctv=q4_0",
                        "--refract-fail-under=90")
-    calibrated = pytester.runpytest_subprocess(*common, f"--refract-json={pytester.path / 'c.json'}")
+    verdict = pytester.runpytest_subprocess(*common, f"--refract-json={pytester.path / 'v.json'}")
+    calibrated = pytester.runpytest_subprocess(*common, "--refract-gate=calibrated", f"--refract-json={pytester.path / 'c.json'}")
     raw = pytester.runpytest_subprocess(*common, "--refract-gate=raw", f"--refract-json={pytester.path / 'r.json'}")
-    c, r = read_report(pytester.path / "c.json"), read_report(pytester.path / "r.json")
+    v, c, r = (read_report(pytester.path / f"{x}.json") for x in "vcr")
     assert c["composite"] == r["composite"] < 90 <= c["calibrated_composite"] == r["calibrated_composite"]
+    # The default reads the verdict: three prompts and three chunks cannot show q4_0's damage is
+    # within 3x the control's, so it is not PASS, and the gate fails with the verdict's reason.
+    assert v["gate"]["basis"] == "verdict" and v["verdict"]["verdict"] != "PASS"
+    assert v["gate"]["passed"] is False and verdict.ret == 1
+    assert any(reason.startswith("verdict ") for reason in v["gate"]["reasons"])
+    verdict.stdout.fnmatch_lines(["*verdict    *", "*gate FAILED: verdict *"])
+    # The older retention bound stays selectable, for comparison.
     assert c["gate"]["basis"] == "calibrated" and c["gate"]["passed"] is True and calibrated.ret == 0
     assert r["gate"]["basis"] == "raw" and r["gate"]["passed"] is False and raw.ret == 1
     assert any("composite" in reason and "below" in reason for reason in r["gate"]["reasons"])
@@ -113,7 +139,8 @@ def test_reference_not_f16_gets_the_nearest_rounding_only_control(pytester, tiny
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--refract-gate=median"], "--refract-gate='median' must be raw or calibrated"),
+    (["--refract-gate=median"], "--refract-gate='median' must be verdict, raw or calibrated"),
+    (["--refract-undecided=maybe"], "--refract-undecided='maybe' must be fail or pass"),
     (["--refract-gate=calibrated", "--refract-no-sensitivity"], "needs the sensitivity control"),
     (["--refract-sensitivity=ctk=f16,ctv=f16"], "equals the reference"),
     (["--refract-sensitivity=ctk=q9_9,ctv=f16"], "--refract-sensitivity ctk=q9_9"),

@@ -55,7 +55,9 @@ DIAGNOSIS_ORDER = ("kld", "trajectory", "rniah", "plad")
 # subclasses Axis and one that does not get the same.
 OPTIONAL = ("ITEMS_KEY", "EXTRA_KEYS", "STREAM", "PRIVATE_KEYS", "NEEDS", "UNIT_NOUN", "BATCHED", "COMPARE_METRICS",
             "section_items", "cache_reads", "section_facts", "settings_facts", "diagnose", "control_diagnosis",
-            "item_detail", "section_detail", "item_table", "statistic")
+            "item_detail", "section_detail", "item_table", "statistic", "DAMAGE_LABEL", "MARGIN",
+            "ABSOLUTE_TOLERANCE", "DAMAGE_RESOLUTION", "CONTROL_MAX_DAMAGE", "ZERO_DAMAGE_EXACT", "damage_table",
+            "damage")
 DEFAULTS = {name: getattr(Axis, name) for name in OPTIONAL}
 
 

@@ -119,3 +119,33 @@ class Axis:
         """The axis score of a table (n, k), or of stacked tables (..., n, k). Default: the mean."""
         return np.asarray(table, dtype=np.float64)[..., 0].mean(axis=-1)
 
+
+    # ------------------------------------------------------------------ the verdict (scoring/verdict.py)
+    #: What the axis's damage is called in the verdict's headline ("next-token KLD").
+    DAMAGE_LABEL: Optional[str] = None
+    #: The verdict margin on the multiple of the control's damage (PASS at or below it).
+    MARGIN: Optional[float] = None
+    #: The damage a candidate may have when the control has none to compare with.
+    ABSOLUTE_TOLERANCE: Optional[float] = None
+    #: A control damage at or below this is "none": the multiple is then undefined.
+    DAMAGE_RESOLUTION: Optional[float] = None
+    #: A control damage above this is more than a rounding-only change can cause: the yardstick
+    #: is broken. None: only a control scoring 0 is.
+    CONTROL_MAX_DAMAGE: Optional[float] = None
+    #: Whether a damage of 0 on every item is exact (bit-identical) rather than a count of 0
+    #: events that a zero-event bound must qualify.
+    ZERO_DAMAGE_EXACT: bool = False
+
+    def damage_table(self, items: Sequence[dict]):
+        """(ids, (n, 2) table) whose ``damage`` is the axis's damage, 0 for "identical to the
+        reference". Default: per scored item (1 - score/100, 1), i.e. the mean lost score share."""
+        scored = [i for i in items if i.get("score") is not None]
+        rows = [(max(0.0, 1.0 - float(i["score"]) / 100.0), 1.0) for i in scored]
+        return [str(i["id"]) for i in scored], np.asarray(rows, dtype=np.float64).reshape(len(rows), 2)
+
+    def damage(self, table: np.ndarray) -> np.ndarray:
+        """The damage of a table (n, 2) or a stack (..., n, 2). Default: sum of column 0 over
+        sum of column 1."""
+        from ..scoring.verdict import ratio_of_sums
+
+        return ratio_of_sums(table)

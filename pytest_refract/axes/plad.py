@@ -171,3 +171,19 @@ class PLADAxis(Axis):
     def statistic(self, table) -> np.ndarray:
         """The mean pair score, of a table (n, 1) or a stack (..., n, 1)."""
         return np.asarray(table, dtype=np.float64)[..., 0].mean(axis=-1)
+
+    # -- the verdict's damage (scoring/verdict.py; README "What the verdict means" gives the
+    # numbers' reasons); the damage itself is the default ratio of the table's sums.
+    DAMAGE_LABEL = "excess drift"
+    MARGIN = 3.0
+    ABSOLUTE_TOLERANCE = 0.05
+    DAMAGE_RESOLUTION = 0.0
+    ZERO_DAMAGE_EXACT = False  # 0 damaged units can still hide some: the zero-event bound qualifies it
+    CONTROL_MAX_DAMAGE = 0.25
+
+    def damage_table(self, items):
+        """Per applied perturbation: (excess drift over the reference's, 1): the damage is the
+        mean excess drift."""
+        scored = [i for i in items if not i.get("skipped") and i.get("excess") is not None]
+        rows = [(float(i["excess"]), 1.0) for i in scored]
+        return [str(i["id"]) for i in scored], np.asarray(rows, dtype=np.float64).reshape(len(rows), 2)

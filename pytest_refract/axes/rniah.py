@@ -209,3 +209,19 @@ class RNIAHAxis(Axis):
     def statistic(self, table) -> np.ndarray:
         """100 x (1 - mean loss over cells), of a table (n, 1) or a stack (..., n, 1)."""
         return 100.0 * (1.0 - np.asarray(table, dtype=np.float64)[..., 0].mean(axis=-1))
+
+    # -- the verdict's damage (scoring/verdict.py; README "What the verdict means" gives the
+    # numbers' reasons); the damage itself is the default ratio of the table's sums.
+    DAMAGE_LABEL = "retrieval loss"
+    MARGIN = 3.0
+    # A control usually loses no needle: the candidate may then lose at most 5 % of the reference's.
+    ABSOLUTE_TOLERANCE = 0.05
+    DAMAGE_RESOLUTION = 0.0
+    ZERO_DAMAGE_EXACT = False  # 0 damaged units can still hide some: the zero-event bound qualifies it
+    CONTROL_MAX_DAMAGE = 0.25
+
+    def damage_table(self, items):
+        """Per cell the reference retrieves in: (retrievals lost, the reference's retrievals)."""
+        scored = [i for i in items if i.get("ref_hits")]
+        rows = [(float(max(0, i["ref_hits"] - i["cand_hits"])), float(i["ref_hits"])) for i in scored]
+        return [str(i["id"]) for i in scored], np.asarray(rows, dtype=np.float64).reshape(len(rows), 2)

@@ -305,3 +305,23 @@ class TrajectoryAxis(Axis):
         agree, longest = t[..., 0].sum(axis=-1), t[..., 1].sum(axis=-1)
         safe = np.where(longest > 0, longest, 1.0)
         return np.where(longest > 0, 100.0 * agree / safe, 100.0)
+
+    # -- the verdict's damage (scoring/verdict.py; README "What the verdict means" gives the
+    # numbers' reasons); the damage itself is the default ratio of the table's sums.
+    DAMAGE_LABEL = "greedy flips"
+    MARGIN = 3.0
+    ABSOLUTE_TOLERANCE = 0.05
+    DAMAGE_RESOLUTION = 0.0
+    ZERO_DAMAGE_EXACT = False  # 0 damaged units can still hide some: the zero-event bound qualifies it
+    # The bf16 control flips 2 % of reference tokens on SmolLM2, q4_0/q4_0 9 %: a control beyond 10 %
+    # is not rounding.
+    CONTROL_MAX_DAMAGE = 0.10
+
+    def damage_table(self, items):
+        """Per prompt: (reference tokens whose top-1 the candidate changes under teacher forcing,
+        reference tokens). A per-token flip rate: it does not saturate the way prefix agreement
+        does after the first flip, and it sees every position, not only the first divergence."""
+        kept = [i for i in items if i.get("teacher_forced_top1_pct") is not None]
+        rows = [(round((100.0 - float(i["teacher_forced_top1_pct"])) / 100.0 * float(i["ref_len"])),
+                 float(i["ref_len"])) for i in kept]
+        return [str(i["id"]) for i in kept], np.asarray(rows, dtype=np.float64).reshape(len(rows), 2)

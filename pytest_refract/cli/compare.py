@@ -30,6 +30,8 @@ def _axis(name: str, key: str) -> Callable[[dict], Optional[float]]:
 
 
 HEADLINE: List[Metric] = [
+    # What the gate reads by default (null in reports from before the verdict, or without a control).
+    ("verdict score", lambda r: (r.get("verdict") or {}).get("score"), "{:.2f}", True),
     ("composite", lambda r: r.get("composite"), "{:.2f}", True),
     ("calibrated composite", lambda r: r.get("calibrated_composite"), "{:.2f}", True),
     ("KV memory vs reference", lambda r: (r.get("kv_cache") or {}).get("vs_reference"), "{:.3f}", False),
@@ -45,6 +47,7 @@ def metrics(reports: List[dict], registry=None) -> List[Metric]:
     rows = list(HEADLINE)
     for name, axis in list(registry.items()) + [(n, generic(n)) for n in names if n not in registry]:
         rows.append((f"{name} score", _axis(name, "score"), "{:.2f}", True))
+        rows.append(("  multiple of the control's", _axis(name, "verdict.multiple"), "{:.2f}x", False))
         rows += [(label, _axis(name, key), fmt, better) for label, key, fmt, better in axis.COMPARE_METRICS]
     return rows
 
@@ -76,6 +79,8 @@ def table(reports: List[dict], names: List[str]) -> List[List[str]]:
     rows = [header, ["model"] + [r.get("model", {}).get("path", "?") for r in reports],
             ["candidate"] + [r.get("candidate", "?") for r in reports],
             ["band"] + [r.get("band") or "n/a" for r in reports]]
+    if any(r.get("verdict") for r in reports):
+        rows.insert(3, ["verdict"] + [(r.get("verdict") or {}).get("verdict") or "n/a" for r in reports])
     for label, get, fmt, better in metrics(reports):
         values = [get(r) for r in reports]
         if all(v is None for v in values):

@@ -24,11 +24,12 @@ from .sensitivity import (
     control_section,
     sensitivity_json,
 )
+from .verdicts import candidate_verdict, gate_reasons, pareto, rank
 
 FLOOR_WARN_BELOW = 99.5
 
 
-def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False) -> List[str]:
+def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False, verdict: Optional[str] = None) -> List[str]:
     """Plain-English reading of the axis pattern, most important first: what holds for any
     axis here, each scored axis's own sentences from its ``diagnose``."""
     out: List[str] = []
@@ -50,6 +51,9 @@ def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False) -> L
     by_name = dict(known(scored, registry))
     for name in [n for n in DIAGNOSIS_ORDER if n in scored] + [n for n in scored if n not in DIAGNOSIS_ORDER]:
         out += by_name[name].diagnose(scored[name], axes)
+    if verdict is not None and verdict != "PASS":
+        # The raw bands' all-clear would contradict the verdict the gate reads.
+        return out
     if not low and all(a["score"] >= BAND_FLOOR["EXCELLENT"] for a in scored.values()):
         out.append("All clear: the candidate cache tracks the f16 reference on every axis that ran.")
     elif not low:
@@ -67,6 +71,8 @@ def _candidate_section(facts: ReportFacts, role: str, results, failed, gates, co
         # What was measured stays (items); no axis claims a score for what was not.
         _mark_not_run(facts, role, axes, results, failed)
     calibrated = calibrate(axes, control, gates, s.seed, registry) if complete else {}
+    # What the default gate reads: each axis's damage as a multiple of the control's.
+    verdict = candidate_verdict(axes, control, registry, facts.self_reference[role]) if complete else None
     floor = floor_of(axes) if s.floor else None
     self_reference = facts.self_reference[role]
     for name, inputs in facts.axis_inputs.items():
@@ -75,13 +81,17 @@ def _candidate_section(facts: ReportFacts, role: str, results, failed, gates, co
     section = {
         "candidate": facts.labels[role],
         "self_reference": self_reference,
+        "verdict": verdict,
         "composite": composite,
         "band": band_for(composite),
         "composite_ci95": calibrated.get("composite_ci95"),
         "calibrated_composite": calibrated.get("calibrated_composite"),
         "calibrated_band": band_for(calibrated.get("calibrated_composite")),
         "calibrated_composite_ci95": calibrated.get("calibrated_composite_ci95"),
-        "diagnosis": diagnose(axes, registry, self_reference) + calibration_diagnosis(axes, control, registry),
+        "diagnosis": _diagnosis_led_by(verdict, diagnose(axes, registry, self_reference, (verdict or {}).get("verdict")),
+                                       self_reference)
+                     + calibration_diagnosis(axes, control, registry,
+                                             retention_sentences=s.gate_basis == "calibrated"),
         "axes": axes,
         "floor": floor,
         "custom_gates": gates,
@@ -157,10 +167,28 @@ def _context_facts(facts: ReportFacts, role: str) -> dict:
             "context_env": (facts.context_env or {}).get(role, {})}
 
 
+def _diagnosis_led_by(verdict: Optional[dict], lines: List[str], self_reference: bool) -> List[str]:
+    """The verdict leads, after only the one fact that changes how to read it (a self-reference)."""
+    first = lines[:1] if self_reference else []
+    return first + _verdict_diagnosis(verdict) + lines[len(first):]
+
+
+def _verdict_diagnosis(verdict: Optional[dict]) -> List[str]:
+    """The verdict first: what it is, on what, and what an UNDECIDED one asks for."""
+    if verdict is None:
+        return []
+    out = [f"Verdict {verdict['headline']}."]
+    out += [f"The yardstick is broken: {p}." for p in verdict["control_problems"]]
+    out += [f"To decide: {a}." for a in verdict.get("advice", []) if "fix the control" not in a]
+    return out
+
+
 def _gate(facts: ReportFacts, section: dict, complete: bool) -> dict:
     s = facts.settings
     composite, axes = section["composite"], section["axes"]
     basis = s.gate_basis
+    if basis == "verdict":
+        return _verdict_gate(facts, section, complete)
     gated = section["calibrated_composite"] if basis == "calibrated" else composite
     name = "calibrated composite" if basis == "calibrated" else "composite"
     reasons = []
@@ -186,6 +214,44 @@ def _gate(facts: ReportFacts, section: dict, complete: bool) -> dict:
 
         reasons += baseline_reasons(facts.baseline, section["candidate"], axes, composite, s.max_drop, s.as_dict())
     return {"passed": not reasons, "threshold": s.fail_under, "basis": basis, "reasons": reasons}
+
+
+def _verdict_gate(facts: ReportFacts, section: dict, complete: bool) -> dict:
+    """The default gate: the verdict (FAIL fails, UNDECIDED fails unless --refract-undecided=pass,
+    a broken control fails), and the verdict score against --refract-fail-under."""
+    s = facts.settings
+    composite, axes = section["composite"], section["axes"]
+    reasons: List[str] = []
+    verdict = section.get("verdict")
+    if not complete:
+        reasons.append("the run was interrupted; an incomplete audit never passes the gate")
+    elif composite is None and not axes and not section["custom_gates"]:
+        pass  # only fixture measurements without a gate: nothing to gate on
+    elif composite is None:
+        broken = [n for n, a in axes.items() if a.get("score") is None and a.get("status") != "n/a"]
+        reasons.append(f"no composite: {', '.join(broken)} could not be scored (items failed to measure)")
+    elif not axes:
+        # Only custom gates: no axis for a verdict; their own scores against the threshold.
+        if composite < s.fail_under:
+            reasons.append(f"composite {composite:.2f} is below --refract-fail-under={s.fail_under_text} ({s.fail_under:g})")
+    else:
+        reasons += gate_reasons(verdict, s.undecided)
+        score = (verdict or {}).get("score")
+        if score is not None and score < s.fail_under:
+            reasons.append(f"verdict score {score:.2f} is below --refract-fail-under={s.fail_under_text} "
+                           f"({s.fail_under:g})")
+        low_gates = {n: g for n, g in section["custom_gates"].items() if g < s.fail_under}
+        for name, g in low_gates.items():
+            reasons.append(f"custom gate {name} {g:.2f} is below --refract-fail-under={s.fail_under_text} "
+                           f"({s.fail_under:g})")
+    if facts.baseline is not None and complete:
+        from .baseline import baseline_for, drops
+
+        base = baseline_for(facts.baseline, section["candidate"])
+        if base is not None:
+            reasons += drops(base, axes, composite, s.max_drop)
+    return {"passed": not reasons, "threshold": s.fail_under, "basis": "verdict", "undecided": s.undecided,
+            "verdict": (verdict or {}).get("verdict"), "reasons": reasons}
 
 
 def build_report(
@@ -227,10 +293,15 @@ def build_report(
         settings["gpu_layers_note"] = facts.gpu_note  # settings.gpu_layers is what ran: 0
     for name, as_run in facts.axis_settings.items():
         settings.setdefault(name, {}).update(as_run)  # e.g. R-NIAH's lengths as capped to the model
-    # Ranked by what the gate reads: the calibrated composite by default.
-    rank_key = "calibrated_composite" if s.gate_basis == "calibrated" else "composite"
-    ranked = sorted(sections, key=lambda sec: (sec[rank_key] is None, -(sec[rank_key] or 0.0),
-                                               sec["composite"] is None, -(sec["composite"] or 0.0)))
+    # Ranked by what the gate reads: by default the verdict (the smallest cache that PASSes
+    # first, then the rest by damage); otherwise the composite the gate compares.
+    if s.gate_basis == "verdict":
+        ranked = rank(sections)
+    else:
+        rank_key = "calibrated_composite" if s.gate_basis == "calibrated" else "composite"
+        ranked = sorted(sections, key=lambda sec: (sec[rank_key] is None, -(sec[rank_key] or 0.0),
+                                                   sec["composite"] is None, -(sec["composite"] or 0.0)))
+    front = pareto(sections)
     all_items = [r for per_axis in results.values() for items in per_axis.values() for r in items.values()]
     report = {
         "schema": SCHEMA,
@@ -254,6 +325,7 @@ def build_report(
         "kv_cache": first.get("kv_cache"),
         "candidate": first["candidate"],
         "self_reference": first["self_reference"],
+        "verdict": first["verdict"],
         "settings": settings,
         "repro_command": "pytest " + " ".join(shlex.quote(a) for a in _portable_args(invocation_args)),
         "composite": first["composite"],
@@ -262,14 +334,23 @@ def build_report(
         "calibrated_composite": first["calibrated_composite"],
         "calibrated_band": first["calibrated_band"],
         "calibrated_composite_ci95": first["calibrated_composite_ci95"],
-        "gate": {"passed": not reasons, "threshold": s.fail_under, "basis": s.gate_basis, "reasons": reasons},
+        "gate": {"passed": not reasons, "threshold": s.fail_under, "basis": s.gate_basis, "reasons": reasons,
+                 **({"undecided": s.undecided} if s.gate_basis == "verdict" else {})},
         "sensitivity": sensitivity_json(facts, control, registry),
         "diagnosis": first["diagnosis"],
         "axes": first["axes"],
         "custom": {"gates": first["custom_gates"], "measurements": custom},
         "floor": first["floor"],
         "candidates": sections,
-        "ranking": [{"candidate": sec["candidate"], "composite": sec["composite"], "band": sec["band"],
+        "ranking": [{"candidate": sec["candidate"],
+                     "verdict": (sec["verdict"] or {}).get("verdict"),
+                     "verdict_score": (sec["verdict"] or {}).get("score"),
+                     "multiples": {n: {k: v.get(k) for k in ("basis", "multiple", "multiple_ci95", "damage",
+                                                              "damage_ci95", "verdict")}
+                                   for n, v in ((sec["verdict"] or {}).get("axes") or {}).items()},
+                     "kv_bytes_per_token": _kv_bytes(sec),
+                     "pareto": front.get(sec["candidate"], False),
+                     "composite": sec["composite"], "band": sec["band"],
                      "composite_ci95": sec["composite_ci95"], "calibrated_composite": sec["calibrated_composite"],
                      "calibrated_band": sec["calibrated_band"],
                      "calibrated_composite_ci95": sec["calibrated_composite_ci95"],
@@ -304,6 +385,12 @@ def build_report(
         report["baseline"] = {"path": s.baseline_path, "composite": facts.baseline.get("composite"),
                               "timestamp": facts.baseline.get("timestamp"), "max_drop": s.max_drop}
     return report
+
+
+def _kv_bytes(section: dict):
+    from .verdicts import kv_bytes
+
+    return kv_bytes(section)
 
 
 def _portable_args(args: List[str]) -> List[str]:

@@ -99,9 +99,12 @@ def calibrate(axes: Dict[str, dict], control: Optional[dict], gates: Dict[str, f
     return out
 
 
-def calibration_diagnosis(axes: Dict[str, dict], control: Optional[dict], registry) -> List[str]:
+def calibration_diagnosis(axes: Dict[str, dict], control: Optional[dict], registry,
+                          retention_sentences: bool = True) -> List[str]:
     """What the control says about this candidate's drift, axis by axis, then what each axis
-    adds about itself (the trajectory axis: near-tie flips or confident changes)."""
+    adds about itself (the trajectory axis: near-tie flips or confident changes). Where the
+    verdict leads the report, ``retention_sentences=False`` leaves out the older retention
+    reading ("indistinguishable", "calibrated ..."), which could contradict it."""
     if control is None:
         return []
     out: List[str] = []
@@ -117,6 +120,8 @@ def calibration_diagnosis(axes: Dict[str, dict], control: Optional[dict], regist
             worse.append(f"{name} {a['score']:.2f} vs control {cal['control_score']:.2f} (excess damage {lo:.2f} to "
                          f"{hi:.2f} points, calibrated {cal['calibrated_score']:.2f})")
     control_name = control["config"]
+    if not retention_sentences:
+        same, worse = [], []
     if same:
         out.append(f"Within the model's rounding sensitivity on {', '.join(same)}: statistically indistinguishable from "
                    f"the control ({control_name}).")

@@ -51,8 +51,12 @@ def render(tr, report: dict, json_path, registry=None) -> None:
         _render_ranking(tr, report["ranking"], registry, report.get("gate", {}).get("basis"))
     gate = report.get("gate", {})
     tr.write_line("")
-    basis = "calibrated composite" if gate.get("basis") == "calibrated" else "composite"
-    if gate.get("passed"):
+    basis = {"calibrated": "calibrated composite", "raw": "composite"}.get(gate.get("basis"))
+    if gate.get("passed") and basis is None:
+        tr.write_line("gate: passed (verdict PASS on every axis"
+                      + (", UNDECIDED accepted by --refract-undecided=pass" if gate.get("undecided") == "pass" else "")
+                      + ")", green=True)
+    elif gate.get("passed"):
         tr.write_line(f"gate: passed ({basis} ≥ {gate['threshold']:g})", green=True)
     else:
         for reason in gate.get("reasons", []):
@@ -61,7 +65,49 @@ def render(tr, report: dict, json_path, registry=None) -> None:
         tr.write_line(f"JSON report: {json_path}")
 
 
+_VERDICT_COLOURS = {"PASS": "green", "UNDECIDED": "yellow", "FAIL": "red", None: "red"}
+
+
+def _multiple_text(m: dict) -> str:
+    """ "2.5x [2.4, 2.6]" or, without a usable control, the damage against the tolerance."""
+    if m.get("basis") == "multiple" and m.get("multiple") is not None:
+        ci = m.get("multiple_ci95")
+        return f"{m['multiple']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+    if m.get("basis") == "absolute" and m.get("damage") is not None:
+        ci = m.get("damage_ci95")
+        return f"D {m['damage']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+    return "n/a"
+
+
+def _render_verdict(tr, report: dict) -> None:
+    """The candidate's headline: what the gate reads."""
+    v = report.get("verdict")
+    if not v:
+        return
+    tr.write("verdict    ", bold=True)
+    tr.write(f"{v['verdict']:<10}", bold=True, **{_VERDICT_COLOURS.get(v["verdict"], "red"): True})
+    score = v.get("score")
+    tr.write_line(f"score {score:.2f} (damage as a multiple of the control's)" if score is not None else "")
+    for name, a in v["axes"].items():
+        if a["basis"] == "multiple" and a.get("multiple") is not None:
+            what = f"{a['label']} {_multiple_text(a)} the control's (margin {a['margin']:g}x)"
+        elif a["basis"] == "absolute" and a.get("damage") is not None:
+            what = f"{a['label']} {_multiple_text(a)}, tolerance {a['margin']:g} ({a['reason']})"
+        else:
+            what = a.get("reason") or ""
+        tr.write(f"  {name:<11}")
+        tr.write(f"{a['verdict']:<10}", **{_VERDICT_COLOURS.get(a["verdict"], "red"): True})
+        tr.write_line(what)
+    for line in v.get("control_problems", []):
+        tr.write_line(f"  yardstick broken: {line}", red=True)
+    for line in v.get("advice", []):
+        tr.write_line(f"  to decide: {line}", yellow=True)
+
+
 def _render_ranking(tr, ranking, registry, basis=None) -> None:
+    if basis == "verdict":
+        _render_verdict_ranking(tr, ranking)
+        return
     tr.write_line("")
     by = "the calibrated one, which the gate reads" if basis == "calibrated" else "raw, which the gate reads"
     tr.write_line(f"candidates ranked by composite ({by}; which config to ship; the control is never ranked):",
@@ -79,6 +125,23 @@ def _render_ranking(tr, ranking, registry, basis=None) -> None:
         tr.write(f"{(r['band'] or 'NO SCORE'):<10}", **{_COLOURS.get(r["band"], "red"): True})
         tr.write(f"{_ci(r.get('composite_ci95')).strip():<18}")
         tr.write_line(cells + ("?" if kv is None else f"{100 * kv:.0f}% of reference"))
+
+
+def _render_verdict_ranking(tr, ranking) -> None:
+    tr.write_line("")
+    tr.write_line("which config to ship: the smallest KV cache that PASSes first, then the rest by damage "
+                  "(the control is never ranked):", bold=True)
+    axes = list(dict.fromkeys(n for r in ranking for n in (r.get("multiples") or {})))
+    tr.write_line("  #  " + "candidate".ljust(28) + "verdict    " + "".join(a.ljust(24) for a in axes)
+                  + "KV bytes/token  pareto  raw composite")
+    for i, r in enumerate(ranking, start=1):
+        tr.write(f"  {i}  {r['candidate'][:27]:<28}")
+        tr.write(f"{(r.get('verdict') or 'n/a'):<11}", **{_VERDICT_COLOURS.get(r.get("verdict"), "red"): True})
+        cells = "".join(_multiple_text((r.get("multiples") or {}).get(a) or {}).ljust(24) for a in axes)
+        kv = r.get("kv_bytes_per_token")
+        raw = r.get("composite")
+        tr.write_line(cells + ("?" if kv is None else f"{kv:.0f}").ljust(16) + ("yes" if r.get("pareto") else "no").ljust(8)
+                      + ("n/a" if raw is None else f"{raw:.2f} {r.get('band') or ''}"))
 
 
 def _rotation_text(rotation: dict) -> str:
@@ -109,6 +172,10 @@ def _render_candidate(tr, report: dict, registry) -> None:
     tr.write_line(f"candidate  {report['candidate']}" + ("   (self-reference)" if report.get("self_reference") else "")
                   + (f"   (llama.cpp: {_rotation_text(report['rotation'])})" if report.get("rotation") else ""))
     tr.write_line("")
+    _render_verdict(tr, report)
+    if report.get("verdict"):
+        tr.write_line("")
+        tr.write_line("raw seed-defined scores (REFRACT-comparable; the gate reads the verdict above):")
     for name, axis in known(report["axes"], registry):
         section = report["axes"][name]
         band = section.get("band")
@@ -121,7 +188,7 @@ def _render_candidate(tr, report: dict, registry) -> None:
         if section.get("ci95") or section.get("calibration"):
             cal = section.get("calibration") or {}
             beside = ""
-            if cal:
+            if cal and not report.get("verdict"):
                 verdict = "indistinguishable from the control" if cal.get("indistinguishable") else "beyond the control"
                 beside = (f"; control {_fmt(cal.get('control_score')).strip()}{_ci(cal.get('control_ci95'))}; "
                           f"calibrated {_fmt(cal.get('calibrated_score')).strip()} ({verdict})")
@@ -138,10 +205,12 @@ def _render_candidate(tr, report: dict, registry) -> None:
     tr.write_line("")
     composite = report.get("composite")
     band = report.get("band")
-    tr.write("composite  " + _fmt(composite) + " ", bold=True)
-    tr.write(band or "NO SCORE", **{_COLOURS.get(band, "red"): True, "bold": True})
-    tr.write_line(f"  95% CI{_ci(report.get('composite_ci95'))}" if report.get("composite_ci95") else "")
-    if report.get("calibrated_composite") is not None:
+    verdict_led = bool(report.get("verdict"))
+    tr.write("composite  " + _fmt(composite) + " ", bold=not verdict_led)
+    tr.write(band or "NO SCORE", **{_COLOURS.get(band, "red"): True, "bold": not verdict_led})
+    ci_text = f"  95% CI{_ci(report.get('composite_ci95'))}" if report.get("composite_ci95") else ""
+    tr.write_line(ci_text + ("  (raw, REFRACT-comparable; not what the gate reads)" if verdict_led else ""))
+    if report.get("calibrated_composite") is not None and not verdict_led:
         cband = report.get("calibrated_band")
         tr.write("calibrated " + _fmt(report["calibrated_composite"]) + " ", bold=True)
         tr.write(cband or "NO SCORE", **{_COLOURS.get(cband, "red"): True, "bold": True})

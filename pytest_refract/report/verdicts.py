@@ -1,0 +1,126 @@
+"""The verdict in the report: per candidate, each axis's damage as a multiple of the control's
+with its interval and PASS / FAIL / UNDECIDED (scoring/verdict.py), the run's verdict, what the
+gate reads of it, and the ranking by it. Pure functions of the report's data."""
+
+from __future__ import annotations
+
+from typing import Dict, List, Optional
+
+from ..axes import known
+from ..scoring import verdict as V
+from .sensitivity import items_of
+
+
+def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
+                      self_reference: bool = False) -> Optional[dict]:
+    """The run verdict of one candidate (JSON-able), each axis's written into its section under
+    "verdict"; None without a control (no yardstick: the gate says so)."""
+    if control is None:
+        return None
+    per_axis: Dict[str, V.AxisVerdict] = {}
+    for name, axis in known(axes, registry):
+        section = axes[name]
+        if section.get("status") == "n/a":
+            continue
+        ctrl = (control.get("axes") or {}).get(name)
+        if section.get("score") is None or ctrl is None or ctrl.get("score") is None:
+            side = "the candidate" if section.get("score") is None else "the control"
+            v = V.AxisVerdict(name, V.member(axis, "DAMAGE_LABEL", name), V.UNDECIDED, "multiple",
+                              float(V.member(axis, "MARGIN", V.DEFAULT_MARGIN)), 0,
+                              reason=f"{side} has no score on {name}")
+        else:
+            v = V.axis_verdict(axis, items_of(section, axis), items_of(ctrl, axis), control_score=ctrl["score"],
+                               same_computation=self_reference)
+        section["verdict"] = v.as_json()
+        per_axis[name] = v
+    run = V.run_verdict(per_axis)
+    out = run.as_json()
+    out["band"] = _band_of_score(run.score)
+    out["advice"] = [V.undecided_advice(v) for v in per_axis.values() if v.verdict == V.UNDECIDED]
+    return out
+
+
+def _band_of_score(score: Optional[float]) -> Optional[str]:
+    from ..scoring.metrics import band_for
+
+    return band_for(score)
+
+
+def gate_reasons(verdict: Optional[dict], undecided: str) -> List[str]:
+    """Why the verdict gate fails (empty: it passes)."""
+    if verdict is None:
+        return ["no verdict: without the sensitivity control there is no yardstick to measure damage against; "
+                "keep the control or use --refract-gate=raw"]
+    reasons = [f"the yardstick is broken: {p}" for p in verdict["control_problems"]]
+    axes = verdict["axes"].values()
+    failed = [a for a in axes if a["verdict"] == V.FAIL]
+    if failed:
+        reasons.append("verdict FAIL: " + "; ".join(_beyond(a) for a in failed))
+    undecided_axes = [a for a in axes if a["verdict"] == V.UNDECIDED and a["basis"] != "broken control"]
+    if undecided_axes and not failed and undecided == "fail":
+        reasons.append("verdict UNDECIDED: the data cannot yet tell whether the damage is within the margin ("
+                       + "; ".join(_open(a) for a in undecided_axes) + "); measure more items, or accept with "
+                       "--refract-undecided=pass")
+    return reasons
+
+
+def _beyond(a: dict) -> str:
+    if a["basis"] == "absolute":
+        lo = a["damage_ci95"][0]
+        return f"{a['axis']} {a['label']} at least {lo:.4g}, beyond the absolute tolerance {a['margin']:g}"
+    lo = a["multiple_ci95"][0]
+    return f"{a['axis']} {a['label']} at least {lo:.3g}x the control's, beyond the {a['margin']:g}x margin"
+
+
+def _open(a: dict) -> str:
+    v = V.AxisVerdict(**a)
+    return f"{v.headline()}; {V.undecided_advice(v)}"
+
+
+def headline(verdict: Optional[dict]) -> str:
+    """One line: the verdict and every axis's multiple with its interval."""
+    if verdict is None:
+        return "no verdict (no sensitivity control)"
+    return verdict["headline"]
+
+
+_ORDER = {V.PASS: 0, V.UNDECIDED: 1, V.FAIL: 2, None: 3}
+
+
+def kv_bytes(section: dict) -> Optional[float]:
+    """The candidate's KV cache per token: llama.cpp's allocation where it logged one, else the
+    computed size (kv_cache)."""
+    alloc = section.get("kv_allocation") or {}
+    if alloc.get("bytes_per_token"):
+        return float(alloc["bytes_per_token"])
+    own = (section.get("kv_cache") or {}).get("bytes_per_token")
+    return float(own) if own else None
+
+
+def rank(sections: List[dict]) -> List[dict]:
+    """Which config to ship: the PASSing candidates from the smallest KV cache up, then the rest
+    by damage (UNDECIDED before FAIL, then the higher verdict score first)."""
+    def key(sec):
+        v = sec.get("verdict") or {}
+        verdict = v.get("verdict")
+        kv = kv_bytes(sec)
+        score = v.get("score")
+        if verdict == V.PASS:
+            return (0, kv is None, kv or 0.0, -(score or 0.0))
+        return (1 + _ORDER.get(verdict, 3), score is None, -(score or 0.0), kv or 0.0)
+
+    return sorted(sections, key=key)
+
+
+def pareto(sections: List[dict]) -> Dict[str, bool]:
+    """Candidate label -> on the memory/damage Pareto front (no other candidate has a cache at
+    most as large and a verdict score at least as high, one of them strictly)."""
+    points = {s["candidate"]: (kv_bytes(s), (s.get("verdict") or {}).get("score")) for s in sections}
+    out = {}
+    for name, (kv, score) in points.items():
+        if kv is None or score is None:
+            out[name] = False
+            continue
+        out[name] = not any(k is not None and sc is not None and k <= kv and sc >= score and (k < kv or sc > score)
+                            for other, (k, sc) in points.items() if other != name)
+    return out
