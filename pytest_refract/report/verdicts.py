@@ -8,7 +8,6 @@ from typing import Dict, List, Optional
 
 from ..axes import known
 from ..scoring import verdict as V
-from .sensitivity import items_of
 
 
 def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
@@ -29,7 +28,7 @@ def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
                               float(V.member(axis, "MARGIN", V.DEFAULT_MARGIN)), 0,
                               reason=f"{side} has no score on {name}")
         else:
-            v = V.axis_verdict(axis, items_of(section, axis), items_of(ctrl, axis), control_score=ctrl["score"],
+            v = V.axis_verdict(axis, axis.section_items(section), axis.section_items(ctrl), control_score=ctrl["score"],
                                same_computation=self_reference)
         section["verdict"] = v.as_json()
         per_axis[name] = v
