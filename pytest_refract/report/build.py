@@ -206,14 +206,23 @@ def _gate(facts: ReportFacts, section: dict, complete: bool) -> dict:
                        "select the control's items or use --refract-gate=raw")
     elif gated < s.fail_under:
         reasons.append(f"{name} {gated:.2f} is below --refract-fail-under={s.fail_under_text} ({s.fail_under:g})")
+    reasons += _trust_reasons(facts, section, complete)
+    return {"passed": not reasons, "threshold": s.fail_under, "basis": basis, "reasons": reasons}
+
+
+def _trust_reasons(facts: ReportFacts, section: dict, complete: bool) -> List[str]:
+    """What fails any gate, whatever it reads: a model that cannot show cache damage, and a
+    baseline that was not met (or never measured this candidate)."""
     from .vacuous import vacuous_reasons
 
-    reasons += vacuous_reasons(axes, (facts.model or {}).get("n_vocab"))
+    s, axes = facts.settings, section["axes"]
+    reasons = vacuous_reasons(axes, (facts.model or {}).get("n_vocab"))
     if facts.baseline is not None and complete:
         from .baseline import baseline_reasons
 
-        reasons += baseline_reasons(facts.baseline, section["candidate"], axes, composite, s.max_drop, s.as_dict())
-    return {"passed": not reasons, "threshold": s.fail_under, "basis": basis, "reasons": reasons}
+        reasons += baseline_reasons(facts.baseline, section["candidate"], axes, section["composite"], s.max_drop,
+                                    s.as_dict())
+    return reasons
 
 
 def _verdict_gate(facts: ReportFacts, section: dict, complete: bool) -> dict:
@@ -228,8 +237,9 @@ def _verdict_gate(facts: ReportFacts, section: dict, complete: bool) -> dict:
     elif composite is None and not axes and not section["custom_gates"]:
         pass  # only fixture measurements without a gate: nothing to gate on
     elif composite is None:
-        broken = [n for n, a in axes.items() if a.get("score") is None and a.get("status") != "n/a"]
-        reasons.append(f"no composite: {', '.join(broken)} could not be scored (items failed to measure)")
+        from .baseline import no_composite_reason
+
+        reasons.append(no_composite_reason(axes))
     elif not axes:
         # Only custom gates: no axis for a verdict; their own scores against the threshold.
         if composite < s.fail_under:
@@ -244,12 +254,7 @@ def _verdict_gate(facts: ReportFacts, section: dict, complete: bool) -> dict:
         for name, g in low_gates.items():
             reasons.append(f"custom gate {name} {g:.2f} is below --refract-fail-under={s.fail_under_text} "
                            f"({s.fail_under:g})")
-    if facts.baseline is not None and complete:
-        from .baseline import baseline_for, drops
-
-        base = baseline_for(facts.baseline, section["candidate"])
-        if base is not None:
-            reasons += drops(base, axes, composite, s.max_drop)
+    reasons += _trust_reasons(facts, section, complete)
     return {"passed": not reasons, "threshold": s.fail_under, "basis": "verdict", "undecided": s.undecided,
             "verdict": (verdict or {}).get("verdict"), "reasons": reasons}
 
