@@ -43,7 +43,9 @@ def test_gemma3_full_audit_runs_as_users_run_it(pytester, gemma3, prompts_file, 
     text = result.stdout.str() + result.stderr.str()
     assert "Traceback" not in text
     data = read_report(report)
-    assert result.ret == (1 if data["calibrated_composite"] < 60 else 0)
+    # The exit status is the gate's (the verdict on two chunks and a few prompts may well be
+    # UNDECIDED: this test is about the model running, the verdict's own tests are elsewhere).
+    assert result.ret == (0 if data["gate"]["passed"] else 1), data["gate"]
     assert data["model"]["architecture"] == "gemma3" and data["model"]["path"] == "gemma-3-270m-q4_k_m.gguf"
     assert set(data["axes"]) == {"trajectory", "kld", "rniah", "plad"}
     kld = data["axes"]["kld"]
