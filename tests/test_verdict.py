@@ -233,3 +233,13 @@ def test_a_self_reference_zero_is_exact():
     assert V.axis_verdict(ns, items, items).verdict == "UNDECIDED"
     exact = V.axis_verdict(ns, items, items, same_computation=True)
     assert exact.verdict == "PASS" and exact.damage_ci95 == [0.0, 0.0]
+
+
+def test_a_zero_width_interval_still_holds_its_point():
+    """Every item at the same ratio (3 flips of 1 for the candidate per item of the control's
+    damage): exp(log M) came back a last bit above M, so the interval missed its point and the
+    verdict said FAIL for a multiple exactly at the margin."""
+    v = verdict_of(*_as_tables([3, 3, 3], [1, 1, 1], [0, 0, 0]))
+    lo, hi = v.multiple_ci95
+    assert lo <= v.multiple <= hi
+    assert v.multiple == 3.0 and v.verdict != "FAIL"

@@ -148,7 +148,10 @@ def multiple_interval(candidate: np.ndarray, control: np.ndarray, damage=ratio_o
     se = _jackknife_se(loo)
     t = t_quantile(0.5 + level / 2, n - 1)
     log_m = math.log(point)
-    return Estimate(point, math.exp(log_m - t * se), math.exp(log_m + t * se), se, n)
+    # exp(log(M)) need not give M back to the last bit: with a zero-width interval (every item
+    # at the same ratio) the ends could miss the point and decide a verdict the point does not
+    # support. The interval always holds its point.
+    return Estimate(point, min(point, math.exp(log_m - t * se)), max(point, math.exp(log_m + t * se)), se, n)
 
 
 def damage_interval(table: np.ndarray, damage=ratio_of_sums, level: float = LEVEL,
