@@ -185,29 +185,37 @@ def _verdict_diagnosis(verdict: Optional[dict]) -> List[str]:
 
 def _gate(facts: ReportFacts, section: dict, complete: bool) -> dict:
     s = facts.settings
-    composite, axes = section["composite"], section["axes"]
     basis = s.gate_basis
     if basis == "verdict":
         return _verdict_gate(facts, section, complete)
-    gated = section["calibrated_composite"] if basis == "calibrated" else composite
+    gated = section["calibrated_composite"] if basis == "calibrated" else section["composite"]
     name = "calibrated composite" if basis == "calibrated" else "composite"
-    reasons = []
-    if not complete:
-        reasons.append("the run was interrupted; an incomplete audit never passes the gate")
-    elif composite is None and not axes and not section["custom_gates"]:
-        pass  # only fixture measurements without a gate: nothing to gate on
-    elif composite is None:
-        from .baseline import no_composite_reason
-
-        reasons.append(no_composite_reason(axes))
-    elif gated is None:
-        reasons.append("no calibrated composite: the sensitivity control has no score on every axis that ran (its "
-                       "items failed or were deselected); the gate never substitutes the raw composite silently: "
-                       "select the control's items or use --refract-gate=raw")
-    elif gated < s.fail_under:
-        reasons.append(f"{name} {gated:.2f} is below --refract-fail-under={s.fail_under_text} ({s.fail_under:g})")
+    reasons = _ungated_reasons(section, complete)
+    if reasons is None:
+        reasons = []
+        if gated is None:
+            reasons.append("no calibrated composite: the sensitivity control has no score on every axis that ran (its "
+                           "items failed or were deselected); the gate never substitutes the raw composite silently: "
+                           "select the control's items or use --refract-gate=raw")
+        elif gated < s.fail_under:
+            reasons.append(f"{name} {gated:.2f} is below --refract-fail-under={s.fail_under_text} ({s.fail_under:g})")
     reasons += _trust_reasons(facts, section, complete)
     return {"passed": not reasons, "threshold": s.fail_under, "basis": basis, "reasons": reasons}
+
+
+def _ungated_reasons(section: dict, complete: bool) -> Optional[List[str]]:
+    """What every gate says before it reads its basis: an interrupted run fails, fixture
+    measurements without a gate have nothing to gate on (no reason), and a composite that could
+    not be formed fails naming why. None when the section can be gated."""
+    if not complete:
+        return ["the run was interrupted; an incomplete audit never passes the gate"]
+    if section["composite"] is None and not section["axes"] and not section["custom_gates"]:
+        return []
+    if section["composite"] is None:
+        from .baseline import no_composite_reason
+
+        return [no_composite_reason(section["axes"])]
+    return None
 
 
 def _trust_reasons(facts: ReportFacts, section: dict, complete: bool) -> List[str]:
@@ -230,21 +238,14 @@ def _verdict_gate(facts: ReportFacts, section: dict, complete: bool) -> dict:
     a broken control fails), and the verdict score against --refract-fail-under."""
     s = facts.settings
     composite, axes = section["composite"], section["axes"]
-    reasons: List[str] = []
     verdict = section.get("verdict")
-    if not complete:
-        reasons.append("the run was interrupted; an incomplete audit never passes the gate")
-    elif composite is None and not axes and not section["custom_gates"]:
-        pass  # only fixture measurements without a gate: nothing to gate on
-    elif composite is None:
-        from .baseline import no_composite_reason
-
-        reasons.append(no_composite_reason(axes))
-    elif not axes:
+    ungated = _ungated_reasons(section, complete)
+    reasons: List[str] = ungated or []
+    if ungated is None and not axes:
         # Only custom gates: no axis for a verdict; their own scores against the threshold.
         if composite < s.fail_under:
             reasons.append(f"composite {composite:.2f} is below --refract-fail-under={s.fail_under_text} ({s.fail_under:g})")
-    else:
+    elif ungated is None:
         reasons += gate_reasons(verdict, s.undecided)
         score = (verdict or {}).get("score")
         if score is not None and score < s.fail_under:
