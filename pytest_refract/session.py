@@ -16,7 +16,7 @@ from . import settings as settings_mod
 from .audit.results import ItemResult
 from .errors import MeasurementError, UsageProblem
 from .fixtures import CUSTOM_RESULTS
-from .report.facts import ReportFacts
+from .report.record import RunRecord
 
 _STASH_KEY = pytest.StashKey["RefractSession"]()
 
@@ -136,7 +136,7 @@ class RefractSession:
         if runner.settings.baseline_path:
             from .report.baseline import load_baseline
 
-            self.baseline = load_baseline(runner.settings.baseline_path, runner.model_facts(),
+            self.baseline = load_baseline(runner.settings.baseline_path, runner.model_summary(),
                                           runner.settings.reference.label())
 
     def pytest_sessionstart(self, session):
@@ -263,7 +263,7 @@ class RefractSession:
             return  # nothing selected and nothing stopped: there is nothing to report
         complete = not self.interrupted and not session.shouldstop
         selected = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem))
-        facts = gather_facts(self.runner, self.baseline, wall_s=time.time() - self.started, items_selected=selected)
+        facts = gather_record(self.runner, self.baseline, wall_s=time.time() - self.started, items_selected=selected)
         self.report = build_report(facts=facts, results=self.results, failed=self.failed, custom=self.custom,
                                    invocation_args=list(self.config.invocation_params.args), complete=complete,
                                    registry=self.runner.axes, repeats=self.repeats)
@@ -315,7 +315,7 @@ class RefractSession:
         self.runner.close()
 
 
-def gather_facts(runner, baseline: Optional[dict], *, wall_s: Optional[float] = None, items_selected: Optional[int] = None) -> ReportFacts:
+def gather_record(runner, baseline: Optional[dict], *, wall_s: Optional[float] = None, items_selected: Optional[int] = None) -> RunRecord:
     """The facts of ``runner`` (an audit.runner.Runner): only its public members. ``wall_s`` and
     ``items_selected`` are the session's: its wall time so far, and its items after -k/-m."""
     import copy
@@ -336,7 +336,7 @@ def gather_facts(runner, baseline: Optional[dict], *, wall_s: Optional[float] = 
             axis_inputs[name] = section
         if settings:
             axis_settings[name] = settings
-    return ReportFacts(
+    return RunRecord(
         settings=runner.settings,
         candidate_roles=tuple(runner.candidate_roles),
         labels=dict(runner.labels),
@@ -350,10 +350,10 @@ def gather_facts(runner, baseline: Optional[dict], *, wall_s: Optional[float] = 
         rotation={r: runner.rotation(r) for r in roles},
         kv_allocation={r: runner.kv_allocation(r) for r in roles},
         context_env={r: dict(runner.context_env.get(r, {})) for r in roles},
-        kv_cache={r: runner.kv_cache_facts(r) for r in runner.candidate_roles},
+        kv_cache={r: runner.kv_memory_summary(r) for r in runner.candidate_roles},
         reference_kv_bytes_per_token=runner.kv_bytes_per_token("reference"),
         kv_bytes_peak=runner.kv_bytes_peak or None,
-        model=runner.model_facts(),
+        model=runner.model_summary(),
         host={"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
         reference_cache_enabled=runner.reference.cache.enabled,
         reference_cache_read=runner.reference.read,

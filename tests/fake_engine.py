@@ -18,7 +18,7 @@ import numpy as np
 
 from pytest_refract.engines.base import Context, ContextRefused, ContextSettings, context_for, padded
 from pytest_refract.engines.kvconfig import CacheType
-from pytest_refract.engines.kvlog import CacheAllocation, KVFacts
+from pytest_refract.engines.kvlog import CacheAllocation, CacheLog
 
 N_VOCAB = 96
 BOS, EOS = 1, 2
@@ -104,7 +104,7 @@ class Engine:
         cells = settings.n_ctx
         per_side = [row_size(t.ggml_type, N_HEAD_KV * HEAD) * N_LAYER * cells / 2**20 for t in types]
         k_type, warning = SUBSTITUTE.get(types[0].name, (types[0].name, None))
-        facts = KVFacts(rotation_k=False, rotation_v=False,
+        facts = CacheLog(rotation_k=False, rotation_v=False,
                         caches=[CacheAllocation(cells, k_type, per_side[0], types[1].name, per_side[1])],
                         warnings=[warning] if warning else [])
         return facts, {}

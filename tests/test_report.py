@@ -221,11 +221,11 @@ def test_diagnose_unscored_axis_and_self_reference():
 def test_floor_below_threshold_is_a_loud_warning():
     from types import SimpleNamespace
 
-    from pytest_refract.report.facts import ReportFacts
+    from pytest_refract.report.record import RunRecord
     from pytest_refract.report.build import _candidate_section
 
     settings = SimpleNamespace(floor=True, repeat=1, fail_under=60.0, fail_under_text="FAIL", seed=0, gate_basis="raw")
-    facts = ReportFacts(settings=settings, self_reference={"cand0": False}, labels={"cand0": "ctk=q8_0,ctv=q8_0"})
+    facts = RunRecord(settings=settings, self_reference={"cand0": False}, labels={"cand0": "ctk=q8_0,ctv=q8_0"})
     item = {"id": "a", "category": "c", "prefix_agreement": 8, "ref_len": 8, "cand_len": 8, "first_divergence": None,
             "full_match": True, "teacher_forced_kld": 0.0, "wall_s": 1.0,
             "floor": {"prefix_agreement": 4, "ref_len": 8, "cand_len": 8, "teacher_forced_kld": 0.1}}

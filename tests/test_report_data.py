@@ -20,7 +20,7 @@ from pytest_refract.report import terminal as summary
 from pytest_refract.axes import BUILTIN, resolve
 from pytest_refract.axes.plad import item_score
 from pytest_refract.errors import UsageProblem
-from pytest_refract.report.facts import ReportFacts
+from pytest_refract.report.record import RunRecord
 from pytest_refract.engines.kvconfig import parse_kv_config
 from pytest_refract.report.build import build_report
 from pytest_refract.report.jsonio import dumps
@@ -96,7 +96,7 @@ def _length(k: int) -> dict:
             for i in range(3)}
 
 
-def _facts(**changes) -> ReportFacts:
+def _facts(**changes) -> RunRecord:
     s = changes.pop("settings", None) or _settings()
     values = dict(
         settings=s, candidate_roles=("cand0", "cand1"),
@@ -119,7 +119,7 @@ def _facts(**changes) -> ReportFacts:
         selected={r: {"trajectory": 3, "kld": 2, "rniah": 1, "plad": 2} for r in ("cand0", "cand1")},
         items_selected=16, wall_s=1.5)
     values.update(changes)
-    return ReportFacts(**values)
+    return RunRecord(**values)
 
 
 def _inputs(registry=None, complete=True, **fact_changes) -> dict:

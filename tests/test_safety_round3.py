@@ -672,7 +672,7 @@ def test_fa_on_spelled_out_is_the_same_candidate(pytester, tiny_model):
 
 # --------------------------------------------------------------------------- 2. the cache types llama.cpp used
 
-from pytest_refract.engines.kvlog import CacheAllocation, KVFacts, check_cache_types, parse_log  # noqa: E402
+from pytest_refract.engines.kvlog import CacheAllocation, CacheLog, check_cache_types, parse_log  # noqa: E402
 from pytest_refract.audit.runner import Runner  # noqa: E402
 from pytest_refract.axes import resolve  # noqa: E402
 
@@ -690,9 +690,9 @@ def test_check_cache_types_names_what_was_used_and_why():
                            "auto-asymmetric")
     assert "TURBO_AUTO_ASYMMETRIC=0" in line and "ctk=q8_0,ctv=turbo4" in line and "\n" not in line
     assert check_cache_types(("q8_0", "turbo4"), facts, "x") is None
-    silent = KVFacts(caches=[CacheAllocation(256, "f16", 1.0, "q4_0", 1.0)])
+    silent = CacheLog(caches=[CacheAllocation(256, "f16", 1.0, "q4_0", 1.0)])
     assert "logged no reason" in check_cache_types(("q4_0", "q4_0"), silent, "x")
-    assert check_cache_types(("q4_0", "q4_0"), KVFacts(), "x") is None  # a build that logs no sizes
+    assert check_cache_types(("q4_0", "q4_0"), CacheLog(), "x") is None  # a build that logs no sizes
 
 
 @pytest.mark.parametrize("role, asked, flag", [("reference", "f16", "--refract-reference"),

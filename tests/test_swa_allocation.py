@@ -13,7 +13,7 @@ import pytest
 from tiny_model import write_tiny_family
 
 from pytest_refract.engines import kvlog
-from pytest_refract.engines.allocation import context_kv_bytes, kv_allocation, kv_cache_facts
+from pytest_refract.engines.allocation import context_kv_bytes, kv_allocation, kv_memory_summary
 
 # bytes per element of each cache type (q8_0: 34 bytes per 32; q4_0: 18 bytes per 32)
 BYTES = {"f16": 2.0, "q8_0": 34 / 32, "q4_0": 18 / 32}
@@ -58,7 +58,7 @@ def _row_size(ggml_type, n):
 
 
 def _ctx(facts, n_ctx_seq, n_seq=1):
-    return type("Ctx", (), {"kv_facts": facts, "n_ctx_seq": n_ctx_seq, "n_seq": n_seq})()
+    return type("Ctx", (), {"cache_logs": facts, "n_ctx_seq": n_ctx_seq, "n_seq": n_seq})()
 
 
 def test_gemma_shaped_allocation_is_full_per_token_plus_a_window():
@@ -86,13 +86,13 @@ def test_kv_vs_reference_compares_like_with_like():
     ])
     cand = kv_allocation(_Info(), q, (_Type("q8_0"), _Type("q4_0")), _row_size)
     assert cand["bytes_per_token"] == 3 * (272 + 144)  # q8_0 K 272 B + q4_0 V 144 B per 256-wide head
-    facts_cmp = kv_cache_facts(cand, ref)
+    facts_cmp = kv_memory_summary(cand, ref)
     assert facts_cmp["vs_reference"] == pytest.approx((272 + 144) / 1024)
     assert facts_cmp["swa_vs_reference"] == pytest.approx((272 + 144) / 1024)
     # A model without sliding window: one ratio, no SWA keys.
     plain = kv_allocation(_Info(n_layer=30, head=64), kvlog.parse_log([(2, GEMMA_LOG[1][1].replace("3 layers", "30 layers"))]),
                           (_Type("f16"), _Type("f16")), _row_size)
-    assert plain["swa_bytes_per_cell"] is None and "swa_vs_reference" not in kv_cache_facts(plain, plain)
+    assert plain["swa_bytes_per_cell"] is None and "swa_vs_reference" not in kv_memory_summary(plain, plain)
 
 
 @pytest.fixture(scope="module")
@@ -121,7 +121,7 @@ def test_tiny_gemma3_contexts_hold_what_llama_cpp_allocated(tiny_gemma, ctk, ctv
         assert alloc["exact"] and alloc["bytes_per_token"] == 2 * per_head
         assert alloc["swa_bytes_per_cell"] == 2 * per_head
         ctx = engine.context(kv, pair, settings, "reference", n_seq=n_seq, n_ctx_seq=n_ctx // n_seq)
-        cells = {c.kind: (c.cells, c.streams) for c in ctx.kv_facts.caches}
+        cells = {c.kind: (c.cells, c.streams) for c in ctx.cache_logs.caches}
         # llama.cpp's SWA cache: the window (64) plus a micro-batch (512), padded to 256 cells,
         # per stream, and never more than the context's.
         swa_cells = min(n_ctx // n_seq, 768)

@@ -82,7 +82,7 @@ class Runner:
         self.kv_bytes_peak = 0
         # Computed once, on first use: per role, the KV cache llama.cpp allocated; the model's facts.
         self._allocations: Dict[str, Optional[dict]] = {}
-        self._model_facts: Optional[dict] = None
+        self._model_summary: Optional[dict] = None
         from .progress import Progress
 
         # Silent until the plugin gives it a sink (see progress.sink_for).
@@ -142,7 +142,7 @@ class Runner:
         is refused as well."""
         from ..engines.kvlog import check_cache_types, check_rotation
 
-        self.kv_facts: Dict[str, object] = {}
+        self.cache_logs: Dict[str, object] = {}
         self.context_env: Dict[str, dict] = {}
         for role in [Role.REFERENCE, *self.item_roles]:
             kv = self.configs[role]
@@ -156,9 +156,9 @@ class Runner:
             problem = problem or check_cache_types(tuple(t.name for t in self.types[role]), facts, f"{flag} {kv.label()}")
             if problem:
                 raise UsageProblem(problem)
-            self.kv_facts[role] = facts
+            self.cache_logs[role] = facts
             self.context_env[role] = env
-        self.kv_facts[Role.FLOOR] = self.kv_facts[Role.REFERENCE]
+        self.cache_logs[Role.FLOOR] = self.cache_logs[Role.REFERENCE]
         self.context_env[Role.FLOOR] = self.context_env[Role.REFERENCE]
 
     # -- facts ------------------------------------------------------------------------------
@@ -169,13 +169,13 @@ class Runner:
     def rotation(self, role: str) -> Optional[dict]:
         """{"k": bool, "v": bool} as llama.cpp logged it for the role's config; None when the
         build logs no rotation (it has none)."""
-        return self.kv_facts[role].rotation
+        return self.cache_logs[role].rotation
 
     def kv_allocation(self, role: str) -> Optional[dict]:
         from ..engines.allocation import kv_allocation
 
         if role not in self._allocations:
-            self._allocations[role] = kv_allocation(self.info, self.kv_facts.get(role), self.types[role],
+            self._allocations[role] = kv_allocation(self.info, self.cache_logs.get(role), self.types[role],
                                                     self.engine_mod.row_size)
         return self._allocations[role]
 
@@ -185,19 +185,19 @@ class Runner:
         alloc = self.kv_allocation(role)
         return alloc["bytes_per_token"] if alloc else None
 
-    def kv_cache_facts(self, role: str) -> Optional[dict]:
-        from ..engines.allocation import kv_cache_facts
+    def kv_memory_summary(self, role: str) -> Optional[dict]:
+        from ..engines.allocation import kv_memory_summary
 
-        return kv_cache_facts(self.kv_allocation(role), self.kv_allocation(Role.REFERENCE))
+        return kv_memory_summary(self.kv_allocation(role), self.kv_allocation(Role.REFERENCE))
 
-    def model_facts(self) -> dict:
-        from ..engines.allocation import model_facts
+    def model_summary(self) -> dict:
+        from ..engines.allocation import model_summary
 
-        if self._model_facts is None:
-            self._model_facts = model_facts(self.info, self.model_path, self.engine.n_params)
-            self._model_facts["sha256"] = self.reference.cache.identity["model"]["sha256"]  # None without a cache
-            self._model_facts["n_vocab"] = self.engine.n_vocab
-        return dict(self._model_facts)
+        if self._model_summary is None:
+            self._model_summary = model_summary(self.info, self.model_path, self.engine.n_params)
+            self._model_summary["sha256"] = self.reference.cache.identity["model"]["sha256"]  # None without a cache
+            self._model_summary["n_vocab"] = self.engine.n_vocab
+        return dict(self._model_summary)
 
     def detokenize(self, tokens) -> str:
         return self.engine.detokenize(tokens)

@@ -89,7 +89,7 @@ def context_kv_bytes(alloc: Optional[dict], ctx) -> int:
     one the context), per stream; without one, every token of context costs bytes_per_token."""
     if not alloc:
         return 0
-    facts = getattr(ctx, "kv_facts", None)
+    facts = getattr(ctx, "cache_logs", None)
     if alloc.get("swa_bytes_per_cell") is not None and facts is not None and facts.caches:
         per_cell = {"swa": alloc["swa_bytes_per_cell"], "full": alloc["bytes_per_token"]}
         kinds = {c.kind for c in facts.caches}
@@ -98,7 +98,7 @@ def context_kv_bytes(alloc: Optional[dict], ctx) -> int:
     return alloc["bytes_per_token"] * ctx.n_ctx_seq * ctx.n_seq
 
 
-def kv_cache_facts(own: Optional[dict], ref: Optional[dict]) -> Optional[dict]:
+def kv_memory_summary(own: Optional[dict], ref: Optional[dict]) -> Optional[dict]:
     """A config's cache against the reference's, like with like: the full-attention cache's
     bytes per token with the reference's, and the SWA cache's bytes per cell with the
     reference's (the same layers and cells on both sides)."""
@@ -111,7 +111,7 @@ def kv_cache_facts(own: Optional[dict], ref: Optional[dict]) -> Optional[dict]:
     return out
 
 
-def model_facts(info, model_path, n_params: int) -> dict:
+def model_summary(info, model_path, n_params: int) -> dict:
     return {
         "name": info.name,
         "path": model_path.name,

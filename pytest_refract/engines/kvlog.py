@@ -1,4 +1,4 @@
-"""Facts about a KV cache read back from llama.cpp's own log of its creation, and the rotation
+"""What llama.cpp logged about the KV cache it created, read back from llama.cpp's own log of its creation, and the rotation
 policy of a KV config turned into the environment variables llama.cpp reads at that moment.
 
 Pure functions (no llama.cpp), so they are tested on log text. llama.cpp (upstream and the
@@ -72,7 +72,9 @@ class CacheAllocation:
 
 
 @dataclass
-class KVFacts:
+class CacheLog:
+    """What llama.cpp logged when it created one context's KV cache(s): the rotation it applied,
+    each cache it allocated, and its errors and warnings."""
     rotation_k: Optional[bool] = None
     rotation_v: Optional[bool] = None
     caches: List[CacheAllocation] = field(default_factory=list)
@@ -94,10 +96,10 @@ _KIND_RE = re.compile(r"creating\s+(non-SWA|SWA)\s+KV cache")
 _ROT_RE = re.compile(r"attn_rot_([kv])\s*=\s*(\d+)")
 
 
-def parse_log(lines: Iterable[Tuple[int, str]]) -> KVFacts:
-    """Facts from (level, text) log records of one context's creation. A model with several
+def parse_log(lines: Iterable[Tuple[int, str]]) -> CacheLog:
+    """What llama.cpp logged, from (level, text) log records of one context's creation. A model with several
     caches (e.g. sliding-window layers) logs several; rotation is on when any cache has it."""
-    facts = KVFacts()
+    log = CacheLog()
     kind: Optional[str] = None
     for level, text in lines:
         for line in text.splitlines():
@@ -106,7 +108,7 @@ def parse_log(lines: Iterable[Tuple[int, str]]) -> KVFacts:
                 kind = "full" if announced.group(1) == "non-SWA" else "swa"
             m = _SIZE_RE.search(line)
             if m:
-                facts.caches.append(CacheAllocation(
+                log.caches.append(CacheAllocation(
                     int(m.group(1)), m.group(4).strip(), float(m.group(5)), m.group(6).strip(), float(m.group(7)),
                     layers=int(m.group(2)) if m.group(2) else None, streams=int(m.group(3)) if m.group(3) else 1,
                     kind=kind))
@@ -114,14 +116,14 @@ def parse_log(lines: Iterable[Tuple[int, str]]) -> KVFacts:
             for side, value in _ROT_RE.findall(line):
                 on = int(value) != 0
                 if side == "k":
-                    facts.rotation_k = bool(facts.rotation_k) or on
+                    log.rotation_k = bool(log.rotation_k) or on
                 else:
-                    facts.rotation_v = bool(facts.rotation_v) or on
+                    log.rotation_v = bool(log.rotation_v) or on
             if level == 4 and line.strip():  # GGML_LOG_LEVEL_ERROR
-                facts.errors.append(line.strip())
+                log.errors.append(line.strip())
             elif level == 3 and line.strip():  # GGML_LOG_LEVEL_WARN: e.g. a cache type changed
-                facts.warnings.append(line.strip())
-    return facts
+                log.warnings.append(line.strip())
+    return log
 
 
 def refusal_reason(errors: List[str]) -> Optional[str]:
@@ -187,7 +189,7 @@ def describe_rotation(rotation: Optional[dict]) -> str:
     return f"rotated {'+'.join(on)}" if on else "no rotation"
 
 
-def check_cache_types(requested: Tuple[str, str], facts: KVFacts, label: str) -> Optional[str]:
+def check_cache_types(requested: Tuple[str, str], facts: CacheLog, label: str) -> Optional[str]:
     """One line when a cache llama.cpp created holds other types than ``requested`` (K, V),
     else None. The TurboQuant fork, for one, silently upgrades a symmetric turbo K to q8_0 on
     a model whose GQA ratio is 6 or more: measured under the requested name, that would label

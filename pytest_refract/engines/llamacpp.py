@@ -450,7 +450,7 @@ class Engine:
 
     def probe(self, kv: KVConfig, types: Tuple[CacheType, CacheType], settings: ContextSettings):
         """Create and free a small context for ``kv``: llama.cpp's verdict on the config (a
-        refusal raises ContextRefused with its reason) and the facts it logged (KVFacts), with
+        refusal raises ContextRefused with its reason) and what it logged (CacheLog), with
         the LLAMA_*/GGML_* environment in effect, before any item runs."""
         ctx, facts, env = _new_context(self, kv, types, settings, settings.n_ctx, 1)
         llama_cpp.llama_free(ctx)
@@ -514,7 +514,7 @@ class LlamaContext(Context):
     def __init__(self, engine: Engine, kv: KVConfig, types: Tuple[CacheType, CacheType], settings: ContextSettings,
                  n_seq: int, n_ctx_seq: int):
         super().__init__(engine, kv, settings, n_seq, n_ctx_seq)
-        self._ctx, self.kv_facts, self.env = _new_context(engine, kv, types, settings, self.n_ctx_seq * self.n_seq,
+        self._ctx, self.cache_logs, self.env = _new_context(engine, kv, types, settings, self.n_ctx_seq * self.n_seq,
                                                           self.n_seq)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(max(settings.n_batch, self.n_seq), 0, 1)

@@ -11,7 +11,7 @@ from ..errors import UsageProblem
 from .schema import ReportFileError, load_report
 
 
-def load_baseline(path: str, model_facts: dict, reference_label: str) -> dict:
+def load_baseline(path: str, model_summary: dict, reference_label: str) -> dict:
     try:
         baseline = load_report(path)
     except ReportFileError as exc:
@@ -25,16 +25,16 @@ def load_baseline(path: str, model_facts: dict, reference_label: str) -> dict:
         raise UsageProblem(f"--refract-baseline {path} holds no score at all; a baseline gate needs a measured baseline")
     theirs = baseline.get("model") or {}
     if (theirs.get("sha256_first_mib"), theirs.get("size_bytes")) != (
-        model_facts["sha256_first_mib"], model_facts["size_bytes"]
+        model_summary["sha256_first_mib"], model_summary["size_bytes"]
     ):
         raise UsageProblem(
             f"--refract-baseline {path} was measured on another model ({theirs.get('path')}, "
-            f"{theirs.get('size_bytes')} bytes) than {model_facts['path']}; use a baseline of the same model"
+            f"{theirs.get('size_bytes')} bytes) than {model_summary['path']}; use a baseline of the same model"
         )
-    if theirs.get("sha256") and model_facts.get("sha256") and theirs["sha256"] != model_facts["sha256"]:
+    if theirs.get("sha256") and model_summary.get("sha256") and theirs["sha256"] != model_summary["sha256"]:
         raise UsageProblem(
             f"--refract-baseline {path} was measured on another model: {theirs.get('path')} has the same size and "
-            f"first MiB as {model_facts['path']} but another whole-file sha256; use a baseline of the same model"
+            f"first MiB as {model_summary['path']} but another whole-file sha256; use a baseline of the same model"
         )
     if baseline.get("reference") != reference_label:
         raise UsageProblem(

@@ -15,7 +15,7 @@ from typing import Dict, List, Optional
 from .. import __version__
 from ..axes import DIAGNOSIS_ORDER, known
 from ..scoring.metrics import BAND_FLOOR, band_for
-from .facts import ReportFacts
+from .record import RunRecord
 from .jsonio import SCHEMA
 from .sections import build_axes, composite_of, custom_gates, floor_of, repeat_stats
 from .sensitivity import (
@@ -61,7 +61,7 @@ def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False, verd
     return out
 
 
-def _candidate_section(facts: ReportFacts, role: str, results, failed, gates, complete: bool,
+def _candidate_section(facts: RunRecord, role: str, results, failed, gates, complete: bool,
                        control: Optional[dict], registry, repeats=None) -> dict:
     """Everything about one candidate: axes, composite, floor, diagnosis, its own gate."""
     s = facts.settings
@@ -125,7 +125,7 @@ def _candidate_section(facts: ReportFacts, role: str, results, failed, gates, co
     return section
 
 
-def _mark_not_run(facts: ReportFacts, role: str, axes: Dict[str, dict], results, failed) -> None:
+def _mark_not_run(facts: RunRecord, role: str, axes: Dict[str, dict], results, failed) -> None:
     """An interrupted run: every axis is unscored and says how many of its items ran; the
     items that did not run are "not run", never "failed to measure"."""
     selected = facts.selected.get(role, {})
@@ -157,7 +157,7 @@ def _ran_text(axes: Dict[str, dict]) -> str:
     return f"{ran} items ran."
 
 
-def _context_facts(facts: ReportFacts, role: str) -> dict:
+def _context_facts(facts: RunRecord, role: str) -> dict:
     """What llama.cpp logged when it created the role's context: the attention rotation it
     applied ({"k": bool, "v": bool}, null where the build has none), the cache it allocated,
     and every LLAMA_*/GGML_* variable in effect then."""
@@ -183,7 +183,7 @@ def _verdict_diagnosis(verdict: Optional[dict]) -> List[str]:
     return out
 
 
-def _gate(facts: ReportFacts, section: dict, complete: bool) -> dict:
+def _gate(facts: RunRecord, section: dict, complete: bool) -> dict:
     s = facts.settings
     basis = s.gate_basis
     if basis == "verdict":
@@ -218,7 +218,7 @@ def _ungated_reasons(section: dict, complete: bool) -> Optional[List[str]]:
     return None
 
 
-def _trust_reasons(facts: ReportFacts, section: dict, complete: bool) -> List[str]:
+def _trust_reasons(facts: RunRecord, section: dict, complete: bool) -> List[str]:
     """What fails any gate, whatever it reads: a model that cannot show cache damage, and a
     baseline that was not met (or never measured this candidate)."""
     from .vacuous import vacuous_reasons
@@ -233,7 +233,7 @@ def _trust_reasons(facts: ReportFacts, section: dict, complete: bool) -> List[st
     return reasons
 
 
-def _verdict_gate(facts: ReportFacts, section: dict, complete: bool) -> dict:
+def _verdict_gate(facts: RunRecord, section: dict, complete: bool) -> dict:
     """The default gate: the verdict (FAIL fails, UNDECIDED fails unless --refract-undecided=pass,
     a broken control fails), and the verdict score against --refract-fail-under."""
     s = facts.settings
@@ -262,7 +262,7 @@ def _verdict_gate(facts: ReportFacts, section: dict, complete: bool) -> dict:
 
 def build_report(
     *,
-    facts: ReportFacts,
+    facts: RunRecord,
     results: Dict[str, Dict[str, Dict[str, dict]]],
     failed: Dict[str, Dict[str, List[str]]],
     custom: Optional[List[dict]] = None,

@@ -1,5 +1,5 @@
 """What the report states about the run besides the measurements: plain data, gathered once
-from the live runner (session.gather_facts) and handed to ``build.build_report``, which then
+from the live runner (session.gather_record) and handed to ``build.build_report``, which then
 needs nothing else that lives in a process (no llama.cpp, no clock but the timestamp)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ from typing import Dict, Optional, Tuple
 
 
 @dataclass(frozen=True)
-class ReportFacts:
+class RunRecord:
     settings: object  # settings.Settings (a frozen dataclass of the options)
     # Candidates in the order given; role -> label for the candidates and the control.
     candidate_roles: Tuple[str, ...] = ("cand0",)
