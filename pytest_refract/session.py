@@ -17,6 +17,7 @@ from .audit.results import ItemResult
 from .errors import MeasurementError, UsageProblem
 from .fixtures import CUSTOM_RESULTS
 from .report.record import RunRecord
+from .stopping import SequentialStopping
 
 _STASH_KEY = pytest.StashKey["RefractSession"]()
 
@@ -80,6 +81,11 @@ class RefractItem(pytest.Item):
 
     def runtest(self):
         rs = get_session(self.config)
+        decided = rs.stopping.skip_reason(self.unit["candidate"], self.axis, self.unit["id"])
+        if decided:
+            # The axis's verdict for this candidate is decided: the item is not measured (and
+            # not counted as measured anywhere); the report lists it under "sequential".
+            pytest.skip(decided)
         try:
             self.measured = rs.runner.measure(rs.runner.axes[self.axis], self.unit)
         except (MeasurementError, UsageProblem) as exc:
@@ -132,6 +138,8 @@ class RefractSession:
         self.gate: dict = {"passed": None, "threshold": runner.settings.fail_under, "reasons": []}
         self.interrupted = False
         self.is_worker = hasattr(config, "workerinput")
+        self.stopping = SequentialStopping(runner.settings, runner.axes, runner.control_role, runner.self_reference,
+                                           runner.labels, matrix=len(runner.candidate_roles) > 1)
         self.baseline: Optional[dict] = None
         if runner.settings.baseline_path:
             from .report.baseline import load_baseline
@@ -165,7 +173,11 @@ class RefractSession:
 
     def pytest_collection_finish(self, session):
         # After -k/-m: the items this process may run, so a decode batch holds only those.
-        self.runner.set_plan([(item.axis, item.unit) for item in session.items if isinstance(item, RefractItem)])
+        planned = [(item.axis, item.unit) for item in session.items if isinstance(item, RefractItem)]
+        self.runner.set_plan(planned)
+        # Every design is fixed here, before the first item runs (scoring/sequential.py).
+        self.stopping.plan(planned)
+        self.runner.batches.closed = self.stopping.closed
 
     # -- results ------------------------------------------------------------------------
 
@@ -186,6 +198,7 @@ class RefractSession:
                                  + item_extras(item.measured.result, self.runner.axes[item.axis]))
         return report
 
+    @pytest.hookimpl(trylast=True)  # after pytest's own letter, so a decision line starts a fresh line
     def pytest_runtest_logreport(self, report):
         custom = getattr(report, "refract_custom", None)
         if custom and report.when == "call":
@@ -211,6 +224,12 @@ class RefractSession:
             self._file(measured.control)
         if measured.control_error is not None and self.runner.control_role:
             self.failed.setdefault(self.runner.control_role, {}).setdefault(measured.axis, []).append(measured.unit)
+        if measured.role in self.runner.candidate_roles:
+            control = self.results.get(self.runner.control_role, {}).get(measured.axis) if self.runner.control_role else None
+            line = self.stopping.observe(measured.role, measured.axis, self.results[measured.role][measured.axis], control)
+            sink = self.runner.progress.sink
+            if line and sink is not None:
+                sink.note(line)
 
     def _file(self, measured: ItemResult) -> None:
         self.results.setdefault(measured.role, {}).setdefault(measured.axis, {})[measured.unit] = measured.result
@@ -263,7 +282,8 @@ class RefractSession:
             return  # nothing selected and nothing stopped: there is nothing to report
         complete = not self.interrupted and not session.shouldstop
         selected = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem))
-        facts = gather_record(self.runner, self.baseline, wall_s=time.time() - self.started, items_selected=selected)
+        facts = gather_record(self.runner, self.baseline, wall_s=time.time() - self.started, items_selected=selected,
+                              sequential=self.stopping.report())
         self.report = build_report(facts=facts, results=self.results, failed=self.failed, custom=self.custom,
                                    invocation_args=list(self.config.invocation_params.args), complete=complete,
                                    registry=self.runner.axes, repeats=self.repeats)
@@ -315,7 +335,8 @@ class RefractSession:
         self.runner.close()
 
 
-def gather_record(runner, baseline: Optional[dict], *, wall_s: Optional[float] = None, items_selected: Optional[int] = None) -> RunRecord:
+def gather_record(runner, baseline: Optional[dict], *, wall_s: Optional[float] = None, items_selected: Optional[int] = None,
+                  sequential: Optional[Dict[str, Dict[str, dict]]] = None) -> RunRecord:
     """The facts of ``runner`` (an audit.runner.Runner): only its public members. ``wall_s`` and
     ``items_selected`` are the session's: its wall time so far, and its items after -k/-m."""
     import copy
@@ -364,4 +385,5 @@ def gather_record(runner, baseline: Optional[dict], *, wall_s: Optional[float] =
         selected=selected,
         items_selected=items_selected or None,
         wall_s=wall_s,
+        sequential=sequential or {},
     )

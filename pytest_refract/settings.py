@@ -29,7 +29,7 @@ OPTIONS = (
     ("corpus", "string", None, "UTF-8 text corpus for the KLD axis"),
     ("n-predict", "string", "128", "greedy tokens per trajectory prompt"),
     ("ctx", "string", "512", "KLD chunk size in tokens (llama-perplexity's -c)"),
-    ("chunks", "string", "32", "KLD chunks to score (fewer if the corpus holds fewer)"),
+    ("chunks", "string", "all", "KLD chunks the axis may score: a number, or all (every chunk the corpus holds)"),
     ("seed", "string", "0", "seed for anything random in the audit (greedy decoding itself is deterministic)"),
     ("threads", "string", None, "llama.cpp threads (default: all cores)"),
     ("decode-batch", "string", "16", "prompts greedy-decoded together, one sequence each, in one llama.cpp batch "
@@ -56,6 +56,8 @@ OPTIONS = (
     ("gate", "string", "verdict", "what the gate reads: verdict (damage as a multiple of the control's, PASS/FAIL/"
                                   "UNDECIDED, default), raw (the seed-defined composite against --refract-fail-under) "
                                   "or calibrated (the older retention bound, kept for comparison)"),
+    ("max-items", "string", None, "measure at most N items per axis (per candidate), the first N in the axis's "
+                                  "measuring order; default: all the axis has (the whole prompt pool, every chunk)"),
     ("undecided", "string", "fail", "what the gate does with an UNDECIDED verdict: fail (default: the evidence is not "
                                     "there yet) or pass"),
 )
@@ -67,7 +69,9 @@ FLAGS = (("floor", "also measure reference vs reference (a second context) to sh
          ("clear-cache", "empty the reference cache before the run"),
          ("full", "run all four axes (trajectory, kld, rniah, plad)"),
          ("no-progress", "do not show the progress of long items (a live line on a terminal, a line every few seconds in logs)"),
-         ("no-sensitivity", "skip the sensitivity control (the gate then uses the raw composite)"))
+         ("no-sensitivity", "skip the sensitivity control (the gate then uses the raw composite)"),
+         ("exhaustive", "measure every selected item: no sequential stopping once a verdict is decided "
+                        "(one fixed-sample look at the end)"))
 
 
 def register(parser) -> None:
@@ -149,7 +153,7 @@ class Settings:
     corpus_path: Optional[str]
     n_predict: int
     ctx: int
-    chunks: int
+    chunks: Optional[int]  # None: every chunk the corpus holds
     seed: int
     threads: int
     gpu_layers: int
@@ -185,6 +189,11 @@ class Settings:
     verbose: int = 0
     # The axes that decode in multi-sequence batches when selected (see the axes' BATCHED).
     batched_axes: Tuple[str, ...] = ()
+    # Sequential measurement: stop an axis once its verdict is decided (False with
+    # --refract-exhaustive), and the cap on items per axis (--refract-max-items).
+    sequential: bool = True
+    max_items: Optional[int] = None
+    sequential_note: Optional[str] = None  # why stopping is off where it was not asked off
 
     @property
     def candidate(self) -> KVConfig:
@@ -226,6 +235,8 @@ class Settings:
             "sensitivity": self.sensitivity.label() if self.sensitivity else None,
             "gate_basis": self.gate_basis,
             "undecided": self.undecided,
+            "sequential": {"stopping": self.sequential, "max_items": self.max_items,
+                           **({"note": self.sequential_note} if self.sequential_note else {})},
             "rniah": {
                 "lengths": list(self.rniah_lengths) if self.rniah_lengths else None,
                 "positions": list(self.rniah_positions),
@@ -321,7 +332,11 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
     repeat = _int(config, "repeat", 1)
     decode_batch, decode_batch_note = _decode_batch(config, repeat)
     sensitivity, sensitivity_note, gate_basis = _sensitivity(config, reference)
+    sequential, sequential_note = _sequential(config, gate_basis)
     return Settings(
+        sequential=sequential,
+        sequential_note=sequential_note,
+        max_items=_int(config, "max-items", 1) if _get(config, "max-items") is not None else None,
         sensitivity=sensitivity,
         sensitivity_note=sensitivity_note,
         gate_basis=gate_basis,
@@ -347,7 +362,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         corpus_path=_get(config, "corpus"),
         n_predict=_int(config, "n-predict", 1),
         ctx=_int(config, "ctx", 8),
-        chunks=_int(config, "chunks", 1),
+        chunks=_chunks(config),
         seed=_int(config, "seed", 0),
         threads=threads,
         gpu_layers=_int(config, "gpu-layers", 0),
@@ -356,6 +371,28 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         verbose=int(getattr(config.option, "verbose", 0) or 0),
         batched_axes=tuple(name for name, axis in known_axes.items() if getattr(axis, "BATCHED", 0)),
     )
+
+
+def _chunks(config) -> Optional[int]:
+    raw = _get(config, "chunks") or "all"
+    if str(raw).lower() == "all":
+        return None
+    return _int(config, "chunks", 1)
+
+
+def _sequential(config, gate_basis: str) -> Tuple[bool, Optional[str]]:
+    """Whether axes stop once decided, and why not where that was not asked for."""
+    if _get(config, "exhaustive"):
+        return False, None
+    if gate_basis != "verdict":
+        # The raw and calibrated gates read every selected item; a stop decided on the verdict
+        # would change what they read.
+        return False, f"the gate reads the {gate_basis} composite over every selected item"
+    dist = getattr(config.option, "dist", "no") or "no"
+    if dist != "no" or getattr(config.option, "numprocesses", None) or hasattr(config, "workerinput"):
+        # A worker sees only its own items' results, so no process could tell an axis is decided.
+        return False, "under xdist no process sees every result, so no axis can be seen to be decided"
+    return True, None
 
 
 def _undecided(config) -> str:

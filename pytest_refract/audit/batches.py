@@ -22,6 +22,9 @@ class DecodeBatches:
         # The batch in flight: what it measured per (axis, role, unit id), each item's share of
         # its wall time, and the time the current item itself spent decoding batches.
         self._values: Dict[tuple, object] = {}
+        # axis -> the candidates whose verdict there is decided (sequential stopping, set by the
+        # session): their items are skipped, so their batches decode without them.
+        self.closed: Callable[[str], set] = lambda axis: set()
         self._seconds: Dict[tuple, float] = {}
         self.time_in_item = 0.0
 
@@ -43,7 +46,8 @@ class DecodeBatches:
         planned = self._plan.get((axis, unit.get("batch")))
         if not planned or unit["id"] not in planned:
             return [unit], [unit["candidate"]]
-        roles = set().union(*(r for _, r in planned.values()))
+        roles = set().union(*(r for _, r in planned.values())) - self.closed(axis)
+        roles.add(unit["candidate"])  # the item asking always measures
         units = self.planned_units(axis, unit)
         # The control decodes in the candidates' batches, unless the cache holds its results.
         if self.control_role and not all(self.control_cached(axis, u) for u in units):

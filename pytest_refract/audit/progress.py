@@ -123,6 +123,14 @@ class _TerminalSink:
             return False
         return self.last is None or now - self.last >= self.interval
 
+    def note(self, text: str) -> None:
+        """A line that stays, on a terminal and in a log alike (a sequential decision): after
+        pytest's letter for the item, on a line of its own; pytest reopens its own line."""
+        tw = self.reporter._tw
+        with self._suspended():
+            tw.write(("\n" if tw.width_of_current_line else "") + text, flush=True)
+            self.reporter.currentfspath = None
+
     def _suspended(self):
         if self.capman is None:
             return contextlib.nullcontext()

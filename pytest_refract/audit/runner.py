@@ -350,7 +350,12 @@ class Runner:
                 continue
             batched = s.decode_batch > 1 and bool(axis.BATCHED)
             size = s.decode_batch * (axis.BATCHED or 1)
-            for index, unit in enumerate(axis.units(self.run)):
+            units = axis.units(self.run)
+            if s.max_items is not None:
+                # The first N in the axis's measuring order (a balanced sample, see
+                # inputs.data.measuring_order); ids stay those of the whole set.
+                units = units[: s.max_items]
+            for index, unit in enumerate(units):
                 # Consecutive units form a decode batch; with `-n N --dist loadgroup` a batch
                 # (or, unbatched, a unit) goes to one worker with all its candidates.
                 group = f"{name}-batch{index // size}" if batched else f"{name}-{unit['id']}"

@@ -38,6 +38,8 @@ class Axis:
     NEEDS: Tuple[str, ...] = ()
     #: What the progress line calls a unit where its id alone does not say (R-NIAH: "cell").
     UNIT_NOUN: str = ""
+    #: What the axis's items are called in progress lines and skip reasons ("chunks").
+    ITEMS_NOUN: str = "items"
     #: Decode-batch widths of units per batch for axes that decode in batches; 0 for none.
     BATCHED: int = 0
     #: The axis's own random stream for bootstrap draws; None: its name, hashed.

@@ -20,6 +20,7 @@ from ..scoring.metrics import (
     kld_score,
     kld_summary,
 )
+from ..inputs.data import measuring_order
 from .base import Axis
 
 NON_FINITE_KLD = "the KLD is not a finite number (NaN or Infinity in the log-probabilities); no score is claimed"
@@ -87,6 +88,7 @@ PPL_HIDES_MIN_KLD = 0.01
 
 class KLDAxis(Axis):
     NAME = "kld"
+    ITEMS_NOUN = "chunks"
     NEEDS = ("corpus",)
     TITLE = "KLD"
     COMPARE_METRICS = (
@@ -107,7 +109,11 @@ class KLDAxis(Axis):
     PRIVATE_KEYS = ("_raw",)
 
     def units(self, run) -> List[dict]:
-        return [{"id": f"chunk-{i:02d}", "keywords": [], "chunk": i} for i in range(run.inputs.n_chunks)]
+        # In a seeded order over the whole corpus, so the chunks a sequential audit stops after
+        # are a sample of all its texts, not the first essays.
+        units = [{"id": f"chunk-{i:02d}", "keywords": [], "chunk": i} for i in range(run.inputs.n_chunks)]
+        order = measuring_order([u["id"] for u in units], ["chunk"] * len(units), run.settings.seed)
+        return [units[i] for i in order]
 
     def cache_reads(self, run) -> dict:
         """The settings and inputs an item's result depends on (for the control's cache key)."""

@@ -48,6 +48,7 @@ def _decode_batch(run, units, roles):
 
 class PLADAxis(Axis):
     NAME = "plad"
+    ITEMS_NOUN = "perturbations"
     NEEDS = ("prompts",)
     BATCHED = 4
     TITLE = "PLAD"

@@ -15,6 +15,7 @@ import numpy as np
 
 from ..inputs.haystack import strip_reasoning, trial_value
 from ..scoring.metrics import BAND_FLOOR, band_for
+from ..inputs.data import measuring_order
 from .base import Axis
 
 LOW_CONFIDENCE_BELOW = 0.2
@@ -73,6 +74,7 @@ def _axis_score(cells: List[dict], cand_key: str) -> Optional[float]:
 
 class RNIAHAxis(Axis):
     NAME = "rniah"
+    ITEMS_NOUN = "cells"
     NEEDS = ("haystack",)
     UNIT_NOUN = "cell"  # the progress line says "rniah cell 1024-0.50"
     TITLE = "R-NIAH"
@@ -86,11 +88,14 @@ class RNIAHAxis(Axis):
 
     def units(self, run) -> List[dict]:
         s = run.settings
-        return [
+        units = [
             {"id": cell_id(length, pos), "keywords": [], "length": length, "position": pos}
             for length in run.inputs.rniah_lengths
             for pos in s.rniah_positions
         ]
+        # Lengths interleaved, positions in a seeded order within each (see measuring_order).
+        order = measuring_order([u["id"] for u in units], [str(u["length"]) for u in units], s.seed)
+        return [units[i] for i in order]
 
     def cache_reads(self, run) -> dict:
         """The settings and inputs an item's result depends on (for the control's cache key)."""

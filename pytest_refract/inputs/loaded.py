@@ -54,7 +54,9 @@ class Inputs:
         if n_ctx_train and s.ctx > n_ctx_train:
             raise UsageProblem(f"--refract-ctx={s.ctx} exceeds the model's training context of {n_ctx_train} tokens")
         if "prompts" in self.needs:
-            self.prompts = data.load_prompts(Path(s.prompts_path) if s.prompts_path else None)
+            # In the order a sequential audit measures them (categories interleaved, seeded).
+            self.prompts = data.in_measuring_order(data.load_prompts(Path(s.prompts_path) if s.prompts_path else None),
+                                                   s.seed)
         if "corpus" in self.needs or ("haystack" in self.needs and not s.haystack_path):
             self.corpus = data.load_corpus(Path(s.corpus_path) if s.corpus_path else None)
         haystack_source = None
@@ -90,7 +92,7 @@ class Inputs:
                         f"corpus {self.corpus.name} holds {len(self.corpus_tokens)} tokens, fewer than one chunk of "
                         f"--refract-ctx={s.ctx}; give a longer --refract-corpus or a smaller --refract-ctx"
                     )
-                self.n_chunks = min(s.chunks, available)
+                self.n_chunks = available if s.chunks is None else min(s.chunks, available)
             self._check_prompts_fit(n_ctx_train or 0)
         finally:
             tok.close()
@@ -158,7 +160,8 @@ class Inputs:
     @property
     def chunks_note(self) -> Optional[str]:
         # Only when the KLD axis reads the corpus: as R-NIAH's haystack it is not cut in chunks.
-        if self.corpus is not None and "corpus" in self.needs and self.n_chunks < self.settings.chunks:
+        if (self.corpus is not None and "corpus" in self.needs and self.settings.chunks is not None
+                and self.n_chunks < self.settings.chunks):
             return (
                 f"corpus holds {self.n_chunks} chunks of {self.settings.ctx} tokens; "
                 f"{self.settings.chunks} were asked for"

@@ -72,7 +72,14 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
         _mark_not_run(facts, role, axes, results, failed)
     calibrated = calibrate(axes, control, gates, s.seed, registry) if complete else {}
     # What the default gate reads: each axis's damage as a multiple of the control's.
-    verdict = candidate_verdict(axes, control, registry, facts.self_reference[role]) if complete else None
+    sequential = facts.sequential.get(role, {})
+    for name, design in sequential.items():
+        if name in axes:
+            # The design fixed before the first item, where it stopped, and the items skipped.
+            axes[name]["sequential"] = copy.deepcopy(design)
+    # Each axis's interval at its design's look level (the fixed-sample 95 % with one look).
+    levels = {name: d["look_level"] for name, d in sequential.items()}
+    verdict = candidate_verdict(axes, control, registry, facts.self_reference[role], levels) if complete else None
     floor = floor_of(axes) if s.floor else None
     self_reference = facts.self_reference[role]
     for name, inputs in facts.axis_inputs.items():

@@ -49,3 +49,6 @@ class RunRecord:
     selected: Dict[str, Dict[str, int]] = field(default_factory=dict)
     items_selected: Optional[int] = None
     wall_s: Optional[float] = None  # the session's wall time up to the report
+    # Sequential stopping: candidate role -> axis -> the design fixed before the first item
+    # (looks, each look's level) and where it stopped (stopping.AxisProgress.as_json).
+    sequential: Dict[str, Dict[str, dict]] = field(default_factory=dict)

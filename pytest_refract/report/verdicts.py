@@ -11,9 +11,10 @@ from ..scoring import verdict as V
 
 
 def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
-                      self_reference: bool = False) -> Optional[dict]:
+                      self_reference: bool = False, levels: Optional[Dict[str, float]] = None) -> Optional[dict]:
     """The run verdict of one candidate (JSON-able), each axis's written into its section under
-    "verdict"; None without a control (no yardstick: the gate says so)."""
+    "verdict"; None without a control (no yardstick: the gate says so). ``levels``: per axis the
+    level of its intervals (a sequential design's look level; default the fixed-sample 95 %)."""
     if control is None:
         return None
     per_axis: Dict[str, V.AxisVerdict] = {}
@@ -29,7 +30,7 @@ def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
                               reason=f"{side} has no score on {name}")
         else:
             v = V.axis_verdict(axis, axis.section_items(section), axis.section_items(ctrl), control_score=ctrl["score"],
-                               same_computation=self_reference)
+                               same_computation=self_reference, level=(levels or {}).get(name, V.LEVEL))
         section["verdict"] = v.as_json()
         per_axis[name] = v
     run = V.run_verdict(per_axis)

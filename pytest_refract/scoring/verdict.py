@@ -59,6 +59,11 @@ MIN_ITEMS = 2
 # A multiple needs at least this many items where the control has any damage: a ratio resting on
 # one item's damage has a standard error that the jackknife cannot estimate.
 MIN_CONTROL_ITEMS_WITH_DAMAGE = 2
+# The jackknife variance of a log ratio of skewed sums is a little small at few items: in the
+# seeded simulations (tests/test_verdict.py) the plain jackknife-t missed the true multiple in
+# 5.5-7 % of runs at 8-32 items for a nominal 5 %. Its variance is scaled by (n + 3) / n, which
+# brings the miss rate to 4-5 % from 8 items and vanishes as n grows (1.02 at 144 items).
+SMALL_SAMPLE_WIDENING = 3
 # Projected item counts beyond this many times the current are reported as "more than".
 MAX_PROJECTION = 100
 
@@ -111,8 +116,10 @@ def _loo_damage(table: np.ndarray, damage) -> np.ndarray:
 
 
 def _jackknife_se(estimates: np.ndarray) -> float:
+    """The jackknife standard error, widened by sqrt((n + SMALL_SAMPLE_WIDENING) / n)."""
     n = estimates.shape[0]
-    return float(math.sqrt((n - 1) / n * float(((estimates - estimates.mean()) ** 2).sum())))
+    return float(math.sqrt((n + SMALL_SAMPLE_WIDENING) / n * (n - 1) / n
+                           * float(((estimates - estimates.mean()) ** 2).sum())))
 
 
 @dataclass(frozen=True)
@@ -241,6 +248,7 @@ class AxisVerdict:
     score_ci95: Optional[List[float]] = None
     items_needed: Optional[int] = None
     reason: str = ""
+    level: float = LEVEL          # the intervals' level (a sequential look's, see sequential.py)
 
     def as_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -303,6 +311,13 @@ def control_problem(axis, control_damage: Optional[float], control_score: Option
 def axis_verdict(axis, candidate_items: Sequence[dict], control_items: Optional[Sequence[dict]],
                  control_score: Optional[float] = None, level: float = LEVEL,
                  same_computation: bool = False) -> AxisVerdict:
+    verdict = _axis_verdict(axis, candidate_items, control_items, control_score, level, same_computation)
+    verdict.level = level
+    return verdict
+
+
+def _axis_verdict(axis, candidate_items: Sequence[dict], control_items: Optional[Sequence[dict]],
+                  control_score: Optional[float], level: float, same_computation: bool) -> AxisVerdict:
     """The verdict of one axis: the multiple of the control's damage where the control has
     damage to compare with, else the candidate's damage against the absolute tolerance.
     ``same_computation``: the candidate is the reference's own config (a self-reference), so a

@@ -1,0 +1,150 @@
+"""Sequential stopping in a pytest session: per candidate and axis, the planned looks
+(scoring/sequential.py), the verdict at each look, and the items an axis no longer needs.
+
+The session tells this module every item result it files (``observe``) and asks it, before an
+item runs, whether the item's axis is already decided for its candidate (``skip_reason``). A
+decided axis of one candidate closes its decode batches to that candidate (audit/batches.py), so
+the reference and the control go on only for the units some undecided candidate still needs.
+
+Stopping is off (one look at the end) with --refract-exhaustive, without a control (no verdict
+to decide), with a gate that reads the raw or calibrated composite, and under xdist, where no
+process sees every result (settings.py says why in the report).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Optional, Tuple
+
+from .scoring import sequential as seq
+from .scoring import verdict as V
+
+
+@dataclass
+class AxisProgress:
+    """Where one candidate's axis stands."""
+
+    design: seq.Design
+    measured: int = 0                     # paired items (candidate and control) so far
+    verdict: Optional[V.AxisVerdict] = None   # at the last look reached
+    looked_at: Optional[int] = None       # the item count of that look
+    decided: bool = False
+    skipped: List[str] = field(default_factory=list)
+
+    def as_json(self) -> dict:
+        out = self.design.as_json()
+        out.update({"measured": self.measured, "decided": self.decided,
+                    "decided_after": self.looked_at if self.decided else None,
+                    "verdict_at_last_look": self.verdict.verdict if self.verdict else None,
+                    "skipped": list(self.skipped)})
+        return out
+
+
+class SequentialStopping:
+    def __init__(self, settings, axes: Dict[str, object], control_role: Optional[str],
+                 self_reference: Dict[str, bool], labels: Dict[str, str], matrix: bool = False):
+        self.settings = settings
+        self.axes = axes
+        self.control_role = control_role
+        self.self_reference = self_reference
+        self.labels = labels
+        self.matrix = matrix
+        self.progress: Dict[Tuple[str, str], AxisProgress] = {}
+
+    @property
+    def active(self) -> bool:
+        return bool(self.settings.sequential and self.control_role)
+
+    def plan(self, planned) -> None:
+        """Fix every (candidate, axis) design from the items selected to run, before any runs."""
+        counts: Dict[Tuple[str, str], int] = {}
+        for axis, unit in planned:
+            key = (unit["candidate"], axis)
+            counts[key] = counts.get(key, 0) + 1
+        s = self.settings
+        self.progress = {}
+        for (role, axis_name), n in counts.items():
+            axis = self.axes[axis_name]
+            batched = s.decode_batch > 1 and bool(getattr(axis, "BATCHED", 0))
+            first = s.decode_batch * axis.BATCHED if batched else 1
+            self.progress[(role, axis_name)] = AxisProgress(seq.Design.plan(n, first, stopping=self.active))
+
+    # -- before an item --------------------------------------------------------------------
+
+    def skip_reason(self, role: str, axis_name: str, unit_id: str) -> Optional[str]:
+        state = self.progress.get((role, axis_name))
+        if state is None or not state.decided:
+            return None
+        state.skipped.append(unit_id)
+        noun = _noun(self.axes[axis_name])
+        return seq.skip_reason(state.looked_at, state.design.n_max, noun, _decision_text(state.verdict))
+
+    def closed(self, axis_name: str) -> set:
+        """The candidates whose verdict on the axis is decided (their batches leave them out)."""
+        return {role for (role, name), st in self.progress.items() if name == axis_name and st.decided}
+
+    # -- after an item ---------------------------------------------------------------------
+
+    def observe(self, role: str, axis_name: str, candidate_results: Dict[str, dict],
+                control_results: Optional[Dict[str, dict]]) -> Optional[str]:
+        """Note a candidate's filed result; at a planned look, decide. Returns the progress
+        line to show (None when there is nothing new to say)."""
+        state = self.progress.get((role, axis_name))
+        if state is None or state.decided or not self.control_role or control_results is None:
+            return None
+        axis = self.axes[axis_name]
+        shared = [unit for unit in candidate_results if unit in control_results]
+        state.measured = len(shared)
+        design = state.design
+        look = design.look_at(state.measured)
+        at_look = look is not None and design.looks[look] > (state.looked_at or 0)
+        if not at_look:
+            return None
+        verdict = V.axis_verdict(axis, [candidate_results[u] for u in shared], [control_results[u] for u in shared],
+                                 level=design.level, same_computation=self.self_reference.get(role, False))
+        state.verdict, state.looked_at = verdict, design.looks[look]
+        decided = verdict.verdict != V.UNDECIDED and verdict.basis != "broken control"
+        state.decided = decided and design.stopping
+        return self._line(role, axis_name, state)
+
+    def _line(self, role: str, axis_name: str, state: AxisProgress) -> str:
+        noun = _noun(self.axes[axis_name])
+        who = f" [{self.labels.get(role, role)}]" if self.matrix else ""
+        text = f"refract: {axis_name}{who}: {state.measured} {noun}, {_state_text(state.verdict)}"
+        left = state.design.n_max - state.measured
+        if state.decided:
+            return f"{text} decided" + (f": the remaining {left} are skipped" if left > 0 else "")
+        nxt = state.design.next_look(state.measured)
+        if state.verdict.verdict == V.UNDECIDED and nxt is not None:
+            return f"{text}, next look at {nxt}"
+        return text
+
+    def report(self) -> Dict[str, Dict[str, dict]]:
+        """role -> axis -> the design and where it stopped (for the report)."""
+        out: Dict[str, Dict[str, dict]] = {}
+        for (role, axis_name), state in self.progress.items():
+            out.setdefault(role, {})[axis_name] = state.as_json()
+        return out
+
+
+def _noun(axis) -> str:
+    return getattr(axis, "ITEMS_NOUN", None) or "items"
+
+
+def _decision_text(verdict: V.AxisVerdict) -> str:
+    """``PASS (M 2.5x [2.3, 2.7])``: the decision, then what it rests on."""
+    basis = _state_text(verdict).rsplit(", ", 1)[0]
+    return f"{verdict.verdict} ({basis})"
+
+
+def _state_text(verdict: Optional[V.AxisVerdict]) -> str:
+    """``M 2.5x [2.3, 2.7], PASS`` or the absolute damage where the multiple is undefined."""
+    if verdict is None:
+        return "no look yet"
+    if verdict.basis == "multiple":
+        return f"{seq.fmt_multiple(verdict.multiple, verdict.multiple_ci95)}, {verdict.verdict}"
+    if verdict.basis == "absolute" and verdict.damage is not None:
+        ci = verdict.damage_ci95
+        inside = f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
+        return f"{verdict.label} {verdict.damage:.3g}{inside} (tolerance {verdict.margin:g}), {verdict.verdict}"
+    return f"{verdict.verdict} ({verdict.reason})"

@@ -1,0 +1,121 @@
+"""Sequential stopping through the plugin, in process on the fake engine (tests/fake_engine.py):
+decided axes skip their remaining items with the decision as the skip reason, the report lists
+them, --refract-exhaustive measures everything, and a decided candidate leaves its decode
+batches while the control stays for the candidates still open."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+import fake_engine
+from conftest import read_report
+from pytest_refract.audit import runner as runner_mod
+from pytest_refract.audit.batches import DecodeBatches
+from pytest_refract.scoring.sequential import Design
+from pytest_refract.stopping import SequentialStopping
+
+
+@pytest.fixture
+def fake_llamacpp(monkeypatch):
+    monkeypatch.setattr(runner_mod, "_load_llamacpp", lambda settings: fake_engine)
+
+
+@pytest.fixture
+def long_corpus(tmp_path):
+    # over 32 chunks of 64 tokens in the fake engine's byte-level vocabulary.
+    words = "the end of the world is a hello to the end. "
+    path = tmp_path / "corpus.txt"
+    path.write_text(words * 250, encoding="utf-8")
+    return path
+
+
+def _audit(pytester, model, corpus, *extra):
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_inprocess(
+        f"--refract-model={model}", f"--refract-corpus={corpus}", "--refract-axes=kld", "--refract-ctx=64",
+        "--refract-threads=1", "--refract-no-cache", f"--refract-json={report}", "-rs", "-p", "no:cacheprovider",
+        *extra)
+    return result, read_report(report)
+
+
+def test_decided_axes_skip_the_rest_and_the_report_lists_them(pytester, fake_llamacpp, tiny_model, long_corpus):
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-candidate=ctk=bf16,ctv=bf16",
+                            "--refract-candidate=ctk=q8_0,ctv=q8_0")
+    out = result.stdout.str()
+    n = report["candidates"][0]["axes"]["kld"]["sequential"]["looks"][-1]
+    assert n >= 16
+    outcomes = result.parseoutcomes()
+    # Both candidates decide at the first look (8 chunks): bf16 is the control's own config
+    # (M 1), q8_0 has 25x its noise; every later chunk is skipped for both.
+    assert outcomes["passed"] == 16 and outcomes["skipped"] == 2 * (n - 8), out
+    assert f"decided after 8 of {n} chunks: PASS (M 1x [1, 1])" in out
+    assert f"decided after 8 of {n} chunks: FAIL" in out
+    by_label = {c["candidate"]: c for c in report["candidates"]}
+    for label, verdict in (("ctk=bf16,ctv=bf16", "PASS"), ("ctk=q8_0,ctv=q8_0", "FAIL")):
+        section = by_label[label]["axes"]["kld"]
+        seq = section["sequential"]
+        assert seq["decided"] and seq["decided_after"] == 8 and len(seq["skipped"]) == n - 8
+        assert len(section["items"]) == 8 and section["n_chunks"] == 8  # skipped items are not measured
+        assert section["verdict"]["verdict"] == verdict and section["verdict"]["n_items"] == 8
+        assert section["verdict"]["level"] == pytest.approx(seq["look_level"]) and seq["look_level"] > 0.95
+    # The control measured the 8 chunks both needed, no more.
+    assert len(report["sensitivity"]["axes"]["kld"]["items"]) == 8
+    # The decision is a progress line on its own.
+    assert "refract: kld [ctk=q8_0,ctv=q8_0]: 8 chunks, M " in out and "FAIL decided: the remaining" in out
+    assert result.ret == 1  # q8_0 FAILs (the gate reads every candidate)
+
+
+def test_exhaustive_measures_every_item_at_the_fixed_sample_level(pytester, fake_llamacpp, tiny_model, long_corpus):
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-candidate=ctk=bf16,ctv=bf16",
+                            "--refract-exhaustive")
+    section = report["axes"]["kld"]
+    n = section["sequential"]["looks"][-1]
+    assert result.parseoutcomes()["passed"] == n and "skipped" not in result.parseoutcomes()
+    assert section["sequential"]["looks"] == [n] and not section["sequential"]["stopping"]
+    assert section["verdict"]["level"] == pytest.approx(0.95) and section["verdict"]["n_items"] == n
+    assert report["settings"]["sequential"]["stopping"] is False
+
+
+def test_max_items_caps_each_axis_and_ids_stay(pytester, fake_llamacpp, tiny_model, long_corpus):
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-candidate=ctk=bf16,ctv=bf16",
+                            "--refract-max-items=5", "--refract-exhaustive")
+    items = report["axes"]["kld"]["items"]
+    assert len(items) == 5 and report["settings"]["sequential"]["max_items"] == 5
+    # The measuring order is a seeded sample of the whole corpus, not its first chunks, and the
+    # ids are the chunks' own.
+    ids = [i["id"] for i in items]
+    assert ids != [f"chunk-{k:02d}" for k in range(5)] and all(i.startswith("chunk-") for i in ids)
+
+
+@pytest.mark.parametrize("flag", ["--refract-max-items=0", "--refract-max-items=x", "--refract-chunks=some"])
+def test_bad_caps_are_usage_errors(pytester, fake_llamacpp, tiny_model, long_corpus, flag):
+    from conftest import one_usage_error_line
+
+    result = pytester.runpytest_inprocess(f"--refract-model={tiny_model}", "--refract-candidate=ctk=q8_0,ctv=q8_0", flag)
+    line = one_usage_error_line(result)
+    assert flag.split("=")[0] in line
+
+
+def test_a_decided_candidate_leaves_the_batch_and_the_control_stays_for_the_others():
+    batches = DecodeBatches(["cand0", "cand1", "control"], "control", lambda axis, unit: False)
+    units = [{"id": f"p{i}", "batch": 0} for i in range(4)]
+    batches.set_plan([("trajectory", dict(u, candidate=r)) for u in units for r in ("cand0", "cand1")])
+    unit = dict(units[0], candidate="cand1")
+    assert batches.batch_of("trajectory", unit)[1] == ["cand0", "cand1", "control"]
+    batches.closed = lambda axis: {"cand0"} if axis == "trajectory" else set()
+    assert batches.batch_of("trajectory", unit)[1] == ["cand1", "control"]
+
+
+def test_no_control_means_no_stopping():
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(sequential=True, decode_batch=16)
+    axis = SimpleNamespace(NAME="kld", BATCHED=0)
+    stopping = SequentialStopping(settings, {"kld": axis}, None, {}, {})
+    stopping.plan([("kld", {"candidate": "cand0", "id": f"c{i}"}) for i in range(40)])
+    design = stopping.progress[("cand0", "kld")].design
+    assert design == Design.plan(40, 1, stopping=False)
+    assert stopping.observe("cand0", "kld", {"c0": {}}, None) is None
+    assert stopping.skip_reason("cand0", "kld", "c1") is None
