@@ -70,9 +70,10 @@ def test_pool_ids_are_unique_numbered_and_licensed():
     assert all(row["prompt"].strip() and row["prompt"].isascii() for row in rows)
 
 
-def test_pool_starts_with_the_default_prompts_unchanged():
+def test_pool_is_the_default_and_starts_with_the_earlier_default_prompts_unchanged():
+    assert data.DEFAULT_PROMPTS == POOL
     default = [json.loads(line) for line in
-               (data.data_dir() / data.DEFAULT_PROMPTS).read_text(encoding="utf-8").splitlines() if line.strip()]
+               (data.data_dir() / "default.jsonl").read_text(encoding="utf-8").splitlines() if line.strip()]
     assert len(default) == 36
     assert _pool_rows()[: len(default)] == default
 
@@ -83,6 +84,22 @@ def test_pool_interleaves_categories_after_the_default_prompts():
     added = _pool_rows()[36:]
     for start in range(0, len(added) - len(added) % 6, 6):
         assert {row["category"] for row in added[start : start + 6]} == CATEGORIES, start
+
+
+def test_the_measuring_order_interleaves_categories_and_keeps_every_prompt():
+    prompts = load_prompts(data.data_dir() / POOL)
+    ordered = data.in_measuring_order(prompts, seed=0)
+    assert sorted(p.id for p in ordered) == sorted(p.id for p in prompts)
+    # The first decode batch (16) spans every category; every six hold one of each.
+    assert {p.category for p in ordered[:16]} == CATEGORIES
+    for start in range(0, len(ordered), 6):
+        assert {p.category for p in ordered[start : start + 6]} == CATEGORIES, start
+    # Seeded: the same seed gives the same order, another seed another one; within a category the
+    # order is not the file's.
+    assert [p.id for p in data.in_measuring_order(prompts, seed=0)] == [p.id for p in ordered]
+    assert [p.id for p in data.in_measuring_order(prompts, seed=1)] != [p.id for p in ordered]
+    facts = [p.id for p in ordered if p.category == "factual"]
+    assert facts != sorted(facts)
 
 
 def test_pool_loads_through_the_prompt_loader():

@@ -19,6 +19,16 @@ from conftest import subprocess_env
 from pytest_refract.audit.progress import LiveLine, PlainLines, Progress, describe, status_text
 
 STATUS_RE = re.compile(r"refract: (trajectory|kld|rniah|plad) .*: [\d,]+/[\d,]+ tokens, [\d,]+ tok/s")
+# Where an axis's decision stands at a look (stopping.py): a line that stays.
+DECISION_RE = re.compile(r"refract: (trajectory|kld|rniah|plad)( \[[^]]*\])?: \d+ (prompts|chunks|cells|perturbations), "
+                         r".*(PASS|FAIL|UNDECIDED)( decided.*|, next look at \d+)?")
+
+
+def _dots_intact(lines) -> bool:
+    """pytest's own progress: its dot lines (split only by decision lines) hold the 5 items
+    and the last ends at [100%]."""
+    dotted = [line for line in lines if re.fullmatch(r"refract [.]*( +\[ ?\d+%\])?", line)]
+    return bool(dotted) and sum(line.count(".") for line in dotted) == 5 and dotted[-1].endswith("[100%]")
 
 
 # ----------------------------------------------------------------------------- pure parts
@@ -221,7 +231,10 @@ def test_plain_lines_in_a_pipe(slow_decode_dir, tiny_model, tiny_prompts, tiny_c
     # Every status line stands alone, and pytest's result lines and summary are intact.
     assert all(re.fullmatch(r"refract: .*tokens, [\d,]+ tok/s(, ~.* left)?(; ref cache .* written, .* read)?", line)
                for line in status)
-    assert any(re.fullmatch(r"refract [.]+ +\[100%\]", line) for line in lines), out
+    # Each axis's last look says where its decision stands, on a line of its own.
+    decisions = [line for line in lines if DECISION_RE.fullmatch(line)]
+    assert {line.split(":")[1].strip() for line in decisions} == {"trajectory", "kld"}, out
+    assert _dots_intact(lines), out
     assert re.search(r"=+ 5 passed in .* =+", out), out
     assert "refract KV-cache audit" in out
 
@@ -313,7 +326,8 @@ def test_live_line_under_a_terminal_leaves_pytests_output_intact(slow_decode_dir
     plain = re.sub(r"\x1b\[[0-9;]*m", "", raw)
     screen = _render_screen(plain)
     assert not any(STATUS_RE.search(line) for line in screen), "\n".join(screen)
-    assert any(re.fullmatch(r"refract [.]{5} +\[100%\]", line) for line in screen), "\n".join(screen)
+    assert any(DECISION_RE.fullmatch(line.rstrip()) for line in screen), "\n".join(screen)
+    assert _dots_intact([line.rstrip() for line in screen]), "\n".join(screen)
     assert any(re.search(r"5 passed in", line) for line in screen), "\n".join(screen)
 
 

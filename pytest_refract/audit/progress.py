@@ -130,6 +130,10 @@ class _TerminalSink:
         with self._suspended():
             tw.write(("\n" if tw.width_of_current_line else "") + text, flush=True)
             self.reporter.currentfspath = None
+            if self.nodeid and self.reporter.config.get_verbosity() <= 0:
+                # Without -v pytest appends letters (and the final percentage) to the current
+                # line: open its own line again, not ours.
+                self.reporter.write_fspath_result(self.nodeid, "")
 
     def _suspended(self):
         if self.capman is None:
