@@ -12,6 +12,9 @@ import pytest
 
 from conftest import read_report
 
+# The 36-prompt set of earlier releases (the pool's first 36): six prompts per category.
+DEFAULT_36 = Path(__file__).resolve().parent.parent / "prompts" / "default.jsonl"
+
 pytestmark = pytest.mark.smollm2
 
 PROMPTS = [
@@ -193,7 +196,8 @@ def test_the_custom_axis_example_runs_as_documented(pytester, smollm2):
     report = pytester.path / "report.json"
     result = pytester.runpytest_subprocess(
         "custom_axis", f"--refract-model={smollm2}", "--refract-candidate=ctk=q8_0,ctv=q4_0",
-        "--refract-axes=trajectory,length", "--refract-n-predict=32", "-k", "fact", f"--refract-json={report}", "-v")
+        "--refract-axes=trajectory,length", "--refract-n-predict=32", "-k", "fact", f"--refract-json={report}", "-v",
+        f"--refract-prompts={DEFAULT_36}")
     out = result.stdout.str()
     assert result.ret in (0, 1), out[-3000:]
     assert "test_length[fact-001] PASSED" in out
@@ -212,7 +216,9 @@ def test_batched_decode_is_bit_identical_to_one_at_a_time(pytester, smollm2):
         result = pytester.runpytest_subprocess(
             f"--refract-model={smollm2}", "--refract-candidate=ctk=q8_0,ctv=q4_0", "--refract-axes=trajectory,plad",
             "--refract-n-predict=48", f"--refract-decode-batch={width}", "--refract-no-cache",
-            f"--refract-json={report}", "-k", "fact")
+            f"--refract-json={report}", "-k", "fact", f"--refract-prompts={DEFAULT_36}",
+            # Every item in both runs: their looks differ with the batch width.
+            "--refract-exhaustive")
         assert result.ret in (0, 1), result.stdout.str()[-2000:]
         reports[width] = read_report(report)
     serial, batched = reports[1], reports[4]

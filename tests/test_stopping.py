@@ -42,7 +42,7 @@ def _audit(pytester, model, corpus, *extra):
 
 def test_decided_axes_skip_the_rest_and_the_report_lists_them(pytester, fake_llamacpp, tiny_model, long_corpus):
     result, report = _audit(pytester, tiny_model, long_corpus, "--refract-candidate=ctk=bf16,ctv=bf16",
-                            "--refract-candidate=ctk=q8_0,ctv=q8_0")
+                            "--refract-candidate=ctk=q8_0,ctv=q8_0", f"--refract-html={pytester.path / 'r.html'}")
     out = result.stdout.str()
     n = report["candidates"][0]["axes"]["kld"]["sequential"]["looks"][-1]
     assert n >= 16
@@ -60,11 +60,15 @@ def test_decided_axes_skip_the_rest_and_the_report_lists_them(pytester, fake_lla
         assert len(section["items"]) == 8 and section["n_chunks"] == 8  # skipped items are not measured
         assert section["verdict"]["verdict"] == verdict and section["verdict"]["n_items"] == 8
         assert section["verdict"]["level"] == pytest.approx(seq["look_level"]) and seq["look_level"] > 0.95
+    assert report["items_skipped_decided"] == 2 * (n - 8)
     # The control measured the 8 chunks both needed, no more.
     assert len(report["sensitivity"]["axes"]["kld"]["items"]) == 8
     # The decision is a progress line on its own.
     assert "refract: kld [ctk=q8_0,ctv=q8_0]: 8 chunks, M " in out and "FAIL decided: the remaining" in out
     assert result.ret == 1  # q8_0 FAILs (the gate reads every candidate)
+    # The terminal's verdict lines and the HTML say where each axis stopped.
+    assert f"; decided after 8 of {n}, {n - 8} skipped" in out
+    assert f"decided after 8 of {n} items; {n - 8} not measured" in (pytester.path / "r.html").read_text()
 
 
 def test_exhaustive_measures_every_item_at_the_fixed_sample_level(pytester, fake_llamacpp, tiny_model, long_corpus):

@@ -394,6 +394,9 @@ def build_report(
     report["items_run"] = (sum(len(per_axis) for axes in results.values() for per_axis in axes.values())
                            + sum(len(units) for axes in failed.values() for units in axes.values()))
     report["items_selected"] = facts.items_selected
+    # Selected items a decided axis did not need (sequential stopping; never counted as run).
+    report["items_skipped_decided"] = sum(len(d.get("skipped") or []) for axes in facts.sequential.values()
+                                          for d in axes.values())
     if facts.baseline is not None:
         report["baseline"] = {"path": s.baseline_path, "composite": facts.baseline.get("composite"),
                               "timestamp": facts.baseline.get("timestamp"), "max_drop": s.max_drop}

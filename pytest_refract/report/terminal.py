@@ -79,6 +79,20 @@ def _multiple_text(m: dict) -> str:
     return "n/a"
 
 
+def _sequential_text(section: dict) -> str:
+    """Where the axis's sequential design stopped, after its verdict line."""
+    seq = section.get("sequential")
+    if not seq or not seq.get("looks"):
+        return ""
+    n_max, level = seq["looks"][-1], 100 * seq["look_level"]
+    if seq.get("decided") and seq.get("skipped"):
+        return (f"; decided after {seq['decided_after']} of {n_max}, {len(seq['skipped'])} skipped "
+                f"({level:.4g} % intervals over {len(seq['looks'])} looks)")
+    if seq.get("stopping") and len(seq["looks"]) > 1:
+        return f"; {seq['measured']} of {n_max} measured ({level:.4g} % intervals over {len(seq['looks'])} looks)"
+    return ""
+
+
 def _render_verdict(tr, report: dict) -> None:
     """The candidate's headline: what the gate reads."""
     v = report.get("verdict")
@@ -97,7 +111,7 @@ def _render_verdict(tr, report: dict) -> None:
             what = a.get("reason") or ""
         tr.write(f"  {name:<11}")
         tr.write(f"{a['verdict']:<10}", **{_VERDICT_COLOURS.get(a["verdict"], "red"): True})
-        tr.write_line(what)
+        tr.write_line(what + _sequential_text((report.get("axes") or {}).get(name) or {}))
     for line in v.get("control_problems", []):
         tr.write_line(f"  yardstick broken: {line}", red=True)
     for line in v.get("advice", []):

@@ -12,9 +12,10 @@ any other vectorised statistic of its table.
 The headline is the multiple ``M = D_candidate / D_control`` on the same items. Its 95 %
 interval is a jackknife-t interval on log M: the n leave-one-out estimates (one item left out of
 candidate *and* control at once, so what the two share cancels) give the standard error, and
-Student's t with n - 1 degrees of freedom the width. Seeded simulations (tests/test_verdict.py)
-put its coverage at 0.92-0.97 from 8 to 128 items, where a percentile or BCa bootstrap of the same
-log ratio covers 0.85-0.86 at 8 items.
+Student's t with n - 1 degrees of freedom the width; the jackknife variance is scaled by
+(n + SMALL_SAMPLE_WIDENING) / n. Seeded simulations (tests/test_verdict.py) put its coverage at
+0.953-0.969 from 8 to 128 items, where a percentile or BCa bootstrap of the same log ratio covers
+0.85-0.86 at 8 items.
 
 PASS when the interval's upper end is at or below the axis's margin, FAIL when its lower end is
 above it, UNDECIDED otherwise. Where the control's damage is (near) 0 the multiple is undefined
@@ -27,8 +28,8 @@ at 1.5x, 3x and 10x), so it sits inside the score interval mapped from M's inter
 the item count only through the ratio estimator's small-sample bias (which lowers it), and is
 monotone: a candidate with more damage on every item has a larger M and never scores higher.
 
-This is a fixed-sample interval. A sequential (anytime-valid) audit replaces ``multiple_interval``
-with a confidence sequence and keeps everything else: margins, bands, the decision rule.
+Each interval has the level it is asked for: the fixed-sample 95 %, or a sequential design's look
+level (scoring/sequential.py), which keeps everything else: margins, bands, the decision rule.
 """
 
 from __future__ import annotations
