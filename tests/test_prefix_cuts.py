@@ -12,6 +12,7 @@ from pytest_refract.engines import base
 from pytest_refract.engines import llamacpp as E
 from pytest_refract.engines.gguf import read_gguf
 from pytest_refract.engines.kvconfig import parse_kv_config, validate_for_model
+from conftest import read_report
 from tiny_model import write_tiny_family
 
 WINDOW = 32
@@ -175,3 +176,29 @@ def test_hybrid_prefix_reuse_and_teacher_forcing_are_exact(jamba):
     ctx.reset()
     ctx.evaluate(0, prefix, 0, logits_from=None)
     assert np.array_equal(cut, ctx.evaluate(0, forced, len(prefix), logits_from=0))
+
+
+def test_the_report_says_which_cut_path_ran(pytester, tiny_corpus):
+    """Through the plugin, as users run it: R-NIAH's second trial shares its first's haystack up
+    to the needle (past one 512-token batch at position 0.9 of 1100 tokens). With the window
+    cache the reuse is refused and counted; with swa_full=on the cells are kept and counted."""
+    model = write_tiny_family(pytester.path / "gemma.gguf", "gemma3", n_ctx_train=2048)
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess(
+        f"--refract-model={model}", f"--refract-corpus={tiny_corpus}", "--refract-axes=rniah",
+        "--refract-rniah-lengths=1100", "--refract-rniah-positions=0.9", "--refract-rniah-trials=2",
+        "--refract-threads=1", "--refract-no-progress", "--refract-no-sensitivity",
+        "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-candidate=ctk=q8_0,ctv=q8_0,swa_full=on",
+        f"--refract-json={report}", "-p", "no:cacheprovider",
+    )
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+    data = read_report(report)
+    assert data["complete"] is True
+    computes = {sec["candidate"]: sec["axes"]["rniah"]["compute"] for sec in data["candidates"]}
+    window, full = computes["ctk=q8_0,ctv=q8_0"], computes["ctk=q8_0,ctv=q8_0,swa_full=on"]
+    # The reference (an f16 window cache) ran in the first candidate's items only.
+    assert window["reference"]["cut_reuse_refused_window"] == 1 and window["reference"]["cut_kept"] == 0
+    assert window["cand0"]["cut_reuse_refused_window"] == 1 and window["cand0"]["cut_kept"] == 0
+    assert full["cand1"]["cut_reuse_refused_window"] == 0 and full["cand1"]["cut_kept"] == 1
+    for counts in (window["reference"], window["cand0"], full["cand1"]):
+        assert counts["cut_rebuilt_window"] == counts["cut_rebuilt_engine"] == 0
