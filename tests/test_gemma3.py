@@ -1,9 +1,13 @@
 """Integration: the real Gemma 3 270M (gemma3: sliding window 512 on 15 of 18 layers, one KV
 head of 256, a 262,144-token vocabulary, no chat template) through the plugin as a user runs it
-(`--refract-model=gemma3`). Small settings: 3 prompts x 16 tokens, 2 KLD chunks, R-NIAH at 4096
-tokens (past the window, so the window cache's cut-back and a retrieval across the window run),
-all four axes, one candidate, the sensitivity control on. This file took 133 s under the CPU
-lock on the project's shared 2-core VM (2026-12-02; other agents' tiny tests beside it)."""
+(`--refract-model=gemma3`), at small settings:
+
+- 3 prompts x 16 tokens, 2 KLD chunks, R-NIAH at 4096 tokens (past the window, so a retrieval
+  across the window runs), all four axes, one candidate, the sensitivity control on; 133 s
+  under the CPU lock on the project's shared 2-core VM (2026-12-02; other agents' tiny tests
+  beside it);
+- R-NIAH alone at 1024 tokens with two trials, where the second trial's prefix reuse crosses
+  the window and is refused (one trial per cell has no earlier trial to reuse)."""
 
 from __future__ import annotations
 
@@ -65,6 +69,36 @@ def test_gemma3_full_audit_runs_as_users_run_it(pytester, gemma3, prompts_file, 
     kv = data["kv_cache"]
     assert kv["vs_reference"] == pytest.approx(416 / 1024) and kv["swa_vs_reference"] == pytest.approx(416 / 1024)
     assert data["kv_cache_bytes_peak"] > 0
+
+
+def test_gemma3_window_cache_refuses_reuse_past_the_window(pytester, gemma3, monkeypatch):
+    """The sliding-window path on the trained model, read from the JSON report: R-NIAH's second
+    trial shares the first one's haystack up to the needle (at 0.9 of 1024 tokens: one whole
+    512-token batch), but the first trial's sequence outgrew the 512-token window, so its cells
+    may be gone: the prefix is recomputed, once per side, and counted (compute.cut_*)."""
+    report = pytester.path / "report.json"
+    monkeypatch.setenv("XDG_CACHE_HOME", str(gemma3.parent.parent.parent))
+    result = pytester.runpytest_subprocess(
+        "--refract-model=gemma3", "--refract-candidate=ctk=q8_0,ctv=q4_0", "--refract-axes=rniah",
+        "--refract-rniah-lengths=1024", "--refract-rniah-positions=0.9", "--refract-rniah-trials=2",
+        "--refract-rniah-answer-tokens=8", "--refract-no-sensitivity", "--refract-threads=2",
+        f"--refract-json={report}", "-p", "no:cacheprovider",
+    )
+    text = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in text
+    data = read_report(report)
+    # Whether the base model retrieves one needle decides the gate, not this test.
+    assert result.ret == (0 if data["gate"]["passed"] else 1), data["gate"]
+    assert data["complete"] is True and data["model"]["architecture"] == "gemma3"
+    cell = data["axes"]["rniah"]["cells"][0]
+    assert (cell["length"], cell["trials"]) == (1024, 2)
+    compute = data["axes"]["rniah"]["compute"]
+    for role in ("reference", "cand0"):
+        counts = compute[role]
+        assert counts["cut_reuse_refused_window"] == 1, (role, counts)  # trial 2 of the one cell
+        assert counts["cut_kept"] == 0 and counts["cut_rebuilt_engine"] == 0, (role, counts)
+        # Both trials' prompts were evaluated whole: nothing of the first was reused.
+        assert counts["batch_tokens"] >= 2 * 1024, (role, counts)
 
 
 def test_gemma3_has_what_this_test_is_for(gemma3):

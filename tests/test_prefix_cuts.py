@@ -12,6 +12,7 @@ from pytest_refract.engines import base
 from pytest_refract.engines import llamacpp as E
 from pytest_refract.engines.gguf import read_gguf
 from pytest_refract.engines.kvconfig import parse_kv_config, validate_for_model
+from conftest import read_report
 from tiny_model import write_tiny_family
 
 WINDOW = 32
@@ -59,10 +60,24 @@ def _prefill(ctx, tokens, logits_from):
     return np.concatenate(rows)
 
 
+def _cuts(ctx, before=None):
+    """The context's cut counts (base.CutCounts), less ``before``'s."""
+    now = ctx.cuts.as_counts()
+    return {k: v - (before or {}).get(k, 0) for k, v in now.items()}
+
+
+NO_CUTS = {"cut_kept": 0, "cut_rebuilt_window": 0, "cut_rebuilt_engine": 0, "cut_reuse_refused_window": 0}
+
+
 @pytest.mark.parametrize("kv_text", ["ctk=f16,ctv=f16", "ctk=q8_0,ctv=q8_0"])
 def test_prefix_reuse_past_the_window_is_exact(gemma, kv_text):
-    fresh, reused = _prefill_after_a_long_sequence(_ctx(gemma, kv_text, f"reuse-{kv_text}"))
+    ctx = _ctx(gemma, kv_text, f"reuse-{kv_text}")
+    before = _cuts(ctx)
+    fresh, reused = _prefill_after_a_long_sequence(ctx)
     assert np.array_equal(fresh, reused)
+    # Once: the second prefill could have kept 256 cached tokens, but the first sequence had
+    # outgrown the window. The resets and the first prefill (on an empty sequence) cut nothing.
+    assert _cuts(ctx, before) == dict(NO_CUTS, cut_reuse_refused_window=1)
 
 
 def test_reusing_cells_the_window_dropped_would_be_wrong(gemma, monkeypatch):
@@ -75,8 +90,10 @@ def test_reusing_cells_the_window_dropped_would_be_wrong(gemma, monkeypatch):
 def test_full_window_cache_keeps_prefix_reuse(gemma):
     ctx = _ctx(gemma, "ctk=f16,ctv=f16,swa_full=on", "full")
     before = ctx.n_batch_tokens + ctx.n_decode_tokens
+    cuts = _cuts(ctx)
     fresh, reused = _prefill_after_a_long_sequence(ctx)
     assert np.array_equal(fresh, reused)
+    assert _cuts(ctx, cuts) == dict(NO_CUTS, cut_kept=1)  # no window: the same prefill keeps its cells
     # Every cell is kept: of the second sequence (449 tokens) the shared 256 (four whole
     # batches) were not recomputed; the first (699 tokens) and the fresh run were whole.
     assert ctx.n_batch_tokens + ctx.n_decode_tokens - before == 449 + 699 + (449 - 256)
@@ -89,12 +106,32 @@ def test_teacher_forcing_cut_past_the_window_is_exact(gemma):
     forced = _tokens(40, 6)[1:]
     ctx.reset()
     ctx.evaluate(0, prefix + rest, 0, logits_from=None)
+    before = _cuts(ctx)
     ctx.truncate(0, len(prefix))
+    assert _cuts(ctx, before) == dict(NO_CUTS, cut_rebuilt_window=1)  # 555 tokens outgrew the window of 32
     cut = ctx.evaluate(0, forced, len(prefix), logits_from=0)
     ctx.reset()
     ctx.evaluate(0, prefix, 0, logits_from=None)
     fresh = ctx.evaluate(0, forced, len(prefix), logits_from=0)
     assert np.array_equal(cut, fresh)
+
+
+def test_a_cut_within_the_window_keeps_its_cells(gemma):
+    """The counts move only on the path that ran: a sequence that never outgrew the window is
+    cut back in place, and a clear (a cut to 0) is no cut at all."""
+    ctx = _ctx(gemma, "ctk=q8_0,ctv=q8_0", "within")
+    ctx.reset()
+    ctx.evaluate(0, _tokens(WINDOW, 13), 0, logits_from=None)  # exactly the window: nothing masked yet
+    before = _cuts(ctx)
+    ctx.truncate(0, WINDOW // 2)
+    assert _cuts(ctx, before) == dict(NO_CUTS, cut_kept=1)
+    ctx.clear(0)
+    ctx.evaluate(0, _tokens(WINDOW + 1, 14), 0, logits_from=None)  # one past it
+    ctx.truncate(0, 0)
+    assert _cuts(ctx, before) == dict(NO_CUTS, cut_kept=1)
+    ctx.evaluate(0, _tokens(WINDOW + 1, 14), 0, logits_from=None)
+    ctx.truncate(0, WINDOW // 2)
+    assert _cuts(ctx, before) == dict(NO_CUTS, cut_kept=1, cut_rebuilt_window=1)
 
 
 def test_sequences_cut_past_the_window_match_a_single_context(gemma):
@@ -132,8 +169,36 @@ def test_hybrid_prefix_reuse_and_teacher_forcing_are_exact(jamba):
     prefix, forced = _tokens(2 * N_BATCH, 10), _tokens(20, 11)[1:]
     ctx.reset()
     ctx.evaluate(0, prefix + _tokens(50, 12)[1:], 0, logits_from=None)
+    before = _cuts(ctx)
     ctx.truncate(0, len(prefix))  # llama.cpp cannot roll the recurrent state back: rebuilt
+    assert _cuts(ctx, before) == dict(NO_CUTS, cut_rebuilt_engine=1)
     cut = ctx.evaluate(0, forced, len(prefix), logits_from=0)
     ctx.reset()
     ctx.evaluate(0, prefix, 0, logits_from=None)
     assert np.array_equal(cut, ctx.evaluate(0, forced, len(prefix), logits_from=0))
+
+
+def test_the_report_says_which_cut_path_ran(pytester, tiny_corpus):
+    """Through the plugin, as users run it: R-NIAH's second trial shares its first's haystack up
+    to the needle (past one 512-token batch at position 0.9 of 1100 tokens). With the window
+    cache the reuse is refused and counted; with swa_full=on the cells are kept and counted."""
+    model = write_tiny_family(pytester.path / "gemma.gguf", "gemma3", n_ctx_train=2048)
+    report = pytester.path / "r.json"
+    result = pytester.runpytest_subprocess(
+        f"--refract-model={model}", f"--refract-corpus={tiny_corpus}", "--refract-axes=rniah",
+        "--refract-rniah-lengths=1100", "--refract-rniah-positions=0.9", "--refract-rniah-trials=2",
+        "--refract-threads=1", "--refract-no-progress", "--refract-no-sensitivity",
+        "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-candidate=ctk=q8_0,ctv=q8_0,swa_full=on",
+        f"--refract-json={report}", "-p", "no:cacheprovider",
+    )
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
+    data = read_report(report)
+    assert data["complete"] is True
+    computes = {sec["candidate"]: sec["axes"]["rniah"]["compute"] for sec in data["candidates"]}
+    window, full = computes["ctk=q8_0,ctv=q8_0"], computes["ctk=q8_0,ctv=q8_0,swa_full=on"]
+    # The reference (an f16 window cache) ran in the first candidate's items only.
+    assert window["reference"]["cut_reuse_refused_window"] == 1 and window["reference"]["cut_kept"] == 0
+    assert window["cand0"]["cut_reuse_refused_window"] == 1 and window["cand0"]["cut_kept"] == 0
+    assert full["cand1"]["cut_reuse_refused_window"] == 0 and full["cand1"]["cut_kept"] == 1
+    for counts in (window["reference"], window["cand0"], full["cand1"]):
+        assert counts["cut_rebuilt_window"] == counts["cut_rebuilt_engine"] == 0

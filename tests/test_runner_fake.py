@@ -159,3 +159,48 @@ def test_no_module_but_the_llamacpp_engine_imports_llama_cpp():
     package = Path(__file__).parent.parent / "pytest_refract"
     importers = sorted(str(p.relative_to(package)) for p in package.rglob("*.py") if "llama_cpp" in _imports(p))
     assert importers == ["engines/llamacpp.py"]
+
+
+
+def _cut_counts(results) -> dict:
+    """(context role, axis) -> its cut_* compute counts summed over every measured item (the
+    reference's contexts count inside the candidates' items; engines.base.CutCounts)."""
+    total: dict = {}
+    for items in results.values():
+        for axis, by_unit in items.items():
+            for r in by_unit.values():
+                for role, counts in r["compute"].items():
+                    into = total.setdefault((role, axis), {})
+                    for key, value in counts.items():
+                        if key.startswith("cut_"):
+                            into[key] = into.get(key, 0) + value
+    return total
+
+
+def test_a_sliding_window_changes_which_cut_path_runs_and_no_number(inputs, monkeypatch):
+    """Teacher forcing cuts a diverged sequence back; an R-NIAH trial reuses the haystack its
+    previous trial cached (n_batch 32: whole batches of the 96-token haystack are shared).
+    Without a window every such cut keeps its cells; with a window shorter than any sequence,
+    each is recomputed instead, counted under its own path, and every result stays the same."""
+    settings = _settings(*inputs, axes=("trajectory", "rniah"), n_batch=32, n_ubatch=32,
+                         rniah_positions=(0.5, 0.9))
+    _, whole = _run(settings)
+    monkeypatch.setattr(fake_engine.FakeContext, "window", 4)
+    _, windowed = _run(settings)
+    plain, cut = _cut_counts(whole), _cut_counts(windowed)
+    assert plain[("cand0", "trajectory")]["cut_kept"] > 0  # q4_0 diverges: teacher forcing cuts back
+    for role in ("reference", "cand0", "control"):
+        assert plain[(role, "rniah")]["cut_kept"] > 0, role  # trial 2 reuses trial 1's haystack
+    assert set(plain) == set(cut)
+    for (role, axis), counts in plain.items():
+        assert counts["cut_rebuilt_window"] == counts["cut_reuse_refused_window"] == 0, (role, axis)
+        assert cut[(role, axis)]["cut_kept"] == 0 and cut[(role, axis)]["cut_rebuilt_engine"] == 0, (role, axis)
+        # Teacher forcing's cuts are rebuilt, R-NIAH's prefix reuse is refused: one for one.
+        moved = "cut_rebuilt_window" if axis == "trajectory" else "cut_reuse_refused_window"
+        assert cut[(role, axis)][moved] == counts["cut_kept"], (role, axis)
+    strip = ("compute", "wall_s", "reference_cache")
+    for role, items in whole.items():
+        for axis, by_unit in items.items():
+            for uid, r in by_unit.items():
+                assert ({k: v for k, v in r.items() if k not in strip}
+                        == {k: v for k, v in windowed[role][axis][uid].items() if k not in strip}), (role, axis, uid)

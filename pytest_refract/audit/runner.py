@@ -14,7 +14,7 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
 
-from ..engines.base import ContextRefused, ContextSettings, padded
+from ..engines.base import ContextRefused, ContextSettings, CutCounts, padded
 from ..engines.gguf import expected_data_end, read_gguf
 from ..engines.kvconfig import FLOAT_TYPES, validate_for_model
 from ..errors import MeasurementError, UsageProblem
@@ -31,6 +31,8 @@ if TYPE_CHECKING:  # the options' type only: settings.py sits above this layer
     from ..settings import Settings
 
 _ZERO_COUNTS = {"batch_tokens": 0, "decode_tokens": 0, "seq_decode_tokens": 0, "seq_decode_steps": 0}
+# Beside them, which path each cut back to a prefix took (engines.base.CutCounts).
+_ZERO_COUNTS.update(CutCounts().as_counts())
 
 
 class Runner:
@@ -275,7 +277,8 @@ class Runner:
 
     def token_counts(self) -> dict:
         """Tokens processed so far per role: batched prompt tokens, one-sequence decode steps,
-        and tokens decoded in multi-sequence steps (with the number of those steps)."""
+        and tokens decoded in multi-sequence steps (with the number of those steps); and how
+        often each path of a cut back to a prefix ran (cut_*, see engines.base.CutCounts)."""
         counts: Dict[str, Dict[str, int]] = {}
         for role, c in list(self._contexts.items()) + list(self._seq_contexts.items()):
             into = counts.setdefault(role, dict(_ZERO_COUNTS))
@@ -283,6 +286,8 @@ class Runner:
             into["decode_tokens"] += c.n_decode_tokens
             into["seq_decode_tokens"] += c.n_seq_decode_tokens
             into["seq_decode_steps"] += c.n_seq_decode_steps
+            for key, value in c.cuts.as_counts().items():
+                into[key] += value
         return counts
 
     # -- greedy decoding: one path, a single prompt is a batch of one --------------------------

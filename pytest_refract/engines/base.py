@@ -94,6 +94,32 @@ def context_for(pool: dict, key, n_seq: int, n_ctx_seq: int, create):
     return ctx
 
 
+@dataclass
+class CutCounts:
+    """How a context's cuts back to a prefix went, per path (Context.truncate, Context.prefill):
+
+    - ``kept``: cut back to a prefix with its cached cells kept (the cheap path);
+    - ``rebuilt_window``: the sequence had outgrown the sliding window, so the prefix was
+      recomputed from a cleared sequence (its cells may be gone; see window_kept);
+    - ``rebuilt_engine``: the engine refused the cut (recurrent layers cannot roll back), so
+      the prefix was recomputed;
+    - ``reuse_refused_window``: a prefill that could have reused whole cached batches
+      recomputed them, the sequence having outgrown the sliding window.
+
+    A clear (a cut to position 0) is none of these. Counting changes no number: each count is
+    a decision the code made anyway."""
+
+    kept: int = 0
+    rebuilt_window: int = 0
+    rebuilt_engine: int = 0
+    reuse_refused_window: int = 0
+
+    def as_counts(self) -> Dict[str, int]:
+        """The report's compute keys, additive like the token counts beside them."""
+        return {"cut_kept": self.kept, "cut_rebuilt_window": self.rebuilt_window,
+                "cut_rebuilt_engine": self.rebuilt_engine, "cut_reuse_refused_window": self.reuse_refused_window}
+
+
 class Context:
     """A KV cache with ``n_seq`` independent sequences of ``n_ctx_seq`` cells each.
 
@@ -125,6 +151,8 @@ class Context:
         self.n_decode_tokens = 0
         self.n_seq_decode_tokens = 0
         self.n_seq_decode_steps = 0
+        # Which path each cut back to a prefix took (truncate, prefill), for the report.
+        self.cuts = CutCounts()
         # Per sequence: the token at each cached position (for prefix reuse and rebuilding a
         # cut) and the longest it grew since cleared (see window_kept).
         self._tokens: List[List[int]] = [[] for _ in range(self.n_seq)]
@@ -188,9 +216,15 @@ class Context:
         as a fresh evaluation would be."""
         n_keep = max(0, int(n_keep))
         kept = self._tokens[seq][:n_keep]
-        if n_keep > 0 and window_kept(self.window, self._longest[seq]) and self._drop(seq, n_keep):
-            del self._tokens[seq][n_keep:]
-            return
+        if n_keep > 0:
+            if not window_kept(self.window, self._longest[seq]):
+                self.cuts.rebuilt_window += 1
+            elif self._drop(seq, n_keep):
+                self.cuts.kept += 1
+                del self._tokens[seq][n_keep:]
+                return
+            else:
+                self.cuts.rebuilt_engine += 1
         if not self._drop(seq, 0):
             raise MeasurementError("the engine could not clear a sequence's KV cache")
         self._tokens[seq] = []
@@ -249,8 +283,9 @@ class Context:
                 break
             common += 1
         keep = min(common, len(tokens) - 1, logits_from) // step * step
-        if not window_kept(self.window, self._longest[seq]):
+        if keep and not window_kept(self.window, self._longest[seq]):
             keep = 0  # recomputing the prefix is all a reuse could offer here (see truncate)
+            self.cuts.reuse_refused_window += 1
         self.truncate(seq, keep)
         self.evaluate_each(seq, tokens[keep:], keep, logits_from - keep,
                            lambda first, view: consume(first + logits_from - keep, view))
