@@ -16,6 +16,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shlex
 import sys
 import tempfile
 from pathlib import Path
@@ -115,15 +116,19 @@ def command1(args, base: list) -> None:
 
 
 def matrix(args, base: list) -> None:
-    extra = [f"--refract-candidate={c}" for c in MATRIX[1:]]
+    cands = args.candidates
+    extra = [f"--refract-candidate={c}" for c in cands[1:]]
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         for name, flags in (("sequential", []), ("exhaustive", ["--refract-exhaustive"] + args.exhaustive_flags)):
             # Each cold: its own cache folder.
             cache = work / f"cache-{name}"
-            run = run_audit(args.model, MATRIX[0], [*base, f"--refract-cache-dir={cache}", *extra, *flags], work)
+            run = run_audit(args.model, cands[0], [*base, f"--refract-cache-dir={cache}", *extra, *flags], work)
             results[name] = show(f"matrix, {name}, cold", run)
+            if args.save:
+                Path(args.save).mkdir(parents=True, exist_ok=True)
+                (Path(args.save) / f"matrix-{name}.json").write_text(json.dumps(run["report"]))
     agreement(results["sequential"], results["exhaustive"])
 
 
@@ -133,11 +138,14 @@ def main() -> None:
     ap.add_argument("--model", default="smollm2")
     ap.add_argument("--candidate", default="ctk=q8_0,ctv=q4_0")
     ap.add_argument("--only", default=None, help="command1: run only the scenario whose name holds this")
-    ap.add_argument("--exhaustive-flags", nargs="*", default=[], help="matrix: more flags for the exhaustive run")
-    ap.add_argument("--flags", nargs="*", default=[], help="more pytest flags for every run")
+    ap.add_argument("--exhaustive-flags", default="", help="matrix: more flags for the exhaustive run (one string)")
+    ap.add_argument("--candidates", nargs="*", default=MATRIX, help="matrix: the candidates (default: 4 configs)")
+    ap.add_argument("--flags", default="", help="more pytest flags for every run (one string)")
+    ap.add_argument("--save", default=None, help="matrix: keep each run's JSON report in this folder")
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start")
-    base = list(args.flags)
+    base = shlex.split(args.flags)
+    args.exhaustive_flags = shlex.split(args.exhaustive_flags)
     if args.what == "command1":
         command1(args, base)
     else:
