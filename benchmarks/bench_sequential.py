@@ -121,7 +121,9 @@ def matrix(args, base: list) -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        for name, flags in (("sequential", []), ("exhaustive", ["--refract-exhaustive"] + args.exhaustive_flags)):
+        runs = [("sequential", [])] + ([] if args.skip_exhaustive else
+                                        [("exhaustive", ["--refract-exhaustive"] + args.exhaustive_flags)])
+        for name, flags in runs:
             # Each cold: its own cache folder.
             cache = work / f"cache-{name}"
             run = run_audit(args.model, cands[0], [*base, f"--refract-cache-dir={cache}", *extra, *flags], work)
@@ -129,7 +131,8 @@ def matrix(args, base: list) -> None:
             if args.save:
                 Path(args.save).mkdir(parents=True, exist_ok=True)
                 (Path(args.save) / f"matrix-{name}.json").write_text(json.dumps(run["report"]))
-    agreement(results["sequential"], results["exhaustive"])
+    if "exhaustive" in results:
+        agreement(results["sequential"], results["exhaustive"])
 
 
 def main() -> None:
@@ -141,6 +144,7 @@ def main() -> None:
     ap.add_argument("--exhaustive-flags", default="", help="matrix: more flags for the exhaustive run (one string)")
     ap.add_argument("--candidates", nargs="*", default=MATRIX, help="matrix: the candidates (default: 4 configs)")
     ap.add_argument("--flags", default="", help="more pytest flags for every run (one string)")
+    ap.add_argument("--skip-exhaustive", action="store_true", help="matrix: the sequential run only")
     ap.add_argument("--save", default=None, help="matrix: keep each run's JSON report in this folder")
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start")
