@@ -127,13 +127,15 @@ CATEGORIES = [
     ("json/encoder.py", None, "JSON"),
     ("json/decoder.py", None, "JSON"),
     ("json/__init__.py", None, "JSON"),
+    ("engines/gguf.py", None, "GGUF metadata read (Python)"),
     ("pytest_refract/report", None, "report building and writing"),
     ("pytest_refract/files.py", None, "atomic file writes (fsync)"),
     ("pytest_refract/scoring", None, "verdict / calibration statistics"),
 ]
 _BUILTIN_CATEGORIES = [
-    ("zlib", "reference encode (16-bit quantize, sparsify, compress, write)", ("compress", "flush")),
+    # "decompress" first: "compress" is part of its name.
     ("zlib", "reference decode (read, check, decompress, dequantize)", ("decompress",)),
+    ("zlib", "reference encode (16-bit quantize, sparsify, compress, write)", ("compress", "flush")),
     ("_json", "JSON", ()),
     ("json", "JSON", ()),
 ]
@@ -250,6 +252,7 @@ def main() -> None:
                     help="source tree of pytest-refract to run (PYTHONPATH); default: this checkout")
     ap.add_argument("--warm", action="store_true", help="run cold, then warm on the same reference cache")
     ap.add_argument("--no-profile", action="store_true", help="C-call timers only, no cProfile")
+    ap.add_argument("--save", help="folder to keep each run's raw figures in (JSON), to categorize again later")
     ap.add_argument("extra", nargs="*", help="more pytest arguments (after --)")
     args = ap.parse_args()
     tree = Path(args.tree).resolve()
@@ -263,6 +266,9 @@ def main() -> None:
             data = run_once(tree, PRESETS[args.preset] + [f"--refract-cache-dir={cache}"] + args.extra, work,
                             not args.no_profile)
             show(f"{args.preset} {phase}", data)
+            if args.save:
+                Path(args.save).mkdir(parents=True, exist_ok=True)
+                (Path(args.save) / f"{args.preset}-{phase}.json").write_text(json.dumps(data))
 
 
 if __name__ == "__main__":
