@@ -80,6 +80,16 @@ def _oracle_quantize(logits, block=32):
     return {"q": q, "scale": scale, "min_log_prob": min_log_prob}
 
 
+def _oracle_sparsify(stored):
+    q = stored["q"]
+    rows, cols = np.nonzero(q)
+    counts = np.bincount(rows, minlength=q.shape[0]) if q.shape[0] else np.zeros(0, dtype=np.int64)
+    row_ptr = np.zeros(q.shape[0] + 1, dtype=np.int64)
+    np.cumsum(counts, out=row_ptr[1:])
+    return {"scale": stored["scale"], "min_log_prob": stored["min_log_prob"], "row_ptr": row_ptr,
+            "col": cols.astype(np.uint32), "val": q[rows, cols], "n_vocab": np.asarray([q.shape[1]], dtype=np.int64)}
+
+
 def _oracle_dequantize(stored):
     q = stored["q"]
     out = q.astype(np.float32)
@@ -112,9 +122,11 @@ def test_quantize_and_dequantize_keep_every_bit(seed, n, vocab, spread):
     sparse = sparse_logprobs(x)
     _same(dequantize_logprobs(sparse), _oracle_dequantize(want))
     _same(dequantize_logprobs(compact(sparse)), _oracle_dequantize(want))
-    whole = sparsify(want)
+    whole = _oracle_sparsify(want)
+    assert set(sparse) == set(whole)
     for key in whole:
         _same(sparse[key], whole[key])
+        _same(sparsify(want)[key], whole[key])
 
 
 @settings(max_examples=60, deadline=None)
@@ -207,3 +219,15 @@ def test_require_finite_refuses_any_non_finite_logit(bad):
     with pytest.raises(MeasurementError, match="non-finite"):
         require_finite(rows)
     assert "non-finite" in NON_FINITE_LOGITS
+
+
+@pytest.mark.parametrize("shape", [(0, 7), (3, 5), (1, 4000)])
+def test_sparsify_edge_rows_match_the_oracle(shape):
+    """Empty, all-zero and all-kept rows give the oracle's arrays exactly."""
+    q = np.zeros(shape, dtype=np.uint16)
+    if shape[0] >= 3:
+        q[1] = np.arange(1, shape[1] + 1)
+    stored = {"q": q, "scale": np.ones(shape[0], np.float32), "min_log_prob": np.zeros(shape[0], np.float32)}
+    want, got = _oracle_sparsify(stored), sparsify(stored)
+    for key in want:
+        _same(got[key], want[key])
