@@ -212,3 +212,27 @@ def test_header_matches_gguf_reader_on_smollm2(smollm2):
     assert info.architecture == "llama"
     assert info.chat_template is not None
     assert any(isinstance(v, _SkippedArray) for v in info.metadata.values())  # the token list
+
+
+def test_long_string_arrays_are_skipped_with_their_checks(tiny, tmp_path):
+    """The token list (a string array longer than _KEEP_ARRAY_MAX) is read past undecoded:
+    kept by length only, and a file cut inside it, or a string longer than the file, is
+    still a truncated header."""
+    info = read_gguf(tiny)
+    tokens = info.metadata["tokenizer.ggml.tokens"]
+    assert isinstance(tokens, _SkippedArray) and tokens.length == len(gguf.GGUFReader(tiny).fields[
+        "tokenizer.ggml.tokens"].data) > _KEEP_ARRAY_MAX
+    data = tiny.read_bytes()
+    key = b"tokenizer.ggml.tokens"
+    start = data.index(key) + len(key) + 4 + 4 + 8  # value type, item type, count
+    cut = tmp_path / "cut.gguf"
+    cut.write_bytes(data[: start + 40])
+    with pytest.raises(UsageProblem, match="truncated"):
+        read_gguf(cut)
+    # The first string's length made larger than the whole file.
+    bad = bytearray(data)
+    bad[start : start + 8] = (len(data) + 1).to_bytes(8, "little")
+    huge = tmp_path / "huge.gguf"
+    huge.write_bytes(bytes(bad))
+    with pytest.raises(UsageProblem, match="truncated"):
+        read_gguf(huge)

@@ -101,12 +101,13 @@ def _compare_batch(run, role, prompts, refs, ref_is_logprobs):
 
     def on_row(i, step, row):
         # Row `step` follows the reference while every earlier token matched it.
+        top = int(np.argmax(row))
         if step < len(ref_tokens[i]) and decoded[i] == ref_tokens[i][:step]:
             stats = kld_positions(ref_rows[i][step : step + 1], row[None, :], ref_tokens[i][step : step + 1],
                                   ref_is_logprobs=ref_is_logprobs)
             klds[i].append(float(stats["kld"][0]))
-            top1[i].append(int(np.argmax(row)) == ref_tokens[i][step])
-        decoded[i].append(int(np.argmax(row)))
+            top1[i].append(top == ref_tokens[i][step])
+        decoded[i].append(top)
 
     def on_finish(ctx, i, slot):
         n_ref, valid = len(ref_tokens[i]), len(klds[i])

@@ -20,6 +20,7 @@ from ..files import special_file_kind
 GGUF_MAGIC = b"GGUF"
 _SCALARS = {0: "<B", 1: "<b", 2: "<H", 3: "<h", 4: "<I", 5: "<i", 6: "<f", 7: "<?", 10: "<Q", 11: "<q", 12: "<d"}
 _STRING, _ARRAY = 8, 9
+_U64 = struct.Struct("<Q")
 # Arrays longer than this are skipped rather than kept (token lists, merges): we only need sizes.
 _KEEP_ARRAY_MAX = 64
 # Arrays of arrays deeper than this are not a model's metadata (no GGUF writer nests them), and
@@ -53,6 +54,19 @@ class _Reader:
             raise _Truncated()
         return self.read(n).decode("utf-8", errors="replace")
 
+    def skip_strings(self, count: int) -> None:
+        """Read past ``count`` strings without decoding them, with string()'s checks: a
+        262k-token vocabulary is 262k strings, and decoding each one only to drop the list
+        cost seconds of every audit's start (measured: benchmarks/bench_overhead.py)."""
+        read, unpack, size = self.fh.read, _U64.unpack, self.size
+        for _ in range(count):
+            head = read(8)
+            if len(head) != 8:
+                raise _Truncated()
+            (n,) = unpack(head)
+            if n > size or len(read(n)) != n:
+                raise _Truncated()
+
     def value(self, vtype: int, depth: int = 0):
         if depth > _MAX_NESTING:
             raise ValueError(f"metadata arrays nested deeper than {_MAX_NESTING} levels")
@@ -69,6 +83,9 @@ class _Reader:
                 self.fh.seek(struct.calcsize(_SCALARS[item_type]) * count, os.SEEK_CUR)
                 if self.fh.tell() > self.size:
                     raise _Truncated()
+                return _SkippedArray(count)
+            if item_type == _STRING and count > _KEEP_ARRAY_MAX:
+                self.skip_strings(count)
                 return _SkippedArray(count)
             items = [self.value(item_type, depth + 1) for _ in range(count)]
             return items if count <= _KEEP_ARRAY_MAX else _SkippedArray(count)

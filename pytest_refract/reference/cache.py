@@ -194,51 +194,83 @@ def clear_entries(directory: Path) -> int:
     return removed
 
 
+def _quantize_rows(xb: np.ndarray, q: np.ndarray, scale: np.ndarray, min_log_prob: np.ndarray,
+                   buf: np.ndarray, mask: np.ndarray) -> None:
+    """One block of rows quantized into q, scale and min_log_prob; ``buf`` (float32) and
+    ``mask`` (bool) are scratch of the block's shape, reused from block to block."""
+    mx = xb.max(axis=1)
+    mn = np.maximum(xb.min(axis=1), mx - np.float32(16.0))
+    np.subtract(xb, mx[:, None], out=buf)
+    np.exp(buf, out=buf)
+    lse = np.log(buf.sum(axis=1, dtype=np.float64)).astype(np.float32)
+    sc = (mx - mn) / np.float32(65535.0)
+    inv = np.divide(np.float32(1.0), sc, out=np.zeros_like(sc), where=sc > 0)
+    np.subtract(xb, mn[:, None], out=buf)
+    buf *= inv[:, None]
+    np.rint(buf, out=buf)
+    np.clip(buf, 0, 65535, out=buf)
+    np.copyto(buf, 0, where=np.less_equal(xb, mn[:, None], out=mask))
+    q[...] = buf
+    scale[...] = sc
+    min_log_prob[...] = mn - mx - lse
+
+
 def quantize_logprobs(logits: np.ndarray, block: int = 32) -> Dict[str, np.ndarray]:
     """16-bit log-probabilities, as llama-perplexity's --kl-divergence-base file: per row a
     scale and the log-prob of the lowest kept logit (max - 16), then one uint16 per entry.
-    Done in row blocks, in float32, so the temporaries stay a few MB."""
+    Done in row blocks, in float32, so the temporaries stay a few MB (one block's scratch,
+    reused by every block)."""
     x = np.asarray(logits, dtype=np.float32)
     n, vocab = x.shape
     q = np.empty((n, vocab), dtype=np.uint16)
     scale = np.empty(n, dtype=np.float32)
     min_log_prob = np.empty(n, dtype=np.float32)
+    width = min(block, n)
+    buf = np.empty((width, vocab), dtype=np.float32)
+    mask = np.empty((width, vocab), dtype=bool)
     for lo in range(0, n, block):
-        xb = x[lo : lo + block]
-        mx = xb.max(axis=1)
-        mn = np.maximum(xb.min(axis=1), mx - np.float32(16.0))
-        lse = np.log(np.exp(xb - mx[:, None]).sum(axis=1, dtype=np.float64)).astype(np.float32)
-        sc = (mx - mn) / np.float32(65535.0)
-        inv = np.divide(np.float32(1.0), sc, out=np.zeros_like(sc), where=sc > 0)
-        t = (xb - mn[:, None]) * inv[:, None]
-        np.rint(t, out=t)
-        np.clip(t, 0, 65535, out=t)
-        t[xb <= mn[:, None]] = 0
-        q[lo : lo + block] = t.astype(np.uint16)
-        scale[lo : lo + block] = sc
-        min_log_prob[lo : lo + block] = mn - mx - lse
+        hi = min(n, lo + block)
+        k = hi - lo
+        _quantize_rows(x[lo:hi], q[lo:hi], scale[lo:hi], min_log_prob[lo:hi], buf[:k], mask[:k])
     return {"q": q, "scale": scale, "min_log_prob": min_log_prob}
 
 
 def sparse_logprobs(logits: np.ndarray, block: int = 32) -> Dict[str, np.ndarray]:
     """quantize_logprobs, kept sparse (see sparsify): quantized a block of rows at a time, so
-    the dense uint16 form of a whole chunk never exists."""
+    the dense uint16 form of a whole chunk never exists (one block's, reused, does)."""
     x = np.asarray(logits, dtype=np.float32)
-    return concat_quantized([sparsify(quantize_logprobs(x[lo : lo + block], block)) for lo in range(0, len(x), block)]
-                            or [sparsify(quantize_logprobs(x, block))])
+    n, vocab = x.shape
+    if n == 0:
+        return sparsify(quantize_logprobs(x, block))
+    width = min(block, n)
+    q = np.empty((width, vocab), dtype=np.uint16)
+    buf = np.empty((width, vocab), dtype=np.float32)
+    mask = np.empty((width, vocab), dtype=bool)
+    parts = []
+    for lo in range(0, n, block):
+        hi = min(n, lo + block)
+        k = hi - lo
+        scale, low = np.empty(k, dtype=np.float32), np.empty(k, dtype=np.float32)
+        _quantize_rows(x[lo:hi], q[:k], scale, low, buf[:k], mask[:k])
+        parts.append(sparsify({"q": q[:k], "scale": scale, "min_log_prob": low}))
+    return concat_quantized(parts)
 
 
 def sparsify(stored: Dict[str, np.ndarray]) -> Dict[str, np.ndarray]:
     """Dense 16-bit rows as their non-zero entries: ``row_ptr`` (n + 1 offsets), ``col``
     (uint32, ascending within a row), ``val`` (uint16), plus scale, min_log_prob and the
     vocabulary size. Zero entries dequantize to min_log_prob exactly, so nothing is lost."""
-    q = stored["q"]
-    rows, cols = np.nonzero(q)
-    counts = np.bincount(rows, minlength=q.shape[0]) if q.shape[0] else np.zeros(0, dtype=np.int64)
-    row_ptr = np.zeros(q.shape[0] + 1, dtype=np.int64)
+    q = np.ascontiguousarray(stored["q"])
+    n, vocab = q.shape
+    # One flat index array (not a row and a column array) and a 1-D gather: the same entries
+    # in the same row-major order as np.nonzero(q) gives, for less memory traffic.
+    flat = np.flatnonzero(q)
+    counts = np.count_nonzero(q, axis=1) if n else np.zeros(0, dtype=np.int64)
+    row_ptr = np.zeros(n + 1, dtype=np.int64)
     np.cumsum(counts, out=row_ptr[1:])
+    cols = flat - np.repeat(np.arange(n, dtype=np.int64) * vocab, counts)
     return {"scale": stored["scale"], "min_log_prob": stored["min_log_prob"], "row_ptr": row_ptr,
-            "col": cols.astype(np.uint32), "val": q[rows, cols], "n_vocab": np.asarray([q.shape[1]], dtype=np.int64)}
+            "col": cols.astype(np.uint32), "val": q.reshape(-1)[flat], "n_vocab": np.asarray([vocab], dtype=np.int64)}
 
 
 def is_sparse(stored: Dict[str, np.ndarray]) -> bool:
@@ -307,10 +339,37 @@ def check_sparse(stored: Dict[str, np.ndarray]) -> None:
         raise ValueError("sparse entry's columns exceed the vocabulary")
 
 
-def dequantize_logprobs(stored: Dict[str, np.ndarray]) -> np.ndarray:
-    out = dense_q(stored).astype(np.float32)
-    out *= stored["scale"][:, None]
-    out += stored["min_log_prob"][:, None]
+def dequantize_logprobs(stored: Dict[str, np.ndarray], out: Optional[np.ndarray] = None) -> np.ndarray:
+    """The float32 log-probs of either form: q x scale + min_log_prob, per entry, in float32.
+    ``out`` (float32, C-contiguous, the rows' shape) is a buffer to fill instead of a new array.
+
+    A sparse entry is not expanded to dense uint16 first: its zero entries all become the
+    row's ``0 x scale + min_log_prob`` (computed as such, so every bit matches), filled in one
+    pass, and only the kept entries are computed one by one."""
+    shape = _shape(stored)
+    if out is None:
+        out = np.empty(shape, dtype=np.float32)
+    elif out.shape != tuple(shape) or out.dtype != np.float32 or not out.flags.c_contiguous:
+        raise ValueError(f"a buffer of {shape} float32 is needed, not {out.dtype}{list(out.shape)}")
+    scale, low = stored["scale"], stored["min_log_prob"]
+    if not is_sparse(stored):
+        out[...] = stored["q"]
+        out *= scale[:, None]
+        out += low[:, None]
+        return out
+    n, vocab = shape
+    zero = np.zeros(n, dtype=np.float32)
+    zero *= scale
+    zero += low
+    out[...] = zero[:, None]
+    counts = np.diff(stored["row_ptr"])
+    kept = stored["val"].astype(np.float32)
+    kept *= np.repeat(scale, counts)
+    kept += np.repeat(low, counts)
+    # row_ptr starts at 0 (slices are rebased): entry j of row r goes to r * vocab + col[j].
+    flat = np.repeat(np.arange(n, dtype=np.int64) * vocab, counts)
+    flat += stored["col"]
+    out.reshape(-1)[flat] = kept
     return out
 
 
@@ -401,6 +460,10 @@ class LogprobRows:
         if not isinstance(rows, slice):
             raise TypeError("LogprobRows is read by row slices")
         return LogprobRows(_slice_rows(self.stored, rows))
+
+    def dequantize_into(self, rows: slice, out: np.ndarray) -> np.ndarray:
+        """The float32 log-probs of ``rows``, written into ``out`` (see dequantize_logprobs)."""
+        return dequantize_logprobs(_slice_rows(self.stored, rows), out=out)
 
     def __array__(self, dtype=None, copy=None):
         out = dequantize_logprobs(self.stored)

@@ -120,13 +120,41 @@ def trajectory_axis_score(items: Iterable[dict]) -> Optional[float]:
 # --------------------------------------------------------------------------- KLD
 
 
-def log_softmax(logits: np.ndarray) -> np.ndarray:
-    """Row-wise log-softmax in float32 with a float64 normaliser, as llama-perplexity does."""
+def log_softmax(logits: np.ndarray, out: Optional[np.ndarray] = None,
+                scratch: Optional[np.ndarray] = None) -> np.ndarray:
+    """Row-wise log-softmax in float32 with a float64 normaliser, as llama-perplexity does.
+
+    ``out`` and ``scratch`` (float32, the rows' shape) are buffers to reuse: a block of a 262k
+    vocabulary is tens of MB, and a fresh array of that size is fresh pages from the OS. The
+    operations, and so every bit of the result, are the same with or without them."""
     x = np.asarray(logits, dtype=np.float32)
+    if out is None:
+        out = np.empty(x.shape, dtype=np.float32)
+    if scratch is None:
+        scratch = np.empty(x.shape, dtype=np.float32)
     m = x.max(axis=-1, keepdims=True)
-    shifted = x - m
-    lse = np.log(np.exp(shifted).sum(axis=-1, keepdims=True, dtype=np.float64))
-    return (shifted - lse.astype(np.float32)).astype(np.float32, copy=False)
+    np.subtract(x, m, out=out)
+    np.exp(out, out=scratch)
+    lse = np.log(scratch.sum(axis=-1, keepdims=True, dtype=np.float64))
+    np.subtract(out, lse.astype(np.float32), out=out)
+    return out
+
+
+def rows_finite(x: np.ndarray) -> np.ndarray:
+    """Per row of float32 values: whether every value is finite. The same answer as
+    ``isfinite(row.sum(dtype=float64))`` (a float64 sum of finite float32 values cannot
+    overflow below 10^269 entries, and NaN and both infinities survive a sum, a min and a
+    max), from two float32 passes instead of a widening one."""
+    return np.isfinite(x.min(axis=1)) & np.isfinite(x.max(axis=1))
+
+
+def _block_rows(rows, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
+    """Rows lo..hi of ``rows`` as float32: written into ``out`` where the rows can fill a
+    buffer (16-bit reference rows, see reference.cache.LogprobRows), else converted."""
+    fill = getattr(rows, "dequantize_into", None)
+    if fill is not None:
+        return fill(slice(lo, hi), out)
+    return np.asarray(rows[lo:hi], dtype=np.float32)
 
 
 def kld_positions(
@@ -137,7 +165,8 @@ def kld_positions(
 
     Returns arrays: ``kld`` = KL(ref || cand) in nats, ``p_diff`` = p_cand(next) - p_ref(next),
     ``nll_ref`` / ``nll_cand`` = -log p(next), ``same_top`` = argmax agreement.
-    Rows are processed in blocks so temporaries stay a few MB even for 256k-token vocabularies.
+    Rows are processed in blocks so temporaries stay a few MB even for 256k-token vocabularies;
+    the blocks' buffers are allocated once per call and reused.
     With ``ref_is_logprobs`` the reference rows are already log-probabilities (e.g. read back
     from the 16-bit reference cache) and are used as they are, as llama-perplexity uses its base.
     """
@@ -158,23 +187,40 @@ def kld_positions(
         "nll_cand": np.empty(n, dtype=np.float64),
         "same_top": np.empty(n, dtype=bool),
     }
+    width = min(block, n)
+    shape = (width,) + tuple(cand_logits.shape[1:])
+    # Four float32 buffers of one block, reused by every block: the reference's rows (or
+    # log-probs), the candidate's log-probs (then ref - cand), the exp() scratch (then the KL
+    # terms), and the cutoff mask.
+    ref_buf = np.empty(shape, dtype=np.float32)
+    cand_buf = np.empty(shape, dtype=np.float32)
+    terms_buf = np.empty(shape, dtype=np.float32)
+    mask_buf = np.empty(shape, dtype=bool)
     for lo in range(0, n, block):
         hi = min(n, lo + block)
-        ref_lp = np.asarray(ref_logits[lo:hi], dtype=np.float32) if ref_is_logprobs else log_softmax(ref_logits[lo:hi])
-        cand_lp = log_softmax(cand_logits[lo:hi])
-        rows = np.arange(hi - lo)
-        terms = np.exp(ref_lp)
-        terms *= ref_lp - cand_lp
-        terms[ref_lp <= KLD_LOG_PROB_CUTOFF] = 0.0
-        out["kld"][lo:hi] = terms.sum(axis=1, dtype=np.float64)
-        out["nll_ref"][lo:hi] = -ref_lp[rows, tokens[lo:hi]]
-        out["nll_cand"][lo:hi] = -cand_lp[rows, tokens[lo:hi]]
+        k = hi - lo
+        ref_rows = _block_rows(ref_logits, lo, hi, ref_buf[:k])
+        if ref_is_logprobs:
+            ref_lp = ref_rows
+        else:
+            # Into our own buffer (in place when the rows are already there): never into the
+            # caller's array, which asarray may have returned as it is.
+            ref_lp = log_softmax(ref_rows, out=ref_buf[:k], scratch=terms_buf[:k])
+        cand_lp = log_softmax(cand_logits[lo:hi], out=cand_buf[:k], scratch=terms_buf[:k])
+        rows = np.arange(k)
+        block_tokens = tokens[lo:hi]
+        out["nll_ref"][lo:hi] = -ref_lp[rows, block_tokens]
+        out["nll_cand"][lo:hi] = -cand_lp[rows, block_tokens]
         out["same_top"][lo:hi] = ref_lp.argmax(axis=1) == cand_lp.argmax(axis=1)
         # Finite logits always give finite log-probs; a row with NaN or Infinity anywhere is
         # no measurement (a -inf would otherwise vanish under the cutoff), so its statistics
-        # are NaN and no score can come of them. Row sums: one pass, no temporary.
-        broken = ~(np.isfinite(ref_lp.sum(axis=1, dtype=np.float64))
-                   & np.isfinite(cand_lp.sum(axis=1, dtype=np.float64)))
+        # are NaN and no score can come of them.
+        broken = ~(rows_finite(ref_lp) & rows_finite(cand_lp))
+        terms = np.exp(ref_lp, out=terms_buf[:k])
+        diff = np.subtract(ref_lp, cand_lp, out=cand_buf[:k])
+        terms *= diff
+        np.copyto(terms, 0.0, where=np.less_equal(ref_lp, KLD_LOG_PROB_CUTOFF, out=mask_buf[:k]))
+        out["kld"][lo:hi] = terms.sum(axis=1, dtype=np.float64)
         if broken.any():
             for key in ("kld", "nll_ref", "nll_cand"):
                 out[key][lo:hi][broken] = np.nan
