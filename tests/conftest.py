@@ -9,10 +9,16 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 from tiny_model import write_tiny_llama
 
 pytest_plugins = ["pytester"]
+
+# Property tests assert properties, not speed: a per-example deadline only turns a busy machine
+# (llama.cpp's spinning threads next door) into a failure.
+settings.register_profile("refract", deadline=None)
+settings.load_profile("refract")
 
 
 def _bindings_only_install() -> bool:
