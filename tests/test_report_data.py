@@ -153,7 +153,8 @@ def test_build_report_is_pure():
     # The session's fields are part of the build, not patched on afterwards.
     assert first["wall_s"] == 1.5 and first["items_selected"] == 16
     assert first["items_run"] == 3 * (3 + 2 + 1 + 2)  # both candidates and the control
-    assert list(first)[-3:] == ["wall_s", "items_run", "items_selected"]
+    assert list(first)[-4:] == ["wall_s", "items_run", "items_selected", "items_skipped_decided"]
+    assert first["items_skipped_decided"] == 0  # no sequential design in these inputs
     assert len(first["candidates"]) == 2 and first["sensitivity"]["config"] == "ctk=bf16,ctv=bf16"
     assert first["gate"]["passed"] is (not first["gate"]["reasons"])
     assert first["settings"]["rniah"]["lengths"] == [128]
