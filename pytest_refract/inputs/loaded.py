@@ -63,6 +63,13 @@ class Inputs:
         if "haystack" in self.needs:
             haystack_source = (data.load_corpus(Path(s.haystack_path), "haystack", "--refract-haystack")
                                if s.haystack_path else self.corpus)
+        listed = self.info.get("tokenizer.ggml.tokens") if self.info is not None else None
+        n_listed = len(listed) if isinstance(listed, list) else getattr(listed, "length", None)
+        if n_listed is not None and n_listed < 2:
+            # Refused from the header, before llama.cpp sees it: loading such a vocabulary
+            # crashes some llama.cpp builds outright (0.3.22: a segfault, not always an error).
+            raise UsageProblem(f"{self.model_path.name} has a vocabulary of {n_listed} token(s): nothing to "
+                               "tokenize with or to compare; give a real model")
         try:
             tok = engine_mod.Engine(self.model_path, vocab_only=True)
         except MeasurementError as exc:
