@@ -133,18 +133,25 @@ def _noun(axis) -> str:
 
 def _decision_text(verdict: V.AxisVerdict) -> str:
     """``PASS (M 2.5x [2.3, 2.7])``: the decision, then what it rests on."""
-    basis = _state_text(verdict).rsplit(", ", 1)[0]
-    return f"{verdict.verdict} ({basis})"
+    return f"{verdict.verdict} ({_basis_text(verdict)})"
 
 
 def _state_text(verdict: Optional[V.AxisVerdict]) -> str:
     """``M 2.5x [2.3, 2.7], PASS`` or the absolute damage where the multiple is undefined."""
     if verdict is None:
         return "no look yet"
+    if verdict.basis == "multiple" or (verdict.basis == "absolute" and verdict.damage is not None):
+        return f"{_basis_text(verdict)}, {verdict.verdict}"
+    return f"{verdict.verdict} ({verdict.reason})"
+
+
+def _basis_text(verdict: V.AxisVerdict) -> str:
+    """What a verdict rests on: the multiple with its interval, or the damage against the
+    absolute tolerance, or (no figure) its reason."""
     if verdict.basis == "multiple":
-        return f"{seq.fmt_multiple(verdict.multiple, verdict.multiple_ci95)}, {verdict.verdict}"
+        return seq.fmt_multiple(verdict.multiple, verdict.multiple_ci95)
     if verdict.basis == "absolute" and verdict.damage is not None:
         ci = verdict.damage_ci95
         inside = f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else ""
-        return f"{verdict.label} {verdict.damage:.3g}{inside} (tolerance {verdict.margin:g}), {verdict.verdict}"
-    return f"{verdict.verdict} ({verdict.reason})"
+        return f"{verdict.label} {verdict.damage:.3g}{inside} (tolerance {verdict.margin:g})"
+    return verdict.reason
