@@ -33,23 +33,27 @@ def prompts_file(tmp_path):
     return path
 
 
-def test_gemma3_full_audit_runs_as_users_run_it(pytester, gemma3, prompts_file, monkeypatch):
-    prompts = prompts_file
+
+def _audit(pytester, gemma3, monkeypatch, *flags) -> dict:
+    """A ``q8_0/q4_0`` audit of Gemma 3 by name, as a user runs it: no traceback, the exit
+    status the gate's; returns the JSON report."""
     report = pytester.path / "report.json"
     # The model is found by name, in the cache folder its first resolution filled.
     monkeypatch.setenv("XDG_CACHE_HOME", str(gemma3.parent.parent.parent))
     result = pytester.runpytest_subprocess(
-        "--refract-model=gemma3", "--refract-candidate=ctk=q8_0,ctv=q4_0", f"--refract-prompts={prompts}",
-        "--refract-n-predict=16", "--refract-chunks=2", "--refract-full", "--refract-rniah-lengths=4096",
-        "--refract-rniah-positions=0.5", "--refract-rniah-trials=1", "--refract-threads=2",
-        f"--refract-json={report}", "-p", "no:cacheprovider",
-    )
-    text = result.stdout.str() + result.stderr.str()
-    assert "Traceback" not in text
+        "--refract-model=gemma3", "--refract-candidate=ctk=q8_0,ctv=q4_0", "--refract-threads=2",
+        f"--refract-json={report}", "-p", "no:cacheprovider", *flags)
+    assert "Traceback" not in result.stdout.str() + result.stderr.str()
     data = read_report(report)
+    assert result.ret == (0 if data["gate"]["passed"] else 1), data["gate"]
+    return data
+
+def test_gemma3_full_audit_runs_as_users_run_it(pytester, gemma3, prompts_file, monkeypatch):
     # The exit status is the gate's (the verdict on two chunks and a few prompts may well be
     # UNDECIDED: this test is about the model running, the verdict's own tests are elsewhere).
-    assert result.ret == (0 if data["gate"]["passed"] else 1), data["gate"]
+    data = _audit(pytester, gemma3, monkeypatch, f"--refract-prompts={prompts_file}", "--refract-n-predict=16",
+                  "--refract-chunks=2", "--refract-full", "--refract-rniah-lengths=4096",
+                  "--refract-rniah-positions=0.5", "--refract-rniah-trials=1")
     assert data["model"]["architecture"] == "gemma3" and data["model"]["path"] == "gemma-3-270m-q4_k_m.gguf"
     assert set(data["axes"]) == {"trajectory", "kld", "rniah", "plad"}
     kld = data["axes"]["kld"]
@@ -76,19 +80,10 @@ def test_gemma3_window_cache_refuses_reuse_past_the_window(pytester, gemma3, mon
     trial shares the first one's haystack up to the needle (at 0.9 of 1024 tokens: one whole
     512-token batch), but the first trial's sequence outgrew the 512-token window, so its cells
     may be gone: the prefix is recomputed, once per side, and counted (compute.cut_*)."""
-    report = pytester.path / "report.json"
-    monkeypatch.setenv("XDG_CACHE_HOME", str(gemma3.parent.parent.parent))
-    result = pytester.runpytest_subprocess(
-        "--refract-model=gemma3", "--refract-candidate=ctk=q8_0,ctv=q4_0", "--refract-axes=rniah",
-        "--refract-rniah-lengths=1024", "--refract-rniah-positions=0.9", "--refract-rniah-trials=2",
-        "--refract-rniah-answer-tokens=8", "--refract-no-sensitivity", "--refract-threads=2",
-        f"--refract-json={report}", "-p", "no:cacheprovider",
-    )
-    text = result.stdout.str() + result.stderr.str()
-    assert "Traceback" not in text
-    data = read_report(report)
     # Whether the base model retrieves one needle decides the gate, not this test.
-    assert result.ret == (0 if data["gate"]["passed"] else 1), data["gate"]
+    data = _audit(pytester, gemma3, monkeypatch, "--refract-axes=rniah", "--refract-rniah-lengths=1024",
+                  "--refract-rniah-positions=0.9", "--refract-rniah-trials=2", "--refract-rniah-answer-tokens=8",
+                  "--refract-no-sensitivity")
     assert data["complete"] is True and data["model"]["architecture"] == "gemma3"
     cell = data["axes"]["rniah"]["cells"][0]
     assert (cell["length"], cell["trials"]) == (1024, 2)
