@@ -68,8 +68,7 @@ class Inputs:
         if n_listed is not None and n_listed < 2:
             # Refused from the header, before llama.cpp sees it: loading such a vocabulary
             # crashes some llama.cpp builds outright (0.3.22: a segfault, not always an error).
-            raise UsageProblem(f"{self.model_path.name} has a vocabulary of {n_listed} token(s): nothing to "
-                               "tokenize with or to compare; give a real model")
+            raise UsageProblem(self._tiny_vocabulary(n_listed))
         try:
             tok = engine_mod.Engine(self.model_path, vocab_only=True)
         except MeasurementError as exc:
@@ -78,8 +77,7 @@ class Inputs:
             if tok.n_vocab < 2:
                 # llama.cpp's tokenizer aborts the process on such a vocabulary; and a model
                 # that can say only one token has no distribution to compare.
-                raise UsageProblem(f"{self.model_path.name} has a vocabulary of {tok.n_vocab} token(s): nothing to "
-                                   "tokenize with or to compare; give a real model")
+                raise UsageProblem(self._tiny_vocabulary(tok.n_vocab))
             if tok.is_recurrent:
                 # Its state is a fixed-size recurrence per sequence, not a cache of keys and
                 # values per token: there is nothing for ctk/ctv to quantize, so no score.
@@ -104,6 +102,10 @@ class Inputs:
         finally:
             tok.close()
             self.tokenizer = None
+
+    def _tiny_vocabulary(self, n: int) -> str:
+        return (f"{self.model_path.name} has a vocabulary of {n} token(s): nothing to tokenize with or to compare; "
+                "give a real model")
 
     def _check_prompts_fit(self, limit: int) -> None:
         """Each prompt (in its chat template) plus --refract-n-predict generated tokens must fit
