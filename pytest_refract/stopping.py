@@ -28,6 +28,7 @@ class AxisProgress:
     measured: int = 0                     # paired items (candidate and control) so far
     verdict: Optional[V.AxisVerdict] = None   # at the last look reached
     looked_at: Optional[int] = None       # the item count of that look
+    look: Optional[int] = None            # that look's index in the design
     decided: bool = False
     skipped: List[str] = field(default_factory=list)
 
@@ -35,6 +36,8 @@ class AxisProgress:
         out = self.design.as_json()
         out.update({"measured": self.measured, "decided": self.decided,
                     "decided_after": self.looked_at if self.decided else None,
+                    # The level of the look the verdict was read at (the first's before any).
+                    "look_level": self.design.level_at(self.look),
                     "verdict_at_last_look": self.verdict.verdict if self.verdict else None,
                     "skipped": list(self.skipped)})
         return out
@@ -101,8 +104,8 @@ class SequentialStopping:
         if not at_look:
             return None
         verdict = V.axis_verdict(axis, [candidate_results[u] for u in shared], [control_results[u] for u in shared],
-                                 level=design.level, same_computation=self.self_reference.get(role, False))
-        state.verdict, state.looked_at = verdict, design.looks[look]
+                                 level=design.levels[look], same_computation=self.self_reference.get(role, False))
+        state.verdict, state.looked_at, state.look = verdict, design.looks[look], look
         decided = verdict.verdict != V.UNDECIDED and verdict.basis != "broken control"
         state.decided = decided and design.stopping
         return self._line(role, axis_name, state)

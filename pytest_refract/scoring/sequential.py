@@ -6,14 +6,19 @@ The design is group-sequential with Bonferroni error spending, fixed before the 
 - **Looks.** With N items selected for an axis (after ``-k`` and ``--refract-max-items``) and a
   first look after F items (the axis's first decode batch, at least MIN_FIRST_LOOK), the looks
   are at F, 2F, 4F, ... items and at N: K looks in all, known before anything is measured.
-- **Spending.** Every look's interval has level ``1 - (1 - 0.95) / K``. A decided verdict is
-  wrong only when the interval at the look that decided it misses the true multiple on the
-  wrong side; by the union bound the chance that *any* of the K intervals misses is at most
-  K x (0.05 / K) = 5 %, however the stopping used them. So a PASS or FAIL, whenever it comes, is
-  wrong at most 5 % of the time (as far as each look's interval holds its level: the
-  jackknife-t's coverage is simulated in tests/test_verdict.py, the whole rule's error rate in
-  tests/test_sequential.py).
-- **Between looks** the interval is shown (at the look level) but decides nothing: only a look
+- **Spending.** The error 1 - 0.95 = 5 % is split over the K looks before the first: half of it
+  at the first look (FIRST_LOOK_SHARE), the other half equally over the later ones, so with
+  K looks the first interval has level 97.5 % and each later one 1 - 2.5 % / (K - 1). A decided
+  verdict is wrong only when the interval at the look that decided it misses the true multiple
+  on the wrong side; by the union bound the chance that *any* of the K intervals misses is at
+  most the sum of their errors, 5 %, however the stopping used them. So a PASS or FAIL,
+  whenever it comes, is wrong at most 5 % of the time (as far as each look's interval holds its
+  level: the jackknife-t's coverage is simulated in tests/test_verdict.py, the whole rule's
+  error rate in tests/test_sequential.py). The first look gets the larger share because that is
+  where a clear case should stop: an audit pays for every look it does not stop at, and a
+  case that needs the later looks is one near the margin, where a slightly wider interval
+  costs least.
+- **Between looks** the interval is shown (at the last look's level) but decides nothing: only a look
   may stop the axis.
 
 With a single look (N at most F, or ``--refract-exhaustive``) the level is the fixed-sample 95 %
@@ -49,9 +54,19 @@ def planned_looks(n_max: int, first: int) -> Tuple[int, ...]:
     return tuple(looks)
 
 
-def look_level(n_looks: int, level: float = LEVEL) -> float:
-    """Each look's interval level: the error 1 - level split equally over the looks."""
-    return 1.0 - (1.0 - level) / max(1, n_looks)
+# The share of the error spent at the first look (the rest goes equally to the later looks).
+FIRST_LOOK_SHARE = 0.5
+
+
+def look_levels(n_looks: int, level: float = LEVEL) -> Tuple[float, ...]:
+    """Each look's interval level: FIRST_LOOK_SHARE of the error 1 - level at the first look,
+    the rest split equally over the later looks; one look keeps the whole error."""
+    if n_looks <= 1:
+        return (level,) * max(0, n_looks)
+    error = 1.0 - level
+    first = error * FIRST_LOOK_SHARE
+    later = (error - first) / (n_looks - 1)
+    return (1.0 - first,) + (1.0 - later,) * (n_looks - 1)
 
 
 @dataclass(frozen=True)
@@ -59,15 +74,23 @@ class Design:
     """One axis's sequential design for one candidate, fixed before its first item."""
 
     looks: Tuple[int, ...]
-    level: float                # the level of each look's interval
+    levels: Tuple[float, ...]   # the level of each look's interval, one per look
     stopping: bool              # False: every selected item is measured, one look at the end
 
     @classmethod
     def plan(cls, n_max: int, first: int, stopping: bool = True, level: float = LEVEL) -> "Design":
         if not stopping:
-            return cls((n_max,) if n_max > 0 else (), level, False)
+            looks = (n_max,) if n_max > 0 else ()
+            return cls(looks, look_levels(len(looks), level), False)
         looks = planned_looks(n_max, max(MIN_FIRST_LOOK, first))
-        return cls(looks, look_level(len(looks), level), True)
+        return cls(looks, look_levels(len(looks), level), True)
+
+    def level_at(self, look: Optional[int]) -> float:
+        """The interval level of look number ``look``; before the first look, the first's (an
+        interval shown then decides nothing)."""
+        if not self.levels:
+            return LEVEL
+        return self.levels[0 if look is None else look]
 
     @property
     def n_max(self) -> int:
@@ -83,20 +106,20 @@ class Design:
         return next((at for at in self.looks if at > n), None)
 
     def as_json(self) -> dict:
-        return {"method": ("group-sequential, Bonferroni over the planned looks" if self.stopping and len(self.looks) > 1
-                           else "fixed sample (one look)"),
-                "looks": list(self.looks), "look_level": self.level, "stopping": self.stopping}
+        return {"method": ("group-sequential, Bonferroni over the planned looks, half the error at the first"
+                           if self.stopping and len(self.looks) > 1 else "fixed sample (one look)"),
+                "looks": list(self.looks), "look_levels": list(self.levels), "stopping": self.stopping}
 
 
 def simulate_decision(candidate, control, design: Design, decide_at) -> Tuple[str, int]:
     """Run ``design`` over paired tables (row i of both is item i, in measuring order): at each
-    look, ``decide_at(candidate[:n], control[:n], level)`` gives PASS, FAIL or UNDECIDED; the
-    first decided look stops. Returns (verdict, items measured). The same rule the audit applies
-    item by item (stopping.py), for seeded simulations of its error rate."""
+    look, ``decide_at(candidate[:n], control[:n], level)`` at that look's level gives PASS, FAIL
+    or UNDECIDED; the first decided look stops. Returns (verdict, items measured). The same rule
+    the audit applies item by item (stopping.py), for seeded simulations of its error rate."""
     verdict, n = "UNDECIDED", 0
-    for at in design.looks:
+    for look, at in enumerate(design.looks):
         n = min(at, len(candidate))
-        verdict = decide_at(candidate[:n], control[:n], design.level)
+        verdict = decide_at(candidate[:n], control[:n], design.levels[look])
         if verdict != "UNDECIDED" and design.stopping:
             return verdict, n
     return verdict, n
