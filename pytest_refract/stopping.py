@@ -6,6 +6,11 @@ item runs, whether the item's axis is already decided for its candidate (``skip_
 decided axis of one candidate closes its decode batches to that candidate (audit/batches.py), so
 the reference and the control go on only for the units some undecided candidate still needs.
 
+A candidate's verdict is FAIL as soon as one axis FAILs (scoring/verdict.run_verdict), whatever
+the others say, so that decides the candidate: its axes still open stop too ("stopped by" that
+axis). Such an axis claims no verdict of its own: the report gives it UNDECIDED with the reason,
+since it stopped where its design had planned no look.
+
 Stopping is off (one look at the end) with --refract-exhaustive, without a control (no verdict
 to decide), with a gate that reads the raw or calibrated composite, and under xdist, where no
 process sees every result (settings.py says why in the report).
@@ -30,7 +35,12 @@ class AxisProgress:
     looked_at: Optional[int] = None       # the item count of that look
     look: Optional[int] = None            # that look's index in the design
     decided: bool = False
+    stopped_by: Optional[str] = None      # the axis whose FAIL decided the candidate first
     skipped: List[str] = field(default_factory=list)
+
+    @property
+    def open(self) -> bool:
+        return not self.decided and self.stopped_by is None
 
     def as_json(self) -> dict:
         out = self.design.as_json()
@@ -39,6 +49,7 @@ class AxisProgress:
                     # The level of the look the verdict was read at (the first's before any).
                     "look_level": self.design.level_at(self.look),
                     "verdict_at_last_look": self.verdict.verdict if self.verdict else None,
+                    "stopped_by": self.stopped_by,
                     "skipped": list(self.skipped)})
         return out
 
@@ -76,15 +87,23 @@ class SequentialStopping:
 
     def skip_reason(self, role: str, axis_name: str, unit_id: str) -> Optional[str]:
         state = self.progress.get((role, axis_name))
-        if state is None or not state.decided:
+        if state is None or state.open:
             return None
         state.skipped.append(unit_id)
+        if state.stopped_by is not None:
+            return self._stopped_reason(role, state.stopped_by)
         noun = _noun(self.axes[axis_name])
         return seq.skip_reason(state.looked_at, state.design.n_max, noun, _decision_text(state.verdict))
 
+    def _stopped_reason(self, role: str, by: str) -> str:
+        decider = self.progress[(role, by)]
+        noun = _noun(self.axes[by])
+        return (f"not needed: the verdict is FAIL on {by} "
+                f"({seq.skip_reason(decider.looked_at, decider.design.n_max, noun, _decision_text(decider.verdict))})")
+
     def closed(self, axis_name: str) -> set:
-        """The candidates whose verdict on the axis is decided (their batches leave them out)."""
-        return {role for (role, name), st in self.progress.items() if name == axis_name and st.decided}
+        """The candidates that need no more of the axis (their batches leave them out)."""
+        return {role for (role, name), st in self.progress.items() if name == axis_name and not st.open}
 
     # -- after an item ---------------------------------------------------------------------
 
@@ -93,7 +112,7 @@ class SequentialStopping:
         """Note a candidate's filed result; at a planned look, decide. Returns the progress
         line to show (None when there is nothing new to say)."""
         state = self.progress.get((role, axis_name))
-        if state is None or state.decided or not self.control_role or control_results is None:
+        if state is None or not state.open or not self.control_role or control_results is None:
             return None
         axis = self.axes[axis_name]
         shared = [unit for unit in candidate_results if unit in control_results]
@@ -108,7 +127,20 @@ class SequentialStopping:
         state.verdict, state.looked_at, state.look = verdict, design.looks[look], look
         decided = verdict.verdict != V.UNDECIDED and verdict.basis != "broken control"
         state.decided = decided and design.stopping
-        return self._line(role, axis_name, state)
+        stopped = self._stop_the_candidate(role, axis_name) if state.decided and verdict.verdict == V.FAIL else []
+        line = self._line(role, axis_name, state)
+        if stopped:
+            line += f"; the verdict is FAIL, so {', '.join(stopped)} stop{'s' if len(stopped) == 1 else ''} too"
+        return line
+
+    def _stop_the_candidate(self, role: str, by: str) -> List[str]:
+        """A FAIL on one axis decides the candidate: its other axes with items left stop."""
+        stopped = []
+        for (r, name), other in self.progress.items():
+            if r == role and name != by and other.open and other.measured < other.design.n_max:
+                other.stopped_by = by
+                stopped.append(name)
+        return stopped
 
     def _line(self, role: str, axis_name: str, state: AxisProgress) -> str:
         noun = _noun(self.axes[axis_name])

@@ -59,7 +59,9 @@ def test_decided_axes_skip_the_rest_and_the_report_lists_them(pytester, fake_lla
         assert seq["decided"] and seq["decided_after"] == 8 and len(seq["skipped"]) == n - 8
         assert len(section["items"]) == 8 and section["n_chunks"] == 8  # skipped items are not measured
         assert section["verdict"]["verdict"] == verdict and section["verdict"]["n_items"] == 8
-        assert section["verdict"]["level"] == pytest.approx(seq["look_level"]) and seq["look_level"] > 0.95
+        # Decided at the first look, whose level carries half the 5 % error.
+        assert section["verdict"]["level"] == pytest.approx(seq["look_level"]) == pytest.approx(seq["look_levels"][0])
+        assert seq["look_level"] == pytest.approx(0.975) and seq["stopped_by"] is None
     assert report["items_skipped_decided"] == 2 * (n - 8)
     # The control measured the 8 chunks both needed, no more.
     assert len(report["sensitivity"]["axes"]["kld"]["items"]) == 8
@@ -69,6 +71,70 @@ def test_decided_axes_skip_the_rest_and_the_report_lists_them(pytester, fake_lla
     # The terminal's verdict lines and the HTML say where each axis stopped.
     assert f"; decided after 8 of {n}, {n - 8} skipped" in out
     assert f"decided after 8 of {n} items; {n - 8} not measured" in (pytester.path / "r.html").read_text()
+
+
+def test_a_fail_on_one_axis_stops_the_candidates_other_axes(pytester, fake_llamacpp, tiny_model, long_corpus):
+    # q8_0 FAILs KLD at its first look; the candidate's verdict is then FAIL whatever PLAD
+    # says, so PLAD is not measured at all, and claims no verdict of its own.
+    html = pytester.path / "r.html"
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0",
+                            "--refract-axes=kld,plad", "--refract-n-predict=8", f"--refract-html={html}")
+    out = result.stdout.str()
+    kld, plad = report["axes"]["kld"], report["axes"]["plad"]
+    assert list(report["axes"]) == ["kld", "plad"]
+    # PLAD is in the report, unscored, saying why; nothing failed, and no raw composite is
+    # claimed without it.
+    assert plad["status"] == "stopped" and plad["score"] is None and plad["items"] == []
+    assert plad["verdict"]["verdict"] == "UNDECIDED"
+    assert plad["verdict"]["reason"] == "not measured further: the verdict is FAIL on kld"
+    assert report["composite"] is None and not any("failed to measure" in d for d in report["diagnosis"])
+    assert "not measured: the verdict is FAIL on kld" in out
+    assert f"stopped after 0 of {plad['sequential']['looks'][-1]} items" in html.read_text()
+    assert kld["sequential"]["decided"] and kld["verdict"]["verdict"] == "FAIL"
+    n_plad = plad["sequential"]["looks"][-1]
+    assert plad["sequential"]["stopped_by"] == "kld" and not plad["sequential"]["decided"]
+    assert plad["sequential"]["measured"] == 0 and len(plad["sequential"]["skipped"]) == n_plad
+    assert "not needed: the verdict is FAIL on kld (decided after 8 of" in out
+    assert "the verdict is FAIL, so plad stops too" in out
+    assert report["verdict"]["verdict"] == "FAIL" and result.ret == 1
+    assert report["items_skipped_decided"] == len(kld["sequential"]["skipped"]) + n_plad
+    # The control measured nothing for PLAD either: no candidate needed it.
+    assert not (report["sensitivity"]["axes"].get("plad") or {}).get("items")
+
+
+def test_an_axis_stopped_by_another_claims_no_verdict():
+    from pytest_refract.report.verdicts import candidate_verdict
+    from tests.test_verdict import AXIS, flips
+    import numpy as np
+
+    rng = np.random.default_rng(3)
+    cand, ctrl = flips(16, 1.0, rng)
+
+    def section(rows):
+        return {"score": 90.0, "items": [{"id": f"i{k}", "row": list(r)} for k, r in enumerate(rows)]}
+
+    class Sim:
+        NAME, DAMAGE_LABEL, MARGIN = "sim", "greedy flips", 3.0
+        damage = staticmethod(AXIS.damage)
+
+        @staticmethod
+        def section_items(s):
+            return s["items"]
+
+        @staticmethod
+        def damage_table(items):
+            return [i["id"] for i in items], np.asarray([i["row"] for i in items], dtype=float)
+
+    registry = {"sim": Sim}
+    free = candidate_verdict({"sim": section(cand)}, {"axes": {"sim": section(ctrl)}}, registry)
+    assert free["axes"]["sim"]["verdict"] == "PASS"  # the same items decide when nothing stopped them
+    stopped = candidate_verdict({"sim": section(cand)}, {"axes": {"sim": section(ctrl)}}, registry,
+                                stopped_by={"sim": "kld"})
+    axis = stopped["axes"]["sim"]
+    assert axis["verdict"] == "UNDECIDED" and axis["reason"] == "not measured further: the verdict is FAIL on kld"
+    assert axis["multiple"] == free["axes"]["sim"]["multiple"]  # the figure stays, for what it is
+    assert stopped["advice"] == ["sim: not measured further: the verdict is FAIL on kld "
+                                 "(--refract-exhaustive measures it anyway)"]
 
 
 def test_exhaustive_measures_every_item_at_the_fixed_sample_level(pytester, fake_llamacpp, tiny_model, long_corpus):

@@ -38,8 +38,10 @@ def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False, verd
     for name, a in axes.items():
         if a.get("status") == "n/a":
             out.append(f"{name}: nothing to score (the reference itself never succeeds there); left out of the composite.")
-    # An interrupted run's axes are "incomplete": their items did not run, nothing failed.
-    broken = [n for n, a in axes.items() if a.get("score") is None and a.get("status") not in ("n/a", "incomplete")]
+    # An interrupted run's axes are "incomplete" and a stopped one "stopped" (another axis's FAIL
+    # decided the candidate): their items did not run, nothing failed.
+    broken = [n for n, a in axes.items()
+              if a.get("score") is None and a.get("status") not in ("n/a", "incomplete", "stopped")]
     if broken:
         out.append(f"No score for {', '.join(broken)}: some items failed to measure (see the failed tests).")
     scored = {n: a for n, a in axes.items() if a.get("score") is not None}
@@ -66,20 +68,30 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
     """Everything about one candidate: axes, composite, floor, diagnosis, its own gate."""
     s = facts.settings
     axes = build_axes(results, failed, registry, repeats)
+    sequential = facts.sequential.get(role, {})
+    for name, design in sequential.items():
+        if design.get("stopped_by") and name not in axes:
+            # Another axis's FAIL decided the candidate before this axis measured anything: it
+            # stays in the report, unscored, saying why; so the raw composite has no score.
+            axes[name] = {"score": None, "band": None, "status": "stopped", "items": [],
+                          "not_measured": f"not measured: the verdict is FAIL on {design['stopped_by']}"}
+    axes = {name: axes[name] for name in [*registry, *axes] if name in axes}  # the registry's order
     composite = composite_of(axes, gates) if complete else None
     if not complete:
         # What was measured stays (items); no axis claims a score for what was not.
         _mark_not_run(facts, role, axes, results, failed)
     calibrated = calibrate(axes, control, gates, s.seed, registry) if complete else {}
     # What the default gate reads: each axis's damage as a multiple of the control's.
-    sequential = facts.sequential.get(role, {})
     for name, design in sequential.items():
         if name in axes:
             # The design fixed before the first item, where it stopped, and the items skipped.
             axes[name]["sequential"] = copy.deepcopy(design)
     # Each axis's interval at its design's look level (the fixed-sample 95 % with one look).
     levels = {name: d["look_level"] for name, d in sequential.items()}
-    verdict = candidate_verdict(axes, control, registry, facts.self_reference[role], levels) if complete else None
+    # An axis another axis's FAIL stopped between its looks claims no verdict of its own.
+    stopped = {name: d["stopped_by"] for name, d in sequential.items() if d.get("stopped_by")}
+    verdict = (candidate_verdict(axes, control, registry, facts.self_reference[role], levels, stopped)
+               if complete else None)
     floor = floor_of(axes) if s.floor else None
     self_reference = facts.self_reference[role]
     for name, inputs in facts.axis_inputs.items():

@@ -85,6 +85,8 @@ def _sequential_text(section: dict) -> str:
     if not seq or not seq.get("looks"):
         return ""
     n_max, level = seq["looks"][-1], 100 * seq["look_level"]
+    if seq.get("stopped_by"):
+        return f"; stopped after {seq['measured']} of {n_max}, {len(seq['skipped'])} skipped"
     if seq.get("decided") and seq.get("skipped"):
         return (f"; decided after {seq['decided_after']} of {n_max}, {len(seq['skipped'])} skipped "
                 f"({level:.4g} % intervals over {len(seq['looks'])} looks)")
@@ -213,6 +215,8 @@ def _render_candidate(tr, report: dict, registry) -> None:
                           f"range {rep['range']:.2f} -> {rep['verdict']}")
         if section.get("error"):
             tr.write_line(f"           {section['error']}", red=True)
+        if section.get("not_measured"):
+            tr.write_line(f"           {section['not_measured']}")
     for name, score in (report.get("custom_gates") or {}).items():
         tr.write(f"custom {name}: {_fmt(score).strip()} ", bold=True)
         tr.write_line(band_for(score) or "", **{_COLOURS.get(band_for(score), "red"): True})

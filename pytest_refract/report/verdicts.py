@@ -11,10 +11,14 @@ from ..scoring import verdict as V
 
 
 def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
-                      self_reference: bool = False, levels: Optional[Dict[str, float]] = None) -> Optional[dict]:
+                      self_reference: bool = False, levels: Optional[Dict[str, float]] = None,
+                      stopped_by: Optional[Dict[str, str]] = None) -> Optional[dict]:
     """The run verdict of one candidate (JSON-able), each axis's written into its section under
     "verdict"; None without a control (no yardstick: the gate says so). ``levels``: per axis the
-    level of its intervals (a sequential design's look level; default the fixed-sample 95 %)."""
+    level of its intervals (a sequential design's look level; default the fixed-sample 95 %).
+    ``stopped_by``: axis -> the axis whose FAIL stopped it (stopping.py); such an axis is
+    UNDECIDED, its interval shown for what it is, since it stopped where no look was planned."""
+    stopped_by = stopped_by or {}
     if control is None:
         return None
     per_axis: Dict[str, V.AxisVerdict] = {}
@@ -31,12 +35,16 @@ def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
         else:
             v = V.axis_verdict(axis, axis.section_items(section), axis.section_items(ctrl), control_score=ctrl["score"],
                                same_computation=self_reference, level=(levels or {}).get(name, V.LEVEL))
+        if name in stopped_by and v.basis != "broken control":
+            v.verdict, v.items_needed = V.UNDECIDED, None
+            v.reason = f"not measured further: the verdict is FAIL on {stopped_by[name]}"
         section["verdict"] = v.as_json()
         per_axis[name] = v
     run = V.run_verdict(per_axis)
     out = run.as_json()
     out["band"] = _band_of_score(run.score)
-    out["advice"] = [V.undecided_advice(v) for v in per_axis.values() if v.verdict == V.UNDECIDED]
+    out["advice"] = [f"{v.axis}: {v.reason} (--refract-exhaustive measures it anyway)" if v.axis in stopped_by
+                     else V.undecided_advice(v) for v in per_axis.values() if v.verdict == V.UNDECIDED]
     return out
 
 
