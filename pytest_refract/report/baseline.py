@@ -118,7 +118,7 @@ def baseline_reasons(baseline: dict, candidate_label: str, axes: dict, composite
 def no_composite_reason(axes: dict) -> str:
     """The gate's line when there is no composite: which axes failed to measure, or, when none
     did, that no axis had anything to score (and why, as each axis said)."""
-    broken = [n for n, a in axes.items() if a.get("score") is None and a.get("status") != "n/a"]
+    broken = [n for n, a in axes.items() if a.get("score") is None and a.get("status") not in ("n/a", "stopped")]
     if broken:
         return f"no composite: {', '.join(broken)} could not be scored (items failed to measure)"
     why = "; ".join(f"{n}: {a['error']}" if a.get("error") else n for n, a in axes.items())

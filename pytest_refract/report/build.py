@@ -225,11 +225,17 @@ def _gate(facts: RunRecord, section: dict, complete: bool) -> dict:
 def _ungated_reasons(section: dict, complete: bool) -> Optional[List[str]]:
     """What every gate says before it reads its basis: an interrupted run fails, fixture
     measurements without a gate have nothing to gate on (no reason), and a composite that could
-    not be formed fails naming why. None when the section can be gated."""
+    not be formed fails naming why (axes stopped by another's FAIL are not such a failure: the
+    verdict gate reads that FAIL). None when the section can be gated."""
     if not complete:
         return ["the run was interrupted; an incomplete audit never passes the gate"]
     if section["composite"] is None and not section["axes"] and not section["custom_gates"]:
         return []
+    stopped = [a for a in section["axes"].values() if a.get("status") == "stopped"]
+    if section["composite"] is None and stopped and all(a.get("score") is not None or a in stopped
+                                                        for a in section["axes"].values()):
+        # Axes stopped because another FAILed: nothing failed to measure, the verdict gates.
+        return None
     if section["composite"] is None:
         from .baseline import no_composite_reason
 

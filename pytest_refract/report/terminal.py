@@ -84,14 +84,14 @@ def _sequential_text(section: dict) -> str:
     seq = section.get("sequential")
     if not seq or not seq.get("looks"):
         return ""
-    n_max, level = seq["looks"][-1], 100 * seq["look_level"]
+    n_max, level, n_looks = seq["looks"][-1], 100 * seq["look_level"], len(seq["looks"])
+    at = f"look {seq['look_read']} of {n_looks}, its interval at {level:.4g} %" if seq.get("look_read") else ""
     if seq.get("stopped_by"):
         return f"; stopped after {seq['measured']} of {n_max}, {len(seq['skipped'])} skipped"
     if seq.get("decided") and seq.get("skipped"):
-        return (f"; decided after {seq['decided_after']} of {n_max}, {len(seq['skipped'])} skipped "
-                f"({level:.4g} % intervals over {len(seq['looks'])} looks)")
-    if seq.get("stopping") and len(seq["looks"]) > 1:
-        return f"; {seq['measured']} of {n_max} measured ({level:.4g} % intervals over {len(seq['looks'])} looks)"
+        return f"; decided after {seq['decided_after']} of {n_max} ({at}), {len(seq['skipped'])} skipped"
+    if seq.get("stopping") and n_looks > 1:
+        return f"; {seq['measured']} of {n_max} measured" + (f" ({at})" if at else "")
     return ""
 
 
