@@ -173,7 +173,15 @@ class RefractSession:
 
     def pytest_collection_finish(self, session):
         # After -k/-m: the items this process may run, so a decode batch holds only those.
-        planned = [(item.axis, item.unit) for item in session.items if isinstance(item, RefractItem)]
+        slots = [k for k, item in enumerate(session.items) if isinstance(item, RefractItem)]
+        ours = [session.items[k] for k in slots]
+        planned = [(item.axis, item.unit) for item in ours]
+        # With stopping on, the axes take turns look by look (stopping.look_order); our items
+        # keep the slots they had among any other tests.
+        order = self.stopping.look_order(planned)
+        for k, i in zip(slots, order):
+            session.items[k] = ours[i]
+        planned = [planned[i] for i in order]
         self.runner.set_plan(planned)
         # Every design is fixed here, before the first item runs (scoring/sequential.py).
         self.stopping.plan(planned)

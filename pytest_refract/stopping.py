@@ -11,6 +11,9 @@ the others say, so that decides the candidate: its axes still open stop too ("st
 axis). Such an axis claims no verdict of its own: the report gives it UNDECIDED with the reason,
 since it stopped where its design had planned no look.
 
+With stopping on, the axes run in stages (``look_order``): each up to its next look in turn, so
+a FAIL on any axis stops the others early.
+
 Stopping is off (one look at the end) with --refract-exhaustive, without a control (no verdict
 to decide), with a gate that reads the raw or calibrated composite, and under xdist, where no
 process sees every result (settings.py says why in the report).
@@ -48,6 +51,7 @@ class AxisProgress:
                     "decided_after": self.looked_at if self.decided else None,
                     # The level of the look the verdict was read at (the first's before any).
                     "look_level": self.design.level_at(self.look),
+                    "look_read": None if self.look is None else self.look + 1,   # 1-based
                     "verdict_at_last_look": self.verdict.verdict if self.verdict else None,
                     "stopped_by": self.stopped_by,
                     "skipped": list(self.skipped)})
@@ -82,6 +86,29 @@ class SequentialStopping:
             batched = s.decode_batch > 1 and bool(getattr(axis, "BATCHED", 0))
             first = s.decode_batch * axis.BATCHED if batched else 1
             self.progress[(role, axis_name)] = AxisProgress(seq.Design.plan(n, first, stopping=self.active))
+
+    def look_order(self, planned) -> List[int]:
+        """The order to run ``planned`` (its indices; collection order in, (axis, unit) pairs):
+        every axis up to its first look, then every axis up to its second, and so on, collection
+        order within a stage. A candidate FAILs as soon as one axis FAILs, so an axis collected
+        later (KLD after trajectory) that FAILs at its first look stops the others at theirs,
+        not after they ran their whole pool. A decode batch is never split across stages (it
+        takes the stage of its first item), so batches stay whole. Unchanged when stopping is off."""
+        self.plan(planned)
+        if not self.active:
+            return list(range(len(planned)))
+        count: Dict[Tuple[str, str], int] = {}
+        batch_stage: Dict[tuple, int] = {}
+        keys = []
+        for i, (axis_name, unit) in enumerate(planned):
+            key = (unit["candidate"], axis_name)
+            count[key] = n = count.get(key, 0) + 1
+            looks = self.progress[key].design.looks
+            stage = next((k for k, at in enumerate(looks) if n <= at), len(looks))
+            if unit.get("batch") is not None:
+                stage = batch_stage.setdefault((*key, unit["batch"]), stage)
+            keys.append((stage, i))
+        return [i for _, i in sorted(keys)]
 
     # -- before an item --------------------------------------------------------------------
 

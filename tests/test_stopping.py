@@ -61,7 +61,7 @@ def test_decided_axes_skip_the_rest_and_the_report_lists_them(pytester, fake_lla
         assert section["verdict"]["verdict"] == verdict and section["verdict"]["n_items"] == 8
         # Decided at the first look, whose level carries half the 5 % error.
         assert section["verdict"]["level"] == pytest.approx(seq["look_level"]) == pytest.approx(seq["look_levels"][0])
-        assert seq["look_level"] == pytest.approx(0.975) and seq["stopped_by"] is None
+        assert seq["look_level"] == pytest.approx(0.975) and seq["stopped_by"] is None and seq["look_read"] == 1
     assert report["items_skipped_decided"] == 2 * (n - 8)
     # The control measured the 8 chunks both needed, no more.
     assert len(report["sensitivity"]["axes"]["kld"]["items"]) == 8
@@ -69,8 +69,10 @@ def test_decided_axes_skip_the_rest_and_the_report_lists_them(pytester, fake_lla
     assert "refract: kld [ctk=q8_0,ctv=q8_0]: 8 chunks, M " in out and "FAIL decided: the remaining" in out
     assert result.ret == 1  # q8_0 FAILs (the gate reads every candidate)
     # The terminal's verdict lines and the HTML say where each axis stopped.
-    assert f"; decided after 8 of {n}, {n - 8} skipped" in out
-    assert f"decided after 8 of {n} items; {n - 8} not measured" in (pytester.path / "r.html").read_text()
+    n_looks = len(report["candidates"][0]["axes"]["kld"]["sequential"]["looks"])
+    assert f"; decided after 8 of {n} (look 1 of {n_looks}, its interval at 97.5 %), {n - 8} skipped" in out
+    assert (f"decided after 8 of {n} items; {n - 8} not measured (look 1 of {n_looks} planned, its interval at 97.5 %)"
+            in (pytester.path / "r.html").read_text())
 
 
 def test_a_fail_on_one_axis_stops_the_candidates_other_axes(pytester, fake_llamacpp, tiny_model, long_corpus):
@@ -97,6 +99,9 @@ def test_a_fail_on_one_axis_stops_the_candidates_other_axes(pytester, fake_llama
     assert "not needed: the verdict is FAIL on kld (decided after 8 of" in out
     assert "the verdict is FAIL, so plad stops too" in out
     assert report["verdict"]["verdict"] == "FAIL" and result.ret == 1
+    # The gate fails on that FAIL, not on a composite PLAD "failed to measure".
+    reasons = report["gate"]["reasons"]
+    assert len(reasons) == 1 and reasons[0].startswith("verdict FAIL: kld next-token KLD at least"), reasons
     assert report["items_skipped_decided"] == len(kld["sequential"]["skipped"]) + n_plad
     # The control measured nothing for PLAD either: no candidate needed it.
     assert not (report["sensitivity"]["axes"].get("plad") or {}).get("items")
@@ -189,3 +194,57 @@ def test_no_control_means_no_stopping():
     assert design == Design.plan(40, 1, stopping=False)
     assert stopping.observe("cand0", "kld", {"c0": {}}, None) is None
     assert stopping.skip_reason("cand0", "kld", "c1") is None
+
+
+def _planned(axis, n, roles=("cand0",), batch=None):
+    return [(axis, {"candidate": r, "id": f"{axis}{i}", "batch": None if batch is None else i // batch})
+            for i in range(n) for r in roles]
+
+
+def test_the_axes_take_turns_look_by_look_and_batches_stay_whole():
+    from types import SimpleNamespace
+
+    settings = SimpleNamespace(sequential=True, decode_batch=16)
+    axes = {"trajectory": SimpleNamespace(NAME="trajectory", BATCHED=1), "kld": SimpleNamespace(NAME="kld", BATCHED=0)}
+    planned = _planned("trajectory", 40, ("cand0", "cand1"), batch=16) + _planned("kld", 20, ("cand0", "cand1"))
+    stopping = SequentialStopping(settings, axes, "control", {}, {})
+    order = [planned[i] for i in stopping.look_order(planned)]
+    assert sorted(map(id, order)) == sorted(map(id, planned))  # a permutation
+    # trajectory looks at 16, 32, 40; kld at 8, 16, 20: stage by stage, collection order inside.
+    runs = []
+    for axis, unit in order:
+        if not runs or runs[-1][0] != axis:
+            runs.append([axis, 0])
+        runs[-1][1] += 1
+    assert runs == [["trajectory", 32], ["kld", 16], ["trajectory", 32], ["kld", 16], ["trajectory", 16], ["kld", 8]]
+    # The candidates of a unit stay back to back, and no decode batch is split across stages.
+    assert [u["candidate"] for _, u in order[:4]] == ["cand0", "cand1", "cand0", "cand1"]
+    seen, last = set(), None
+    for axis, unit in order:
+        key = (axis, unit["batch"])
+        if axis == "trajectory" and key != last:
+            assert key not in seen
+            seen.add(key)
+        last = key
+    # Stopping off (no control): collection order, untouched.
+    off = SequentialStopping(settings, axes, None, {}, {})
+    assert off.look_order(planned) == list(range(len(planned)))
+
+
+def test_a_fail_on_a_later_axis_stops_an_earlier_one_at_its_next_look(pytester, fake_llamacpp, tiny_model, long_corpus):
+    # trajectory is collected before kld; q8_0 FAILs kld at 8 chunks, which runs right after
+    # trajectory's first look (16 prompts), so trajectory stops there instead of running its pool.
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0",
+                            "--refract-axes=trajectory,kld", "--refract-n-predict=4", "-v")
+    out = result.stdout.str()
+    traj, kld = report["axes"]["trajectory"], report["axes"]["kld"]
+    assert kld["verdict"]["verdict"] == "FAIL" and kld["sequential"]["decided_after"] == 8, kld["verdict"]
+    assert traj["sequential"]["measured"] == 16 and len(traj["items"]) == 16
+    assert traj["sequential"]["decided"] or traj["sequential"]["stopped_by"] == "kld"
+    n_traj = traj["sequential"]["looks"][-1]
+    assert n_traj > 32 and len(traj["sequential"]["skipped"]) == n_traj - 16
+    # The run order: 16 prompts, 8 chunks, then only skips.
+    ran = [line.split("::")[1].split("[")[0] for line in out.splitlines()
+           if line.startswith("refract::") and " PASSED" in line]
+    assert ran == ["test_trajectory"] * 16 + ["test_kld"] * 8, ran
+    assert result.ret == 1
