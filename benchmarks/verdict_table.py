@@ -51,6 +51,8 @@ def _restrict(section: dict, keep, registry) -> dict:
 def _cell(v: dict) -> str:
     if not v:
         return "–"
+    if (v.get("reason") or "").startswith("not measured further"):
+        return "not measured (" + v["reason"].split(": ", 1)[-1] + ")"
     if v.get("basis") == "multiple" and v.get("multiple") is not None:
         ci = v.get("multiple_ci95")
         inside = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
@@ -80,11 +82,11 @@ def rows(report: dict, label: str, subset=None) -> list:
         kv = RV.kv_bytes(sec)
         score = verdict.get("score") if verdict else None
         measured = ", ".join(f"{counts[n]} {registry[n].ITEMS_NOUN if n in registry else 'items'}" for n in counts)
+        shown_score = f"{score:.1f}" if score is not None else "–"
+        shown_composite = f"{composite:.2f} " + (sec.get("band") or "") if composite is not None else "–"
         out.append(f"| {label} | `{sec['candidate']}` | {measured} | {_cell(axes.get('trajectory'))} | "
                    f"{_cell(axes.get('kld'))} | **{verdict.get('verdict') if verdict else '–'}** | "
-                   f"{score:.1f} | {f'{composite:.2f} ' + (sec.get('band') or '') if composite is not None else '–'} | "
-                   f"{int(kv) if kv else '–'} |" if score is not None else
-                   f"| {label} | `{sec['candidate']}` | {measured} | – | – | – | – | – | – |")
+                   f"{shown_score} | {shown_composite} | {int(kv) if kv else '–'} |")
     return out
 
 
