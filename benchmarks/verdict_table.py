@@ -52,7 +52,12 @@ def _cell(v: dict) -> str:
     if not v:
         return "–"
     if (v.get("reason") or "").startswith("not measured further"):
-        return "not measured (" + v["reason"].split(": ", 1)[-1] + ")"
+        why = v["reason"].split(": ", 1)[-1]
+        if v.get("multiple") is None:
+            return f"not measured ({why})"
+        ci = v.get("multiple_ci95")
+        inside = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""
+        return f"{v['multiple']:.2f}×{inside}, stopped ({why})"
     if v.get("basis") == "multiple" and v.get("multiple") is not None:
         ci = v.get("multiple_ci95")
         inside = f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else ""

@@ -248,3 +248,39 @@ def test_a_fail_on_a_later_axis_stops_an_earlier_one_at_its_next_look(pytester, 
            if line.startswith("refract::") and " PASSED" in line]
     assert ran == ["test_trajectory"] * 16 + ["test_kld"] * 8, ran
     assert result.ret == 1
+
+
+def test_an_axis_leaves_no_one_sequence_context_under_the_next(pytester, fake_llamacpp, tiny_model, long_corpus,
+                                                              monkeypatch):
+    # With the axes taking turns, the contexts one axis sized for itself (KLD's logits buffers:
+    # 267 MB each on Gemma 3) must be closed before the next axis opens its own; PLAD's batched
+    # contexts came on top of KLD's before (Gemma 3's matrix peaked at 4.06 GB).
+    events, axis_now = [], [None]
+    real_measure = runner_mod.Runner.measure
+    real_init, real_close = fake_engine.FakeContext.__init__, fake_engine.FakeContext.close
+
+    def measure(self, axis, unit):
+        axis_now[0] = axis.NAME
+        return real_measure(self, axis, unit)
+
+    def init(self, *args):
+        real_init(self, *args)
+        events.append(("open", axis_now[0], id(self)))
+
+    def close(self):
+        events.append(("close", axis_now[0], id(self)))
+        real_close(self)
+
+    monkeypatch.setattr(runner_mod.Runner, "measure", measure)
+    monkeypatch.setattr(fake_engine.FakeContext, "__init__", init)
+    monkeypatch.setattr(fake_engine.FakeContext, "close", close)
+    # bf16 is the control's own config: KLD PASSes at its first look, then PLAD runs.
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-candidate=ctk=bf16,ctv=bf16",
+                            "--refract-axes=kld,plad", "--refract-n-predict=8")
+    assert report["axes"]["kld"]["items"] and report["axes"]["plad"]["items"], result.stdout.str()
+    opened_by = {ctx: axis for kind, axis, ctx in events if kind == "open"}
+    first_plad = next((i for i, (kind, axis, _) in enumerate(events) if kind == "open" and axis == "plad"), None)
+    assert first_plad is not None, "PLAD opened no context of its own: it ran in KLD's"
+    closed_before = {ctx for kind, _, ctx in events[:first_plad] if kind == "close"}
+    kld_contexts = {ctx for ctx, axis in opened_by.items() if axis == "kld"}
+    assert kld_contexts and kld_contexts <= closed_before, (len(kld_contexts), len(closed_before))

@@ -275,6 +275,13 @@ class Runner:
             self.engine.drop_context(f"{role}#seq")
         self._seq_contexts.clear()
 
+    def release_contexts(self) -> None:
+        """Free the one-sequence contexts (KV caches and logits buffers); the next item that
+        needs one opens it afresh (every measurement starts from a cleared cache anyway)."""
+        for role in list(self._contexts):
+            self.engine.drop_context(role)
+        self._contexts.clear()
+
     def token_counts(self) -> dict:
         """Tokens processed so far per role: batched prompt tokens, one-sequence decode steps,
         and tokens decoded in multi-sequence steps (with the number of those steps); and how
@@ -388,6 +395,10 @@ class Runner:
             self.reference.forget_batches()
             if not axis.BATCHED:
                 self.release_sequences()
+            # The one-sequence contexts too: each axis sizes their buffers for itself (KLD keeps
+            # 255 rows of vocabulary logits per context, 267 MB on Gemma 3), and with sequential
+            # stopping the axes take turns, so they would sit under the next axis's contexts.
+            self.release_contexts()
         from .progress import describe
 
         multi = len(self.candidate_roles) > 1
