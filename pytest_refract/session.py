@@ -176,6 +176,9 @@ class RefractSession:
         slots = [k for k, item in enumerate(session.items) if isinstance(item, RefractItem)]
         ours = [session.items[k] for k in slots]
         planned = [(item.axis, item.unit) for item in ours]
+        # Every design is fixed here, before the first item runs (scoring/sequential.py); it
+        # depends on how many items each axis has, not on their order.
+        self.stopping.plan(planned)
         # With stopping on, the axes take turns look by look (stopping.look_order); our items
         # keep the slots they had among any other tests.
         order = self.stopping.look_order(planned)
@@ -183,8 +186,6 @@ class RefractSession:
             session.items[k] = ours[i]
         planned = [planned[i] for i in order]
         self.runner.set_plan(planned)
-        # Every design is fixed here, before the first item runs (scoring/sequential.py).
-        self.stopping.plan(planned)
         self.runner.batches.closed = self.stopping.closed
 
     # -- results ------------------------------------------------------------------------

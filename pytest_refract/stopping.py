@@ -93,8 +93,8 @@ class SequentialStopping:
         order within a stage. A candidate FAILs as soon as one axis FAILs, so an axis collected
         later (KLD after trajectory) that FAILs at its first look stops the others at theirs,
         not after they ran their whole pool. A decode batch is never split across stages (it
-        takes the stage of its first item), so batches stay whole. Unchanged when stopping is off."""
-        self.plan(planned)
+        takes the stage of its first item), so batches stay whole. Unchanged when stopping is off.
+        Reads the designs ``plan`` fixed for the same items (the order does not change them)."""
         if not self.active:
             return list(range(len(planned)))
         count: Dict[Tuple[str, str], int] = {}

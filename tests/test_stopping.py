@@ -208,6 +208,7 @@ def test_the_axes_take_turns_look_by_look_and_batches_stay_whole():
     axes = {"trajectory": SimpleNamespace(NAME="trajectory", BATCHED=1), "kld": SimpleNamespace(NAME="kld", BATCHED=0)}
     planned = _planned("trajectory", 40, ("cand0", "cand1"), batch=16) + _planned("kld", 20, ("cand0", "cand1"))
     stopping = SequentialStopping(settings, axes, "control", {}, {})
+    stopping.plan(planned)
     order = [planned[i] for i in stopping.look_order(planned)]
     assert sorted(map(id, order)) == sorted(map(id, planned))  # a permutation
     # trajectory looks at 16, 32, 40; kld at 8, 16, 20: stage by stage, collection order inside.
@@ -228,6 +229,7 @@ def test_the_axes_take_turns_look_by_look_and_batches_stay_whole():
         last = key
     # Stopping off (no control): collection order, untouched.
     off = SequentialStopping(settings, axes, None, {}, {})
+    off.plan(planned)
     assert off.look_order(planned) == list(range(len(planned)))
 
 

@@ -231,9 +231,8 @@ def _ungated_reasons(section: dict, complete: bool) -> Optional[List[str]]:
         return ["the run was interrupted; an incomplete audit never passes the gate"]
     if section["composite"] is None and not section["axes"] and not section["custom_gates"]:
         return []
-    stopped = [a for a in section["axes"].values() if a.get("status") == "stopped"]
-    if section["composite"] is None and stopped and all(a.get("score") is not None or a in stopped
-                                                        for a in section["axes"].values()):
+    statuses = [a.get("status") for a in section["axes"].values() if a.get("score") is None]
+    if section["composite"] is None and statuses and all(st == "stopped" for st in statuses):
         # Axes stopped because another FAILed: nothing failed to measure, the verdict gates.
         return None
     if section["composite"] is None:
