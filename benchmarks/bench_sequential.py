@@ -4,6 +4,8 @@ the verdicts agree with an exhaustive run of the same configs.
 
     python benchmarks/bench_sequential.py command1      # README command 1, before and after, cold and warm
     python benchmarks/bench_sequential.py matrix        # 4 candidates, sequential and --refract-exhaustive
+    python benchmarks/bench_sequential.py matrix --sequential-report saved/matrix-sequential.json
+                                                        # only the exhaustive run, against a saved sequential one
 
 "before" is the fixed design of earlier releases: --refract-exhaustive over the 36-prompt set
 (prompts/default.jsonl) and 32 chunks. "after" is the default: sequential over the whole pool.
@@ -121,8 +123,14 @@ def matrix(args, base: list) -> None:
     results = {}
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
-        runs = [("sequential", [])] + ([] if args.skip_exhaustive else
-                                        [("exhaustive", ["--refract-exhaustive"] + args.exhaustive_flags)])
+        runs = ([] if args.sequential_report else [("sequential", [])]) + (
+            [] if args.skip_exhaustive else [("exhaustive", ["--refract-exhaustive"] + args.exhaustive_flags)])
+        if args.sequential_report:
+            # The numbers are deterministic (the same bits on every run of one build), so a
+            # sequential report saved earlier stands for a sequential run of the same code.
+            results["sequential"] = show(f"matrix, sequential, from {args.sequential_report}",
+                                         {"report": json.loads(Path(args.sequential_report).read_text()),
+                                          "wall_s": float("nan"), "peak_rss_mb": float("nan"), "exit": "n/a"})
         for name, flags in runs:
             # Each cold: its own cache folder.
             cache = work / f"cache-{name}"
@@ -131,7 +139,7 @@ def matrix(args, base: list) -> None:
             if args.save:
                 Path(args.save).mkdir(parents=True, exist_ok=True)
                 (Path(args.save) / f"matrix-{name}.json").write_text(json.dumps(run["report"]))
-    if "exhaustive" in results:
+    if "exhaustive" in results and "sequential" in results:
         agreement(results["sequential"], results["exhaustive"])
 
 
@@ -145,6 +153,9 @@ def main() -> None:
     ap.add_argument("--candidates", nargs="*", default=MATRIX, help="matrix: the candidates (default: 4 configs)")
     ap.add_argument("--flags", default="", help="more pytest flags for every run (one string)")
     ap.add_argument("--skip-exhaustive", action="store_true", help="matrix: the sequential run only")
+    ap.add_argument("--sequential-report", default=None,
+                    help="matrix: read the sequential run from this saved report (--save's matrix-sequential.json)"
+                         " instead of running it")
     ap.add_argument("--save", default=None, help="matrix: keep each run's JSON report in this folder")
     args = ap.parse_args()
     print(f"machine: {os.cpu_count()} cores, load average {os.getloadavg()[0]:.2f} at start")
