@@ -5,7 +5,7 @@ ones with their defaults. Return instances from the ``pytest_refract_axes(config
 they run beside the built-in four: their items are ``test_<NAME>[<unit id>]``, their score
 joins the composite, the terminal summary, the JSON (``axes.<NAME>``) and the HTML report.
 
-What an axis receives as ``run`` (a pytest_refract.audit.runner.Runner) and may use:
+What an axis receives as ``run`` (the runner's facade, pytest_refract.audit.run.Run) and may use:
 
 - ``run.settings`` (the parsed options), ``run.inputs`` (``prompts``, ``chat_tokens(text)``,
   ``plain_tokens(text)``, ``corpus``, ...), ``run.detokenize(tokens)``;
