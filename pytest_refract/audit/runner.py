@@ -15,9 +15,9 @@ from dataclasses import replace
 from pathlib import Path
 from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
 
+from ..axes.base import Unit
 from ..engines.base import ContextRefused, ContextSettings, CutCounts, padded
 from ..engines.gguf import expected_data_end, read_gguf
-from ..axes.base import Unit
 from ..engines.kvconfig import FLOAT_TYPES, validate_for_model
 from ..errors import MeasurementError, UsageProblem
 from ..inputs import data

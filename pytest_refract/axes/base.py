@@ -46,16 +46,14 @@ class Unit:
     batch: Optional[int] = None
 
     def __post_init__(self):
-        if not isinstance(self.id, str) or not self.id:
-            raise TypeError(f"a unit's id must be a non-empty string, not {self.id!r}")
-        object.__setattr__(self, "keywords", tuple(self.keywords))
+        object.__setattr__(self, "keywords", tuple(self.keywords))  # a list given stays immutable
 
     def for_item(self, axis: str, candidate: str, batch: Optional[int]) -> "Unit":
         """This unit as the item of ``axis`` that measures ``candidate``."""
         return replace(self, axis=axis, candidate=candidate, batch=batch)
 
     def __getitem__(self, key):
-        # Units were once dicts: say what to read instead of a bare TypeError.
+        # Indexing a unit like a mapping is a slip worth a sentence: say what to read instead.
         raise TypeError(f"a unit is a pytest_refract.axes.Unit, not a dict: read unit.id, unit.candidate, "
                         f"unit.batch, unit.keywords, or unit.payload[{key!r}] for the axis's own data")
 
