@@ -37,7 +37,7 @@ def _settings(**changes) -> Settings:
                   item_fail_under=None, json_path=None, prompts_path=None, corpus_path=None, n_predict=8, ctx=64,
                   chunks=2, seed=0, threads=1, gpu_layers=0, floor=False, rniah_positions=(0.5,), rniah_trials=2,
                   sensitivity=parse_kv_config("ctk=bf16,ctv=bf16"), sensitivity_note="bf16: rounding only",
-                  gate_basis="calibrated")
+                  gate_basis="raw")
     values.update(changes)
     return Settings(**values)
 
@@ -284,12 +284,15 @@ def test_external_axis_is_scored_summarised_and_compared():
     cand1 = report["candidates"][1]
     length = cand1["axes"]["length"]
     assert length["score"] == pytest.approx((90 + 70 + 50) / 3)
-    assert length["ci95"] is not None and length["calibration"]["n_paired"] == 3  # the default bootstrap table
+    assert length["ci95"] is not None  # the default bootstrap table
+    # The default damage (lost score share) of each unit beside the control's same unit.
+    assert [i["vs_control"]["damage"] for i in length["items"]] == pytest.approx([0.1, 0.3, 0.5])
     assert "length" in report["ranking"][0]["axes"]
     assert list(cand1["axes"]) == ["trajectory", "kld", "rniah", "plad", "length"]
     lines = _render(report, registry)
     assert any(line.startswith("length     ") and "EXCELLENT" not in line for line in lines)
-    assert "  length[u2] 50.00 FAIL ()" in lines  # no item_detail: empty parentheses
+    # Its items beside the control's same items, by the default damage (the lost score share).
+    assert "  length[u2] damage 0.5 vs 0.9 in the control (0.6\u00d7)" in lines
     # compare runs offline with the built-ins: an axis it does not know shows its score row and
     # its verdict's multiple of the control's damage (every axis has one) alone.
     rows = compare.table(*compare.expand_candidates([report], ["r.json"]))

@@ -32,8 +32,7 @@ def _axis(name: str, key: str) -> Callable[[dict], Optional[float]]:
 HEADLINE: List[Metric] = [
     # What the gate reads by default (null in reports from before the verdict, or without a control).
     ("verdict score", lambda r: (r.get("verdict") or {}).get("score"), "{:.2f}", True),
-    ("composite", lambda r: r.get("composite"), "{:.2f}", True),
-    ("calibrated composite", lambda r: r.get("calibrated_composite"), "{:.2f}", True),
+    ("raw composite (REFRACT-comparable, not the verdict)", lambda r: r.get("composite"), "{:.2f}", True),
     ("KV memory vs reference", lambda r: (r.get("kv_cache") or {}).get("vs_reference"), "{:.3f}", False),
 ]
 
