@@ -183,16 +183,17 @@ def test_html_leads_with_the_verdict_and_shows_the_raw_composite_smaller():
 
     report = _report()
     page = render_html(report)
-    assert page.index('id="verdict"') < page.index('id="composite"')
-    assert "REFRACT-comparable composite" in page
-    verdict_card = page[page.index('id="verdict"'):page.index('id="composite"')]
+    assert page.index('id="verdict"') < page.index('id="gate"') < page.index('id="axis-trajectory"') < page.index('id="composite"')
+    assert "Raw composite (REFRACT-comparable, not the verdict)" in page
+    verdict_card = page[page.index('id="verdict"'):page.index('id="gate"')]
     assert 'class="big">PASS<' in verdict_card.replace("\n", "")
     composite_card = page[page.index('id="composite"'):page.index('id="composite"') + 400]
     assert 'class="mid"' in composite_card and 'class="big"' not in composite_card
+    assert 'class="card composite reference" id="composite"' in page and "badge" not in composite_card
     assert "the control&#39;s (margin 3" in page or "the control's (margin 3" in page
     assert 'id="verdict-ranking"' in page and "reads the verdict" in page
     summary = render_template("pytest_html/summary.html.j2", report=report, colours={})
-    assert summary.index("verdict PASS") < summary.index("REFRACT-comparable composite")
+    assert summary.index("verdict PASS") < summary.index("raw composite (REFRACT-comparable, not the verdict)")
 
 
 def test_no_band_story_beside_a_verdict():
