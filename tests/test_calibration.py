@@ -126,6 +126,8 @@ def test_each_item_is_set_beside_the_controls_same_item():
     assert chunks[0]["vs_control"]["control_damage"] == pytest.approx(0.004)
     assert chunks[1]["vs_control"]["text"] == "KLD 0.002 vs 0.002 in the control (1.0\u00d7)"
     assert "vs_control" not in chunks[2]
+    # Below the 16-bit resolution (even slightly negative) a mean KLD is shown as such, with no ratio.
+    assert BUILTIN["kld"].item_damage_text((3.5e-5 * 10, 10), (-5e-9 * 10, 10)) == "KLD 3.5e-05 vs <1e-06 in the control"
     prompt = axes["trajectory"]["items"][0]["vs_control"]
     assert prompt["text"] == "3 flips vs 1 in the control (of 64 reference tokens)"
     # Without a control nothing is paired.

@@ -537,6 +537,66 @@ def test_html_in_chromium(tmp_path):
         driver.quit()
 
 
+# Where the verdict card, the raw composite and the first axis card sit, and whether the page
+# scrolls sideways; the raw composite's number colour against the page's text colour.
+_STORY_LAYOUT = """
+function box(sel) { var r = document.querySelector(sel).getBoundingClientRect(); return [r.top, r.bottom]; }
+return {scroll: document.body.scrollWidth, inner: window.innerWidth, height: window.innerHeight,
+        verdict: box('#verdict'), composite: box('#composite'), axis: box('.axis-card'), gate: box('#gate'),
+        raw_colour: getComputedStyle(document.querySelector('#composite .mid')).color,
+        word_lines: document.querySelector('#verdict .big').getBoundingClientRect().height
+                    / parseFloat(getComputedStyle(document.querySelector('#verdict .big')).lineHeight),
+        text_colour: getComputedStyle(document.body).color,
+        raw_border: getComputedStyle(document.querySelector('#composite')).borderTopColor,
+        fail_colour: getComputedStyle(document.documentElement).getPropertyValue('--fail').trim()};
+"""
+
+
+def _rgb(css_hex):
+    h = css_hex.lstrip("#")
+    return "rgb({}, {}, {})".format(*(int(h[i:i + 2], 16) for i in (0, 2, 4)))
+
+
+@pytest.mark.parametrize("verdict", ["PASS", "UNDECIDED"])
+def test_one_story_in_chromium_at_desktop_and_phone(tmp_path, verdict, record_property):
+    """A verdict beside raw scores in the FAIL band, as a user sees it at 1400 px and on a phone:
+    the verdict above the fold, nothing wider than the window, the raw composite after the gate
+    and the axes and in plain text colour. The screenshots are kept under tmp_path."""
+    _browser_or_skip()
+    from test_verdict_report import _pass_with_failing_raw_bands
+
+    report = _pass_with_failing_raw_bands()
+    report["verdict"]["verdict"] = verdict  # the longest word checks the headline's fit on a phone
+    assert report["axes"]["trajectory"]["band"] == "FAIL"
+    page = tmp_path / "story.html"
+    page.write_text(render_html(report), encoding="utf-8")
+    driver = _chromium(tmp_path)
+    try:
+        for width in (1400, 390):
+            driver.set_window_size(width, 900)
+            driver.get(page.as_uri())
+            shot = tmp_path / f"story_{verdict}_{width}px.png"
+            assert driver.save_screenshot(str(shot))
+            record_property(f"screenshot_{width}px", str(shot))
+            print(f"screenshot: {shot}")
+            at = driver.execute_script(_STORY_LAYOUT)
+            assert at["inner"] <= width
+            assert at["scroll"] <= at["inner"] + 1, (width, at)  # no sideways scrolling of the page
+            verdict_top, verdict_bottom = at["verdict"]
+            assert 0 <= verdict_top < at["height"], (width, at)  # the verdict starts above the fold
+            assert at["word_lines"] < 1.5, (width, at)  # the verdict word is not broken over two lines
+            if width == 1400:
+                assert verdict_bottom <= at["height"], at  # and is wholly visible on a desktop
+                assert at["gate"][0] < at["height"], at  # with the gate beside it
+            # What the gate read comes first: the gate, then the axes, the raw composite last.
+            assert at["verdict"][1] <= at["gate"][0] <= at["axis"][0] <= at["composite"][0], (width, at)
+            # The raw composite is a reference figure: text colour, not the FAIL band's.
+            assert at["raw_colour"] == at["text_colour"], at
+            assert at["raw_border"] != _rgb(at["fail_colour"]), at
+    finally:
+        driver.quit()
+
+
 # Every element drawn as a card, and by how many pixels its content overflows it (0 when it
 # fits). A card's overflow is visible, so content wider than the card widens its scrollWidth.
 _CARD_OVERFLOWS = """

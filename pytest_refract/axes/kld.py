@@ -229,11 +229,18 @@ class KLDAxis(Axis):
     CONTROL_MAX_DAMAGE = 0.05
 
     def item_damage_text(self, row, control_row) -> str:
-        """ "KLD 0.012 vs 0.004 in the control (3.0x)": the chunk's mean KLD and the control's."""
+        """ "KLD 0.012 vs 0.004 in the control (3.0x)": the chunk's mean KLD and the control's. A
+        mean at or below DAMAGE_RESOLUTION (the 16-bit storage of the reference log-probs can even
+        make it slightly negative) is shown as below it, and gives no ratio."""
         mine = row[0] / row[1] if row[1] else 0.0
         theirs = control_row[0] / control_row[1] if control_row[1] else 0.0
-        times = f" ({mine / theirs:.1f}\u00d7)" if theirs > 0 else ""
-        return f"KLD {mine:.3g} vs {theirs:.3g} in the control{times}"
+
+        def shown(value: float) -> str:
+            return f"{value:.3g}" if value > self.DAMAGE_RESOLUTION else f"<{self.DAMAGE_RESOLUTION:g}"
+
+        measurable = theirs > self.DAMAGE_RESOLUTION and mine > self.DAMAGE_RESOLUTION
+        times = f" ({mine / theirs:.1f}\u00d7)" if measurable else ""
+        return f"KLD {shown(mine)} vs {shown(theirs)} in the control{times}"
 
     def damage_table(self, items):
         """Per chunk: (mean KLD x positions, positions): the damage is the mean KLD over all positions."""
