@@ -203,3 +203,49 @@ def test_report_without_control_has_intervals_but_no_control_sentences():
     out = sensitivity.intervals(axes, {}, 0, BUILTIN)
     assert axes["kld"]["ci95"] is not None and out["composite_ci95"] is not None
     assert sensitivity.control_diagnosis(axes, None, BUILTIN) == []
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 64), st.integers(0, 64), st.integers(0, 64))
+def test_prompt_text_sets_flips_beside_the_controls_flips_on_the_same_tokens(ref_len, flips, control_flips):
+    flips, control_flips = min(flips, ref_len), min(control_flips, ref_len)
+
+    def prompt(n):
+        return {"id": "p", "ref_len": ref_len, "teacher_forced_top1_pct": 100.0 * (1 - n / ref_len)}
+
+    axis = BUILTIN["trajectory"]
+    (_, [row]), (_, [ctrl_row]) = axis.damage_table([prompt(flips)]), axis.damage_table([prompt(control_flips)])
+    text = axis.item_damage_text(row, ctrl_row)
+    # Both counts are reference tokens flipped, of the same reference continuation.
+    assert re.fullmatch(rf"{flips} flips? vs {control_flips} in the control \(of {ref_len} reference tokens\)", text)
+
+
+@settings(max_examples=60, deadline=None)
+@given(st.integers(1, 8), st.integers(0, 8), st.integers(0, 8))
+def test_cell_text_sets_lost_retrievals_beside_the_controls_of_the_same_reference(ref_hits, cand, ctrl):
+    axis = BUILTIN["rniah"]
+
+    def cell(hits):
+        return {"id": "c", "ref_hits": ref_hits, "cand_hits": hits, "trials": 8}
+
+    (_, [row]), (_, [ctrl_row]) = axis.damage_table([cell(cand)]), axis.damage_table([cell(ctrl)])
+    lost, control_lost = max(0, ref_hits - cand), max(0, ref_hits - ctrl)
+    assert axis.item_damage_text(row, ctrl_row) == (f"{lost} of the reference's {ref_hits} retrievals lost vs "
+                                                    f"{control_lost} in the control")
+
+
+def test_near_tie_fraction_on_summary_lines_counts_near_ties_of_all_divergences():
+    """The terminal's "near-tie divergences a/b" and the HTML's control detail: a near ties of b
+    divergences, for the candidate and the control alike."""
+    from pytest_refract.report.html.render import ENV
+
+    axis = BUILTIN["trajectory"]
+    section = dict(axis.aggregate([dict(i, wall_s=0.0, full_match=False, teacher_forced_kld=0.0)
+                                   for i in _traj_section([(4, 8)] * 5, [True, True, False, None, True])["items"]]))
+    counts = divergence_counts(section["items"])
+    assert counts == {NEAR_TIE: 3, CONFIDENT: 1, "all": 5}
+    assert f"near-tie divergences {counts[NEAR_TIE]}/{counts['all']}" in axis.section_detail(section)
+    control = dict(axis.aggregate([dict(i, wall_s=0.0, full_match=False, teacher_forced_kld=0.0)
+                                   for i in _traj_section([(4, 8)] * 2, [False, True])["items"]]))
+    detail = ENV.get_template("axes/trajectory.html.j2").module.control_detail(control, section)
+    assert "near-tie divergences 1/2 (candidate 3/5)" in str(detail)

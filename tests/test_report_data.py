@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -299,3 +300,35 @@ def test_external_axis_is_scored_summarised_and_compared():
     labels = [row[0] for row in rows]
     assert "length score" in labels and labels[labels.index("length score") + 1:] == ["  multiple of the control's"]
     assert "  mean KLD" in labels and "plad score" in labels
+
+
+# --------------------------------------------------------------------------- two counts, one thing
+
+
+def test_interrupted_run_sentences_count_one_axis_items_against_its_own_selection():
+    """ "A of B item(s) ran ... (C of them failed to measure)": A and C are this axis's items, B its
+    selection; the diagnosis's "X of Y selected items ran; Z were not run" adds those up."""
+    inputs = _inputs(complete=False)
+    for role in ROLES:
+        inputs["results"][role]["trajectory"].pop("p2")  # trajectory: 2 ran of 3 selected
+        inputs["results"][role]["plad"].pop("p1-case")
+    inputs["failed"] = {"cand0": {"trajectory": ["p2"], "kld": []}}  # ...one more ran and failed
+    inputs["results"]["cand0"]["trajectory"].pop("p1")
+    report = build_report(**inputs)
+    section = report["candidates"][0]
+    ran_total, not_run_total = 0, 0
+    for name, axis in section["axes"].items():
+        ran = len(inputs["results"]["cand0"].get(name, {})) + len(inputs["failed"]["cand0"].get(name, []))
+        selected = inputs["facts"].selected["cand0"][name]
+        failed = len(inputs["failed"]["cand0"].get(name, []))
+        assert (axis["n_run"], axis["n_not_run"]) == (ran, selected - ran), name
+        numbers = [int(n) for n in re.findall(r"\d+", axis["error"])]
+        if ran < selected:
+            assert numbers[:2] == [ran, selected], (name, axis["error"])
+        else:
+            assert numbers[0] == ran, (name, axis["error"])
+        if failed:
+            assert f"({failed} of them failed to measure)" in axis["error"]
+        ran_total, not_run_total = ran_total + ran, not_run_total + selected - ran
+    line = next(d for d in section["diagnosis"] if d.startswith("INCOMPLETE"))
+    assert f"{ran_total} of {ran_total + not_run_total} selected items ran; {not_run_total} were not run." in line
