@@ -112,7 +112,7 @@ def test_compare_table_deltas_are_against_the_first(base_report):
     b = copy.deepcopy(a)
     b["composite"] = a["composite"] + 3
     rows = compare.table([a, b], ["a", "b"])
-    composite = next(r for r in rows if r[0] == "composite")
+    composite = next(r for r in rows if r[0] == "raw composite (REFRACT-comparable, not the verdict)")
     assert composite[1] == f"{a['composite']:.2f}"
     assert composite[2] == f"{a['composite'] + 3:.2f} (+3.00 ▲)"
 

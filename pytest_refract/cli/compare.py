@@ -79,6 +79,8 @@ def table(reports: List[dict], names: List[str]) -> List[List[str]]:
             ["candidate"] + [r.get("candidate", "?") for r in reports],
             ["band"] + [r.get("band") or "n/a" for r in reports]]
     if any(r.get("verdict") for r in reports):
+        # The verdict leads; the band is the raw composite's, a REFRACT-comparable reference figure.
+        rows[3][0] = "raw band (REFRACT-comparable, not the verdict)"
         rows.insert(3, ["verdict"] + [(r.get("verdict") or {}).get("verdict") or "n/a" for r in reports])
     for label, get, fmt, better in metrics(reports):
         values = [get(r) for r in reports]
