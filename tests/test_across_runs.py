@@ -210,7 +210,7 @@ def test_compare_gives_each_matrix_candidate_a_column(base_report, tmp_path):
                          capture_output=True, text=True, check=True).stdout
     header = out.splitlines()[0]
     assert f"matrix.json[{a['candidate']}]" in header and "matrix.json[ctk=q4_0,ctv=q4_0]" in header
-    composite = next(line for line in out.splitlines() if line.startswith("composite"))
+    composite = next(line for line in out.splitlines() if line.startswith("raw composite"))
     assert "(-10.00 ▼)" in composite
     kv = next(line for line in out.splitlines() if line.startswith("KV memory vs reference"))
     assert "0.406" in kv and "0.281 (-0.125 ▲)" in kv
