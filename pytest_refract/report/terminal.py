@@ -75,14 +75,15 @@ def render(tr, report: dict, json_path, registry=None) -> None:
 _VERDICT_COLOURS = {"PASS": "green", "UNDECIDED": "yellow", "FAIL": "red", None: "red"}
 
 
-def _multiple_text(m: dict) -> str:
-    """ "2.5x [2.4, 2.6]" or, without a usable control, the damage against the tolerance."""
+def _multiple_text(m: dict, prefix: str = "D ") -> str:
+    """ "2.5x [2.4, 2.6]" or, without a usable control, the damage itself ("D 0.05 [0, 0.1]" in
+    the ranking's narrow cells; after the damage's own label, ``prefix=""``)."""
     if m.get("basis") == "multiple" and m.get("multiple") is not None:
         ci = m.get("multiple_ci95")
         return f"{m['multiple']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
     if m.get("basis") == "absolute" and m.get("damage") is not None:
         ci = m.get("damage_ci95")
-        return f"D {m['damage']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+        return f"{prefix}{m['damage']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
     return "n/a"
 
 
@@ -115,7 +116,7 @@ def _render_verdict(tr, report: dict) -> None:
         if a["basis"] == "multiple" and a.get("multiple") is not None:
             what = f"{a['label']} {_multiple_text(a)} the control's (margin {a['margin']:g}x)"
         elif a["basis"] == "absolute" and a.get("damage") is not None:
-            what = f"{a['label']} {_multiple_text(a)}, tolerance {a['margin']:g} ({a['reason']})"
+            what = f"{a['label']} {_multiple_text(a, prefix='')}, tolerance {a['margin']:g} ({a['reason']})"
         else:
             what = a.get("reason") or ""
         tr.write(f"  {name:<11}")
