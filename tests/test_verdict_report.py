@@ -245,3 +245,9 @@ def test_terminal_shows_raw_figures_without_bands_beside_a_verdict():
     assert "flips vs" in text and "calibrated" not in text
     # The verdict comes before the control's block.
     assert text.index("verdict    PASS") < text.index("control    ")
+
+
+def test_json_under_the_raw_gate_leads_with_the_composite():
+    report = _report(gate_basis="raw")
+    assert list(report)[:5] == ["schema", "candidate", "gate", "composite", "band"]
+    assert "raw_scores_note" not in report and report["verdict"] is not None

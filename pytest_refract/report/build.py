@@ -422,8 +422,10 @@ RAW_SCORES_NOTE = ("composite, band and every axis's score and band are raw seed
 
 def _gate_first(report: dict) -> dict:
     """The report's keys with what the gate read first: the schema, the candidate, the gate and
-    the verdict it read; then everything else in its own order."""
-    lead = ["schema", "candidate", "gate", "verdict"]
+    what it read (the verdict, or under --refract-gate=raw the composite and its band); then
+    everything else in its own order."""
+    read = ["verdict"] if report["gate"]["basis"] == "verdict" else ["composite", "band"]
+    lead = ["schema", "candidate", "gate", *read]
     out = {k: report[k] for k in lead if k in report}
     if report.get("verdict") is not None and report["gate"]["basis"] == "verdict":
         out["raw_scores_note"] = RAW_SCORES_NOTE
