@@ -54,8 +54,8 @@ OPTIONS = (
     ("sensitivity", "string", None, "control config measured on the same items to tell the model's rounding "
                                     "sensitivity from cache damage (default: ctk=bf16,ctv=bf16 for an f16 reference)"),
     ("gate", "string", "verdict", "what the gate reads: verdict (damage as a multiple of the control's, PASS/FAIL/"
-                                  "UNDECIDED, default), raw (the seed-defined composite against --refract-fail-under) "
-                                  "or calibrated (the older retention bound, kept for comparison)"),
+                                  "UNDECIDED, default) or raw (the seed-defined composite against "
+                                  "--refract-fail-under)"),
     ("max-items", "string", None, "measure at most N items per axis (per candidate), the first N in the axis's "
                                   "measuring order; default: all the axis has (the whole prompt pool, every chunk)"),
     ("undecided", "string", "fail", "what the gate does with an UNDECIDED verdict: fail (default: the evidence is not "
@@ -426,7 +426,7 @@ def _sequential(config, gate_basis: str) -> Tuple[bool, Optional[str]]:
     if _get(config, "exhaustive"):
         return False, None
     if gate_basis != "verdict":
-        # The raw and calibrated gates read every selected item; a stop decided on the verdict
+        # The raw gate reads every selected item; a stop decided on the verdict
         # would change what they read.
         return False, f"the gate reads the {gate_basis} composite over every selected item"
     dist = getattr(config.option, "dist", "no") or "no"
@@ -445,13 +445,17 @@ def _undecided(config) -> str:
 
 def _sensitivity(config, reference: KVConfig) -> Tuple[Optional[KVConfig], Optional[str], str]:
     gate_text = (_get(config, "gate") or OPTION_DEFAULTS["gate"]).lower()
-    if gate_text not in ("verdict", "raw", "calibrated"):
-        raise UsageProblem(f"--refract-gate={gate_text!r} must be verdict, raw or calibrated")
+    if gate_text == "calibrated":
+        # The retention bound it read was the upper end of its own interval by construction.
+        raise UsageProblem("--refract-gate=calibrated was retired; use the verdict gate (the default: drop "
+                           "--refract-gate, or give --refract-gate=verdict)")
+    if gate_text not in ("verdict", "raw"):
+        raise UsageProblem(f"--refract-gate={gate_text!r} must be verdict or raw")
     explicit_gate = config.getoption("refract_gate") is not None
     if _get(config, "no-sensitivity"):
         if _get(config, "sensitivity"):
             raise UsageProblem("--refract-sensitivity and --refract-no-sensitivity contradict each other; give one")
-        if gate_text in ("verdict", "calibrated") and explicit_gate:
+        if gate_text == "verdict" and explicit_gate:
             raise UsageProblem(f"--refract-gate={gate_text} needs the sensitivity control; drop --refract-no-sensitivity "
                                "or use --refract-gate=raw")
         return None, "skipped (--refract-no-sensitivity): the gate uses the raw composite", "raw"

@@ -225,6 +225,10 @@ class RNIAHAxis(Axis):
     ZERO_DAMAGE_EXACT = False  # 0 damaged units can still hide some: the zero-event bound qualifies it
     CONTROL_MAX_DAMAGE = 0.25
 
+    def item_damage_text(self, row, control_row) -> str:
+        """Retrievals this cell lost of the reference's, and the control's of the same."""
+        return f"{int(row[0])} of the reference's {int(row[1])} retrievals lost vs {int(control_row[0])} in the control"
+
     def damage_table(self, items):
         """Per cell the reference retrieves in: (retrievals lost, the reference's retrievals)."""
         scored = [i for i in items if i.get("ref_hits")]

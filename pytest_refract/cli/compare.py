@@ -32,8 +32,7 @@ def _axis(name: str, key: str) -> Callable[[dict], Optional[float]]:
 HEADLINE: List[Metric] = [
     # What the gate reads by default (null in reports from before the verdict, or without a control).
     ("verdict score", lambda r: (r.get("verdict") or {}).get("score"), "{:.2f}", True),
-    ("composite", lambda r: r.get("composite"), "{:.2f}", True),
-    ("calibrated composite", lambda r: r.get("calibrated_composite"), "{:.2f}", True),
+    ("raw composite (REFRACT-comparable, not the verdict)", lambda r: r.get("composite"), "{:.2f}", True),
     ("KV memory vs reference", lambda r: (r.get("kv_cache") or {}).get("vs_reference"), "{:.3f}", False),
 ]
 
@@ -80,6 +79,8 @@ def table(reports: List[dict], names: List[str]) -> List[List[str]]:
             ["candidate"] + [r.get("candidate", "?") for r in reports],
             ["band"] + [r.get("band") or "n/a" for r in reports]]
     if any(r.get("verdict") for r in reports):
+        # The verdict leads; the band is the raw composite's, a REFRACT-comparable reference figure.
+        rows[3][0] = "raw band (REFRACT-comparable, not the verdict)"
         rows.insert(3, ["verdict"] + [(r.get("verdict") or {}).get("verdict") or "n/a" for r in reports])
     for label, get, fmt, better in metrics(reports):
         values = [get(r) for r in reports]

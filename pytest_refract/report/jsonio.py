@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import math
 
-SCHEMA = "pytest-refract.report.v1"
+# v2 retired the calibrated (retention) score and its gate; see schema.REMOVED_IN_V2.
+SCHEMA = "pytest-refract.report.v2"
 
 
 def _clean(value):
