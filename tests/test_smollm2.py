@@ -186,7 +186,7 @@ def test_examples_pass_against_smollm2(pytester, smollm2):
 
 
 def test_the_custom_axis_example_runs_as_documented(pytester, smollm2):
-    """examples/custom_axis: a fifth axis from a conftest.py, with the README's command (fewer
+    """examples/custom_axis: a fifth axis from a conftest.py, with the command in docs/extending.md (fewer
     prompts and tokens)."""
     folder = pytester.path / "custom_axis"
     folder.mkdir()
