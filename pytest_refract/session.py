@@ -59,9 +59,13 @@ class RefractCollector(pytest.Collector):
 
     def collect(self):
         runner = get_session(self.config).runner
+        # xdist_group is xdist's mark, registered by xdist: without it loaded the mark is
+        # unknown (a warning on every run, a collection error under --strict-markers).
+        grouped = self.config.pluginmanager.hasplugin("xdist")
         for name, unit, group in runner.items():
             item = RefractItem.from_parent(self, name=item_name(runner, name, unit), axis=name, unit=unit)
-            item.add_marker(pytest.mark.xdist_group(group))
+            if grouped:
+                item.add_marker(pytest.mark.xdist_group(group))
             yield item
 
 

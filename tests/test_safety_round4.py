@@ -1,0 +1,52 @@
+"""Hostile and careless input, round 4: links planted in the cache, report paths that are other
+files of the run, paths that are not UTF-8, warnings turned into errors, a backtracking answer
+pattern, a decompression bomb, malformed reports for compare, marks, inputs whose read blocks,
+ini-relative paths, $HOME in the repro command and table injection. Each test here failed on
+the code before its fix."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import struct
+import subprocess
+import sys
+import threading
+import time
+import tracemalloc
+import warnings
+import zlib
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from pytest_refract.errors import UsageProblem
+from pytest_refract.reference.entries import ReferenceCache
+from pytest_refract.reference.folder import FORMAT_VERSION, prepare_cache_dir
+from pytest_refract.reference.model_index import MODEL_INDEX, model_identity
+from test_safety_round3 import _args, _usage_error
+
+VICTIM = "the user's file, never ours to write\n"
+
+
+def _victim(tmp_path) -> Path:
+    victim = tmp_path / "victim.txt"
+    victim.write_text(VICTIM)
+    return victim
+
+
+def _tokens_entry(cache, key="k"):
+    key = cache.key("greedy", [1, 2], key)
+    return key, {"tokens": np.array([1, 2, 3], dtype=np.int64)}
+
+
+# --------------------------------------------------------------------------- 17. marks
+
+
+def test_strict_markers_without_xdist_collects_the_audit(pytester, tiny_model):
+    result = pytester.runpytest_subprocess("-p", "no:xdist", "--strict-markers", f"--refract-model={tiny_model}",
+                                           "--refract-candidate=ctk=q8_0,ctv=q8_0", "--collect-only", "-q")
+    text = result.stdout.str() + result.stderr.str()
+    assert result.ret == 0 and "xdist_group" not in text, text
