@@ -50,3 +50,16 @@ def test_strict_markers_without_xdist_collects_the_audit(pytester, tiny_model):
                                            "--refract-candidate=ctk=q8_0,ctv=q8_0", "--collect-only", "-q")
     text = result.stdout.str() + result.stderr.str()
     assert result.ret == 0 and "xdist_group" not in text, text
+
+
+# --------------------------------------------------------------------------- 21. $HOME in the repro command
+
+
+def test_home_is_replaced_only_as_a_whole_folder(monkeypatch):
+    from pytest_refract.report.build import _portable_args
+
+    monkeypatch.setenv("HOME", "/home/al")
+    assert _portable_args(["--refract-model=/home/alice/m.gguf", "/home/al/t.py", "--refract-json=/home/al",
+                           "/home/al", "x/home/al/y", "--refract-corpus=/home/al/c.txt"]) == [
+        "--refract-model=/home/alice/m.gguf", "~/t.py", "--refract-json=~", "~", "x/home/al/y",
+        "--refract-corpus=~/c.txt"]
