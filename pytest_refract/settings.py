@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional, Tuple
 
 import pytest
@@ -115,6 +116,28 @@ def _get(config, name: str):
         value = value.strip()
         return value or None
     return value
+
+
+def _path(config, name: str, names=()) -> Optional[str]:
+    """A path option: from the command line as given (relative to the current folder, as any
+    shell path), from the ini file relative to the ini file's folder (the ini may sit in
+    another folder than the one pytest runs in). ``names``: values that are no path (an
+    embedded model's name), kept as they are."""
+    value = _get(config, name)
+    if not value or config.getoption("refract_" + name.replace("-", "_")) is not None:
+        return value
+    inipath = getattr(config, "inipath", None)
+    expanded = os.path.expanduser(value)
+    if inipath is None or os.path.isabs(expanded) or value.strip().lower() in names:
+        return value
+    return str(Path(inipath).parent / expanded)
+
+
+def _embedded_model_names() -> tuple:
+    from .inputs.data import EMBEDDED_MODELS  # here: reading options must not load the inputs layer early
+    from .inputs.models import CHUNKED_MODELS
+
+    return tuple(EMBEDDED_MODELS) + tuple(CHUNKED_MODELS)
 
 
 def wants_audit(config) -> bool:
@@ -258,6 +281,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
     model = _get(config, "model")
     if not model:
         return None
+    model = _path(config, "model", _embedded_model_names())
     given = config.getoption("refract_candidate")
     if given and any(not (t or "").strip() for t in given):
         raise UsageProblem("--refract-candidate is empty; give a KV config, e.g. --refract-candidate=ctk=q8_0,ctv=q4_0")
@@ -356,10 +380,10 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         repeat=repeat,
         cache_dir=_cache_dir(config),
         clear_cache=bool(_get(config, "clear-cache")),
-        baseline_path=_get(config, "baseline"),
+        baseline_path=_path(config, "baseline"),
         max_drop=max_drop,
-        prompts_path=_get(config, "prompts"),
-        corpus_path=_get(config, "corpus"),
+        prompts_path=_path(config, "prompts"),
+        corpus_path=_path(config, "corpus"),
         n_predict=_int(config, "n-predict", 1),
         ctx=_int(config, "ctx", 8),
         chunks=_chunks(config),
@@ -367,7 +391,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         threads=threads,
         gpu_layers=_int(config, "gpu-layers", 0),
         floor=bool(_get(config, "floor")),
-        llama_lib=_get(config, "llama-lib"),
+        llama_lib=_path(config, "llama-lib"),
         verbose=int(getattr(config.option, "verbose", 0) or 0),
         batched_axes=tuple(name for name, axis in known_axes.items() if getattr(axis, "BATCHED", 0)),
     )
@@ -451,7 +475,7 @@ def _cache_dir(config) -> Optional[str]:
     when pytest's cache provider is disabled and no folder was given."""
     if _get(config, "no-cache"):
         return None
-    explicit = _get(config, "cache-dir")
+    explicit = _path(config, "cache-dir")
     if explicit:
         return os.path.abspath(os.path.expanduser(explicit))
     try:
@@ -466,7 +490,7 @@ def _cache_dir(config) -> Optional[str]:
 
 def _output_path(config, name: str) -> Optional[str]:
     """A report path must be writable where it is asked for: checked before any model runs."""
-    path = _get(config, name)
+    path = _path(config, name)
     if path:
         full = os.path.abspath(os.path.expanduser(path))
         if os.path.isdir(full):
@@ -533,5 +557,5 @@ def _rniah_settings(config) -> dict:
         "rniah_answer": answer,
         "rniah_values": values,
         "rniah_answer_tokens": _int(config, "rniah-answer-tokens", 1),
-        "haystack_path": _get(config, "haystack"),
+        "haystack_path": _path(config, "haystack"),
     }

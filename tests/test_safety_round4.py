@@ -52,6 +52,24 @@ def test_strict_markers_without_xdist_collects_the_audit(pytester, tiny_model):
     assert result.ret == 0 and "xdist_group" not in text, text
 
 
+# --------------------------------------------------------------------------- 20. ini paths
+
+
+def test_ini_paths_resolve_against_the_ini_files_folder(pytester, tiny_model, tiny_prompts):
+    from pytest_refract.settings import read_settings
+
+    folder = pytester.path / "cfg"
+    folder.mkdir()
+    (folder / "prompts.jsonl").write_bytes(Path(tiny_prompts).read_bytes())
+    (folder / "pytest.ini").write_text("[pytest]\nrefract_json = report.json\nrefract_prompts = prompts.jsonl\n"
+                                       f"refract_model = {tiny_model}\nrefract_candidate = ctk=q8_0,ctv=q8_0\n")
+    config = pytester.parseconfig("-c", str(folder / "pytest.ini"), "--refract-html=page.html")
+    s = read_settings(config)
+    assert s.json_path == str(folder / "report.json")
+    assert s.prompts_path == str(folder / "prompts.jsonl")
+    assert s.html_path == "page.html"  # the command line's stay relative to the current folder
+
+
 # --------------------------------------------------------------------------- 21. $HOME in the repro command
 
 
