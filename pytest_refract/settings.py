@@ -352,7 +352,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         raise UsageProblem(f"--refract-max-drop={max_drop_raw!r} must be a number of points") from None
     if not (0 <= max_drop <= 100):
         raise UsageProblem(f"--refract-max-drop={max_drop_raw} must be between 0 and 100")
-    rniah = _rniah_settings(config)
+    rniah = _rniah_settings(config, axes)
     repeat = _int(config, "repeat", 1)
     decode_batch, decode_batch_note = _decode_batch(config, repeat)
     sensitivity, sensitivity_note, gate_basis = _sensitivity(config, reference)
@@ -518,7 +518,7 @@ def _number_list(config, name: str, cast, lo, hi) -> tuple:
     return tuple(dict.fromkeys(values))
 
 
-def _rniah_settings(config) -> dict:
+def _rniah_settings(config, axes: Tuple[str, ...] = ("rniah",)) -> dict:
     lengths = _number_list(config, "rniah-lengths", int, 64, 10_000_000) if _get(config, "rniah-lengths") else None
     needle = _get(config, "rniah-needle") or ""
     answer = _get(config, "rniah-answer") or ""
@@ -526,16 +526,29 @@ def _rniah_settings(config) -> dict:
         raise UsageProblem("--refract-rniah-needle must contain {value}, e.g. 'The magic number is {value}.'")
     if "{value}" not in answer:
         raise UsageProblem("--refract-rniah-answer must contain {value}, e.g. '{value}'")
+    from .inputs import answer as answer_mod
+
+    if len(answer) > answer_mod.MAX_PATTERN_CHARS:
+        raise UsageProblem(f"--refract-rniah-answer is {len(answer)} characters long; an answer pattern has at most "
+                           f"{answer_mod.MAX_PATTERN_CHARS}")
     try:
         import re
 
-        compiled = re.compile(answer.replace("{value}", re.escape("4817")), re.IGNORECASE)
+        regex = answer_mod.answer_regex(answer, "4817")
+        re.compile(regex, re.IGNORECASE)
     except re.error as exc:
         raise UsageProblem(f"--refract-rniah-answer is not a valid regex: {exc}") from None
     # A pattern that matches a reply without the value (the empty reply, a refusal) scores
-    # every trial found: the axis would measure nothing.
-    for reply in ("", " ", "I do not know the magic number.", "The answer is 1234."):
-        if compiled.search(reply):
+    # every trial found: the axis would measure nothing. Searched only when the axis runs, and
+    # with a time bound: the pattern is the user's, and a backtracking one never ends.
+    for reply in (("", " ", "I do not know the magic number.", "The answer is 1234.") if "rniah" in axes else ()):
+        try:
+            found = answer_mod.search(regex, reply)
+        except answer_mod.PatternTimeout:
+            raise UsageProblem(f"--refract-rniah-answer={answer!r} takes longer than {answer_mod.MATCH_TIMEOUT_S:g} s "
+                               f"on a {len(reply)}-character reply (it backtracks without end); simplify it, "
+                               "e.g. '{value}'") from None
+        if found:
             raise UsageProblem(f"--refract-rniah-answer={answer!r} matches a reply that lacks the value "
                                f"({reply!r}), so every trial would count as found; make {{value}} required")
     for name, text in (("rniah-needle", needle), ("rniah-answer", answer),

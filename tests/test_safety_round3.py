@@ -507,7 +507,7 @@ def test_vacuous_reasons_need_both_a_flat_reference_and_no_kld():
 def test_an_answer_pattern_matching_a_reply_without_the_value_is_refused(pytester, tiny_model, pattern):
     line = _usage_error(pytester.runpytest_subprocess(f"--refract-model={tiny_model}",
                                                       "--refract-candidate=ctk=q8_0,ctv=q8_0",
-                                                      f"--refract-rniah-answer={pattern}"))
+                                                      "--refract-axes=rniah", f"--refract-rniah-answer={pattern}"))
     assert "matches a reply that lacks the value" in line
 
 

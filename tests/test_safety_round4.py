@@ -42,6 +42,36 @@ def _tokens_entry(cache, key="k"):
     return key, {"tokens": np.array([1, 2, 3], dtype=np.int64)}
 
 
+# --------------------------------------------------------------------------- 14. a backtracking answer pattern
+
+REDOS = "--refract-rniah-answer=(\\w|\\s|.)*z{value}"
+
+
+def test_a_backtracking_answer_pattern_is_not_searched_unless_rniah_runs(pytester, tiny_model):
+    result = pytester.runpytest_subprocess(f"--refract-model={tiny_model}", "--refract-candidate=ctk=q8_0,ctv=q8_0",
+                                           REDOS, "--collect-only", "-q", timeout=60)
+    assert result.ret == 0, result.stdout.str() + result.stderr.str()
+
+
+def test_a_backtracking_answer_pattern_is_refused_in_bounded_time(pytester, tiny_model):
+    started = time.monotonic()
+    line = _run_usage_error(pytester, tiny_model, "--refract-axes=rniah", REDOS)
+    assert "takes longer than" in line and "backtracks" in line
+    assert time.monotonic() - started < 45
+
+
+def test_the_bounded_search_answers_and_times_out():
+    from pytest_refract.inputs import answer
+
+    assert answer.search(answer.answer_regex("the {value}", "4817"), "It is THE 4817.")
+    assert not answer.search(answer.answer_regex("{value}", "4817"), "no number")
+    started = time.monotonic()
+    with pytest.raises(answer.PatternTimeout):
+        answer.search(r"(\w|\s|.)*z4817", "I do not know the magic number at all", timeout_s=0.5)
+    assert time.monotonic() - started < 5
+    assert answer.search("{value}".replace("{value}", "x"), "x")  # a fresh helper after the kill
+
+
 # --------------------------------------------------------------------------- 17. marks
 
 
