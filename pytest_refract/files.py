@@ -122,10 +122,56 @@ MAX_TEXT_BYTES = 64 << 20
 MAX_REPORT_BYTES = 64 << 20
 
 
+# How long one input file may take to read. A regular file whose read blocks (/proc/kmsg, a
+# kernel tracing pipe, a hung network mount) would otherwise hang the run at start-up: the
+# size bound alone never ends a read that returns nothing.
+READ_DEADLINE_S = 60.0
+_READ_BLOCK = 1 << 20
+# The one call that reads bytes, named so that a test can stand in a read that blocks.
+_read_chunk = os.read
+
+
+def _read_bounded(path: Path, max_bytes: int, deadline_s: float) -> bytes:
+    """Up to ``max_bytes + 1`` bytes of ``path``, or TimeoutError when the read takes longer
+    than ``deadline_s``. The read runs in a daemon thread (a blocked read cannot be
+    interrupted; the thread is left behind, the run is not); the file is opened non-blocking,
+    so a file that supports it (/proc/kmsg) says EAGAIN at once instead of waiting."""
+    import threading
+
+    outcome: dict = {}
+
+    def work():
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            try:
+                chunks, total = [], 0
+                while total <= max_bytes:
+                    chunk = _read_chunk(fd, min(_READ_BLOCK, max_bytes + 1 - total))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    total += len(chunk)
+                outcome["data"] = b"".join(chunks)
+            finally:
+                os.close(fd)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    reader = threading.Thread(target=work, name="refract-read-input", daemon=True)
+    reader.start()
+    reader.join(deadline_s)
+    if reader.is_alive():
+        raise TimeoutError(f"no end of file after {deadline_s:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["data"]
+
+
 def read_input(path, what: str, max_bytes: int, option: str = "") -> bytes:
     """The bytes of an input file, checked as the model path is: a FIFO, device or socket is
-    named without being opened (opening a FIFO with no writer blocks forever), and a file
-    larger than ``max_bytes`` is refused. UsageProblem, one line, for every defect."""
+    named without being opened (opening a FIFO with no writer blocks forever), a file larger
+    than ``max_bytes`` is refused, and so is one whose read blocks or does not end within
+    READ_DEADLINE_S. UsageProblem, one line, for every defect."""
     from .errors import UsageProblem
 
     p = Path(path).expanduser()
@@ -138,8 +184,13 @@ def read_input(path, what: str, max_bytes: int, option: str = "") -> bytes:
     if p.is_dir():
         raise UsageProblem(f"{what} path is a directory, not a file: {p}{where}")
     try:
-        with open(p, "rb") as fh:
-            raw = fh.read(max_bytes + 1)
+        raw = _read_bounded(p, max_bytes, READ_DEADLINE_S)
+    except BlockingIOError:
+        raise UsageProblem(f"{what} file {p} blocks when read (it is no file on disk, e.g. under /proc){where}; "
+                           "give a file on disk") from None
+    except TimeoutError as exc:
+        raise UsageProblem(f"{what} file {p} could not be read ({exc}: a file that blocks, e.g. under /proc, "
+                           f"or a hung mount){where}; give a file on disk") from None
     except OSError as exc:
         raise UsageProblem(f"{what} file {p} cannot be read ({exc.strerror or exc}){where}") from None
     if len(raw) > max_bytes:

@@ -82,6 +82,47 @@ def test_strict_markers_without_xdist_collects_the_audit(pytester, tiny_model):
     assert result.ret == 0 and "xdist_group" not in text, text
 
 
+# --------------------------------------------------------------------------- 18. inputs whose read blocks
+
+
+def test_an_input_whose_read_blocks_is_refused_in_bounded_time(tmp_path, monkeypatch):
+    from pytest_refract import files
+
+    release = threading.Event()
+
+    def blocking_read(fd, n):  # /proc/kmsg with nothing to say: a regular file whose read waits
+        release.wait(30)
+        return b""
+
+    monkeypatch.setattr(files, "READ_DEADLINE_S", 0.3, raising=False)
+    monkeypatch.setattr(files, "_read_chunk", blocking_read, raising=False)
+    path = tmp_path / "corpus.txt"
+    path.write_text("text")
+    started = time.monotonic()
+    try:
+        with pytest.raises(UsageProblem, match="could not be read.*blocks"):
+            files.read_input(path, "corpus", files.MAX_TEXT_BYTES, "--refract-corpus")
+    finally:
+        release.set()
+    assert time.monotonic() - started < 5
+
+
+def test_a_model_path_shorter_than_a_header_is_refused_before_it_is_read(tmp_path, monkeypatch):
+    """/proc/kmsg stats as an empty regular file; its read would block."""
+    import builtins
+
+    from pytest_refract.engines import gguf
+
+    empty = tmp_path / "kmsg"
+    empty.write_bytes(b"")
+    opened = []
+    real_open = builtins.open
+    monkeypatch.setattr(builtins, "open", lambda p, *a, **k: opened.append(str(p)) or real_open(p, *a, **k))
+    with pytest.raises(UsageProblem, match="not a GGUF"):
+        gguf.read_gguf(empty)
+    assert str(empty) not in opened
+
+
 # --------------------------------------------------------------------------- 20. ini paths
 
 
