@@ -42,6 +42,52 @@ def _tokens_entry(cache, key="k"):
     return key, {"tokens": np.array([1, 2, 3], dtype=np.int64)}
 
 
+# --------------------------------------------------------------------------- 10. report paths that are the run's own files
+
+
+def _run_usage_error(pytester, tiny_model, *extra) -> str:
+    return _usage_error(pytester.runpytest_subprocess(f"--refract-model={tiny_model}",
+                                                      "--refract-candidate=ctk=q8_0,ctv=q8_0", *extra, timeout=60))
+
+
+@pytest.mark.parametrize("case", ["ini", "conftest", "test-file", "log-file", "pytest-cache", "html-assets",
+                                  "another plugin's input"])
+def test_a_report_path_that_is_another_file_of_the_run_is_refused(pytester, tiny_model, case):
+    pytester.makefile(".ini", pytest="[pytest]\n")
+    pytester.makeconftest("")
+    test_file = pytester.makepyfile(test_one="def test_one():\n    pass\n")
+    ini, conftest = pytester.path / "pytest.ini", pytester.path / "conftest.py"
+    before = {p: p.read_bytes() for p in (ini, conftest, test_file)}
+    json_path, extra, said = {
+        "ini": (ini, [], "pytest's ini file"),
+        "conftest": (conftest, [], "conftest.py"),
+        "test-file": (test_file, [str(test_file)], "test file"),
+        "log-file": (pytester.path / "run.log", [f"--log-file={pytester.path / 'run.log'}"], "--log-file"),
+        "pytest-cache": (pytester.path / ".pytest_cache" / "v" / "cache" / "lastfailed", ["-p", "cacheprovider"],
+                         "pytest's cache folder"),
+        "html-assets": (pytester.path / "assets" / "style.css", ["--html=page.html"], "assets folder"),
+        "another plugin's input": (pytester.path / "extra.css", ["--html=page.html", "--css=extra.css"], "--css"),
+    }[case]
+    json_path.parent.mkdir(parents=True, exist_ok=True)
+    if case == "another plugin's input":
+        json_path.write_text("p { color: red }")
+        before[json_path] = json_path.read_bytes()
+    line = _run_usage_error(pytester, tiny_model, f"--refract-json={json_path}", *extra)
+    assert said in line and "--refract-json" in line, line
+    assert {p: p.read_bytes() for p in before} == before
+
+
+def test_the_file_stdout_is_appended_to_is_refused(pytester, tiny_model):
+    out = pytester.path / "out.txt"
+    with open(out, "w") as fh:
+        run = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", f"--refract-model={tiny_model}",
+                              "--refract-candidate=ctk=q8_0,ctv=q8_0", f"--refract-json={out}"],
+                             stdout=fh, stderr=subprocess.STDOUT, cwd=pytester.path, timeout=120)
+    text = out.read_text()
+    assert run.returncode == 4 and "is the file this run's stdout goes to" in text, text
+    assert "Traceback" not in text
+
+
 # --------------------------------------------------------------------------- 14. a backtracking answer pattern
 
 REDOS = "--refract-rniah-answer=(\\w|\\s|.)*z{value}"
