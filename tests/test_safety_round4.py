@@ -118,6 +118,53 @@ def test_the_bounded_search_answers_and_times_out():
     assert answer.search("{value}".replace("{value}", "x"), "x")  # a fresh helper after the kill
 
 
+# --------------------------------------------------------------------------- 16, 22. compare
+
+
+def _report(tmp_path, name="r.json", **changes) -> Path:
+    data = {"schema": "pytest-refract.report.v1", "composite": 90.0, "band": "EXCELLENT", "candidate": "c",
+            "reference": "ctk=f16,ctv=f16", "model": {"path": "m.gguf", "size_bytes": 1, "sha256_first_mib": "x"},
+            "verdict": {"verdict": "PASS", "score": 95.0},
+            "axes": {"kld": {"score": 90.0, "mean_kld": 0.1, "verdict": {"multiple": 1.5}}}}
+    data.update(changes)
+    path = tmp_path / name
+    path.write_text(json.dumps(data))
+    return path
+
+
+def _compare(*args):
+    return subprocess.run([sys.executable, "-m", "pytest_refract", "compare", *map(str, args)],
+                          capture_output=True, text=True, timeout=60)
+
+
+@pytest.mark.parametrize("changes, field", [
+    ({"verdict": "PASS"}, "field verdict must be an object"),
+    ({"verdict": ["PASS"]}, "field verdict must be an object"),
+    ({"verdict": {"score": "95"}}, "field verdict.score must be a number"),
+    ({"verdict": {"verdict": 3}}, "field verdict.verdict must be a string"),
+    ({"axes": {"kld": {"score": 90.0, "verdict": {"multiple": [1, 2]}}}}, "field axes.kld.verdict.multiple must be a number"),
+    ({"axes": {"kld": {"score": 90.0, "verdict": "2x"}}}, "field axes.kld.verdict must be an object"),
+    ({"calibrated_composite": "88"}, "field calibrated_composite must be a number"),
+])
+def test_compare_names_a_field_of_the_wrong_type(tmp_path, changes, field):
+    path = _report(tmp_path, **changes)
+    run = _compare(_report(tmp_path, "base.json"), path)
+    assert run.returncode == 2 and "Traceback" not in run.stderr, run.stderr
+    assert run.stderr.count("\n") == 1 and str(path) in run.stderr and field in run.stderr, run.stderr
+
+
+def test_compare_into_a_closed_pipe_is_quiet(tmp_path):
+    path = _report(tmp_path)
+    read_end, write_end = os.pipe()
+    os.close(read_end)  # the reader (`| head`) is gone before anything is written
+    try:
+        run = subprocess.run([sys.executable, "-m", "pytest_refract", "compare", str(path), str(path)],
+                             stdout=write_end, stderr=subprocess.PIPE, text=True, timeout=60)
+    finally:
+        os.close(write_end)
+    assert run.stderr == "" and run.returncode == 0, run.stderr
+
+
 # --------------------------------------------------------------------------- 17. marks
 
 
