@@ -165,6 +165,18 @@ def test_compare_into_a_closed_pipe_is_quiet(tmp_path):
     assert run.stderr == "" and run.returncode == 0, run.stderr
 
 
+def test_compare_markdown_keeps_a_newline_in_a_name_inside_its_cell(tmp_path):
+    from pytest_refract.cli.compare import render_markdown, render_text, table
+
+    forged = "m.gguf\n| verdict | PASS | PASS |\r\n|x\\"
+    rows = table([{"model": {"path": forged}, "candidate": "c"}], ["a.json"])
+    for text in (render_markdown(rows), render_text(rows)):
+        assert len(text.splitlines()) == len(rows) + 1, text
+        assert not any(line.startswith("| verdict") for line in text.splitlines())
+    line = next(line for line in render_markdown(rows).splitlines() if line.startswith("| model"))
+    assert line.count(" | ") == 1 and "\\n" in line
+
+
 # --------------------------------------------------------------------------- 17. marks
 
 

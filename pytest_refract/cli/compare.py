@@ -111,6 +111,17 @@ def _text(get: _Field, report: dict, missing: str) -> str:
     return value or missing
 
 
+# Characters that would break a table's line (a newline in a model's file name adds a row):
+# shown as escapes, never written raw.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127, 0x85]}
+_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def shown(text: str) -> str:
+    """A cell's text on one line: control characters and line separators as escapes."""
+    return str(text).translate(_CONTROL)
+
+
 def table(reports: List[dict], names: List[str]) -> List[List[str]]:
     """Rows of cells: header, band row, metric rows (value and change from the first). A field
     of the wrong type is a ReportFieldError naming the field (and, in main, the file)."""
@@ -130,7 +141,7 @@ def table(reports: List[dict], names: List[str]) -> List[List[str]]:
             d = _delta(values[0], v, fmt, better)
             cells.append(_fmt(v, fmt) + (f" ({d})" if d else ""))
         rows.append(cells)
-    return rows
+    return [[shown(c) for c in row] for row in rows]
 
 
 def check_fields(report: dict) -> None:
@@ -166,7 +177,8 @@ def render_text(rows: List[List[str]]) -> str:
 
 def render_markdown(rows: List[List[str]]) -> str:
     def cell(text: str) -> str:
-        return text.replace("|", "\\|").strip() or " "
+        # A backslash first, so that the one before an escaped | cannot be escaped itself.
+        return shown(text).replace("\\", "\\\\").replace("|", "\\|").strip() or " "
 
     out = ["| " + " | ".join(cell(c) for c in rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows[1:]]
@@ -183,14 +195,14 @@ def main(argv=None) -> int:
     try:
         reports = [load_report(p) for p in args.reports]
     except ReportFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {shown(str(exc))}", file=sys.stderr)
         return 2
     for path, report in zip(args.reports, reports):
         try:
             for column in expand_candidates([report], ["x"])[0]:
                 check_fields(column)
         except ReportFieldError as exc:
-            print(f"error: {path}: {exc}", file=sys.stderr)
+            print(f"error: {shown(path)}: {exc}", file=sys.stderr)
             return 2
     columns, names = expand_candidates(reports, [Path(p).name for p in args.reports])
     rows = table(columns, names)
