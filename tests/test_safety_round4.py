@@ -88,6 +88,52 @@ def test_the_file_stdout_is_appended_to_is_refused(pytester, tiny_model):
     assert "Traceback" not in text
 
 
+# --------------------------------------------------------------------------- 13. warnings turned into errors
+
+
+def _corrupt(cache, kind, key):
+    path = cache._path(kind, key)
+    raw = bytearray(path.read_bytes())
+    raw[-1] ^= 0xFF
+    path.write_bytes(bytes(raw))
+    return path
+
+
+def test_under_warnings_as_errors_a_corrupt_entry_is_evicted_and_recomputed(tmp_path, capsys):
+    cache = ReferenceCache(tmp_path / "cache", {"model": "x"})
+    key, arrays = _tokens_entry(cache)
+    cache.store("greedy", key, arrays)
+    path = _corrupt(cache, "greedy", key)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert cache.load("greedy", key) is None
+    assert not path.exists()
+    assert "rejected" in capsys.readouterr().err
+
+
+def test_under_warnings_as_errors_an_unusable_cache_folder_measures_without_it(tmp_path, capsys):
+    not_a_folder = tmp_path / "file"
+    not_a_folder.write_text("x")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")
+        assert prepare_cache_dir(not_a_folder) is None
+    assert "measuring without the reference cache" in capsys.readouterr().err
+
+
+def test_filterwarnings_error_runs_the_audit_over_a_corrupt_cache(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    cache = pytester.path / "cache"
+    args = _args(tiny_model, tiny_prompts, tiny_corpus, "--refract-axes=kld", f"--refract-cache-dir={cache}")
+    assert "2 passed" in pytester.runpytest_subprocess(*args, timeout=300).stdout.str()
+    for entry in cache.glob("*/*/*.rfc"):
+        raw = bytearray(entry.read_bytes())
+        raw[-1] ^= 0xFF
+        entry.write_bytes(bytes(raw))
+    result = pytester.runpytest_subprocess(*args, "-W", "error", "-s", timeout=300)
+    text = result.stdout.str() + result.stderr.str()
+    assert "2 passed" in text and "failed" not in text and "INTERNALERROR" not in text, text
+    assert "rejected" in text
+
+
 # --------------------------------------------------------------------------- 14. a backtracking answer pattern
 
 REDOS = "--refract-rniah-answer=(\\w|\\s|.)*z{value}"

@@ -14,7 +14,6 @@ from __future__ import annotations
 import hashlib
 import json
 import struct
-import warnings
 import zlib
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -23,7 +22,7 @@ import numpy as np
 
 from ..files import write_atomic
 from .codec import check_sparse, decode_payload, encode_payload, is_sparse
-from .folder import FORMAT_VERSION, RefCacheWarning, _cache_warning
+from .folder import FORMAT_VERSION, _cache_warning, say
 
 _MAGIC = b"RFRC"
 # An entry: magic, the sha256 of everything after it, the header's length, header, payload.
@@ -188,11 +187,7 @@ class ReferenceCache:
             check_entry(kind, arrays, meta, self.n_vocab)
         except Exception as exc:  # any defect: never use the entry
             self.misses += 1
-            warnings.warn(RefCacheWarning(f"reference cache entry {path.name} rejected ({exc}); recomputing"))
-            try:
-                path.unlink()
-            except OSError:
-                pass
+            self._evict(path, str(exc))
             return None
         self.hits += 1
         self.bytes_read += n_read
@@ -227,6 +222,15 @@ class ReferenceCache:
             self.bytes_written += len(_MAGIC) + digest.digest_size + len(head) + sum(len(p) for p in parts)
         except OSError as exc:  # a full disk, a folder where the entry goes: never the item's failure
             self._give_up(f"reference cache entry {path} cannot be written ({exc.strerror or exc})")
+
+    def _evict(self, path: Path, why: str) -> None:
+        """Delete a rejected entry first, then say so: the warning (an exception under
+        ``-W error``) can never leave the entry in place to be rejected on every run."""
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        say(f"reference cache entry {path.name} rejected ({why}); recomputing")
 
     def _give_up(self, why: str) -> None:
         """One warning, then no cache for the rest of the run."""

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -80,8 +81,19 @@ def _has_marker(directory: Path) -> bool:
         return False
 
 
+def say(text: str) -> None:
+    """A RefCacheWarning that never changes what the run does: under ``-W error`` or
+    ``filterwarnings = error`` (pytest then raises warnings as exceptions) the line goes to
+    stderr instead, and the caller carries on as it would after a warning (evicting an entry,
+    measuring without the cache), never failing an item or the run over a cache event."""
+    try:
+        warnings.warn(RefCacheWarning(text), stacklevel=3)
+    except Warning:
+        print(f"RefCacheWarning: {text}", file=sys.stderr)
+
+
 def _cache_warning(text: str) -> None:
-    warnings.warn(RefCacheWarning(text + "; measuring without the reference cache"), stacklevel=3)
+    say(text + "; measuring without the reference cache")
 
 
 def prepare_cache_dir(directory: Path, clear: bool = False) -> Optional[Path]:
