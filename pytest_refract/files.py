@@ -29,22 +29,36 @@ def resolved_target(path) -> Path:
     return Path(os.path.realpath(target)) if target.is_symlink() else target
 
 
-def write_atomic(path, data: Union[str, bytes, Sequence[bytes]]) -> Path:
+def write_atomic(path, data: Union[str, bytes, Sequence[bytes]], follow_links: bool = False) -> Path:
     """``data`` may be a list of byte strings, written one after another: a large payload
-    then need not be concatenated with its header in memory first. Only a regular file (or
-    nothing) is ever replaced: a device, FIFO or socket at the path, or behind a symlink
-    there, is refused with OSError before anything is written."""
-    target = resolved_target(path)
-    kind = special_file_kind(target)
-    if kind or target.is_dir():
-        raise OSError(f"{target} is {kind or 'a folder'}; only a regular file is ever replaced")
+    then need not be concatenated with its header in memory first.
+
+    By default a symlink at ``path`` is never followed: the new file replaces the link itself
+    (the rename acts on the name), so a link planted in a folder this package owns (the
+    reference cache, the model cache) can never make a write land on the file it points to.
+    ``follow_links=True`` is for a path the user gave (a report): the write lands where the
+    link points, and the link stays. Either way only a regular file (or nothing, or, without
+    following, a link) is ever replaced: a device, FIFO, socket or folder there is refused
+    with OSError before anything is written. The temp file is created with O_EXCL (mkstemp),
+    which never opens through a link."""
+    if follow_links:
+        target = resolved_target(path)
+        kind = special_file_kind(target)
+        if kind or target.is_dir():
+            raise OSError(f"{target} is {kind or 'a folder'}; only a regular file is ever replaced")
+    else:
+        target = Path(path)
+        kind = special_file_kind(target, follow_links=False)
+        if kind:
+            raise OSError(f"{target} is {kind}; only a regular file is ever replaced")
     parts = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=str(target.parent))
     try:
         # mkstemp makes 0600 files; reports are artifacts others read, so honour the umask.
+        # fchmod: by descriptor, never through whatever the temp name may have become.
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as fh:
             for part in parts:
                 fh.write(part)
@@ -60,12 +74,14 @@ def write_atomic(path, data: Union[str, bytes, Sequence[bytes]]) -> Path:
     return target
 
 
-def special_file_kind(path) -> Optional[str]:
+def special_file_kind(path, follow_links: bool = True) -> Optional[str]:
     """What a path that is not a regular file or folder is ("a FIFO (named pipe)", ...), or None.
+    ``follow_links=False``: the path itself (a symlink is then None: it is replaced, not
+    followed), and a folder counts as special.
 
     Uses stat only: opening a FIFO that has no writer would block forever."""
     try:
-        mode = os.stat(path).st_mode
+        mode = os.stat(path).st_mode if follow_links else os.lstat(path).st_mode
     except OSError:
         return None
     if stat.S_ISFIFO(mode):
@@ -79,7 +95,9 @@ def special_file_kind(path) -> Optional[str]:
         return "a block device"
     if stat.S_ISSOCK(mode):
         return "a socket"
-    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+    if stat.S_ISDIR(mode):
+        return None if follow_links else "a folder"
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
         return None
     return "not a regular file"
 
@@ -96,7 +114,7 @@ def write_reports(outputs, fallback_dir: Optional[Path] = None):
             continue
         text = make_text()
         try:
-            written[option] = write_atomic(path, text)
+            written[option] = write_atomic(path, text, follow_links=True)
             continue
         except OSError as exc:
             why = exc.strerror or str(exc)

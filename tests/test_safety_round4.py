@@ -42,6 +42,70 @@ def _tokens_entry(cache, key="k"):
     return key, {"tokens": np.array([1, 2, 3], dtype=np.int64)}
 
 
+# --------------------------------------------------------------------------- 9. links in the cache folder
+
+
+def test_a_model_index_link_is_replaced_never_written_through(tmp_path):
+    cache = tmp_path / "cache"
+    assert prepare_cache_dir(cache) == cache
+    victim = _victim(tmp_path)
+    (cache / MODEL_INDEX).symlink_to(victim)
+    model = tmp_path / "m.bin"
+    model.write_bytes(b"model bytes")
+    assert model_identity(model, cache)["sha256"] == hashlib.sha256(b"model bytes").hexdigest()
+    assert victim.read_text() == VICTIM
+    assert not (cache / MODEL_INDEX).is_symlink() and "pytest-refract" in (cache / MODEL_INDEX).read_text()
+
+
+def test_an_entry_link_is_never_written_through_when_an_entry_is_stored(tmp_path):
+    """--refract-floor, --refract-repeat and a recomputed batch store without loading first."""
+    cache = ReferenceCache(tmp_path / "cache", {"model": "x"})
+    key, arrays = _tokens_entry(cache)
+    path = cache._path("greedy", key)
+    path.parent.mkdir(parents=True)
+    victim = _victim(tmp_path)
+    path.symlink_to(victim)
+    cache.store("greedy", key, arrays)
+    assert victim.read_text() == VICTIM
+    assert not path.is_symlink() and path.is_file()
+    assert cache.load("greedy", key)["arrays"]["tokens"].tolist() == [1, 2, 3]
+
+
+def test_an_entry_link_is_never_read_through(tmp_path):
+    cache = ReferenceCache(tmp_path / "cache", {"model": "x"})
+    key, arrays = _tokens_entry(cache)
+    cache.store("greedy", key, arrays)
+    path = cache._path("greedy", key)
+    elsewhere = tmp_path / "elsewhere.rfc"
+    os.replace(path, elsewhere)  # a sound entry, reached only through a link
+    path.symlink_to(elsewhere)
+    with pytest.warns(Warning, match="symbolic link"):
+        assert cache.load("greedy", key) is None
+    assert not path.exists() and not path.is_symlink() and elsewhere.is_file()
+
+
+def test_a_linked_kind_folder_is_never_written_into(tmp_path):
+    cache = ReferenceCache(tmp_path / "cache", {"model": "x"})
+    key, arrays = _tokens_entry(cache)
+    folder = cache._path("greedy", key).parent
+    folder.parent.mkdir(parents=True)
+    outside = tmp_path / "outside"
+    outside.mkdir()
+    folder.symlink_to(outside)
+    with pytest.warns(Warning, match="symbolic link"):
+        cache.store("greedy", key, arrays)
+    assert list(outside.iterdir()) == []
+
+
+def test_a_planted_write_check_link_does_not_truncate_its_target(tmp_path):
+    cache = tmp_path / "cache"
+    assert prepare_cache_dir(cache) == cache
+    victim = _victim(tmp_path)
+    (cache / f".write-check.{os.getpid()}.tmp").symlink_to(victim)
+    assert prepare_cache_dir(cache) == cache
+    assert victim.read_text() == VICTIM
+
+
 # --------------------------------------------------------------------------- 10. report paths that are the run's own files
 
 

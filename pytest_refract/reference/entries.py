@@ -13,6 +13,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import struct
 import zlib
 from pathlib import Path
@@ -43,6 +45,21 @@ def _unpack_arrays(data: bytes, layout: list) -> Dict[str, np.ndarray]:
     if offset != len(data):
         raise ValueError("payload longer than its layout")
     return arrays
+
+
+def _read_entry(path: Path) -> bytes:
+    """An entry's bytes, never through a link (O_NOFOLLOW) and only from a regular file: a
+    link planted in the cache could otherwise make a run read any file (or a device) as an
+    entry. OSError for a link (ELOOP) or anything that is not a regular file."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
 
 
 def _verified_parts(raw: bytes):
@@ -156,6 +173,14 @@ class ReferenceCache:
     def _path(self, kind: str, key: str) -> Path:
         return self.directory / self.namespace / kind / f"{key[:40]}.rfc"
 
+    def _linked_folder(self, path: Path) -> Optional[Path]:
+        """The namespace or kind folder on the way to ``path`` that is a symbolic link, if
+        any: the cache never reads or writes through a link inside its own folder."""
+        for folder in (path.parent.parent, path.parent):
+            if folder.is_symlink():
+                return folder
+        return None
+
     def has(self, kind: str, key: str) -> bool:
         """Whether an entry exists (not whether it is sound: load checks that)."""
         return self.enabled and self._path(kind, key).exists()
@@ -164,11 +189,22 @@ class ReferenceCache:
         if not self.enabled:
             return None
         path = self._path(kind, key)
+        linked = self._linked_folder(path)
+        if linked is not None:
+            self.misses += 1
+            self._give_up(f"reference cache folder {linked} is a symbolic link; the cache never reads or writes "
+                          "through one")
+            return None
+        if path.is_symlink():
+            # Planted: replaced (removed here, then written as a file), never followed.
+            self.misses += 1
+            self._evict(path, "it is a symbolic link, never followed")
+            return None
         if not path.exists():
             self.misses += 1
             return None
         try:
-            raw = path.read_bytes()
+            raw = _read_entry(path)
             n_read = len(raw)
         except OSError as exc:  # e.g. an entry replaced by a folder: a cache problem, not the item's
             self.misses += 1
@@ -216,6 +252,11 @@ class ReferenceCache:
         for part in parts:
             digest.update(part)
         path = self._path(kind, key)
+        linked = self._linked_folder(path)
+        if linked is not None:
+            self._give_up(f"reference cache folder {linked} is a symbolic link; the cache never reads or writes "
+                          "through one")
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, [_MAGIC + digest.digest() + head, *parts])

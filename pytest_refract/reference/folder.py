@@ -12,6 +12,7 @@ import json
 import os
 import re
 import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -63,7 +64,7 @@ def _is_our_namespace(path: Path) -> bool:
 # marker and the model index (another run may be writing one right now, or a crash left one),
 # the model index itself, and the writability probe.
 _SCRATCH_RE = re.compile(r"\.\.pytest-refract-cache\..+\.tmp|\.model-sha256\.json|\.\.model-sha256\.json\..+\.tmp"
-                         r"|\.write-check\.\d+\.tmp")
+                         r"|\.write-check\..+\.tmp")
 
 
 def _is_our_scratch(path: Path) -> bool:
@@ -73,10 +74,11 @@ def _is_our_scratch(path: Path) -> bool:
 
 def _has_marker(directory: Path) -> bool:
     marker = directory / MARKER
-    if not marker.is_file():
-        return False
+    if marker.is_symlink() or not marker.is_file():
+        return False  # a link is never ours: the marker is written (over the link) instead
     try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("written_by") == "pytest-refract"
+        with open(marker, "rb") as fh:
+            return json.loads(fh.read(4096)).get("written_by") == "pytest-refract"
     except (OSError, ValueError, AttributeError):
         return False
 
@@ -122,9 +124,11 @@ def prepare_cache_dir(directory: Path, clear: bool = False) -> Optional[Path]:
         directory.mkdir(parents=True, exist_ok=True)
         if not _has_marker(directory):
             write_atomic(directory / MARKER, json.dumps({"written_by": "pytest-refract", "format": FORMAT_VERSION}) + "\n")
-        probe = directory / f".write-check.{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A fresh name, created with O_EXCL (which never opens through a link): a link planted
+        # under a fixed probe name would have been truncated.
+        fd, probe = tempfile.mkstemp(prefix=f".write-check.{os.getpid()}.", suffix=".tmp", dir=str(directory))
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         _cache_warning(f"reference cache folder {directory} cannot be used ({exc.strerror or exc})")
         return None
