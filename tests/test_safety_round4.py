@@ -228,6 +228,34 @@ def test_the_bounded_search_answers_and_times_out():
     assert answer.search("{value}".replace("{value}", "x"), "x")  # a fresh helper after the kill
 
 
+# --------------------------------------------------------------------------- 15. a decompression bomb
+
+
+def _crafted_entry(cache, kind, key, layout, payload) -> None:
+    header = json.dumps({"format": FORMAT_VERSION, "key": key, "size": len(payload), "arrays": layout,
+                         "meta": "{}"}).encode()
+    head = struct.pack("<I", len(header)) + header
+    path = cache._path(kind, key)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_bytes(b"RFRC" + hashlib.sha256(head + payload).digest() + head + payload)
+
+
+@pytest.mark.parametrize("promised", [[3], [1 << 28]])
+def test_an_entry_that_inflates_past_its_layout_is_rejected_before_taking_the_memory(tmp_path, promised):
+    cache = ReferenceCache(tmp_path / "cache", {"model": "x"})
+    key = cache.key("greedy", [1])
+    bomb = zlib.compress(bytes(64 << 20), 9)  # 64 MiB of zeros in ~64 kB
+    _crafted_entry(cache, "greedy", key, [{"name": "tokens", "dtype": "<i8", "shape": promised}], bomb)
+    tracemalloc.start()
+    try:
+        with pytest.warns(Warning, match="rejected .*(more than|deflate)"):
+            assert cache.load("greedy", key) is None
+        peak = tracemalloc.get_traced_memory()[1]
+    finally:
+        tracemalloc.stop()
+    assert peak < 8 << 20, peak
+
+
 # --------------------------------------------------------------------------- 16, 22. compare
 
 

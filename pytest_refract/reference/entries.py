@@ -47,6 +47,42 @@ def _unpack_arrays(data: bytes, layout: list) -> Dict[str, np.ndarray]:
     return arrays
 
 
+# Deflate cannot expand a byte into more than about 1032 (its largest ratio): a header that
+# promises more from its payload than that is no entry zlib wrote.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _layout_bytes(layout: list) -> int:
+    """The bytes a layout's arrays take, checked before anything is decompressed: each item an
+    object with a name, a numeric dtype and a shape of whole numbers."""
+    total = 0
+    for item in layout:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ValueError("malformed layout")
+        dtype = np.dtype(item.get("dtype"))
+        shape = item.get("shape")
+        if dtype.hasobject or dtype.itemsize == 0 or not isinstance(shape, list) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 0 <= n < (1 << 40) for n in shape):
+            raise ValueError("malformed layout")
+        total += int(np.prod(shape, dtype=object) if shape else 1) * dtype.itemsize
+    return total
+
+
+def _inflate(payload, expected: int) -> bytes:
+    """The payload decompressed, never to more than the ``expected`` bytes its layout says
+    (a small entry that inflates to gigabytes is rejected before it takes the memory)."""
+    if expected > _DEFLATE_MAX_RATIO * len(payload) + 1024:
+        raise ValueError(f"header promises {expected} bytes from a {len(payload)}-byte payload, more than "
+                         "deflate can hold")
+    inflater = zlib.decompressobj()
+    data = inflater.decompress(payload, expected + 1)
+    if len(data) > expected or inflater.unconsumed_tail:
+        raise ValueError(f"payload decompresses to more than the {expected} bytes its header promises")
+    if not inflater.eof:
+        raise ValueError("payload ends before its compressed stream does")
+    return data
+
+
 def _read_entry(path: Path) -> bytes:
     """An entry's bytes, never through a link (O_NOFOLLOW) and only from a regular file: a
     link planted in the cache could otherwise make a run read any file (or a device) as an
@@ -216,7 +252,7 @@ class ReferenceCache:
                 raise ValueError("entry belongs to another key or format")
             if len(payload) != header.get("size"):
                 raise ValueError("payload size differs from its header")
-            arrays = _unpack_arrays(zlib.decompress(payload), header["arrays"])
+            arrays = _unpack_arrays(_inflate(payload, _layout_bytes(header["arrays"])), header["arrays"])
             del raw, payload
             arrays = decode_payload(arrays)
             meta = json.loads(header.get("meta") or "{}")
