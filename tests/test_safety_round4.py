@@ -152,6 +152,61 @@ def test_the_file_stdout_is_appended_to_is_refused(pytester, tiny_model):
     assert "Traceback" not in text
 
 
+# --------------------------------------------------------------------------- 12. paths that are not UTF-8
+
+
+def test_a_report_of_undecodable_paths_is_strict_utf8_json():
+    from pytest_refract.report.jsonio import dumps
+
+    text = dumps({"prompts": os.fsdecode(b"p\xe9.jsonl"), os.fsdecode(b"k\xff"): "\ud800"})
+    data = json.loads(text.encode("utf-8"))  # encodes: no lone surrogate is left
+    assert data == {"prompts": "p\\xE9.jsonl", "k\\xFF": "\\uD800"}
+
+
+@pytest.mark.parametrize("env", ["utf-8", "C locale"])
+def test_undecodable_input_and_model_names_keep_the_run_and_its_report(pytester, tiny_model, tiny_prompts,
+                                                                       tiny_corpus, monkeypatch, env):
+    if env == "C locale":
+        monkeypatch.setenv("LC_ALL", "C")
+        monkeypatch.setenv("PYTHONUTF8", "0")
+        names = ("prompts-é.jsonl".encode("utf-8"), "modèle.gguf".encode("utf-8"))
+    else:
+        names = (b"prompts-\xe9.jsonl", b"mod\xe8le.gguf")
+    folder = os.fsencode(str(pytester.path))
+    prompts, model = (folder + b"/" + n for n in names)
+    with open(prompts, "wb") as fh:
+        fh.write(Path(tiny_prompts).read_bytes())
+    with open(model, "wb") as fh:
+        fh.write(Path(tiny_model).read_bytes())
+    report = pytester.path / "r.json"
+    args = _args(os.fsdecode(model), os.fsdecode(prompts), tiny_corpus, f"--refract-json={report}")
+    result = subprocess.run([sys.executable, "-m", "pytest", "-p", "no:cacheprovider", *[os.fsencode(a) for a in args]],
+                            capture_output=True, cwd=pytester.path, timeout=300)
+    text = (result.stdout + result.stderr).decode("utf-8", "replace")
+    assert "INTERNALERROR" not in text and "Traceback" not in text, text
+    assert result.returncode in (0, 1) and "refract KV-cache audit" in text, text
+    data = json.loads(report.read_bytes().decode("utf-8"), parse_constant=lambda c: pytest.fail(c))
+    assert "\\x" in data["repro_command"]
+
+
+RAISING_REPORT_HOOK = """
+def pytest_refract_report(report, config):
+    raise RuntimeError("a plugin broke")
+"""
+
+
+def test_a_failure_after_measuring_still_prints_the_summary_and_one_line(pytester, tiny_model, tiny_prompts,
+                                                                         tiny_corpus):
+    pytester.makeconftest(RAISING_REPORT_HOOK)
+    result = pytester.runpytest_subprocess(*_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-axes=kld",
+                                                  f"--refract-json={pytester.path / 'r.json'}"), timeout=300)
+    text = result.stdout.str() + result.stderr.str()
+    assert "INTERNALERROR" not in text and "Traceback" not in text, text
+    assert "refract KV-cache audit" in text and "gate" in text
+    assert "the report files could not be written (RuntimeError: a plugin broke)" in text
+    assert result.ret == 1
+
+
 # --------------------------------------------------------------------------- 13. warnings turned into errors
 
 
