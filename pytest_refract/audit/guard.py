@@ -81,7 +81,7 @@ def _path_values(value) -> List[str]:
             v = os.fspath(v)
         if isinstance(v, bytes):
             v = os.fsdecode(v)
-        if isinstance(v, str) and v.strip() and "\n" not in v:
+        if isinstance(v, str) and v.strip() and "\n" not in v and "\0" not in v:
             out.append(v.split("::", 1)[0])
     return out
 
@@ -136,7 +136,7 @@ def run_files(config) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
         if os.path.isfile(full):
             files.append(("a test file this run collects", full))
     flags = _option_flags(config)
-    for dest, value in sorted(vars(getattr(config, "option", None) or object()).items()):
+    for dest, value in sorted(getattr(getattr(config, "option", None), "__dict__", {}).items()):
         if dest.startswith("refract_"):
             continue
         for text in _path_values(value):
