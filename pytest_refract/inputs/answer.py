@@ -62,8 +62,11 @@ class _Helper:
     def _start(self) -> subprocess.Popen:
         if self._proc is None or self._proc.poll() is not None:
             # -I -S: no site, no user paths, no environment: starts in milliseconds, imports nothing of ours.
-            self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _HELPER], stdin=subprocess.PIPE,
-                                          stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+            try:
+                self._proc = subprocess.Popen([sys.executable, "-I", "-S", "-c", _HELPER], stdin=subprocess.PIPE,
+                                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, bufsize=0)
+            except OSError as exc:  # no search is ever run unbounded: the pattern cannot be used
+                raise PatternTimeout(f"the search helper could not start ({exc.strerror or exc})") from None
         return self._proc
 
     def close(self) -> None:
