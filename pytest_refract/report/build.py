@@ -440,6 +440,13 @@ def _kv_bytes(section: dict):
 
 
 def _portable_args(args: List[str]) -> List[str]:
-    """No home directories in a report that may be shared: show ~ instead."""
-    home = str(Path.home())
-    return [a.replace(home, "~") if home and home != "/" else a for a in args]
+    """No home directories in a report that may be shared: show ~ instead. Only the whole
+    folder is replaced (at the start of an argument or of a value after =, : or a comma, and
+    followed by / or the end): with HOME=/home/al, /home/alice stays /home/alice."""
+    import re
+
+    home = str(Path.home()).rstrip("/")
+    if not home:
+        return list(args)
+    whole = re.compile(r"(?:^|(?<=[=:,]))" + re.escape(home) + r"(?=/|$|[:,])")
+    return [whole.sub("~", a) for a in args]
