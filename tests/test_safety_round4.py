@@ -337,7 +337,7 @@ def _compare(*args):
     ({"verdict": {"verdict": 3}}, "field verdict.verdict must be a string"),
     ({"axes": {"kld": {"score": 90.0, "verdict": {"multiple": [1, 2]}}}}, "field axes.kld.verdict.multiple must be a number"),
     ({"axes": {"kld": {"score": 90.0, "verdict": "2x"}}}, "field axes.kld.verdict must be an object"),
-    ({"calibrated_composite": "88"}, "field calibrated_composite must be a number"),
+    ({"composite": "88"}, "field composite must be a number"),
 ])
 def test_compare_names_a_field_of_the_wrong_type(tmp_path, changes, field):
     path = _report(tmp_path, **changes)
