@@ -40,13 +40,8 @@ import numpy as np
 
 from ..errors import MeasurementError, UsageProblem
 from ..files import special_file_kind, write_atomic
-from .cache import (
-    ReferenceCache,
-    _unpack_arrays,
-    _verified_parts,
-    check_entry,
-    decode_payload,
-)
+from .codec import decode_payload
+from .entries import ReferenceCache, _unpack_arrays, _verified_parts, check_entry
 
 try:  # POSIX; elsewhere a pack is read and replaced without the lock
     import fcntl
