@@ -291,8 +291,9 @@ class RefractSession:
             return  # nothing selected and nothing stopped: there is nothing to report
         complete = not self.interrupted and not session.shouldstop
         selected = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem))
+        saved = self._save_pack(complete)
         facts = gather_record(self.runner, self.baseline, wall_s=time.time() - self.started, items_selected=selected,
-                              sequential=self.stopping.report())
+                              sequential=self.stopping.report(), saved_pack=saved)
         self.report = build_report(facts=facts, results=self.results, failed=self.failed, custom=self.custom,
                                    invocation_args=list(self.config.invocation_params.args), complete=complete,
                                    registry=self.runner.axes, repeats=self.repeats)
@@ -303,8 +304,46 @@ class RefractSession:
         # its "custom" entries).
         self.config.hook.pytest_refract_report(report=self.report, config=self.config)
         self._write_files()
-        if self.write_problems:  # a report that was asked for and is not where it was asked
+        self.write_problems = self.pack_problems + self.write_problems
+        if self.write_problems:  # a report (or pack) that was asked for and is not where it was asked
             session.testsfailed += 1
+
+    def _save_pack(self, complete: bool) -> Optional[dict]:
+        """Finish the reference pack this run wrote (--refract-save-reference): only a complete
+        run whose reference items all measured saves one; otherwise nothing is replaced."""
+        self.pack_problems: List[str] = []
+        writer = self.runner.pack_writer
+        if writer is None:
+            return None
+        target = writer.target
+        failed = sorted({axis for role in self.runner.measured_roles for axis in self.failed.get(role, {})})
+        if not complete or failed:
+            writer.discard()
+            why = "the run was interrupted" if not complete else f"items of {', '.join(failed)} failed to measure"
+            self.pack_problems.append(f"--refract-save-reference={target}: no pack was saved ({why}); "
+                                      "an existing pack there is unchanged")
+            return None
+        import os
+        import platform
+
+        from . import __version__
+
+        try:
+            writer.finish(self.runner.pack_build(),
+                          {"threads": self.runner.settings.threads, "gpu_layers": self.runner.settings.gpu_layers,
+                           "machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
+                          f"pytest-refract {__version__}")
+        except (UsageProblem, OSError) as exc:
+            writer.discard()
+            self.pack_problems.append(f"--refract-save-reference={target}: no pack was saved ({exc})")
+            return None
+        from .reference.pack import PackReader
+
+        reader = PackReader(target, None)  # verified once more, as a user of the pack will
+        try:
+            return reader.summary()
+        finally:
+            reader.close()
 
     def _write_files(self) -> None:
         from .files import write_reports
@@ -345,7 +384,7 @@ class RefractSession:
 
 
 def gather_record(runner, baseline: Optional[dict], *, wall_s: Optional[float] = None, items_selected: Optional[int] = None,
-                  sequential: Optional[Dict[str, Dict[str, dict]]] = None) -> RunRecord:
+                  sequential: Optional[Dict[str, Dict[str, dict]]] = None, saved_pack: Optional[dict] = None) -> RunRecord:
     """The facts of ``runner`` (an audit.runner.Runner): only its public members. ``wall_s`` and
     ``items_selected`` are the session's: its wall time so far, and its items after -k/-m."""
     import copy
@@ -385,9 +424,10 @@ def gather_record(runner, baseline: Optional[dict], *, wall_s: Optional[float] =
         kv_bytes_peak=runner.kv_bytes_peak or None,
         model=runner.model_summary(),
         host={"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
-        reference_cache_enabled=runner.reference.cache.enabled,
+        reference_cache_enabled=runner.reference.local_cache_enabled and not runner.reference.from_pack,
         reference_cache_read=runner.reference.read,
-        reference_cache_size=runner.reference.size_facts() if runner.reference.cache.enabled else None,
+        reference_cache_size=(runner.reference.size_facts()
+                              if runner.reference.local_cache_enabled and not runner.reference.from_pack else None),
         binding_version=runner.engine_mod.library_version(),
         llama_build=runner.build_info(),
         baseline=copy.deepcopy(baseline),
@@ -395,4 +435,7 @@ def gather_record(runner, baseline: Optional[dict], *, wall_s: Optional[float] =
         items_selected=items_selected or None,
         wall_s=wall_s,
         sequential=sequential or {},
+        drift_role=runner.drift_role,
+        reference_pack=runner.pack.summary() if runner.pack is not None else None,
+        saved_pack=saved_pack,
     )

@@ -58,6 +58,10 @@ OPTIONS = (
                                   "or calibrated (the older retention bound, kept for comparison)"),
     ("max-items", "string", None, "measure at most N items per axis (per candidate), the first N in the axis's "
                                   "measuring order; default: all the axis has (the whole prompt pool, every chunk)"),
+    ("save-reference", "string", None, "write this run's f16 reference and its sensitivity control as a portable "
+                                       "reference pack into this folder (new, empty, or a pack to replace)"),
+    ("reference-pack", "string", None, "use a reference pack (from --refract-save-reference) as the run's reference "
+                                       "and control, and measure this build's own reference against it (build drift)"),
     ("undecided", "string", "fail", "what the gate does with an UNDECIDED verdict: fail (default: the evidence is not "
                                     "there yet) or pass"),
 )
@@ -186,6 +190,9 @@ class Settings:
     # What the verdict gate does with UNDECIDED: "fail" or "pass".
     undecided: str = "fail"
     llama_lib: Optional[str] = None
+    # Reference packs (reference/pack.py): the folder to save one into, the one to read.
+    save_reference: Optional[str] = None
+    reference_pack: Optional[str] = None
     verbose: int = 0
     # The axes that decode in multi-sequence batches when selected (see the axes' BATCHED).
     batched_axes: Tuple[str, ...] = ()
@@ -333,7 +340,10 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
     decode_batch, decode_batch_note = _decode_batch(config, repeat)
     sensitivity, sensitivity_note, gate_basis = _sensitivity(config, reference)
     sequential, sequential_note = _sequential(config, gate_basis)
+    save_reference, reference_pack = _packs(config, repeat)
     return Settings(
+        save_reference=save_reference,
+        reference_pack=reference_pack,
         sequential=sequential,
         sequential_note=sequential_note,
         max_items=_int(config, "max-items", 1) if _get(config, "max-items") is not None else None,
@@ -371,6 +381,26 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         verbose=int(getattr(config.option, "verbose", 0) or 0),
         batched_axes=tuple(name for name, axis in known_axes.items() if getattr(axis, "BATCHED", 0)),
     )
+
+
+def _packs(config, repeat: int) -> Tuple[Optional[str], Optional[str]]:
+    """--refract-save-reference and --refract-reference-pack, checked against what they
+    cannot be combined with (the folders themselves are checked by reference/pack.py)."""
+    save, use = _get(config, "save-reference"), _get(config, "reference-pack")
+    if use and save:
+        raise UsageProblem("--refract-save-reference and --refract-reference-pack exclude each other: a pack is saved "
+                           "from a run that computes its own reference")
+    if use and _get(config, "floor"):
+        raise UsageProblem("--refract-floor compares the live reference with itself; it cannot run with "
+                           "--refract-reference-pack")
+    if use and repeat > 1:
+        raise UsageProblem("--refract-repeat re-measures the reference; it cannot run with --refract-reference-pack")
+    if (use or save) and _get(config, "no-sensitivity"):
+        raise UsageProblem("a reference pack holds the sensitivity control as its yardstick; drop --refract-no-sensitivity")
+    dist = getattr(config.option, "dist", "no") or "no"
+    if save and (dist != "no" or getattr(config.option, "numprocesses", None)):
+        raise UsageProblem("--refract-save-reference collects every entry in one process; run it without xdist (-n)")
+    return save, use
 
 
 def _chunks(config) -> Optional[int]:

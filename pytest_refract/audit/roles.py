@@ -20,6 +20,8 @@ class Role:
     REFERENCE = "reference"
     FLOOR = "floor"
     CONTROL = "control"
+    # With a reference pack: this build's own reference config, measured against the pack's.
+    DRIFT = "drift"
 
     @staticmethod
     def candidate(index: int) -> str:

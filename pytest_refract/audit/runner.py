@@ -98,10 +98,22 @@ class Runner:
             greedy=lambda prompts, n_predict, on_row=None: self.greedy(Role.REFERENCE, prompts, n_predict, on_row),
             context=lambda: self.context(Role.REFERENCE), decode_width=self.decode_width,
             n_vocab=lambda: self.n_vocab)
-        self.reference = ReferenceStore(settings, cache_dir, identity, side)
-        self.progress.suffix = self.reference.size_text
         # What the axes see of this runner (audit/run.py documents it).
         self.run = Run(self)
+        # A reference pack to read (the run's reference and control) or to write.
+        self.pack = self.pack_writer = None
+        if settings.reference_pack or settings.save_reference:
+            from ..reference.pack import PackReader, PackWriter
+
+            match = self.pack_match(identity)
+            if settings.reference_pack:
+                self.pack = PackReader(settings.reference_pack, match, n_vocab=self.n_vocab)
+            elif not is_worker:
+                self.pack_writer = PackWriter(settings.save_reference, match, n_vocab=self.n_vocab)
+        self.reference = ReferenceStore(settings, cache_dir, identity, side,
+                                        pack=self.pack.cache if self.pack else None,
+                                        record_into=self.pack_writer.cache if self.pack_writer else None)
+        self.progress.suffix = self.reference.size_text
         self.control = (SensitivityControl(self.reference, self.labels[Role.CONTROL], self.axes, self.run,
                                            self.batches.planned_units) if self.control_role else None)
 
@@ -133,8 +145,20 @@ class Runner:
             self.types[Role.CONTROL] = validate_for_model(s.sensitivity, types, head_k, head_v, "--refract-sensitivity")
             self.configs[Role.CONTROL] = s.sensitivity
             self.labels[Role.CONTROL] = s.sensitivity.label()
-        self.item_roles: List[str] = self.candidate_roles + ([Role.CONTROL] if self.control_role else [])
         self.self_reference = {role: self.configs[role] == s.reference for role in self.candidate_roles}
+        # With a reference pack, this build's own reference config is measured against the
+        # pack's as one more candidate, first (audit/drift.py). It is not a self-reference:
+        # the pack may come from another build.
+        self.drift_role: Optional[str] = None
+        if s.reference_pack:
+            self.drift_role = Role.DRIFT
+            self.types[Role.DRIFT], self.configs[Role.DRIFT] = ref_types, s.reference
+            self.labels[Role.DRIFT] = s.reference.label()
+            self.self_reference[Role.DRIFT] = False
+            self.id_prefix[Role.DRIFT] = "drift-"
+        # Every role items are measured for: the drift first, the candidates, the control.
+        self.measured_roles: List[str] = ([Role.DRIFT] if self.drift_role else []) + self.candidate_roles
+        self.item_roles: List[str] = self.measured_roles + ([Role.CONTROL] if self.control_role else [])
 
     def _probe_contexts(self) -> None:
         """Let llama.cpp judge every config before any item runs: a small context per config
@@ -240,18 +264,64 @@ class Runner:
             n_ctx = max(self.context_size(), padded(min_ctx))
             if ctx is not None:
                 self.engine.drop_context(role)
-            ctx = self.engine.context(self.configs[role], self.types[role], self._context_settings(n_ctx), role)
+            ctx = self._stored_form(role, self.engine.context(self.configs[role], self.types[role],
+                                                              self._context_settings(n_ctx), role))
             self._contexts[role] = ctx
             self._note_kv_bytes()
         return ctx
 
     def sequences(self, role: str, n_seq: int, n_ctx_seq: int):
         """The role's multi-sequence context (grown when a batch needs more)."""
-        ctx = self.engine.context(self.configs[role], self.types[role], self._context_settings(n_ctx_seq),
-                                  f"{role}#seq", n_seq=n_seq, n_ctx_seq=n_ctx_seq)
+        ctx = self._stored_form(role, self.engine.context(self.configs[role], self.types[role],
+                                                          self._context_settings(n_ctx_seq), f"{role}#seq",
+                                                          n_seq=n_seq, n_ctx_seq=n_ctx_seq))
         self._seq_contexts[role] = ctx
         self._note_kv_bytes()
         return ctx
+
+    @staticmethod
+    def _stored_form(role: str, ctx):
+        """The drift role's rows reach the axes as the reference stores them (audit/drift.py)."""
+        if role != Role.DRIFT:
+            return ctx
+        from .drift import StoredFormContext
+
+        return StoredFormContext(ctx)
+
+    def pack_match(self, identity: dict) -> dict:
+        """What a reference pack must agree with to serve this run (reference/pack.py): the
+        model's sha256, the reference and control configs, the settings that change numerics,
+        the inputs' digests and every selected axis's own settings."""
+        from ..engines.gguf import file_sha256
+        from ..reference.pack import prompts_digest, run_match
+
+        s, inputs = self.settings, self.inputs
+        sha = identity["model"]["sha256"] or file_sha256(self.model_path)
+        env = {k: v for k, v in self.context_env["reference"].items() if k != "LLAMA_CPP_LIB_PATH"}
+        numerics = {"n_batch": s.n_batch, "n_ubatch": s.n_ubatch, "flash_attn": s.reference.fa,
+                    "decode_batch": s.decode_batch, "context_env": env}
+        digests = {
+            "prompts": prompts_digest([(p.id, p.category, p.prompt) for p in inputs.prompts]) if inputs.prompts else None,
+            "corpus": inputs.corpus.sha256 if inputs.corpus is not None else None,
+            "haystack": inputs.haystack_source.sha256 if inputs.haystack_source is not None else None,
+        }
+        axes = {name: self.axes[name].cache_reads(self.run) for name in s.axes}
+        return run_match(model_sha256=sha, model_size=self.info.size_bytes, reference=s.reference.label(),
+                         control=s.sensitivity.label() if s.sensitivity is not None else None, numerics=numerics,
+                         inputs=digests, axes=axes)
+
+    def pack_build(self) -> dict:
+        """The build a saved pack records: llama.cpp's facts, where its library lies (home as ~)."""
+        import os
+
+        from ..engines import libload
+
+        build = dict(self.build_info())
+        folder = libload.loaded_library_dir()
+        home = os.path.expanduser("~")
+        build["library_path"] = (str(folder).replace(home, "~", 1) if folder is not None and home not in ("", "/")
+                                 else (str(folder) if folder is not None else None))
+        return build
 
     def _context_settings(self, n_ctx: int) -> ContextSettings:
         """What every context shares apart from its size: batch sizes and threads change
@@ -371,7 +441,7 @@ class Runner:
                 # Consecutive units form a decode batch; with `-n N --dist loadgroup` a batch
                 # (or, unbatched, a unit) goes to one worker with all its candidates.
                 group = f"{name}-batch{index // size}" if batched else f"{name}-{unit['id']}"
-                for role in self.candidate_roles:
+                for role in self.measured_roles:
                     yield name, dict(unit, candidate=role, batch=index // size if batched else None), group
 
     def set_plan(self, planned) -> None:
@@ -452,6 +522,10 @@ class Runner:
         return result
 
     def close(self) -> None:
+        if self.pack is not None:
+            self.pack.close()
+        if self.pack_writer is not None:
+            self.pack_writer.discard()  # finished packs have left the staging folder already
         self._contexts.clear()
         self._seq_contexts.clear()
         if self._engine is not None:

@@ -16,7 +16,7 @@ from .. import __version__
 from ..axes import DIAGNOSIS_ORDER, known
 from ..scoring.metrics import BAND_FLOOR, band_for
 from .record import RunRecord
-from .jsonio import SCHEMA
+from .jsonio import SCHEMA, SCHEMA_REVISION
 from .sections import build_axes, composite_of, custom_gates, floor_of, repeat_stats
 from .sensitivity import (
     calibrate,
@@ -316,6 +316,13 @@ def build_report(
     first = sections[0]
     multi = len(sections) > 1
     reasons = [(f"{sec['candidate']}: " if multi else "") + r for sec in sections for r in sec["gate"]["reasons"]]
+    drift = None
+    if facts.drift_role is not None:
+        # This build's own reference against the pack's, gated like a candidate, reported first.
+        drift_section = _candidate_section(facts, facts.drift_role, results.get(facts.drift_role, {}),
+                                           failed.get(facts.drift_role, {}), {}, complete, control, registry)
+        drift = build_drift(drift_section)
+        reasons = [f"build drift: {r}" for r in drift_section["gate"]["reasons"]] + reasons
     settings = s.as_dict()
     if facts.chunks_note:
         settings["chunks_note"] = facts.chunks_note
@@ -335,6 +342,7 @@ def build_report(
     all_items = [r for per_axis in results.values() for items in per_axis.values() for r in items.values()]
     report = {
         "schema": SCHEMA,
+        "schema_revision": SCHEMA_REVISION,
         "plugin_version": __version__,
         "llama_cpp_python_version": facts.binding_version,
         "llama_cpp_build": dict(facts.llama_build),
@@ -400,6 +408,11 @@ def build_report(
     }
     if "repeat" in first:
         report["repeat"] = first["repeat"]
+    if facts.reference_pack is not None:
+        report["reference_pack"] = copy.deepcopy(facts.reference_pack)
+        report["build_drift"] = drift
+    if facts.saved_pack is not None:
+        report["saved_reference_pack"] = copy.deepcopy(facts.saved_pack)
     for sec in sections:
         sec.pop("custom_gates", None)
     if not multi:
@@ -418,6 +431,21 @@ def build_report(
         report["baseline"] = {"path": s.baseline_path, "composite": facts.baseline.get("composite"),
                               "timestamp": facts.baseline.get("timestamp"), "max_drop": s.max_drop}
     return report
+
+
+def build_drift(section: dict) -> dict:
+    """The report's "build_drift": this build's reference config against the pack's, as a
+    candidate. ``multiple``: the largest of its axes' multiples of the control's damage (the
+    pack's control: what a rounding-only change does), with that axis's interval; 0 when this
+    build reproduces the pack's bits."""
+    verdict = section.get("verdict") or {}
+    axes = copy.deepcopy(verdict.get("axes") or {})
+    with_multiple = [(name, a) for name, a in axes.items() if a.get("multiple") is not None]
+    worst = max(with_multiple, key=lambda item: item[1]["multiple"], default=(None, {}))
+    return {"config": section["candidate"], "verdict": verdict.get("verdict"),
+            "multiple": worst[1].get("multiple"), "multiple_ci95": worst[1].get("multiple_ci95"),
+            "multiple_axis": worst[0], "axes": axes, "gate": section["gate"],
+            "diagnosis": section["diagnosis"], "scores": {name: a.get("score") for name, a in section["axes"].items()}}
 
 
 def _kv_bytes(section: dict):

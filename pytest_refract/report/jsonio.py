@@ -9,6 +9,9 @@ import json
 import math
 
 SCHEMA = "pytest-refract.report.v1"
+# Additive revisions of SCHEMA (a v1 reader reads every one; see report/schema.py):
+# 2: "build_drift" and "reference_pack" (a run against a reference pack), "saved_reference_pack".
+SCHEMA_REVISION = 2
 
 
 def _clean(value):

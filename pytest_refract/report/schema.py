@@ -12,7 +12,7 @@ from typing import Optional
 from ..axes import BUILTIN
 from ..errors import UsageProblem
 from ..files import MAX_REPORT_BYTES, read_input
-from .jsonio import SCHEMA
+from .jsonio import SCHEMA, SCHEMA_REVISION  # noqa: F401  (the revision a report says it follows)
 
 # A report nests a few levels (axes -> axis -> percentiles); deeper is not one of ours, and
 # Python's parser would hit its recursion limit on thousands of levels.

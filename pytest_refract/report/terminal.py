@@ -44,6 +44,7 @@ def render(tr, report: dict, json_path, registry=None) -> None:
                       f"{mb['folder_bytes']:.1f} MB in its folder")
     sections = report.get("candidates") or [dict(report, custom_gates=(report.get("custom") or {}).get("gates", {}))]
     control = report.get("sensitivity") or {}
+    _render_pack(tr, report)
     _render_control(tr, control, registry)
     for section in sections:
         _render_candidate(tr, section, registry)
@@ -66,6 +67,28 @@ def render(tr, report: dict, json_path, registry=None) -> None:
 
 
 _VERDICT_COLOURS = {"PASS": "green", "UNDECIDED": "yellow", "FAIL": "red", None: "red"}
+
+
+def _render_pack(tr, report: dict) -> None:
+    """The reference pack this run measured against, and this build's drift from it: first,
+    so that a candidate's numbers below are read against it (a build change, not cache damage)."""
+    saved = report.get("saved_reference_pack")
+    if saved:
+        tr.write_line(f"saved pack {saved['path']} ({saved['files']} entries, {saved['bytes'] / 1e6:.2f} MB)")
+    pack = report.get("reference_pack")
+    if not pack:
+        return
+    build = pack.get("build") or {}
+    tr.write_line(f"ref pack   {pack['path']} (made by llama-cpp-python {build.get('llama_cpp_python')}, library "
+                  f"{str(build.get('library_digest'))[:12]}; this run: llama-cpp-python "
+                  f"{report.get('llama_cpp_python_version')}, {str((report.get('llama_cpp_build') or {}).get('library_digest'))[:12]})")
+    drift = report.get("build_drift") or {}
+    verdict = drift.get("verdict")
+    tr.write("build drift ", bold=True)
+    tr.write(f"{verdict or 'NO VERDICT':<9}", **{_VERDICT_COLOURS.get(verdict, "red"): True, "bold": True})
+    parts = [f"{name} {_multiple_text(a)}" for name, a in (drift.get("axes") or {}).items()]
+    tr.write_line(f" this build's {drift.get('config')} against the pack's: " + ("; ".join(parts) or "not measured")
+                  + "  (x = multiples of a rounding-only change; 0 = the pack's very bits)")
 
 
 def _multiple_text(m: dict) -> str:
