@@ -79,6 +79,10 @@ def test_same_build_drift_is_exactly_zero_and_candidates_are_unchanged(pytester,
     assert data["reference_pack"]["path"] == str(pack)
     assert data["schema_revision"] >= 2
     result.stdout.fnmatch_lines(["build drift PASS*"])
+    from pytest_refract.report.html import render_html
+
+    page = render_html(data)
+    assert "Build drift against the reference pack" in page and str(pack) in page
 
 
 def test_the_pack_is_the_same_bits_from_the_cache_or_computed(pytester, tiny_model, tiny_prompts, tiny_corpus, saved):
