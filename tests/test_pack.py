@@ -190,7 +190,12 @@ def test_a_pack_is_replaced_but_not_while_a_session_reads_it(tmp_path):
     assert json.loads((pack / MANIFEST).read_text())["checksum"] == first
     assert reader.cache.load("greedy", reader.cache.key("greedy", (1, 2), 4))["arrays"]["tokens"].tolist() == [3, 3, 1, 0]
     reader.close()
+    # The new pack is left whole beside it, for the user to move into place.
     writer.discard()
+    assert (writer.staging / MANIFEST).is_file()
+    import shutil
+
+    shutil.rmtree(writer.staging)
     # Once nobody reads it, a new save replaces it whole.
     writer = PackWriter(pack, _match(), n_vocab=VOCAB)
     writer.cache.store("greedy", writer.cache.key("greedy", (9,), 1), {"tokens": np.asarray([1], dtype=np.int64)})

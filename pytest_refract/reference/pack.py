@@ -414,11 +414,19 @@ class PackWriter:
                     "counts": dict(sorted(counts.items())), "files": dict(sorted(files.items()))}
         manifest["checksum"] = manifest_checksum(manifest)
         write_atomic(root / MANIFEST, json.dumps(manifest, indent=1, sort_keys=True, allow_nan=False) + "\n")
-        swap_in(root, self.target)
+        try:
+            swap_in(root, self.target)
+        except UsageProblem:
+            self.kept = True  # a whole pack the user can move into place once the reader is done
+            raise
         return self.target
 
+    kept = False
+
     def discard(self) -> None:
-        shutil.rmtree(self.staging, ignore_errors=True)
+        """Remove the staging folder, unless it was left as the finished pack (see finish)."""
+        if not self.kept:
+            shutil.rmtree(self.staging, ignore_errors=True)
 
 
 def swap_in(staging: Path, target: Path) -> None:
