@@ -414,6 +414,9 @@ def _sequential(config, gate_basis: str) -> Tuple[bool, Optional[str]]:
     """Whether axes stop once decided, and why not where that was not asked for."""
     if _get(config, "exhaustive"):
         return False, None
+    if _get(config, "save-reference"):
+        # A pack must hold every selected item, so no axis may stop once decided.
+        return False, "--refract-save-reference saves the reference of every selected item"
     if gate_basis != "verdict":
         # The raw and calibrated gates read every selected item; a stop decided on the verdict
         # would change what they read.
