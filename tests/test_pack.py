@@ -218,3 +218,24 @@ def test_an_entry_changed_after_verification_fails_its_item(tmp_path):
     with pytest.raises(MeasurementError, match="changed since the pack was verified"):
         reader.cache.load("greedy", key)
     reader.close()
+
+
+def test_rows_in_the_stored_form_compare_to_exactly_zero():
+    """The drift role's rows reach kld_positions as the reference stores them: the same bits
+    on both sides give a KLD of exactly 0, where the live logits leave the 16-bit storage floor."""
+    from pytest_refract.audit.drift import stored_form
+    from pytest_refract.reference.codec import LogprobRows
+    from pytest_refract.scoring.metrics import kld_positions
+
+    rng = np.random.default_rng(1)
+    logits = (rng.normal(size=(6, VOCAB)) * 3).astype(np.float32)
+    reference = LogprobRows(sparse_logprobs(logits))
+    tokens = list(range(6))
+    exact = kld_positions(reference, stored_form(logits), tokens, ref_is_logprobs=True)
+    assert (exact["kld"] == 0.0).all() and exact["same_top"].all()
+    live = kld_positions(reference, logits, tokens, ref_is_logprobs=True)
+    assert (live["kld"] != 0.0).any()
+    # A different build's rows are still measured, not hidden.
+    moved = kld_positions(reference, stored_form(logits + rng.normal(size=logits.shape).astype(np.float32) * 0.1),
+                          tokens, ref_is_logprobs=True)
+    assert (moved["kld"] > 0).all()
