@@ -409,8 +409,11 @@ def build_report(
     if "repeat" in first:
         report["repeat"] = first["repeat"]
     if facts.reference_pack is not None:
-        report["reference_pack"] = copy.deepcopy(facts.reference_pack)
-        report["build_drift"] = drift
+        # Right after the reference: the pack is the run's reference, and the drift is read first.
+        at = list(report).index("reference") + 1
+        items = list(report.items())
+        items[at:at] = [("reference_pack", copy.deepcopy(facts.reference_pack)), ("build_drift", drift)]
+        report = dict(items)
     if facts.saved_pack is not None:
         report["saved_reference_pack"] = copy.deepcopy(facts.saved_pack)
     for sec in sections:
