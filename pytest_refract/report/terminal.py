@@ -45,7 +45,7 @@ def render(tr, report: dict, json_path, registry=None) -> None:
     sections = report.get("candidates") or [dict(report, custom_gates=(report.get("custom") or {}).get("gates", {}))]
     control = report.get("sensitivity") or {}
     _render_pack(tr, report)
-    _render_control(tr, control, registry)
+    _render_control(tr, control, registry, from_pack=bool(report.get("reference_pack")))
     for section in sections:
         _render_candidate(tr, section, registry)
     if len(sections) > 1:
@@ -189,13 +189,14 @@ def _rotation_text(rotation: dict) -> str:
     return f"rotated {'+'.join(on)}" if on else "no rotation"
 
 
-def _render_control(tr, control: dict, registry) -> None:
+def _render_control(tr, control: dict, registry, from_pack: bool = False) -> None:
     """The sensitivity control, shown like a candidate but labelled as the yardstick."""
     tr.write_line("")
     if not control.get("config"):
         tr.write_line(f"control    none: {control.get('note') or 'no sensitivity control'}")
         return
-    cached = "  (read from the reference cache)" if control.get("cached") else ""
+    cached = ("  (read from the reference pack: the pack's build measured it)" if from_pack
+              else "  (read from the reference cache)" if control.get("cached") else "")
     tr.write_line(f"control    {control['config']}  (sensitivity: {control.get('note')}; never ranked){cached}")
     axes = control.get("axes") or {}
     for name, axis in known(axes, registry):
