@@ -14,8 +14,8 @@ from typing import Dict, List, Optional
 
 from .. import __version__
 from ..axes import DIAGNOSIS_ORDER, known
+from ..record import RunRecord
 from ..scoring.metrics import BAND_FLOOR, band_for
-from .record import RunRecord
 from .jsonio import SCHEMA, SCHEMA_REVISION
 from .sections import build_axes, composite_of, custom_gates, floor_of, repeat_stats
 from .sensitivity import (
