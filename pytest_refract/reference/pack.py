@@ -262,7 +262,11 @@ class PackReader:
     def summary(self) -> dict:
         """What the report says of the pack: where, which build made it, how big."""
         files = self.manifest["files"]
-        return {"path": str(self.path), "checksum": self.manifest["checksum"], "schema": self.manifest["schema"],
+        home = os.path.expanduser("~")
+        shown = str(self.path)
+        if home not in ("", "/") and shown.startswith(home + os.sep):
+            shown = "~" + shown[len(home):]  # no home directory in a report that may be shared
+        return {"path": shown, "checksum": self.manifest["checksum"], "schema": self.manifest["schema"],
                 "written_by": self.manifest.get("written_by"), "build": self.manifest["build"],
                 "platform": self.manifest.get("platform"), "files": len(files),
                 "bytes": sum(f["bytes"] for f in files.values()) + _size(self.path / MANIFEST)}
