@@ -55,3 +55,9 @@ class RunRecord:
     # Sequential stopping: candidate role -> axis -> the design fixed before the first item
     # (looks, each look's level) and where it stopped (stopping.AxisProgress.as_json).
     sequential: Dict[str, Dict[str, dict]] = field(default_factory=dict)
+    # With a reference pack: the role measuring this build's own reference against the pack's
+    # (audit/drift.py), and the pack as the report names it (path, checksum, the build that
+    # made it, size). ``saved_pack``: the pack this run wrote (--refract-save-reference).
+    drift_role: Optional[str] = None
+    reference_pack: Optional[dict] = None
+    saved_pack: Optional[dict] = None

@@ -295,8 +295,9 @@ class RefractSession:
         complete = not self.interrupted and not session.shouldstop
         selected = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem))
         try:
+            saved = self._save_pack(complete)
             facts = self.runner.record(self.baseline, wall_s=time.time() - self.started, items_selected=selected,
-                                       sequential=self.stopping.report())
+                                       sequential=self.stopping.report(), saved_pack=saved)
             self.report = build_report(facts=facts, results=self.results, failed=self.failed, custom=self.custom,
                                        invocation_args=list(self.config.invocation_params.args), complete=complete,
                                        registry=self.runner.axes, repeats=self.repeats)
@@ -314,7 +315,8 @@ class RefractSession:
         except Exception as exc:  # the summary is still printed, with this line
             self._finish_failed(session, "the report files could not be written", exc)
             return
-        if self.write_problems:  # a report that was asked for and is not where it was asked
+        self.write_problems = self.pack_problems + self.write_problems
+        if self.write_problems:  # a report (or pack) that was asked for and is not where it was asked
             session.testsfailed += 1
 
     def _finish_failed(self, session, what: str, exc: Exception) -> None:
@@ -326,6 +328,43 @@ class RefractSession:
         self.write_problems = list(getattr(self, "write_problems", [])) + [
             text_of(f"{what} ({type(exc).__name__}: {exc})")]
         session.testsfailed += 1
+
+    def _save_pack(self, complete: bool) -> Optional[dict]:
+        """Finish the reference pack this run wrote (--refract-save-reference): only a complete
+        run whose items all measured saves one; otherwise nothing is replaced."""
+        self.pack_problems: List[str] = []
+        writer = self.runner.pack_writer
+        if writer is None:
+            return None
+        target = writer.target
+        failed = sorted({axis for role in self.runner.item_roles for axis in self.failed.get(role, {})})
+        if not complete or failed:
+            writer.discard()
+            why = "the run was interrupted" if not complete else f"items of {', '.join(failed)} failed to measure"
+            self.pack_problems.append(f"--refract-save-reference={target}: no pack was saved ({why}); "
+                                      "an existing pack there is unchanged")
+            return None
+        import os
+        import platform
+
+        from . import __version__
+
+        try:
+            writer.finish(self.runner.pack_build(),
+                          {"threads": self.runner.settings.threads, "gpu_layers": self.runner.settings.gpu_layers,
+                           "machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
+                          f"pytest-refract {__version__}")
+        except (UsageProblem, OSError) as exc:
+            writer.discard()
+            self.pack_problems.append(f"--refract-save-reference={target}: no pack was saved ({exc})")
+            return None
+        from .reference.pack import PackReader
+
+        reader = PackReader(target, None)  # verified once more, as a user of the pack will
+        try:
+            return reader.summary()
+        finally:
+            reader.close()
 
     def _write_files(self) -> None:
         from .files import write_reports

@@ -59,6 +59,10 @@ OPTIONS = (
                                   "--refract-fail-under)"),
     ("max-items", "string", None, "measure at most N items per axis (per candidate), the first N in the axis's "
                                   "measuring order; default: all the axis has (the whole prompt pool, every chunk)"),
+    ("save-reference", "string", None, "write this run's f16 reference and its sensitivity control as a portable "
+                                       "reference pack into this folder (new, empty, or a pack to replace)"),
+    ("reference-pack", "string", None, "use a reference pack (from --refract-save-reference) as the run's reference "
+                                       "and control, and measure this build's own reference against it (build drift)"),
     ("undecided", "string", "fail", "what the gate does with an UNDECIDED verdict: fail (default: the evidence is not "
                                     "there yet) or pass"),
 )
@@ -250,6 +254,9 @@ class Settings:
     # What the verdict gate does with UNDECIDED: "fail" or "pass".
     undecided: str = option_default("undecided")
     llama_lib: Optional[str] = option_default("llama-lib")
+    # Reference packs (reference/pack.py): the folder to save one into, the one to read.
+    save_reference: Optional[str] = option_default("save-reference")
+    reference_pack: Optional[str] = option_default("reference-pack")
     verbose: int = 0
     # The axes that decode in multi-sequence batches when selected (see the axes' BATCHED).
     batched_axes: Tuple[str, ...] = ()
@@ -398,7 +405,10 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
     decode_batch, decode_batch_note = _decode_batch(config, repeat)
     sensitivity, sensitivity_note, gate_basis = _sensitivity(config, reference)
     sequential, sequential_note = _sequential(config, gate_basis)
+    save_reference, reference_pack = _packs(config, repeat)
     return Settings(
+        save_reference=save_reference,
+        reference_pack=reference_pack,
         sequential=sequential,
         sequential_note=sequential_note,
         max_items=_int(config, "max-items", 1) if _get(config, "max-items") is not None else None,
@@ -438,6 +448,26 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
     )
 
 
+def _packs(config, repeat: int) -> Tuple[Optional[str], Optional[str]]:
+    """--refract-save-reference and --refract-reference-pack, checked against what they
+    cannot be combined with (the folders themselves are checked by reference/pack.py)."""
+    save, use = _get(config, "save-reference"), _get(config, "reference-pack")
+    if use and save:
+        raise UsageProblem("--refract-save-reference and --refract-reference-pack exclude each other: a pack is saved "
+                           "from a run that computes its own reference")
+    if use and _get(config, "floor"):
+        raise UsageProblem("--refract-floor compares the live reference with itself; it cannot run with "
+                           "--refract-reference-pack")
+    if use and repeat > 1:
+        raise UsageProblem("--refract-repeat re-measures the reference; it cannot run with --refract-reference-pack")
+    if (use or save) and _get(config, "no-sensitivity"):
+        raise UsageProblem("a reference pack holds the sensitivity control as its yardstick; drop --refract-no-sensitivity")
+    dist = getattr(config.option, "dist", "no") or "no"
+    if save and (dist != "no" or getattr(config.option, "numprocesses", None)):
+        raise UsageProblem("--refract-save-reference collects every entry in one process; run it without xdist (-n)")
+    return save, use
+
+
 def _chunks(config) -> Optional[int]:
     raw = _get(config, "chunks") or OPTION_DEFAULTS["chunks"]
     if str(raw).lower() == "all":
@@ -449,6 +479,9 @@ def _sequential(config, gate_basis: str) -> Tuple[bool, Optional[str]]:
     """Whether axes stop once decided, and why not where that was not asked for."""
     if _get(config, "exhaustive"):
         return False, None
+    if _get(config, "save-reference"):
+        # A pack must hold every selected item, so no axis may stop once decided.
+        return False, "--refract-save-reference saves the reference of every selected item"
     if gate_basis != "verdict":
         # The raw gate reads every selected item; a stop decided on the verdict
         # would change what they read.

@@ -24,6 +24,8 @@ class Role:
     REFERENCE: ClassVar[str] = "reference"
     FLOOR: ClassVar[str] = "floor"
     CONTROL: ClassVar[str] = "control"
+    # With a reference pack: this build's own reference config, measured against the pack's.
+    DRIFT: ClassVar[str] = "drift"
 
     name: str
     config: KVConfig

@@ -100,10 +100,31 @@ class Runner:
             greedy=lambda prompts, n_predict, on_row=None: self.greedy(Role.REFERENCE, prompts, n_predict, on_row),
             context=lambda: self.context(Role.REFERENCE), decode_width=self.decode_width,
             n_vocab=lambda: self.n_vocab)
-        self.reference = ReferenceStore(settings, cache_dir, identity, side)
-        self.progress.suffix = self.reference.size_text
         # What the axes see of this runner (audit/run.py documents it).
         self.run = Run(self)
+        # A reference pack to read (the run's reference and control) or to write.
+        self.pack = self.pack_writer = None
+        if settings.reference_pack or settings.save_reference:
+            from ..reference.pack import PackReader, PackWriter
+
+            match = self.pack_match(identity)
+            if settings.reference_pack:
+                self.pack = PackReader(settings.reference_pack, match, n_vocab=self.n_vocab)
+                # The very library that made the pack, run as it was: the drift role repeats its
+                # computation, so a damage of 0 there is exact (bit-identical rows), not a count
+                # of 0 events that could hide some.
+                made = self.pack.manifest["build"]
+                where = self.pack.manifest.get("platform") or {}
+                self.roles[Role.DRIFT].self_reference = (
+                    made.get("library_digest") is not None
+                    and made.get("library_digest") == self.build_info().get("library_digest")
+                    and where.get("threads") == settings.threads and where.get("gpu_layers") == settings.gpu_layers)
+            elif not is_worker:
+                self.pack_writer = PackWriter(settings.save_reference, match, n_vocab=self.n_vocab)
+        self.reference = ReferenceStore(settings, cache_dir, identity, side,
+                                        pack=self.pack.cache if self.pack else None,
+                                        record_into=self.pack_writer.cache if self.pack_writer else None)
+        self.progress.suffix = self.reference.size_text
         self.control = (SensitivityControl(self.reference, self.roles[Role.CONTROL].label, self.axes, self.run,
                                            self.batches.planned_units) if self.control_role else None)
 
@@ -125,6 +146,12 @@ class Runner:
             Role.REFERENCE: reference,
             Role.FLOOR: replace(reference, name=Role.FLOOR),
         }
+        if s.reference_pack:
+            # With a reference pack, this build's own reference config is measured against the
+            # pack's as one more candidate, first (audit/drift.py). Not a self-reference unless
+            # the pack's own library made it (see __init__).
+            self.roles[Role.DRIFT] = replace(reference, name=Role.DRIFT, flag="--refract-reference-pack",
+                                             id_prefix="drift-", self_reference=False)
         prefixes = _id_prefixes(s.candidates)
         for i, cand in enumerate(s.candidates):
             name = Role.candidate(i)
@@ -147,9 +174,19 @@ class Runner:
         return Role.CONTROL if Role.CONTROL in self.roles else None
 
     @property
+    def drift_role(self) -> Optional[str]:
+        """With a reference pack: this build's own reference, measured like a candidate."""
+        return Role.DRIFT if Role.DRIFT in self.roles else None
+
+    @property
+    def measured_roles(self) -> List[str]:
+        """The roles gated on: the build drift first (with a pack), then the candidates."""
+        return ([Role.DRIFT] if self.drift_role else []) + self.candidate_roles
+
+    @property
     def item_roles(self) -> List[str]:
-        """The roles measured as items: the candidates, then the control."""
-        return self.candidate_roles + ([Role.CONTROL] if self.control_role else [])
+        """The roles measured as items: the drift, the candidates, then the control."""
+        return self.measured_roles + ([Role.CONTROL] if self.control_role else [])
 
     @property
     def labels(self) -> Dict[str, str]:
@@ -158,12 +195,12 @@ class Runner:
 
     @property
     def self_reference(self) -> Dict[str, bool]:
-        return {name: self.roles[name].self_reference for name in self.candidate_roles}
+        return {name: self.roles[name].self_reference for name in self.measured_roles}
 
     @property
     def id_prefix(self) -> Dict[str, str]:
-        """Test-id prefix per candidate role (see _id_prefixes)."""
-        return {name: self.roles[name].id_prefix for name in self.candidate_roles}
+        """Test-id prefix per candidate role (see _id_prefixes), and the drift's."""
+        return {name: self.roles[name].id_prefix for name in self.measured_roles}
 
     def _probe_contexts(self) -> None:
         """Let llama.cpp judge every config before any item runs: a small context per config
@@ -271,7 +308,8 @@ class Runner:
                 self.engine.drop_context(role)
             else:
                 part.context_opened = next(self._openings)
-            ctx = self.engine.context(part.config, part.types, self._context_settings(n_ctx), role)
+            ctx = self._stored_form(role, self.engine.context(part.config, part.types, self._context_settings(n_ctx),
+                                                              role))
             part.context = ctx
             self._note_kv_bytes()
         return ctx
@@ -279,13 +317,57 @@ class Runner:
     def sequences(self, role: str, n_seq: int, n_ctx_seq: int):
         """The role's multi-sequence context (grown when a batch needs more)."""
         part = self.roles[role]
-        ctx = self.engine.context(part.config, part.types, self._context_settings(n_ctx_seq),
-                                  f"{role}#seq", n_seq=n_seq, n_ctx_seq=n_ctx_seq)
+        ctx = self._stored_form(role, self.engine.context(part.config, part.types, self._context_settings(n_ctx_seq),
+                                                          f"{role}#seq", n_seq=n_seq, n_ctx_seq=n_ctx_seq))
         if part.sequences is None:
             part.sequences_opened = next(self._openings)
         part.sequences = ctx
         self._note_kv_bytes()
         return ctx
+
+    @staticmethod
+    def _stored_form(role: str, ctx):
+        """The drift role's rows reach the axes as the reference stores them (audit/drift.py)."""
+        if role != Role.DRIFT:
+            return ctx
+        from .drift import StoredFormContext
+
+        return StoredFormContext(ctx)
+
+    def pack_match(self, identity: dict) -> dict:
+        """What a reference pack must agree with to serve this run (reference/pack.py): the
+        model's sha256, the reference and control configs, the settings that change numerics,
+        the inputs' digests and every selected axis's own settings."""
+        from ..engines.gguf import file_sha256
+        from ..reference.pack import prompts_digest, run_match
+
+        s, inputs = self.settings, self.inputs
+        sha = identity["model"]["sha256"] or file_sha256(self.model_path)
+        env = {k: v for k, v in self.roles[Role.REFERENCE].env.items() if k != "LLAMA_CPP_LIB_PATH"}
+        numerics = {"n_batch": s.n_batch, "n_ubatch": s.n_ubatch, "flash_attn": s.reference.fa,
+                    "decode_batch": s.decode_batch, "context_env": env}
+        digests = {
+            "prompts": prompts_digest([(p.id, p.category, p.prompt) for p in inputs.prompts]) if inputs.prompts else None,
+            "corpus": inputs.corpus.sha256 if inputs.corpus is not None else None,
+            "haystack": inputs.haystack_source.sha256 if inputs.haystack_source is not None else None,
+        }
+        axes = {name: self.axes[name].cache_reads(self.run) for name in s.axes}
+        return run_match(model_sha256=sha, model_size=self.info.size_bytes, reference=s.reference.label(),
+                         control=s.sensitivity.label() if s.sensitivity is not None else None, numerics=numerics,
+                         inputs=digests, axes=axes)
+
+    def pack_build(self) -> dict:
+        """The build a saved pack records: llama.cpp's facts, where its library lies (home as ~)."""
+        import os
+
+        from ..engines import libload
+
+        build = dict(self.build_info())
+        folder = libload.loaded_library_dir()
+        home = os.path.expanduser("~")
+        build["library_path"] = (str(folder).replace(home, "~", 1) if folder is not None and home not in ("", "/")
+                                 else (str(folder) if folder is not None else None))
+        return build
 
     def _open_contexts(self) -> Iterator[Tuple[str, object]]:
         """(role, context) of every open context: the one-sequence ones, then the
@@ -418,7 +500,7 @@ class Runner:
                 # Consecutive units form a decode batch; with `-n N --dist loadgroup` a batch
                 # (or, unbatched, a unit) goes to one worker with all its candidates.
                 group = f"{name}-batch{index // size}" if batched else f"{name}-{unit.id}"
-                for role in self.candidate_roles:
+                for role in self.measured_roles:
                     yield unit.for_item(name, role, index // size if batched else None), group
 
     def set_plan(self, planned: List[Unit], closed=None) -> None:
@@ -521,7 +603,8 @@ class Runner:
             self.progress.sink.note(line)
 
     def record(self, baseline: Optional[dict], *, wall_s: Optional[float] = None,
-               items_selected: Optional[int] = None, sequential: Optional[Dict[str, Dict[str, dict]]] = None) -> RunRecord:
+               items_selected: Optional[int] = None, sequential: Optional[Dict[str, Dict[str, dict]]] = None,
+               saved_pack: Optional[dict] = None) -> RunRecord:
         """What the report states about this run besides the measurements. ``wall_s`` and
         ``items_selected`` are the session's: its wall time so far, and its items after -k/-m;
         ``sequential``: the stopping designs and where they stopped (stopping.report)."""
@@ -562,9 +645,10 @@ class Runner:
             kv_bytes_peak=self.kv_bytes_peak or None,
             model=self.model_summary(),
             host={"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
-            reference_cache_enabled=self.reference.cache.enabled,
+            reference_cache_enabled=self.reference.local_cache_enabled and not self.reference.from_pack,
             reference_cache_read=self.reference.read,
-            reference_cache_size=self.reference.size_facts() if self.reference.cache.enabled else None,
+            reference_cache_size=(self.reference.size_facts()
+                                  if self.reference.local_cache_enabled and not self.reference.from_pack else None),
             binding_version=self.engine_mod.library_version(),
             llama_build=self.build_info(),
             baseline=copy.deepcopy(baseline),
@@ -572,9 +656,16 @@ class Runner:
             items_selected=items_selected or None,
             wall_s=wall_s,
             sequential=sequential or {},
+            drift_role=self.drift_role,
+            reference_pack=self.pack.summary() if self.pack is not None else None,
+            saved_pack=saved_pack,
         )
 
     def close(self) -> None:
+        if self.pack is not None:
+            self.pack.close()
+        if self.pack_writer is not None:
+            self.pack_writer.discard()  # a finished pack has left the staging folder already
         for part in self.roles.values():
             part.context = part.sequences = None
         if self._engine is not None:

@@ -43,15 +43,27 @@ class ReferenceSide:
 
 
 class ReferenceStore:
-    def __init__(self, settings, directory, identity: dict, side: ReferenceSide):
+    def __init__(self, settings, directory, identity: dict, side: ReferenceSide, pack=None, record_into=None):
+        """``pack``: a reference pack's cache (reference/pack.py), read instead of computing
+        anything; ``record_into``: a pack being written, which gets every entry this run
+        computes or reads from its own cache."""
         self.settings = settings
         self.side = side
         # The vocabulary size checks every entry's rows on load (the model is loaded by now).
-        self.cache = ReferenceCache(directory, identity, n_vocab=side.n_vocab())
+        local = ReferenceCache(directory, identity, n_vocab=side.n_vocab())
+        self.local_cache_enabled = local.enabled
+        self.cache = local
         # The floor compares the reference with itself bit for bit: it needs the live reference.
         # --refract-repeat must re-measure the reference too, so it does not read either.
         s = self.settings
-        self.read = self.cache.enabled and not s.floor and s.repeat == 1
+        self.read = local.enabled and not s.floor and s.repeat == 1
+        self.from_pack = pack is not None
+        if pack is not None:
+            self.cache, self.read = pack, True
+        elif record_into is not None:
+            from .pack import RecordingCache
+
+            self.cache = RecordingCache(local, record_into)
         self._memory: Dict[str, tuple] = {}
 
     @staticmethod

@@ -318,6 +318,13 @@ def build_report(
     first = sections[0]
     multi = len(sections) > 1
     reasons = [(f"{sec['candidate']}: " if multi else "") + r for sec in sections for r in sec["gate"]["reasons"]]
+    drift = None
+    if facts.drift_role is not None:
+        # This build's own reference against the pack's, gated like a candidate, reported first.
+        drift_section = _candidate_section(facts, facts.drift_role, results.get(facts.drift_role, {}),
+                                           failed.get(facts.drift_role, {}), {}, complete, control, registry)
+        drift = build_drift(drift_section)
+        reasons = [f"build drift: {r}" for r in drift_section["gate"]["reasons"]] + reasons
     settings = s.as_dict()
     if facts.chunks_note:
         settings["chunks_note"] = facts.chunks_note
@@ -395,6 +402,14 @@ def build_report(
     }
     if "repeat" in first:
         report["repeat"] = first["repeat"]
+    if facts.reference_pack is not None:
+        # Right after the reference: the pack is the run's reference, and the drift is read first.
+        at = list(report).index("reference") + 1
+        items = list(report.items())
+        items[at:at] = [("reference_pack", copy.deepcopy(facts.reference_pack)), ("build_drift", drift)]
+        report = dict(items)
+    if facts.saved_pack is not None:
+        report["saved_reference_pack"] = copy.deepcopy(facts.saved_pack)
     for sec in sections:
         sec.pop("custom_gates", None)
     if not multi:
@@ -431,6 +446,21 @@ def _gate_first(report: dict) -> dict:
         out["raw_scores_note"] = RAW_SCORES_NOTE
     out.update((k, v) for k, v in report.items() if k not in out)
     return out
+
+
+def build_drift(section: dict) -> dict:
+    """The report's "build_drift": this build's reference config against the pack's, as a
+    candidate. ``multiple``: the largest of its axes' multiples of the control's damage (the
+    pack's control: what a rounding-only change does), with that axis's interval; 0 when this
+    build reproduces the pack's bits."""
+    verdict = section.get("verdict") or {}
+    axes = copy.deepcopy(verdict.get("axes") or {})
+    with_multiple = [(name, a) for name, a in axes.items() if a.get("multiple") is not None]
+    worst = max(with_multiple, key=lambda item: item[1]["multiple"], default=(None, {}))
+    return {"config": section["candidate"], "verdict": verdict.get("verdict"),
+            "multiple": worst[1].get("multiple"), "multiple_ci95": worst[1].get("multiple_ci95"),
+            "multiple_axis": worst[0], "axes": axes, "gate": section["gate"],
+            "diagnosis": section["diagnosis"], "scores": {name: a.get("score") for name, a in section["axes"].items()}}
 
 
 def _kv_bytes(section: dict):

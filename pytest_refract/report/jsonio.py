@@ -8,7 +8,8 @@ from __future__ import annotations
 import json
 import math
 
-# v2 retired the calibrated (retention) score and its gate; see schema.REMOVED_IN_V2.
+# v2 retired the calibrated (retention) score and its gate (see schema.REMOVED_IN_V2), and added
+# the reference pack's fields: "build_drift", "reference_pack", "saved_reference_pack".
 SCHEMA = "pytest-refract.report.v2"
 
 

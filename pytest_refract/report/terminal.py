@@ -50,10 +50,11 @@ def render(tr, report: dict, json_path, registry=None) -> None:
                       f"{mb['folder_bytes']:.1f} MB in its folder")
     sections = report.get("candidates") or [dict(report, custom_gates=(report.get("custom") or {}).get("gates", {}))]
     control = report.get("sensitivity") or {}
+    _render_pack(tr, report)
     # What the gate read first: each candidate's verdict (or raw composite), then the yardstick.
     for section in sections:
         _render_candidate(tr, section, registry)
-    _render_control(tr, control, registry)
+    _render_control(tr, control, registry, from_pack=bool(report.get("reference_pack")))
     if len(sections) > 1:
         _render_ranking(tr, report["ranking"], registry, report.get("gate", {}).get("basis"))
     gate = report.get("gate", {})
@@ -73,6 +74,28 @@ def render(tr, report: dict, json_path, registry=None) -> None:
 
 
 _VERDICT_COLOURS = {"PASS": "green", "UNDECIDED": "yellow", "FAIL": "red", None: "red"}
+
+
+def _render_pack(tr, report: dict) -> None:
+    """The reference pack this run measured against, and this build's drift from it: first,
+    so that a candidate's numbers below are read against it (a build change, not cache damage)."""
+    saved = report.get("saved_reference_pack")
+    if saved:
+        tr.write_line(f"saved pack {saved['path']} ({saved['files']} entries, {saved['bytes'] / 1e6:.2f} MB)")
+    pack = report.get("reference_pack")
+    if not pack:
+        return
+    build = pack.get("build") or {}
+    tr.write_line(f"ref pack   {pack['path']} (made by llama-cpp-python {build.get('llama_cpp_python')}, library "
+                  f"{str(build.get('library_digest'))[:12]}; this run: llama-cpp-python "
+                  f"{report.get('llama_cpp_python_version')}, {str((report.get('llama_cpp_build') or {}).get('library_digest'))[:12]})")
+    drift = report.get("build_drift") or {}
+    verdict = drift.get("verdict")
+    tr.write("build drift ", bold=True)
+    tr.write(f"{verdict or 'NO VERDICT':<9}", **{_VERDICT_COLOURS.get(verdict, "red"): True, "bold": True})
+    parts = [f"{name} {_multiple_text(a)}" for name, a in (drift.get("axes") or {}).items()]
+    tr.write_line(f" this build's {drift.get('config')} against the pack's: " + ("; ".join(parts) or "not measured")
+                  + "  (x = multiples of a rounding-only change; 0 = the pack's very bits)")
 
 
 def _multiple_text(m: dict, prefix: str = "D ") -> str:
@@ -170,13 +193,14 @@ def _rotation_text(rotation: dict) -> str:
     return f"rotated {'+'.join(on)}" if on else "no rotation"
 
 
-def _render_control(tr, control: dict, registry) -> None:
+def _render_control(tr, control: dict, registry, from_pack: bool = False) -> None:
     """The sensitivity control, shown like a candidate but labelled as the yardstick."""
     tr.write_line("")
     if not control.get("config"):
         tr.write_line(f"control    none: {control.get('note') or 'no sensitivity control'}")
         return
-    cached = "  (read from the reference cache)" if control.get("cached") else ""
+    cached = ("  (read from the reference pack: the pack's build measured it)" if from_pack
+              else "  (read from the reference cache)" if control.get("cached") else "")
     tr.write_line(f"control    {control['config']}  (sensitivity: {control.get('note')}; never ranked){cached}")
     # Its raw scores are reference figures (no band: the yardstick is not graded).
     tr.write_line("  raw scores (REFRACT-comparable, not a verdict):")

@@ -157,6 +157,12 @@ def _block_rows(rows, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
     return np.asarray(rows[lo:hi], dtype=np.float32)
 
 
+class StoredLogprobs(np.ndarray):
+    """Log-prob rows in the form a reference stores them (16-bit, see reference/codec.py),
+    handed out in place of logits: kld_positions then compares them with the reference's rows
+    as they are, without a log-softmax that would move their last bits."""
+
+
 def kld_positions(
     ref_logits: np.ndarray, cand_logits: np.ndarray, next_tokens: Sequence[int], block: int = 32,
     ref_is_logprobs: bool = False,
@@ -174,6 +180,9 @@ def kld_positions(
     # 16-bit rows dequantized block by block), so a full float matrix need not exist.
     if not hasattr(ref_logits, "shape"):
         ref_logits = np.asarray(ref_logits)
+    # Rows already in a reference's stored form (a build measured against a reference pack):
+    # used as they are, as the reference's are, so the same bits on both sides give exactly 0.
+    cand_stored = isinstance(cand_logits, StoredLogprobs)
     cand_logits = np.asarray(cand_logits)
     if tuple(ref_logits.shape) != cand_logits.shape:
         raise ValueError(f"logit shapes differ: {ref_logits.shape} vs {cand_logits.shape}")
@@ -206,7 +215,10 @@ def kld_positions(
             # Into our own buffer (in place when the rows are already there): never into the
             # caller's array, which asarray may have returned as it is.
             ref_lp = log_softmax(ref_rows, out=ref_buf[:k], scratch=terms_buf[:k])
-        cand_lp = log_softmax(cand_logits[lo:hi], out=cand_buf[:k], scratch=terms_buf[:k])
+        if cand_stored:
+            cand_lp = cand_logits[lo:hi]
+        else:
+            cand_lp = log_softmax(cand_logits[lo:hi], out=cand_buf[:k], scratch=terms_buf[:k])
         rows = np.arange(k)
         block_tokens = tokens[lo:hi]
         out["nll_ref"][lo:hi] = -ref_lp[rows, block_tokens]
