@@ -78,7 +78,7 @@ def test_decode_rows_come_from_one_token_steps(tiny_model, corpus, clean_fake):
     original = ctx._decode
     ctx._decode = lambda rows, seqs: (steps.append(len(rows)), original(rows, seqs))[1]
     tokens = list(range(3, 67))
-    from pytest_refract.reference.cache import LogprobRows, compact, concat_quantized, sparse_logprobs
+    from pytest_refract.reference.codec import LogprobRows, compact, concat_quantized, sparse_logprobs
 
     ref = runner.context("reference")
     parts = []
