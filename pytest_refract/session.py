@@ -380,6 +380,7 @@ def gather_record(runner, baseline: Optional[dict], *, wall_s: Optional[float] =
         rotation={r: runner.rotation(r) for r in roles},
         kv_allocation={r: runner.kv_allocation(r) for r in roles},
         context_env={r: dict(runner.context_env.get(r, {})) for r in roles},
+        ran={r: runner.ran(r) for r in roles + ([runner.control_role] if runner.control_role else [])},
         kv_cache={r: runner.kv_memory_summary(r) for r in runner.candidate_roles},
         reference_kv_bytes_per_token=runner.kv_bytes_per_token("reference"),
         kv_bytes_peak=runner.kv_bytes_peak or None,

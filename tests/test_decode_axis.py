@@ -136,3 +136,70 @@ def test_decode_is_opt_in_and_part_of_full():
     from pytest_refract.settings import DEFAULT_AXES
 
     assert "decode" not in DEFAULT_AXES and "decode" in BUILTIN
+
+
+# --------------------------------------------------------------------------- what ran, no-op
+
+
+def test_a_candidate_that_computes_the_reference_is_a_no_op(tiny_model, corpus, clean_fake):
+    """A build that ignores the candidate's cache types (the fake computes f16 for q8_0):
+    bit-identical logits on every scored position, flagged, never a PASS, the gate fails."""
+    fake_engine.NO_OP_TYPES.add("q8_0")
+    report, results = _audit(_settings(tiny_model, corpus, axes=("kld",)))
+    assert all(r["logits_identical_to_reference"] is True for r in results["cand0"]["kld"].values())
+    assert report["axes"]["kld"]["logits_identical_to_reference"] is True
+    assert report["no_op"].startswith("no-op: this cache config changed nothing")
+    assert report["verdict"]["verdict"] != "PASS" and report["verdict"]["no_op"] == report["no_op"]
+    assert report["gate"]["passed"] is False and any("no-op" in r for r in report["gate"]["reasons"])
+    assert report["diagnosis"][0].startswith("NO-OP: no-op: this cache config changed nothing")
+    # Its axes measured what ran: the KLD axis itself reads PASS (the storage floor only).
+    assert report["axes"]["kld"]["verdict"]["verdict"] == "PASS"
+    # The control (bf16) is not the reference's computation.
+    assert all(r["logits_identical_to_reference"] is False for r in results["control"]["kld"].values())
+
+
+def test_a_working_candidate_and_a_self_reference_are_no_no_op(tiny_model, corpus, clean_fake):
+    report, _ = _audit(_settings(tiny_model, corpus, axes=("kld",)))
+    assert report["axes"]["kld"]["logits_identical_to_reference"] is False and report["no_op"] is None
+    same, _ = _audit(_settings(tiny_model, corpus, candidate="ctk=f16,ctv=f16", axes=("kld",)))
+    # Identical logits, but the types do not differ: that is a self-reference, not a no-op.
+    assert same["axes"]["kld"]["logits_identical_to_reference"] is True and same["no_op"] is None
+
+
+def test_ran_is_recorded_per_config(tiny_model, corpus, clean_fake):
+    report, _ = _audit(_settings(tiny_model, corpus, axes=("kld",)))
+    ran = report["ran"]
+    assert set(ran) == {"type_k", "type_v", "flash_attn", "rotation", "library", "warnings"}
+    assert (ran["type_k"], ran["type_v"]) == ("q8_0", "q8_0")
+    assert set(ran["library"]) == {"path", "sha256", "system_info"}
+    assert (report["reference_ran"]["type_k"], report["reference_ran"]["type_v"]) == ("f16", "f16")
+    assert (report["sensitivity"]["ran"]["type_k"], report["sensitivity"]["ran"]["type_v"]) == ("bf16", "bf16")
+
+
+def test_terminal_and_html_show_ran_decode_and_no_op(tiny_model, corpus, clean_fake):
+    from pytest_refract.report import terminal
+    from pytest_refract.report.html import render_html
+
+    fake_engine.DECODE_NOISE["q8_0"] = 1.0
+    report, _ = _audit(_settings(tiny_model, corpus))
+
+    class Out:
+        def __init__(self):
+            self.text = []
+
+        def write_sep(self, sep, title):
+            self.text.append(title + "\n")
+
+        def write(self, text, **kw):
+            self.text.append(text)
+
+        def write_line(self, text="", **kw):
+            self.text.append(text + "\n")
+
+    out = Out()
+    terminal.render(out, report, None, resolve())
+    text = "".join(out.text)
+    assert "  ran      K q8_0 / V q8_0" in text and "  ran      K f16 / V f16" in text
+    assert "DECODE ≠ BATCHED" in text and "Decode and batched KLD disagree" in text
+    html = render_html(report)
+    assert "Decode and batched KLD disagree" in html and "ran (candidate)" in html and "K q8_0 / V q8_0" in html

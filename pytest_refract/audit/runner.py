@@ -173,6 +173,29 @@ class Runner:
         build logs no rotation (it has none)."""
         return self.cache_logs[role].rotation
 
+    def ran(self, role: str) -> dict:
+        """What really ran for the role's config, as llama.cpp reported it: the cache types it
+        allocated, flash attention, rotation per side, the library (path, sha256, system info)
+        and every warning it logged creating or using the config's contexts, known ones named
+        (engines.kvlog.KNOWN_WARNINGS)."""
+        from ..engines.kvlog import named_warnings
+
+        facts = self.cache_logs[role]
+
+        def one(values):
+            values = sorted(set(values))
+            return None if not values else values[0] if len(values) == 1 else values
+
+        engine = self._engine
+        used = (getattr(engine, "logged_warnings", None) or {}).get(self.configs[role].label(), [])
+        build = self.build_info()
+        record = getattr(self.engine_mod, "library_record", None)
+        library = dict(record()) if record is not None else {"path": None, "sha256": None}
+        library["system_info"] = build.get("system_info")
+        return {"type_k": one(c.k_type for c in facts.caches), "type_v": one(c.v_type for c in facts.caches),
+                "flash_attn": getattr(facts, "flash_attn", None), "rotation": facts.rotation, "library": library,
+                "warnings": named_warnings([*facts.warnings, *used])}
+
     def kv_allocation(self, role: str) -> Optional[dict]:
         from ..engines.allocation import kv_allocation
 

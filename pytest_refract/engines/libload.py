@@ -157,14 +157,16 @@ def loaded_library_files() -> List[Path]:
     return sorted(found.values(), key=lambda p: p.name)
 
 
-def library_digest(files: List[Path]) -> Optional[str]:
+def library_digest(files: List[Path], names: bool = True) -> Optional[str]:
     """sha256 over the loaded libraries' names and contents: two builds that differ in any
-    byte get different reference-cache keys."""
+    byte get different reference-cache keys. ``names=False``: over the contents only (of one
+    file, its plain sha256)."""
     if not files:
         return None
     digest = hashlib.sha256()
     for path in files:
-        digest.update(path.name.encode("utf-8") + b"\0")
+        if names:
+            digest.update(path.name.encode("utf-8") + b"\0")
         try:
             with open(path, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):
