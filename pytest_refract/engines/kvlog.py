@@ -242,7 +242,7 @@ KNOWN_WARNINGS = (
                                     r"attention)\b.*\bfall(s|ing)? back to (the )?CPU", re.IGNORECASE)),
     ("flash_attn_disabled", re.compile(r"Flash Attention was auto, set to disabled", re.IGNORECASE)),
     ("cache_type_changed", re.compile(r"\b(K|V|KV|cache)\b.*\b(upgrad\w*|promot\w*|substitut\w*|forc\w*|chang\w*|"
-                                      r"switch\w*)\b.*\b(to|->)\b", re.IGNORECASE)),
+                                      r"switch\w*)\b.*(\bto\b|->)", re.IGNORECASE)),
     ("bf16_as_f16", re.compile(r"\bbf16\b.*\b(as|to|into)\s+f16\b|K/V types bf16-|K/V types \w+-bf16\b",
                                re.IGNORECASE)),
 )
