@@ -73,3 +73,81 @@ def test_ran_text():
     assert ran_text(None) == "not recorded"
     assert ran_text(dict(ran, warnings=[], rotation={"k": False, "v": False})).endswith("no rotation; libllama.so "
                                                                                        "sha256 0123456789ab; no warnings")
+
+
+# --------------------------------------------------------------------------- the layout guard
+
+import ctypes  # noqa: E402
+
+from pytest_refract.engines.libload import context_params_problem  # noqa: E402
+
+
+class _Params(ctypes.Structure):
+    """The leading fields of llama_context_params as 0.3.24+ bindings declare them, up to the
+    cache types (cb_eval and its data collapsed into two pointers)."""
+
+    _fields_ = [("n_ctx", ctypes.c_uint32), ("n_batch", ctypes.c_uint32), ("n_ubatch", ctypes.c_uint32),
+                ("n_seq_max", ctypes.c_uint32), ("n_threads", ctypes.c_int32), ("n_threads_batch", ctypes.c_int32),
+                ("cb_eval", ctypes.c_void_p), ("cb_eval_user_data", ctypes.c_void_p),
+                ("type_k", ctypes.c_int), ("type_v", ctypes.c_int)]
+
+
+class _OlderLibrary(ctypes.Structure):
+    """What a library of another llama.h writes: two 32-bit fields fewer before the cache types."""
+
+    _fields_ = [("n_ctx", ctypes.c_uint32), ("n_batch", ctypes.c_uint32), ("n_ubatch", ctypes.c_uint32),
+                ("n_seq_max", ctypes.c_uint32), ("cb_eval", ctypes.c_void_p), ("cb_eval_user_data", ctypes.c_void_p),
+                ("type_k", ctypes.c_int), ("type_v", ctypes.c_int), ("pad", ctypes.c_int * 4)]
+
+
+def _defaults(struct):
+    params = struct(n_ctx=512, n_batch=2048, n_ubatch=512, n_seq_max=1, type_k=1, type_v=1)
+    if hasattr(params, "n_threads"):
+        params.n_threads = params.n_threads_batch = 4
+    return params
+
+
+def test_layout_guard_accepts_matching_defaults():
+    assert context_params_problem(_defaults(_Params), "0.3.36") is None
+
+
+def test_layout_guard_refuses_a_shifted_layout():
+    """The library fills its own (older) struct; the bindings read it through theirs."""
+    library_side = _defaults(_OlderLibrary)
+    seen_by_bindings = _Params.from_buffer_copy(bytes(library_side) + b"\0" * max(0, ctypes.sizeof(_Params)
+                                                                                   - ctypes.sizeof(_OlderLibrary)))
+    problem = context_params_problem(seen_by_bindings, "0.3.36")
+    assert problem is not None and "\n" not in problem
+    assert problem.startswith("llama-cpp-python 0.3.36's llama_context_params layout does not match the loaded "
+                              "llama.cpp library: its defaults read back as ")
+    assert "type_k=0" in problem  # the bindings' type_k lies beyond the library's cache types
+    assert "pip install" in problem
+
+
+@pytest.mark.parametrize("field, value", [("type_k", 0), ("type_v", 8), ("n_batch", 0), ("n_seq_max", 0),
+                                          ("n_ubatch", 4096)])
+def test_layout_guard_names_each_implausible_default(field, value):
+    params = _defaults(_Params)
+    setattr(params, field, value)
+    problem = context_params_problem(params, "0.3.36")
+    assert problem is not None and (f"{field}={value}" in problem or f"n_ubatch {value} > n_batch" in problem)
+
+
+def test_layout_guard_passes_the_installed_bindings_and_library():
+    llama_cpp = pytest.importorskip("llama_cpp")
+    assert context_params_problem(llama_cpp.llama_context_default_params()) is None
+
+
+def test_the_engine_refuses_mismatched_bindings_before_any_context(monkeypatch):
+    pytest.importorskip("llama_cpp")
+    from pytest_refract.engines import llamacpp
+    from pytest_refract.errors import UsageProblem
+
+    wrong = _defaults(_Params)
+    wrong.type_k = 0
+    monkeypatch.setattr(llamacpp.llama_cpp, "llama_context_default_params", lambda: wrong)
+    with pytest.raises(UsageProblem, match="layout does not match"):
+        llamacpp.check_context_params()
+    monkeypatch.setattr(llamacpp, "_backend_ready", False)
+    with pytest.raises(UsageProblem, match="layout does not match"):
+        llamacpp._init_backend()

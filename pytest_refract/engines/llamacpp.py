@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import MeasurementError
+from ..errors import MeasurementError, UsageProblem
 from . import kvlog, libload
 from .base import (
     Context,
@@ -89,9 +89,18 @@ def _pin_malloc_mmap_threshold() -> None:
         pass
 
 
+def check_context_params() -> None:
+    """Refuse, in one line, bindings whose llama_context_params layout is not the library's
+    (libload.context_params_problem): they would set the wrong cache type silently."""
+    problem = libload.context_params_problem(llama_cpp.llama_context_default_params(), library_version())
+    if problem:
+        raise UsageProblem(problem)
+
+
 def _init_backend() -> None:
     global _backend_ready
     if not _backend_ready:
+        check_context_params()
         _pin_malloc_mmap_threshold()
         llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
