@@ -151,3 +151,21 @@ def test_the_engine_refuses_mismatched_bindings_before_any_context(monkeypatch):
     monkeypatch.setattr(llamacpp, "_backend_ready", False)
     with pytest.raises(UsageProblem, match="layout does not match"):
         llamacpp._init_backend()
+
+
+@pytest.mark.parametrize("schema, readable", [("pytest-refract.report.v1", True), ("pytest-refract.report.v2", True),
+                                              ("pytest-refract.report.v3", False)])
+def test_reports_of_every_additive_schema_version_load(tmp_path, schema, readable):
+    import json
+
+    from pytest_refract.report.jsonio import SCHEMA
+    from pytest_refract.report.schema import ReportFileError, load_report
+
+    assert SCHEMA == "pytest-refract.report.v2"
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps({"schema": schema, "composite": 90.0, "candidate": "c", "reference": "r", "axes": {}}))
+    if readable:
+        assert load_report(path)["schema"] == schema
+    else:
+        with pytest.raises(ReportFileError, match="not a pytest-refract report"):
+            load_report(path)

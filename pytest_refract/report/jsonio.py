@@ -8,7 +8,10 @@ from __future__ import annotations
 import json
 import math
 
-SCHEMA = "pytest-refract.report.v1"
+# v2 added, and changed nothing of v1: per config what really ran ("ran", "reference_ran",
+# sensitivity.ran), the no-op flag ("no_op"), the decode axis (axes.decode) and the KLD axis's
+# logits_identical_to_reference. Readers accept every version in schema.READABLE_SCHEMAS.
+SCHEMA = "pytest-refract.report.v2"
 
 
 def _clean(value):

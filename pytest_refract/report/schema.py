@@ -14,6 +14,9 @@ from ..errors import UsageProblem
 from ..files import MAX_REPORT_BYTES, read_input
 from .jsonio import SCHEMA
 
+# Every report schema this package reads: each version only added fields to the one before.
+READABLE_SCHEMAS = ("pytest-refract.report.v1", SCHEMA)
+
 # A report nests a few levels (axes -> axis -> percentiles); deeper is not one of ours, and
 # Python's parser would hit its recursion limit on thousands of levels.
 MAX_REPORT_DEPTH = 32
@@ -72,8 +75,8 @@ def load_report(path) -> dict:
         raise ReportFileError(f"{p}: JSON nested deeper than any report (at most {MAX_REPORT_DEPTH} levels)") from None
     if _depth_problem(data):
         raise ReportFileError(f"{p}: JSON nested deeper than any report (at most {MAX_REPORT_DEPTH} levels)")
-    if not isinstance(data, dict) or data.get("schema") != SCHEMA:
-        raise ReportFileError(f"{p}: not a pytest-refract report (schema {SCHEMA} expected)")
+    if not isinstance(data, dict) or data.get("schema") not in READABLE_SCHEMAS:
+        raise ReportFileError(f"{p}: not a pytest-refract report (schema {' or '.join(READABLE_SCHEMAS)} expected)")
     problem = report_problem(data)
     if problem:
         raise ReportFileError(f"{p}: {problem}")
