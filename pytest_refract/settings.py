@@ -61,7 +61,7 @@ OPTIONS = (
                                   "measuring order; default: all the axis has (the whole prompt pool, every chunk)"),
     ("decode-window", "string", "32", "decode axis: positions per KLD chunk fed one token per llama_decode (from the "
                                       "chunk's middle on)"),
-    ("decode-chunks", "string", "8", "decode axis: KLD chunks it measures (the first N in the KLD axis's order)"),
+    ("decode-chunks", "string", "16", "decode axis: KLD chunks it measures (the first N in the KLD axis's order)"),
     ("undecided", "string", "fail", "what the gate does with an UNDECIDED verdict: fail (default: the evidence is not "
                                     "there yet) or pass"),
 )

@@ -36,9 +36,6 @@ from .kld import NON_FINITE_KLD, KLDAxis, chunk_tokens
 from .kld import _evaluate as evaluate_chunk
 
 _RAW_KEYS = ("kld", "p_diff", "nll_ref", "nll_cand", "same_top")
-# Defaults: few positions per chunk and few chunks, so the axis costs seconds on a small model.
-DEFAULT_WINDOW = 32
-DEFAULT_CHUNKS = 8
 
 
 def window_of(n_tokens: int, wanted: int) -> int:
