@@ -208,7 +208,7 @@ def test_full_self_reference_runs_every_axis(pytester, tiny_model, tiny_prompts,
                    f"--refract-json={report}")
     )
     data = read_report(report)
-    assert set(data["axes"]) == {"trajectory", "kld", "rniah", "plad"}
+    assert set(data["axes"]) == {"trajectory", "kld", "rniah", "plad", "decode"}
     plad = data["axes"]["plad"]
     # Prompts without a capitalised word or a synonym-table word skip those perturbations.
     assert plad["n_pairs"] + plad["n_skipped"] == 3 * 4
