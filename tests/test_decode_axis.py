@@ -203,3 +203,16 @@ def test_terminal_and_html_show_ran_decode_and_no_op(tiny_model, corpus, clean_f
     assert "DECODE ≠ BATCHED" in text and "Decode and batched KLD disagree" in text
     html = render_html(report)
     assert "Decode and batched KLD disagree" in html and "ran (candidate)" in html and "K q8_0 / V q8_0" in html
+
+
+def test_decode_reads_the_kld_axis_reference_entries(tiny_model, corpus, clean_fake, tmp_path):
+    """On a cold cache the KLD axis writes each chunk's reference; the decode axis reads those
+    entries back rather than running the reference again; a warm run reads both."""
+    cache = tmp_path / "cache"
+    cold, results = _audit(_settings(tiny_model, corpus, cache_dir=str(cache)))
+    decode_items = results["cand0"]["decode"].values()
+    assert all(r["reference_cache"] == {"hits": 1, "misses": 0} for r in decode_items)
+    assert all("reference" not in r["compute"] or r["compute"]["reference"]["batch_tokens"] == 0 for r in decode_items)
+    warm, _ = _audit(_settings(tiny_model, corpus, cache_dir=str(cache)))
+    assert warm["axes"]["decode"]["mean_kld"] == cold["axes"]["decode"]["mean_kld"]
+    assert warm["reference_cache"]["misses"] == 0
