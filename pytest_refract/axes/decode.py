@@ -30,7 +30,7 @@ import numpy as np
 
 from ..errors import MeasurementError
 from ..inputs.data import measuring_order
-from ..scoring.metrics import band_for, kld_positions, kld_score, kld_summary
+from ..scoring.metrics import band_for, kld_positions, kld_score, kld_summary, mean_and_uncertainty
 from ..scoring.verdict import LEVEL, damage_interval, ratio_of_sums
 from .kld import NON_FINITE_KLD, KLDAxis, chunk_tokens
 from .kld import _evaluate as evaluate_chunk
@@ -70,8 +70,12 @@ def decode_and_batched(ctx, tokens: List[int], window: int, ref_rows, next_token
     for name, parts in (("batched", batched), ("decode", decoded)):
         if sum(len(p["kld"]) for p in parts) != window:
             raise MeasurementError(f"internal: {window} {name} positions expected, llama.cpp returned a different count")
-    join = lambda parts: {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}  # noqa: E731
-    return join(decoded), join(batched)
+    return _joined(decoded), _joined(batched)
+
+
+def _joined(parts: List[dict]) -> dict:
+    """Per-position arrays of consecutive pieces, concatenated key by key."""
+    return {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
 
 
 def intervals_disagree(a: Optional[List[float]], b: Optional[List[float]]) -> Optional[bool]:
@@ -181,8 +185,6 @@ class DecodeAxis(KLDAxis):
         items = [{k: v for k, v in r.items() if k not in self.PRIVATE_KEYS} for r in results]
         decode_ci = _interval(self.damage_table(items)[1])
         batched_ci = _interval(self._batched_table(items))
-        from ..scoring.metrics import mean_and_uncertainty
-
         batched_mean, batched_unc = mean_and_uncertainty(batched_kld)
         section["batched"] = {
             "mean_kld": batched_mean,
