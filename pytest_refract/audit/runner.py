@@ -191,6 +191,9 @@ class Runner:
         build = self.build_info()
         record = getattr(self.engine_mod, "library_record", None)
         library = dict(record()) if record is not None else {"path": None, "sha256": None}
+        home = str(Path.home())
+        if library.get("path") and home not in ("", "/"):
+            library["path"] = library["path"].replace(home, "~")  # reports are shared: no home folder
         library["system_info"] = build.get("system_info")
         return {"type_k": one(c.k_type for c in facts.caches), "type_v": one(c.v_type for c in facts.caches),
                 "flash_attn": getattr(facts, "flash_attn", None), "rotation": facts.rotation, "library": library,
