@@ -57,6 +57,11 @@ def build_info() -> dict:
             "libraries": [], "library_digest": None, "system_info": "fake engine"}
 
 
+def library_record() -> dict:
+    """Where a real engine's library would be: under the home folder, as a user's venv is."""
+    return {"path": str(Path.home() / "venv" / "lib" / "libllama.so"), "sha256": "ab" * 32}
+
+
 def library_version() -> str:
     return "fake"
 

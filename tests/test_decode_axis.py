@@ -172,6 +172,7 @@ def test_ran_is_recorded_per_config(tiny_model, corpus, clean_fake):
     assert set(ran) == {"type_k", "type_v", "flash_attn", "rotation", "library", "warnings"}
     assert (ran["type_k"], ran["type_v"]) == ("q8_0", "q8_0")
     assert set(ran["library"]) == {"path", "sha256", "system_info"}
+    assert ran["library"]["path"] == "~/venv/lib/libllama.so" and ran["library"]["sha256"] == "ab" * 32
     assert (report["reference_ran"]["type_k"], report["reference_ran"]["type_v"]) == ("f16", "f16")
     assert (report["sensitivity"]["ran"]["type_k"], report["sensitivity"]["ran"]["type_v"]) == ("bf16", "bf16")
 
