@@ -156,6 +156,10 @@ def test_a_candidate_that_computes_the_reference_is_a_no_op(tiny_model, corpus, 
     assert report["axes"]["kld"]["verdict"]["verdict"] == "PASS"
     # The control (bf16) is not the reference's computation.
     assert all(r["logits_identical_to_reference"] is False for r in results["control"]["kld"].values())
+    from pytest_refract.report.html import render_html
+
+    assert "<strong>No-op.</strong> no-op: this cache config changed nothing" in render_html(report)
+    assert report["ranking"][0]["no_op"] == report["no_op"]
 
 
 def test_a_working_candidate_and_a_self_reference_are_no_no_op(tiny_model, corpus, clean_fake):
