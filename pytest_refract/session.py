@@ -1,8 +1,8 @@
 """The audit's session: its items and their collector, and the RefractSession that collects
 their results (also from xdist workers), gates the run and writes the report.
 
-Only the plugin's hooks create it; it turns the runner (audit/) into the report's plain facts
-and hands them to report/."""
+Only the plugin's hooks create it; it asks the runner (audit/) for its items, their
+measurements and its record of the run, and hands them to report/."""
 
 from __future__ import annotations
 
@@ -14,9 +14,9 @@ import pytest
 
 from . import settings as settings_mod
 from .audit.results import ItemResult
+from .axes.base import Unit
 from .errors import MeasurementError, UsageProblem
 from .fixtures import CUSTOM_RESULTS
-from .report.record import RunRecord
 from .stopping import SequentialStopping
 
 _STASH_KEY = pytest.StashKey["RefractSession"]()
@@ -59,35 +59,38 @@ class RefractCollector(pytest.Collector):
 
     def collect(self):
         runner = get_session(self.config).runner
-        for name, unit, group in runner.items():
-            item = RefractItem.from_parent(self, name=item_name(runner, name, unit), axis=name, unit=unit)
+        for unit, group in runner.items():
+            item = RefractItem.from_parent(self, name=item_name(runner, unit), unit=unit)
             item.add_marker(pytest.mark.xdist_group(group))
             yield item
 
 
-def item_name(runner, axis: str, unit: dict) -> str:
+def item_name(runner, unit: Unit) -> str:
     """``test_<axis>[<candidate prefix><unit id>]``: the candidate prefix only in a matrix."""
-    return f"test_{axis}[{runner.id_prefix[unit['candidate']]}{unit['id']}]"
+    return f"test_{unit.axis}[{runner.id_prefix[unit.candidate]}{unit.id}]"
 
 
 class RefractItem(pytest.Item):
-    def __init__(self, *, axis: str, unit: dict, **kwargs):
+    def __init__(self, *, unit: Unit, **kwargs):
         super().__init__(**kwargs)
-        self.axis = axis
         self.unit = unit
         self.measured: Optional[ItemResult] = None
-        for keyword in unit.get("keywords", ()):
+        for keyword in unit.keywords:
             self.extra_keyword_matches.add(keyword)
+
+    @property
+    def axis(self) -> str:
+        return self.unit.axis
 
     def runtest(self):
         rs = get_session(self.config)
-        decided = rs.stopping.skip_reason(self.unit["candidate"], self.axis, self.unit["id"])
+        decided = rs.stopping.skip_reason(self.unit.candidate, self.axis, self.unit.id)
         if decided:
             # The axis's verdict for this candidate is decided: the item is not measured (and
             # not counted as measured anywhere); the report lists it under "sequential".
             pytest.skip(decided)
         try:
-            self.measured = rs.runner.measure(rs.runner.axes[self.axis], self.unit)
+            self.measured = rs.runner.measure(self.unit)
         except (MeasurementError, UsageProblem) as exc:
             raise RefractItemError(f"{self.axis} {self.name}: {exc}") from None
         result = self.measured.result
@@ -151,12 +154,10 @@ class RefractSession:
         # Here, not in pytest_configure: the terminal reporter exists by now.
         from .audit.progress import sink_for
 
-        self.runner.progress.sink = sink_for(self.config, settings_mod.show_progress(self.config))
+        self.runner.show_progress(sink_for(self.config, settings_mod.show_progress(self.config)))
 
     def pytest_runtest_logstart(self, nodeid, location):
-        sink = self.runner.progress.sink
-        if sink is not None:
-            sink.nodeid = nodeid  # to reopen pytest's line after progress lines (PlainLines.clear)
+        self.runner.item_starting(nodeid)  # to reopen pytest's line after progress lines (PlainLines.clear)
 
     # -- collection ---------------------------------------------------------------------
 
@@ -175,7 +176,7 @@ class RefractSession:
         # After -k/-m: the items this process may run, so a decode batch holds only those.
         slots = [k for k, item in enumerate(session.items) if isinstance(item, RefractItem)]
         ours = [session.items[k] for k in slots]
-        planned = [(item.axis, item.unit) for item in ours]
+        planned = [item.unit for item in ours]
         # Every design is fixed here, before the first item runs (scoring/sequential.py); it
         # depends on how many items each axis has, not on their order.
         self.stopping.plan(planned)
@@ -185,8 +186,7 @@ class RefractSession:
         for k, i in zip(slots, order):
             session.items[k] = ours[i]
         planned = [planned[i] for i in order]
-        self.runner.set_plan(planned)
-        self.runner.batches.closed = self.stopping.closed
+        self.runner.set_plan(planned, closed=self.stopping.closed)
 
     # -- results ------------------------------------------------------------------------
 
@@ -236,17 +236,16 @@ class RefractSession:
         if measured.role in self.runner.candidate_roles:
             control = self.results.get(self.runner.control_role, {}).get(measured.axis) if self.runner.control_role else None
             line = self.stopping.observe(measured.role, measured.axis, self.results[measured.role][measured.axis], control)
-            sink = self.runner.progress.sink
-            if line and sink is not None:
-                sink.note(line)
+            if line:
+                self.runner.note(line)
 
     def _file(self, measured: ItemResult) -> None:
         self.results.setdefault(measured.role, {}).setdefault(measured.axis, {})[measured.unit] = measured.result
 
     def _planned_item(self, nodeid: str) -> Optional[tuple]:
         if self._item_of is None:
-            self._item_of = {f"refract::{item_name(self.runner, axis, unit)}": (unit["candidate"], axis, unit["id"])
-                             for axis, unit, _group in self.runner.items()}
+            self._item_of = {f"refract::{item_name(self.runner, unit)}": (unit.candidate, unit.axis, unit.id)
+                             for unit, _group in self.runner.items()}
         # xdist's loadgroup mode appends "@<group>" to node ids.
         return self._item_of.get(nodeid.split("@", 1)[0])
 
@@ -291,8 +290,8 @@ class RefractSession:
             return  # nothing selected and nothing stopped: there is nothing to report
         complete = not self.interrupted and not session.shouldstop
         selected = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem))
-        facts = gather_record(self.runner, self.baseline, wall_s=time.time() - self.started, items_selected=selected,
-                              sequential=self.stopping.report())
+        facts = self.runner.record(self.baseline, wall_s=time.time() - self.started, items_selected=selected,
+                                   sequential=self.stopping.report())
         self.report = build_report(facts=facts, results=self.results, failed=self.failed, custom=self.custom,
                                    invocation_args=list(self.config.invocation_params.args), complete=complete,
                                    registry=self.runner.axes, repeats=self.repeats)
@@ -343,57 +342,3 @@ class RefractSession:
     def pytest_unconfigure(self, config):
         self.runner.close()
 
-
-def gather_record(runner, baseline: Optional[dict], *, wall_s: Optional[float] = None, items_selected: Optional[int] = None,
-                  sequential: Optional[Dict[str, Dict[str, dict]]] = None) -> RunRecord:
-    """The facts of ``runner`` (an audit.runner.Runner): only its public members. ``wall_s`` and
-    ``items_selected`` are the session's: its wall time so far, and its items after -k/-m."""
-    import copy
-    import os
-    import platform
-
-    inputs = runner.inputs
-    # The corpus and the haystack are one input when R-NIAH reads the corpus itself.
-    texts = {id(x): x for x in (inputs.corpus, inputs.haystack_source) if x is not None}.values()
-    roles = ["reference", *runner.candidate_roles]
-    selected: Dict[str, Dict[str, int]] = {}
-    for (role, axis), count in runner.selected.items():
-        selected.setdefault(role, {})[axis] = count
-    axis_inputs, axis_settings = {}, {}
-    for name, axis in runner.axes.items():
-        section, settings = axis.section_facts(runner), axis.settings_facts(runner)
-        if section:
-            axis_inputs[name] = section
-        if settings:
-            axis_settings[name] = settings
-    return RunRecord(
-        settings=runner.settings,
-        candidate_roles=tuple(runner.candidate_roles),
-        labels=dict(runner.labels),
-        self_reference=dict(runner.self_reference),
-        control_role=runner.control_role,
-        text_inputs=tuple(x.describe() for x in texts),
-        axis_inputs=axis_inputs,
-        axis_settings=axis_settings,
-        chunks_note=inputs.chunks_note,
-        gpu_note=runner.gpu_note,
-        rotation={r: runner.rotation(r) for r in roles},
-        kv_allocation={r: runner.kv_allocation(r) for r in roles},
-        context_env={r: dict(runner.context_env.get(r, {})) for r in roles},
-        ran={r: runner.ran(r) for r in roles + ([runner.control_role] if runner.control_role else [])},
-        kv_cache={r: runner.kv_memory_summary(r) for r in runner.candidate_roles},
-        reference_kv_bytes_per_token=runner.kv_bytes_per_token("reference"),
-        kv_bytes_peak=runner.kv_bytes_peak or None,
-        model=runner.model_summary(),
-        host={"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
-        reference_cache_enabled=runner.reference.cache.enabled,
-        reference_cache_read=runner.reference.read,
-        reference_cache_size=runner.reference.size_facts() if runner.reference.cache.enabled else None,
-        binding_version=runner.engine_mod.library_version(),
-        llama_build=runner.build_info(),
-        baseline=copy.deepcopy(baseline),
-        selected=selected,
-        items_selected=items_selected or None,
-        wall_s=wall_s,
-        sequential=sequential or {},
-    )

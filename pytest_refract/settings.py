@@ -67,7 +67,47 @@ OPTIONS = (
 )
 # The ini default of options without one: tells a key that is absent from one set blank.
 _UNSET = "\x00unset"
+# OPTIONS is the one place a default is written: the flag's, the ini key's (register) and the
+# Settings field's (option_default) all come from it; tests/test_option_defaults.py checks so.
 OPTION_DEFAULTS = {name: default for name, _type, default, _help in OPTIONS}
+
+
+def _number_tuple(cast):
+    return lambda text: tuple(dict.fromkeys(cast(part.strip()) for part in text.split(",") if part.strip()))
+
+
+# How an option's default text becomes its Settings field's value (as read_settings reads a
+# value given on the command line); the rest are kept as text.
+_DEFAULT_PARSERS = {
+    "reference": parse_kv_config,
+    "axes": lambda text: tuple(a.strip() for a in text.split(",") if a.strip()),
+    "fail-under": parse_threshold,
+    "n-predict": int, "ctx": int, "seed": int, "decode-batch": int, "gpu-layers": int, "repeat": int,
+    "chunks": lambda text: None if text.lower() == "all" else int(text),
+    "rniah-positions": _number_tuple(float),
+    "rniah-trials": int, "rniah-answer-tokens": int,
+    "max-drop": float,
+}
+# Option -> the Settings field it sets, for every option whose field a default command line
+# sets to the option's default (model and candidate are required; threads, cache-dir and
+# sensitivity are derived from the machine, pytest's cache and the reference).
+OPTION_FIELDS = {
+    "reference": "reference", "axes": "axes", "fail-under": "fail_under", "item-fail-under": "item_fail_under",
+    "json": "json_path", "prompts": "prompts_path", "corpus": "corpus_path", "n-predict": "n_predict",
+    "ctx": "ctx", "chunks": "chunks", "seed": "seed", "decode-batch": "decode_batch", "gpu-layers": "gpu_layers",
+    "rniah-lengths": "rniah_lengths", "rniah-positions": "rniah_positions", "rniah-trials": "rniah_trials",
+    "rniah-needle": "rniah_needle", "rniah-question": "rniah_question", "rniah-answer": "rniah_answer",
+    "rniah-values": "rniah_values", "rniah-answer-tokens": "rniah_answer_tokens", "haystack": "haystack_path",
+    "repeat": "repeat", "html": "html_path", "baseline": "baseline_path", "max-drop": "max_drop",
+    "llama-lib": "llama_lib", "gate": "gate_basis", "max-items": "max_items", "undecided": "undecided",
+}
+
+
+def option_default(name: str):
+    """The default of option ``name`` as its Settings field holds it (None: it has none)."""
+    text = OPTION_DEFAULTS[name]
+    return None if text is None else _DEFAULT_PARSERS.get(name, str)(text)
+
 FLAGS = (("floor", "also measure reference vs reference (a second context) to show the noise floor"),
          ("no-cache", "do not read or write the reference cache"),
          ("clear-cache", "empty the reference cache before the run"),
@@ -162,41 +202,42 @@ class Settings:
     threads: int
     gpu_layers: int
     floor: bool
-    rniah_lengths: Optional[Tuple[int, ...]] = None
-    rniah_positions: Tuple[float, ...] = (0.1, 0.5, 0.9)
-    rniah_trials: int = 3
-    rniah_needle: str = "The magic number is {value}."
-    rniah_question: str = "What is the magic number?"
-    rniah_answer: str = "{value}"
-    rniah_values: str = "numbers"
-    rniah_answer_tokens: int = 32
-    haystack_path: Optional[str] = None
-    html_path: Optional[str] = None
-    repeat: int = 1
+    # Defaults: the options' own (OPTIONS), so a Settings made in code runs as a default
+    # command line does.
+    rniah_lengths: Optional[Tuple[int, ...]] = option_default("rniah-lengths")
+    rniah_positions: Tuple[float, ...] = option_default("rniah-positions")
+    rniah_trials: int = option_default("rniah-trials")
+    rniah_needle: str = option_default("rniah-needle")
+    rniah_question: str = option_default("rniah-question")
+    rniah_answer: str = option_default("rniah-answer")
+    rniah_values: str = option_default("rniah-values")
+    rniah_answer_tokens: int = option_default("rniah-answer-tokens")
+    haystack_path: Optional[str] = option_default("haystack")
+    html_path: Optional[str] = option_default("html")
+    repeat: int = option_default("repeat")
     cache_dir: Optional[str] = None
     clear_cache: bool = False
-    baseline_path: Optional[str] = None
-    max_drop: float = 2.0
+    baseline_path: Optional[str] = option_default("baseline")
+    max_drop: float = option_default("max-drop")
     n_batch: int = 512
     n_ubatch: int = 512
-    # The CLI's default, so a Settings made in code decodes as a default run does.
-    decode_batch: int = int(OPTION_DEFAULTS["decode-batch"])
+    decode_batch: int = option_default("decode-batch")
     decode_batch_note: Optional[str] = None
     # The sensitivity control (None with --refract-no-sensitivity), why it was chosen, and
     # which composite the gate reads.
     sensitivity: Optional[KVConfig] = None
     sensitivity_note: Optional[str] = None
-    gate_basis: str = "raw"
+    gate_basis: str = option_default("gate")
     # What the verdict gate does with UNDECIDED: "fail" or "pass".
-    undecided: str = "fail"
-    llama_lib: Optional[str] = None
+    undecided: str = option_default("undecided")
+    llama_lib: Optional[str] = option_default("llama-lib")
     verbose: int = 0
     # The axes that decode in multi-sequence batches when selected (see the axes' BATCHED).
     batched_axes: Tuple[str, ...] = ()
     # Sequential measurement: stop an axis once its verdict is decided (False with
     # --refract-exhaustive), and the cap on items per axis (--refract-max-items).
     sequential: bool = True
-    max_items: Optional[int] = None
+    max_items: Optional[int] = option_default("max-items")
     sequential_note: Optional[str] = None  # why stopping is off where it was not asked off
     # The decode axis: positions per chunk fed one token per llama_decode, and chunks measured.
     decode_window: int = int(OPTION_DEFAULTS["decode-window"])
@@ -301,7 +342,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         unknown = [a for a in axes if a not in known]
         if unknown:
             raise UsageProblem(f"--refract-axes: unknown axis {unknown[0]!r}; choose from {', '.join(known)} or none")
-    fail_text = _get(config, "fail-under") or "FAIL"
+    fail_text = _get(config, "fail-under") or OPTION_DEFAULTS["fail-under"]
     try:
         fail_under = parse_threshold(fail_text)
     except ValueError as exc:
@@ -329,7 +370,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         threads = max(1, (os.cpu_count() or 1) // workers)
     json_path = _output_path(config, "json")
     html_path = _output_path(config, "html")
-    max_drop_raw = _get(config, "max-drop") or "2.0"
+    max_drop_raw = _get(config, "max-drop") or OPTION_DEFAULTS["max-drop"]
     try:
         max_drop = float(max_drop_raw)
     except ValueError:
@@ -384,7 +425,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
 
 
 def _chunks(config) -> Optional[int]:
-    raw = _get(config, "chunks") or "all"
+    raw = _get(config, "chunks") or OPTION_DEFAULTS["chunks"]
     if str(raw).lower() == "all":
         return None
     return _int(config, "chunks", 1)
@@ -406,14 +447,14 @@ def _sequential(config, gate_basis: str) -> Tuple[bool, Optional[str]]:
 
 
 def _undecided(config) -> str:
-    text = (_get(config, "undecided") or "fail").lower()
+    text = (_get(config, "undecided") or OPTION_DEFAULTS["undecided"]).lower()
     if text not in ("fail", "pass"):
         raise UsageProblem(f"--refract-undecided={text!r} must be fail or pass")
     return text
 
 
 def _sensitivity(config, reference: KVConfig) -> Tuple[Optional[KVConfig], Optional[str], str]:
-    gate_text = (_get(config, "gate") or "verdict").lower()
+    gate_text = (_get(config, "gate") or OPTION_DEFAULTS["gate"]).lower()
     if gate_text not in ("verdict", "raw", "calibrated"):
         raise UsageProblem(f"--refract-gate={gate_text!r} must be verdict, raw or calibrated")
     explicit_gate = config.getoption("refract_gate") is not None
@@ -531,7 +572,7 @@ def _rniah_settings(config) -> dict:
         except UnicodeEncodeError:
             # Bytes that are not UTF-8 on the command line arrive as lone surrogates.
             raise UsageProblem(f"--refract-{name} holds bytes that are not UTF-8 text; give UTF-8") from None
-    values = (_get(config, "rniah-values") or "numbers").lower()
+    values = (_get(config, "rniah-values") or OPTION_DEFAULTS["rniah-values"]).lower()
     if values not in ("numbers", "words"):
         raise UsageProblem("--refract-rniah-values must be numbers or words")
     return {
@@ -539,7 +580,7 @@ def _rniah_settings(config) -> dict:
         "rniah_positions": _number_list(config, "rniah-positions", float, 0.0, 1.0),
         "rniah_trials": _int(config, "rniah-trials", 1),
         "rniah_needle": needle,
-        "rniah_question": _get(config, "rniah-question") or "What is the magic number?",
+        "rniah_question": _get(config, "rniah-question") or OPTION_DEFAULTS["rniah-question"],
         "rniah_answer": answer,
         "rniah_values": values,
         "rniah_answer_tokens": _int(config, "rniah-answer-tokens", 1),

@@ -74,10 +74,11 @@ class SequentialStopping:
         return bool(self.settings.sequential and self.control_role)
 
     def plan(self, planned) -> None:
-        """Fix every (candidate, axis) design from the items selected to run, before any runs."""
+        """Fix every (candidate, axis) design from the items selected to run (their axes.Unit),
+        before any runs."""
         counts: Dict[Tuple[str, str], int] = {}
-        for axis, unit in planned:
-            key = (unit["candidate"], axis)
+        for unit in planned:
+            key = (unit.candidate, unit.axis)
             counts[key] = counts.get(key, 0) + 1
         s = self.settings
         self.progress = {}
@@ -88,7 +89,7 @@ class SequentialStopping:
             self.progress[(role, axis_name)] = AxisProgress(seq.Design.plan(n, first, stopping=self.active))
 
     def look_order(self, planned) -> List[int]:
-        """The order to run ``planned`` (its indices; collection order in, (axis, unit) pairs):
+        """The order to run ``planned`` (its indices; collection order in, axes.Unit items):
         every axis up to its first look, then every axis up to its second, and so on, collection
         order within a stage. A candidate FAILs as soon as one axis FAILs, so an axis collected
         later (KLD after trajectory) that FAILs at its first look stops the others at theirs,
@@ -100,13 +101,13 @@ class SequentialStopping:
         count: Dict[Tuple[str, str], int] = {}
         batch_stage: Dict[tuple, int] = {}
         keys = []
-        for i, (axis_name, unit) in enumerate(planned):
-            key = (unit["candidate"], axis_name)
+        for i, unit in enumerate(planned):
+            key = (unit.candidate, unit.axis)
             count[key] = n = count.get(key, 0) + 1
             looks = self.progress[key].design.looks
             stage = next((k for k, at in enumerate(looks) if n <= at), len(looks))
-            if unit.get("batch") is not None:
-                stage = batch_stage.setdefault((*key, unit["batch"]), stage)
+            if unit.batch is not None:
+                stage = batch_stage.setdefault((*key, unit.batch), stage)
             keys.append((stage, i))
         return [i for _, i in sorted(keys)]
 

@@ -13,7 +13,6 @@ from pytest_refract.axes.decode import decode_and_batched, intervals_disagree, w
 from pytest_refract.engines.base import ContextSettings
 from pytest_refract.engines.kvconfig import parse_kv_config
 from pytest_refract.report.build import build_report
-from pytest_refract.session import gather_record
 from pytest_refract.settings import Settings
 
 
@@ -32,15 +31,15 @@ def _audit(settings):
     """Every item, as the plugin runs them; the report built from the results."""
     axes = resolve()
     runner = Runner(settings, axes, engine_mod=fake_engine)
-    planned = [(name, unit) for name, unit, _group in runner.items()]
+    planned = [unit for unit, _group in runner.items()]
     runner.set_plan(planned)
     results: dict = {}
-    for name, unit in planned:
-        item = runner.measure(axes[name], unit)
+    for unit in planned:
+        item = runner.measure(unit)
         for measured in (item, item.control):
             if measured is not None:
-                results.setdefault(measured.role, {}).setdefault(name, {})[measured.unit] = measured.result
-    facts = gather_record(runner, None, wall_s=1.0, items_selected=len(planned))
+                results.setdefault(measured.role, {}).setdefault(unit.axis, {})[measured.unit] = measured.result
+    facts = runner.record(None, wall_s=1.0, items_selected=len(planned))
     report = build_report(facts=facts, results=results, failed={}, custom=[], invocation_args=[], complete=True,
                           registry=axes)
     runner.close()

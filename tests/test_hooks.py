@@ -72,3 +72,41 @@ def test_an_unknown_axis_name_lists_the_added_ones(pytester, tiny_model, tiny_pr
                                                       "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-axes=lenght"))
     assert result.ret == 4
     assert "unknown axis 'lenght'; choose from trajectory, kld, rniah, plad, length or none" in result.stderr.str()
+
+
+DICT_UNITS_AXIS = '''
+from pytest_refract.axes import Axis
+
+
+class DictAxis(Axis):
+    NAME = "dicts"
+
+    def units(self, run):
+        return [{"id": "a", "keywords": [], "prompt": "hi"}]
+
+    def measure(self, run, unit):
+        return {"id": unit["id"], "score": 100.0, "band": "EXCELLENT"}
+
+
+def pytest_refract_axes(config):
+    return [DictAxis()]
+'''
+
+
+def test_an_axis_whose_units_are_not_units_is_one_usage_error(pytester, tiny_model, tiny_prompts, tiny_corpus):
+    pytester.makeconftest(DICT_UNITS_AXIS)
+    result = pytester.runpytest_subprocess(*tiny_args(tiny_model, tiny_prompts, tiny_corpus,
+                                                      "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-axes=dicts"))
+    assert result.ret == 4
+    err = result.stderr.str()
+    assert "axis 'dicts': units() must return pytest_refract.axes.Unit objects, not dict" in err, err
+    assert "Traceback" not in err
+
+
+def test_indexing_a_unit_says_what_to_read():
+    from pytest_refract.axes import Unit
+
+    unit = Unit("a", payload={"prompt": "hi"}).for_item("length", "cand0", None)
+    assert (unit.id, unit.axis, unit.candidate, unit.batch, unit.payload["prompt"]) == ("a", "length", "cand0", None, "hi")
+    with pytest.raises(TypeError, match=r"unit.payload\['prompt'\]"):
+        unit["prompt"]

@@ -11,7 +11,7 @@ import pytest
 
 PACKAGE = Path(__file__).resolve().parent.parent / "pytest_refract"
 
-# Layer -> the layers it may import. "base" (errors, files, the version) is open to all.
+# Layer -> the layers it may import. "base" (errors, files, the run record, the version) is open to all.
 ALLOWED = {
     "base": set(),
     "engines": {"base"},
@@ -24,7 +24,7 @@ ALLOWED = {
     "cli": {"report", "axes", "scoring", "base"},
     "top": {"top", "audit", "report", "cli", "engines", "reference", "inputs", "axes", "scoring", "base"},
 }
-BASE = {"pytest_refract", "pytest_refract.errors", "pytest_refract.files"}
+BASE = {"pytest_refract", "pytest_refract.errors", "pytest_refract.files", "pytest_refract.record"}
 
 
 def layer_of(module: str) -> str:

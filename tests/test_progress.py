@@ -17,6 +17,7 @@ import pytest
 
 from conftest import subprocess_env
 from pytest_refract.audit.progress import LiveLine, PlainLines, Progress, describe, status_text
+from pytest_refract.axes.base import Unit
 
 STATUS_RE = re.compile(r"refract: (trajectory|kld|rniah|plad) .*: [\d,]+/[\d,]+ tokens, [\d,]+ tok/s")
 # Where an axis's decision stands at a look (stopping.py): a line that stays.
@@ -68,10 +69,10 @@ def test_status_text_names_the_work_and_estimates_what_is_left():
 
 
 def test_describe_names_batch_cell_or_unit():
-    assert describe("trajectory", {"id": "fact-001", "batch": 2}) == "trajectory batch 2"
-    assert describe("trajectory", {"id": "fact-001", "batch": None}) == "trajectory fact-001"
-    assert describe("rniah", {"id": "1024-0.50"}, noun="cell") == "rniah cell 1024-0.50"
-    assert describe("kld", {"id": "chunk-07"}, "ctk=q8_0,ctv=q4_0") == "kld chunk-07 [ctk=q8_0,ctv=q4_0]"
+    assert describe("trajectory", Unit("fact-001", batch=2)) == "trajectory batch 2"
+    assert describe("trajectory", Unit("fact-001", batch=None)) == "trajectory fact-001"
+    assert describe("rniah", Unit("1024-0.50"), noun="cell") == "rniah cell 1024-0.50"
+    assert describe("kld", Unit("chunk-07"), "ctk=q8_0,ctv=q4_0") == "kld chunk-07 [ctk=q8_0,ctv=q4_0]"
 
 
 def test_progress_waits_for_the_delay_then_throttles():

@@ -221,7 +221,7 @@ def test_diagnose_unscored_axis_and_self_reference():
 def test_floor_below_threshold_is_a_loud_warning():
     from types import SimpleNamespace
 
-    from pytest_refract.report.record import RunRecord
+    from pytest_refract.record import RunRecord
     from pytest_refract.report.build import _candidate_section
 
     settings = SimpleNamespace(floor=True, repeat=1, fail_under=60.0, fail_under_text="FAIL", seed=0, gate_basis="raw")

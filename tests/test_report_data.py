@@ -20,7 +20,7 @@ from pytest_refract.report import terminal as summary
 from pytest_refract.axes import BUILTIN, resolve
 from pytest_refract.axes.plad import item_score
 from pytest_refract.errors import UsageProblem
-from pytest_refract.report.record import RunRecord
+from pytest_refract.record import RunRecord
 from pytest_refract.engines.kvconfig import parse_kv_config
 from pytest_refract.report.build import build_report
 from pytest_refract.report.jsonio import dumps

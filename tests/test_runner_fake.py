@@ -37,14 +37,14 @@ def _run(settings, axes=None) -> tuple:
     runner and results as role -> axis -> unit id -> result, the control's under "control"."""
     axes = axes or resolve()
     runner = Runner(settings, axes, engine_mod=fake_engine)
-    planned = [(name, unit) for name, unit, _group in runner.items()]
+    planned = [unit for unit, _group in runner.items()]
     runner.set_plan(planned)
     results: dict = {}
-    for name, unit in planned:
-        item = runner.measure(axes[name], unit)
+    for unit in planned:
+        item = runner.measure(unit)
         for measured in (item, item.control):
             if measured is not None:
-                results.setdefault(measured.role, {}).setdefault(name, {})[measured.unit] = measured.result
+                results.setdefault(measured.role, {}).setdefault(unit.axis, {})[measured.unit] = measured.result
     runner.close()
     return runner, results
 

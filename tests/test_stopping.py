@@ -6,6 +6,7 @@ batches while the control stays for the candidates still open."""
 from __future__ import annotations
 
 import json
+from dataclasses import replace
 
 import pytest
 
@@ -13,6 +14,7 @@ import fake_engine
 from conftest import read_report
 from pytest_refract.audit import runner as runner_mod
 from pytest_refract.audit.batches import DecodeBatches
+from pytest_refract.axes.base import Unit
 from pytest_refract.scoring.sequential import Design
 from pytest_refract.stopping import SequentialStopping
 
@@ -175,9 +177,9 @@ def test_bad_caps_are_usage_errors(pytester, fake_llamacpp, tiny_model, long_cor
 
 def test_a_decided_candidate_leaves_the_batch_and_the_control_stays_for_the_others():
     batches = DecodeBatches(["cand0", "cand1", "control"], "control", lambda axis, unit: False)
-    units = [{"id": f"p{i}", "batch": 0} for i in range(4)]
-    batches.set_plan([("trajectory", dict(u, candidate=r)) for u in units for r in ("cand0", "cand1")])
-    unit = dict(units[0], candidate="cand1")
+    units = [Unit(f"p{i}", axis="trajectory", batch=0) for i in range(4)]
+    batches.set_plan([replace(u, candidate=r) for u in units for r in ("cand0", "cand1")])
+    unit = replace(units[0], candidate="cand1")
     assert batches.batch_of("trajectory", unit)[1] == ["cand0", "cand1", "control"]
     batches.closed = lambda axis: {"cand0"} if axis == "trajectory" else set()
     assert batches.batch_of("trajectory", unit)[1] == ["cand1", "control"]
@@ -189,7 +191,7 @@ def test_no_control_means_no_stopping():
     settings = SimpleNamespace(sequential=True, decode_batch=16)
     axis = SimpleNamespace(NAME="kld", BATCHED=0)
     stopping = SequentialStopping(settings, {"kld": axis}, None, {}, {})
-    stopping.plan([("kld", {"candidate": "cand0", "id": f"c{i}"}) for i in range(40)])
+    stopping.plan([Unit(f"c{i}", axis="kld", candidate="cand0") for i in range(40)])
     design = stopping.progress[("cand0", "kld")].design
     assert design == Design.plan(40, 1, stopping=False)
     assert stopping.observe("cand0", "kld", {"c0": {}}, None) is None
@@ -197,7 +199,7 @@ def test_no_control_means_no_stopping():
 
 
 def _planned(axis, n, roles=("cand0",), batch=None):
-    return [(axis, {"candidate": r, "id": f"{axis}{i}", "batch": None if batch is None else i // batch})
+    return [Unit(f"{axis}{i}", axis=axis, candidate=r, batch=None if batch is None else i // batch)
             for i in range(n) for r in roles]
 
 
@@ -213,17 +215,17 @@ def test_the_axes_take_turns_look_by_look_and_batches_stay_whole():
     assert sorted(map(id, order)) == sorted(map(id, planned))  # a permutation
     # trajectory looks at 16, 32, 40; kld at 8, 16, 20: stage by stage, collection order inside.
     runs = []
-    for axis, unit in order:
-        if not runs or runs[-1][0] != axis:
-            runs.append([axis, 0])
+    for unit in order:
+        if not runs or runs[-1][0] != unit.axis:
+            runs.append([unit.axis, 0])
         runs[-1][1] += 1
     assert runs == [["trajectory", 32], ["kld", 16], ["trajectory", 32], ["kld", 16], ["trajectory", 16], ["kld", 8]]
     # The candidates of a unit stay back to back, and no decode batch is split across stages.
-    assert [u["candidate"] for _, u in order[:4]] == ["cand0", "cand1", "cand0", "cand1"]
+    assert [u.candidate for u in order[:4]] == ["cand0", "cand1", "cand0", "cand1"]
     seen, last = set(), None
-    for axis, unit in order:
-        key = (axis, unit["batch"])
-        if axis == "trajectory" and key != last:
+    for unit in order:
+        key = (unit.axis, unit.batch)
+        if unit.axis == "trajectory" and key != last:
             assert key not in seen
             seen.add(key)
         last = key
@@ -261,9 +263,9 @@ def test_an_axis_leaves_no_one_sequence_context_under_the_next(pytester, fake_ll
     real_measure = runner_mod.Runner.measure
     real_init, real_close = fake_engine.FakeContext.__init__, fake_engine.FakeContext.close
 
-    def measure(self, axis, unit):
-        axis_now[0] = axis.NAME
-        return real_measure(self, axis, unit)
+    def measure(self, unit):
+        axis_now[0] = unit.axis
+        return real_measure(self, unit)
 
     def init(self, *args):
         real_init(self, *args)

@@ -9,7 +9,7 @@ longer length). Everything here uses the public axis and run API (pytest_refract
         --refract-axes=trajectory,length
 """
 
-from pytest_refract.axes import Axis
+from pytest_refract.axes import Axis, Unit
 from pytest_refract.scoring.metrics import band_for
 
 
@@ -20,22 +20,22 @@ class LengthAxis(Axis):
     COMPARE_METRICS = (("  mean length gap (tokens)", "mean_gap_tokens", "{:.2f}", False),)
 
     def units(self, run):
-        return [{"id": p.id, "keywords": [p.category], "prompt": p.prompt} for p in run.inputs.prompts]
+        return [Unit(p.id, keywords=(p.category,), payload={"prompt": p.prompt}) for p in run.inputs.prompts]
 
     def planned_tokens(self, run, unit):
-        return 2 * (len(run.inputs.chat_tokens(unit["prompt"])) + run.settings.n_predict)
+        return 2 * (len(run.inputs.chat_tokens(unit.payload["prompt"])) + run.settings.n_predict)
 
     def cache_reads(self, run):
         return {"n_predict": run.settings.n_predict}
 
     def measure(self, run, unit):
-        tokens = run.inputs.chat_tokens(unit["prompt"])
+        tokens = run.inputs.chat_tokens(unit.payload["prompt"])
         n_predict = run.settings.n_predict
         ref = run.reference.greedy([tokens], n_predict)[0]
-        cand = run.greedy(unit["candidate"], [tokens], n_predict)[0]
+        cand = run.greedy(unit.candidate, [tokens], n_predict)[0]
         gap = abs(len(cand) - len(ref))
         score = 100.0 * (1.0 - gap / max(len(ref), len(cand)))
-        return {"id": unit["id"], "ref_len": len(ref), "cand_len": len(cand), "gap_tokens": gap,
+        return {"id": unit.id, "ref_len": len(ref), "cand_len": len(cand), "gap_tokens": gap,
                 "score": score, "band": band_for(score)}
 
     def aggregate(self, results):

@@ -6,8 +6,10 @@ reference's (reference/store.py) and read back by later runs and other candidate
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Callable, Dict, Optional
 
+from ..axes.base import Unit
 from .roles import Role
 
 
@@ -30,18 +32,18 @@ class SensitivityControl:
         self._done.add((axis_name, unit_id))
         return True
 
-    def key(self, axis_name: str, unit: dict) -> str:
-        batch = [u["id"] for u in self.planned_units(axis_name, unit)] if unit.get("batch") is not None else None
+    def key(self, axis_name: str, unit: Unit) -> str:
+        batch = [u.id for u in self.planned_units(axis_name, unit)] if unit.batch is not None else None
         axis = self.axes[axis_name]
         return self.store.control_key(axis.NAME, unit, batch, self.label, axis.cache_reads(self.run))
 
-    def cached(self, axis_name: str, unit: dict) -> bool:
+    def cached(self, axis_name: str, unit: Unit) -> bool:
         return self.store.has_control(axis_name, self.key(axis_name, unit))
 
-    def measure(self, axis, unit: dict, measure_once: Callable) -> dict:
+    def measure(self, axis, unit: Unit, measure_once: Callable) -> dict:
         """The control's item: read from the reference cache when there, else measured like a
         candidate's by ``measure_once(axis, unit)`` and stored."""
-        unit = dict(unit, candidate=Role.CONTROL)
+        unit = replace(unit, candidate=Role.CONTROL)
         key = self.key(axis.NAME, unit)
         result: Optional[dict] = self.store.load_control(axis.NAME, key)
         if result is not None:

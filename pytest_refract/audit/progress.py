@@ -33,14 +33,14 @@ LIVE_INTERVAL_S = 0.25
 PLAIN_INTERVAL_S = 12.0
 
 
-def describe(axis: str, unit: dict, candidate: Optional[str] = None, noun: str = "") -> str:
+def describe(axis: str, unit, candidate: Optional[str] = None, noun: str = "") -> str:
     """What an item computes, as the status line names it: its decode batch where batched
     (the batch is the long wait), else its unit (``noun`` names it where the id alone does
     not say what it is: "rniah cell 1024-0.50")."""
-    if unit.get("batch") is not None:
-        what = f"{axis} batch {unit['batch']}"
+    if unit.batch is not None:
+        what = f"{axis} batch {unit.batch}"
     else:
-        what = f"{axis} {noun + ' ' if noun else ''}{unit['id']}"
+        what = f"{axis} {noun + ' ' if noun else ''}{unit.id}"
     return f"{what} [{candidate}]" if candidate else what
 
 

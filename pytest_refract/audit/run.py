@@ -26,6 +26,7 @@ from __future__ import annotations
 
 from typing import List
 
+from ..axes.base import Unit
 from .roles import Role
 
 
@@ -57,13 +58,13 @@ class Run:
     def prefetch_greedy(self, role: str, prompts: List[List[int]]) -> None:
         self._runner.prefetch_greedy(role, prompts)
 
-    def batch(self, axis: str, unit: dict, decode):
+    def batch(self, axis: str, unit: Unit, decode):
         return self._runner.batches.batch(axis, unit, decode)
 
-    def batch_done(self, axis: str, unit: dict) -> bool:
+    def batch_done(self, axis: str, unit: Unit) -> bool:
         return self._runner.batches.batch_done(axis, unit)
 
-    def batch_units(self, axis: str, unit: dict):
+    def batch_units(self, axis: str, unit: Unit):
         """(units, candidate roles) decoded together with ``unit``, in plan order."""
         return self._runner.batches.batch_of(axis, unit)
 

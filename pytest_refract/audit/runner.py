@@ -9,17 +9,20 @@ reference/, the inputs in inputs/, the engine behind engines/."""
 
 from __future__ import annotations
 
+import itertools
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
 
+from ..axes.base import Unit
 from ..engines.base import ContextRefused, ContextSettings, CutCounts, padded
 from ..engines.gguf import expected_data_end, read_gguf
 from ..engines.kvconfig import FLOAT_TYPES, validate_for_model
 from ..errors import MeasurementError, UsageProblem
 from ..inputs import data
 from ..inputs.loaded import Inputs
+from ..record import RunRecord
 from .batches import DecodeBatches
 from .control import SensitivityControl
 from .guard import check_outputs, input_files
@@ -70,10 +73,10 @@ class Runner:
             needs |= set(self.axes[name].NEEDS)
         self.inputs = Inputs(settings, self.model_path, self.info, self.engine_mod, needs)
         self._engine = None
-        self._contexts: Dict[str, object] = {}
-        # Batched decoding (--refract-decode-batch): one multi-sequence context per role, the
-        # plan of items this process will run, and per-axis memos of a finished batch.
-        self._seq_contexts: Dict[str, object] = {}
+        # Each role's contexts live on its Role; this numbers their openings (see token_counts).
+        self._openings = itertools.count(1)
+        # Batched decoding (--refract-decode-batch): the plan of items this process will run,
+        # and per-axis memos of a finished batch.
         self.selected: Dict[tuple, int] = {}
         self.batches = DecodeBatches(self.item_roles, self.control_role, self.control_cached)
         self._axis_now: Optional[str] = None  # the axis of the last item measured
@@ -82,8 +85,7 @@ class Runner:
         # for the reference answers the candidates just had.
         self._greedy: Dict[tuple, List[int]] = {}
         self.kv_bytes_peak = 0
-        # Computed once, on first use: per role, the KV cache llama.cpp allocated; the model's facts.
-        self._allocations: Dict[str, Optional[dict]] = {}
+        # Computed once, on first use: the model's facts (each role's KV allocation is its Role's).
         self._model_summary: Optional[dict] = None
         from .progress import Progress
 
@@ -92,8 +94,8 @@ class Runner:
         self._probe_contexts()
         from ..reference.store import ReferenceSide, ReferenceStore
 
-        identity = ReferenceStore.identity(self.model_path, settings, self.build_info(), self.context_env["reference"],
-                                           self.rotation("reference"), cache_dir)
+        identity = ReferenceStore.identity(self.model_path, settings, self.build_info(),
+                                           self.roles[Role.REFERENCE].env, self.rotation(Role.REFERENCE), cache_dir)
         side = ReferenceSide(
             greedy=lambda prompts, n_predict, on_row=None: self.greedy(Role.REFERENCE, prompts, n_predict, on_row),
             context=lambda: self.context(Role.REFERENCE), decode_width=self.decode_width,
@@ -102,7 +104,7 @@ class Runner:
         self.progress.suffix = self.reference.size_text
         # What the axes see of this runner (audit/run.py documents it).
         self.run = Run(self)
-        self.control = (SensitivityControl(self.reference, self.labels[Role.CONTROL], self.axes, self.run,
+        self.control = (SensitivityControl(self.reference, self.roles[Role.CONTROL].label, self.axes, self.run,
                                            self.batches.planned_units) if self.control_role else None)
 
     def _configure_roles(self) -> None:
@@ -112,29 +114,56 @@ class Runner:
         s = self.settings
         types = self.engine_mod.cache_types()
         head_k, head_v = self.info.head_dims
-        ref_types = validate_for_model(s.reference, types, head_k, head_v, "--refract-reference")
-        self.types = {Role.REFERENCE: ref_types, Role.FLOOR: ref_types}
-        self.configs = {Role.REFERENCE: s.reference, Role.FLOOR: s.reference}
-        self.candidate_roles: List[str] = []
-        self.labels: Dict[str, str] = {}
+
+        def role(name: str, config, flag: str, **more) -> Role:
+            return Role(name, config, validate_for_model(config, types, head_k, head_v, flag), flag, config.label(),
+                        **more)
+
+        reference = role(Role.REFERENCE, s.reference, "--refract-reference")
+        # name -> Role, in this order: reference, floor, the candidates, the control.
+        self.roles: Dict[str, Role] = {
+            Role.REFERENCE: reference,
+            Role.FLOOR: replace(reference, name=Role.FLOOR),
+        }
+        prefixes = _id_prefixes(s.candidates)
         for i, cand in enumerate(s.candidates):
-            role = Role.candidate(i)
-            self.types[role] = validate_for_model(cand, types, head_k, head_v, "--refract-candidate")
-            self.configs[role] = cand
-            self.candidate_roles.append(role)
-            self.labels[role] = cand.label()
-        self.id_prefix = _id_prefixes(s.candidates)
+            name = Role.candidate(i)
+            self.roles[name] = role(name, cand, "--refract-candidate", id_prefix=prefixes[name],
+                                    self_reference=cand == s.reference)
         # The sensitivity control: one more role measured on the same units as the candidates,
         # inside the first selected candidate item of each unit (so item ids, counts and -k
         # selection stay as they are), never ranked or gated itself.
-        self.control_role: Optional[str] = None
         if s.sensitivity is not None:
-            self.control_role = Role.CONTROL
-            self.types[Role.CONTROL] = validate_for_model(s.sensitivity, types, head_k, head_v, "--refract-sensitivity")
-            self.configs[Role.CONTROL] = s.sensitivity
-            self.labels[Role.CONTROL] = s.sensitivity.label()
-        self.item_roles: List[str] = self.candidate_roles + ([Role.CONTROL] if self.control_role else [])
-        self.self_reference = {role: self.configs[role] == s.reference for role in self.candidate_roles}
+            self.roles[Role.CONTROL] = role(Role.CONTROL, s.sensitivity, "--refract-sensitivity")
+
+    # -- the roles, by name ----------------------------------------------------------------
+
+    @property
+    def candidate_roles(self) -> List[str]:
+        return [name for name, r in self.roles.items() if r.is_candidate]
+
+    @property
+    def control_role(self) -> Optional[str]:
+        return Role.CONTROL if Role.CONTROL in self.roles else None
+
+    @property
+    def item_roles(self) -> List[str]:
+        """The roles measured as items: the candidates, then the control."""
+        return self.candidate_roles + ([Role.CONTROL] if self.control_role else [])
+
+    @property
+    def labels(self) -> Dict[str, str]:
+        """Candidate and control role -> its config's label."""
+        return {name: self.roles[name].label for name in self.item_roles}
+
+    @property
+    def self_reference(self) -> Dict[str, bool]:
+        return {name: self.roles[name].self_reference for name in self.candidate_roles}
+
+    @property
+    def id_prefix(self) -> Dict[str, str]:
+        """Test-id prefix per candidate role (see _id_prefixes)."""
+        return {name: self.roles[name].id_prefix for name in self.candidate_roles}
 
     def _probe_contexts(self) -> None:
         """Let llama.cpp judge every config before any item runs: a small context per config
@@ -144,24 +173,22 @@ class Runner:
         is refused as well."""
         from ..engines.kvlog import check_cache_types, check_rotation
 
-        self.cache_logs: Dict[str, object] = {}
-        self.context_env: Dict[str, dict] = {}
-        for role in [Role.REFERENCE, *self.item_roles]:
-            kv = self.configs[role]
-            flag = {Role.REFERENCE: "--refract-reference", Role.CONTROL: "--refract-sensitivity"}.get(role, "--refract-candidate")
+        for name in [Role.REFERENCE, *self.item_roles]:
+            role = self.roles[name]
+            kv, flag = role.config, role.flag
             try:
-                facts, env = self.engine.probe(kv, self.types[role], self._context_settings(256))
+                facts, env = self.engine.probe(kv, role.types, self._context_settings(256))
             except ContextRefused as exc:
                 raise UsageProblem(f"{flag} {exc}") from None
-            quantized = tuple(t.name not in FLOAT_TYPES for t in self.types[role])
+            quantized = tuple(t.name not in FLOAT_TYPES for t in role.types)
             problem = check_rotation(kv.rot, facts.rotation, quantized, f"{flag} {kv.label()}")
-            problem = problem or check_cache_types(tuple(t.name for t in self.types[role]), facts, f"{flag} {kv.label()}")
+            problem = problem or check_cache_types(tuple(t.name for t in role.types), facts, f"{flag} {kv.label()}")
             if problem:
                 raise UsageProblem(problem)
-            self.cache_logs[role] = facts
-            self.context_env[role] = env
-        self.cache_logs[Role.FLOOR] = self.cache_logs[Role.REFERENCE]
-        self.context_env[Role.FLOOR] = self.context_env[Role.REFERENCE]
+            role.probe = facts
+            role.env = env
+        floor, reference = self.roles[Role.FLOOR], self.roles[Role.REFERENCE]
+        floor.probe, floor.env = reference.probe, reference.env
 
     # -- facts ------------------------------------------------------------------------------
 
@@ -171,7 +198,7 @@ class Runner:
     def rotation(self, role: str) -> Optional[dict]:
         """{"k": bool, "v": bool} as llama.cpp logged it for the role's config; None when the
         build logs no rotation (it has none)."""
-        return self.cache_logs[role].rotation
+        return self.roles[role].probe.rotation
 
     def ran(self, role: str) -> dict:
         """What really ran for the role's config, as llama.cpp reported it: the cache types it
@@ -180,14 +207,15 @@ class Runner:
         (engines.kvlog.KNOWN_WARNINGS)."""
         from ..engines.kvlog import named_warnings
 
-        facts = self.cache_logs[role]
+        part = self.roles[role]
+        facts = part.probe
 
         def one(values):
             values = sorted(set(values))
             return None if not values else values[0] if len(values) == 1 else values
 
         engine = self._engine
-        used = (getattr(engine, "logged_warnings", None) or {}).get(self.configs[role].label(), [])
+        used = (getattr(engine, "logged_warnings", None) or {}).get(part.config.label(), [])
         build = self.build_info()
         record = getattr(self.engine_mod, "library_record", None)
         library = dict(record()) if record is not None else {"path": None, "sha256": None}
@@ -202,10 +230,11 @@ class Runner:
     def kv_allocation(self, role: str) -> Optional[dict]:
         from ..engines.allocation import kv_allocation
 
-        if role not in self._allocations:
-            self._allocations[role] = kv_allocation(self.info, self.cache_logs.get(role), self.types[role],
-                                                    self.engine_mod.row_size)
-        return self._allocations[role]
+        part = self.roles[role]
+        if not part.allocation_known:
+            part.allocation = kv_allocation(self.info, part.probe, part.types, self.engine_mod.row_size)
+            part.allocation_known = True
+        return part.allocation
 
     def kv_bytes_per_token(self, role: str) -> Optional[int]:
         """Bytes the role's KV cache takes per token over all layers, as llama.cpp allocated it;
@@ -261,23 +290,36 @@ class Runner:
     def context(self, role: str, min_ctx: int = 0):
         """The role's one-sequence context; replaced by a larger one when a fixture needs more
         room (context size does not change the numbers: llama.cpp attends over the cells in use)."""
-        ctx = self._contexts.get(role)
+        part = self.roles[role]
+        ctx = part.context
         if ctx is None or ctx.n_ctx < min_ctx:
             n_ctx = max(self.context_size(), padded(min_ctx))
             if ctx is not None:
                 self.engine.drop_context(role)
-            ctx = self.engine.context(self.configs[role], self.types[role], self._context_settings(n_ctx), role)
-            self._contexts[role] = ctx
+            else:
+                part.context_opened = next(self._openings)
+            ctx = self.engine.context(part.config, part.types, self._context_settings(n_ctx), role)
+            part.context = ctx
             self._note_kv_bytes()
         return ctx
 
     def sequences(self, role: str, n_seq: int, n_ctx_seq: int):
         """The role's multi-sequence context (grown when a batch needs more)."""
-        ctx = self.engine.context(self.configs[role], self.types[role], self._context_settings(n_ctx_seq),
+        part = self.roles[role]
+        ctx = self.engine.context(part.config, part.types, self._context_settings(n_ctx_seq),
                                   f"{role}#seq", n_seq=n_seq, n_ctx_seq=n_ctx_seq)
-        self._seq_contexts[role] = ctx
+        if part.sequences is None:
+            part.sequences_opened = next(self._openings)
+        part.sequences = ctx
         self._note_kv_bytes()
         return ctx
+
+    def _open_contexts(self) -> Iterator[Tuple[str, object]]:
+        """(role, context) of every open context: the one-sequence ones, then the
+        multi-sequence ones, each in the order they were first opened."""
+        single = sorted((r for r in self.roles.values() if r.context is not None), key=lambda r: r.context_opened)
+        multi = sorted((r for r in self.roles.values() if r.sequences is not None), key=lambda r: r.sequences_opened)
+        return [(r.name, r.context) for r in single] + [(r.name, r.sequences) for r in multi]
 
     def _context_settings(self, n_ctx: int) -> ContextSettings:
         """What every context shares apart from its size: batch sizes and threads change
@@ -291,29 +333,31 @@ class Runner:
         from ..engines.allocation import context_kv_bytes
 
         total = 0
-        for role, ctx in list(self._contexts.items()) + list(self._seq_contexts.items()):
+        for role, ctx in self._open_contexts():
             total += context_kv_bytes(self.kv_allocation(role), ctx)  # sliding-window caches as logged
         self.kv_bytes_peak = max(self.kv_bytes_peak, total)
 
     def release_sequences(self) -> None:
         """Free the multi-sequence contexts (their KV caches) before axes that do not use them."""
-        for role in list(self._seq_contexts):
-            self.engine.drop_context(f"{role}#seq")
-        self._seq_contexts.clear()
+        for part in self.roles.values():
+            if part.sequences is not None:
+                self.engine.drop_context(f"{part.name}#seq")
+                part.sequences = None
 
     def release_contexts(self) -> None:
         """Free the one-sequence contexts (KV caches and logits buffers); the next item that
         needs one opens it afresh (every measurement starts from a cleared cache anyway)."""
-        for role in list(self._contexts):
-            self.engine.drop_context(role)
-        self._contexts.clear()
+        for part in self.roles.values():
+            if part.context is not None:
+                self.engine.drop_context(part.name)
+                part.context = None
 
     def token_counts(self) -> dict:
         """Tokens processed so far per role: batched prompt tokens, one-sequence decode steps,
         and tokens decoded in multi-sequence steps (with the number of those steps); and how
         often each path of a cut back to a prefix ran (cut_*, see engines.base.CutCounts)."""
         counts: Dict[str, Dict[str, int]] = {}
-        for role, c in list(self._contexts.items()) + list(self._seq_contexts.items()):
+        for role, c in self._open_contexts():
             into = counts.setdefault(role, dict(_ZERO_COUNTS))
             into["batch_tokens"] += c.n_batch_tokens
             into["decode_tokens"] += c.n_decode_tokens
@@ -377,11 +421,11 @@ class Runner:
 
     # -- batches ---------------------------------------------------------------------------------
 
-    def items(self):
-        """(axis name, unit, xdist group) of every item the selected axes have, in run order:
-        unit-major with the candidates innermost, so the candidates of one unit run back to back
-        and share the reference's result for it (computed once, kept in memory). Each unit
-        carries its ``candidate`` role and its decode ``batch`` number (None when unbatched)."""
+    def items(self) -> Iterator[Tuple[Unit, str]]:
+        """(unit, xdist group) of every item the selected axes have, in run order: unit-major
+        with the candidates innermost, so the candidates of one unit run back to back and share
+        the reference's result for it (computed once, kept in memory). Each item's unit carries
+        its ``axis``, its ``candidate`` role and its decode ``batch`` number (None when unbatched)."""
         s = self.settings
         for name, axis in self.axes.items():
             if name not in s.axes:
@@ -389,6 +433,10 @@ class Runner:
             batched = s.decode_batch > 1 and bool(axis.BATCHED)
             size = s.decode_batch * (axis.BATCHED or 1)
             units = axis.units(self.run)
+            wrong = next((u for u in units if not isinstance(u, Unit)), None)
+            if wrong is not None:
+                raise UsageProblem(f"axis {name!r}: units() must return pytest_refract.axes.Unit objects, not "
+                                   f"{type(wrong).__name__} (e.g. Unit(id, keywords=(...), payload={{...}}))")
             if s.max_items is not None:
                 # The first N in the axis's measuring order (a balanced sample, see
                 # inputs.data.measuring_order); ids stay those of the whole set.
@@ -396,23 +444,28 @@ class Runner:
             for index, unit in enumerate(units):
                 # Consecutive units form a decode batch; with `-n N --dist loadgroup` a batch
                 # (or, unbatched, a unit) goes to one worker with all its candidates.
-                group = f"{name}-batch{index // size}" if batched else f"{name}-{unit['id']}"
+                group = f"{name}-batch{index // size}" if batched else f"{name}-{unit.id}"
                 for role in self.candidate_roles:
-                    yield name, dict(unit, candidate=role, batch=index // size if batched else None), group
+                    yield unit.for_item(name, role, index // size if batched else None), group
 
-    def set_plan(self, planned) -> None:
-        """(axis, unit) of every item this process may run, after -k/-m deselection."""
+    def set_plan(self, planned: List[Unit], closed=None) -> None:
+        """The unit of every item this process may run, after -k/-m deselection, in run order.
+        ``closed(axis)``: the candidates that need no more of an axis (sequential stopping);
+        their decode batches leave them out."""
         self.selected = {}  # (candidate role, axis) -> items selected: an interrupted report says how many ran
-        for axis, unit in planned:
-            key = (unit["candidate"], axis)
+        for unit in planned:
+            key = (unit.candidate, unit.axis)
             self.selected[key] = self.selected.get(key, 0) + 1
         self.batches.set_plan(planned)
+        if closed is not None:
+            self.batches.closed = closed
 
     # -- measuring an item -------------------------------------------------------------------------
 
-    def measure(self, axis, unit) -> ItemResult:
+    def measure(self, unit: Unit) -> ItemResult:
         """Run one item (``--refract-repeat`` times) and record the tokens it cost, so a
         benchmark can compare wall time with llama.cpp's raw throughput for the same tokens."""
+        axis = self.axes[unit.axis]
         if axis.NAME != self._axis_now:
             # A new axis: what the previous one kept for its batches is not needed any more
             # (the KLD axis, where memory peaks, uses none of it).
@@ -429,15 +482,15 @@ class Runner:
 
         multi = len(self.candidate_roles) > 1
         planned = axis.planned_tokens(self.run, unit) * self.settings.repeat
-        self.progress.begin(describe(axis.NAME, unit, self.labels[unit["candidate"]] if multi else None, axis.UNIT_NOUN),
-                            planned)
+        self.progress.begin(describe(axis.NAME, unit, self.roles[unit.candidate].label if multi else None,
+                                     axis.UNIT_NOUN), planned)
         try:
-            item = ItemResult(unit["candidate"], axis.NAME, unit["id"], self._measure_once(axis, unit))
-            if self.control is not None and self.control.due(axis.NAME, unit["id"]):
+            item = ItemResult(unit.candidate, axis.NAME, unit.id, self._measure_once(axis, unit))
+            if self.control is not None and self.control.due(axis.NAME, unit.id):
                 # The first candidate item of a unit measures the control too; its result rides
                 # along (also from xdist workers) and the session files it under the control.
                 try:
-                    item.control = ItemResult(Role.CONTROL, axis.NAME, unit["id"],
+                    item.control = ItemResult(Role.CONTROL, axis.NAME, unit.id,
                                               self.control.measure(axis, unit, self._measure_once))
                 except (MeasurementError, UsageProblem) as exc:
                     item.control_error = str(exc)
@@ -448,7 +501,7 @@ class Runner:
             self.progress.end()
         return item
 
-    def control_cached(self, axis_name: str, unit: dict) -> bool:
+    def control_cached(self, axis_name: str, unit: Unit) -> bool:
         return self.control is not None and self.control.cached(axis_name, unit)
 
     def forget(self) -> None:
@@ -456,8 +509,9 @@ class Runner:
         self._greedy.clear()
         self.reference.forget()
         self.batches.forget()
-        for ctx in self._contexts.values():
-            ctx.reset()
+        for part in self.roles.values():
+            if part.context is not None:
+                part.context.reset()
 
     def _measure_once(self, axis, unit) -> dict:
         cache_before = (self.reference.hits, self.reference.misses)
@@ -477,9 +531,80 @@ class Runner:
                                      "misses": self.reference.misses - cache_before[1]}
         return result
 
+    # -- what the session asks of the runner ------------------------------------------------------
+
+    def show_progress(self, sink) -> None:
+        """Where progress lines go from now on (see progress.sink_for; None: nowhere)."""
+        self.progress.sink = sink
+
+    def item_starting(self, nodeid: str) -> None:
+        """pytest is about to run ``nodeid``: the progress line reopens pytest's line after it."""
+        if self.progress.sink is not None:
+            self.progress.sink.nodeid = nodeid
+
+    def note(self, line: str) -> None:
+        """A line for the progress display (a sequential decision), shown where progress is."""
+        if self.progress.sink is not None:
+            self.progress.sink.note(line)
+
+    def record(self, baseline: Optional[dict], *, wall_s: Optional[float] = None,
+               items_selected: Optional[int] = None, sequential: Optional[Dict[str, Dict[str, dict]]] = None) -> RunRecord:
+        """What the report states about this run besides the measurements. ``wall_s`` and
+        ``items_selected`` are the session's: its wall time so far, and its items after -k/-m;
+        ``sequential``: the stopping designs and where they stopped (stopping.report)."""
+        import copy
+        import os
+        import platform
+
+        inputs = self.inputs
+        # The corpus and the haystack are one input when R-NIAH reads the corpus itself.
+        texts = {id(x): x for x in (inputs.corpus, inputs.haystack_source) if x is not None}.values()
+        roles = [Role.REFERENCE, *self.candidate_roles]
+        selected: Dict[str, Dict[str, int]] = {}
+        for (role, axis), count in self.selected.items():
+            selected.setdefault(role, {})[axis] = count
+        axis_inputs, axis_settings = {}, {}
+        for name, axis in self.axes.items():
+            section, settings = axis.section_facts(self.run), axis.settings_facts(self.run)
+            if section:
+                axis_inputs[name] = section
+            if settings:
+                axis_settings[name] = settings
+        return RunRecord(
+            settings=self.settings,
+            candidate_roles=tuple(self.candidate_roles),
+            labels=dict(self.labels),
+            self_reference=dict(self.self_reference),
+            control_role=self.control_role,
+            text_inputs=tuple(x.describe() for x in texts),
+            axis_inputs=axis_inputs,
+            axis_settings=axis_settings,
+            chunks_note=inputs.chunks_note,
+            gpu_note=self.gpu_note,
+            rotation={r: self.rotation(r) for r in roles},
+            kv_allocation={r: self.kv_allocation(r) for r in roles},
+            context_env={r: dict(self.roles[r].env) for r in roles},
+            ran={r: self.ran(r) for r in roles + ([self.control_role] if self.control_role else [])},
+            kv_cache={r: self.kv_memory_summary(r) for r in self.candidate_roles},
+            reference_kv_bytes_per_token=self.kv_bytes_per_token(Role.REFERENCE),
+            kv_bytes_peak=self.kv_bytes_peak or None,
+            model=self.model_summary(),
+            host={"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
+            reference_cache_enabled=self.reference.cache.enabled,
+            reference_cache_read=self.reference.read,
+            reference_cache_size=self.reference.size_facts() if self.reference.cache.enabled else None,
+            binding_version=self.engine_mod.library_version(),
+            llama_build=self.build_info(),
+            baseline=copy.deepcopy(baseline),
+            selected=selected,
+            items_selected=items_selected or None,
+            wall_s=wall_s,
+            sequential=sequential or {},
+        )
+
     def close(self) -> None:
-        self._contexts.clear()
-        self._seq_contexts.clear()
+        for part in self.roles.values():
+            part.context = part.sequences = None
         if self._engine is not None:
             self._engine.close()
             self._engine = None

@@ -4,7 +4,7 @@ An axis is an Axis subclass (base.py; the five built-ins here) or any object wit
 attributes (an external axis, e.g. returned by a plugin). Required:
 
 - ``NAME``: the axis name used in test ids (``test_<NAME>[unit]``) and in the report;
-- ``units(run)``: the per-item units (ids and keywords), decided at collection time;
+- ``units(run)``: the per-item units (``Unit``: id, keywords, payload), decided at collection time;
 - ``planned_tokens(run, unit)``: tokens an item will feed llama.cpp (progress only);
 - ``measure(run, unit)``: run llama.cpp for one unit, return a JSON-able result dict;
 - ``aggregate(results)``: the axis section of the report, including ``score`` and ``band``.
@@ -39,7 +39,7 @@ from typing import Dict, Iterable, List, Tuple
 
 from ..errors import UsageProblem
 from . import decode, kld, plad, rniah, trajectory
-from .base import Axis
+from .base import Axis, Unit
 
 REQUIRED = ("NAME", "units", "planned_tokens", "measure", "aggregate")
 

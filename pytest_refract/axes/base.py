@@ -5,7 +5,7 @@ ones with their defaults. Return instances from the ``pytest_refract_axes(config
 they run beside the built-in four: their items are ``test_<NAME>[<unit id>]``, their score
 joins the composite, the terminal summary, the JSON (``axes.<NAME>``) and the HTML report.
 
-What an axis receives as ``run`` (a pytest_refract.audit.runner.Runner) and may use:
+What an axis receives as ``run`` (the runner's facade, pytest_refract.audit.run.Run) and may use:
 
 - ``run.settings`` (the parsed options), ``run.inputs`` (``prompts``, ``chat_tokens(text)``,
   ``plain_tokens(text)``, ``corpus``, ...), ``run.detokenize(tokens)``;
@@ -15,14 +15,47 @@ What an axis receives as ``run`` (a pytest_refract.audit.runner.Runner) and may 
   reference cache when it holds them;
 - ``run.context(role)``: the role's engine context, for evaluation of your own.
 
-``unit["candidate"]`` is the role to measure (a candidate, or the sensitivity control).
+An item's unit is a :class:`Unit`: ``unit.id``, ``unit.keywords``, the axis's own
+``unit.payload``, and (set by the runner) ``unit.axis``, ``unit.candidate`` (the role to
+measure: a candidate, or the sensitivity control) and ``unit.batch``.
 """
 
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from dataclasses import dataclass, field, replace
+from typing import Any, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
+
+
+@dataclass(frozen=True)
+class Unit:
+    """One item of an axis, as every layer reads it.
+
+    An axis's ``units(run)`` makes them with ``id``, ``keywords`` and ``payload`` (whatever
+    its ``measure`` needs: a prompt, a chunk number; JSON-able values or prompts, since they
+    key the sensitivity control's cached results). The runner then fills in the rest for each
+    item: the ``axis`` name, the ``candidate`` role the item measures and its decode ``batch``
+    number (None when the axis does not decode in batches)."""
+
+    id: str
+    keywords: Tuple[str, ...] = ()
+    payload: Mapping[str, Any] = field(default_factory=dict, hash=False)
+    axis: str = ""
+    candidate: Optional[str] = None
+    batch: Optional[int] = None
+
+    def __post_init__(self):
+        object.__setattr__(self, "keywords", tuple(self.keywords))  # a list given stays immutable
+
+    def for_item(self, axis: str, candidate: str, batch: Optional[int]) -> "Unit":
+        """This unit as the item of ``axis`` that measures ``candidate``."""
+        return replace(self, axis=axis, candidate=candidate, batch=batch)
+
+    def __getitem__(self, key):
+        # Indexing a unit like a mapping is a slip worth a sentence: say what to read instead.
+        raise TypeError(f"a unit is a pytest_refract.axes.Unit, not a dict: read unit.id, unit.candidate, "
+                        f"unit.batch, unit.keywords, or unit.payload[{key!r}] for the axis's own data")
 
 
 class Axis:
@@ -55,17 +88,17 @@ class Axis:
     #: higher is better); the score row is always there.
     COMPARE_METRICS: Tuple[tuple, ...] = ()
 
-    def units(self, run) -> List[dict]:
-        """The items, decided at collection time: each a dict with a unique ``id`` (the test id
-        part) and optional ``keywords`` (for ``-k``)."""
+    def units(self, run) -> List[Unit]:
+        """The items, decided at collection time: each a :class:`Unit` with a unique ``id``
+        (the test id part), optional ``keywords`` (for ``-k``) and the axis's ``payload``."""
         raise NotImplementedError
 
     def planned_tokens(self, run, unit) -> int:
         """Tokens the item will feed the engine, for the progress line only."""
         return 0
 
-    def measure(self, run, unit) -> dict:
-        """Measure one item for ``unit["candidate"]``: a JSON-able dict with ``id``, ``score``
+    def measure(self, run, unit: Unit) -> dict:
+        """Measure one item for ``unit.candidate``: a JSON-able dict with ``id``, ``score``
         (0-100, or None for "not scored") and ``band``."""
         raise NotImplementedError
 

@@ -32,6 +32,7 @@ from ..errors import MeasurementError
 from ..inputs.data import measuring_order
 from ..scoring.metrics import band_for, kld_positions, kld_score, kld_summary, mean_and_uncertainty
 from ..scoring.verdict import LEVEL, damage_interval, ratio_of_sums
+from .base import Unit
 from .kld import NON_FINITE_KLD, KLDAxis, chunk_tokens
 from .kld import _evaluate as evaluate_chunk
 
@@ -105,13 +106,13 @@ class DecodeAxis(KLDAxis):
     )
     DAMAGE_LABEL = "one-token-decode KLD"
 
-    def units(self, run) -> List[dict]:
+    def units(self, run) -> List[Unit]:
         # The KLD axis's chunks in the KLD axis's seeded order, the first --refract-decode-chunks
         # of them: their reference rows are the KLD axis's (one cache entry serves both).
         n = min(run.inputs.n_chunks, run.settings.decode_chunks)
         ids = [f"chunk-{i:02d}" for i in range(run.inputs.n_chunks)]
         order = measuring_order(ids, ["chunk"] * len(ids), run.settings.seed)
-        return [{"id": ids[i], "keywords": [], "chunk": i} for i in order[:n]]
+        return [Unit(ids[i], payload={"chunk": i}) for i in order[:n]]
 
     def cache_reads(self, run) -> dict:
         corpus = run.inputs.corpus
@@ -136,7 +137,7 @@ class DecodeAxis(KLDAxis):
     def measure(self, run, unit) -> dict:
         inputs = run.inputs
         bos = inputs.bos if inputs.add_bos else None
-        tokens = chunk_tokens(inputs.corpus_tokens, unit["chunk"], run.settings.ctx, bos)
+        tokens = chunk_tokens(inputs.corpus_tokens, unit.payload["chunk"], run.settings.ctx, bos)
         window = window_of(len(tokens), run.settings.decode_window)
         if window < 1:
             raise MeasurementError(f"a chunk of {len(tokens)} tokens has no position to decode; raise --refract-ctx")
@@ -144,7 +145,7 @@ class DecodeAxis(KLDAxis):
         next_tokens = tokens[half + 1 : half + 1 + window]
         # The KLD axis's reference of this chunk, evaluated exactly as that axis does.
         ref_logprobs, _exact = run.reference.chunk(tokens, lambda ctx, consume: evaluate_chunk(ctx, tokens, consume))
-        decoded, batched = decode_and_batched(run.context(unit["candidate"]), tokens, window, ref_logprobs[0:window],
+        decoded, batched = decode_and_batched(run.context(unit.candidate), tokens, window, ref_logprobs[0:window],
                                               next_tokens)
         with np.errstate(invalid="ignore", over="ignore"):
             summary = kld_summary(**decoded)
@@ -155,8 +156,8 @@ class DecodeAxis(KLDAxis):
         if not np.isfinite(batched_mean):
             raise MeasurementError(NON_FINITE_KLD)
         return {
-            "id": unit["id"],
-            "chunk": unit["chunk"],
+            "id": unit.id,
+            "chunk": unit.payload["chunk"],
             "score": score,
             "band": band_for(score),
             "mean_kld": summary["mean_kld"],

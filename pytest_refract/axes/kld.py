@@ -23,7 +23,7 @@ from ..scoring.metrics import (
     kld_summary,
 )
 from ..inputs.data import measuring_order
-from .base import Axis
+from .base import Axis, Unit
 
 NON_FINITE_KLD = "the KLD is not a finite number (NaN or Infinity in the log-probabilities); no score is claimed"
 _RAW_KEYS = ("kld", "p_diff", "nll_ref", "nll_cand", "same_top")
@@ -124,11 +124,11 @@ class KLDAxis(Axis):
     # dropped from the written report.
     PRIVATE_KEYS = ("_raw",)
 
-    def units(self, run) -> List[dict]:
+    def units(self, run) -> List[Unit]:
         # In a seeded order over the whole corpus, so the chunks a sequential audit stops after
         # are a sample of all its texts, not the first essays.
-        units = [{"id": f"chunk-{i:02d}", "keywords": [], "chunk": i} for i in range(run.inputs.n_chunks)]
-        order = measuring_order([u["id"] for u in units], ["chunk"] * len(units), run.settings.seed)
+        units = [Unit(f"chunk-{i:02d}", payload={"chunk": i}) for i in range(run.inputs.n_chunks)]
+        order = measuring_order([u.id for u in units], ["chunk"] * len(units), run.settings.seed)
         return [units[i] for i in order]
 
     def cache_reads(self, run) -> dict:
@@ -149,12 +149,12 @@ class KLDAxis(Axis):
     def measure(self, run, unit) -> dict:
         inputs = run.inputs
         bos = inputs.bos if inputs.add_bos else None
-        tokens = chunk_tokens(inputs.corpus_tokens, unit["chunk"], run.settings.ctx, bos)
-        stats, floor_stats, same_logits = measured_chunk(run, tokens, unit["candidate"])
+        tokens = chunk_tokens(inputs.corpus_tokens, unit.payload["chunk"], run.settings.ctx, bos)
+        stats, floor_stats, same_logits = measured_chunk(run, tokens, unit.candidate)
         summary, score = summarize(stats)
         result = {
-            "id": unit["id"],
-            "chunk": unit["chunk"],
+            "id": unit.id,
+            "chunk": unit.payload["chunk"],
             "score": score,
             "band": band_for(score),
             "mean_kld": summary["mean_kld"],

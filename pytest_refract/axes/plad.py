@@ -18,7 +18,7 @@ import numpy as np
 from ..errors import MeasurementError
 from ..inputs.perturb import PERTURBATIONS, drift, perturb
 from ..scoring.metrics import BAND_FLOOR, band_for, is_score
-from .base import Axis
+from .base import Axis, Unit
 
 EXCESS_WEIGHT = 5.0
 
@@ -33,17 +33,17 @@ def _decode_batch(run, units, roles):
     """Decode the anchors and perturbed prompts of a whole batch together, per role (a unit in
     no batch is a batch of one; anchors the trajectory axis already decoded are reused). The
     continuations are kept by the runner (greedy_tokens); per (role, unit id) nothing else."""
-    measured = [u for u in units if u["perturbed"] is not None]
+    measured = [u for u in units if u.payload["perturbed"] is not None]
     prompts = []
     for u in measured:
-        prompts.append(run.inputs.chat_tokens(u["prompt"].prompt))
-        prompts.append(run.inputs.chat_tokens(u["perturbed"]))
+        prompts.append(run.inputs.chat_tokens(u.payload["prompt"].prompt))
+        prompts.append(run.inputs.chat_tokens(u.payload["perturbed"]))
     seconds = {}
     for role in ["reference", *roles] + (["floor"] if run.settings.floor else []):
         started = time.perf_counter()
         run.prefetch_greedy(role, prompts)
         seconds[role] = time.perf_counter() - started
-    return {(role, u["id"]): None for role in roles for u in measured}, seconds
+    return {(role, u.id): None for role in roles for u in measured}, seconds
 
 
 class PLADAxis(Axis):
@@ -56,13 +56,13 @@ class PLADAxis(Axis):
     STREAM = 4
     EXTRA_KEYS = ("score", "band", "ref_drift", "cand_drift", "excess", "perturbed_prompt")
 
-    def units(self, run) -> List[dict]:
+    def units(self, run) -> List[Unit]:
         out = []
         for p in run.inputs.prompts:
             for kind in PERTURBATIONS:
                 text = perturb(p.prompt, kind, seed=run.settings.seed, prompt_id=p.id)
-                out.append({"id": f"{p.id}-{kind}", "keywords": [kind, p.category], "prompt": p, "kind": kind,
-                            "perturbed": text})
+                out.append(Unit(f"{p.id}-{kind}", keywords=(kind, p.category),
+                                payload={"prompt": p, "kind": kind, "perturbed": text}))
         return out
 
     def cache_reads(self, run) -> dict:
@@ -75,27 +75,27 @@ class PLADAxis(Axis):
         their continuations, per side, for the whole batch where batched (zero once it ran). Anchors
         the trajectory axis already decoded are reused, so it is often fewer."""
         s = run.settings
-        if unit["perturbed"] is None or run.batch_done(self.NAME, unit):
+        if unit.payload["perturbed"] is None or run.batch_done(self.NAME, unit):
             return 0
         units, roles = run.batch_units(self.NAME, unit)
         sides = 1 + len(roles) + bool(s.floor)
         chat = run.inputs.chat_tokens
         total = 0
         for u in units:
-            if u["perturbed"] is not None:
-                total += len(chat(u["prompt"].prompt)) + len(chat(u["perturbed"])) + 2 * s.n_predict
+            if u.payload["perturbed"] is not None:
+                total += len(chat(u.payload["prompt"].prompt)) + len(chat(u.payload["perturbed"])) + 2 * s.n_predict
         return total * sides
 
     def measure(self, run, unit) -> dict:
-        prompt, kind, perturbed = unit["prompt"], unit["kind"], unit["perturbed"]
-        base = {"id": unit["id"], "prompt_id": prompt.id, "perturbation": kind}
+        prompt, kind, perturbed = unit.payload["prompt"], unit.payload["kind"], unit.payload["perturbed"]
+        base = {"id": unit.id, "prompt_id": prompt.id, "perturbation": kind}
         if perturbed is None:
             base.update({"skipped": True, "reason": f"{kind} does not apply to this prompt", "score": None, "band": None})
             return base
         anchor_tokens = run.inputs.chat_tokens(prompt.prompt)
         perturbed_tokens = run.inputs.chat_tokens(perturbed)
         # Report keys stay "reference"/"candidate"/"floor" whichever candidate of a matrix runs.
-        roles = {"reference": "reference", "candidate": unit["candidate"]}
+        roles = {"reference": "reference", "candidate": unit.candidate}
         if run.settings.floor:
             roles["floor"] = "floor"
         run.batch(self.NAME, unit, lambda units, batch_roles: _decode_batch(run, units, batch_roles))

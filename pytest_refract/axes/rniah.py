@@ -16,7 +16,7 @@ import numpy as np
 from ..inputs.haystack import strip_reasoning, trial_value
 from ..scoring.metrics import BAND_FLOOR, band_for
 from ..inputs.data import measuring_order
-from .base import Axis
+from .base import Axis, Unit
 
 LOW_CONFIDENCE_BELOW = 0.2
 
@@ -86,15 +86,15 @@ class RNIAHAxis(Axis):
     STREAM = 3
     EXTRA_KEYS = ("score", "band", "ref_hits", "cand_hits")
 
-    def units(self, run) -> List[dict]:
+    def units(self, run) -> List[Unit]:
         s = run.settings
         units = [
-            {"id": cell_id(length, pos), "keywords": [], "length": length, "position": pos}
+            Unit(cell_id(length, pos), payload={"length": length, "position": pos})
             for length in run.inputs.rniah_lengths
             for pos in s.rniah_positions
         ]
         # Lengths interleaved, positions in a seeded order within each (see measuring_order).
-        order = measuring_order([u["id"] for u in units], [str(u["length"]) for u in units], s.seed)
+        order = measuring_order([u.id for u in units], [str(u.payload["length"]) for u in units], s.seed)
         return [units[i] for i in order]
 
     def cache_reads(self, run) -> dict:
@@ -116,14 +116,14 @@ class RNIAHAxis(Axis):
         """Tokens this cell will feed llama.cpp (progress only): per trial and side, the prompt
         and the whole answer budget (an answer that ends early, or a reused prefix, makes it fewer)."""
         s, inputs = run.settings, run.inputs
-        per_trial = unit["length"] + len(inputs.rniah_prompt([])) + inputs.rniah_answer_tokens
+        per_trial = unit.payload["length"] + len(inputs.rniah_prompt([])) + inputs.rniah_answer_tokens
         return s.rniah_trials * (2 + bool(s.floor)) * per_trial
 
     def measure(self, run, unit) -> dict:
         s = run.settings
-        length, position = unit["length"], unit["position"]
+        length, position = unit.payload["length"], unit.payload["position"]
         # Report keys stay "reference"/"candidate"/"floor" whichever candidate of a matrix runs.
-        roles = {"reference": "reference", "candidate": unit["candidate"]}
+        roles = {"reference": "reference", "candidate": unit.candidate}
         if s.floor:
             roles["floor"] = "floor"
         hits, trials, tokens = run_trials(
@@ -136,7 +136,7 @@ class RNIAHAxis(Axis):
         degradation = max(0.0, ref_rate - cand_rate)
         score = 100.0 * (1.0 - degradation) if scored else None
         result = {
-            "id": unit["id"],
+            "id": unit.id,
             "length": length,
             "position": position,
             "prompt_tokens": len(tokens),

@@ -21,7 +21,7 @@ from ..scoring.metrics import (
     trajectory_axis_score,
     trajectory_item_score,
 )
-from .base import Axis
+from .base import Axis, Unit
 
 # A divergence where the reference's top two tokens are closer than this in probability is a
 # near-tie flip: a rounding change of the logits can reorder them without any real damage.
@@ -56,7 +56,7 @@ def _decode_batch(run, units, roles):
     """Decode a whole batch (see Runner.batch; a unit in no batch is a batch of one) for the
     reference, every role that needs it and the floor, one multi-sequence batch per role:
     per (role, unit id) the tokens and teacher-forced KLD, with the floor's beside them."""
-    prompts = [run.inputs.chat_tokens(u["prompt"].prompt) for u in units]
+    prompts = [run.inputs.chat_tokens(u.payload["prompt"].prompt) for u in units]
     started = time.perf_counter()
     refs = run.reference.trajectories(prompts)
     seconds = {"reference": time.perf_counter() - started}
@@ -69,10 +69,10 @@ def _decode_batch(run, units, roles):
         compared = _compare_batch(run, role, prompts, refs, use_logprobs)
         seconds[role] = time.perf_counter() - started
         for u, (ref_tokens, ref_rows, _), (tokens, tf_kld, tf_top1) in zip(units, refs, compared):
-            measured[(role, u["id"])] = {
+            measured[(role, u.id)] = {
                 "ref_tokens": ref_tokens, "tokens": tokens, "tf_kld": tf_kld, "tf_top1": tf_top1,
                 "ref_margin": _ref_margin(ref_rows, ref_tokens, tokens)}
-    values = {(role, u["id"]): dict(measured[(role, u["id"])], floor=measured.get(("floor", u["id"])))
+    values = {(role, u.id): dict(measured[(role, u.id)], floor=measured.get(("floor", u.id)))
               for role in roles for u in units}
     return values, seconds
 
@@ -157,8 +157,8 @@ class TrajectoryAxis(Axis):
     STREAM = 1
     EXTRA_KEYS = ("score", "band", "first_divergence", "prefix_agreement", "teacher_forced_kld")
 
-    def units(self, run) -> List[dict]:
-        return [{"id": p.id, "keywords": [p.category], "prompt": p} for p in run.inputs.prompts]
+    def units(self, run) -> List[Unit]:
+        return [Unit(p.id, keywords=(p.category,), payload={"prompt": p}) for p in run.inputs.prompts]
 
     def cache_reads(self, run) -> dict:
         """The settings an item's result depends on (for the control's cache key)."""
@@ -173,11 +173,11 @@ class TrajectoryAxis(Axis):
             return 0
         units, roles = run.batch_units(self.NAME, unit)
         sides = len(roles) + bool(s.floor)
-        prompts = [len(run.inputs.chat_tokens(u["prompt"].prompt)) for u in units]
+        prompts = [len(run.inputs.chat_tokens(u.payload["prompt"].prompt)) for u in units]
         return sum(n + s.n_predict for n in prompts) * (1 + sides) + len(prompts) * sides * (s.n_predict // 2)
 
     def measure(self, run, unit) -> dict:
-        prompt = unit["prompt"]
+        prompt = unit.payload["prompt"]
         prompt_tokens = run.inputs.chat_tokens(prompt.prompt)
         done = run.batch(self.NAME, unit, lambda units, roles: _decode_batch(run, units, roles))
         ref_tokens, cand_tokens, tf_kld = done["ref_tokens"], done["tokens"], done["tf_kld"]

@@ -247,13 +247,13 @@ class ReferenceStore:
 
     # -- the sensitivity control's item results ----------------------------------------------
 
-    def control_key(self, axis_name: str, unit: dict, batch: Optional[List[str]], label: str, reads: dict) -> str:
+    def control_key(self, axis_name: str, unit, batch: Optional[List[str]], label: str, reads: dict) -> str:
         """Cache key of one control item: everything its result depends on beyond the cache's
         namespace (model, reference, numerics, build): the control config, the item's own
         inputs, the settings the axis reads (``reads``, its cache_reads) and, for batched
-        decoding, the batch's layout."""
-        own = {k: (v.prompt if isinstance(v, data.Prompt) else v) for k, v in unit.items()
-               if k not in ("candidate", "batch", "keywords")}
+        decoding, the batch's layout. ``unit``: an axes.Unit (its id and payload are its own
+        inputs; its candidate, batch and keywords are not)."""
+        own = {k: (v.prompt if isinstance(v, data.Prompt) else v) for k, v in {"id": unit.id, **unit.payload}.items()}
         text = json.dumps({"unit": own, "batch": batch, "reads": reads}, sort_keys=True, default=str)
         return self.cache.key("control-" + axis_name, label, text)
 

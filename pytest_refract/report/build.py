@@ -14,9 +14,9 @@ from typing import Dict, List, Optional
 
 from .. import __version__
 from ..axes import DIAGNOSIS_ORDER, known
+from ..record import RunRecord
 from ..scoring.metrics import BAND_FLOOR, band_for
 from .ran import NO_OP, no_op_reason
-from .record import RunRecord
 from .jsonio import SCHEMA
 from .sections import build_axes, composite_of, custom_gates, floor_of, repeat_stats
 from .sensitivity import (

@@ -1,6 +1,9 @@
-"""What the report states about the run besides the measurements: plain data, gathered once
-from the live runner (session.gather_record) and handed to ``build.build_report``, which then
-needs nothing else that lives in a process (no llama.cpp, no clock but the timestamp)."""
+"""What the report states about the run besides the measurements: plain data, made once by the
+live runner (audit.runner.Runner.record) and handed to ``report.build.build_report``, which then
+needs nothing else that lives in a process (no llama.cpp, no clock but the timestamp).
+
+It sits at the package's base, beside errors.py and files.py, because it is the one type the
+audit layer hands to the report layer, and neither of those may import the other."""
 
 from __future__ import annotations
 
