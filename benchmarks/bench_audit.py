@@ -205,7 +205,7 @@ def sensitivity_cost(args) -> None:
                             tokens += sum(counts[k] for k in ("batch_tokens", "decode_tokens", "seq_decode_tokens"))
                 walls[(name, phase)] = run["wall_s"]
                 print(f"{name:<16} {phase}: wall {run['wall_s']:7.1f} s, exit {run['exit']}, composite "
-                      f"{rep['composite']}, calibrated {rep.get('calibrated_composite')}, control tokens {tokens}, "
+                      f"{rep['composite']}, verdict {(rep.get('verdict') or {}).get('verdict')}, control tokens {tokens}, "
                       f"control read from cache: {(rep.get('sensitivity') or {}).get('cached')}")
     for phase in ("cold", "warm"):
         a, b = walls[("without control", phase)], walls[("with control", phase)]

@@ -1,10 +1,12 @@
-"""What the model's identity costs (issue 22, finding 5): the reference cache keys on the
+"""What the model's identity costs: the reference cache keys on the
 sha256 of the whole model file, computed once per file and remembered by (device, inode, size,
 mtime, ctime) in the cache folder. This prints the cold cost (the first run on a file: one
 sequential read plus sha256) and the warm cost (a later run: a stat and a small JSON read),
 measured on a file of --gib GiB, and extrapolates the cold cost to a 25 GB model.
 
-    flock /work/cpu.lock python benchmarks/bench_model_hash.py --gib 2
+    python benchmarks/bench_model_hash.py --gib 2
+
+Run it on a quiet machine: the figures are timings.
 
 Two throughputs are measured: sha256 over bytes already in memory (the CPU bound), and
 file_sha256 over the file after its pages were dropped from the page cache with

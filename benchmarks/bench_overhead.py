@@ -19,7 +19,7 @@ cProfile. Printed:
 profiler's own overhead, which inflates call-heavy Python (cProfile costs ~1 us per call).
 Presets: ``smollm2`` is the default audit (trajectory and KLD, with its control) on 16 prompts,
 32 greedy tokens and 4 chunks; ``gemma3-kld`` is KLD only, 2 chunks, on Gemma 3's 262k vocabulary.
-Hold /work/cpu.lock (or run on a quiet machine): the figures are timings.
+Run it on a quiet machine: the figures are timings.
 """
 
 from __future__ import annotations

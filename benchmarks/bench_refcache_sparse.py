@@ -2,7 +2,9 @@
 and in memory, time to encode, store, load and dequantize, and that both give the same floats.
 Prints figures, asserts nothing (the identity is a test's job: tests/test_refcache.py).
 
-    flock /work/cpu.lock python benchmarks/bench_refcache_sparse.py --model gemma3 [--chunks 1]
+    python benchmarks/bench_refcache_sparse.py --model gemma3 [--chunks 1]
+
+Run it on a quiet machine: the timings are figures of the machine.
 
 Real logits: the reference (f16 cache) over the bundled corpus, one 512-token KLD chunk at a
 time (its scored half, 255 rows, as the KLD axis keeps), and 64 greedy steps of one prompt (a

@@ -1,4 +1,4 @@
-"""The README's verdict tables from saved JSON reports: per candidate the multiple of the
+"""The verdict tables of docs/measured.md from saved JSON reports: per candidate the multiple of the
 control's damage with its interval and verdict per axis, the run verdict, the verdict score, the
 raw composite and llama.cpp's KV bytes per token; optionally recomputed on a subset of the
 report's items (the same config at fewer items).

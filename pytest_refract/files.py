@@ -29,22 +29,38 @@ def resolved_target(path) -> Path:
     return Path(os.path.realpath(target)) if target.is_symlink() else target
 
 
-def write_atomic(path, data: Union[str, bytes, Sequence[bytes]]) -> Path:
+def write_atomic(path, data: Union[str, bytes, Sequence[bytes]], follow_links: bool = False) -> Path:
     """``data`` may be a list of byte strings, written one after another: a large payload
-    then need not be concatenated with its header in memory first. Only a regular file (or
-    nothing) is ever replaced: a device, FIFO or socket at the path, or behind a symlink
-    there, is refused with OSError before anything is written."""
-    target = resolved_target(path)
-    kind = special_file_kind(target)
-    if kind or target.is_dir():
-        raise OSError(f"{target} is {kind or 'a folder'}; only a regular file is ever replaced")
-    parts = [data.encode("utf-8")] if isinstance(data, str) else [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    then need not be concatenated with its header in memory first.
+
+    By default a symlink at ``path`` is never followed: the new file replaces the link itself
+    (the rename acts on the name), so a link planted in a folder this package owns (the
+    reference cache, the model cache) can never make a write land on the file it points to.
+    ``follow_links=True`` is for a path the user gave (a report): the write lands where the
+    link points, and the link stays. Either way only a regular file (or nothing, or, without
+    following, a link) is ever replaced: a device, FIFO, socket or folder there is refused
+    with OSError before anything is written. The temp file is created with O_EXCL (mkstemp),
+    which never opens through a link."""
+    if follow_links:
+        target = resolved_target(path)
+        kind = special_file_kind(target)
+        if kind or target.is_dir():
+            raise OSError(f"{target} is {kind or 'a folder'}; only a regular file is ever replaced")
+    else:
+        target = Path(path)
+        kind = special_file_kind(target, follow_links=False)
+        if kind:
+            raise OSError(f"{target} is {kind}; only a regular file is ever replaced")
+    # backslashreplace: a lone surrogate (a path's byte that is not UTF-8) is written as an
+    # escape, never an exception after an hour of measuring.
+    parts = [data.encode("utf-8", "backslashreplace")] if isinstance(data, str) else [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=str(target.parent))
     try:
         # mkstemp makes 0600 files; reports are artifacts others read, so honour the umask.
+        # fchmod: by descriptor, never through whatever the temp name may have become.
         umask = os.umask(0)
         os.umask(umask)
-        os.chmod(tmp, 0o666 & ~umask)
+        os.fchmod(fd, 0o666 & ~umask)
         with os.fdopen(fd, "wb") as fh:
             for part in parts:
                 fh.write(part)
@@ -60,12 +76,14 @@ def write_atomic(path, data: Union[str, bytes, Sequence[bytes]]) -> Path:
     return target
 
 
-def special_file_kind(path) -> Optional[str]:
+def special_file_kind(path, follow_links: bool = True) -> Optional[str]:
     """What a path that is not a regular file or folder is ("a FIFO (named pipe)", ...), or None.
+    ``follow_links=False``: the path itself (a symlink is then None: it is replaced, not
+    followed), and a folder counts as special.
 
     Uses stat only: opening a FIFO that has no writer would block forever."""
     try:
-        mode = os.stat(path).st_mode
+        mode = os.stat(path).st_mode if follow_links else os.lstat(path).st_mode
     except OSError:
         return None
     if stat.S_ISFIFO(mode):
@@ -79,7 +97,9 @@ def special_file_kind(path) -> Optional[str]:
         return "a block device"
     if stat.S_ISSOCK(mode):
         return "a socket"
-    if stat.S_ISDIR(mode) or stat.S_ISREG(mode):
+    if stat.S_ISDIR(mode):
+        return None if follow_links else "a folder"
+    if stat.S_ISREG(mode) or stat.S_ISLNK(mode):
         return None
     return "not a regular file"
 
@@ -96,7 +116,7 @@ def write_reports(outputs, fallback_dir: Optional[Path] = None):
             continue
         text = make_text()
         try:
-            written[option] = write_atomic(path, text)
+            written[option] = write_atomic(path, text, follow_links=True)
             continue
         except OSError as exc:
             why = exc.strerror or str(exc)
@@ -122,10 +142,56 @@ MAX_TEXT_BYTES = 64 << 20
 MAX_REPORT_BYTES = 64 << 20
 
 
+# How long one input file may take to read. A regular file whose read blocks (/proc/kmsg, a
+# kernel tracing pipe, a hung network mount) would otherwise hang the run at start-up: the
+# size bound alone never ends a read that returns nothing.
+READ_DEADLINE_S = 60.0
+_READ_BLOCK = 1 << 20
+# The one call that reads bytes, named so that a test can stand in a read that blocks.
+_read_chunk = os.read
+
+
+def _read_bounded(path: Path, max_bytes: int, deadline_s: float) -> bytes:
+    """Up to ``max_bytes + 1`` bytes of ``path``, or TimeoutError when the read takes longer
+    than ``deadline_s``. The read runs in a daemon thread (a blocked read cannot be
+    interrupted; the thread is left behind, the run is not); the file is opened non-blocking,
+    so a file that supports it (/proc/kmsg) says EAGAIN at once instead of waiting."""
+    import threading
+
+    outcome: dict = {}
+
+    def work():
+        try:
+            fd = os.open(path, os.O_RDONLY | getattr(os, "O_NONBLOCK", 0) | getattr(os, "O_CLOEXEC", 0))
+            try:
+                chunks, total = [], 0
+                while total <= max_bytes:
+                    chunk = _read_chunk(fd, min(_READ_BLOCK, max_bytes + 1 - total))
+                    if not chunk:
+                        break
+                    chunks.append(chunk)
+                    total += len(chunk)
+                outcome["data"] = b"".join(chunks)
+            finally:
+                os.close(fd)
+        except BaseException as exc:  # handed to the caller's thread
+            outcome["error"] = exc
+
+    reader = threading.Thread(target=work, name="refract-read-input", daemon=True)
+    reader.start()
+    reader.join(deadline_s)
+    if reader.is_alive():
+        raise TimeoutError(f"no end of file after {deadline_s:g} s")
+    if "error" in outcome:
+        raise outcome["error"]
+    return outcome["data"]
+
+
 def read_input(path, what: str, max_bytes: int, option: str = "") -> bytes:
     """The bytes of an input file, checked as the model path is: a FIFO, device or socket is
-    named without being opened (opening a FIFO with no writer blocks forever), and a file
-    larger than ``max_bytes`` is refused. UsageProblem, one line, for every defect."""
+    named without being opened (opening a FIFO with no writer blocks forever), a file larger
+    than ``max_bytes`` is refused, and so is one whose read blocks or does not end within
+    READ_DEADLINE_S. UsageProblem, one line, for every defect."""
     from .errors import UsageProblem
 
     p = Path(path).expanduser()
@@ -138,8 +204,13 @@ def read_input(path, what: str, max_bytes: int, option: str = "") -> bytes:
     if p.is_dir():
         raise UsageProblem(f"{what} path is a directory, not a file: {p}{where}")
     try:
-        with open(p, "rb") as fh:
-            raw = fh.read(max_bytes + 1)
+        raw = _read_bounded(p, max_bytes, READ_DEADLINE_S)
+    except BlockingIOError:
+        raise UsageProblem(f"{what} file {p} blocks when read (it is no file on disk, e.g. under /proc){where}; "
+                           "give a file on disk") from None
+    except TimeoutError as exc:
+        raise UsageProblem(f"{what} file {p} could not be read ({exc}: a file that blocks, e.g. under /proc, "
+                           f"or a hung mount){where}; give a file on disk") from None
     except OSError as exc:
         raise UsageProblem(f"{what} file {p} cannot be read ({exc.strerror or exc}){where}") from None
     if len(raw) > max_bytes:

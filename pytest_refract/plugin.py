@@ -33,10 +33,11 @@ def pytest_configure(config):
             return
         axes = resolve(axis for added in config.hook.pytest_refract_axes(config=config) for axis in added or ())
         s = settings_mod.read_settings(config, axes)
-        from .audit.guard import check_foreign_outputs
+        from .audit.guard import check_run_files
         from .audit.runner import Runner
 
-        check_foreign_outputs({"--refract-json": s.json_path, "--refract-html": s.html_path}, config.option)
+        # Any file this pytest run reads or writes, for any plugin, is never a report path.
+        check_run_files({"--refract-json": s.json_path, "--refract-html": s.html_path}, config)
 
         runner = Runner(s, axes, is_worker=hasattr(config, "workerinput"))
         session = RefractSession(config, runner)

@@ -59,9 +59,13 @@ class RefractCollector(pytest.Collector):
 
     def collect(self):
         runner = get_session(self.config).runner
+        # xdist_group is xdist's mark, registered by xdist: without it loaded the mark is
+        # unknown (a warning on every run, a collection error under --strict-markers).
+        grouped = self.config.pluginmanager.hasplugin("xdist")
         for unit, group in runner.items():
             item = RefractItem.from_parent(self, name=item_name(runner, unit), unit=unit)
-            item.add_marker(pytest.mark.xdist_group(group))
+            if grouped:
+                item.add_marker(pytest.mark.xdist_group(group))
             yield item
 
 
@@ -290,20 +294,38 @@ class RefractSession:
             return  # nothing selected and nothing stopped: there is nothing to report
         complete = not self.interrupted and not session.shouldstop
         selected = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem))
-        facts = self.runner.record(self.baseline, wall_s=time.time() - self.started, items_selected=selected,
-                                   sequential=self.stopping.report())
-        self.report = build_report(facts=facts, results=self.results, failed=self.failed, custom=self.custom,
-                                   invocation_args=list(self.config.invocation_params.args), complete=complete,
-                                   registry=self.runner.axes, repeats=self.repeats)
+        try:
+            facts = self.runner.record(self.baseline, wall_s=time.time() - self.started, items_selected=selected,
+                                       sequential=self.stopping.report())
+            self.report = build_report(facts=facts, results=self.results, failed=self.failed, custom=self.custom,
+                                       invocation_args=list(self.config.invocation_params.args), complete=complete,
+                                       registry=self.runner.axes, repeats=self.repeats)
+        except Exception as exc:  # never an INTERNALERROR that hides every measured item
+            self._finish_failed(session, "the report could not be built", exc)
+            return
         self.gate = self.report["gate"]
         if not self.gate["passed"]:
             session.testsfailed += 1
-        # Other plugins see the finished report before any file is written (and may add to
-        # its "custom" entries).
-        self.config.hook.pytest_refract_report(report=self.report, config=self.config)
-        self._write_files()
+        try:
+            # Other plugins see the finished report before any file is written (and may add to
+            # its "custom" entries).
+            self.config.hook.pytest_refract_report(report=self.report, config=self.config)
+            self._write_files()
+        except Exception as exc:  # the summary is still printed, with this line
+            self._finish_failed(session, "the report files could not be written", exc)
+            return
         if self.write_problems:  # a report that was asked for and is not where it was asked
             session.testsfailed += 1
+
+    def _finish_failed(self, session, what: str, exc: Exception) -> None:
+        """A failure after measuring: one line in the summary, and the run fails (a report
+        that was asked for is missing); never an INTERNALERROR."""
+        from .report.jsonio import text_of
+
+        self.written = getattr(self, "written", {})
+        self.write_problems = list(getattr(self, "write_problems", [])) + [
+            text_of(f"{what} ({type(exc).__name__}: {exc})")]
+        session.testsfailed += 1
 
     def _write_files(self) -> None:
         from .files import write_reports
@@ -330,12 +352,15 @@ class RefractSession:
         return [f"refract: {self.runner.gpu_note}"] if self.runner.gpu_note else []
 
     def pytest_terminal_summary(self, terminalreporter):
-        if self.report is None:
-            return
-        from .report.terminal import render
+        if self.report is not None:
+            from .report.terminal import render
 
-        written = getattr(self, "written", {})
-        render(terminalreporter, self.report, written.get("--refract-json"), self.runner.axes)
+            written = getattr(self, "written", {})
+            try:
+                render(terminalreporter, self.report, written.get("--refract-json"), self.runner.axes)
+            except Exception as exc:  # one line, not an INTERNALERROR after the run
+                terminalreporter.write_line(f"refract: the summary could not be printed ({type(exc).__name__}: "
+                                            f"{exc})", red=True, bold=True)
         for line in getattr(self, "write_problems", []):
             terminalreporter.write_line(f"refract: {line}", red=True, bold=True)
 

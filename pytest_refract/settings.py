@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import Optional, Tuple
 
 import pytest
@@ -55,8 +56,8 @@ OPTIONS = (
     ("sensitivity", "string", None, "control config measured on the same items to tell the model's rounding "
                                     "sensitivity from cache damage (default: ctk=bf16,ctv=bf16 for an f16 reference)"),
     ("gate", "string", "verdict", "what the gate reads: verdict (damage as a multiple of the control's, PASS/FAIL/"
-                                  "UNDECIDED, default), raw (the seed-defined composite against --refract-fail-under) "
-                                  "or calibrated (the older retention bound, kept for comparison)"),
+                                  "UNDECIDED, default) or raw (the seed-defined composite against "
+                                  "--refract-fail-under)"),
     ("max-items", "string", None, "measure at most N items per axis (per candidate), the first N in the axis's "
                                   "measuring order; default: all the axis has (the whole prompt pool, every chunk)"),
     ("decode-window", "string", "32", "decode axis: positions per KLD chunk fed one token per llama_decode (from the "
@@ -159,6 +160,28 @@ def _get(config, name: str):
         value = value.strip()
         return value or None
     return value
+
+
+def _path(config, name: str, names=()) -> Optional[str]:
+    """A path option: from the command line as given (relative to the current folder, as any
+    shell path), from the ini file relative to the ini file's folder (the ini may sit in
+    another folder than the one pytest runs in). ``names``: values that are no path (an
+    embedded model's name), kept as they are."""
+    value = _get(config, name)
+    if not value or config.getoption("refract_" + name.replace("-", "_")) is not None:
+        return value
+    inipath = getattr(config, "inipath", None)
+    expanded = os.path.expanduser(value)
+    if inipath is None or os.path.isabs(expanded) or value.strip().lower() in names:
+        return value
+    return str(Path(inipath).parent / expanded)
+
+
+def _embedded_model_names() -> tuple:
+    from .inputs.data import EMBEDDED_MODELS  # here: reading options must not load the inputs layer early
+    from .inputs.models import CHUNKED_MODELS
+
+    return tuple(EMBEDDED_MODELS) + tuple(CHUNKED_MODELS)
 
 
 def wants_audit(config) -> bool:
@@ -307,6 +330,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
     model = _get(config, "model")
     if not model:
         return None
+    model = _path(config, "model", _embedded_model_names())
     given = config.getoption("refract_candidate")
     if given and any(not (t or "").strip() for t in given):
         raise UsageProblem("--refract-candidate is empty; give a KV config, e.g. --refract-candidate=ctk=q8_0,ctv=q4_0")
@@ -377,7 +401,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         raise UsageProblem(f"--refract-max-drop={max_drop_raw!r} must be a number of points") from None
     if not (0 <= max_drop <= 100):
         raise UsageProblem(f"--refract-max-drop={max_drop_raw} must be between 0 and 100")
-    rniah = _rniah_settings(config)
+    rniah = _rniah_settings(config, axes)
     repeat = _int(config, "repeat", 1)
     decode_batch, decode_batch_note = _decode_batch(config, repeat)
     sensitivity, sensitivity_note, gate_basis = _sensitivity(config, reference)
@@ -407,10 +431,10 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         repeat=repeat,
         cache_dir=_cache_dir(config),
         clear_cache=bool(_get(config, "clear-cache")),
-        baseline_path=_get(config, "baseline"),
+        baseline_path=_path(config, "baseline"),
         max_drop=max_drop,
-        prompts_path=_get(config, "prompts"),
-        corpus_path=_get(config, "corpus"),
+        prompts_path=_path(config, "prompts"),
+        corpus_path=_path(config, "corpus"),
         n_predict=_int(config, "n-predict", 1),
         ctx=_int(config, "ctx", 8),
         chunks=_chunks(config),
@@ -418,7 +442,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         threads=threads,
         gpu_layers=_int(config, "gpu-layers", 0),
         floor=bool(_get(config, "floor")),
-        llama_lib=_get(config, "llama-lib"),
+        llama_lib=_path(config, "llama-lib"),
         verbose=int(getattr(config.option, "verbose", 0) or 0),
         batched_axes=tuple(name for name, axis in known_axes.items() if getattr(axis, "BATCHED", 0)),
     )
@@ -436,7 +460,7 @@ def _sequential(config, gate_basis: str) -> Tuple[bool, Optional[str]]:
     if _get(config, "exhaustive"):
         return False, None
     if gate_basis != "verdict":
-        # The raw and calibrated gates read every selected item; a stop decided on the verdict
+        # The raw gate reads every selected item; a stop decided on the verdict
         # would change what they read.
         return False, f"the gate reads the {gate_basis} composite over every selected item"
     dist = getattr(config.option, "dist", "no") or "no"
@@ -455,13 +479,17 @@ def _undecided(config) -> str:
 
 def _sensitivity(config, reference: KVConfig) -> Tuple[Optional[KVConfig], Optional[str], str]:
     gate_text = (_get(config, "gate") or OPTION_DEFAULTS["gate"]).lower()
-    if gate_text not in ("verdict", "raw", "calibrated"):
-        raise UsageProblem(f"--refract-gate={gate_text!r} must be verdict, raw or calibrated")
+    if gate_text == "calibrated":
+        # The retention bound it read was the upper end of its own interval by construction.
+        raise UsageProblem("--refract-gate=calibrated was retired; use the verdict gate (the default: drop "
+                           "--refract-gate, or give --refract-gate=verdict)")
+    if gate_text not in ("verdict", "raw"):
+        raise UsageProblem(f"--refract-gate={gate_text!r} must be verdict or raw")
     explicit_gate = config.getoption("refract_gate") is not None
     if _get(config, "no-sensitivity"):
         if _get(config, "sensitivity"):
             raise UsageProblem("--refract-sensitivity and --refract-no-sensitivity contradict each other; give one")
-        if gate_text in ("verdict", "calibrated") and explicit_gate:
+        if gate_text == "verdict" and explicit_gate:
             raise UsageProblem(f"--refract-gate={gate_text} needs the sensitivity control; drop --refract-no-sensitivity "
                                "or use --refract-gate=raw")
         return None, "skipped (--refract-no-sensitivity): the gate uses the raw composite", "raw"
@@ -502,7 +530,7 @@ def _cache_dir(config) -> Optional[str]:
     when pytest's cache provider is disabled and no folder was given."""
     if _get(config, "no-cache"):
         return None
-    explicit = _get(config, "cache-dir")
+    explicit = _path(config, "cache-dir")
     if explicit:
         return os.path.abspath(os.path.expanduser(explicit))
     try:
@@ -517,7 +545,7 @@ def _cache_dir(config) -> Optional[str]:
 
 def _output_path(config, name: str) -> Optional[str]:
     """A report path must be writable where it is asked for: checked before any model runs."""
-    path = _get(config, name)
+    path = _path(config, name)
     if path:
         full = os.path.abspath(os.path.expanduser(path))
         if os.path.isdir(full):
@@ -545,7 +573,7 @@ def _number_list(config, name: str, cast, lo, hi) -> tuple:
     return tuple(dict.fromkeys(values))
 
 
-def _rniah_settings(config) -> dict:
+def _rniah_settings(config, axes: Tuple[str, ...] = ("rniah",)) -> dict:
     lengths = _number_list(config, "rniah-lengths", int, 64, 10_000_000) if _get(config, "rniah-lengths") else None
     needle = _get(config, "rniah-needle") or ""
     answer = _get(config, "rniah-answer") or ""
@@ -553,16 +581,29 @@ def _rniah_settings(config) -> dict:
         raise UsageProblem("--refract-rniah-needle must contain {value}, e.g. 'The magic number is {value}.'")
     if "{value}" not in answer:
         raise UsageProblem("--refract-rniah-answer must contain {value}, e.g. '{value}'")
+    from .inputs import answer as answer_mod
+
+    if len(answer) > answer_mod.MAX_PATTERN_CHARS:
+        raise UsageProblem(f"--refract-rniah-answer is {len(answer)} characters long; an answer pattern has at most "
+                           f"{answer_mod.MAX_PATTERN_CHARS}")
     try:
         import re
 
-        compiled = re.compile(answer.replace("{value}", re.escape("4817")), re.IGNORECASE)
+        regex = answer_mod.answer_regex(answer, "4817")
+        re.compile(regex, re.IGNORECASE)
     except re.error as exc:
         raise UsageProblem(f"--refract-rniah-answer is not a valid regex: {exc}") from None
     # A pattern that matches a reply without the value (the empty reply, a refusal) scores
-    # every trial found: the axis would measure nothing.
-    for reply in ("", " ", "I do not know the magic number.", "The answer is 1234."):
-        if compiled.search(reply):
+    # every trial found: the axis would measure nothing. Searched only when the axis runs, and
+    # with a time bound: the pattern is the user's, and a backtracking one never ends.
+    for reply in (("", " ", "I do not know the magic number.", "The answer is 1234.") if "rniah" in axes else ()):
+        try:
+            found = answer_mod.search(regex, reply)
+        except answer_mod.PatternTimeout:
+            raise UsageProblem(f"--refract-rniah-answer={answer!r} takes longer than {answer_mod.MATCH_TIMEOUT_S:g} s "
+                               f"on a {len(reply)}-character reply (it backtracks without end); simplify it, "
+                               "e.g. '{value}'") from None
+        if found:
             raise UsageProblem(f"--refract-rniah-answer={answer!r} matches a reply that lacks the value "
                                f"({reply!r}), so every trial would count as found; make {{value}} required")
     for name, text in (("rniah-needle", needle), ("rniah-answer", answer),
@@ -584,5 +625,5 @@ def _rniah_settings(config) -> dict:
         "rniah_answer": answer,
         "rniah_values": values,
         "rniah_answer_tokens": _int(config, "rniah-answer-tokens", 1),
-        "haystack_path": _get(config, "haystack"),
+        "haystack_path": _path(config, "haystack"),
     }

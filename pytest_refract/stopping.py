@@ -15,7 +15,7 @@ With stopping on, the axes run in stages (``look_order``): each up to its next l
 a FAIL on any axis stops the others early.
 
 Stopping is off (one look at the end) with --refract-exhaustive, without a control (no verdict
-to decide), with a gate that reads the raw or calibrated composite, and under xdist, where no
+to decide), with a gate that reads the raw composite, and under xdist, where no
 process sees every result (settings.py says why in the report).
 """
 

@@ -112,7 +112,7 @@ def test_compare_table_deltas_are_against_the_first(base_report):
     b = copy.deepcopy(a)
     b["composite"] = a["composite"] + 3
     rows = compare.table([a, b], ["a", "b"])
-    composite = next(r for r in rows if r[0] == "composite")
+    composite = next(r for r in rows if r[0] == "raw composite (REFRACT-comparable, not the verdict)")
     assert composite[1] == f"{a['composite']:.2f}"
     assert composite[2] == f"{a['composite'] + 3:.2f} (+3.00 ▲)"
 
@@ -210,7 +210,7 @@ def test_compare_gives_each_matrix_candidate_a_column(base_report, tmp_path):
                          capture_output=True, text=True, check=True).stdout
     header = out.splitlines()[0]
     assert f"matrix.json[{a['candidate']}]" in header and "matrix.json[ctk=q4_0,ctv=q4_0]" in header
-    composite = next(line for line in out.splitlines() if line.startswith("composite"))
+    composite = next(line for line in out.splitlines() if line.startswith("raw composite"))
     assert "(-10.00 ▼)" in composite
     kv = next(line for line in out.splitlines() if line.startswith("KV memory vs reference"))
     assert "0.406" in kv and "0.281 (-0.125 ▲)" in kv

@@ -120,8 +120,8 @@ def test_users_cmake_args_win_and_refract_override_wins_over_both():
 
 
 def test_every_install_path_takes_its_flags_from_the_script():
-    """README, .ci/run and tox.ini must not hard-code an instruction set again."""
-    for name in ("README.md", ".ci/run", "tox.ini"):
+    """README, .ci/run, tox.ini and the CI workflow example must not hard-code an instruction set again."""
+    for name in ("README.md", ".ci/run", "tox.ini", "examples/github-actions/refract.yml"):
         text = (ROOT / name).read_text()
         assert "tools/cmake_args.py" in text, name
         # (a bindings-only install, -DLLAMA_BUILD=OFF, compiles nothing and needs no CPU flags)

@@ -537,6 +537,66 @@ def test_html_in_chromium(tmp_path):
         driver.quit()
 
 
+# Where the verdict card, the raw composite and the first axis card sit, and whether the page
+# scrolls sideways; the raw composite's number colour against the page's text colour.
+_STORY_LAYOUT = """
+function box(sel) { var r = document.querySelector(sel).getBoundingClientRect(); return [r.top, r.bottom]; }
+return {scroll: document.body.scrollWidth, inner: window.innerWidth, height: window.innerHeight,
+        verdict: box('#verdict'), composite: box('#composite'), axis: box('.axis-card'), gate: box('#gate'),
+        raw_colour: getComputedStyle(document.querySelector('#composite .mid')).color,
+        word_lines: document.querySelector('#verdict .big').getBoundingClientRect().height
+                    / parseFloat(getComputedStyle(document.querySelector('#verdict .big')).lineHeight),
+        text_colour: getComputedStyle(document.body).color,
+        raw_border: getComputedStyle(document.querySelector('#composite')).borderTopColor,
+        fail_colour: getComputedStyle(document.documentElement).getPropertyValue('--fail').trim()};
+"""
+
+
+def _rgb(css_hex):
+    h = css_hex.lstrip("#")
+    return "rgb({}, {}, {})".format(*(int(h[i:i + 2], 16) for i in (0, 2, 4)))
+
+
+@pytest.mark.parametrize("verdict", ["PASS", "UNDECIDED"])
+def test_one_story_in_chromium_at_desktop_and_phone(tmp_path, verdict, record_property):
+    """A verdict beside raw scores in the FAIL band, as a user sees it at 1400 px and on a phone:
+    the verdict above the fold, nothing wider than the window, the raw composite after the gate
+    and the axes and in plain text colour. The screenshots are kept under tmp_path."""
+    _browser_or_skip()
+    from test_verdict_report import _pass_with_failing_raw_bands
+
+    report = _pass_with_failing_raw_bands()
+    report["verdict"]["verdict"] = verdict  # the longest word checks the headline's fit on a phone
+    assert report["axes"]["trajectory"]["band"] == "FAIL"
+    page = tmp_path / "story.html"
+    page.write_text(render_html(report), encoding="utf-8")
+    driver = _chromium(tmp_path)
+    try:
+        for width in (1400, 390):
+            driver.set_window_size(width, 900)
+            driver.get(page.as_uri())
+            shot = tmp_path / f"story_{verdict}_{width}px.png"
+            assert driver.save_screenshot(str(shot))
+            record_property(f"screenshot_{width}px", str(shot))
+            print(f"screenshot: {shot}")
+            at = driver.execute_script(_STORY_LAYOUT)
+            assert at["inner"] <= width
+            assert at["scroll"] <= at["inner"] + 1, (width, at)  # no sideways scrolling of the page
+            verdict_top, verdict_bottom = at["verdict"]
+            assert 0 <= verdict_top < at["height"], (width, at)  # the verdict starts above the fold
+            assert at["word_lines"] < 1.5, (width, at)  # the verdict word is not broken over two lines
+            if width == 1400:
+                assert verdict_bottom <= at["height"], at  # and is wholly visible on a desktop
+                assert at["gate"][0] < at["height"], at  # with the gate beside it
+            # What the gate read comes first: the gate, then the axes, the raw composite last.
+            assert at["verdict"][1] <= at["gate"][0] <= at["axis"][0] <= at["composite"][0], (width, at)
+            # The raw composite is a reference figure: text colour, not the FAIL band's.
+            assert at["raw_colour"] == at["text_colour"], at
+            assert at["raw_border"] != _rgb(at["fail_colour"]), at
+    finally:
+        driver.quit()
+
+
 # Every element drawn as a card, and by how many pixels its content overflows it (0 when it
 # fits). A card's overflow is visible, so content wider than the card widens its scrollWidth.
 _CARD_OVERFLOWS = """
@@ -592,29 +652,65 @@ def test_matrix_report_shows_the_ranking():
     assert 'id="ranking"' not in render_html(single)
 
 
-def test_candidate_beside_the_control_and_near_tie_marks():
-    report = _mini_report()
+def _with_control(report):
+    """The mini report with a sensitivity control, a verdict read by the gate, and its first
+    prompt beside the control's same prompt."""
     traj = report["axes"]["trajectory"]
-    traj.update(ci95=[40.0, 70.0], calibrated_score=81.25, teacher_forced_top1_pct=93.0, n_divergences=1,
-                n_near_tie_divergences=1,
-                calibration={"calibrated_score": 81.25, "retention": 0.7, "retention_ci95": [0.5, 0.8125],
-                             "indistinguishable": False, "control_score": 77.0, "control_ci95": [60.0, 90.0]})
-    traj["items"][0].update(ref_margin_at_divergence=0.031, near_tie_divergence=True)
-    report.update(composite_ci95=[60.1, 80.2], calibrated_composite=88.4, calibrated_band="PASS",
-                  calibrated_composite_ci95=[70.0, 88.4],
+    traj.update(ci95=[40.0, 70.0], teacher_forced_top1_pct=93.0, n_divergences=1, n_near_tie_divergences=1,
+                verdict={"axis": "trajectory", "label": "greedy flips", "verdict": "PASS", "basis": "multiple",
+                         "margin": 3.0, "n": 2, "multiple": 1.4, "multiple_ci95": [0.9, 2.1], "damage": 0.07,
+                         "damage_ci95": [0.05, 0.09], "reason": ""})
+    traj["items"][0].update(ref_margin_at_divergence=0.031, near_tie_divergence=True,
+                            vs_control={"damage": 0.047, "control_damage": 0.016,
+                                        "text": "3 flips vs 1 in the control (of 64 reference tokens)"})
+    report.update(composite_ci95=[60.1, 80.2],
+                  verdict={"verdict": "PASS", "score": 85.0, "headline": "PASS: greedy flips 1.4x the control's",
+                           "axes": {"trajectory": traj["verdict"]}, "control_problems": [], "advice": []},
                   sensitivity={"config": "ctk=bf16,ctv=bf16", "note": "bf16 cache: the same 16 bits rounded differently",
                                "cached": True, "axes": {"trajectory": {"score": 77.0, "ci95": [60.0, 90.0],
                                                                        "n_divergences": 1, "n_near_tie_divergences": 1,
                                                                        "teacher_forced_top1_pct": 94.0}},
                                "composite": 77.0, "composite_ci95": [60.0, 90.0]})
-    report["gate"]["basis"] = "calibrated"
-    page = _check_page(report)
+    report["gate"].update(basis="verdict", undecided="fail", verdict="PASS")
+    return report
+
+
+def test_candidate_beside_the_control_and_near_tie_marks():
+    page = _check_page(_with_control(_mini_report()))
     assert 'id="control"' in page and "Candidate beside the sensitivity control" in page
     assert "<code>ctk=bf16,ctv=bf16</code>" in page and "this run paid nothing for it" in page
-    assert "control 77.0 [60.0, 90.0]" in page and "calibrated <b>81.2</b> (beyond the control)" in page
-    assert "calibrated <b>88.4</b> [70.0, 88.4]" in page and "raw 95% CI [60.1, 80.2]" in page
+    control = page.split('id="control"')[1].split("</section>")[0]
+    # The verdict beside the control, and both raw scores as plain reference figures.
+    assert "greedy flips 1.40&times; [0.90, 2.10] the control" in control.replace("×", "&times;")
+    assert "77.00 [60.00, 90.00]" in control and "calibrated" not in page
+    assert "beyond the control" not in page and "indistinguishable" not in control
+    assert "raw 95% CI [60.1, 80.2]" in page
     assert 'class="bar-tie"' in page and "(near-tie flip)" in page
-    assert "(calibrated composite)" in page
+    # The prompt row says how it compares with the control's same prompt, with no band badge.
+    row = page.split('<summary class="row paired">')[1].split("</summary>")[0]
+    assert "3 flips vs 1 in the control (of 64 reference tokens)" in row and "badge" not in row
+
+
+def test_raw_figures_carry_no_band_beside_a_verdict():
+    """A PASS verdict beside raw scores in the FAIL band: no band colour or badge on any raw figure."""
+    report = _with_control(_mini_report())
+    report.update(composite=40.7, band="FAIL")
+    report["axes"]["trajectory"].update(score=25.6, band="FAIL")
+    page = _check_page(report)
+    glance = page.split('id="glance"')[1].split('id="control"')[0]
+    assert "b-fail" not in glance and ">FAIL<" not in glance and "DEGRADED" not in glance
+    assert 'class="card composite reference"' in glance
+    assert "Raw composite (REFRACT-comparable, not the verdict)" in glance
+    assert "raw score <b>25.6</b>" in glance
+    card = glance.split('id="axis-trajectory"')[1].split("</a>")[0]
+    assert "b-pass" in glance.split('id="axis-trajectory"')[0][-80:]  # the card takes the axis verdict's colour
+    assert ">PASS<" in card
+    section = page.split('id="section-trajectory"')[1].split("</h2>")[0]
+    assert ">PASS<" in section and "25.6" not in section and "b-fail" not in section
+    # Under the raw gate the composite is what the gate reads: it keeps its band.
+    report["gate"]["basis"] = "raw"
+    raw_card = render_html(report).split('id="composite"')[1].split("harmonic mean")[0]
+    assert ">FAIL<" in raw_card and "b-fail" in raw_card
 
 
 def test_report_without_control_says_so():
@@ -641,7 +737,7 @@ def test_autoescaping_covers_prompts_and_axis_names():
 
 def test_unknown_axis_gets_the_generic_section():
     report = _mini_report()
-    report["axes"]["length"] = {"score": 91.0, "band": "EXCELLENT", "calibrated_score": 97.5, "wall_s": 1.0,
+    report["axes"]["length"] = {"score": 91.0, "band": "EXCELLENT", "wall_s": 1.0,
                                 "items": [{"id": "fact-001", "score": 91.0, "band": "EXCELLENT"},
                                           {"id": "fact-002", "score": 42.0}]}
     report["axes"] = {"length": report["axes"].pop("length"), **report["axes"]}  # reported first
@@ -653,7 +749,7 @@ def test_unknown_axis_gets_the_generic_section():
     nav = page.split('<nav class="toc">')[1].split("</nav>")[0]
     assert re.findall(r'href="#section-([^"]+)"', nav) == order
     section = page.split('id="section-length"')[1].split("</section>")[0]
-    assert "91.0" in section and "calibrated <b>97.5</b>" in section
+    assert "91.0" in section and "calibrated" not in section
     assert "<td>fact-001</td><td class=\"r\">91.0</td>" in section
     assert "<td>fact-002</td><td class=\"r\">42.0</td><td><span class=\"badge b-fail\">FAIL</span>" in section
     assert "grid-table generic-items" in parsed.classes

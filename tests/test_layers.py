@@ -1,5 +1,5 @@
-"""The package's folders are its layers, and imports go only downward (README, "How the code
-is laid out"). Every import in every module is checked, those inside functions included;
+"""The package's folders are its layers, and imports go only downward (docs/design.md, "Layers
+and the import rule"). Every import in every module is checked, those inside functions included;
 imports under ``if TYPE_CHECKING:`` are type hints, not dependencies, and are left out."""
 
 from __future__ import annotations

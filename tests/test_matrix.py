@@ -50,7 +50,8 @@ def test_matrix_shares_one_reference_and_ranks(pytester, tiny_model, tiny_prompt
     assert passing == sorted(passing)
     rest = [r["verdict_score"] for r in m["ranking"] if r["verdict"] == "UNDECIDED"]
     assert rest == sorted(rest, reverse=True)
-    result.stdout.fnmatch_lines(["*which config to ship*", "*candidate*verdict*KV bytes/token*pareto*raw composite",
+    result.stdout.fnmatch_lines(["*which config to ship*",
+                                 "*candidate*verdict*KV bytes/token*pareto*raw composite (REFRACT-comparable, not the verdict)",
                                  "*1  ctk=*"])
     # KV bytes per token, worked out by hand for the tiny model (2 layers, 2 KV heads of 32):
     # a 64-wide row is 128 B in f16, 2 x 34 B in q8_0, 2 x 18 B in q4_0; K and V per layer.

@@ -43,7 +43,7 @@ def test_self_reference_scores_100_within_the_storage_floor(pytester, tiny_model
     result.assert_outcomes(passed=6)
     assert result.ret == 0
     data = read_report(report)
-    assert data["schema"] == "pytest-refract.report.v2"
+    assert data["schema"] == "pytest-refract.report.v3"
     # Greedy decoding is the same computation twice, so trajectory is exactly 100. Candidates are
     # compared with the reference's 16-bit log-probs (llama-perplexity's base format), so the
     # KLD is not exactly 0 but within that storage floor (~1e-7 nats), and the KLD score and
@@ -58,7 +58,7 @@ def test_self_reference_scores_100_within_the_storage_floor(pytester, tiny_model
     assert data["axes"]["kld"]["n_chunks"] == 3
     assert data["axes"]["kld"]["n_positions"] == 3 * (64 - 1 - 32)
     assert data["floor"] is None
-    result.stdout.fnmatch_lines(["*composite  100.00 EXCELLENT*", "*gate: passed*"])
+    result.stdout.fnmatch_lines(["composite  100.00*", "*gate: passed*"])  # a raw reference figure: no band beside the verdict
 
 
 def test_keyword_selection_runs_only_that_axis(pytester, tiny_model, tiny_prompts, tiny_corpus):
@@ -106,7 +106,7 @@ def test_xdist_gives_the_serial_composite(pytester, tiny_model, tiny_prompts, ti
     assert a["composite"] is not None
     assert b["composite"] == a["composite"]
     assert b["axes"]["kld"]["mean_kld"] == a["axes"]["kld"]["mean_kld"]
-    assert b["calibrated_composite"] == a["calibrated_composite"]  # the control too, across workers
+    assert b["sensitivity"]["composite"] == a["sensitivity"]["composite"]  # the control too, across workers
     assert b["verdict"] == a["verdict"]
     assert result.ret == (0 if a["gate"]["passed"] else 1)
 
@@ -229,7 +229,7 @@ def test_full_self_reference_runs_every_axis(pytester, tiny_model, tiny_prompts,
     assert rniah["score"] is None and rniah["confidence"] == "low"
     assert any("rniah: nothing to score" in line for line in data["diagnosis"])
     assert round(data["composite"], 2) == 100.0
-    result.stdout.fnmatch_lines(["*plad * 100.00 EXCELLENT*"])
+    result.stdout.fnmatch_lines(["plad * 100.00 *"])
 
 
 def test_rniah_length_beyond_context_is_a_usage_error(pytester, tiny_model, tiny_prompts, tiny_corpus):

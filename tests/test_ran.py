@@ -154,14 +154,14 @@ def test_the_engine_refuses_mismatched_bindings_before_any_context(monkeypatch):
 
 
 @pytest.mark.parametrize("schema, readable", [("pytest-refract.report.v1", True), ("pytest-refract.report.v2", True),
-                                              ("pytest-refract.report.v3", False)])
+                                              ("pytest-refract.report.v3", True), ("pytest-refract.report.v4", False)])
 def test_reports_of_every_additive_schema_version_load(tmp_path, schema, readable):
     import json
 
     from pytest_refract.report.jsonio import SCHEMA
     from pytest_refract.report.schema import ReportFileError, load_report
 
-    assert SCHEMA == "pytest-refract.report.v2"
+    assert SCHEMA == "pytest-refract.report.v3"
     path = tmp_path / "r.json"
     path.write_text(json.dumps({"schema": schema, "composite": 90.0, "candidate": "c", "reference": "r", "axes": {}}))
     if readable:

@@ -1,4 +1,4 @@
-"""The README's across-machines recipe, run as a user would: an OpenSSH server (key login,
+"""The across-machines recipe of docs/scale.md, run as a user would: an OpenSSH server (key login,
 loopback only, started here from Debian's openssh-server), two xdist workers reached with
 `--tx ssh=...//python=...` and no deprecated --rsyncdir, and the same composite and item results
 as a serial run on SmolLM2.

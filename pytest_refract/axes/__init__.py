@@ -15,8 +15,11 @@ Optional (``resolve`` supplies the defaults in ``DEFAULTS`` for an object that l
 - ``diagnose(section, axes)``: the axis's diagnosis sentences, called for a scored axis only;
   ``axes`` holds every axis section of the candidate, so an axis may read another's;
 - ``control_diagnosis(section, control_section)``: what the sensitivity control says about the
-  axis beyond the calibration verdict the report words for every axis;
+  axis beyond the verdict the report words for every axis;
 - ``item_detail(item)``: the detail shown beside a worst item in the terminal summary;
+- ``item_damage_text(row, control_row)``: one item's damage beside the control's on the same
+  item, from their ``damage_table`` rows ("3 flips vs 1 in the control"): what the report's
+  per-item rows show instead of a band;
 - ``section_detail(section, control)``: the axis's figures on its terminal summary line
   (``control`` is True on the sensitivity control's line);
 - ``COMPARE_METRICS``: ``(row label, dotted key in the section, format, higher_is_better)``
@@ -56,7 +59,7 @@ DIAGNOSIS_ORDER = ("kld", "decode", "trajectory", "rniah", "plad")
 # subclasses Axis and one that does not get the same.
 OPTIONAL = ("ITEMS_KEY", "EXTRA_KEYS", "STREAM", "PRIVATE_KEYS", "NEEDS", "UNIT_NOUN", "BATCHED", "COMPARE_METRICS",
             "section_items", "cache_reads", "section_facts", "settings_facts", "diagnose", "control_diagnosis",
-            "item_detail", "section_detail", "item_table", "statistic", "DAMAGE_LABEL", "MARGIN",
+            "item_detail", "item_damage_text", "section_detail", "item_table", "statistic", "DAMAGE_LABEL", "MARGIN",
             "ABSOLUTE_TOLERANCE", "DAMAGE_RESOLUTION", "CONTROL_MAX_DAMAGE", "ZERO_DAMAGE_EXACT", "damage_table",
             "damage")
 DEFAULTS = {name: getattr(Axis, name) for name in OPTIONAL}

@@ -145,7 +145,7 @@ class Axis:
 
     def item_table(self, items: Sequence[dict]):
         """(ids, one row per scored item) from which ``statistic`` recomputes the axis score,
-        for bootstrap intervals and the calibrated score. Default: the item scores."""
+        for the raw score's bootstrap intervals. Default: the item scores."""
         scored = [i for i in items if i.get("score") is not None]
         values = np.asarray([float(i["score"]) for i in scored], dtype=np.float64)
         return [str(i["id"]) for i in scored], values.reshape(len(scored), 1)
@@ -178,9 +178,29 @@ class Axis:
         rows = [(max(0.0, 1.0 - float(i["score"]) / 100.0), 1.0) for i in scored]
         return [str(i["id"]) for i in scored], np.asarray(rows, dtype=np.float64).reshape(len(rows), 2)
 
+    def item_damage_text(self, row, control_row) -> str:
+        """One item's damage beside the control's on the same item, from the two ``damage_table``
+        rows (damage numerator, exposure): what a per-item row shows instead of a band. Default:
+        the item's damage (numerator over exposure) and the control's, and their ratio where the
+        control has any."""
+        mine, theirs = _per_item(row), _per_item(control_row)
+        label = self.DAMAGE_LABEL or "damage"
+        return f"{label} {mine:.3g} vs {theirs:.3g} in the control" + _times(mine, theirs)
+
     def damage(self, table: np.ndarray) -> np.ndarray:
         """The damage of a table (n, 2) or a stack (..., n, 2). Default: sum of column 0 over
         sum of column 1."""
         from ..scoring.verdict import ratio_of_sums
 
         return ratio_of_sums(table)
+
+
+def _per_item(row) -> float:
+    """An item's own damage: its numerator over its exposure (0 with nothing exposed)."""
+    num, den = float(row[0]), float(row[1])
+    return num / den if den > 0 else 0.0
+
+
+def _times(mine: float, theirs: float) -> str:
+    """ " (3.0x)": the item's damage as a multiple of the control's, where the control has any."""
+    return f" ({mine / theirs:.1f}\u00d7)" if theirs > 0 else ""

@@ -111,7 +111,6 @@ class KLDAxis(Axis):
         ("  mean KLD", "mean_kld", "{:.6f}", False),
         ("  KLD p99", "kld_percentiles.99", "{:.5f}", False),
         ("  same top p %", "same_top_p_pct", "{:.3f}", True),
-        ("  calibrated", "calibrated_score", "{:.2f}", True),
         ("  RMS dp %", "rms_dp_pct", "{:.3f}", False),
         ("  mean dp %", "mean_dp_pct", "{:.3f}", None),
         ("  PPL ref", "ppl_ref", "{:.4f}", None),
@@ -248,6 +247,20 @@ class KLDAxis(Axis):
     ZERO_DAMAGE_EXACT = True
     # A q4_0/q4_0 cache measures 0.047 nats on SmolLM2; a rounding-only control beyond 0.05 is broken.
     CONTROL_MAX_DAMAGE = 0.05
+
+    def item_damage_text(self, row, control_row) -> str:
+        """ "KLD 0.012 vs 0.004 in the control (3.0x)": the chunk's mean KLD and the control's. A
+        mean at or below DAMAGE_RESOLUTION (the 16-bit storage of the reference log-probs can even
+        make it slightly negative) is shown as below it, and gives no ratio."""
+        mine = row[0] / row[1] if row[1] else 0.0
+        theirs = control_row[0] / control_row[1] if control_row[1] else 0.0
+
+        def shown(value: float) -> str:
+            return f"{value:.3g}" if value > self.DAMAGE_RESOLUTION else f"<{self.DAMAGE_RESOLUTION:g}"
+
+        measurable = theirs > self.DAMAGE_RESOLUTION and mine > self.DAMAGE_RESOLUTION
+        times = f" ({mine / theirs:.1f}\u00d7)" if measurable else ""
+        return f"KLD {shown(mine)} vs {shown(theirs)} in the control{times}"
 
     def damage_table(self, items):
         """Per chunk: (mean KLD x positions, positions): the damage is the mean KLD over all positions."""

@@ -13,6 +13,8 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..errors import UsageProblem
+from ..inputs.answer import MATCH_TIMEOUT_S, PatternTimeout, answer_regex, search
 from ..inputs.haystack import strip_reasoning, trial_value
 from ..scoring.metrics import BAND_FLOOR, band_for
 from ..inputs.data import measuring_order
@@ -27,6 +29,17 @@ def cell_id(length: int, position: float) -> str:
 
 def answer_pattern(template: str, value: str) -> "re.Pattern":
     return re.compile(template.replace("{value}", re.escape(value)), re.IGNORECASE)
+
+
+def _found(regex: str, template: str, reply: str) -> bool:
+    """Whether the answer pattern finds the value in ``reply``, searched with a time bound: the
+    pattern is the user's, and one that backtracks without end fails the item, named."""
+    try:
+        return search(regex, reply)
+    except PatternTimeout:
+        raise UsageProblem(f"--refract-rniah-answer={template!r} took longer than {MATCH_TIMEOUT_S:g} s on a "
+                           f"{len(reply)}-character reply (it backtracks without end); simplify it, e.g. "
+                           "'{value}'") from None
 
 
 def _ask(run, role: str, tokens: List[int]) -> dict:
@@ -53,11 +66,11 @@ def run_trials(run, roles: dict, *, length: int, position: float, trials: int, n
         value = trial_value(s.seed, length, position, trial, s.rniah_values)
         body, offset = haystack.build(length, position, run.inputs.plain_tokens(" " + needle.replace("{value}", value)))
         tokens = prompt_of(body)
-        pattern = answer_pattern(answer, value)
+        regex = answer_regex(answer, value)
         record = {"value": value, "needle_offset": offset}
         for name, role in roles.items():
             reply = ask(role, tokens)
-            hit = bool(pattern.search(reply["answer"]))
+            hit = _found(regex, answer, reply["answer"])
             hits[name] += hit
             record[name] = {"answer": reply["text"], "hit": hit}
         records.append(record)
@@ -224,6 +237,10 @@ class RNIAHAxis(Axis):
     DAMAGE_RESOLUTION = 0.0
     ZERO_DAMAGE_EXACT = False  # 0 damaged units can still hide some: the zero-event bound qualifies it
     CONTROL_MAX_DAMAGE = 0.25
+
+    def item_damage_text(self, row, control_row) -> str:
+        """Retrievals this cell lost of the reference's, and the control's of the same."""
+        return f"{int(row[0])} of the reference's {int(row[1])} retrievals lost vs {int(control_row[0])} in the control"
 
     def damage_table(self, items):
         """Per cell the reference retrieves in: (retrievals lost, the reference's retrievals)."""

@@ -26,6 +26,25 @@ from .base import Axis, Unit
 # A divergence where the reference's top two tokens are closer than this in probability is a
 # near-tie flip: a rounding change of the logits can reorder them without any real damage.
 NEAR_TIE_MARGIN = 0.1
+# What a greedy divergence was, by the reference's top-2 margin where the candidate left its path.
+NEAR_TIE, CONFIDENT = "near-tie", "confident"
+
+
+def divergence_kind(item: dict):
+    """NEAR_TIE (margin below NEAR_TIE_MARGIN), CONFIDENT (at least that), or None (no
+    divergence, or none with a measurable margin). Every count of divergences by kind, the
+    candidate's and the control's alike, comes from this one predicate, so a sentence that sets
+    two such counts side by side compares the same thing."""
+    if item.get("first_divergence") is None or item.get("near_tie_divergence") is None:
+        return None
+    return NEAR_TIE if item["near_tie_divergence"] else CONFIDENT
+
+
+def divergence_counts(items) -> dict:
+    """Greedy divergences per kind, and all of them ("all": with or without a margin)."""
+    kinds = [divergence_kind(i) for i in items]
+    return {NEAR_TIE: kinds.count(NEAR_TIE), CONFIDENT: kinds.count(CONFIDENT),
+            "all": sum(1 for i in items if i.get("first_divergence") is not None)}
 
 
 def _ref_margin(ref_rows, ref_tokens, cand_tokens):
@@ -152,7 +171,6 @@ class TrajectoryAxis(Axis):
         ("  mean prefix agreement", "mean_prefix_agreement", "{:.2f}", True),
         ("  teacher-forced KLD", "teacher_forced_kld", "{:.5f}", False),
         ("  teacher-forced top-1 %", "teacher_forced_top1_pct", "{:.2f}", True),
-        ("  calibrated", "calibrated_score", "{:.2f}", True),
     )
     STREAM = 1
     EXTRA_KEYS = ("score", "band", "first_divergence", "prefix_agreement", "teacher_forced_kld")
@@ -239,7 +257,8 @@ class TrajectoryAxis(Axis):
             # reference's token (every prompt's continuation counts by its length).
             "teacher_forced_top1_pct": _weighted_top1(results),
             "n_divergences": len(divergences),
-            "n_near_tie_divergences": sum(1 for r in results if r.get("near_tie_divergence")),
+            "n_near_tie_divergences": divergence_counts(results)[NEAR_TIE],
+            "n_confident_divergences": divergence_counts(results)[CONFIDENT],
             "wall_s": sum(r["wall_s"] for r in results),
             "items": results,
         }
@@ -260,22 +279,30 @@ class TrajectoryAxis(Axis):
 
     def control_diagnosis(self, section: dict, control_section: dict) -> List[str]:
         """Whether the candidate's greedy divergences are near-tie flips (as the control's are) or
-        confident changes of the reference's token."""
-        if not section.get("n_divergences"):
+        confident changes of the reference's token. Each sentence sets the candidate's count of
+        one kind of divergence beside the control's count of the same kind, both out of all
+        greedy divergences (divergence_counts)."""
+        mine = divergence_counts(self.section_items(section))
+        theirs = divergence_counts(self.section_items(control_section))
+        if not mine["all"]:
             return []
-        near, total = section.get("n_near_tie_divergences", 0), section["n_divergences"]
-        c_near, c_total = control_section.get("n_near_tie_divergences", 0), control_section.get("n_divergences", 0)
-        control_text = f"control: {c_near} of {c_total}" if c_total else "the control never diverges"
         top1 = section.get("teacher_forced_top1_pct")
         c_top1 = control_section.get("teacher_forced_top1_pct")
         along = (f"; teacher-forced top-1 agreement {top1:.1f}% (control {c_top1:.1f}%)"
                  if top1 is not None and c_top1 is not None else "")
-        if total - near <= c_total - c_near:  # no more confident changes than the control makes
-            return [f"Greedy divergences are near-tie flips {'only' if near == total else 'mostly'} ({near} of "
-                    f"{total} at a reference top-2 margin "
-                    f"below {NEAR_TIE_MARGIN:g}; {control_text}), like the control's{along}."]
-        return [f"Changes confident tokens: {total - near} of {total} greedy divergences happen where the "
-                f"reference's top-2 margin is at least {NEAR_TIE_MARGIN:g} ({control_text}){along}."]
+
+        def control_text(kind: str) -> str:
+            return f"control: {theirs[kind]} of {theirs['all']}" if theirs["all"] else "the control never diverges"
+
+        if mine[NEAR_TIE] == mine["all"]:
+            return [f"Greedy divergences are near-tie flips only ({mine[NEAR_TIE]} of {mine['all']} at a reference "
+                    f"top-2 margin below {NEAR_TIE_MARGIN:g}; {control_text(NEAR_TIE)}){along}."]
+        if mine[CONFIDENT] <= theirs[CONFIDENT]:
+            return [f"No more confident tokens changed than the control changes: {mine[CONFIDENT]} of {mine['all']} "
+                    f"greedy divergences happen where the reference's top-2 margin is at least "
+                    f"{NEAR_TIE_MARGIN:g} ({control_text(CONFIDENT)}){along}."]
+        return [f"Changes confident tokens: {mine[CONFIDENT]} of {mine['all']} greedy divergences happen where the "
+                f"reference's top-2 margin is at least {NEAR_TIE_MARGIN:g} ({control_text(CONFIDENT)}){along}."]
 
     def item_detail(self, item: dict) -> str:
         fd = item.get("first_divergence")
@@ -318,6 +345,13 @@ class TrajectoryAxis(Axis):
     # The bf16 control flips 2 % of reference tokens on SmolLM2, q4_0/q4_0 9 %: a control beyond 10 %
     # is not rounding.
     CONTROL_MAX_DAMAGE = 0.10
+
+    def item_damage_text(self, row, control_row) -> str:
+        """ "3 flips vs 1 in the control": reference tokens whose top-1 the cache changed under
+        teacher forcing, on this prompt's same reference continuation."""
+        flips, tokens, control_flips = int(row[0]), int(row[1]), int(control_row[0])
+        return (f"{flips} flip{'' if flips == 1 else 's'} vs {control_flips} in the control "
+                f"(of {tokens} reference tokens)")
 
     def damage_table(self, items):
         """Per prompt: (reference tokens whose top-1 the candidate changes under teacher forcing,

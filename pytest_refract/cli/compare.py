@@ -7,6 +7,7 @@ base, so a PR comment (``--markdown``) answers "what moved since the last build"
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from pathlib import Path
 from typing import Callable, List, Optional, Tuple
@@ -18,23 +19,40 @@ from ..report.schema import ReportFileError, load_report
 Metric = Tuple[str, Callable[[dict], Optional[float]], str, Optional[bool]]
 
 
-def _axis(name: str, key: str) -> Callable[[dict], Optional[float]]:
-    def get(report: dict):
-        section = report.get("axes", {}).get(name) or {}
-        value = section
-        for part in key.split("."):
-            value = value.get(part) if isinstance(value, dict) else None
+class ReportFieldError(Exception):
+    """A field compare reads has a type no report of this package writes; the message names it."""
+
+
+class _Field:
+    """A getter of one report field by its path (``verdict.score``): the value, or None where
+    the field or an object on its way is absent. An object on the way that is not an object
+    is a ReportFieldError naming the field, never a crash."""
+
+    def __init__(self, *path: str):
+        self.path = path
+        self.name = ".".join(path)
+
+    def __call__(self, report: dict):
+        value = report
+        for i, part in enumerate(self.path):
+            if value is None:
+                return None
+            if not isinstance(value, dict):
+                raise ReportFieldError(f"field {'.'.join(self.path[:i])} must be an object or null, "
+                                       f"not {type(value).__name__}")
+            value = value.get(part)
         return value
 
-    return get
+
+def _axis(name: str, key: str) -> _Field:
+    return _Field("axes", name, *key.split("."))
 
 
 HEADLINE: List[Metric] = [
     # What the gate reads by default (null in reports from before the verdict, or without a control).
-    ("verdict score", lambda r: (r.get("verdict") or {}).get("score"), "{:.2f}", True),
-    ("composite", lambda r: r.get("composite"), "{:.2f}", True),
-    ("calibrated composite", lambda r: r.get("calibrated_composite"), "{:.2f}", True),
-    ("KV memory vs reference", lambda r: (r.get("kv_cache") or {}).get("vs_reference"), "{:.3f}", False),
+    ("verdict score", _Field("verdict", "score"), "{:.2f}", True),
+    ("raw composite (REFRACT-comparable, not the verdict)", _Field("composite"), "{:.2f}", True),
+    ("KV memory vs reference", _Field("kv_cache", "vs_reference"), "{:.3f}", False),
 ]
 
 
@@ -73,16 +91,50 @@ def _delta(base, value, fmt: str, better: Optional[bool]) -> str:
     return text
 
 
+def _number(get: _Field, report: dict):
+    """A metric's value: a number or None; anything else names its field."""
+    value = get(report)
+    if value is not None and (isinstance(value, bool) or not isinstance(value, (int, float))):
+        raise ReportFieldError(f"field {get.name} must be a number or null, not {type(value).__name__} "
+                               f"({value!r:.40})")
+    return value
+
+
+def _text(get: _Field, report: dict, missing: str) -> str:
+    value = get(report)
+    if value is None:
+        return missing
+    if not isinstance(value, str):
+        raise ReportFieldError(f"field {get.name} must be a string or null, not {type(value).__name__} "
+                               f"({value!r:.40})")
+    return value or missing
+
+
+# Characters that would break a table's line (a newline in a model's file name adds a row):
+# shown as escapes, never written raw.
+_CONTROL = {c: f"\\x{c:02x}" for c in [*range(32), 127, 0x85]}
+_CONTROL.update({ord("\n"): "\\n", ord("\r"): "\\r", ord("\t"): "\\t", 0x2028: "\\u2028", 0x2029: "\\u2029"})
+
+
+def shown(text: str) -> str:
+    """A cell's text on one line: control characters and line separators as escapes."""
+    return str(text).translate(_CONTROL)
+
+
 def table(reports: List[dict], names: List[str]) -> List[List[str]]:
-    """Rows of cells: header, band row, metric rows (value and change from the first)."""
+    """Rows of cells: header, band row, metric rows (value and change from the first). A field
+    of the wrong type is a ReportFieldError naming the field (and, in main, the file)."""
     header = ["metric"] + names
-    rows = [header, ["model"] + [r.get("model", {}).get("path", "?") for r in reports],
-            ["candidate"] + [r.get("candidate", "?") for r in reports],
-            ["band"] + [r.get("band") or "n/a" for r in reports]]
+    rows = [header, ["model"] + [_text(_Field("model", "path"), r, "?") for r in reports],
+            ["candidate"] + [_text(_Field("candidate"), r, "?") for r in reports],
+            ["band"] + [_text(_Field("band"), r, "n/a") for r in reports]]
+    verdicts = [_text(_Field("verdict", "verdict"), r, "n/a") for r in reports]
     if any(r.get("verdict") for r in reports):
-        rows.insert(3, ["verdict"] + [(r.get("verdict") or {}).get("verdict") or "n/a" for r in reports])
+        # The verdict leads; the band is the raw composite's, a REFRACT-comparable reference figure.
+        rows[3][0] = "raw band (REFRACT-comparable, not the verdict)"
+        rows.insert(3, ["verdict"] + verdicts)
     for label, get, fmt, better in metrics(reports):
-        values = [get(r) for r in reports]
+        values = [_number(get, r) for r in reports]
         if all(v is None for v in values):
             continue
         cells = [label, _fmt(values[0], fmt)]
@@ -90,7 +142,12 @@ def table(reports: List[dict], names: List[str]) -> List[List[str]]:
             d = _delta(values[0], v, fmt, better)
             cells.append(_fmt(v, fmt) + (f" ({d})" if d else ""))
         rows.append(cells)
-    return rows
+    return [[shown(c) for c in row] for row in rows]
+
+
+def check_fields(report: dict) -> None:
+    """ReportFieldError for the first field compare reads that has the wrong type."""
+    table([report], ["x"])
 
 
 def expand_candidates(reports: List[dict], names: List[str]) -> Tuple[List[dict], List[str]]:
@@ -121,7 +178,8 @@ def render_text(rows: List[List[str]]) -> str:
 
 def render_markdown(rows: List[List[str]]) -> str:
     def cell(text: str) -> str:
-        return text.replace("|", "\\|").strip() or " "
+        # A backslash first, so that the one before an escaped | cannot be escaped itself.
+        return shown(text).replace("\\", "\\\\").replace("|", "\\|").strip() or " "
 
     out = ["| " + " | ".join(cell(c) for c in rows[0]) + " |", "|" + "---|" * len(rows[0])]
     out += ["| " + " | ".join(cell(c) for c in r) + " |" for r in rows[1:]]
@@ -138,9 +196,31 @@ def main(argv=None) -> int:
     try:
         reports = [load_report(p) for p in args.reports]
     except ReportFileError as exc:
-        print(f"error: {exc}", file=sys.stderr)
+        print(f"error: {shown(str(exc))}", file=sys.stderr)
         return 2
+    for path, report in zip(args.reports, reports):
+        try:
+            for column in expand_candidates([report], ["x"])[0]:
+                check_fields(column)
+        except ReportFieldError as exc:
+            print(f"error: {shown(path)}: {exc}", file=sys.stderr)
+            return 2
     columns, names = expand_candidates(reports, [Path(p).name for p in args.reports])
     rows = table(columns, names)
-    print(render_markdown(rows) if args.markdown else render_text(rows))
+    return _emit(render_markdown(rows) if args.markdown else render_text(rows))
+
+
+def _emit(text: str) -> int:
+    """Print ``text``; a reader that stops early (``| head``) ends the output quietly."""
+    try:
+        sys.stdout.write(text + "\n")
+        sys.stdout.flush()
+    except BrokenPipeError:
+        # Python would report the pipe again when it flushes stdout at exit: point it at
+        # /dev/null first.
+        try:
+            devnull = os.open(os.devnull, os.O_WRONLY)
+            os.dup2(devnull, sys.stdout.fileno())
+        except (OSError, ValueError):
+            pass
     return 0

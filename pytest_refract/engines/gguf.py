@@ -145,6 +145,10 @@ class GGUFInfo:
         return value if isinstance(value, str) and value.strip() else None
 
 
+# The GGUF magic: a file shorter than it is no GGUF, and is refused without being read.
+_MAGIC_BYTES = 4
+
+
 def read_gguf(path) -> GGUFInfo:
     """Parse the header, metadata and tensor table. Raises UsageProblem with one line for a
     missing file, a directory, a non-GGUF file, or a header cut short."""
@@ -157,6 +161,9 @@ def read_gguf(path) -> GGUFInfo:
     if p.is_dir():
         raise UsageProblem(f"model path is a directory, not a .gguf file: {p}")
     size = p.stat().st_size
+    if size < _MAGIC_BYTES:
+        # Before any read: a file whose read blocks (/proc/kmsg says size 0) would hang here.
+        raise UsageProblem(f"not a GGUF file ({size} bytes, shorter than the GGUF magic): {p}; llama.cpp needs a .gguf model")
     with open(p, "rb") as fh:
         magic = fh.read(4)
         if magic != GGUF_MAGIC:

@@ -200,7 +200,7 @@ def library_digest(files: List[Path], names: bool = True) -> Optional[str]:
     digest = hashlib.sha256()
     for path in files:
         if names:
-            digest.update(path.name.encode("utf-8") + b"\0")
+            digest.update(os.fsencode(path.name) + b"\0")
         try:
             with open(path, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):

@@ -162,7 +162,8 @@ class Engine:
         params.vocab_only = vocab_only
         params.use_mmap = True
         self.model_path = Path(model_path)
-        self._model = llama_cpp.llama_model_load_from_file(str(model_path).encode("utf-8"), params)
+        # fsencode: the path's own bytes (one that is not UTF-8 arrives as surrogates).
+        self._model = llama_cpp.llama_model_load_from_file(os.fsencode(str(model_path)), params)
         if not self._model:
             why = _last_error() or "see llama.cpp's log"
             raise MeasurementError(f"llama.cpp could not load {self.model_path.name}: {why}")

@@ -13,8 +13,9 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+import stat
 import struct
-import warnings
 import zlib
 from pathlib import Path
 from typing import Dict, List, Optional
@@ -23,7 +24,7 @@ import numpy as np
 
 from ..files import write_atomic
 from .codec import check_sparse, decode_payload, encode_payload, is_sparse
-from .folder import FORMAT_VERSION, RefCacheWarning, _cache_warning
+from .folder import FORMAT_VERSION, _cache_warning, say
 
 _MAGIC = b"RFRC"
 # An entry: magic, the sha256 of everything after it, the header's length, header, payload.
@@ -44,6 +45,57 @@ def _unpack_arrays(data: bytes, layout: list) -> Dict[str, np.ndarray]:
     if offset != len(data):
         raise ValueError("payload longer than its layout")
     return arrays
+
+
+# Deflate cannot expand a byte into more than about 1032 (its largest ratio): a header that
+# promises more from its payload than that is no entry zlib wrote.
+_DEFLATE_MAX_RATIO = 1032
+
+
+def _layout_bytes(layout: list) -> int:
+    """The bytes a layout's arrays take, checked before anything is decompressed: each item an
+    object with a name, a numeric dtype and a shape of whole numbers."""
+    total = 0
+    for item in layout:
+        if not isinstance(item, dict) or not isinstance(item.get("name"), str):
+            raise ValueError("malformed layout")
+        dtype = np.dtype(item.get("dtype"))
+        shape = item.get("shape")
+        if dtype.hasobject or dtype.itemsize == 0 or not isinstance(shape, list) or not all(
+                isinstance(n, int) and not isinstance(n, bool) and 0 <= n < (1 << 40) for n in shape):
+            raise ValueError("malformed layout")
+        total += int(np.prod(shape, dtype=object) if shape else 1) * dtype.itemsize
+    return total
+
+
+def _inflate(payload, expected: int) -> bytes:
+    """The payload decompressed, never to more than the ``expected`` bytes its layout says
+    (a small entry that inflates to gigabytes is rejected before it takes the memory)."""
+    if expected > _DEFLATE_MAX_RATIO * len(payload) + 1024:
+        raise ValueError(f"header promises {expected} bytes from a {len(payload)}-byte payload, more than "
+                         "deflate can hold")
+    inflater = zlib.decompressobj()
+    data = inflater.decompress(payload, expected + 1)
+    if len(data) > expected or inflater.unconsumed_tail:
+        raise ValueError(f"payload decompresses to more than the {expected} bytes its header promises")
+    if not inflater.eof:
+        raise ValueError("payload ends before its compressed stream does")
+    return data
+
+
+def _read_entry(path: Path) -> bytes:
+    """An entry's bytes, never through a link (O_NOFOLLOW) and only from a regular file: a
+    link planted in the cache could otherwise make a run read any file (or a device) as an
+    entry. OSError for a link (ELOOP) or anything that is not a regular file."""
+    fd = os.open(path, os.O_RDONLY | getattr(os, "O_NOFOLLOW", 0) | getattr(os, "O_NONBLOCK", 0))
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise OSError(f"{path.name} is not a regular file")
+        with os.fdopen(fd, "rb", closefd=False) as fh:
+            return fh.read()
+    finally:
+        os.close(fd)
 
 
 def _verified_parts(raw: bytes):
@@ -157,6 +209,14 @@ class ReferenceCache:
     def _path(self, kind: str, key: str) -> Path:
         return self.directory / self.namespace / kind / f"{key[:40]}.rfc"
 
+    def _linked_folder(self, path: Path) -> Optional[Path]:
+        """The namespace or kind folder on the way to ``path`` that is a symbolic link, if
+        any: the cache never reads or writes through a link inside its own folder."""
+        for folder in (path.parent.parent, path.parent):
+            if folder.is_symlink():
+                return folder
+        return None
+
     def has(self, kind: str, key: str) -> bool:
         """Whether an entry exists (not whether it is sound: load checks that)."""
         return self.enabled and self._path(kind, key).exists()
@@ -165,11 +225,22 @@ class ReferenceCache:
         if not self.enabled:
             return None
         path = self._path(kind, key)
+        linked = self._linked_folder(path)
+        if linked is not None:
+            self.misses += 1
+            self._give_up(f"reference cache folder {linked} is a symbolic link; the cache never reads or writes "
+                          "through one")
+            return None
+        if path.is_symlink():
+            # Planted: replaced (removed here, then written as a file), never followed.
+            self.misses += 1
+            self._evict(path, "it is a symbolic link, never followed")
+            return None
         if not path.exists():
             self.misses += 1
             return None
         try:
-            raw = path.read_bytes()
+            raw = _read_entry(path)
             n_read = len(raw)
         except OSError as exc:  # e.g. an entry replaced by a folder: a cache problem, not the item's
             self.misses += 1
@@ -181,18 +252,14 @@ class ReferenceCache:
                 raise ValueError("entry belongs to another key or format")
             if len(payload) != header.get("size"):
                 raise ValueError("payload size differs from its header")
-            arrays = _unpack_arrays(zlib.decompress(payload), header["arrays"])
+            arrays = _unpack_arrays(_inflate(payload, _layout_bytes(header["arrays"])), header["arrays"])
             del raw, payload
             arrays = decode_payload(arrays)
             meta = json.loads(header.get("meta") or "{}")
             check_entry(kind, arrays, meta, self.n_vocab)
         except Exception as exc:  # any defect: never use the entry
             self.misses += 1
-            warnings.warn(RefCacheWarning(f"reference cache entry {path.name} rejected ({exc}); recomputing"))
-            try:
-                path.unlink()
-            except OSError:
-                pass
+            self._evict(path, str(exc))
             return None
         self.hits += 1
         self.bytes_read += n_read
@@ -221,12 +288,26 @@ class ReferenceCache:
         for part in parts:
             digest.update(part)
         path = self._path(kind, key)
+        linked = self._linked_folder(path)
+        if linked is not None:
+            self._give_up(f"reference cache folder {linked} is a symbolic link; the cache never reads or writes "
+                          "through one")
+            return
         try:
             path.parent.mkdir(parents=True, exist_ok=True)
             write_atomic(path, [_MAGIC + digest.digest() + head, *parts])
             self.bytes_written += len(_MAGIC) + digest.digest_size + len(head) + sum(len(p) for p in parts)
         except OSError as exc:  # a full disk, a folder where the entry goes: never the item's failure
             self._give_up(f"reference cache entry {path} cannot be written ({exc.strerror or exc})")
+
+    def _evict(self, path: Path, why: str) -> None:
+        """Delete a rejected entry first, then say so: the warning (an exception under
+        ``-W error``) can never leave the entry in place to be rejected on every run."""
+        try:
+            path.unlink()
+        except OSError:
+            pass
+        say(f"reference cache entry {path.name} rejected ({why}); recomputing")
 
     def _give_up(self, why: str) -> None:
         """One warning, then no cache for the rest of the run."""

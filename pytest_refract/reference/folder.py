@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import os
 import re
+import sys
+import tempfile
 import warnings
 from pathlib import Path
 from typing import Optional
@@ -62,7 +64,7 @@ def _is_our_namespace(path: Path) -> bool:
 # marker and the model index (another run may be writing one right now, or a crash left one),
 # the model index itself, and the writability probe.
 _SCRATCH_RE = re.compile(r"\.\.pytest-refract-cache\..+\.tmp|\.model-sha256\.json|\.\.model-sha256\.json\..+\.tmp"
-                         r"|\.write-check\.\d+\.tmp")
+                         r"|\.write-check\..+\.tmp")
 
 
 def _is_our_scratch(path: Path) -> bool:
@@ -72,16 +74,28 @@ def _is_our_scratch(path: Path) -> bool:
 
 def _has_marker(directory: Path) -> bool:
     marker = directory / MARKER
-    if not marker.is_file():
-        return False
+    if marker.is_symlink() or not marker.is_file():
+        return False  # a link is never ours: the marker is written (over the link) instead
     try:
-        return json.loads(marker.read_text(encoding="utf-8")).get("written_by") == "pytest-refract"
+        with open(marker, "rb") as fh:
+            return json.loads(fh.read(4096)).get("written_by") == "pytest-refract"
     except (OSError, ValueError, AttributeError):
         return False
 
 
+def say(text: str) -> None:
+    """A RefCacheWarning that never changes what the run does: under ``-W error`` or
+    ``filterwarnings = error`` (pytest then raises warnings as exceptions) the line goes to
+    stderr instead, and the caller carries on as it would after a warning (evicting an entry,
+    measuring without the cache), never failing an item or the run over a cache event."""
+    try:
+        warnings.warn(RefCacheWarning(text), stacklevel=3)
+    except Warning:
+        print(f"RefCacheWarning: {text}", file=sys.stderr)
+
+
 def _cache_warning(text: str) -> None:
-    warnings.warn(RefCacheWarning(text + "; measuring without the reference cache"), stacklevel=3)
+    say(text + "; measuring without the reference cache")
 
 
 def prepare_cache_dir(directory: Path, clear: bool = False) -> Optional[Path]:
@@ -110,9 +124,11 @@ def prepare_cache_dir(directory: Path, clear: bool = False) -> Optional[Path]:
         directory.mkdir(parents=True, exist_ok=True)
         if not _has_marker(directory):
             write_atomic(directory / MARKER, json.dumps({"written_by": "pytest-refract", "format": FORMAT_VERSION}) + "\n")
-        probe = directory / f".write-check.{os.getpid()}.tmp"
-        probe.write_bytes(b"")
-        probe.unlink()
+        # A fresh name, created with O_EXCL (which never opens through a link): a link planted
+        # under a fixed probe name would have been truncated.
+        fd, probe = tempfile.mkstemp(prefix=f".write-check.{os.getpid()}.", suffix=".tmp", dir=str(directory))
+        os.close(fd)
+        os.unlink(probe)
     except OSError as exc:
         _cache_warning(f"reference cache folder {directory} cannot be used ({exc.strerror or exc})")
         return None

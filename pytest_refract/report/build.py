@@ -20,9 +20,10 @@ from .ran import NO_OP, no_op_reason
 from .jsonio import SCHEMA
 from .sections import build_axes, composite_of, custom_gates, floor_of, repeat_stats
 from .sensitivity import (
-    calibrate,
-    calibration_diagnosis,
+    control_diagnosis,
     control_section,
+    intervals,
+    pair_items_with_control,
     sensitivity_json,
 )
 from .verdicts import candidate_verdict, gate_reasons, pareto, rank
@@ -30,9 +31,13 @@ from .verdicts import candidate_verdict, gate_reasons, pareto, rank
 FLOOR_WARN_BELOW = 99.5
 
 
-def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False, verdict: Optional[str] = None) -> List[str]:
+def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False, verdict_led: bool = False) -> List[str]:
     """Plain-English reading of the axis pattern, most important first: what holds for any
-    axis here, each scored axis's own sentences from its ``diagnose``."""
+    axis here, each scored axis's own sentences from its ``diagnose``.
+
+    Where a verdict leads the report (``verdict_led``), nothing here reads the raw bands: no
+    "catastrophic" or "all clear" from the REFRACT bands, and an axis whose verdict is PASS adds
+    no damage story of its own (its raw band would tell one the gate did not read)."""
     out: List[str] = []
     if self_reference:
         out.append("Self-reference: the candidate configuration equals the reference, so this run measures the noise floor.")
@@ -48,15 +53,19 @@ def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False, verd
     scored = {n: a for n, a in axes.items() if a.get("score") is not None}
     if not scored:
         return out
+    if verdict_led:
+        # Each axis's own story where the verdict found damage or could not decide.
+        told = {n: a for n, a in scored.items() if (a.get("verdict") or {}).get("verdict") != "PASS"}
+        by_name = dict(known(scored, registry))
+        for name in [n for n in DIAGNOSIS_ORDER if n in told] + [n for n in told if n not in DIAGNOSIS_ORDER]:
+            out += by_name[name].diagnose(scored[name], axes)
+        return out
     low = {n for n, a in scored.items() if a["score"] < BAND_FLOOR["PASS"]}
     if all(a["score"] < BAND_FLOOR["DEGRADED"] for a in scored.values()):
         out.append("Catastrophic: every axis is in the FAIL band; the candidate cache does not preserve the model's behaviour.")
     by_name = dict(known(scored, registry))
     for name in [n for n in DIAGNOSIS_ORDER if n in scored] + [n for n in scored if n not in DIAGNOSIS_ORDER]:
         out += by_name[name].diagnose(scored[name], axes)
-    if verdict is not None and verdict != "PASS":
-        # The raw bands' all-clear would contradict the verdict the gate reads.
-        return out
     if not low and all(a["score"] >= BAND_FLOOR["EXCELLENT"] for a in scored.values()):
         out.append("All clear: the candidate cache tracks the f16 reference on every axis that ran.")
     elif not low:
@@ -81,7 +90,9 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
     if not complete:
         # What was measured stays (items); no axis claims a score for what was not.
         _mark_not_run(facts, role, axes, results, failed)
-    calibrated = calibrate(axes, control, gates, s.seed, registry) if complete else {}
+    raw_intervals = intervals(axes, gates, s.seed, registry) if complete else {}
+    if complete:
+        pair_items_with_control(axes, control, registry)
     # What the default gate reads: each axis's damage as a multiple of the control's.
     for name, design in sequential.items():
         if name in axes:
@@ -112,14 +123,10 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
         "verdict": verdict,
         "composite": composite,
         "band": band_for(composite),
-        "composite_ci95": calibrated.get("composite_ci95"),
-        "calibrated_composite": calibrated.get("calibrated_composite"),
-        "calibrated_band": band_for(calibrated.get("calibrated_composite")),
-        "calibrated_composite_ci95": calibrated.get("calibrated_composite_ci95"),
-        "diagnosis": _diagnosis_led_by(verdict, diagnose(axes, registry, self_reference, (verdict or {}).get("verdict")),
+        "composite_ci95": raw_intervals.get("composite_ci95"),
+        "diagnosis": _diagnosis_led_by(verdict, diagnose(axes, registry, self_reference, verdict is not None),
                                        self_reference)
-                     + calibration_diagnosis(axes, control, registry,
-                                             retention_sentences=s.gate_basis == "calibrated"),
+                     + control_diagnosis(axes, control, registry),
         "axes": axes,
         "floor": floor,
         "custom_gates": gates,
@@ -221,17 +228,12 @@ def _gate(facts: RunRecord, section: dict, complete: bool) -> dict:
     basis = s.gate_basis
     if basis == "verdict":
         return _verdict_gate(facts, section, complete)
-    gated = section["calibrated_composite"] if basis == "calibrated" else section["composite"]
-    name = "calibrated composite" if basis == "calibrated" else "composite"
+    gated = section["composite"]
     reasons = _ungated_reasons(section, complete)
     if reasons is None:
         reasons = []
-        if gated is None:
-            reasons.append("no calibrated composite: the sensitivity control has no score on every axis that ran (its "
-                           "items failed or were deselected); the gate never substitutes the raw composite silently: "
-                           "select the control's items or use --refract-gate=raw")
-        elif gated < s.fail_under:
-            reasons.append(f"{name} {gated:.2f} is below --refract-fail-under={s.fail_under_text} ({s.fail_under:g})")
+        if gated < s.fail_under:
+            reasons.append(f"composite {gated:.2f} is below --refract-fail-under={s.fail_under_text} ({s.fail_under:g})")
     reasons += _trust_reasons(facts, section, complete)
     return {"passed": not reasons, "threshold": s.fail_under, "basis": basis, "reasons": reasons}
 
@@ -344,9 +346,7 @@ def build_report(
     if s.gate_basis == "verdict":
         ranked = rank(sections)
     else:
-        rank_key = "calibrated_composite" if s.gate_basis == "calibrated" else "composite"
-        ranked = sorted(sections, key=lambda sec: (sec[rank_key] is None, -(sec[rank_key] or 0.0),
-                                                   sec["composite"] is None, -(sec["composite"] or 0.0)))
+        ranked = sorted(sections, key=lambda sec: (sec["composite"] is None, -(sec["composite"] or 0.0)))
     front = pareto(sections)
     all_items = [r for per_axis in results.values() for items in per_axis.values() for r in items.values()]
     report = {
@@ -381,9 +381,6 @@ def build_report(
         "composite": first["composite"],
         "band": first["band"],
         "composite_ci95": first["composite_ci95"],
-        "calibrated_composite": first["calibrated_composite"],
-        "calibrated_band": first["calibrated_band"],
-        "calibrated_composite_ci95": first["calibrated_composite_ci95"],
         "gate": {"passed": not reasons, "threshold": s.fail_under, "basis": s.gate_basis, "reasons": reasons,
                  **({"undecided": s.undecided} if s.gate_basis == "verdict" else {})},
         "sensitivity": sensitivity_json(facts, control, registry),
@@ -401,9 +398,7 @@ def build_report(
                      "kv_bytes_per_token": _kv_bytes(sec),
                      "pareto": front.get(sec["candidate"], False),
                      "composite": sec["composite"], "band": sec["band"],
-                     "composite_ci95": sec["composite_ci95"], "calibrated_composite": sec["calibrated_composite"],
-                     "calibrated_band": sec["calibrated_band"],
-                     "calibrated_composite_ci95": sec["calibrated_composite_ci95"],
+                     "composite_ci95": sec["composite_ci95"],
                      "passed": sec["gate"]["passed"],
                      "kv_vs_reference": (sec["kv_cache"] or {}).get("vs_reference"),
                      "rotation": sec.get("rotation"),
@@ -438,7 +433,25 @@ def build_report(
     if facts.baseline is not None:
         report["baseline"] = {"path": s.baseline_path, "composite": facts.baseline.get("composite"),
                               "timestamp": facts.baseline.get("timestamp"), "max_drop": s.max_drop}
-    return report
+    return _gate_first(report)
+
+
+# Where the gate read a verdict, the raw scores are reference figures: the JSON says so once.
+RAW_SCORES_NOTE = ("composite, band and every axis's score and band are raw seed-defined scores (REFRACT-comparable, "
+                   "not the verdict); the gate reads the verdict")
+
+
+def _gate_first(report: dict) -> dict:
+    """The report's keys with what the gate read first: the schema, the candidate, the gate and
+    what it read (the verdict, or under --refract-gate=raw the composite and its band); then
+    everything else in its own order."""
+    read = ["verdict"] if report["gate"]["basis"] == "verdict" else ["composite", "band"]
+    lead = ["schema", "candidate", "gate", *read]
+    out = {k: report[k] for k in lead if k in report}
+    if report.get("verdict") is not None and report["gate"]["basis"] == "verdict":
+        out["raw_scores_note"] = RAW_SCORES_NOTE
+    out.update((k, v) for k, v in report.items() if k not in out)
+    return out
 
 
 def _kv_bytes(section: dict):
@@ -448,6 +461,13 @@ def _kv_bytes(section: dict):
 
 
 def _portable_args(args: List[str]) -> List[str]:
-    """No home directories in a report that may be shared: show ~ instead."""
-    home = str(Path.home())
-    return [a.replace(home, "~") if home and home != "/" else a for a in args]
+    """No home directories in a report that may be shared: show ~ instead. Only the whole
+    folder is replaced (at the start of an argument or of a value after =, : or a comma, and
+    followed by / or the end): with HOME=/home/al, /home/alice stays /home/alice."""
+    import re
+
+    home = str(Path.home()).rstrip("/")
+    if not home:
+        return list(args)
+    whole = re.compile(r"(?:^|(?<=[=:,]))" + re.escape(home) + r"(?=/|$|[:,])")
+    return [whole.sub("~", a) for a in args]

@@ -21,15 +21,21 @@ class HtmlHooks:
             return
         prefix.append(render_template("pytest_html/summary.html.j2", report=report, colours=_BAND_COLOURS))
 
+    def _verdict_gate(self) -> bool:
+        """The gate reads the verdict: an item's raw score is then a neutral reference figure."""
+        return getattr(self.rs.runner.settings, "gate_basis", "verdict") == "verdict"
+
     def pytest_html_results_table_header(self, cells):
-        cells.insert(2, "<th>refract score</th>")
+        cells.insert(2, "<th>refract score (raw, REFRACT-comparable, not the verdict)</th>" if self._verdict_gate()
+                     else "<th>refract score</th>")
 
     def pytest_html_results_table_row(self, report, cells):
         info = getattr(report, "refract", None)
         result = (info or {}).get("result") or {}
         score = result.get("score")
+        neutral = self._verdict_gate()
         cells.insert(2, render_template("pytest_html/score_cell.html.j2", shown=bool(info), score=score,
-                                        band=band_for(score), colours=_BAND_COLOURS))
+                                        band=None if neutral else band_for(score), colours=_BAND_COLOURS))
 
 
 def item_extras(result: dict, axis) -> list:

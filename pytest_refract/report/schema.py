@@ -14,8 +14,16 @@ from ..errors import UsageProblem
 from ..files import MAX_REPORT_BYTES, read_input
 from .jsonio import SCHEMA
 
-# Every report schema this package reads: each version only added fields to the one before.
-READABLE_SCHEMAS = ("pytest-refract.report.v1", SCHEMA)
+# Reports this package reads: its own, v2 (v3 only added fields to it), and v1 (the fields readers
+# use kept their meaning; v1's calibrated fields are simply not read any more).
+READABLE_SCHEMAS = (SCHEMA, "pytest-refract.report.v2", "pytest-refract.report.v1")
+# What v2 no longer writes: the calibrated (retention) score, whose point was the upper end of
+# its own interval by construction, and which the verdict replaced ("--refract-gate=calibrated"
+# is retired with it). The raw scores' intervals (ci95, composite_ci95) stay.
+REMOVED_IN_V2 = (
+    "calibrated_composite", "calibrated_band", "calibrated_composite_ci95",  # top level, candidates[], ranking[]
+    "axes.<axis>.calibrated_score", "axes.<axis>.calibration",
+)
 
 # A report nests a few levels (axes -> axis -> percentiles); deeper is not one of ours, and
 # Python's parser would hit its recursion limit on thousands of levels.
@@ -76,7 +84,7 @@ def load_report(path) -> dict:
     if _depth_problem(data):
         raise ReportFileError(f"{p}: JSON nested deeper than any report (at most {MAX_REPORT_DEPTH} levels)")
     if not isinstance(data, dict) or data.get("schema") not in READABLE_SCHEMAS:
-        raise ReportFileError(f"{p}: not a pytest-refract report (schema {' or '.join(READABLE_SCHEMAS)} expected)")
+        raise ReportFileError(f"{p}: not a pytest-refract report (schema {SCHEMA} expected)")
     problem = report_problem(data)
     if problem:
         raise ReportFileError(f"{p}: {problem}")

@@ -1,8 +1,9 @@
 """The sensitivity control in the report: its section (scored like a candidate, with
-intervals), each candidate's calibration against it, and what it says about a candidate.
+intervals), each candidate item beside the control's same item, and what it says about a
+candidate. (The verdict against it is in verdicts.py.)
 
 Pure functions of the report's data (see report.build_report); the statistics themselves
-are in calibration.py. Axis-specific wording comes from the axis objects, never from here.
+are in scoring/calibration.py. Axis-specific wording comes from the axis objects, never from here.
 """
 
 from __future__ import annotations
@@ -53,80 +54,65 @@ def control_section(facts, results, failed, complete: bool, registry) -> Optiona
                                                       for r in per_axis.values())}
 
 
-def calibrate(axes: Dict[str, dict], control: Optional[dict], gates: Dict[str, float], seed: int, registry) -> dict:
-    """Intervals on every axis score and the composite; with a control, each axis's
-    calibrated score (paired with the control by item) and the calibrated composite."""
-    raw_reps, cal_reps, sizes, cal_scores = [], [], [], []
+def intervals(axes: Dict[str, dict], gates: Dict[str, float], seed: int, registry) -> dict:
+    """The raw scores' 95 % intervals: each axis's (written into its section as "ci95") and the
+    raw composite's ({"composite_ci95": ...}). Reference figures beside the verdict; the
+    verdict's own intervals are of the damage multiple (verdicts.py)."""
+    reps, sizes = [], []
     # In the sections' own order: the composite's replicates pair axis by axis.
     by_name = dict(known(axes, registry))
     for name, section in axes.items():
         axis = by_name[name]
         if section.get("score") is None:
-            section.update({"ci95": None, "calibrated_score": None})
+            section["ci95"] = None
             continue
         unc = calibration.axis_uncertainty(axis, axis.section_items(section), seed)
         section["ci95"] = unc["ci95"]
-        raw_reps.append(unc["replicates"])
+        reps.append(unc["replicates"])
         sizes.append(unc["n_items"])
-        ctrl_axis = (control or {}).get("axes", {}).get(name)
-        if ctrl_axis is None or ctrl_axis.get("score") is None:
-            section["calibrated_score"] = None
-            cal_reps.append(None)
-            cal_scores.append(None)
-            continue
-        cal = calibration.calibrate_axis(axis, axis.section_items(section), axis.section_items(ctrl_axis), seed)
-        reps = cal.pop("replicates")
-        section["calibrated_score"] = cal["calibrated_score"]
-        section["calibration"] = dict(cal, control_score=ctrl_axis["score"], control_ci95=ctrl_axis.get("ci95"))
-        cal_reps.append(reps)
-        cal_scores.append(cal["calibrated_score"])
-    out: Dict[str, object] = {}
     scored = [n for n, a in axes.items() if a.get("status") != "n/a"]
-    if not axes and gates:
-        # Only the user's own gates (no axis ran): nothing for the control to calibrate.
-        out["calibrated_composite"] = harmonic_mean(list(gates.values()))
-    elif axes and all(axes[n].get("score") is not None for n in scored):
-        gate_values = list(gates.values())
-        # Custom gates have no control and no items: they enter both composites as they are,
-        # and an interval is only given without them.
-        raw_composite = harmonic_mean([axes[n]["score"] for n in scored])
-        out["composite_ci95"] = (calibration.composite_interval(raw_reps, sizes, raw_composite)
-                                 if not gate_values and scored else None)
-        if control is not None and cal_scores and all(c is not None for c in cal_scores):
-            out["calibrated_composite"] = harmonic_mean(cal_scores + gate_values)
-            out["calibrated_composite_ci95"] = (calibration.composite_interval(cal_reps, sizes, out["calibrated_composite"])
-                                                if not gate_values else None)
-    return out
+    if not scored or not all(axes[n].get("score") is not None for n in scored) or gates:
+        # Custom gates have no items to resample: no interval for a composite that holds them.
+        return {"composite_ci95": None}
+    raw_composite = harmonic_mean([axes[n]["score"] for n in scored])
+    return {"composite_ci95": calibration.composite_interval(reps, sizes, raw_composite)}
 
 
-def calibration_diagnosis(axes: Dict[str, dict], control: Optional[dict], registry,
-                          retention_sentences: bool = True) -> List[str]:
-    """What the control says about this candidate's drift, axis by axis, then what each axis
-    adds about itself (the trajectory axis: near-tie flips or confident changes). Where the
-    verdict leads the report, ``retention_sentences=False`` leaves out the older retention
-    reading ("indistinguishable", "calibrated ..."), which could contradict it."""
+def pair_items_with_control(axes: Dict[str, dict], control: Optional[dict], registry) -> None:
+    """Each candidate item's damage beside the control's on the same item (written into the item
+    as "vs_control": the two damages and the axis's sentence for them), so a per-item row says
+    how this item compares with the yardstick instead of showing a raw band."""
+    if control is None:
+        return
+    for name, axis in known(axes, registry):
+        ctrl = (control.get("axes") or {}).get(name)
+        if not ctrl:
+            continue
+        items = axis.section_items(axes[name])
+        ids, table = axis.damage_table(items)
+        ctrl_ids, ctrl_table = axis.damage_table(axis.section_items(ctrl))
+        ctrl_rows = {i: ctrl_table[k] for k, i in enumerate(ctrl_ids)}
+        rows = {i: table[k] for k, i in enumerate(ids)}
+        for item in items:
+            key = str(item.get("id"))
+            if key not in rows or key not in ctrl_rows:
+                continue
+            row, ctrl_row = rows[key], ctrl_rows[key]
+            item["vs_control"] = {"damage": _own(row), "control_damage": _own(ctrl_row),
+                                  "text": axis.item_damage_text(row, ctrl_row)}
+
+
+def _own(row) -> float:
+    """One item's damage: its numerator over its exposure."""
+    return float(row[0]) / float(row[1]) if float(row[1]) > 0 else 0.0
+
+
+def control_diagnosis(axes: Dict[str, dict], control: Optional[dict], registry) -> List[str]:
+    """What each axis adds about the candidate beside the control (the trajectory axis: near-tie
+    flips or confident changes)."""
     if control is None:
         return []
     out: List[str] = []
-    same, worse = [], []
-    for name, a in axes.items():
-        cal = a.get("calibration")
-        if not cal:
-            continue
-        if cal.get("indistinguishable"):
-            same.append(name)
-        elif cal.get("indistinguishable") is False:
-            lo, hi = cal["excess_damage_ci95"]
-            worse.append(f"{name} {a['score']:.2f} vs control {cal['control_score']:.2f} (excess damage {lo:.2f} to "
-                         f"{hi:.2f} points, calibrated {cal['calibrated_score']:.2f})")
-    control_name = control["config"]
-    if not retention_sentences:
-        same, worse = [], []
-    if same:
-        out.append(f"Within the model's rounding sensitivity on {', '.join(same)}: statistically indistinguishable from "
-                   f"the control ({control_name}).")
-    if worse:
-        out.append(f"Beyond the control ({control_name}): " + "; ".join(worse) + ".")
     for name, axis in known(axes, registry):
         section, ctrl = axes[name], control["axes"].get(name)
         if section and ctrl:

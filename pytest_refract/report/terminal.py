@@ -18,6 +18,12 @@ def _ci(interval) -> str:
 
 
 def _worst(name: str, axis, section: dict, n: int = 3):
+    """The items that lost the most: beside the control's same item where the report paired
+    them (a verdict report), else by raw score and band."""
+    paired = [i for i in axis.section_items(section) if (i.get("vs_control") or {}).get("text")]
+    if paired:
+        paired.sort(key=lambda i: -i["vs_control"]["damage"])
+        return [f"{name}[{i['id']}] {i['vs_control']['text']}" for i in paired[:n] if i["vs_control"]["damage"] > 0]
     items = [i for i in axis.section_items(section) if i.get("score") is not None]
     items.sort(key=lambda i: i["score"])
     out = []
@@ -46,14 +52,15 @@ def render(tr, report: dict, json_path, registry=None) -> None:
                       f"{mb['folder_bytes']:.1f} MB in its folder")
     sections = report.get("candidates") or [dict(report, custom_gates=(report.get("custom") or {}).get("gates", {}))]
     control = report.get("sensitivity") or {}
-    _render_control(tr, control, registry)
+    # What the gate read first: each candidate's verdict (or raw composite), then the yardstick.
     for section in sections:
         _render_candidate(tr, section, registry)
+    _render_control(tr, control, registry)
     if len(sections) > 1:
         _render_ranking(tr, report["ranking"], registry, report.get("gate", {}).get("basis"))
     gate = report.get("gate", {})
     tr.write_line("")
-    basis = {"calibrated": "calibrated composite", "raw": "composite"}.get(gate.get("basis"))
+    basis = {"raw": "composite"}.get(gate.get("basis"))
     if gate.get("passed") and basis is None:
         tr.write_line("gate: passed (verdict PASS on every axis"
                       + (", UNDECIDED accepted by --refract-undecided=pass" if gate.get("undecided") == "pass" else "")
@@ -70,14 +77,15 @@ def render(tr, report: dict, json_path, registry=None) -> None:
 _VERDICT_COLOURS = {"PASS": "green", "UNDECIDED": "yellow", "FAIL": "red", None: "red"}
 
 
-def _multiple_text(m: dict) -> str:
-    """ "2.5x [2.4, 2.6]" or, without a usable control, the damage against the tolerance."""
+def _multiple_text(m: dict, prefix: str = "D ") -> str:
+    """ "2.5x [2.4, 2.6]" or, without a usable control, the damage itself ("D 0.05 [0, 0.1]" in
+    the ranking's narrow cells; after the damage's own label, ``prefix=""``)."""
     if m.get("basis") == "multiple" and m.get("multiple") is not None:
         ci = m.get("multiple_ci95")
         return f"{m['multiple']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
     if m.get("basis") == "absolute" and m.get("damage") is not None:
         ci = m.get("damage_ci95")
-        return f"D {m['damage']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
+        return f"{prefix}{m['damage']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
     return "n/a"
 
 
@@ -110,7 +118,7 @@ def _render_verdict(tr, report: dict) -> None:
         if a["basis"] == "multiple" and a.get("multiple") is not None:
             what = f"{a['label']} {_multiple_text(a)} the control's (margin {a['margin']:g}x)"
         elif a["basis"] == "absolute" and a.get("damage") is not None:
-            what = f"{a['label']} {_multiple_text(a)}, tolerance {a['margin']:g} ({a['reason']})"
+            what = f"{a['label']} {_multiple_text(a, prefix='')}, tolerance {a['margin']:g} ({a['reason']})"
         else:
             what = a.get("reason") or ""
         tr.write(f"  {name:<11}")
@@ -127,19 +135,15 @@ def _render_ranking(tr, ranking, registry, basis=None) -> None:
         _render_verdict_ranking(tr, ranking)
         return
     tr.write_line("")
-    by = "the calibrated one, which the gate reads" if basis == "calibrated" else "raw, which the gate reads"
-    tr.write_line(f"candidates ranked by composite ({by}; which config to ship; the control is never ranked):",
-                  bold=True)
+    tr.write_line("candidates ranked by composite (raw, which the gate reads; which config to ship; the control is "
+                  "never ranked):", bold=True)
     axes = [n for n, _ in known({n: None for r in ranking for n in r["axes"]}, registry)]
-    tr.write_line("  #  " + "candidate".ljust(28) + "calibrated [95% CI]        band      " + "composite band      "
-                  + "[95% CI]".ljust(18) + "".join(a.ljust(11) for a in axes) + "KV memory")
+    tr.write_line("  #  " + "candidate".ljust(28) + "composite band      " + "[95% CI]".ljust(18)
+                  + "".join(a.ljust(11) for a in axes) + "KV memory")
     for i, r in enumerate(ranking, start=1):
         cells = "".join(_fmt(r["axes"].get(a)).strip().ljust(11) for a in axes)
         kv = r.get("kv_vs_reference")
-        calibrated = r.get("calibrated_composite")
-        tr.write(f"  {i}  {r['candidate'][:27]:<28}{(_fmt(calibrated) + _ci(r.get('calibrated_composite_ci95'))):<27}")
-        tr.write(f"{(r.get('calibrated_band') or 'n/a'):<10}", **{_COLOURS.get(r.get("calibrated_band"), "red"): True})
-        tr.write(f"{_fmt(r['composite'])}    ")
+        tr.write(f"  {i}  {r['candidate'][:27]:<28}{_fmt(r['composite'])}    ")
         tr.write(f"{(r['band'] or 'NO SCORE'):<10}", **{_COLOURS.get(r["band"], "red"): True})
         tr.write(f"{_ci(r.get('composite_ci95')).strip():<18}")
         tr.write_line(cells + ("?" if kv is None else f"{100 * kv:.0f}% of reference"))
@@ -151,7 +155,7 @@ def _render_verdict_ranking(tr, ranking) -> None:
                   "(the control is never ranked):", bold=True)
     axes = list(dict.fromkeys(n for r in ranking for n in (r.get("multiples") or {})))
     tr.write_line("  #  " + "candidate".ljust(28) + "verdict    " + "".join(a.ljust(24) for a in axes)
-                  + "KV bytes/token  pareto  raw composite")
+                  + "KV bytes/token  pareto  raw composite (REFRACT-comparable, not the verdict)")
     for i, r in enumerate(ranking, start=1):
         tr.write(f"  {i}  {r['candidate'][:27]:<28}")
         tr.write(f"{(r.get('verdict') or 'n/a'):<11}", **{_VERDICT_COLOURS.get(r.get("verdict"), "red"): True})
@@ -159,7 +163,7 @@ def _render_verdict_ranking(tr, ranking) -> None:
         kv = r.get("kv_bytes_per_token")
         raw = r.get("composite")
         tr.write_line(cells + ("?" if kv is None else f"{kv:.0f}").ljust(16) + ("yes" if r.get("pareto") else "no").ljust(8)
-                      + ("n/a" if raw is None else f"{raw:.2f} {r.get('band') or ''}"))
+                      + ("n/a" if raw is None else f"{raw:.2f}"))
 
 
 def _render_ran(tr, ran: dict) -> None:
@@ -187,13 +191,15 @@ def _render_control(tr, control: dict, registry) -> None:
     tr.write_line(f"control    {control['config']}  (sensitivity: {control.get('note')}; never ranked){cached}")
     if control.get("ran"):
         _render_ran(tr, control["ran"])
+    # Its raw scores are reference figures (no band: the yardstick is not graded).
+    tr.write_line("  raw scores (REFRACT-comparable, not a verdict):")
     axes = control.get("axes") or {}
     for name, axis in known(axes, registry):
         a = axes[name]
         extra = axis.section_detail(a, control=True)
-        tr.write_line(f"  {name:<11}{_fmt(a.get('score'))}{_ci(a.get('ci95'))} {a.get('band') or 'NO SCORE'}{extra}")
-    tr.write_line(f"  composite  {_fmt(control.get('composite'))}{_ci(control.get('composite_ci95'))} "
-                  f"{control.get('band') or 'NO SCORE'}")
+        score = _fmt(a.get("score")) if a.get("score") is not None else "  no score"
+        tr.write_line(f"  {name:<11}{score}{_ci(a.get('ci95'))}{extra}")
+    tr.write_line(f"  composite  {_fmt(control.get('composite'))}{_ci(control.get('composite_ci95'))}")
 
 
 def _render_candidate(tr, report: dict, registry) -> None:
@@ -205,27 +211,31 @@ def _render_candidate(tr, report: dict, registry) -> None:
     if report.get("no_op"):
         tr.write_line(f"NO-OP      {report['no_op']}", red=True, bold=True)
     tr.write_line("")
-    _render_verdict(tr, report)
-    if report.get("verdict"):
+    # The verdict leads where the gate reads it; under --refract-gate=raw the composite does.
+    verdict_led = bool(report.get("verdict")) and (report.get("gate") or {}).get("basis", "verdict") == "verdict"
+    if verdict_led:
+        _render_verdict(tr, report)
+        # The verdict's own sentences, then the raw figures as plain reference numbers.
         tr.write_line("")
-        tr.write_line("raw seed-defined scores (REFRACT-comparable; the gate reads the verdict above):")
+        for line in report.get("diagnosis", []):
+            tr.write_line(f"- {line}")
+        tr.write_line("")
+        tr.write_line("raw scores (REFRACT-comparable, not the verdict; no band: the gate reads the verdict above):")
     for name, axis in known(report["axes"], registry):
         section = report["axes"][name]
         band = section.get("band")
         extra = axis.section_detail(section, control=False)
         wall = section.get("wall_s")
         wall_text = f"  [{wall:.1f}s]" if wall is not None else ""
-        tr.write(f"{name:<11}{_fmt(section.get('score'))} ", bold=True)
-        tr.write(f"{band or 'NO SCORE':<9}", **{_COLOURS.get(band, 'red'): True})
-        tr.write_line(f"{extra}{wall_text}")
-        if section.get("ci95") or section.get("calibration"):
-            cal = section.get("calibration") or {}
-            beside = ""
-            if cal and not report.get("verdict"):
-                verdict = "indistinguishable from the control" if cal.get("indistinguishable") else "beyond the control"
-                beside = (f"; control {_fmt(cal.get('control_score')).strip()}{_ci(cal.get('control_ci95'))}; "
-                          f"calibrated {_fmt(cal.get('calibrated_score')).strip()} ({verdict})")
-            tr.write_line(f"           95% CI{_ci(section.get('ci95')) or ' n/a'}{beside}")
+        if verdict_led:
+            score = _fmt(section.get("score")) if section.get("score") is not None else "  no score"
+            tr.write_line(f"{name:<11}{score}{_ci(section.get('ci95'))}{extra}{wall_text}")
+        else:
+            tr.write(f"{name:<11}{_fmt(section.get('score'))} ", bold=True)
+            tr.write(f"{band or 'NO SCORE':<9}", **{_COLOURS.get(band, 'red'): True})
+            tr.write_line(f"{extra}{wall_text}")
+            if section.get("ci95"):
+                tr.write_line(f"           95% CI{_ci(section.get('ci95'))}")
         rep = section.get("repeat")
         if rep and rep.get("stdev") is not None:
             tr.write_line(f"           repeat x{rep['n']}: mean {rep['mean']:.2f}, stdev {rep['stdev']:.2f}, "
@@ -237,29 +247,32 @@ def _render_candidate(tr, report: dict, registry) -> None:
     for name, score in (report.get("custom_gates") or {}).items():
         tr.write(f"custom {name}: {_fmt(score).strip()} ", bold=True)
         tr.write_line(band_for(score) or "", **{_COLOURS.get(band_for(score), "red"): True})
-    tr.write_line("")
     composite = report.get("composite")
     band = report.get("band")
-    verdict_led = bool(report.get("verdict"))
-    tr.write("composite  " + _fmt(composite) + " ", bold=not verdict_led)
-    tr.write(band or "NO SCORE", **{_COLOURS.get(band, "red"): True, "bold": not verdict_led})
-    ci_text = f"  95% CI{_ci(report.get('composite_ci95'))}" if report.get("composite_ci95") else ""
-    tr.write_line(ci_text + ("  (raw, REFRACT-comparable; not what the gate reads)" if verdict_led else ""))
-    if report.get("calibrated_composite") is not None and not verdict_led:
-        cband = report.get("calibrated_band")
-        tr.write("calibrated " + _fmt(report["calibrated_composite"]) + " ", bold=True)
-        tr.write(cband or "NO SCORE", **{_COLOURS.get(cband, "red"): True, "bold": True})
-        tr.write_line(f"  95% CI{_ci(report.get('calibrated_composite_ci95'))}  (damage beyond the control's)")
+    if verdict_led:
+        tr.write_line(f"{'composite':<11}{_fmt(composite)}{_ci(report.get('composite_ci95'))}")
+    else:
+        tr.write_line("")
+        tr.write("composite  " + _fmt(composite) + " ", bold=True)
+        tr.write(band or "NO SCORE", **{_COLOURS.get(band, "red"): True, "bold": True})
+        tr.write_line(f"  95% CI{_ci(report.get('composite_ci95'))}" if report.get("composite_ci95") else "")
     if report.get("floor") is not None:
         tr.write_line(f"floor      {report['floor']:.2f} (reference vs reference)")
-    tr.write_line("")
-    for line in report.get("diagnosis", []):
-        tr.write_line(f"- {line}")
+    if report.get("verdict") and not verdict_led:
+        tr.write_line("")
+        tr.write_line("beside it, the verdict (not what this gate reads: --refract-gate=raw):")
+        _render_verdict(tr, report)
+    if not verdict_led:
+        tr.write_line("")
+        for line in report.get("diagnosis", []):
+            tr.write_line(f"- {line}")
     worst = []
     for name, axis in known(report["axes"], registry):
         worst += _worst(name, axis, report["axes"][name])
     if worst:
         tr.write_line("")
-        tr.write_line("worst items:")
+        paired = any((i.get("vs_control") or {}).get("text") for a in report["axes"].values()
+                     for i in (a.get("items") or a.get("cells") or []))
+        tr.write_line("most damaged items (beside the control's same item):" if paired else "worst items:")
         for line in worst:
             tr.write_line(f"  {line}")

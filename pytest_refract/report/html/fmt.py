@@ -90,12 +90,6 @@ def ci(interval: Any, spec: str = ".1f") -> str:
     return f" [{num(pair[0], spec)}, {num(pair[1], spec)}]"
 
 
-def scaled(values: Any, factor: float) -> Any:
-    """A list of numbers times factor (a retention interval as percent); anything else as is."""
-    pair = as_list(values)
-    return [factor * v for v in pair] if pair and all(is_num(v) for v in pair) else values
-
-
 def value(v: Any) -> str:
     """Any settings-like value as readable text."""
     if v is None:
@@ -159,6 +153,6 @@ def ruler_segments() -> List[tuple]:
     return [(band_class(name), format(top - floor, "g")) for (name, floor), top in zip(ordered, tops)]
 
 
-FILTERS = {f.__name__: f for f in (num, pct, dash, duration, si, ci, scaled, value, band_of, band_class,
+FILTERS = {f.__name__: f for f in (num, pct, dash, duration, si, ci, value, band_of, band_class,
                                    shown_score, clamp, min_key, as_dict, as_list, dicts, as_str, as_int, score_band)}
 FILTERS["fmt"] = format

@@ -89,7 +89,8 @@ def _env() -> jinja2.Environment:
                        ran_warnings=lambda r: warning_lines(r if isinstance(r, dict) else None))
     env.globals.update(BAND_NAMES=fmt.BAND_NAMES, RULER=fmt.ruler_segments(), MISSING=fmt.MISSING,
                        is_num=fmt.is_num, part=_part, axis_body=_axis_body,
-                       embedded_json=embedded_json, guard=_guard, ranking_axes=ranking_axes)
+                       embedded_json=embedded_json, guard=_guard, ranking_axes=ranking_axes,
+                       verdict_led=verdict_led)
     return env
 
 
@@ -156,6 +157,15 @@ def ranking_axes(ranking: List[dict]) -> List[str]:
     for row in ranking:
         seen.update(dict.fromkeys(map(str, fmt.as_dict(row.get("axes")))))
     return [n for n in _axes.ORDER if n in seen] + [n for n in seen if n not in _axes.ORDER]
+
+
+def verdict_led(report: Any) -> bool:
+    """Whether the gate read a verdict: then the verdict leads the page and the raw scores are
+    neutral reference figures (no band colours, no band badges). A report from before the gate
+    had a basis, with a verdict, counts as verdict-led."""
+    report = fmt.as_dict(report)
+    gate = fmt.as_dict(report.get("gate"))
+    return bool(fmt.as_dict(report.get("verdict"))) and gate.get("basis", "verdict") == "verdict"
 
 
 def _no_view(section: dict, report: dict) -> dict:

@@ -42,4 +42,5 @@ def chunk_chart(section: dict) -> Optional[Markup]:
 
 def view(section: dict, report: dict) -> dict:
     return {"percentile_chart": percentile_chart(section), "chunk_chart": chunk_chart(section),
-            "chunks": dicts(section.get("items"))}
+            "chunks": dicts(section.get("items")),
+            "paired": any(isinstance(c.get("vs_control"), dict) for c in dicts(section.get("items")))}

@@ -11,4 +11,5 @@ def view(section: dict, report: dict) -> dict:
     kinds = [k for k in PERTURBATIONS if k in per] + [k for k in per if k not in PERTURBATIONS]
     items = dicts(section.get("items"))
     return {"per_kind": [(k, per.get(k)) for k in kinds], "items": items,
-            "n_skipped": sum(1 for i in items if i.get("skipped"))}
+            "n_skipped": sum(1 for i in items if i.get("skipped")),
+            "paired": any(isinstance(i.get("vs_control"), dict) for i in items)}

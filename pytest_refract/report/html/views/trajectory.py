@@ -107,4 +107,5 @@ def row(item: dict) -> dict:
 
 def view(section: dict, report: dict) -> dict:
     items = dicts(section.get("items"))
-    return {"n_prompts": len(items), "chart": chart(items), "rows": [row(i) for i in items]}
+    return {"n_prompts": len(items), "chart": chart(items), "rows": [row(i) for i in items],
+            "paired": any(isinstance(i.get("vs_control"), dict) for i in items)}
