@@ -36,7 +36,7 @@ def test_control_runs_by_default_inside_the_candidates_items(pytester, tiny_mode
     assert sens["axes"]["kld"]["n_chunks"] == 3
     lo, hi = data["composite_ci95"]
     assert lo <= data["composite"] <= hi
-    assert data["schema"] == "pytest-refract.report.v2"
+    assert data["schema"] == "pytest-refract.report.v3"
     assert not any(key.startswith("calibrated") for key in data)
     # The gate reads the verdict: each axis's damage as a multiple of the control's.
     assert data["gate"]["basis"] == "verdict" and data["gate"]["undecided"] == "fail"

@@ -41,6 +41,8 @@ def render(tr, report: dict, json_path, registry=None) -> None:
     model = report["model"]
     tr.write_line(f"model      {model['name']} ({model['path']}, {model['size_bytes'] / 1e6:.1f} MB, {model['architecture']})")
     tr.write_line(f"reference  {report['reference']}")
+    if report.get("reference_ran"):
+        _render_ran(tr, report["reference_ran"])
     if report["settings"].get("chunks_note"):
         tr.write_line(f"note       {report['settings']['chunks_note']}")
     cache = report.get("reference_cache") or {}
@@ -187,6 +189,15 @@ def _render_verdict_ranking(tr, ranking) -> None:
                       + ("n/a" if raw is None else f"{raw:.2f}"))
 
 
+def _render_ran(tr, ran: dict) -> None:
+    """What really ran for a config, and every warning llama.cpp logged for it."""
+    from .ran import ran_text, warning_lines
+
+    tr.write_line(f"  ran      {ran_text(ran)}")
+    for line in warning_lines(ran):
+        tr.write_line(f"  warning  {line}", yellow=True)
+
+
 def _rotation_text(rotation: dict) -> str:
     """Rotation as llama.cpp logged it for the config's context."""
     on = [side.upper() for side in ("k", "v") if rotation.get(side)]
@@ -202,6 +213,8 @@ def _render_control(tr, control: dict, registry, from_pack: bool = False) -> Non
     cached = ("  (read from the reference pack: the pack's build measured it)" if from_pack
               else "  (read from the reference cache)" if control.get("cached") else "")
     tr.write_line(f"control    {control['config']}  (sensitivity: {control.get('note')}; never ranked){cached}")
+    if control.get("ran"):
+        _render_ran(tr, control["ran"])
     # Its raw scores are reference figures (no band: the yardstick is not graded).
     tr.write_line("  raw scores (REFRACT-comparable, not a verdict):")
     axes = control.get("axes") or {}
@@ -217,6 +230,10 @@ def _render_candidate(tr, report: dict, registry) -> None:
     tr.write_line("")
     tr.write_line(f"candidate  {report['candidate']}" + ("   (self-reference)" if report.get("self_reference") else "")
                   + (f"   (llama.cpp: {_rotation_text(report['rotation'])})" if report.get("rotation") else ""))
+    if report.get("ran"):
+        _render_ran(tr, report["ran"])
+    if report.get("no_op"):
+        tr.write_line(f"NO-OP      {report['no_op']}", red=True, bold=True)
     tr.write_line("")
     # The verdict leads where the gate reads it; under --refract-gate=raw the composite does.
     verdict_led = bool(report.get("verdict")) and (report.get("gate") or {}).get("basis", "verdict") == "verdict"
