@@ -17,6 +17,7 @@ from ..axes import DIAGNOSIS_ORDER, known
 from ..scoring.metrics import BAND_FLOOR, band_for
 from .record import RunRecord
 from .jsonio import SCHEMA
+from .schema import SCHEMA_REVISION
 from .sections import build_axes, composite_of, custom_gates, floor_of, repeat_stats
 from .sensitivity import (
     calibrate,
@@ -24,7 +25,7 @@ from .sensitivity import (
     control_section,
     sensitivity_json,
 )
-from .verdicts import candidate_verdict, gate_reasons, pareto, rank
+from .verdicts import UNDECIDED_PASS_NOTE, candidate_verdict, family_recommendation, gate_reasons, pareto, rank
 
 FLOOR_WARN_BELOW = 99.5
 
@@ -90,7 +91,8 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
     levels = {name: d["look_level"] for name, d in sequential.items()}
     # An axis another axis's FAIL stopped between its looks claims no verdict of its own.
     stopped = {name: d["stopped_by"] for name, d in sequential.items() if d.get("stopped_by")}
-    verdict = (candidate_verdict(axes, control, registry, facts.self_reference[role], levels, stopped)
+    verdict = (candidate_verdict(axes, control, registry, facts.self_reference[role], levels, stopped,
+                                 designs=dict(sequential))
                if complete else None)
     floor = floor_of(axes) if s.floor else None
     self_reference = facts.self_reference[role]
@@ -281,6 +283,7 @@ def _verdict_gate(facts: RunRecord, section: dict, complete: bool) -> dict:
                            f"({s.fail_under:g})")
     reasons += _trust_reasons(facts, section, complete)
     return {"passed": not reasons, "threshold": s.fail_under, "basis": "verdict", "undecided": s.undecided,
+            **({"note": UNDECIDED_PASS_NOTE} if s.undecided == "pass" else {}),
             "verdict": (verdict or {}).get("verdict"), "reasons": reasons}
 
 
@@ -335,6 +338,7 @@ def build_report(
     all_items = [r for per_axis in results.values() for items in per_axis.values() for r in items.values()]
     report = {
         "schema": SCHEMA,
+        "schema_revision": SCHEMA_REVISION,
         "plugin_version": __version__,
         "llama_cpp_python_version": facts.binding_version,
         "llama_cpp_build": dict(facts.llama_build),
@@ -365,13 +369,17 @@ def build_report(
         "calibrated_band": first["calibrated_band"],
         "calibrated_composite_ci95": first["calibrated_composite_ci95"],
         "gate": {"passed": not reasons, "threshold": s.fail_under, "basis": s.gate_basis, "reasons": reasons,
-                 **({"undecided": s.undecided} if s.gate_basis == "verdict" else {})},
+                 **({"undecided": s.undecided} if s.gate_basis == "verdict" else {}),
+                 **({"note": UNDECIDED_PASS_NOTE} if s.gate_basis == "verdict" and s.undecided == "pass" else {})},
         "sensitivity": sensitivity_json(facts, control, registry),
         "diagnosis": first["diagnosis"],
         "axes": first["axes"],
         "custom": {"gates": first["custom_gates"], "measurements": custom},
         "floor": first["floor"],
         "candidates": sections,
+        # Which config to ship, decided as a family over the candidates (additive, schema 1.x).
+        "recommendation": (family_recommendation(sections, control, registry)
+                           if s.gate_basis == "verdict" and complete else None),
         "ranking": [{"candidate": sec["candidate"],
                      "verdict": (sec["verdict"] or {}).get("verdict"),
                      "verdict_score": (sec["verdict"] or {}).get("score"),

@@ -14,6 +14,13 @@ from ..errors import UsageProblem
 from ..files import MAX_REPORT_BYTES, read_input
 from .jsonio import SCHEMA
 
+# Additive revisions within SCHEMA (a reader of an earlier revision reads a later file as before;
+# the report names its revision under "schema_revision"):
+# 2: per-axis verdicts add pass_error, fail_error, min_pass_items and could_miss; sequential
+#    designs add pass_errors, fail_errors and min_pass_items; the report adds "recommendation"
+#    (the family-wise choice of config) and, with --refract-undecided=pass, gate["note"].
+SCHEMA_REVISION = 2
+
 # A report nests a few levels (axes -> axis -> percentiles); deeper is not one of ours, and
 # Python's parser would hit its recursion limit on thousands of levels.
 MAX_REPORT_DEPTH = 32

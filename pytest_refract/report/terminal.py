@@ -3,8 +3,11 @@ each axis's own figures come from its axis object (``section_detail``, ``item_de
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..axes import BUILTIN, known
 from ..scoring.metrics import band_for
+from ..scoring.verdict import miss_text
 
 _COLOURS = {"EXCELLENT": "green", "PASS": "green", "DEGRADED": "yellow", "FAIL": "red", None: "red"}
 
@@ -49,6 +52,7 @@ def render(tr, report: dict, json_path, registry=None) -> None:
         _render_candidate(tr, section, registry)
     if len(sections) > 1:
         _render_ranking(tr, report["ranking"], registry, report.get("gate", {}).get("basis"))
+        _render_recommendation(tr, report.get("recommendation"))
     gate = report.get("gate", {})
     tr.write_line("")
     basis = {"calibrated": "calibrated composite", "raw": "composite"}.get(gate.get("basis"))
@@ -56,6 +60,8 @@ def render(tr, report: dict, json_path, registry=None) -> None:
         tr.write_line("gate: passed (verdict PASS on every axis"
                       + (", UNDECIDED accepted by --refract-undecided=pass" if gate.get("undecided") == "pass" else "")
                       + ")", green=True)
+    if gate.get("note"):
+        tr.write_line(f"gate note: {gate['note']}", yellow=True, bold=True)
     elif gate.get("passed"):
         tr.write_line(f"gate: passed ({basis} ≥ {gate['threshold']:g})", green=True)
     else:
@@ -72,7 +78,8 @@ def _multiple_text(m: dict) -> str:
     """ "2.5x [2.4, 2.6]" or, without a usable control, the damage against the tolerance."""
     if m.get("basis") == "multiple" and m.get("multiple") is not None:
         ci = m.get("multiple_ci95")
-        return f"{m['multiple']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+        hi = "inf" if ci and ci[1] is None else (f"{ci[1]:.2f}" if ci else "")
+        return f"{m['multiple']:.2f}x" + (f" [{ci[0]:.2f}, {hi}]" if ci else "")
     if m.get("basis") == "absolute" and m.get("damage") is not None:
         ci = m.get("damage_ci95")
         return f"D {m['damage']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
@@ -95,7 +102,7 @@ def _sequential_text(section: dict) -> str:
     return ""
 
 
-def _render_verdict(tr, report: dict) -> None:
+def _render_verdict(tr, report: dict, registry=BUILTIN) -> None:
     """The candidate's headline: what the gate reads."""
     v = report.get("verdict")
     if not v:
@@ -114,6 +121,9 @@ def _render_verdict(tr, report: dict) -> None:
         tr.write(f"  {name:<11}")
         tr.write(f"{a['verdict']:<10}", **{_VERDICT_COLOURS.get(a["verdict"], "red"): True})
         tr.write_line(what + _sequential_text((report.get("axes") or {}).get(name) or {}))
+        if a["verdict"] == "PASS" and a.get("could_miss"):
+            noun = getattr(registry.get(name), "ITEMS_NOUN", None) or "items"
+            tr.write_line(f"             what this PASS could miss: {miss_text(a['could_miss'], noun)}")
     for line in v.get("control_problems", []):
         tr.write_line(f"  yardstick broken: {line}", red=True)
     for line in v.get("advice", []):
@@ -141,6 +151,15 @@ def _render_ranking(tr, ranking, registry, basis=None) -> None:
         tr.write(f"{(r['band'] or 'NO SCORE'):<10}", **{_COLOURS.get(r["band"], "red"): True})
         tr.write(f"{_ci(r.get('composite_ci95')).strip():<18}")
         tr.write_line(cells + ("?" if kv is None else f"{100 * kv:.0f}% of reference"))
+
+
+def _render_recommendation(tr, rec: Optional[dict]) -> None:
+    """The family-wise choice of config (scoring/family.py), under the ranking."""
+    if not rec:
+        return
+    chosen = rec.get("recommended")
+    text = (f"config to ship: {chosen}" if chosen else "config to ship: none (no candidate PASSes as a family)")
+    tr.write_line(f"{text}; {rec.get('guarantee', '')} ({rec.get('method', '')})", bold=bool(chosen))
 
 
 def _render_verdict_ranking(tr, ranking) -> None:
@@ -188,7 +207,7 @@ def _render_candidate(tr, report: dict, registry) -> None:
     tr.write_line(f"candidate  {report['candidate']}" + ("   (self-reference)" if report.get("self_reference") else "")
                   + (f"   (llama.cpp: {_rotation_text(report['rotation'])})" if report.get("rotation") else ""))
     tr.write_line("")
-    _render_verdict(tr, report)
+    _render_verdict(tr, report, registry)
     if report.get("verdict"):
         tr.write_line("")
         tr.write_line("raw seed-defined scores (REFRACT-comparable; the gate reads the verdict above):")
