@@ -95,8 +95,11 @@ def _beyond(a: dict) -> str:
     if a["basis"] == "absolute":
         lo = a["damage_ci95"][0]
         return f"{a['axis']} {a['label']} at least {lo:.4g}, beyond the absolute tolerance {a['margin']:g}"
-    lo = a["multiple_ci95"][0]
-    return f"{a['axis']} {a['label']} at least {lo:.3g}x the control's, beyond the {a['margin']:g}x margin"
+    ci = a.get("multiple_ci95")
+    if not ci:
+        return (f"{a['axis']} {a['label']} {a.get('damage') or 0:.4g} where the control has none on the same items: "
+                f"beyond any multiple of it")
+    return f"{a['axis']} {a['label']} at least {ci[0]:.3g}x the control's, beyond the {a['margin']:g}x margin"
 
 
 def _open(a: dict) -> str:

@@ -217,19 +217,18 @@ def damage_interval(table: np.ndarray, damage=ratio_of_sums, level: float = LEVE
 
 
 def pseudo_values(table, damage=ratio_of_sums) -> np.ndarray:
-    """The jackknife pseudo-values ``n D - (n - 1) D_(-i)`` of a table (n, k) or, for a ratio of
-    sums, a stack (..., n, 2): per item, what it adds to the damage (for a ratio of sums over
-    equal exposures, the item's own ratio)."""
+    """Per item, what it adds to the damage, averaging to the damage itself. For a ratio of sums
+    (a table (n, 2) or a stack (..., n, 2)): the item's damage over the mean exposure,
+    ``a_i / mean(b)``; each depends on its own item only and rises with it, so no bound built
+    on them falls when an item gets worse. (The exposures' own spread is left out: where an
+    item's damage grows with its exposure, as lost retrievals with the retrievals to lose, that
+    overstates the spread, erring toward UNDECIDED.) For any other damage statistic: the
+    jackknife pseudo-values ``n D - (n - 1) D_(-i)``."""
     t = np.asarray(table, dtype=np.float64)
     n = t.shape[-2]
     if damage is ratio_of_sums:
-        a, b = t[..., 0], t[..., 1]
-        big_a, big_b = a.sum(-1, keepdims=True), b.sum(-1, keepdims=True)
-        rest = big_b - b
-        with np.errstate(divide="ignore", invalid="ignore"):
-            whole = np.where(big_b > 0, big_a / np.where(big_b > 0, big_b, 1.0), 0.0)
-            loo = np.where(rest > 0, (big_a - a) / np.where(rest > 0, rest, 1.0), 0.0)
-        return n * whole - (n - 1) * loo
+        mean_b = t[..., 1].mean(-1, keepdims=True)
+        return np.where(mean_b > 0, t[..., 0] / np.where(mean_b > 0, mean_b, 1.0), 0.0)
     whole = float(damage(t))
     return n * whole - (n - 1) * _loo_damage(t, damage)
 
@@ -263,20 +262,22 @@ def el_upper(z, err: float) -> np.ndarray:
     return np.where(spread[..., 0] > 0, bound, z.mean(-1))
 
 
-def tail_bounds(z, err_lower: float, err_upper: float):
+def tail_bounds(z, err_lower: float, err_upper: float, unseen=0.0):
     """(lower, upper) bounds of the mean of ``z`` (..., n): the empirical-likelihood bounds
     with a share ``could_miss(n)`` of the weight moved to the best (lower) or worst (upper)
     item seen. A sample can under-represent a problem confined to a few items; the bound
     assumes that up to that share of the items could be as bad as the worst one seen (or, on
-    the FAIL side, as good as the best). Both bounds are convex combinations of non-negative
-    weights on the items, so neither falls when an item rises. An error of 0 gives an infinite
-    bound (that side decides nothing)."""
+    the FAIL side, as good as the best); ``unseen`` is added to that worst item (for counted
+    damage, what a count of 0 can hide on one item). Both bounds are convex combinations of
+    non-negative weights on the items, so neither falls when an item rises. An error of 0 gives
+    an infinite bound (that side decides nothing)."""
     z = np.asarray(z, dtype=np.float64)
     n = z.shape[-1]
     share = could_miss(n)
     shape = z.shape[:-1]
     lower = ((1 - share) * -el_upper(-z, err_lower) + share * z.min(-1)) if err_lower > 0 else np.full(shape, -np.inf)
-    upper = ((1 - share) * el_upper(z, err_upper) + share * z.max(-1)) if err_upper > 0 else np.full(shape, np.inf)
+    upper = ((1 - share) * el_upper(z, err_upper) + share * (z.max(-1) + unseen)) if err_upper > 0 \
+        else np.full(shape, np.inf)
     return lower, upper
 
 
@@ -300,13 +301,24 @@ class MarginTest:
 
 
 def _poisson_guard(d_cand, ctrl, margin: float, err_fail: float):
-    """For an axis whose damage counts whole units: the candidate's damage must exceed the
-    margin times the control's Poisson upper bound. A paired interval cannot see the count
-    noise of a control that shows 0 on most items; this keeps such a control from making a
-    FAIL of a candidate at the margin."""
+    """For an axis whose damage counts whole units, FAIL's guard: the candidate's damage must
+    exceed the margin times the control's Poisson upper bound. A paired bound cannot see the
+    count noise of a control that shows 0 on most items; this keeps such a control from making
+    a FAIL of a candidate at the margin."""
+    if err_fail <= 0:
+        return np.zeros(ctrl.shape[:-2], dtype=bool)
     exposure = ctrl[..., 1].sum(-1)
     rate_hi = poisson_upper(ctrl[..., 0].sum(-1), err_fail) / np.where(exposure > 0, exposure, 1.0)
     return d_cand > margin * rate_hi
+
+
+def _unseen_units(cand, err_pass: float):
+    """For counted damage: the units a count of 0 can hide on one item at the PASS error (3.7
+    at 2.5 %), on the scale of the pseudo-values (per mean exposure)."""
+    if err_pass <= 0:
+        return 0.0
+    mean_b = cand[..., 1].mean(-1)
+    return float(poisson_upper(0, err_pass)) / np.where(mean_b > 0, mean_b, 1.0)
 
 
 def margin_test(candidate, control, margin: float, err_pass: float, err_fail: float, damage=ratio_of_sums,
@@ -326,8 +338,9 @@ def margin_test(candidate, control, margin: float, err_pass: float, err_fail: fl
     if n < MIN_ITEMS:
         nan = np.full(delta.shape, np.nan)
         return MarginTest(delta, nan, nan, np.full(delta.shape, UNDECIDED, dtype=object))
-    z = pseudo_values(cand, damage) - margin * pseudo_values(ctrl, damage)
-    lower, upper = tail_bounds(z, err_fail, err_pass)
+    p_ctrl = pseudo_values(ctrl, damage)
+    z = pseudo_values(cand, damage) - margin * p_ctrl
+    lower, upper = tail_bounds(z, err_fail, err_pass, _unseen_units(cand, err_pass) if counts else 0.0)
     passes = (upper < 0) | ((d_cand <= 0) & exact_zero)
     if n < min_pass_items:
         passes = np.zeros(delta.shape, dtype=bool)
@@ -361,8 +374,10 @@ def inverted_interval(candidate, control, err_pass: float, err_fail: float, dama
         out = float(lo) > 0
         return out and bool(_poisson_guard(np.asarray(d_cand), ctrl, m, err_fail)) if counts else out
 
+    unseen = _unseen_units(cand, err_pass) if counts else 0.0
+
     def passes(m: float) -> bool:
-        _, hi = tail_bounds(p_cand - m * p_ctrl, 0.0, err_pass)
+        _, hi = tail_bounds(p_cand - m * p_ctrl, 0.0, err_pass, unseen)
         return float(hi) < 0
 
     if d_ctrl <= 0:
@@ -619,12 +634,15 @@ def _multiple_verdict(axis, name, label, margin, cand, ctrl, damage, d_cand, d_c
         needed = items_to_decide(n, abs(math.log(point) - math.log(margin)), (math.log(hi) - math.log(lo)) / 2)
         if needed is not None and point < margin:
             needed = max(needed, min_pass_items)
-    ci = [lo, hi] if point is not None else None
+    # Below the PASS minimum the upper end is no certified bound (a sample that small can miss
+    # what makes the damage large): the interval is shown open above, [lo, inf).
+    shown_hi = hi if n >= min_pass_items else None
+    ci = [lo, shown_hi] if point is not None else None
     score = score_of_multiple(point) if point is not None else (0.0 if d_cand > 0 else None)
     return AxisVerdict(name, label, verdict, "multiple", margin, n, damage=d_cand, control_damage=d_ctrl,
                        multiple=point, multiple_ci95=ci, band=multiple_band(point) if point is not None else None,
                        score=score,
-                       score_ci95=[score_of_multiple(hi if hi is not None else math.inf), score_of_multiple(lo)]
+                       score_ci95=[score_of_multiple(shown_hi if shown_hi is not None else math.inf), score_of_multiple(lo)]
                        if ci else None,
                        items_needed=needed, reason="; ".join(reasons))
 
