@@ -205,8 +205,8 @@ def fmt_multiple(multiple: Optional[float], ci: Optional[List[float]]) -> str:
     return text
 
 
-def _short(x: float) -> str:
-    if not math.isfinite(x):
+def _short(x: Optional[float]) -> str:
+    if x is None or not math.isfinite(x):  # an open upper end
         return "inf"
     return f"{x:.3g}" if abs(x) < 100 else f"{x:.0f}"
 
