@@ -204,3 +204,59 @@ def test_the_reviewers_outlier_no_longer_turns_undecided_into_pass():
         a = V.margin_test(cand, ctrl, 3.0, 0.025, 0.025, min_pass_items=min_pass).verdict.item()
         b = V.margin_test(worse, ctrl, 3.0, 0.025, 0.025, min_pass_items=min_pass).verdict.item()
         assert _ORDER[b] >= _ORDER[a]
+
+
+# --------------------------------------------------------------------------- many candidates
+
+
+def _contenders(runs_cand, ctrl, sizes):
+    from pytest_refract.scoring.family import Contender
+
+    return [Contender(f"c{k}", size, {"kld": (cand, ctrl)}) for k, (cand, size) in enumerate(zip(runs_cand, sizes))]
+
+
+def test_the_recommendation_keeps_its_error_however_many_candidates_compete():
+    """Eight candidates exactly at the margin share one control (heavy-tailed KLD, 75 chunks):
+    some candidate PASSes on its own far more often than 2.5 %, the family-wise recommendation
+    names one at most 2.5 % of the time (within simulation error)."""
+    from types import SimpleNamespace
+
+    from pytest_refract.scoring.family import recommend
+
+    axes = {"kld": SimpleNamespace(MARGIN=3.0, damage=V.ratio_of_sums, ZERO_DAMAGE_EXACT=True, DAMAGE_COUNTS=False)}
+    runs, n, k = 120, 75, 8
+    rng = np.random.default_rng(31)
+    m = scale_for("KLD heavy-tailed", 3.0)
+    any_pass = recommended = 0
+    for _ in range(runs):
+        d = 0.004 * rng.lognormal(-0.5, 1.0, n)
+        pos = np.full(n, 255.0)
+        ctrl = np.column_stack([d * rng.lognormal(-0.01125, 0.15, n) * pos, pos])
+        cands = [np.column_stack([m * d * rng.lognormal(-0.5, 1.0, n) * pos, pos]) for _ in range(k)]
+        alone = V.margin_test(np.stack(cands), np.stack([ctrl] * k), 3.0, 0.025, 0.025, exact_zero=True).verdict
+        any_pass += bool((alone == V.PASS).any())
+        rec = recommend(_contenders(cands, ctrl, [256.0] * k), axes)
+        recommended += rec.recommended is not None
+    assert recommended <= binomial_quantile(runs, 0.025), recommended
+    assert any_pass > recommended
+
+
+def test_gatekeeping_tests_a_smaller_cache_only_after_every_larger_one_passed():
+    from types import SimpleNamespace
+
+    from pytest_refract.scoring.family import NOT_PASS, NOT_TESTED, recommend
+
+    axes = {"kld": SimpleNamespace(MARGIN=3.0, damage=V.ratio_of_sums, ZERO_DAMAGE_EXACT=True, DAMAGE_COUNTS=False)}
+    rng = np.random.default_rng(4)
+    good, ctrl = GENERATORS["KLD control 1e-6"](1, 96, 1.0, rng)
+    bad, _ = GENERATORS["KLD control 1e-6"](1, 96, 12.0, rng)
+    good, bad, ctrl = good[0], bad[0] * 1e-6 / 1e-6, ctrl[0]
+    bad[:, 0] = good[:, 0] * 12.0
+    # Largest cache first: a good 512-byte config, a bad 272-byte one, a good 144-byte one.
+    rec = recommend(_contenders([good, bad, good], ctrl, [512.0, 272.0, 144.0]), axes)
+    assert rec.decisions == {"c0": V.PASS, "c1": NOT_PASS, "c2": NOT_TESTED}
+    assert rec.recommended == "c0" and rec.order == [["c0"], ["c1"], ["c2"]]
+    # Two good configs of equal size share Holm's factor 2, then the smaller one is tested.
+    rec = recommend(_contenders([good, good, good], ctrl, [512.0, 512.0, 144.0]), axes)
+    assert rec.decisions == {"c0": V.PASS, "c1": V.PASS, "c2": V.PASS} and rec.recommended == "c2"
+    assert rec.factors["c0"] == 2.0 and rec.factors["c2"] == 1.0

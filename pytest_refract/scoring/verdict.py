@@ -264,7 +264,7 @@ def el_upper(z, err: float) -> np.ndarray:
 
 def tail_bounds(z, err_lower: float, err_upper: float, unseen=0.0):
     """(lower, upper) bounds of the mean of ``z`` (..., n): the empirical-likelihood bounds
-    with a share ``could_miss(n)`` of the weight moved to the best (lower) or worst (upper)
+    with a share ``_allowance(n, err)`` of the weight moved to the best (lower) or worst (upper)
     item seen. A sample can under-represent a problem confined to a few items; the bound
     assumes that up to that share of the items could be as bad as the worst one seen (or, on
     the FAIL side, as good as the best); ``unseen`` is added to that worst item (for counted
@@ -273,12 +273,25 @@ def tail_bounds(z, err_lower: float, err_upper: float, unseen=0.0):
     an infinite bound (that side decides nothing)."""
     z = np.asarray(z, dtype=np.float64)
     n = z.shape[-1]
-    share = could_miss(n)
     shape = z.shape[:-1]
-    lower = ((1 - share) * -el_upper(-z, err_lower) + share * z.min(-1)) if err_lower > 0 else np.full(shape, -np.inf)
-    upper = ((1 - share) * el_upper(z, err_upper) + share * (z.max(-1) + unseen)) if err_upper > 0 \
-        else np.full(shape, np.inf)
+    lower = upper = None
+    if err_lower > 0:
+        share = _allowance(n, err_lower)
+        lower = (1 - share) * -el_upper(-z, err_lower) + share * z.min(-1)
+    if err_upper > 0:
+        share = _allowance(n, err_upper)
+        upper = (1 - share) * el_upper(z, err_upper) + share * (z.max(-1) + unseen)
+    lower = np.full(shape, -np.inf) if lower is None else lower
+    upper = np.full(shape, np.inf) if upper is None else upper
     return lower, upper
+
+
+def _allowance(n: int, err: float) -> float:
+    """The share of the weight a bound at one-sided error ``err`` moves to the worst (or best)
+    item: 1 - (2 err)^(1/n), the share of items a problem could occupy and still go unseen with
+    probability 2 err (at 2.5 %: could_miss(n)). It grows as the error shrinks, so a bound read
+    at a smaller error (a later look, a family of candidates) allows more for what it missed."""
+    return 1.0 - (2.0 * err) ** (1.0 / n)
 
 
 def poisson_upper(events, err: float):
