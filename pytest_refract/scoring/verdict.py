@@ -303,6 +303,16 @@ def poisson_upper(events, err: float):
     return k1 * (1.0 - 1.0 / (9.0 * k1) + z / (3.0 * np.sqrt(k1))) ** 3
 
 
+def _no_negative_damage(table) -> np.ndarray:
+    """A copy with column 0 at least 0: damage is >= 0 by definition, and a KLD a rounding
+    error below 0 (identical logits summed in another order) must not count as a control
+    better than none, nor, times the margin, as evidence against the candidate."""
+    t = np.array(table, dtype=np.float64)
+    if t.ndim >= 2 and t.shape[-1] >= 1:
+        t[..., 0] = np.maximum(t[..., 0], 0.0)
+    return t
+
+
 @dataclass(frozen=True)
 class MarginTest:
     """The test of ``Delta = D_candidate - margin x D_control`` for one table pair (or a stack)."""
@@ -343,7 +353,7 @@ def margin_test(candidate, control, margin: float, err_pass: float, err_fail: fl
     lower bound above 0 (and, where the damage ``counts`` whole units, the Poisson guard). A
     candidate without damage on any item where the axis's zero is ``exact_zero`` (bit-identical
     logits) PASSes with enough items: it is no worse than any control."""
-    cand, ctrl = np.asarray(candidate, dtype=np.float64), np.asarray(control, dtype=np.float64)
+    cand, ctrl = _no_negative_damage(candidate), _no_negative_damage(control)
     n = cand.shape[-2]
     d_cand = np.asarray(damage(cand), dtype=np.float64)
     d_ctrl = np.asarray(damage(ctrl), dtype=np.float64)
@@ -378,7 +388,7 @@ def inverted_interval(candidate, control, err_pass: float, err_fail: float, dama
     multiple is rejected above: a control without damage), by grid refinement on log m. Both bounds
     of Delta fall as m rises (the control's pseudo-values are >= 0), so the set is an interval
     and its ends agree with the decision at any margin (the minimum item count aside)."""
-    cand, ctrl = np.asarray(candidate, dtype=np.float64), np.asarray(control, dtype=np.float64)
+    cand, ctrl = _no_negative_damage(candidate), _no_negative_damage(control)
     d_cand, d_ctrl = float(damage(cand)), float(damage(ctrl))
     p_cand, p_ctrl = pseudo_values(cand, damage), pseudo_values(ctrl, damage)
 
@@ -589,6 +599,16 @@ def axis_verdict(axis, candidate_items: Sequence[dict], control_items: Optional[
     return verdict
 
 
+def _as_ratio_of_sums(damage):
+    """``ratio_of_sums`` itself where the axis keeps the base class's damage (a bound method that
+    calls it), so the per-item rates (monotone, exact) are used instead of jackknife values."""
+    func = getattr(damage, "__func__", damage)
+    if func is ratio_of_sums or (getattr(func, "__qualname__", "") == "Axis.damage"
+                                 and getattr(func, "__module__", "").endswith("axes.base")):
+        return ratio_of_sums
+    return damage
+
+
 def _axis_verdict(axis, candidate_items: Sequence[dict], control_items: Optional[Sequence[dict]],
                   control_score: Optional[float], err_pass: float, err_fail: float, same_computation: bool,
                   min_pass_items: int) -> AxisVerdict:
@@ -598,7 +618,7 @@ def _axis_verdict(axis, candidate_items: Sequence[dict], control_items: Optional
     label = member(axis, "DAMAGE_LABEL", name)
     margin = float(member(axis, "MARGIN", DEFAULT_MARGIN))
     tolerance = float(member(axis, "ABSOLUTE_TOLERANCE", DEFAULT_ABSOLUTE_TOLERANCE))
-    damage = axis.damage
+    damage = _as_ratio_of_sums(axis.damage)
     exact_zero = same_computation or bool(member(axis, "ZERO_DAMAGE_EXACT", False))
     if control_items is None:
         _ids, cand = axis.damage_table(candidate_items)
@@ -608,6 +628,9 @@ def _axis_verdict(axis, candidate_items: Sequence[dict], control_items: Optional
     n = int(cand.shape[0])
     if n == 0:
         return AxisVerdict(name, label, UNDECIDED, "multiple", margin, 0, reason="no item measured on both sides")
+    if damage is ratio_of_sums:
+        cand = _no_negative_damage(cand)
+        ctrl = None if ctrl is None else _no_negative_damage(ctrl)
     d_cand = float(damage(cand))
     if ctrl is None:
         # No control at all: the declared fallback, not a switch chosen from the data.
