@@ -137,9 +137,10 @@ def test_zero_control_is_no_free_pass_and_no_switch():
     # never a PASS; here the candidate's flips are many, so FAIL.
     assert v.basis == "multiple" and v.multiple is None and v.verdict == "FAIL"
     assert "the control has no greedy flips" in v.reason and v.score == 0.0
-    # Both at 0 on every item: nothing to compare, no decision, no free 100.
+    # Both at 0 on every item: nothing to compare, no decision (the score describes the
+    # candidate's own damage, none).
     v0 = verdict_of(np.column_stack([np.zeros(48), np.full(48, 10.0)]), np.column_stack([np.zeros(48), np.full(48, 10.0)]))
-    assert v0.verdict == "UNDECIDED" and v0.score is None
+    assert v0.verdict == "UNDECIDED" and v0.multiple is None and v0.score == 100.0
 
 
 def test_control_scoring_zero_is_a_broken_yardstick():

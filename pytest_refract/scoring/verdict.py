@@ -683,7 +683,9 @@ def _multiple_verdict(axis, name, label, margin, cand, ctrl, damage, d_cand, d_c
     # what makes the damage large): the interval is shown open above, [lo, inf).
     shown_hi = hi if n >= min_pass_items else None
     ci = [lo, shown_hi] if point is not None else None
-    score = score_of_multiple(point) if point is not None else (0.0 if d_cand > 0 else None)
+    # No multiple where the control has no damage: the score says what the candidate's own
+    # damage says (none: 100, some: 0); it describes, the verdict decides.
+    score = score_of_multiple(point) if point is not None else (0.0 if d_cand > 0 else 100.0)
     return AxisVerdict(name, label, verdict, "multiple", margin, n, damage=d_cand, control_damage=d_ctrl,
                        multiple=point, multiple_ci95=ci, band=multiple_band(point) if point is not None else None,
                        score=score,
