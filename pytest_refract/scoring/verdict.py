@@ -17,15 +17,18 @@ control without damage it is the candidate's own damage, and PASS is then out of
 should be: nothing shows that the candidate is within 3x of nothing). There is no switch to an
 absolute tolerance chosen from the data.
 
-- **Interval of Delta.** The jackknife pseudo-values of Delta (one item left out of candidate
-  *and* control at once, so what the two share cancels; for a ratio of sums over equal
-  exposures they are the per-item differences themselves) give a studentized statistic whose
-  skewness is removed by Hall's cubic transformation (Hall 1992, "On the removal of skewness by
-  transformation", JRSS B 54): ``g(T) = T + a T^2 + a^2 T^3 / 3 + a / 2`` with ``a = skew /
-  (3 sqrt(n))``, monotone and inverted in closed form. A right-skewed candidate (a few items
-  with much more damage) has a studentized mean that is skewed left, so the plain t bound on the
-  PASS side is too low; the transformation moves it up by what the sample's skewness says.
-  Student's t quantiles (n - 1 degrees of freedom) are used in place of the normal ones.
+- **Bounds of Delta.** Per item, the candidate's and the control's damage over the mean exposure
+  (``pseudo_values``: they average to the damages, each rises with its own item only); their
+  differences ``z_i`` carry the pairing (what the two share cancels). The bounds are the
+  empirical-likelihood bounds of the mean of z (``el_upper``): the largest (smallest) weighted
+  mean over item weights whose likelihood ratio stays above the Student-t calibrated limit. They
+  follow the data's skewness (a right-skewed candidate widens the PASS side, where a t bound
+  narrows it). A rare-item allowance (``tail_bounds``) then moves a share 1 - (2 err)^(1/n) of
+  the weight to the worst item seen (the best, for the FAIL side): the share of items a problem
+  could occupy and still go unseen. For counted damage the worst item is also allowed the units
+  a count of 0 hides, and a FAIL also needs the candidate beyond the margin times the control's
+  Poisson upper bound (a control with 0 on most items has count noise no paired bound sees).
+  All weights are >= 0, so no bound falls when an item gets worse: the verdict is monotone.
 - **Decision.** PASS when the upper bound of Delta at the PASS side's error is below 0 (and at
   least MIN_ITEMS_FOR_PASS items were measured, see below); FAIL when the lower bound at the FAIL
   side's error is above 0; UNDECIDED otherwise. A candidate with no damage on any item is bounded
@@ -33,10 +36,11 @@ absolute tolerance chosen from the data.
 - **The interval on M** shown beside the verdict is the test inverted: every multiple m that the
   same test at m would not reject (a Fieller-type set, open to infinity where the control's
   damage could be 0). Its ends are consistent with the decision: PASS exactly when its upper end
-  is at or below the margin, FAIL exactly when its lower end is above it.
+  is at or below the margin (with enough items for a PASS), FAIL exactly when its lower end is
+  above it. Below MIN_ITEMS_FOR_PASS items its upper end is not certified and shown open.
 - **Rare failures.** A sample can miss a problem confined to a few items. PASS needs at least
-  MIN_ITEMS_FOR_PASS items: enough that a problem on 10 % of the items is in the sample with
-  probability 95 % (1 - 0.9^29 = 0.953). Every PASS states what its sample could still miss
+  MIN_ITEMS_FOR_PASS (46) items: enough that a problem on 10 % of the items shows on at least two
+  of them with probability 95 %. Every PASS states what its sample could still miss
   (``could_miss``): the share f of items below which a problem confined to them goes unseen with
   probability over 5 %, f = 1 - 0.05^(1/n). FAIL needs no minimum.
 - **Errors.** Each side has its own one-sided error: PASS ``(1 - level) / 2``; FAIL the same
