@@ -60,7 +60,8 @@ DIAGNOSIS_ORDER = ("kld", "decode", "trajectory", "rniah", "plad")
 OPTIONAL = ("ITEMS_KEY", "EXTRA_KEYS", "STREAM", "PRIVATE_KEYS", "NEEDS", "UNIT_NOUN", "BATCHED", "COMPARE_METRICS",
             "section_items", "cache_reads", "section_facts", "settings_facts", "diagnose", "control_diagnosis",
             "item_detail", "item_damage_text", "section_detail", "item_table", "statistic", "DAMAGE_LABEL", "MARGIN",
-            "ABSOLUTE_TOLERANCE", "DAMAGE_RESOLUTION", "CONTROL_MAX_DAMAGE", "ZERO_DAMAGE_EXACT", "damage_table",
+            "ABSOLUTE_TOLERANCE", "DAMAGE_RESOLUTION", "CONTROL_MAX_DAMAGE", "ZERO_DAMAGE_EXACT", "DAMAGE_COUNTS",
+            "damage_table",
             "damage")
 DEFAULTS = {name: getattr(Axis, name) for name in OPTIONAL}
 

@@ -26,7 +26,7 @@ from .sensitivity import (
     pair_items_with_control,
     sensitivity_json,
 )
-from .verdicts import candidate_verdict, gate_reasons, pareto, rank
+from .verdicts import UNDECIDED_PASS_NOTE, candidate_verdict, family_recommendation, gate_reasons, pareto, rank
 
 FLOOR_WARN_BELOW = 99.5
 
@@ -102,7 +102,8 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
     levels = {name: d["look_level"] for name, d in sequential.items()}
     # An axis another axis's FAIL stopped between its looks claims no verdict of its own.
     stopped = {name: d["stopped_by"] for name, d in sequential.items() if d.get("stopped_by")}
-    verdict = (candidate_verdict(axes, control, registry, facts.self_reference[role], levels, stopped)
+    verdict = (candidate_verdict(axes, control, registry, facts.self_reference[role], levels, stopped,
+                                 designs=dict(sequential))
                if complete else None)
     requested = dict(zip(facts.candidate_roles, s.candidates)).get(role)
     no_op = no_op_reason(axes, requested, s.reference) if complete else None
@@ -299,6 +300,7 @@ def _verdict_gate(facts: RunRecord, section: dict, complete: bool) -> dict:
                            f"({s.fail_under:g})")
     reasons += _trust_reasons(facts, section, complete)
     return {"passed": not reasons, "threshold": s.fail_under, "basis": "verdict", "undecided": s.undecided,
+            **({"note": UNDECIDED_PASS_NOTE} if s.undecided == "pass" else {}),
             "verdict": (verdict or {}).get("verdict"), "reasons": reasons}
 
 
@@ -389,13 +391,17 @@ def build_report(
         "band": first["band"],
         "composite_ci95": first["composite_ci95"],
         "gate": {"passed": not reasons, "threshold": s.fail_under, "basis": s.gate_basis, "reasons": reasons,
-                 **({"undecided": s.undecided} if s.gate_basis == "verdict" else {})},
+                 **({"undecided": s.undecided} if s.gate_basis == "verdict" else {}),
+                 **({"note": UNDECIDED_PASS_NOTE} if s.gate_basis == "verdict" and s.undecided == "pass" else {})},
         "sensitivity": sensitivity_json(facts, control, registry),
         "diagnosis": first["diagnosis"],
         "axes": first["axes"],
         "custom": {"gates": first["custom_gates"], "measurements": custom},
         "floor": first["floor"],
         "candidates": sections,
+        # Which config to ship, decided as a family over the candidates (additive, schema 1.x).
+        "recommendation": (family_recommendation(sections, control, registry)
+                           if s.gate_basis == "verdict" and complete else None),
         "ranking": [{"candidate": sec["candidate"],
                      "verdict": (sec["verdict"] or {}).get("verdict"),
                      "verdict_score": (sec["verdict"] or {}).get("score"),

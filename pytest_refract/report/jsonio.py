@@ -12,7 +12,9 @@ import math
 # v3 only added to v2: the reference pack's fields ("build_drift", "reference_pack",
 # "saved_reference_pack"), per config what really ran ("ran", "reference_ran", sensitivity.ran),
 # the no-op flag ("no_op"), the decode axis (axes.decode) and the KLD axis's
-# logits_identical_to_reference.
+# logits_identical_to_reference; per-axis verdicts' pass_error, fail_error, min_pass_items and
+# could_miss, sequential designs' pass_errors, fail_errors and min_pass_items, the family-wise
+# "recommendation", and gate["note"] under --refract-undecided=pass.
 SCHEMA = "pytest-refract.report.v3"
 
 

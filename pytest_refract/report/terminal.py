@@ -3,8 +3,11 @@ each axis's own figures come from its axis object (``section_detail``, ``item_de
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..axes import BUILTIN, known
 from ..scoring.metrics import band_for
+from ..scoring.verdict import miss_text
 
 _COLOURS = {"EXCELLENT": "green", "PASS": "green", "DEGRADED": "yellow", "FAIL": "red", None: "red"}
 
@@ -59,6 +62,7 @@ def render(tr, report: dict, json_path, registry=None) -> None:
     _render_control(tr, control, registry, from_pack=bool(report.get("reference_pack")))
     if len(sections) > 1:
         _render_ranking(tr, report["ranking"], registry, report.get("gate", {}).get("basis"))
+        _render_recommendation(tr, report.get("recommendation"))
     gate = report.get("gate", {})
     tr.write_line("")
     basis = {"raw": "composite"}.get(gate.get("basis"))
@@ -66,6 +70,8 @@ def render(tr, report: dict, json_path, registry=None) -> None:
         tr.write_line("gate: passed (verdict PASS on every axis"
                       + (", UNDECIDED accepted by --refract-undecided=pass" if gate.get("undecided") == "pass" else "")
                       + ")", green=True)
+    if gate.get("note"):
+        tr.write_line(f"gate note: {gate['note']}", yellow=True, bold=True)
     elif gate.get("passed"):
         tr.write_line(f"gate: passed ({basis} ≥ {gate['threshold']:g})", green=True)
     else:
@@ -105,7 +111,8 @@ def _multiple_text(m: dict, prefix: str = "D ") -> str:
     the ranking's narrow cells; after the damage's own label, ``prefix=""``)."""
     if m.get("basis") == "multiple" and m.get("multiple") is not None:
         ci = m.get("multiple_ci95")
-        return f"{m['multiple']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+        hi = "inf" if ci and ci[1] is None else (f"{ci[1]:.2f}" if ci else "")
+        return f"{m['multiple']:.2f}x" + (f" [{ci[0]:.2f}, {hi}]" if ci else "")
     if m.get("basis") == "absolute" and m.get("damage") is not None:
         ci = m.get("damage_ci95")
         return f"{prefix}{m['damage']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
@@ -128,7 +135,7 @@ def _sequential_text(section: dict) -> str:
     return ""
 
 
-def _render_verdict(tr, report: dict) -> None:
+def _render_verdict(tr, report: dict, registry=BUILTIN) -> None:
     """The candidate's headline: what the gate reads."""
     v = report.get("verdict")
     if not v:
@@ -147,6 +154,9 @@ def _render_verdict(tr, report: dict) -> None:
         tr.write(f"  {name:<11}")
         tr.write(f"{a['verdict']:<10}", **{_VERDICT_COLOURS.get(a["verdict"], "red"): True})
         tr.write_line(what + _sequential_text((report.get("axes") or {}).get(name) or {}))
+        if a["verdict"] == "PASS" and a.get("could_miss"):
+            noun = getattr(registry.get(name), "ITEMS_NOUN", None) or "items"
+            tr.write_line(f"             what this PASS could miss: {miss_text(a['could_miss'], noun)}")
     for line in v.get("control_problems", []):
         tr.write_line(f"  yardstick broken: {line}", red=True)
     for line in v.get("advice", []):
@@ -170,6 +180,15 @@ def _render_ranking(tr, ranking, registry, basis=None) -> None:
         tr.write(f"{(r['band'] or 'NO SCORE'):<10}", **{_COLOURS.get(r["band"], "red"): True})
         tr.write(f"{_ci(r.get('composite_ci95')).strip():<18}")
         tr.write_line(cells + ("?" if kv is None else f"{100 * kv:.0f}% of reference"))
+
+
+def _render_recommendation(tr, rec: Optional[dict]) -> None:
+    """The family-wise choice of config (scoring/family.py), under the ranking."""
+    if not rec:
+        return
+    chosen = rec.get("recommended")
+    text = (f"config to ship: {chosen}" if chosen else "config to ship: none (no candidate PASSes as a family)")
+    tr.write_line(f"{text}; {rec.get('guarantee', '')} ({rec.get('method', '')})", bold=bool(chosen))
 
 
 def _render_verdict_ranking(tr, ranking) -> None:
@@ -238,7 +257,7 @@ def _render_candidate(tr, report: dict, registry) -> None:
     # The verdict leads where the gate reads it; under --refract-gate=raw the composite does.
     verdict_led = bool(report.get("verdict")) and (report.get("gate") or {}).get("basis", "verdict") == "verdict"
     if verdict_led:
-        _render_verdict(tr, report)
+        _render_verdict(tr, report, registry)
         # The verdict's own sentences, then the raw figures as plain reference numbers.
         tr.write_line("")
         for line in report.get("diagnosis", []):
@@ -285,7 +304,7 @@ def _render_candidate(tr, report: dict, registry) -> None:
     if report.get("verdict") and not verdict_led:
         tr.write_line("")
         tr.write_line("beside it, the verdict (not what this gate reads: --refract-gate=raw):")
-        _render_verdict(tr, report)
+        _render_verdict(tr, report, registry)
     if not verdict_led:
         tr.write_line("")
         for line in report.get("diagnosis", []):
