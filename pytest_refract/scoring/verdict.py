@@ -366,15 +366,20 @@ def _multiple_verdict(name, label, margin, cand, ctrl, damage, d_cand, d_ctrl, l
         c, k = damage_interval(cand, damage, level), damage_interval(ctrl, damage, level)
         lo = c.lo / k.hi if k.hi else 0.0
         hi = c.hi / k.lo if k.lo else math.inf
+    # Damage is never negative by definition (a negative KLD mean is storage rounding): M is
+    # at least 0, and its interval always holds it.
+    point = max(0.0, est.point)
+    if lo is not None:
+        lo, hi = min(lo, point), max(hi, point)
     verdict = decide(lo, hi, margin)
     needed = None
     if verdict == UNDECIDED and est.se is not None:
         t = t_quantile(0.5 + level / 2, n - 1)
         needed = items_to_decide(n, abs(math.log(est.point) - math.log(margin)), t * est.se)
     ci = [lo, hi] if lo is not None and math.isfinite(hi) else None
-    score = score_of_multiple(est.point)
-    return AxisVerdict(name, label, verdict, "multiple", margin, n, damage=d_cand, control_damage=d_ctrl,
-                       multiple=est.point, multiple_ci95=ci, band=multiple_band(est.point), score=score,
+    score = score_of_multiple(point)
+    return AxisVerdict(name, label, verdict, "multiple", margin, n, damage=max(0.0, d_cand), control_damage=d_ctrl,
+                       multiple=point, multiple_ci95=ci, band=multiple_band(point), score=score,
                        score_ci95=[score_of_multiple(hi), score_of_multiple(lo)] if ci else None,
                        items_needed=needed,
                        reason="" if ci else f"fewer than {MIN_ITEMS} items: no interval, no decision")
@@ -392,7 +397,7 @@ def _absolute_verdict(name, label, tolerance, margin, cand, damage, d_ctrl, leve
     # tolerance at the margin: the same scale as a candidate with a usable control.
     nominal = tolerance / margin
     ci = [est.lo, est.hi] if est.lo is not None else None
-    return AxisVerdict(name, label, verdict, "absolute", tolerance, n, damage=est.point, control_damage=d_ctrl,
+    return AxisVerdict(name, label, verdict, "absolute", tolerance, n, damage=max(0.0, est.point), control_damage=d_ctrl,
                        damage_ci95=ci, band=multiple_band(est.point / nominal), score=score_of_multiple(est.point / nominal),
                        score_ci95=[score_of_multiple(ci[1] / nominal), score_of_multiple(ci[0] / nominal)] if ci else None,
                        items_needed=needed, reason=why + f"; held to the absolute tolerance {_num(tolerance)}")

@@ -1,0 +1,86 @@
+"""A gate that cannot be talked into passing: the hostile probes of the gate, fixed as classes.
+A control that is no rounding-only change, a partial audit gated as a whole one, a disguised
+self-reference, one prompt counted twice, a forged cache entry, an early stop reported complete,
+a failed gate invisible to JUnit, a baseline of another model, a second SIGTERM while the
+reports are written, a default spelled out, and a negative damage. Each test here failed on
+the code before its fix. Fake engine (tests/fake_engine.py) and tiny models: seconds in all."""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import fake_engine
+from conftest import read_report
+from pytest_refract.audit import runner as runner_mod
+
+
+@pytest.fixture
+def fake_llamacpp(monkeypatch):
+    monkeypatch.setattr(runner_mod, "_load_llamacpp", lambda settings: fake_engine)
+
+
+@pytest.fixture
+def long_corpus(tmp_path):
+    # Over 32 chunks of 64 tokens in the fake engine's word-level vocabulary.
+    words = "the end of the world is a hello to the end. "
+    path = tmp_path / "corpus.txt"
+    path.write_text(words * 250, encoding="utf-8")
+    return path
+
+
+def _audit(pytester, model, corpus, *extra, prompts=None, report_name="r.json"):
+    report = pytester.path / report_name
+    args = [f"--refract-model={model}", f"--refract-corpus={corpus}", "--refract-ctx=64", "--refract-threads=1",
+            "--refract-n-predict=8", "--refract-no-cache", f"--refract-json={report}", "-p", "no:cacheprovider",
+            *([f"--refract-prompts={prompts}"] if prompts else []), *extra]
+    if not any(a.startswith("--refract-candidate") for a in extra):
+        args.append("--refract-candidate=ctk=f32,ctv=f32")
+    result = pytester.runpytest_inprocess(*args)
+    return result, (read_report(report) if report.exists() else None)
+
+
+def _usage_line(result) -> str:
+    text = result.stdout.str() + result.stderr.str()
+    assert result.ret == 4, text
+    assert "Traceback" not in text, text
+    errors = [line for line in text.splitlines() if line.startswith("ERROR:")]
+    assert len(errors) == 1, text
+    return errors[0]
+
+
+# --------------------------------------------------------------------------- 23. no negative damage
+
+
+def _kld_items(means, n_positions=63):
+    return [{"id": f"c{k}", "mean_kld": m, "n_positions": n_positions, "score": 100.0} for k, m in enumerate(means)]
+
+
+@pytest.mark.parametrize("same_computation", [True, False])
+def test_a_negative_damage_is_zero_and_inside_its_interval(same_computation):
+    from pytest_refract.axes import BUILTIN
+    from pytest_refract.scoring.verdict import axis_verdict
+
+    rng = np.random.default_rng(0)
+    control = _kld_items(0.004 + 0.001 * rng.random(16))
+    candidate = _kld_items(-1e-4 + 1e-5 * rng.random(16))  # below 0: the 16-bit storage of the reference
+    v = axis_verdict(BUILTIN["kld"], candidate, control, control_score=99.6, same_computation=same_computation)
+    assert v.multiple is not None and v.multiple >= 0 and v.damage >= 0
+    lo, hi = v.multiple_ci95
+    assert lo <= v.multiple <= hi
+    assert "KLD 0x the control" in v.headline() and " -" not in v.headline()
+
+
+def test_a_negative_mean_kld_is_reported_as_zero():
+    from pytest_refract.scoring.metrics import kld_summary
+
+    n = 8
+    s = kld_summary(np.full(n, -2e-7), np.zeros(n), np.ones(n), np.ones(n), np.ones(n, bool))
+    assert s["mean_kld"] == 0.0
