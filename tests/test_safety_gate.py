@@ -56,6 +56,30 @@ def _usage_line(result) -> str:
     return errors[0]
 
 
+# --------------------------------------------------------------------------- 19. canonical labels
+
+
+def test_a_default_spelled_out_is_the_same_label():
+    from pytest_refract.engines.kvconfig import parse_kv_config
+
+    assert parse_kv_config("ctk=q8_0,ctv=q8_0,fa=on").label() == parse_kv_config("ctk=q8_0,ctv=q8_0").label()
+    assert parse_kv_config("ctk=q8_0,ctv=q8_0,fa=off").label() == "ctk=q8_0,ctv=q8_0,fa=off"
+
+
+def test_a_baseline_of_the_same_computation_spelled_otherwise_is_measured(pytester, fake_llamacpp, tiny_model,
+                                                                        long_corpus):
+    _result, base = _audit(pytester, tiny_model, long_corpus, "--refract-axes=kld", report_name="base.json")
+    # As an earlier version wrote a candidate given with fa=on.
+    base["candidate"] = "ctk=f32,ctv=f32,fa=on"
+    (pytester.path / "base.json").write_text(json.dumps(base))
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-axes=kld",
+                            "--refract-candidate=ctk=f32,ctv=f32,fa=on",
+                            f"--refract-baseline={pytester.path / 'base.json'}")
+    assert report["candidate"] == "ctk=f32,ctv=f32"
+    assert not any("never measured" in r or "measured ctk" in r for r in report["gate"]["reasons"]), \
+        report["gate"]["reasons"]
+
+
 # --------------------------------------------------------------------------- 23. no negative damage
 
 
