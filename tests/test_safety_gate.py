@@ -56,6 +56,28 @@ def _usage_line(result) -> str:
     return errors[0]
 
 
+# --------------------------------------------------------------------------- 1. the control
+
+
+@pytest.mark.parametrize("control, candidate, said", [
+    ("ctk=q4_0,ctv=q4_0", "ctk=q4_0,ctv=q4_0", "ctk=q4_0, ctv=q4_0: not a float cache type"),
+    ("ctk=q8_0,ctv=f16", "ctk=q4_0,ctv=q4_0", "ctk=q8_0: not a float cache type"),
+    ("ctk=bf16,ctv=bf16", "ctk=bf16,ctv=bf16", "is also a candidate"),
+    ("ctk=bf16,ctv=bf16,rot=off", "ctk=q4_0,ctv=q4_0", "rot differs from the reference's"),
+])
+def test_a_control_must_be_a_rounding_only_change_of_the_reference(pytester, tiny_model, control, candidate, said):
+    line = _usage_line(pytester.runpytest_inprocess(f"--refract-model={tiny_model}", f"--refract-candidate={candidate}",
+                                                    f"--refract-sensitivity={control}", "-p", "no:cacheprovider"))
+    assert "--refract-sensitivity" in line and said in line, line
+
+
+def test_the_ini_control_is_held_to_the_same_rule(pytester, tiny_model):
+    pytester.makeini("[pytest]\nrefract_sensitivity = ctk=q4_0,ctv=q4_0\n")
+    line = _usage_line(pytester.runpytest_inprocess(f"--refract-model={tiny_model}",
+                                                    "--refract-candidate=ctk=q4_0,ctv=q4_0", "-p", "no:cacheprovider"))
+    assert "not a float cache type" in line, line
+
+
 # --------------------------------------------------------------------------- 19. canonical labels
 
 
