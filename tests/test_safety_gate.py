@@ -78,6 +78,33 @@ def test_the_ini_control_is_held_to_the_same_rule(pytester, tiny_model):
     assert "not a float cache type" in line, line
 
 
+# --------------------------------------------------------------------------- 4. duplicate prompts
+
+
+def _prompts(tmp_path, rows):
+    path = tmp_path / "p.jsonl"
+    path.write_text("".join(json.dumps({"id": i, "category": "c", "prompt": t}) + "\n" for i, t in rows))
+    return path
+
+
+def test_one_text_under_two_ids_is_refused(pytester, tiny_model, tiny_corpus):
+    prompts = _prompts(pytester.path, [(f"p{k}", "hello world the end" if k % 2 else "a world and the end")
+                                       for k in range(16)])
+    line = _usage_line(pytester.runpytest_inprocess(f"--refract-model={tiny_model}", f"--refract-prompts={prompts}",
+                                                    "--refract-candidate=ctk=q8_0,ctv=q8_0", "-p", "no:cacheprovider"))
+    assert "prompt 'p2' has the same text as 'p0'" in line and "counts once" in line, line
+
+
+def test_every_prompt_the_same_text_is_not_blamed_on_the_template(pytester, fake_llamacpp, tiny_model, tiny_corpus):
+    # Texts that differ only in whitespace the tokenizer drops: the same item, not a template fault.
+    prompts = _prompts(pytester.path, [("a", "hello world"), ("b", "hello  world"), ("c", " hello world")])
+    line = _usage_line(pytester.runpytest_inprocess(f"--refract-model={tiny_model}", f"--refract-prompts={prompts}",
+                                                    f"--refract-corpus={tiny_corpus}", "--refract-threads=1", "--refract-ctx=64",
+                                                    "--refract-candidate=ctk=q8_0,ctv=q8_0", "-p", "no:cacheprovider"))
+    assert "render to the same tokens" in line and "one item counted 3 times" in line, line
+    assert "template drops" not in line
+
+
 # --------------------------------------------------------------------------- 19. canonical labels
 
 
