@@ -105,6 +105,35 @@ def test_every_prompt_the_same_text_is_not_blamed_on_the_template(pytester, fake
     assert "template drops" not in line
 
 
+# --------------------------------------------------------------------------- 8. a baseline of another model
+
+
+def test_a_baseline_of_another_model_is_refused_without_a_cache(pytester, fake_llamacpp, tiny_model, long_corpus):
+    # Two files of one size and one first MiB, differing in their last byte.
+    first, second = pytester.path / "a.gguf", pytester.path / "b.gguf"
+    raw = tiny_model.read_bytes() + bytes(2 * 2**20)
+    first.write_bytes(raw)
+    second.write_bytes(raw[:-1] + b"\x01")
+    result, report = _audit(pytester, first, long_corpus, "--refract-axes=kld", report_name="base.json")
+    assert report["model"]["sha256"] and len(report["model"]["sha256"]) == 64
+    line = _usage_line(pytester.runpytest_inprocess(
+        f"--refract-model={second}", f"--refract-corpus={long_corpus}", "--refract-axes=kld", "--refract-ctx=64",
+        "--refract-candidate=ctk=f32,ctv=f32", "--refract-no-cache", f"--refract-baseline={pytester.path / 'base.json'}",
+        "-p", "no:cacheprovider"))
+    assert "was measured on another model" in line and "whole-file sha256" in line, line
+
+
+def test_a_baseline_naming_no_model_hash_is_refused(pytester, fake_llamacpp, tiny_model, long_corpus):
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-axes=kld", report_name="base.json")
+    report["model"]["sha256"] = None
+    (pytester.path / "base.json").write_text(json.dumps(report))
+    line = _usage_line(pytester.runpytest_inprocess(
+        f"--refract-model={tiny_model}", f"--refract-corpus={long_corpus}", "--refract-axes=kld", "--refract-ctx=64",
+        "--refract-candidate=ctk=f32,ctv=f32", "--refract-no-cache", f"--refract-baseline={pytester.path / 'base.json'}",
+        "-p", "no:cacheprovider"))
+    assert "does not name its model's whole-file sha256" in line, line
+
+
 # --------------------------------------------------------------------------- 19. canonical labels
 
 

@@ -15,7 +15,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Dict, List, Optional
 
 from ..engines.base import ContextRefused, ContextSettings, CutCounts, padded
-from ..engines.gguf import expected_data_end, read_gguf
+from ..engines.gguf import expected_data_end, file_sha256, read_gguf
 from ..engines.kvconfig import FLOAT_TYPES, validate_for_model
 from ..errors import MeasurementError, UsageProblem
 from ..inputs import data
@@ -197,7 +197,10 @@ class Runner:
 
         if self._model_summary is None:
             self._model_summary = model_summary(self.info, self.model_path, self.engine.n_params)
-            self._model_summary["sha256"] = self.reference.cache.identity["model"]["sha256"]  # None without a cache
+            # The whole file's sha256 identifies the model (a baseline is compared by it): the
+            # cache's index holds it where there is a cache; without one it is computed here.
+            digest = self.reference.cache.identity["model"]["sha256"]
+            self._model_summary["sha256"] = digest or file_sha256(self.model_path)
             self._model_summary["n_vocab"] = self.engine.n_vocab
         return dict(self._model_summary)
 
