@@ -78,6 +78,26 @@ def test_the_ini_control_is_held_to_the_same_rule(pytester, tiny_model):
     assert "not a float cache type" in line, line
 
 
+# --------------------------------------------------------------------------- 3. a disguised self-reference
+
+
+def test_a_self_reference_is_recognised_by_what_computes(pytester, fake_llamacpp, tiny_model, long_corpus):
+    # nkvo only places the cache in host memory when layers run on a GPU; on this CPU build the
+    # two configs are one computation.
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-axes=kld",
+                            "--refract-reference=ctk=q8_0,ctv=q8_0,nkvo=on", "--refract-candidate=ctk=q8_0,ctv=q8_0")
+    assert report["self_reference"] is True
+    text = "\n".join(report["diagnosis"])
+    assert "Self-reference: the candidate computes as the reference (ctk=q8_0,ctv=q8_0,nkvo=on) does" in text
+    assert "f16 reference" not in result.stdout.str() + text
+
+
+def test_a_real_difference_is_no_self_reference(pytester, fake_llamacpp, tiny_model, long_corpus):
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-axes=kld",
+                            "--refract-reference=ctk=q8_0,ctv=q8_0", "--refract-candidate=ctk=q8_0,ctv=q4_0")
+    assert report["self_reference"] is False
+
+
 # --------------------------------------------------------------------------- 4. duplicate prompts
 
 

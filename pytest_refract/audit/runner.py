@@ -90,6 +90,9 @@ class Runner:
         # Silent until the plugin gives it a sink (see progress.sink_for).
         self.progress = Progress()
         self._probe_contexts()
+        # A self-reference is recognised by what computes, not by how the configs are spelled.
+        self.self_reference = {role: self.computation(role) == self.computation(Role.REFERENCE)
+                               for role in self.candidate_roles}
         from ..reference.store import ReferenceSide, ReferenceStore
 
         identity = ReferenceStore.identity(self.model_path, settings, self.build_info(), self.context_env["reference"],
@@ -162,6 +165,19 @@ class Runner:
             self.context_env[role] = env
         self.cache_logs[Role.FLOOR] = self.cache_logs[Role.REFERENCE]
         self.context_env[Role.FLOOR] = self.context_env[Role.REFERENCE]
+
+    def computation(self, role: str) -> tuple:
+        """What decides the role's numbers, as llama.cpp set it up: the cache types it allocated
+        (per cache), flash attention, the rotation it applied; host-memory KV (nkvo) only where
+        layers run on a GPU, and a full-size window cache only where the model has SWA layers.
+        Two configs with the same computation give the same logits whatever their labels say."""
+        kv, log = self.configs[role], self.cache_logs.get(role)
+        caches = tuple((c.kind, c.k_type, c.v_type) for c in (log.caches if log else ())) or \
+            ((None, kv.ctk, kv.ctv),)
+        rotation = log.rotation if log is not None and log.rotation is not None else kv.rot
+        has_swa = any(c.kind == "swa" for c in (log.caches if log else ()))
+        return (caches, kv.fa, repr(rotation), kv.nkvo if self.settings.gpu_layers else None,
+                kv.swa_full if has_swa else None)
 
     # -- facts ------------------------------------------------------------------------------
 

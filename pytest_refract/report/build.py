@@ -29,12 +29,16 @@ from .verdicts import candidate_verdict, gate_reasons, pareto, rank
 FLOOR_WARN_BELOW = 99.5
 
 
-def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False, verdict: Optional[str] = None) -> List[str]:
+def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False, verdict: Optional[str] = None,
+             reference: Optional[str] = None) -> List[str]:
     """Plain-English reading of the axis pattern, most important first: what holds for any
-    axis here, each scored axis's own sentences from its ``diagnose``."""
+    axis here, each scored axis's own sentences from its ``diagnose``. ``reference``: the
+    reference's config label, named in every sentence about it."""
+    named = f"the reference ({reference})" if reference else "the reference"
     out: List[str] = []
     if self_reference:
-        out.append("Self-reference: the candidate configuration equals the reference, so this run measures the noise floor.")
+        out.append(f"Self-reference: the candidate computes as {named} does (the same cache types "
+                   "as llama.cpp allocated them, flash attention and rotation), so this run measures the noise floor.")
     for name, a in axes.items():
         if a.get("status") == "n/a":
             out.append(f"{name}: nothing to score (the reference itself never succeeds there); left out of the composite.")
@@ -57,7 +61,7 @@ def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False, verd
         # The raw bands' all-clear would contradict the verdict the gate reads.
         return out
     if not low and all(a["score"] >= BAND_FLOOR["EXCELLENT"] for a in scored.values()):
-        out.append("All clear: the candidate cache tracks the f16 reference on every axis that ran.")
+        out.append(f"All clear: the candidate cache tracks {named} on every axis that ran.")
     elif not low:
         out.append("Minor drift: every axis that ran is PASS or better.")
     return out
@@ -107,7 +111,8 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
         "calibrated_composite": calibrated.get("calibrated_composite"),
         "calibrated_band": band_for(calibrated.get("calibrated_composite")),
         "calibrated_composite_ci95": calibrated.get("calibrated_composite_ci95"),
-        "diagnosis": _diagnosis_led_by(verdict, diagnose(axes, registry, self_reference, (verdict or {}).get("verdict")),
+        "diagnosis": _diagnosis_led_by(verdict, diagnose(axes, registry, self_reference, (verdict or {}).get("verdict"),
+                                                         s.reference.label() if hasattr(s, "reference") else None),
                                        self_reference)
                      + calibration_diagnosis(axes, control, registry,
                                              retention_sentences=s.gate_basis == "calibrated"),
