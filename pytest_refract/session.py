@@ -133,6 +133,9 @@ class RefractSession:
         # without a result (an xdist worker crash) is still filed under its axis.
         self._item_of: Optional[Dict[str, tuple]] = None
         self.custom: List[dict] = []
+        # Node ids of the audit's items that reached an outcome: fewer than were selected is an
+        # early stop, however it came about.
+        self._finished: set = set()
         self.started = time.time()
         self.report: Optional[dict] = None
         self.gate: dict = {"passed": None, "threshold": runner.settings.fail_under, "reasons": []}
@@ -209,6 +212,8 @@ class RefractSession:
 
     @pytest.hookimpl(trylast=True)  # after pytest's own letter, so a decision line starts a fresh line
     def pytest_runtest_logreport(self, report):
+        if report.nodeid.startswith("refract::") and (report.when == "call" or report.outcome != "passed"):
+            self._finished.add(report.nodeid)  # the item ran (or its setup ended it)
         custom = getattr(report, "refract_custom", None)
         if custom and report.when == "call":
             self.custom.extend(custom)
@@ -289,10 +294,11 @@ class RefractSession:
         ran = bool(self.results or self.failed or self.custom)
         if not ran and not self.interrupted:
             return  # nothing selected and nothing stopped: there is nothing to report
-        complete = not self.interrupted and not session.shouldstop
         selected = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem))
+        stopped_early = self._stopped_early(session, selected)
+        complete = stopped_early is None
         facts = gather_record(self.runner, self.baseline, wall_s=time.time() - self.started, items_selected=selected,
-                              sequential=self.stopping.report())
+                              sequential=self.stopping.report(), stopped_early=stopped_early)
         self.report = build_report(facts=facts, results=self.results, failed=self.failed, custom=self.custom,
                                    invocation_args=list(self.config.invocation_params.args), complete=complete,
                                    registry=self.runner.axes, repeats=self.repeats)
@@ -305,6 +311,20 @@ class RefractSession:
         self._write_files()
         if self.write_problems:  # a report that was asked for and is not where it was asked
             session.testsfailed += 1
+
+    def _stopped_early(self, session, selected: int) -> Optional[str]:
+        """Why the run ended before every selected item ran (None when it did not): an
+        interruption, -x / --maxfail, or a plugin that stopped the session. Whatever the
+        cause, a verdict of the items that ran is not the audit's."""
+        if self.interrupted:
+            return "the run was interrupted"
+        stop = session.shouldfail or session.shouldstop
+        finished = len(self._finished)
+        if stop:
+            return f"the run stopped early ({stop})" + (f" after {finished} of {selected} items" if selected else "")
+        if selected and finished < selected:
+            return f"the run ended after {finished} of its {selected} selected items"
+        return None
 
     def _write_files(self) -> None:
         from .files import write_reports
@@ -345,7 +365,8 @@ class RefractSession:
 
 
 def gather_record(runner, baseline: Optional[dict], *, wall_s: Optional[float] = None, items_selected: Optional[int] = None,
-                  sequential: Optional[Dict[str, Dict[str, dict]]] = None) -> RunRecord:
+                  sequential: Optional[Dict[str, Dict[str, dict]]] = None,
+                  stopped_early: Optional[str] = None) -> RunRecord:
     """The facts of ``runner`` (an audit.runner.Runner): only its public members. ``wall_s`` and
     ``items_selected`` are the session's: its wall time so far, and its items after -k/-m."""
     import copy
@@ -395,4 +416,5 @@ def gather_record(runner, baseline: Optional[dict], *, wall_s: Optional[float] =
         items_selected=items_selected or None,
         wall_s=wall_s,
         sequential=sequential or {},
+        stopped_early=stopped_early,
     )

@@ -125,6 +125,21 @@ def test_every_prompt_the_same_text_is_not_blamed_on_the_template(pytester, fake
     assert "template drops" not in line
 
 
+# --------------------------------------------------------------------------- 6. early stops
+
+
+@pytest.mark.parametrize("stop", [["-x"], ["--maxfail=1"]])
+def test_an_early_stop_is_incomplete_and_never_passes(pytester, fake_llamacpp, tiny_model, long_corpus, stop):
+    # Every q4_0 item fails --refract-item-fail-under=100, so the first failure stops the run.
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-axes=kld", "--refract-exhaustive",
+                            "--refract-candidate=ctk=q4_0,ctv=q4_0", "--refract-item-fail-under=100", *stop)
+    assert report["complete"] is False
+    reasons = report["gate"]["reasons"]
+    assert not report["gate"]["passed"] and reasons[0].startswith("the run stopped early"), reasons
+    assert "after 1 of" in reasons[0] and report["verdict"] is None
+    assert report["diagnosis"][0].startswith("INCOMPLETE: the run stopped early")
+
+
 # --------------------------------------------------------------------------- 8. a baseline of another model
 
 

@@ -138,8 +138,8 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
         if source.get("replaced_invalid_utf8"):
             diagnosis.append(f"{source['name']} is not valid UTF-8: undecodable bytes were replaced (U+FFFD) before tokenizing.")
     if not complete:
-        diagnosis.insert(0, "INCOMPLETE: the run was interrupted; items measured so far are listed, no score is claimed. "
-                            + _ran_text(axes))
+        diagnosis.insert(0, f"INCOMPLETE: {facts.stopped_early or 'the run was interrupted'}; items measured so far "
+                            "are listed, no score is claimed. " + _ran_text(axes))
     if floor is not None and floor < FLOOR_WARN_BELOW:
         diagnosis.insert(0, f"WARNING: the noise floor (reference vs reference) is {floor:.2f}, below "
                             f"{FLOOR_WARN_BELOW}: deltas are not trustworthy.")
@@ -214,7 +214,7 @@ def _gate(facts: RunRecord, section: dict, complete: bool) -> dict:
         return _verdict_gate(facts, section, complete)
     gated = section["calibrated_composite"] if basis == "calibrated" else section["composite"]
     name = "calibrated composite" if basis == "calibrated" else "composite"
-    reasons = _ungated_reasons(section, complete)
+    reasons = _ungated_reasons(section, complete, facts.stopped_early)
     if reasons is None:
         reasons = []
         if gated is None:
@@ -227,13 +227,13 @@ def _gate(facts: RunRecord, section: dict, complete: bool) -> dict:
     return {"passed": not reasons, "threshold": s.fail_under, "basis": basis, "reasons": reasons}
 
 
-def _ungated_reasons(section: dict, complete: bool) -> Optional[List[str]]:
+def _ungated_reasons(section: dict, complete: bool, stopped_early: Optional[str] = None) -> Optional[List[str]]:
     """What every gate says before it reads its basis: an interrupted run fails, fixture
     measurements without a gate have nothing to gate on (no reason), and a composite that could
     not be formed fails naming why (axes stopped by another's FAIL are not such a failure: the
     verdict gate reads that FAIL). None when the section can be gated."""
     if not complete:
-        return ["the run was interrupted; an incomplete audit never passes the gate"]
+        return [f"{stopped_early or 'the run was interrupted'}; an incomplete audit never passes the gate"]
     if section["composite"] is None and not section["axes"] and not section["custom_gates"]:
         return []
     statuses = [a.get("status") for a in section["axes"].values() if a.get("score") is None]
@@ -268,7 +268,7 @@ def _verdict_gate(facts: RunRecord, section: dict, complete: bool) -> dict:
     s = facts.settings
     composite, axes = section["composite"], section["axes"]
     verdict = section.get("verdict")
-    ungated = _ungated_reasons(section, complete)
+    ungated = _ungated_reasons(section, complete, facts.stopped_early)
     reasons: List[str] = ungated or []
     if ungated is None and not axes:
         # Only custom gates: no axis for a verdict; their own scores against the threshold.

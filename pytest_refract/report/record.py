@@ -52,3 +52,6 @@ class RunRecord:
     # Sequential stopping: candidate role -> axis -> the design fixed before the first item
     # (looks, each look's level) and where it stopped (stopping.AxisProgress.as_json).
     sequential: Dict[str, Dict[str, dict]] = field(default_factory=dict)
+    # Why the run ended before every selected item ran (-x / --maxfail, an interruption, a
+    # plugin stopping the session); None when it did not. Such a report is incomplete.
+    stopped_early: Optional[str] = None
