@@ -292,7 +292,7 @@ class RefractSession:
         from .report.build import build_report
 
         ran = bool(self.results or self.failed or self.custom)
-        if not ran and not self.interrupted:
+        if not ran and not self.interrupted and not self.runner.settings.require_complete:
             return  # nothing selected and nothing stopped: there is nothing to report
         selected = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem))
         stopped_early = self._stopped_early(session, selected)
@@ -417,4 +417,15 @@ def gather_record(runner, baseline: Optional[dict], *, wall_s: Optional[float] =
         wall_s=wall_s,
         sequential=sequential or {},
         stopped_early=stopped_early,
+        pool=runner_pool(runner),
+        default_axes=settings_mod.DEFAULT_AXES,
     )
+
+
+def runner_pool(runner) -> Dict[str, Dict[str, int]]:
+    """Candidate role -> axis -> the items the axis has before any deselection."""
+    pool: Dict[str, Dict[str, int]] = {}
+    for axis, unit, _group in runner.items():
+        counts = pool.setdefault(unit["candidate"], {})
+        counts[axis] = counts.get(axis, 0) + 1
+    return pool

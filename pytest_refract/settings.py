@@ -71,7 +71,9 @@ FLAGS = (("floor", "also measure reference vs reference (a second context) to sh
          ("no-progress", "do not show the progress of long items (a live line on a terminal, a line every few seconds in logs)"),
          ("no-sensitivity", "skip the sensitivity control (the gate then uses the raw composite)"),
          ("exhaustive", "measure every selected item: no sequential stopping once a verdict is decided "
-                        "(one fixed-sample look at the end)"))
+                        "(one fixed-sample look at the end)"),
+         ("require-complete", "fail the gate unless the whole default audit ran: every default axis, no item "
+                              "deselected (-k, -m, --deselect) or capped (--refract-max-items)"))
 
 
 def register(parser) -> None:
@@ -194,6 +196,8 @@ class Settings:
     sequential: bool = True
     max_items: Optional[int] = None
     sequential_note: Optional[str] = None  # why stopping is off where it was not asked off
+    # --refract-require-complete: the gate fails unless the whole default audit ran.
+    require_complete: bool = False
 
     @property
     def candidate(self) -> KVConfig:
@@ -235,6 +239,7 @@ class Settings:
             "sensitivity": self.sensitivity.label() if self.sensitivity else None,
             "gate_basis": self.gate_basis,
             "undecided": self.undecided,
+            "require_complete": self.require_complete,
             "sequential": {"stopping": self.sequential, "max_items": self.max_items,
                            **({"note": self.sequential_note} if self.sequential_note else {})},
             "rniah": {
@@ -341,6 +346,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         sensitivity_note=sensitivity_note,
         gate_basis=gate_basis,
         undecided=_undecided(config),
+        require_complete=bool(_get(config, "require-complete")),
         decode_batch=decode_batch,
         decode_batch_note=decode_batch_note,
         **rniah,

@@ -78,6 +78,57 @@ def test_the_ini_control_is_held_to_the_same_rule(pytester, tiny_model):
     assert "not a float cache type" in line, line
 
 
+# --------------------------------------------------------------------------- 2. partial audits
+
+
+def test_a_keyword_subset_is_labelled_everywhere(pytester, fake_llamacpp, tiny_model, tiny_prompts, long_corpus):
+    html = pytester.path / "r.html"
+    result, report = _audit(pytester, tiny_model, long_corpus, f"--refract-html={html}", "-k", "kld",
+                            prompts=tiny_prompts)
+    out = result.stdout.str()
+    selection = report["selection"]
+    assert selection["subset"] is True and selection["not_selected"] == ["trajectory"]
+    n = selection["axes"]["kld"]["pool"]
+    assert selection["axes"]["kld"]["selected"] == n > 0
+    assert selection["text"] == f"subset: kld {n} of {n}; not run: trajectory"
+    assert report["verdict"]["subset"] is True
+    assert report["diagnosis"][0].startswith("Subset verdict ")
+    assert f"selected   subset: kld {n} of {n}; not run: trajectory" in out
+    assert "(subset verdict)" in out and "verdict PASS on every selected axis" in out
+    assert "subset: kld" in html.read_text()
+    assert result.ret == 0  # a subset is a feature: gated as what it is, and labelled
+
+
+def test_require_complete_fails_a_subset_and_passes_the_whole(pytester, fake_llamacpp, tiny_model, tiny_prompts,
+                                                             long_corpus):
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-require-complete", "--refract-axes=kld",
+                            prompts=tiny_prompts)
+    assert result.ret == 1 and not report["gate"]["passed"]
+    assert any(r.startswith("--refract-require-complete: the audit ran only part of the default audit")
+               and "not run: trajectory" in r for r in report["gate"]["reasons"]), report["gate"]["reasons"]
+    # A deselected item is a subset too, even on every axis of the default audit.
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-require-complete", "--refract-axes=kld",
+                            "--deselect", "refract::test_kld[chunk-03]", prompts=tiny_prompts)
+    assert report["selection"]["axes"]["kld"]["selected"] == report["selection"]["axes"]["kld"]["pool"] - 1
+    assert not report["gate"]["passed"]
+    # The whole default audit, its decided axes stopping early: complete, and the flag passes it
+    # as far as the selection goes (only the verdict's own reasons may remain).
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-require-complete", "--refract-undecided=pass",
+                            prompts=tiny_prompts)
+    assert report["selection"]["subset"] is False, report["selection"]
+    assert not any("require-complete" in r for r in report["gate"]["reasons"]), report["gate"]["reasons"]
+
+
+def test_a_candidate_with_every_item_deselected_never_passes(pytester, fake_llamacpp, tiny_model, long_corpus):
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-axes=kld", "--refract-candidate=ctk=f32,ctv=f32",
+                            "--refract-candidate=ctk=q4_0,ctv=q4_0", "-k", "not q4_0")
+    q4 = next(c for c in report["candidates"] if c["candidate"] == "ctk=q4_0,ctv=q4_0")
+    assert q4["selection"]["axes"]["kld"]["selected"] == 0
+    assert not q4["gate"]["passed"]
+    assert any("no item of ctk=q4_0,ctv=q4_0 was measured" in r for r in report["gate"]["reasons"])
+    assert result.ret == 1
+
+
 # --------------------------------------------------------------------------- 3. a disguised self-reference
 
 

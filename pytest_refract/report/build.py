@@ -16,6 +16,7 @@ from .. import __version__
 from ..axes import DIAGNOSIS_ORDER, known
 from ..scoring.metrics import BAND_FLOOR, band_for
 from .record import RunRecord
+from .selection import candidate_selection, selection_reasons
 from .jsonio import SCHEMA
 from .sections import build_axes, composite_of, custom_gates, floor_of, repeat_stats
 from .sensitivity import (
@@ -101,9 +102,13 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
     for name, inputs in facts.axis_inputs.items():
         if name in axes:
             axes[name].update(copy.deepcopy(inputs))  # e.g. the KLD axis's corpus
+    selection = candidate_selection(facts, role, results, failed)
+    if verdict is not None:
+        verdict["subset"] = selection["subset"]
     section = {
         "candidate": facts.labels[role],
         "self_reference": self_reference,
+        "selection": selection,
         "verdict": verdict,
         "composite": composite,
         "band": band_for(composite),
@@ -202,6 +207,9 @@ def _verdict_diagnosis(verdict: Optional[dict]) -> List[str]:
     if verdict is None:
         return []
     out = [f"Verdict {verdict['headline']}."]
+    if verdict.get("subset"):
+        out = [f"Subset verdict {verdict['headline']}: only part of the default audit ran, so this is not the "
+               "audit's verdict."]
     out += [f"The yardstick is broken: {p}." for p in verdict["control_problems"]]
     out += [f"To decide: {a}." for a in verdict.get("advice", []) if "fix the control" not in a]
     return out
@@ -253,7 +261,9 @@ def _trust_reasons(facts: RunRecord, section: dict, complete: bool) -> List[str]
     from .vacuous import vacuous_reasons
 
     s, axes = facts.settings, section["axes"]
-    reasons = vacuous_reasons(axes, (facts.model or {}).get("n_vocab"))
+    reasons = selection_reasons(section["selection"], section["custom_gates"], section["candidate"],
+                                getattr(s, "require_complete", False)) if complete else []
+    reasons += vacuous_reasons(axes, (facts.model or {}).get("n_vocab"))
     if facts.baseline is not None and complete:
         from .baseline import baseline_reasons
 
@@ -379,6 +389,7 @@ def build_report(
         "candidates": sections,
         "ranking": [{"candidate": sec["candidate"],
                      "verdict": (sec["verdict"] or {}).get("verdict"),
+                     "selection": sec["selection"]["text"], "subset": sec["selection"]["subset"],
                      "verdict_score": (sec["verdict"] or {}).get("score"),
                      "multiples": {n: {k: v.get(k) for k in ("basis", "multiple", "multiple_ci95", "damage",
                                                               "damage_ci95", "verdict")}
@@ -403,6 +414,7 @@ def build_report(
             **(facts.reference_cache_size or {"bytes_written": None, "bytes_read": None, "folder_bytes": None}),
         },
     }
+    report["selection"] = first["selection"]
     if "repeat" in first:
         report["repeat"] = first["repeat"]
     for sec in sections:

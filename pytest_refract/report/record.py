@@ -55,3 +55,7 @@ class RunRecord:
     # Why the run ended before every selected item ran (-x / --maxfail, an interruption, a
     # plugin stopping the session); None when it did not. Such a report is incomplete.
     stopped_early: Optional[str] = None
+    # Items each axis has before -k/-m/--deselect: candidate role -> axis -> count (the pool a
+    # selection is a part of; the default audit runs all of it).
+    pool: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    default_axes: Tuple[str, ...] = ("trajectory", "kld")  # the axes a default audit runs

@@ -52,10 +52,12 @@ def render(tr, report: dict, json_path, registry=None) -> None:
     gate = report.get("gate", {})
     tr.write_line("")
     basis = {"calibrated": "calibrated composite", "raw": "composite"}.get(gate.get("basis"))
+    subset = [sec for sec in sections if (sec.get("selection") or {}).get("subset")]
     if gate.get("passed") and basis is None:
-        tr.write_line("gate: passed (verdict PASS on every axis"
+        tr.write_line("gate: passed (verdict PASS on every " + ("selected " if subset else "") + "axis"
                       + (", UNDECIDED accepted by --refract-undecided=pass" if gate.get("undecided") == "pass" else "")
-                      + ")", green=True)
+                      + ")" + ("; a subset verdict: " + "; ".join(sec["selection"]["text"] for sec in subset)
+                               + " (--refract-require-complete fails a subset)" if subset else ""), green=True)
     elif gate.get("passed"):
         tr.write_line(f"gate: passed ({basis} ≥ {gate['threshold']:g})", green=True)
     else:
@@ -102,6 +104,8 @@ def _render_verdict(tr, report: dict) -> None:
         return
     tr.write("verdict    ", bold=True)
     tr.write(f"{v['verdict']:<10}", bold=True, **{_VERDICT_COLOURS.get(v["verdict"], "red"): True})
+    if v.get("subset"):
+        tr.write("(subset verdict) ", yellow=True)
     score = v.get("score")
     tr.write_line(f"score {score:.2f} (damage as a multiple of the control's)" if score is not None else "")
     for name, a in v["axes"].items():
@@ -189,6 +193,10 @@ def _render_candidate(tr, report: dict, registry) -> None:
                   + (f"   (llama.cpp: {_rotation_text(report['rotation'])})" if report.get("rotation") else ""))
     tr.write_line("")
     _render_verdict(tr, report)
+    selection = report.get("selection")
+    if selection:
+        # What the verdict rests on: every axis's selected items out of its pool.
+        tr.write_line(f"selected   {selection['text']}", yellow=bool(selection.get("subset")))
     if report.get("verdict"):
         tr.write_line("")
         tr.write_line("raw seed-defined scores (REFRACT-comparable; the gate reads the verdict above):")
