@@ -311,6 +311,29 @@ class RefractSession:
         self._write_files()
         if self.write_problems:  # a report that was asked for and is not where it was asked
             session.testsfailed += 1
+        self._record_gate_in_junit()
+
+    def _record_gate_in_junit(self) -> None:
+        """The gate as a test case of its own in --junitxml (``refract::gate``): CI dashboards
+        read failures from there, and a failed gate must not show as ``failures="0"``. Only the
+        JUnit writer sees it; pytest's own counts stay those of the items."""
+        try:
+            from _pytest.junitxml import xml_key
+            from _pytest.reports import TestReport
+        except ImportError:  # pragma: no cover - a pytest without the JUnit writer
+            return
+        xml = self.config.stash.get(xml_key, None)
+        if xml is None:
+            return
+        reasons = list(self.gate.get("reasons") or []) + list(getattr(self, "write_problems", []) or [])
+        passed = bool(self.gate.get("passed")) and not reasons
+        text = "refract gate FAILED:\n" + "\n".join(reasons) if not passed else None
+        for when, outcome, longrepr in (("setup", "passed", None), ("call", "passed" if passed else "failed", text),
+                                        ("teardown", "passed", None)):
+            xml.pytest_runtest_logreport(TestReport(
+                nodeid="refract::gate", location=("refract", None, "refract gate"), keywords={}, outcome=outcome,
+                longrepr=longrepr, when=when, sections=[], duration=0.0,
+                user_properties=[("refract_gate", "passed" if passed else "failed")]))
 
     def _stopped_early(self, session, selected: int) -> Optional[str]:
         """Why the run ended before every selected item ran (None when it did not): an

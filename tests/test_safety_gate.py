@@ -191,6 +191,28 @@ def test_an_early_stop_is_incomplete_and_never_passes(pytester, fake_llamacpp, t
     assert report["diagnosis"][0].startswith("INCOMPLETE: the run stopped early")
 
 
+# --------------------------------------------------------------------------- 7. the gate in JUnit XML
+
+
+@pytest.mark.parametrize("candidate, passed", [("ctk=q4_0,ctv=q4_0", False), ("ctk=f32,ctv=f32", True)])
+def test_the_gate_is_a_junit_test_case(pytester, fake_llamacpp, tiny_model, long_corpus, candidate, passed):
+    junit = pytester.path / "j.xml"
+    result, report = _audit(pytester, tiny_model, long_corpus, "--refract-axes=kld", f"--refract-candidate={candidate}",
+                            f"--junitxml={junit}")
+    assert report["gate"]["passed"] is passed and result.ret == (0 if passed else 1)
+    suite = ET.parse(junit).getroot().find("testsuite")
+    gate = [case for case in suite.iter("testcase") if case.get("name") == "gate"]
+    assert len(gate) == 1 and gate[0].get("classname") == "refract"
+    failure = gate[0].find("failure")
+    if passed:
+        assert failure is None
+    else:
+        assert failure is not None and "verdict FAIL" in failure.get("message")
+        assert int(suite.get("failures")) >= 1
+    # pytest's own counts are the items' alone.
+    assert "gate" not in "".join(result.stdout.lines[-1:])
+
+
 # --------------------------------------------------------------------------- 8. a baseline of another model
 
 
