@@ -6,7 +6,9 @@ and hands them to report/."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -52,6 +54,26 @@ def _stop_on_sigterm(session) -> None:
         signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: leave the default behaviour
         pass
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """While the body runs, SIGTERM and SIGINT are recorded instead of acted on (in the main
+    thread; elsewhere no handler can be set and the body runs as is). Yields the list of the
+    signal numbers that arrived."""
+    arrived: List[int] = []
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                saved[sig] = signal.signal(sig, lambda signum, frame: arrived.append(signum))
+            except (ValueError, OSError):
+                pass
+    try:
+        yield arrived
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 class RefractCollector(pytest.Collector):
@@ -299,19 +321,23 @@ class RefractSession:
         complete = stopped_early is None
         facts = gather_record(self.runner, self.baseline, wall_s=time.time() - self.started, items_selected=selected,
                               sequential=self.stopping.report(), stopped_early=stopped_early)
-        self.report = build_report(facts=facts, results=self.results, failed=self.failed, custom=self.custom,
-                                   invocation_args=list(self.config.invocation_params.args), complete=complete,
-                                   registry=self.runner.axes, repeats=self.repeats)
-        self.gate = self.report["gate"]
-        if not self.gate["passed"]:
-            session.testsfailed += 1
-        # Other plugins see the finished report before any file is written (and may add to
-        # its "custom" entries).
-        self.config.hook.pytest_refract_report(report=self.report, config=self.config)
-        self._write_files()
-        if self.write_problems:  # a report that was asked for and is not where it was asked
-            session.testsfailed += 1
-        self._record_gate_in_junit()
+        # From here the audit is finishing: a further SIGTERM/SIGINT must not leave half the
+        # reports written (a stale HTML beside a fresh JSON); it is noted and acted on after.
+        with signals_deferred() as deferred:
+            self.report = build_report(facts=facts, results=self.results, failed=self.failed, custom=self.custom,
+                                       invocation_args=list(self.config.invocation_params.args), complete=complete,
+                                       registry=self.runner.axes, repeats=self.repeats)
+            self.gate = self.report["gate"]
+            if not self.gate["passed"]:
+                session.testsfailed += 1
+            # Other plugins see the finished report before any file is written (and may add to
+            # its "custom" entries).
+            self.config.hook.pytest_refract_report(report=self.report, config=self.config)
+            self._write_files()
+            if self.write_problems:  # a report that was asked for and is not where it was asked
+                session.testsfailed += 1
+            self._record_gate_in_junit()
+        self.deferred_signals = [signal.Signals(n).name for n in deferred]
 
     def _record_gate_in_junit(self) -> None:
         """The gate as a test case of its own in --junitxml (``refract::gate``): CI dashboards
@@ -382,6 +408,10 @@ class RefractSession:
         render(terminalreporter, self.report, written.get("--refract-json"), self.runner.axes)
         for line in getattr(self, "write_problems", []):
             terminalreporter.write_line(f"refract: {line}", red=True, bold=True)
+        deferred = getattr(self, "deferred_signals", [])
+        if deferred:
+            terminalreporter.write_line(f"refract: {' and '.join(dict.fromkeys(deferred))} arrived while the reports were "
+                                        "written; they were finished first", yellow=True)
 
     def pytest_unconfigure(self, config):
         self.runner.close()

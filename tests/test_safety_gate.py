@@ -242,6 +242,40 @@ def test_a_baseline_naming_no_model_hash_is_refused(pytester, fake_llamacpp, tin
     assert "does not name its model's whole-file sha256" in line, line
 
 
+# --------------------------------------------------------------------------- 11. signals while finishing
+
+SIGNAL_CONFTEST = """
+import os, signal, sys
+sys.path.insert(0, {tests!r})
+import fake_engine
+from pytest_refract.audit import runner
+from pytest_refract.report import html as html_mod
+runner._load_llamacpp = lambda settings: fake_engine
+real = html_mod.render_html
+
+def render_html(report):
+    os.kill(os.getpid(), signal.SIGTERM)  # a second SIGTERM while the reports are written
+    os.kill(os.getpid(), signal.SIGINT)
+    return real(report)
+
+html_mod.render_html = render_html
+"""
+
+
+def test_a_signal_while_the_reports_are_written_does_not_leave_a_stale_one(pytester, tiny_model, long_corpus):
+    pytester.makeconftest(SIGNAL_CONFTEST.format(tests=str(Path(__file__).parent)))
+    html, report = pytester.path / "r.html", pytester.path / "r.json"
+    html.write_text("<html>an older run's PASS</html>")
+    result = pytester.runpytest_subprocess(
+        f"--refract-model={tiny_model}", f"--refract-corpus={long_corpus}", "--refract-axes=kld", "--refract-ctx=64",
+        "--refract-candidate=ctk=f32,ctv=f32", "--refract-no-cache", "--refract-threads=1", f"--refract-json={report}",
+        f"--refract-html={html}", "-p", "no:cacheprovider", timeout=120)
+    text = result.stdout.str() + result.stderr.str()
+    assert "Traceback" not in text, text
+    assert "older run" not in html.read_text() and read_report(report)["complete"] is True
+    assert "refract: SIGTERM and SIGINT arrived while the reports were written; they were finished first" in text
+
+
 # --------------------------------------------------------------------------- 19. canonical labels
 
 
