@@ -21,7 +21,7 @@ import time
 from pathlib import Path
 
 from pytest_refract.engines.gguf import file_sha256
-from pytest_refract.reference.cache import model_identity
+from pytest_refract.reference.model_index import model_identity
 
 GB = 1e9
 

@@ -46,8 +46,15 @@ def main() -> None:
     from pytest_refract.engines.base import ContextSettings
     from pytest_refract.engines.kvconfig import parse_kv_config
     from pytest_refract.inputs.data import load_corpus, resolve_model
-    from pytest_refract.reference.cache import (CompressedRows, LogprobRows, ReferenceCache, dequantize_logprobs,
-                                                quantize_logprobs, sparse_logprobs, stored_nbytes)
+    from pytest_refract.reference.codec import (
+        CompressedRows,
+        LogprobRows,
+        dequantize_logprobs,
+        quantize_logprobs,
+        sparse_logprobs,
+        stored_nbytes,
+    )
+    from pytest_refract.reference.entries import ReferenceCache
 
     path = resolve_model(args.model)
     engine = llamacpp.Engine(path)

@@ -59,11 +59,12 @@ def test_the_type_table_is_read_only_as_far_as_the_build_declares(monkeypatch, t
     """ggml's type functions do no bounds check: without a ggml.h declaring GGML_TYPE_COUNT the
     scan refuses (one line) instead of reading past the table; a build folder's CMakeCache.txt
     leads to its sources' header."""
+    from pytest_refract.engines import ggml_types as T
     from pytest_refract.engines import libload
     from pytest_refract.errors import UsageProblem
 
-    monkeypatch.setattr(E, "_CACHE_TYPES", None)
-    monkeypatch.setattr(E, "_header_candidates", lambda: [tmp_path / "nowhere" / "ggml.h"])
+    monkeypatch.setattr(T, "_CACHE_TYPES", None)
+    monkeypatch.setattr(T, "_header_candidates", lambda: [tmp_path / "nowhere" / "ggml.h"])
     with pytest.raises(UsageProblem, match=r"no ggml.h declaring GGML_TYPE_COUNT at .*nowhere/ggml.h"):
         E.cache_types()
     monkeypatch.undo()
@@ -74,9 +75,9 @@ def test_the_type_table_is_read_only_as_far_as_the_build_declares(monkeypatch, t
     (build / "CMakeCache.txt").write_text(f"CMAKE_HOME_DIRECTORY:INTERNAL={src}\n")
     monkeypatch.setattr(libload, "loaded_library_dir", lambda: build / "bin")
     header = src / "ggml" / "include" / "ggml.h"
-    assert header in E._header_candidates()
-    monkeypatch.setattr(E, "_header_candidates", lambda: [header])
-    assert E._ggml_type_count() == 41
+    assert header in T._header_candidates()
+    monkeypatch.setattr(T, "_header_candidates", lambda: [header])
+    assert T._ggml_type_count() == 41
 
 
 def test_same_tokens_same_logits_across_resets(tiny_engine, tiny_model):

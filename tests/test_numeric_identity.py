@@ -10,7 +10,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_refract.reference.cache import (
+from pytest_refract.reference.codec import (
     CompressedRows,
     LogprobRows,
     compact,

@@ -11,20 +11,20 @@ import pytest
 
 from conftest import read_report, tiny_args
 
-from pytest_refract.reference.cache import (
+from pytest_refract.reference.codec import (
     CompressedRows,
     LogprobRows,
-    ReferenceCache,
-    RefCacheWarning,
-    concat_quantized,
     check_sparse,
+    concat_quantized,
     dense_q,
     dequantize_logprobs,
-    model_identity,
     quantize_logprobs,
     sparse_logprobs,
     sparsify,
 )
+from pytest_refract.reference.entries import ReferenceCache
+from pytest_refract.reference.folder import RefCacheWarning
+from pytest_refract.reference.model_index import model_identity
 from pytest_refract.scoring.metrics import kld_positions
 
 
@@ -276,7 +276,7 @@ def test_sparse_entry_survives_the_disk_and_a_damaged_one_is_not_used(tmp_path):
 
 
 def test_compact_keeps_whichever_form_is_smaller_and_the_same_floats():
-    from pytest_refract.reference.cache import compact, is_sparse
+    from pytest_refract.reference.codec import compact, is_sparse
 
     rng = np.random.RandomState(8)
     tail = sparse_logprobs(_rows_like_a_large_vocabulary(rng, 8, 5000))  # few entries kept
@@ -287,7 +287,7 @@ def test_compact_keeps_whichever_form_is_smaller_and_the_same_floats():
 
 
 def test_column_gaps_on_disk_round_trip_with_empty_rows():
-    from pytest_refract.reference.cache import decode_payload, encode_payload
+    from pytest_refract.reference.codec import decode_payload, encode_payload
 
     rng = np.random.RandomState(9)
     x = _rows_like_a_large_vocabulary(rng, 10, 4000)

@@ -26,13 +26,8 @@ from pytest_refract.axes import BUILTIN
 from pytest_refract.axes import plad as plad_axis
 from pytest_refract.errors import UsageProblem
 from pytest_refract.audit.guard import check_outputs, special_file_kind
-from pytest_refract.reference.cache import (
-    MARKER,
-    RefCacheWarning,
-    ReferenceCache,
-    clear_entries,
-    prepare_cache_dir,
-)
+from pytest_refract.reference.entries import ReferenceCache
+from pytest_refract.reference.folder import MARKER, RefCacheWarning, clear_entries, prepare_cache_dir
 from pytest_refract.report.build import composite_of, floor_of, repeat_stats
 from pytest_refract.scoring.metrics import harmonic_mean, kld_score, trajectory_axis_score
 from tiny_model import write_tiny_llama

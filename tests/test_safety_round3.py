@@ -15,7 +15,8 @@ from hypothesis import given, settings as hsettings
 from hypothesis import strategies as st
 
 import fake_engine
-from pytest_refract.reference.cache import RefCacheWarning, ReferenceCache, check_entry, prepare_cache_dir
+from pytest_refract.reference.entries import ReferenceCache, check_entry
+from pytest_refract.reference.folder import RefCacheWarning, prepare_cache_dir
 from test_runner_fake import _run, _settings
 
 
@@ -128,7 +129,7 @@ def _scores_of(results):
 def test_an_edit_outside_any_sample_changes_the_model_identity(tmp_path, monkeypatch):
     """Finding 5: same size, one byte changed 1.5 MiB into a 4 MiB file (outside the first,
     middle and last MiB the old identity sampled)."""
-    from pytest_refract.reference import cache as cache_mod
+    from pytest_refract.reference import model_index as cache_mod
 
     model = tmp_path / "m.gguf"
     model.write_bytes(bytes(range(256)) * (4 * 4096))
@@ -150,7 +151,7 @@ def test_an_edit_that_restores_the_mtime_is_still_seen(tmp_path):
     import os
     import time
 
-    from pytest_refract.reference.cache import model_identity
+    from pytest_refract.reference.model_index import model_identity
 
     model = tmp_path / "m.gguf"
     model.write_bytes(b"a" * 4096)
@@ -166,7 +167,7 @@ def test_an_edit_that_restores_the_mtime_is_still_seen(tmp_path):
 
 
 def test_a_foreign_or_huge_index_is_ignored_not_trusted(tmp_path):
-    from pytest_refract.reference.cache import MODEL_INDEX, _file_key, model_identity
+    from pytest_refract.reference.model_index import MODEL_INDEX, _file_key, model_identity
     import hashlib
     import os
 
@@ -616,10 +617,10 @@ def test_an_input_larger_than_the_bound_is_refused_without_reading_it_all(tmp_pa
 ])
 def test_template_rendering_is_bounded(tiny_model, monkeypatch, template, said):
     pytest.importorskip("llama_cpp")
-    from pytest_refract.engines import llamacpp
+    from pytest_refract.engines import chat_template, llamacpp
     from pytest_refract.engines.base import TemplateProblem
 
-    monkeypatch.setattr(llamacpp, "TEMPLATE_SECONDS", 1.0)
+    monkeypatch.setattr(chat_template, "TEMPLATE_SECONDS", 1.0)
     engine = llamacpp.Engine(tiny_model, vocab_only=True)
     try:
         render = engine.user_turn_renderer(template)
@@ -751,7 +752,7 @@ def test_a_temp_marker_left_by_a_crash_or_a_concurrent_run_does_not_refuse_the_f
 
 
 def test_concurrent_first_runs_on_a_fresh_folder_all_succeed(tmp_path):
-    script = ("import sys\nfrom pathlib import Path\nfrom pytest_refract.reference.cache import prepare_cache_dir\n"
+    script = ("import sys\nfrom pathlib import Path\nfrom pytest_refract.reference.folder import prepare_cache_dir\n"
               "ok = 0\nfor i in range(20):\n"
               "    d = Path(sys.argv[1]) / str(i)\n"
               "    try:\n        ok += prepare_cache_dir(d) == d\n"

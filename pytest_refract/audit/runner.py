@@ -45,7 +45,7 @@ class Runner:
         self.info = read_gguf(self.model_path)
         check_outputs({"--refract-json": settings.json_path, "--refract-html": settings.html_path},
                       input_files(settings, self.model_path), settings.cache_dir)
-        from ..reference.cache import prepare_cache_dir
+        from ..reference.folder import prepare_cache_dir
 
         # Only ever a folder this cache marked as its own, cleared of its own entries only;
         # refused (or warned about) before anything loads.

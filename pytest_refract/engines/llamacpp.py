@@ -1,4 +1,5 @@
-"""The llama.cpp engine (through llama-cpp-python): the only module that imports ``llama_cpp``.
+"""The llama.cpp engine (through llama-cpp-python). It, and the modules it draws on that talk to
+the library (llama_log.py, ggml_types.py), are the only ones that import ``llama_cpp``.
 
 One model is loaded per process (weights resident once); each KV configuration gets its own
 context with identical settings apart from the cache types, because batch sizes, flash
@@ -12,15 +13,12 @@ from __future__ import annotations
 import contextlib
 import ctypes
 import os
-import re
-import sys
-import threading
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import MeasurementError, UsageProblem
+from ..errors import MeasurementError
 from . import kvlog, libload
 from .base import (
     Context,
@@ -39,50 +37,16 @@ except ImportError as exc:  # pragma: no cover - depends on the install
         "pytest-refract needs llama-cpp-python; see the README for the build flags this machine needs"
     ) from exc
 
-_LOG_LOCK = threading.Lock()
-_recent_errors: List[str] = []
-# While a context is created, every log record goes here too (see _capture_log): llama.cpp
-# reports there what it did (rotation, cache sizes) and why it refused.
-_captured: Optional[List[Tuple[int, str]]] = None
-_echo_log = False  # -v: print the captured creation log to stderr
-
-
-@llama_cpp.llama_log_callback
-def _quiet_log(level, text, user_data):  # pragma: no cover - called from C
-    # llama.cpp prints hundreds of lines per model load; keep only errors, to quote them in
-    # our own one-line messages (e.g. "unknown model architecture").
-    msg = text.decode("utf-8", errors="replace")
-    with _LOG_LOCK:
-        if _captured is not None:
-            _captured.append((int(level), msg))
-    if level == 4:  # GGML_LOG_LEVEL_ERROR
-        msg = msg.strip()
-        if msg:
-            with _LOG_LOCK:
-                _recent_errors.append(msg)
-                del _recent_errors[:-5]
-
-
-def set_log_echo(on: bool) -> None:
-    global _echo_log
-    _echo_log = bool(on)
-
-
-@contextlib.contextmanager
-def _capture_log():
-    """Collect llama.cpp's log records for the duration (a context's creation); the records
-    are printed only with -v. Capturing ends, and the previous state returns, on exit."""
-    global _captured
-    records: List[Tuple[int, str]] = []
-    with _LOG_LOCK:
-        previous, _captured = _captured, records
-    try:
-        yield records
-    finally:
-        with _LOG_LOCK:
-            _captured = previous
-        if _echo_log and records:
-            sys.stderr.write("".join(text for _, text in records))
+# After the import above, so that a missing llama-cpp-python is reported as such. cache_types,
+# row_size and set_log_echo are this module's interface to the audit (see base.py).
+from .chat_template import (  # noqa: E402
+    TEMPLATE_MAX_CHARS,
+    TEMPLATE_MAX_LOOP_ITEMS,
+    _bound_template_loops,
+    _bounded_render,
+)
+from .ggml_types import _ggml_lib, cache_types, row_size  # noqa: E402,F401
+from .llama_log import _capture_log, _last_error, _quiet_log, set_log_echo  # noqa: E402,F401
 
 
 @contextlib.contextmanager
@@ -133,16 +97,6 @@ def _init_backend() -> None:
         _backend_ready = True
 
 
-def _last_error() -> str:
-    """The most telling recent llama.cpp error: the loader's reason (e.g. "unknown model
-    architecture: 'x'") rather than the generic "failed to load model" that follows it."""
-    with _LOG_LOCK:
-        for msg in reversed(_recent_errors):
-            if "error loading model" in msg:
-                return msg.split("error loading model", 1)[1].lstrip(": ").strip() or msg
-        return _recent_errors[-1] if _recent_errors else ""
-
-
 def library_version() -> str:
     return getattr(llama_cpp, "__version__", "unknown")
 
@@ -176,180 +130,8 @@ def system_info() -> str:
         return ""
 
 
-# --------------------------------------------------------------------------- chat templates
-
-# Bounds on rendering a chat template (a file's own code): items its range() loops may produce
-# per render, seconds per render, characters of the rendered turn. A real template renders a
-# user turn in milliseconds, to a few hundred characters plus the content.
-TEMPLATE_MAX_LOOP_ITEMS = 100_000
-TEMPLATE_SECONDS = 10.0
-TEMPLATE_MAX_CHARS = 1 << 20
-
-
-class _TemplateBudget(Exception):
-    pass
-
-
-def _bound_template_loops(formatter) -> list:
-    """Give the template a range() that counts what all its loops draw from it in one render
-    (Jinja2's sandbox only caps each range at 100k items: nested, 100k x 100k never ends).
-    Returns the budget cell render() resets."""
-    budget = [TEMPLATE_MAX_LOOP_ITEMS]
-    env = getattr(getattr(formatter, "_environment", None), "environment", None)
-    if env is None:
-        return budget  # another llama-cpp-python layout: the time bound still holds
-    inner = env.globals.get("range", range)
-
-    def counted(*args):
-        items = inner(*args)
-        budget[0] -= len(items)
-        if budget[0] < 0:
-            raise _TemplateBudget(f"its loops draw more than {TEMPLATE_MAX_LOOP_ITEMS} range() items for one turn")
-        return items
-
-    env.globals["range"] = counted
-    return budget
-
-
-def _bounded_render(call):
-    """``call()`` in a daemon thread, waited for TEMPLATE_SECONDS: a template that does not
-    finish is a TemplateProblem (its thread is abandoned; the run then stops at configure)."""
-    out: dict = {}
-
-    def work():
-        try:
-            out["text"] = call()
-        except BaseException as exc:  # reported below, in the caller's thread
-            out["error"] = exc
-
-    worker = threading.Thread(target=work, name="refract-template", daemon=True)
-    worker.start()
-    worker.join(TEMPLATE_SECONDS)
-    if worker.is_alive():
-        raise TemplateProblem(TimeoutError(f"rendering one user turn took over {TEMPLATE_SECONDS:g} s"))
-    if "error" in out:
-        raise TemplateProblem(out["error"]) from None
-    return out["text"]
-
-
-# --------------------------------------------------------------------------- ggml type table
-
-
-def _ggml_lib():
-    """The ggml library that llama-cpp-python actually loaded (not a table of ours), so that a
-    fork's cache types (e.g. TurboQuant's turbo4) are found where the build has them."""
-    for path in libload.loaded_library_files():
-        if path.name.startswith(("libggml-base.", "ggml-base.")):
-            return ctypes.CDLL(str(path))
-    lib_dir = libload.loaded_library_dir() or Path(llama_cpp.__file__).parent / "lib"
-    for name in ("libggml-base.so", "libggml-base.dylib", "ggml-base.dll", "libggml.so", "libggml.dylib", "ggml.dll"):
-        candidate = lib_dir / name
-        if candidate.exists():
-            return ctypes.CDLL(str(candidate))
-    # Fall back to the llama library itself: older builds link ggml statically into it.
-    return llama_cpp.llama_cpp._lib
-
-
-class _TypeTraits(ctypes.Structure):
-    # Leading fields of ggml.h's struct ggml_type_traits (stable since ggml 0.1).
-    _fields_ = [
-        ("type_name", ctypes.c_char_p),
-        ("blck_size", ctypes.c_int64),
-        ("blck_size_interleave", ctypes.c_int64),
-        ("type_size", ctypes.c_size_t),
-        ("is_quantized", ctypes.c_bool),
-        ("to_float", ctypes.c_void_p),
-        ("from_float_ref", ctypes.c_void_p),
-    ]
-
-
-_CACHE_TYPES: Optional[Dict[str, CacheType]] = None
-_ROW_SIZE = None
-# type id -> block size of every type the loaded ggml build has a layout for (tensors too).
-_BLOCK_SIZES: Dict[int, int] = {}
-# Integer and deprecated slots in ggml's enum are not storage formats for a KV cache.
-_NOT_CACHE_TYPES = {"i8", "i16", "i32", "i64", "f64", "none", "deprecated", "q8_1", "q8_k"}
-_TYPE_NAME_RE = re.compile(r"^[a-z0-9_]{2,16}$")
-
-
-def _header_candidates() -> List[Path]:
-    """Where the loaded build's ggml.h may be: installed beside llama-cpp-python, or, for a
-    library folder of one's own (--refract-llama-lib), in its install prefix or the source
-    tree its build folder's CMakeCache.txt names."""
-    site = Path(llama_cpp.__file__).resolve().parent.parent
-    headers = [site / "include" / "ggml.h", Path(llama_cpp.__file__).parent / "include" / "ggml.h"]
-    folder = libload.loaded_library_dir()
-    if folder is not None:
-        headers += [folder.parent / "include" / "ggml.h", folder.parent.parent / "ggml" / "include" / "ggml.h"]
-        for cache in (folder.parent / "CMakeCache.txt", folder / "CMakeCache.txt"):
-            if cache.is_file():
-                m = re.search(r"^CMAKE_HOME_DIRECTORY:INTERNAL=(.+)$", cache.read_text(errors="replace"), re.M)
-                if m:
-                    headers.append(Path(m.group(1).strip()) / "ggml" / "include" / "ggml.h")
-    return headers
-
-
-def _ggml_type_count() -> int:
-    """GGML_TYPE_COUNT of the loaded build, from its ggml.h. ggml's type functions do no
-    bounds check, so the table is read only up to a count the build itself declares: without
-    one, the scan fails closed with a one-line error rather than guess where the table ends."""
-    headers = _header_candidates()
-    for header in headers:
-        if header.is_file():
-            m = re.search(r"GGML_TYPE_COUNT\s*=\s*(\d+)", header.read_text(errors="replace"))
-            if m:
-                return int(m.group(1))
-    raise UsageProblem(
-        "cannot tell which KV cache types this llama.cpp build has: no ggml.h declaring GGML_TYPE_COUNT at "
-        + ", ".join(str(h) for h in dict.fromkeys(headers))
-        + "; reinstall llama-cpp-python, or give --refract-llama-lib a build folder inside its build tree"
-    )
-
-
-def cache_types() -> Dict[str, CacheType]:
-    """Name -> CacheType for every storage type the loaded ggml build names."""
-    global _CACHE_TYPES, _ROW_SIZE
-    if _CACHE_TYPES is None:
-        lib = _ggml_lib()
-        lib.ggml_get_type_traits.restype = ctypes.POINTER(_TypeTraits)
-        lib.ggml_get_type_traits.argtypes = [ctypes.c_int]
-        lib.ggml_row_size.restype = ctypes.c_size_t
-        lib.ggml_row_size.argtypes = [ctypes.c_int, ctypes.c_int64]
-        types: Dict[str, CacheType] = {}
-        for type_id in range(_ggml_type_count()):
-            traits = lib.ggml_get_type_traits(type_id).contents
-            if traits.blck_size <= 0 or traits.type_size <= 0 or not traits.type_name:
-                continue  # removed slots of the enum
-            _BLOCK_SIZES[type_id] = int(traits.blck_size)
-            if traits.type_name != b"f32" and (not traits.from_float_ref or not traits.to_float):
-                continue  # a type nothing can write into (e.g. needs an importance matrix)
-            name = traits.type_name.decode("ascii", errors="replace").strip().lower()
-            if not _TYPE_NAME_RE.match(name) or name in _NOT_CACHE_TYPES or name.startswith(("q4_0_", "iq4_nl_")):
-                continue
-            types.setdefault(name, CacheType(name, type_id, int(traits.blck_size)))
-        _CACHE_TYPES = types
-        _ROW_SIZE = lambda t, n: int(lib.ggml_row_size(t, n))  # noqa: E731
-    return _CACHE_TYPES
-
-
-def row_size(type_id: int, n: int) -> int:
-    """Bytes of one row of ``n`` values stored as ggml type ``type_id``. ValueError for a type
-    this build's table does not have, or a row its blocks cannot tile: ggml_row_size itself
-    checks neither (a removed type has block size 0: SIGFPE; 2**31-1 reads past the table)."""
-    cache_types()
-    block = _BLOCK_SIZES.get(type_id)
-    if block is None:
-        raise ValueError(f"ggml type {type_id} is not a type this llama.cpp build knows")
-    if n < 0 or n >= 1 << 62 or n % block:
-        raise ValueError(f"a row of {n} values cannot be stored as ggml type {type_id} (blocks of {block})")
-    return _ROW_SIZE(type_id, n)
-
-
 def supports_gpu_offload() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
-
-
-# --------------------------------------------------------------------------- engine
 
 
 class Engine:
@@ -417,7 +199,7 @@ class Engine:
     def user_turn_renderer(self, template: str):
         """``render(content) -> str``: one user turn through the model's chat template, as
         llama-cpp-python renders it (Jinja2's sandbox, with the model's BOS/EOS texts). A
-        template that does not compile or render, or exceeds the bounds (TEMPLATE_* below:
+        template that does not compile or render, or exceeds the bounds (TEMPLATE_* in chat_template.py:
         loop items, seconds, characters), raises TemplateProblem with the reason."""
         from llama_cpp.llama_chat_format import Jinja2ChatFormatter
 

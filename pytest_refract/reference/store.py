@@ -1,5 +1,5 @@
 """The reference side's results, computed once and shared: by the candidates of a matrix (in
-memory) and by later runs (the on-disk reference cache, cache.py). Every reference result
+memory) and by later runs (the on-disk reference cache: entries.py, in a folder.py folder). Every reference result
 goes through one get-or-compute here; so do the sensitivity control's item results, which
 depend only on what their key holds.
 
@@ -16,15 +16,9 @@ import numpy as np
 
 from ..errors import MeasurementError
 from ..inputs import data
-from .cache import (
-    CompressedRows,
-    LogprobRows,
-    ReferenceCache,
-    compact,
-    concat_quantized,
-    model_identity,
-    sparse_logprobs,
-)
+from .codec import CompressedRows, LogprobRows, compact, concat_quantized, sparse_logprobs
+from .entries import ReferenceCache
+from .model_index import model_identity
 
 
 def batch_signature(prompts: List[List[int]]) -> List[int]:
@@ -80,7 +74,7 @@ class ReferenceStore:
 
     def size_facts(self) -> dict:
         """The reference cache's cost: bytes this run wrote and read, and the folder's total."""
-        from .cache import folder_bytes
+        from .folder import folder_bytes
 
         return {"bytes_written": self.cache.bytes_written, "bytes_read": self.cache.bytes_read,
                 "folder_bytes": folder_bytes(self.cache.directory)}
@@ -88,7 +82,7 @@ class ReferenceStore:
     def size_text(self) -> str:
         """For the progress line: what this run wrote and read (the folder's total is walked
         once, at the end, for the report)."""
-        from .cache import describe_size
+        from .folder import describe_size
 
         if not self.cache.enabled:
             return ""

@@ -1,5 +1,5 @@
 """The audit's result as data: ``build_report`` turns the measured results and the run's facts
-(plain data, see facts.py) into the report dict, gate included, and touches nothing else: no
+(plain data, see record.py) into the report dict, gate included, and touches nothing else: no
 llama.cpp, no session, no clock but the timestamp. The JSON file, the terminal summary, compare
 and the HTML page read only that dict. Axis-specific wording comes from the axis objects.
 """

@@ -150,7 +150,7 @@ def rows_finite(x: np.ndarray) -> np.ndarray:
 
 def _block_rows(rows, lo: int, hi: int, out: np.ndarray) -> np.ndarray:
     """Rows lo..hi of ``rows`` as float32: written into ``out`` where the rows can fill a
-    buffer (16-bit reference rows, see reference.cache.LogprobRows), else converted."""
+    buffer (16-bit reference rows, see reference.codec.LogprobRows), else converted."""
     fill = getattr(rows, "dequantize_into", None)
     if fill is not None:
         return fill(slice(lo, hi), out)
