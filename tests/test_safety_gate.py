@@ -36,10 +36,11 @@ def long_corpus(tmp_path):
     return path
 
 
-def _audit(pytester, model, corpus, *extra, prompts=None, report_name="r.json"):
+def _audit(pytester, model, corpus, *extra, prompts=None, report_name="r.json", cache=None):
     report = pytester.path / report_name
     args = [f"--refract-model={model}", f"--refract-corpus={corpus}", "--refract-ctx=64", "--refract-threads=1",
-            "--refract-n-predict=8", "--refract-no-cache", f"--refract-json={report}", "-p", "no:cacheprovider",
+            "--refract-n-predict=8", f"--refract-cache-dir={cache}" if cache else "--refract-no-cache",
+            f"--refract-json={report}", "-p", "no:cacheprovider",
             *([f"--refract-prompts={prompts}"] if prompts else []), *extra]
     if not any(a.startswith("--refract-candidate") for a in extra):
         args.append("--refract-candidate=ctk=f32,ctv=f32")
@@ -174,6 +175,67 @@ def test_every_prompt_the_same_text_is_not_blamed_on_the_template(pytester, fake
                                                     "--refract-candidate=ctk=q8_0,ctv=q8_0", "-p", "no:cacheprovider"))
     assert "render to the same tokens" in line and "one item counted 3 times" in line, line
     assert "template drops" not in line
+
+
+# --------------------------------------------------------------------------- 5. forged cache entries
+
+
+def _forge(entry: Path, change) -> None:
+    """Rewrite a cache entry's control result and recompute its checksum, as anyone who can
+    write to the cache folder can."""
+    import hashlib
+    import struct
+
+    raw = entry.read_bytes()
+    start = 4 + 32
+    (header_len,) = struct.unpack("<I", raw[start:start + 4])
+    header = json.loads(raw[start + 4:start + 4 + header_len])
+    meta = json.loads(header["meta"])
+    change(meta["result"])
+    header["meta"] = json.dumps(meta)
+    head = json.dumps(header).encode()
+    rest = struct.pack("<I", len(head)) + head + raw[start + 4 + header_len:]
+    entry.write_bytes(raw[:4] + hashlib.sha256(rest).digest() + rest)
+
+
+def test_a_forged_control_entry_is_caught_by_the_spot_check(pytester, fake_llamacpp, tiny_model, long_corpus):
+    cache = pytester.path / "cache"
+    args = ("--refract-axes=kld", "--refract-candidate=ctk=q8_0,ctv=q8_0")
+    result, first = _audit(pytester, tiny_model, long_corpus, *args, cache=cache)
+    assert first["verdict"]["verdict"] == "FAIL"
+    entries = sorted(cache.glob("*/control-kld/*.rfc"))
+    assert entries
+
+    def inflate(result):  # a control 100x as damaged makes any candidate look 100x better
+        result["mean_kld"] *= 100
+        result["score"] = 50.0
+
+    for entry in entries:
+        _forge(entry, inflate)
+    result, second = _audit(pytester, tiny_model, long_corpus, *args, cache=cache)
+    spot = second["reference_cache"]["spot_check"]
+    assert [c["match"] for c in spot["checked"]] == [False]
+    assert "differs from its re-measurement" in second["reference_cache"]["tampered"]
+    assert not second["gate"]["passed"] and result.ret == 1
+    assert any("failed its spot check" in r for r in second["gate"]["reasons"]), second["gate"]["reasons"]
+    assert "ref cache  DISTRUSTED" in result.stdout.str()
+    # The forged entries are gone: the next run reads and checks an honest cache.
+    result, third = _audit(pytester, tiny_model, long_corpus, *args, cache=cache)
+    assert third["reference_cache"]["tampered"] is None and third["verdict"]["verdict"] == "FAIL"
+
+
+def test_an_intact_cache_passes_its_spot_check_bit_for_bit(pytester, fake_llamacpp, monkeypatch, tiny_model,
+                                                           tiny_prompts, long_corpus):
+    from pytest_refract.audit import control
+
+    monkeypatch.setattr(control, "SPOT_WINDOW", 1)  # the first cached read of every axis
+    cache = pytester.path / "cache"
+    args = ("--refract-axes=trajectory,kld", "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-undecided=pass")
+    _audit(pytester, tiny_model, long_corpus, *args, prompts=tiny_prompts, cache=cache)
+    result, second = _audit(pytester, tiny_model, long_corpus, *args, prompts=tiny_prompts, cache=cache)
+    spot = second["reference_cache"]["spot_check"]
+    assert sorted(c["axis"] for c in spot["checked"]) == ["kld", "trajectory"]
+    assert all(c["match"] for c in spot["checked"]) and second["reference_cache"]["tampered"] is None
 
 
 # --------------------------------------------------------------------------- 6. early stops

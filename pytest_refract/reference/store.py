@@ -52,6 +52,8 @@ class ReferenceStore:
         # --refract-repeat must re-measure the reference too, so it does not read either.
         s = self.settings
         self.read = self.cache.enabled and not s.floor and s.repeat == 1
+        # Why the cache stopped being trusted this run (a spot check failed), None while it is.
+        self.tampered: Optional[str] = None
         self._memory: Dict[str, tuple] = {}
 
     @staticmethod
@@ -254,6 +256,17 @@ class ReferenceStore:
         if entry is not None and entry["meta"].get("result") is not None:
             return entry["meta"]["result"]
         return None
+
+    def invalidate(self, why: str) -> int:
+        """A cached result did not match its re-measurement: every entry this cache wrote is
+        deleted, nothing more is read from it this run, and ``tampered`` says why. Returns how
+        many entries were deleted."""
+        from .folder import clear_entries
+
+        self.read = False
+        self._memory.clear()
+        self.tampered = why
+        return clear_entries(self.cache.directory) if self.cache.directory is not None else 0
 
     def store_control(self, axis_name: str, key: str, result: dict) -> None:
         self.cache.store("control-" + axis_name, key, {}, meta={"result": result})

@@ -7,6 +7,7 @@ and the HTML page read only that dict. Axis-specific wording comes from the axis
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shlex
 from datetime import datetime, timezone
 from pathlib import Path
@@ -264,6 +265,8 @@ def _trust_reasons(facts: RunRecord, section: dict, complete: bool) -> List[str]
     reasons = selection_reasons(section["selection"], section["custom_gates"], section["candidate"],
                                 getattr(s, "require_complete", False)) if complete else []
     reasons += vacuous_reasons(axes, (facts.model or {}).get("n_vocab"))
+    if facts.cache_tampered:
+        reasons.append(f"the reference cache failed its spot check ({facts.cache_tampered}); run again")
     if facts.baseline is not None and complete:
         from .baseline import baseline_reasons
 
@@ -320,6 +323,13 @@ def build_report(
     the first candidate (the only one outside a matrix); ``candidates`` has one section per
     candidate and ``ranking`` orders them; ``gate`` passes only if every candidate passes."""
     s = facts.settings
+    # A control result re-measured against the cache and found different (audit/control.py):
+    # the cache was altered, and what this run read from it cannot be trusted.
+    tampered = next((r["cache_tampered"] for per_axis in results.get(facts.control_role or "", {}).values()
+                     for r in per_axis.values() if isinstance(r, dict) and r.get("cache_tampered")),
+                    (facts.cache_spot_check or {}).get("tampered"))
+    if tampered:
+        facts = dataclasses.replace(facts, cache_tampered=tampered)
     custom = sorted(custom or [], key=lambda e: e["test"])
     control = control_section(facts, results, failed, complete, registry)
     sections = []
@@ -407,6 +417,8 @@ def build_report(
         "reference_cache": {
             "enabled": facts.reference_cache_enabled,
             "read": facts.reference_cache_read,
+            "spot_check": facts.cache_spot_check,
+            "tampered": facts.cache_tampered,
             "hits": sum(r.get("reference_cache", {}).get("hits", 0) for r in all_items),
             "misses": sum(r.get("reference_cache", {}).get("misses", 0) for r in all_items),
             "format": ("16-bit log-probs per position as llama-perplexity --kl-divergence-base quantizes them, "

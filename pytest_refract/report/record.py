@@ -59,3 +59,7 @@ class RunRecord:
     # selection is a part of; the default audit runs all of it).
     pool: Dict[str, Dict[str, int]] = field(default_factory=dict)
     default_axes: Tuple[str, ...] = ("trajectory", "kld")  # the axes a default audit runs
+    # The reference cache's spot check (audit/control.py): its seed, the items re-measured and
+    # whether they matched; and why the cache was distrusted this run (None: it was not).
+    cache_spot_check: Optional[dict] = None
+    cache_tampered: Optional[str] = None

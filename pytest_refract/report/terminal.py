@@ -42,6 +42,8 @@ def render(tr, report: dict, json_path, registry=None) -> None:
         mb = {k: (cache.get(k) or 0) / 1e6 for k in ("bytes_written", "bytes_read", "folder_bytes")}
         tr.write_line(f"ref cache  {mb['bytes_written']:.1f} MB written, {mb['bytes_read']:.1f} MB read this run; "
                       f"{mb['folder_bytes']:.1f} MB in its folder")
+    if cache.get("tampered"):
+        tr.write_line(f"ref cache  DISTRUSTED: {cache['tampered']}", red=True, bold=True)
     sections = report.get("candidates") or [dict(report, custom_gates=(report.get("custom") or {}).get("gates", {}))]
     control = report.get("sensitivity") or {}
     _render_control(tr, control, registry)
