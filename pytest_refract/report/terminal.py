@@ -58,7 +58,7 @@ def render(tr, report: dict, json_path, registry=None) -> None:
     if gate.get("passed") and basis is None:
         tr.write_line("gate: passed (verdict PASS on every " + ("selected " if subset else "") + "axis"
                       + (", UNDECIDED accepted by --refract-undecided=pass" if gate.get("undecided") == "pass" else "")
-                      + ")" + ("; a subset verdict: " + "; ".join(sec["selection"]["text"] for sec in subset)
+                      + ")" + ("; a subset verdict: " + "; ".join(sec["selection"]["text"].split(": ", 1)[-1] for sec in subset)
                                + " (--refract-require-complete fails a subset)" if subset else ""), green=True)
     elif gate.get("passed"):
         tr.write_line(f"gate: passed ({basis} ≥ {gate['threshold']:g})", green=True)
