@@ -461,7 +461,10 @@ def gather_record(runner, baseline: Optional[dict], *, wall_s: Optional[float] =
         host={"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
         reference_cache_enabled=runner.reference.cache.enabled,
         reference_cache_read=runner.reference.read,
-        cache_spot_check=runner.control.spot_check_facts() if runner.control is not None else None,
+        cache_spot_check=(runner.control.spot_check_facts() if runner.control is not None else
+                          {"reference_seed": runner.reference.spot_seed,
+                           "reference_checked": list(runner.reference.spot_checks),
+                           "tampered": runner.reference.tampered}),
         reference_cache_size=runner.reference.size_facts() if runner.reference.cache.enabled else None,
         binding_version=runner.engine_mod.library_version(),
         llama_build=runner.build_info(),

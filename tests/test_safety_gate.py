@@ -8,9 +8,6 @@ the code before its fix. Fake engine (tests/fake_engine.py) and tiny models: sec
 from __future__ import annotations
 
 import json
-import os
-import shutil
-import sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
@@ -226,16 +223,45 @@ def test_a_forged_control_entry_is_caught_by_the_spot_check(pytester, fake_llama
 
 def test_an_intact_cache_passes_its_spot_check_bit_for_bit(pytester, fake_llamacpp, monkeypatch, tiny_model,
                                                            tiny_prompts, long_corpus):
-    from pytest_refract.audit import control
+    from pytest_refract.reference import store
 
-    monkeypatch.setattr(control, "SPOT_WINDOW", 1)  # the first cached read of every axis
+    monkeypatch.setattr(store, "SPOT_WINDOW", 1)  # the first cached read of every axis and kind
     cache = pytester.path / "cache"
     args = ("--refract-axes=trajectory,kld", "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-undecided=pass")
     _audit(pytester, tiny_model, long_corpus, *args, prompts=tiny_prompts, cache=cache)
     result, second = _audit(pytester, tiny_model, long_corpus, *args, prompts=tiny_prompts, cache=cache)
     spot = second["reference_cache"]["spot_check"]
     assert sorted(c["axis"] for c in spot["checked"]) == ["kld", "trajectory"]
-    assert all(c["match"] for c in spot["checked"]) and second["reference_cache"]["tampered"] is None
+    assert sorted(c["kind"] for c in spot["reference_checked"]) == ["kld", "trajectory"]
+    assert all(c["match"] for c in spot["checked"] + spot["reference_checked"])
+    assert second["reference_cache"]["tampered"] is None and second["reference_cache"]["hits"] > 0
+
+
+def test_a_forged_reference_entry_is_caught_by_the_spot_check(pytester, fake_llamacpp, tiny_model, long_corpus):
+    import zlib
+
+    from pytest_refract.reference.codec import decode_payload
+    from pytest_refract.reference.entries import ReferenceCache, _unpack_arrays, _verified_parts
+
+    cache = pytester.path / "cache"
+    # Without a control, so the reference's own spot check is what must catch it (with one, the
+    # control's re-measurement against the forged reference differs from its cached result too).
+    args = ("--refract-axes=kld", "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-no-sensitivity")
+    _audit(pytester, tiny_model, long_corpus, *args, cache=cache)
+    entries = sorted(cache.glob("*/kld/*.rfc"))
+    assert entries
+    for entry in entries:  # every reference chunk's log-probs shifted, each with a valid checksum
+        header, payload = _verified_parts(entry.read_bytes())
+        arrays = decode_payload(_unpack_arrays(zlib.decompress(payload), header["arrays"]))
+        arrays["min_log_prob"] = arrays["min_log_prob"] - 0.5
+        forger = ReferenceCache(cache, {})
+        forger.namespace = entry.parent.parent.name
+        forger.store("kld", header["key"], arrays, meta=json.loads(header["meta"]))
+    result, second = _audit(pytester, tiny_model, long_corpus, *args, cache=cache)
+    checked = second["reference_cache"]["spot_check"]["reference_checked"]
+    assert [c["match"] for c in checked] == [False]
+    assert "cached reference kld result differs" in second["reference_cache"]["tampered"]
+    assert not second["gate"]["passed"] and result.ret == 1
 
 
 # --------------------------------------------------------------------------- 6. early stops

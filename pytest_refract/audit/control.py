@@ -6,16 +6,13 @@ reference's (reference/store.py) and read back by later runs and other candidate
 
 from __future__ import annotations
 
-import random
 import secrets
 from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
+from ..reference import store as store_mod
 from .roles import Role
-
-# Each axis re-measures one of its first SPOT_WINDOW cached control items, drawn at random.
-SPOT_WINDOW = 8
 
 
 class SensitivityControl:
@@ -86,15 +83,12 @@ class SensitivityControl:
 
     def _spot_due(self, axis_name: str) -> bool:
         """Whether this cached read of the axis is the one its spot check re-measures."""
-        if axis_name not in self._spot_at:
-            self._spot_at[axis_name] = random.Random(f"{self.spot_seed}:{axis_name}").randrange(SPOT_WINDOW)
-        n = self._cached_reads.get(axis_name, 0)
-        self._cached_reads[axis_name] = n + 1
-        return n == self._spot_at[axis_name]
+        return store_mod.spot_due(self.spot_seed, axis_name, self._spot_at, self._cached_reads)
 
     def spot_check_facts(self) -> dict:
         """For the report: the seed, what was re-measured, and whether the cache was distrusted."""
-        return {"seed": self.spot_seed, "window": SPOT_WINDOW, "checked": list(self.spot_checks),
+        return {"seed": self.spot_seed, "window": store_mod.SPOT_WINDOW, "checked": list(self.spot_checks),
+                "reference_seed": self.store.spot_seed, "reference_checked": list(self.store.spot_checks),
                 "tampered": self.store.tampered}
 
 

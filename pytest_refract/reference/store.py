@@ -9,6 +9,8 @@ decodes and context) comes in as a ReferenceSide."""
 from __future__ import annotations
 
 import json
+import random
+import secrets
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -19,6 +21,20 @@ from ..inputs import data
 from .codec import CompressedRows, LogprobRows, compact, concat_quantized, sparse_logprobs
 from .entries import ReferenceCache
 from .model_index import model_identity
+
+
+# Each spot check recomputes one of the first SPOT_WINDOW cached reads of its kind, at random.
+SPOT_WINDOW = 8
+
+
+def spot_due(seed: int, kind: str, chosen: Dict[str, int], reads: Dict[str, int], window: Optional[int] = None) -> bool:
+    """Whether this read of ``kind`` is the one its spot check takes: the read whose number
+    (0, 1, ...) was drawn, with ``seed``, from the first ``window`` reads."""
+    if kind not in chosen:
+        chosen[kind] = random.Random(f"{seed}:{kind}").randrange(window or SPOT_WINDOW)
+    n = reads.get(kind, 0)
+    reads[kind] = n + 1
+    return n == chosen[kind]
 
 
 def batch_signature(prompts: List[List[int]]) -> List[int]:
@@ -54,6 +70,12 @@ class ReferenceStore:
         self.read = self.cache.enabled and not s.floor and s.repeat == 1
         # Why the cache stopped being trusted this run (a spot check failed), None while it is.
         self.tampered: Optional[str] = None
+        # The reference's spot check: one of the first SPOT_WINDOW cached reads of each kind is
+        # computed again and compared bit for bit; the seed is fresh every run.
+        self.spot_seed = secrets.randbits(32)
+        self._spot_at: Dict[str, int] = {}
+        self._cached_reads: Dict[str, int] = {}
+        self.spot_checks: List[dict] = []
         self._memory: Dict[str, tuple] = {}
 
     @staticmethod
@@ -160,7 +182,8 @@ class ReferenceStore:
         if value is not None:
             return value
         entries = self._load_all("trajectory", keys)
-        if entries is not None:
+        check = entries is not None and self._spot_due("trajectory")
+        if entries is not None and not check:
             value = [([int(t) for t in e["arrays"]["tokens"]], LogprobRows(e["arrays"]), None) for e in entries]
             return self._remember("trajectory-batch", tuple(keys), value)
         floor = self.settings.floor
@@ -175,6 +198,9 @@ class ReferenceStore:
                 exact[i].append(row.copy())
 
         tokens = self.side.greedy(prompts, n, keep)
+        if check:
+            live = [dict(rows[i].stored(), tokens=np.asarray(tokens[i])) for i in range(len(prompts))]
+            self._spot_compare("trajectory", [e["arrays"] for e in entries], live)
         value = []
         for i, key in enumerate(keys):
             if self.cache.enabled:
@@ -191,10 +217,10 @@ class ReferenceStore:
         value = self._recall("kld", key)
         if value is not None:
             return value
-        if self.read:
-            entry = self.cache.load("kld", key)
-            if entry is not None:
-                return self._remember("kld", key, (LogprobRows(entry["arrays"]), None))
+        entry = self.cache.load("kld", key) if self.read else None
+        check = entry is not None and self._spot_due("kld")
+        if entry is not None and not check:
+            return self._remember("kld", key, (LogprobRows(entry["arrays"]), None))
         parts: List[dict] = []
         exact: List[np.ndarray] = []
 
@@ -207,6 +233,8 @@ class ReferenceStore:
         if not parts:
             raise MeasurementError("internal: the reference produced no logit rows for a KLD chunk")
         stored = compact(concat_quantized(parts))
+        if check:
+            self._spot_compare("kld", [entry["arrays"]], [stored])
         self.cache.store("kld", key, stored)
         return self._remember("kld", key, (LogprobRows(stored), np.concatenate(exact) if exact else None))
 
@@ -256,6 +284,21 @@ class ReferenceStore:
         if entry is not None and entry["meta"].get("result") is not None:
             return entry["meta"]["result"]
         return None
+
+    def _spot_due(self, kind: str) -> bool:
+        """Whether this cached read of ``kind`` is the one the spot check computes again."""
+        return spot_due(self.spot_seed, kind, self._spot_at, self._cached_reads)
+
+    def _spot_compare(self, kind: str, cached: List[dict], live: List[dict]) -> None:
+        """Compare cached entries with the same results computed again, array by array; a
+        difference distrusts and clears the cache (the live results are used either way)."""
+        same = all(c.keys() == l.keys() and all(np.array_equal(np.asarray(c[k]), np.asarray(l[k])) for k in c)
+                   for c, l in zip(cached, live)) and len(cached) == len(live)
+        self.spot_checks.append({"kind": kind, "match": same})
+        if not same and self.tampered is None:
+            removed = self.invalidate("pending")
+            self.tampered = (f"the cached reference {kind} result differs from its re-computation: the cache was "
+                             f"altered; its {removed} entries were deleted, and results read before may be forged")
 
     def invalidate(self, why: str) -> int:
         """A cached result did not match its re-measurement: every entry this cache wrote is
