@@ -416,3 +416,29 @@ def test_a_negative_mean_kld_is_reported_as_zero():
     n = 8
     s = kld_summary(np.full(n, -2e-7), np.zeros(n), np.ones(n), np.ones(n), np.ones(n, bool))
     assert s["mean_kld"] == 0.0
+
+
+def test_the_spot_check_raises_no_false_alarm_on_llama_cpp(tiny_model, tiny_prompts, tiny_corpus, tmp_path,
+                                                           monkeypatch):
+    """The real engine gives the same bits on a re-measurement, so an intact cache passes (a
+    false alarm would distrust every warm run). Every kind's first cached read is checked."""
+    pytest.importorskip("llama_cpp")
+    from pytest_refract.reference import store
+    from test_runner_fake import _settings
+    from pytest_refract.audit.runner import Runner
+    from pytest_refract.axes import resolve
+
+    monkeypatch.setattr(store, "SPOT_WINDOW", 1)
+    settings = _settings(tiny_model, tiny_prompts, tiny_corpus, candidate="ctk=q8_0,ctv=q8_0", axes=("trajectory", "kld"),
+                         cache_dir=str(tmp_path / "cache"), gate_basis="verdict")
+    for run in range(2):
+        axes = resolve()
+        runner = Runner(settings, axes)
+        planned = [(name, unit) for name, unit, _group in runner.items()]
+        runner.set_plan(planned)
+        for name, unit in planned:
+            runner.measure(axes[name], unit)
+        checks = runner.control.spot_checks + runner.reference.spot_checks
+        runner.close()
+    assert sorted(c.get("axis") or c.get("kind") for c in checks) == ["kld", "kld", "trajectory", "trajectory"]
+    assert all(c["match"] for c in checks) and runner.reference.tampered is None
