@@ -198,12 +198,14 @@ class ReferenceStore:
                 exact[i].append(row.copy())
 
         tokens = self.side.greedy(prompts, n, keep)
+        # A spot check that matched leaves the entries as they are (nothing to write).
+        rewrite = self.cache.enabled
         if check:
             live = [dict(rows[i].stored(), tokens=np.asarray(tokens[i])) for i in range(len(prompts))]
-            self._spot_compare("trajectory", [e["arrays"] for e in entries], live)
+            rewrite = not self._spot_compare("trajectory", [e["arrays"] for e in entries], live)
         value = []
         for i, key in enumerate(keys):
-            if self.cache.enabled:
+            if rewrite:
                 self.cache.store("trajectory", key, dict(rows[i].stored(), tokens=np.asarray(tokens[i])))
             value.append((tokens[i], rows[i], np.stack(exact[i]) if floor else None))
         return self._remember("trajectory-batch", tuple(keys), value)
@@ -233,9 +235,8 @@ class ReferenceStore:
         if not parts:
             raise MeasurementError("internal: the reference produced no logit rows for a KLD chunk")
         stored = compact(concat_quantized(parts))
-        if check:
-            self._spot_compare("kld", [entry["arrays"]], [stored])
-        self.cache.store("kld", key, stored)
+        if not (check and self._spot_compare("kld", [entry["arrays"]], [stored])):
+            self.cache.store("kld", key, stored)
         return self._remember("kld", key, (LogprobRows(stored), np.concatenate(exact) if exact else None))
 
     def greedy(self, prompts: List[List[int]], n_predict: int) -> List[List[int]]:
@@ -289,9 +290,10 @@ class ReferenceStore:
         """Whether this cached read of ``kind`` is the one the spot check computes again."""
         return spot_due(self.spot_seed, kind, self._spot_at, self._cached_reads)
 
-    def _spot_compare(self, kind: str, cached: List[dict], live: List[dict]) -> None:
+    def _spot_compare(self, kind: str, cached: List[dict], live: List[dict]) -> bool:
         """Compare cached entries with the same results computed again, array by array; a
-        difference distrusts and clears the cache (the live results are used either way)."""
+        difference distrusts and clears the cache (the live results are used either way).
+        Returns whether they matched."""
         same = all(c.keys() == l.keys() and all(np.array_equal(np.asarray(c[k]), np.asarray(l[k])) for k in c)
                    for c, l in zip(cached, live)) and len(cached) == len(live)
         self.spot_checks.append({"kind": kind, "match": same})
@@ -299,6 +301,7 @@ class ReferenceStore:
             removed = self.invalidate("pending")
             self.tampered = (f"the cached reference {kind} result differs from its re-computation: the cache was "
                              f"altered; its {removed} entries were deleted, and results read before may be forged")
+        return same
 
     def invalidate(self, why: str) -> int:
         """A cached result did not match its re-measurement: every entry this cache wrote is
