@@ -93,8 +93,9 @@ class Runner:
         self.progress = Progress()
         self._probe_contexts()
         # A self-reference is recognised by what computes, not by how the configs are spelled.
-        self.self_reference = {role: self.computation(role) == self.computation(Role.REFERENCE)
-                               for role in self.candidate_roles}
+        reference_computes = self.computation(Role.REFERENCE)
+        for role in self.candidate_roles:
+            self.roles[role].self_reference = self.computation(role) == reference_computes
         from ..reference.store import ReferenceSide, ReferenceStore
 
         identity = ReferenceStore.identity(self.model_path, settings, self.build_info(),
@@ -235,7 +236,7 @@ class Runner:
         (per cache), flash attention, the rotation it applied; host-memory KV (nkvo) only where
         layers run on a GPU, and a full-size window cache only where the model has SWA layers.
         Two configs with the same computation give the same logits whatever their labels say."""
-        kv, log = self.configs[role], self.cache_logs.get(role)
+        kv, log = self.roles[role].config, self.roles[role].probe
         caches = tuple((c.kind, c.k_type, c.v_type) for c in (log.caches if log else ())) or \
             ((None, kv.ctk, kv.ctv),)
         rotation = log.rotation if log is not None and log.rotation is not None else kv.rot
