@@ -10,9 +10,9 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_refract.scoring import calibration as C
-from pytest_refract.report import sensitivity
 from pytest_refract.axes import BUILTIN
+from pytest_refract.report import sensitivity
+from pytest_refract.scoring import calibration as C
 from pytest_refract.scoring.metrics import band_for
 
 

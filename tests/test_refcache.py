@@ -8,16 +8,15 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import read_report, tiny_args
 
 from pytest_refract.reference.cache import (
     CompressedRows,
     LogprobRows,
-    ReferenceCache,
     RefCacheWarning,
-    concat_quantized,
+    ReferenceCache,
     check_sparse,
+    concat_quantized,
     dense_q,
     dequantize_logprobs,
     model_identity,

@@ -10,9 +10,9 @@ import stat
 import numpy as np
 import pytest
 
-from pytest_refract.report import build as report
 from pytest_refract.axes import BUILTIN
 from pytest_refract.files import write_atomic
+from pytest_refract.report import build as report
 from pytest_refract.report.jsonio import dumps
 from pytest_refract.report.sections import composite_of
 
@@ -221,8 +221,8 @@ def test_diagnose_unscored_axis_and_self_reference():
 def test_floor_below_threshold_is_a_loud_warning():
     from types import SimpleNamespace
 
-    from pytest_refract.report.record import RunRecord
     from pytest_refract.report.build import _candidate_section
+    from pytest_refract.report.record import RunRecord
 
     settings = SimpleNamespace(floor=True, repeat=1, fail_under=60.0, fail_under_text="FAIL", seed=0, gate_basis="raw")
     facts = RunRecord(settings=settings, self_reference={"cand0": False}, labels={"cand0": "ctk=q8_0,ctv=q8_0"})

@@ -5,12 +5,10 @@ batches while the control stays for the candidates still open."""
 
 from __future__ import annotations
 
-import json
-
-import pytest
-
 import fake_engine
+import pytest
 from conftest import read_report
+
 from pytest_refract.audit import runner as runner_mod
 from pytest_refract.audit.batches import DecodeBatches
 from pytest_refract.scoring.sequential import Design
@@ -108,9 +106,10 @@ def test_a_fail_on_one_axis_stops_the_candidates_other_axes(pytester, fake_llama
 
 
 def test_an_axis_stopped_by_another_claims_no_verdict():
+    import numpy as np
+
     from pytest_refract.report.verdicts import candidate_verdict
     from tests.test_verdict import AXIS, flips
-    import numpy as np
 
     rng = np.random.default_rng(3)
     cand, ctrl = flips(16, 1.0, rng)
@@ -213,7 +212,7 @@ def test_the_axes_take_turns_look_by_look_and_batches_stay_whole():
     assert sorted(map(id, order)) == sorted(map(id, planned))  # a permutation
     # trajectory looks at 16, 32, 40; kld at 8, 16, 20: stage by stage, collection order inside.
     runs = []
-    for axis, unit in order:
+    for axis, _unit in order:
         if not runs or runs[-1][0] != axis:
             runs.append([axis, 0])
         runs[-1][1] += 1

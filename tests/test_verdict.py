@@ -8,7 +8,6 @@ both sides, times independent log-normal noise per side.
 
 from __future__ import annotations
 
-import math
 from types import SimpleNamespace
 
 import numpy as np

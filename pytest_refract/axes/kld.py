@@ -13,6 +13,7 @@ from typing import List, Optional, Tuple
 import numpy as np
 
 from ..errors import MeasurementError
+from ..inputs.data import measuring_order
 from ..scoring.metrics import (
     BAND_FLOOR,
     band_for,
@@ -20,7 +21,6 @@ from ..scoring.metrics import (
     kld_score,
     kld_summary,
 )
-from ..inputs.data import measuring_order
 from .base import Axis
 
 NON_FINITE_KLD = "the KLD is not a finite number (NaN or Infinity in the log-probabilities); no score is claimed"

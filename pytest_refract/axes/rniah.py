@@ -13,9 +13,9 @@ from typing import List, Optional
 
 import numpy as np
 
+from ..inputs.data import measuring_order
 from ..inputs.haystack import strip_reasoning, trial_value
 from ..scoring.metrics import BAND_FLOOR, band_for
-from ..inputs.data import measuring_order
 from .base import Axis
 
 LOW_CONFIDENCE_BELOW = 0.2

@@ -15,8 +15,8 @@ from typing import Dict, List, Optional
 from .. import __version__
 from ..axes import DIAGNOSIS_ORDER, known
 from ..scoring.metrics import BAND_FLOOR, band_for
-from .record import RunRecord
 from .jsonio import SCHEMA
+from .record import RunRecord
 from .sections import build_axes, composite_of, custom_gates, floor_of, repeat_stats
 from .sensitivity import (
     calibrate,
