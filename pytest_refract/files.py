@@ -9,7 +9,6 @@ import tempfile
 from pathlib import Path
 from typing import Optional, Sequence, Union
 
-
 # The part of a target's name its temp file repeats: mkstemp adds 8 characters and ".tmp", and
 # a legal 250-byte name must still leave a legal temp name (255 bytes on most file systems).
 _TEMP_NAME_KEEP = 96

@@ -19,7 +19,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-
 N_RESAMPLES = 2000
 LEVEL = 0.95
 # Fewer items than this give no interval: one item's resamples are all the same item, and a
