@@ -121,7 +121,7 @@ def run_files(config) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
     folders: List[Tuple[str, str]] = []
     inipath = getattr(config, "inipath", None)
     if inipath:
-        files.append((f"pytest's ini file", str(inipath)))
+        files.append(("pytest's ini file", str(inipath)))
     try:
         plugins = list(config.pluginmanager.get_plugins())
     except Exception:

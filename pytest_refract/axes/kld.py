@@ -9,12 +9,12 @@ llama.cpp's ``llama-perplexity --kl-divergence`` conventions:
 from __future__ import annotations
 
 import hashlib
-
 from typing import List, Optional, Tuple
 
 import numpy as np
 
 from ..errors import MeasurementError
+from ..inputs.data import measuring_order
 from ..scoring.metrics import (
     BAND_FLOOR,
     band_for,
@@ -22,7 +22,6 @@ from ..scoring.metrics import (
     kld_score,
     kld_summary,
 )
-from ..inputs.data import measuring_order
 from .base import Axis, Unit
 
 NON_FINITE_KLD = "the KLD is not a finite number (NaN or Infinity in the log-probabilities); no score is claimed"

@@ -17,10 +17,10 @@ from .. import __version__
 from ..axes import DIAGNOSIS_ORDER, known
 from ..record import RunRecord
 from ..scoring.metrics import BAND_FLOOR, band_for
-from .ran import NO_OP, no_op_reason
-from .selection import candidate_selection, selection_reasons
 from .jsonio import SCHEMA
+from .ran import NO_OP, no_op_reason
 from .sections import build_axes, composite_of, custom_gates, floor_of, repeat_stats
+from .selection import candidate_selection, selection_reasons
 from .sensitivity import (
     control_diagnosis,
     control_section,
