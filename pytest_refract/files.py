@@ -52,7 +52,12 @@ def write_atomic(path, data: Union[str, bytes, Sequence[bytes]], follow_links: b
             raise OSError(f"{target} is {kind}; only a regular file is ever replaced")
     # backslashreplace: a lone surrogate (a path's byte that is not UTF-8) is written as an
     # escape, never an exception after an hour of measuring.
-    parts = [data.encode("utf-8", "backslashreplace")] if isinstance(data, str) else [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    if isinstance(data, str):
+        parts = [data.encode("utf-8", "backslashreplace")]
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        parts = [data]
+    else:
+        parts = list(data)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=str(target.parent))
     try:
         # mkstemp makes 0600 files; reports are artifacts others read, so honour the umask.

@@ -9,6 +9,7 @@ rates at the margin, are in tests/test_verdict_sim.py.
 
 from __future__ import annotations
 
+import math
 from types import SimpleNamespace
 
 import numpy as np

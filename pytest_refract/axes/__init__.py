@@ -42,7 +42,8 @@ from typing import Dict, Iterable, List, Tuple
 
 from ..errors import UsageProblem
 from . import decode, kld, plad, rniah, trajectory
-from .base import Axis, Unit
+from .base import Axis
+from .base import Unit as Unit  # re-exported: axis authors import it from pytest_refract.axes
 
 REQUIRED = ("NAME", "units", "planned_tokens", "measure", "aggregate")
 

@@ -23,7 +23,6 @@ from .codec import CompressedRows, LogprobRows, compact, concat_quantized, spars
 from .entries import ReferenceCache
 from .model_index import model_identity
 
-
 # Each spot check recomputes one of the first SPOT_WINDOW cached reads of its kind, at random.
 SPOT_WINDOW = 8
 
@@ -322,8 +321,8 @@ class ReferenceStore:
         """Compare cached entries with the same results computed again, array by array; a
         difference distrusts and clears the cache (the live results are used either way).
         Returns whether they matched."""
-        same = all(c.keys() == l.keys() and all(np.array_equal(np.asarray(c[k]), np.asarray(l[k])) for k in c)
-                   for c, l in zip(cached, live)) and len(cached) == len(live)
+        same = all(c.keys() == v.keys() and all(np.array_equal(np.asarray(c[k]), np.asarray(v[k])) for k in c)
+                   for c, v in zip(cached, live)) and len(cached) == len(live)
         self.spot_checks.append({"kind": kind, "match": same})
         if not same and self.tampered is None:
             removed = self.invalidate("pending")

@@ -72,7 +72,8 @@ def _passes(contender: Contender, axes: Mapping[str, object], factor: float, min
         axis = axes[name]
         err = contender.pass_errors.get(name, (1.0 - V.LEVEL) / 2) / factor
         test = V.margin_test(np.asarray(cand, float), np.asarray(ctrl, float), float(V.member(axis, "MARGIN", V.DEFAULT_MARGIN)),
-                             err, err, V._as_ratio_of_sums(axis.damage), contender.exact or bool(V.member(axis, "ZERO_DAMAGE_EXACT", False)),
+                             err, err, V._as_ratio_of_sums(axis.damage),
+                             contender.exact or bool(V.member(axis, "ZERO_DAMAGE_EXACT", False)),
                              bool(V.member(axis, "DAMAGE_COUNTS", False)), 0 if contender.exact else min_pass_items)
         if str(test.verdict) != V.PASS:
             return False
