@@ -22,10 +22,13 @@ process sees every result (settings.py says why in the report).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from .scoring import sequential as seq
 from .scoring import verdict as V
+
+if TYPE_CHECKING:  # a type hint only
+    from .axes.base import Axis
 
 
 @dataclass
@@ -59,7 +62,7 @@ class AxisProgress:
 
 
 class SequentialStopping:
-    def __init__(self, settings, axes: Dict[str, object], control_role: Optional[str],
+    def __init__(self, settings, axes: Dict[str, Axis], control_role: Optional[str],
                  self_reference: Dict[str, bool], labels: Dict[str, str], matrix: bool = False):
         self.settings = settings
         self.axes = axes

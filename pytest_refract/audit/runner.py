@@ -13,7 +13,7 @@ import itertools
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 from ..axes.base import Unit
 from ..engines.base import ContextRefused, ContextSettings, CutCounts, padded
@@ -416,7 +416,7 @@ class Runner:
                                  else (str(folder) if folder is not None else None))
         return build
 
-    def _open_contexts(self) -> Iterator[Tuple[str, object]]:
+    def _open_contexts(self) -> List[Tuple[str, Any]]:
         """(role, context) of every open context: the one-sequence ones, then the
         multi-sequence ones, each in the order they were first opened."""
         single = sorted((r for r in self.roles.values() if r.context is not None), key=lambda r: r.context_opened)
