@@ -88,7 +88,9 @@ def intervals_disagree(a: Optional[List[float]], b: Optional[List[float]]) -> Op
 
 def _interval(table: np.ndarray) -> Optional[List[float]]:
     est = damage_interval(table, ratio_of_sums, LEVEL, zero_is_exact=True)
-    return None if est.lo is None else [est.lo, est.hi]
+    if est.lo is None or est.hi is None:
+        return None
+    return [est.lo, est.hi]
 
 
 class DecodeAxis(KLDAxis):

@@ -37,9 +37,10 @@ def build_axes(results: Dict[str, Dict[str, dict]], failed: Dict[str, List[str]]
             continue
         section = axis.aggregate(ordered)
         again = [((repeats or {}).get(name) or {}).get(k) for k in keys]
-        if again and all(again):
+        repeated = [runs for runs in again if runs]
+        if again and len(repeated) == len(again):
             scores = [section["score"]] + [
-                axis.aggregate([runs[i] for runs in again])["score"] for i in range(len(again[0]))
+                axis.aggregate([runs[i] for runs in repeated])["score"] for i in range(len(repeated[0]))
             ]
             section["repeat"] = repeat_stats(scores)
         key = axis.ITEMS_KEY
@@ -68,7 +69,7 @@ def custom_gates(custom: List[dict]) -> Dict[str, float]:
 
 def repeat_stats(scores: List[Optional[float]]) -> dict:
     """Spread of one score over --refract-repeat runs: on a CPU build it must be exactly 0."""
-    values = [s for s in scores if is_score(s)]
+    values = [s for s in scores if s is not None and is_score(s)]
     if len(values) != len(scores) or not values:
         return {"n": len(scores), "scores": scores, "mean": None, "stdev": None, "range": None, "verdict": None}
     mean = sum(values) / len(values)
