@@ -7,7 +7,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Union
 
 # The part of a target's name its temp file repeats: mkstemp adds 8 characters and ".tmp", and
 # a legal 250-byte name must still leave a legal temp name (255 bytes on most file systems).
@@ -52,6 +52,7 @@ def write_atomic(path, data: Union[str, bytes, Sequence[bytes]], follow_links: b
             raise OSError(f"{target} is {kind}; only a regular file is ever replaced")
     # backslashreplace: a lone surrogate (a path's byte that is not UTF-8) is written as an
     # escape, never an exception after an hour of measuring.
+    parts: List[Union[bytes, bytearray, memoryview]]
     if isinstance(data, str):
         parts = [data.encode("utf-8", "backslashreplace")]
     elif isinstance(data, (bytes, bytearray, memoryview)):
@@ -114,7 +115,8 @@ def write_reports(outputs, fallback_dir: Optional[Path] = None):
     made once. Returns (option -> the path actually written or None, one line per failure
     saying where the report could not go and where it went instead, if anywhere): the
     fallback is ``fallback_dir`` (beside pytest's cache), under the report's own name."""
-    written, problems = {}, []
+    written: Dict[str, Optional[Path]] = {}
+    problems: List[str] = []
     for option, path, make_text in outputs:
         if not path:
             continue

@@ -322,7 +322,11 @@ class Context:
                 i = queue.pop()
                 slot_of[i] = slot
                 last: List[np.ndarray] = []
-                self.prefill(slot, prompts[i], len(prompts[i]) - 1, lambda first, view, last=last: last.append(view))
+
+                def keep_last(first, view, last: List[np.ndarray] = last) -> None:
+                    last.append(view)
+
+                self.prefill(slot, prompts[i], len(prompts[i]) - 1, keep_last)
                 if self._take(i, 0, last[-1][-1], out, n_predict, on_row):
                     active.append(i)
                     return

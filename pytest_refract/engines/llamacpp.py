@@ -14,7 +14,7 @@ import contextlib
 import ctypes
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -114,7 +114,7 @@ def library_version() -> str:
 
 def build_info() -> dict:
     """What produced the numbers: the Python binding and the ggml library it loaded."""
-    info = {"llama_cpp_python": library_version(), "ggml_version": None, "ggml_commit": None}
+    info: Dict[str, Any] = {"llama_cpp_python": library_version(), "ggml_version": None, "ggml_commit": None}
     lib = _ggml_lib()
     for key, fn in (("ggml_version", "ggml_version"), ("ggml_commit", "ggml_commit")):
         func = getattr(lib, fn, None)

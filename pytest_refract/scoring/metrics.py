@@ -58,7 +58,7 @@ def harmonic_mean(scores: Sequence[Optional[float]]) -> Optional[float]:
     or not finite: a composite never stands in for an axis that was not measured."""
     if not scores or not all(is_score(s) for s in scores):
         return None
-    values = [float(s) for s in scores]
+    values = [float(s) for s in scores if is_score(s)]  # all of them, as just checked
     if any(v < 0 for v in values):
         raise ValueError("scores must be non-negative")
     if any(v == 0 for v in values):
