@@ -13,7 +13,7 @@ import json
 import random
 import secrets
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -25,6 +25,9 @@ from .model_index import model_identity
 
 # Each spot check recomputes one of the first SPOT_WINDOW cached reads of its kind, at random.
 SPOT_WINDOW = 8
+
+if TYPE_CHECKING:  # a type hint only: pack is imported where a pack is recorded
+    from .pack import RecordingCache
 
 
 def spot_due(seed: int, kind: str, chosen: Dict[str, int], reads: Dict[str, int], window: Optional[int] = None) -> bool:
@@ -69,7 +72,7 @@ class ReferenceStore:
         local = ReferenceCache(directory, identity, n_vocab=side.n_vocab())
         self.local_cache_enabled = local.enabled
         self.local_cache = local
-        self.cache = local
+        self.cache: Union[ReferenceCache, RecordingCache] = local
         # The floor compares the reference with itself bit for bit: it needs the live reference.
         # --refract-repeat must re-measure the reference too, so it does not read either.
         s = self.settings
@@ -218,6 +221,7 @@ class ReferenceStore:
         rewrite = self.cache.enabled
         if check:
             live = [dict(rows[i].stored(), tokens=np.asarray(tokens[i])) for i in range(len(prompts))]
+            assert entries is not None  # a spot check is due only on entries read
             rewrite = not self._spot_compare("trajectory", [e["arrays"] for e in entries], live)
         value = []
         for i, key in enumerate(keys):
@@ -255,7 +259,7 @@ class ReferenceStore:
             raise MeasurementError("internal: the reference produced no logit rows for a KLD chunk")
         stored = compact(concat_quantized(parts))
         self._fingerprints[key] = digest.hexdigest()
-        if not (check and self._spot_compare("kld", [entry["arrays"]], [stored])):
+        if not (check and entry is not None and self._spot_compare("kld", [entry["arrays"]], [stored])):  # check: entry read
             self.cache.store("kld", key, stored, meta={"logits_sha256": self._fingerprints[key]})
         return self._remember("kld", key, (LogprobRows(stored), np.concatenate(exact) if exact else None))
 
