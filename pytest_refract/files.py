@@ -7,7 +7,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Union
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 # The part of a target's name its temp file repeats: mkstemp adds 8 characters and ".tmp", and
 # a legal 250-byte name must still leave a legal temp name (255 bytes on most file systems).
@@ -109,7 +109,7 @@ def special_file_kind(path, follow_links: bool = True) -> Optional[str]:
     return "not a regular file"
 
 
-def write_reports(outputs, fallback_dir: Optional[Path] = None):
+def write_reports(outputs, fallback_dir: Optional[Path] = None) -> Tuple[Dict[str, Optional[Path]], List[str]]:
     """Write each report; a failure (a full disk, the folder removed mid-run, a name too long)
     never loses a measured audit. ``outputs``: (option, path, make_text) triples; the text is
     made once. Returns (option -> the path actually written or None, one line per failure
