@@ -280,8 +280,7 @@ class ReferenceCache:
             arr = np.ascontiguousarray(arr)
             layout.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape)})
             if arr.size:
-                # numpy's stubs do not declare the buffer protocol ndarray has at runtime.
-                parts.append(compressor.compress(memoryview(arr.reshape(-1)).cast("B")))  # type: ignore[arg-type]
+                parts.append(compressor.compress(arr.reshape(-1).data.cast("B")))  # .data: the array's own memory
         parts.append(compressor.flush())
         header = json.dumps({"format": FORMAT_VERSION, "key": key, "size": sum(len(p) for p in parts),
                              "arrays": layout, "meta": json.dumps(meta or {})}).encode()
