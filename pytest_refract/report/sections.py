@@ -69,7 +69,7 @@ def custom_gates(custom: List[dict]) -> Dict[str, float]:
 
 def repeat_stats(scores: List[Optional[float]]) -> dict:
     """Spread of one score over --refract-repeat runs: on a CPU build it must be exactly 0."""
-    values = [s for s in scores if s is not None and is_score(s)]
+    values = [s for s in scores if is_score(s)]
     if len(values) != len(scores) or not values:
         return {"n": len(scores), "scores": scores, "mean": None, "stdev": None, "range": None, "verdict": None}
     mean = sum(values) / len(values)
