@@ -150,7 +150,7 @@ def test_teacher_forcing_after_divergence_equals_a_full_forced_pass(tiny_engine,
                           greedy=lambda role, ps, n, on_row, on_finish: cand.greedy(
                               ps, n, on_row, lambda i, slot: on_finish(cand, i, slot)))
     compared = _compare_batch(run, "cand", prompts, [(t, r, r) for t, r in zip(ref_tokens, ref_rows)], False)
-    for prompt, cont, rows, (_decoded, tf_kld, tf_top1) in zip(prompts, ref_tokens, ref_rows, compared):
+    for prompt, cont, rows, (_compared_tokens, tf_kld, tf_top1) in zip(prompts, ref_tokens, ref_rows, compared):
         cand.reset()
         full = cand.evaluate(0, prompt + cont[:-1], 0, logits_from=len(prompt) - 1)
         # Rows before the divergence come from one-token decode steps, the rest from one batch:

@@ -125,7 +125,7 @@ def test_warm_run_matches_cold_and_skips_the_reference(pytester, tiny_model, tin
     # computed again; test_safety_gate.py).
     checked = {c["kind"] for c in warm["reference_cache"]["spot_check"]["reference_checked"]}
     for name, section in warm["axes"].items():
-        ref = section["compute"].get("reference", {"batch_tokens": 0, "decode_tokens": 0})
+        ref = (section.get("compute") or {}).get("reference", {"batch_tokens": 0, "decode_tokens": 0})
         if name not in checked:
             assert ref == {"batch_tokens": 0, "decode_tokens": 0}
     # Another candidate, same reference: served from the cache as well.

@@ -26,10 +26,10 @@ def fake_llamacpp(monkeypatch):
 
 @pytest.fixture
 def long_corpus(tmp_path):
-    # Over 32 chunks of 64 tokens in the fake engine's word-level vocabulary.
+    # Over 64 chunks of 64 tokens in the fake engine's word-level vocabulary: a PASS needs 46 items.
     words = "the end of the world is a hello to the end. "
     path = tmp_path / "corpus.txt"
-    path.write_text(words * 250, encoding="utf-8")
+    path.write_text(words * 500, encoding="utf-8")
     return path
 
 
@@ -40,7 +40,7 @@ def _audit(pytester, model, corpus, *extra, prompts=None, report_name="r.json", 
             f"--refract-json={report}", "-p", "no:cacheprovider",
             *([f"--refract-prompts={prompts}"] if prompts else []), *extra]
     if not any(a.startswith("--refract-candidate") for a in extra):
-        args.append("--refract-candidate=ctk=f32,ctv=f32")
+        args.append("--refract-candidate=ctk=bf16,ctv=bf16")  # the control's own damage: M = 1
     result = pytester.runpytest_inprocess(*args)
     return result, (read_report(report) if report.exists() else None)
 
@@ -282,7 +282,7 @@ def test_an_early_stop_is_incomplete_and_never_passes(pytester, fake_llamacpp, t
 # --------------------------------------------------------------------------- 7. the gate in JUnit XML
 
 
-@pytest.mark.parametrize("candidate, passed", [("ctk=q4_0,ctv=q4_0", False), ("ctk=f32,ctv=f32", True)])
+@pytest.mark.parametrize("candidate, passed", [("ctk=q4_0,ctv=q4_0", False), ("ctk=bf16,ctv=bf16", True)])
 def test_the_gate_is_a_junit_test_case(pytester, fake_llamacpp, tiny_model, long_corpus, candidate, passed):
     junit = pytester.path / "j.xml"
     result, report = _audit(pytester, tiny_model, long_corpus, "--refract-axes=kld", f"--refract-candidate={candidate}",
@@ -406,7 +406,8 @@ def test_a_negative_damage_is_zero_and_inside_its_interval(same_computation):
     v = axis_verdict(BUILTIN["kld"], candidate, control, control_score=99.6, same_computation=same_computation)
     assert v.multiple is not None and v.multiple >= 0 and v.damage >= 0
     lo, hi = v.multiple_ci95
-    assert lo <= v.multiple <= hi
+    # Below the items a PASS needs the interval is open above (hi None): the point is still in it.
+    assert lo <= v.multiple and (hi is None or v.multiple <= hi)
     assert "KLD 0x the control" in v.headline() and " -" not in v.headline()
 
 
@@ -435,10 +436,10 @@ def test_the_spot_check_raises_no_false_alarm_on_llama_cpp(tiny_model, tiny_prom
     for _run in range(2):
         axes = resolve()
         runner = Runner(settings, axes)
-        planned = [(name, unit) for name, unit, _group in runner.items()]
+        planned = [unit for unit, _group in runner.items()]
         runner.set_plan(planned)
-        for name, unit in planned:
-            runner.measure(axes[name], unit)
+        for unit in planned:
+            runner.measure(unit)
         checks = runner.control.spot_checks + runner.reference.spot_checks
         runner.close()
     assert sorted(c.get("axis") or c.get("kind") for c in checks) == ["kld", "kld", "trajectory", "trajectory"]
