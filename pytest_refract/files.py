@@ -7,8 +7,7 @@ import os
 import stat
 import tempfile
 from pathlib import Path
-from typing import Optional, Sequence, Union
-
+from typing import Dict, List, Optional, Sequence, Tuple, Union
 
 # The part of a target's name its temp file repeats: mkstemp adds 8 characters and ".tmp", and
 # a legal 250-byte name must still leave a legal temp name (255 bytes on most file systems).
@@ -53,7 +52,13 @@ def write_atomic(path, data: Union[str, bytes, Sequence[bytes]], follow_links: b
             raise OSError(f"{target} is {kind}; only a regular file is ever replaced")
     # backslashreplace: a lone surrogate (a path's byte that is not UTF-8) is written as an
     # escape, never an exception after an hour of measuring.
-    parts = [data.encode("utf-8", "backslashreplace")] if isinstance(data, str) else [data] if isinstance(data, (bytes, bytearray, memoryview)) else list(data)
+    parts: List[Union[bytes, bytearray, memoryview]]
+    if isinstance(data, str):
+        parts = [data.encode("utf-8", "backslashreplace")]
+    elif isinstance(data, (bytes, bytearray, memoryview)):
+        parts = [data]
+    else:
+        parts = list(data)
     fd, tmp = tempfile.mkstemp(prefix=temp_prefix(target), suffix=".tmp", dir=str(target.parent))
     try:
         # mkstemp makes 0600 files; reports are artifacts others read, so honour the umask.
@@ -104,13 +109,14 @@ def special_file_kind(path, follow_links: bool = True) -> Optional[str]:
     return "not a regular file"
 
 
-def write_reports(outputs, fallback_dir: Optional[Path] = None):
+def write_reports(outputs, fallback_dir: Optional[Path] = None) -> Tuple[Dict[str, Optional[Path]], List[str]]:
     """Write each report; a failure (a full disk, the folder removed mid-run, a name too long)
     never loses a measured audit. ``outputs``: (option, path, make_text) triples; the text is
     made once. Returns (option -> the path actually written or None, one line per failure
     saying where the report could not go and where it went instead, if anywhere): the
     fallback is ``fallback_dir`` (beside pytest's cache), under the report's own name."""
-    written, problems = {}, []
+    written: Dict[str, Optional[Path]] = {}
+    problems: List[str] = []
     for option, path, make_text in outputs:
         if not path:
             continue

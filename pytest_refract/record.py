@@ -8,12 +8,15 @@ audit layer hands to the report layer, and neither of those may import the other
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, Optional, Tuple
+
+if TYPE_CHECKING:  # a type hint only: settings.py sits above this base layer
+    from .settings import Settings
 
 
 @dataclass(frozen=True)
 class RunRecord:
-    settings: object  # settings.Settings (a frozen dataclass of the options)
+    settings: Settings  # the options (a frozen dataclass)
     # Candidates in the order given; role -> label for the candidates and the control.
     candidate_roles: Tuple[str, ...] = ("cand0",)
     labels: Dict[str, str] = field(default_factory=dict)

@@ -10,7 +10,7 @@ import contextlib
 import signal
 import threading
 import time
-from typing import Dict, List, Optional
+from typing import Dict, List, Literal, Optional, Tuple
 
 import pytest
 
@@ -167,6 +167,8 @@ class RefractSession:
         self._finished: set = set()
         self.started = time.time()
         self.report: Optional[dict] = None
+        # Set when the report files are written (declared only: read with getattr before that).
+        self.write_problems: List[str]
         self.gate: dict = {"passed": None, "threshold": runner.settings.fail_under, "reasons": []}
         self.interrupted = False
         self.is_worker = hasattr(config, "workerinput")
@@ -373,8 +375,9 @@ class RefractSession:
         reasons = list(self.gate.get("reasons") or []) + list(getattr(self, "write_problems", []) or [])
         passed = bool(self.gate.get("passed")) and not reasons
         text = "refract gate FAILED:\n" + "\n".join(reasons) if not passed else None
-        for when, outcome, longrepr in (("setup", "passed", None), ("call", "passed" if passed else "failed", text),
-                                        ("teardown", "passed", None)):
+        phases: List[Tuple[Literal["setup", "call", "teardown"], Literal["passed", "failed"], Optional[str]]] = [
+            ("setup", "passed", None), ("call", "passed" if passed else "failed", text), ("teardown", "passed", None)]
+        for when, outcome, longrepr in phases:
             xml.pytest_runtest_logreport(TestReport(
                 nodeid="refract::gate", location=("refract", None, "refract gate"), keywords={}, outcome=outcome,
                 longrepr=longrepr, when=when, sections=[], duration=0.0,
@@ -446,6 +449,8 @@ class RefractSession:
         from .report.jsonio import dumps
 
         s = self.runner.settings
+        report = self.report
+        assert report is not None  # built before any file is written
 
         def html():
             from .report.html import render_html
@@ -458,7 +463,7 @@ class RefractSession:
         except OSError:
             fallback = None
         self.written, self.write_problems = write_reports(
-            [("--refract-json", s.json_path, lambda: dumps(self.report)), ("--refract-html", s.html_path, html)],
+            [("--refract-json", s.json_path, lambda: dumps(report)), ("--refract-html", s.html_path, html)],
             fallback)
 
     def pytest_report_header(self, config):

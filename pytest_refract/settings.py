@@ -77,6 +77,13 @@ _UNSET = "\x00unset"
 OPTION_DEFAULTS = {name: default for name, _type, default, _help in OPTIONS}
 
 
+def _default_text(name: str) -> str:
+    """The default of an option that has one, as text."""
+    text = OPTION_DEFAULTS[name]
+    assert text is not None, f"--refract-{name} has no default"  # asked only for options with one
+    return text
+
+
 def _number_tuple(cast):
     return lambda text: tuple(dict.fromkeys(cast(part.strip()) for part in text.split(",") if part.strip()))
 
@@ -272,8 +279,8 @@ class Settings:
     max_items: Optional[int] = option_default("max-items")
     sequential_note: Optional[str] = None  # why stopping is off where it was not asked off
     # The decode axis: positions per chunk fed one token per llama_decode, and chunks measured.
-    decode_window: int = int(OPTION_DEFAULTS["decode-window"])
-    decode_chunks: int = int(OPTION_DEFAULTS["decode-chunks"])
+    decode_window: int = int(_default_text("decode-window"))
+    decode_chunks: int = int(_default_text("decode-chunks"))
     # --refract-require-complete: the gate fails unless the whole default audit ran.
     require_complete: bool = False
 
@@ -343,6 +350,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
     if not model:
         return None
     model = _path(config, "model", _embedded_model_names())
+    assert model is not None  # given: checked just above
     given = config.getoption("refract_candidate")
     if given and any(not (t or "").strip() for t in given):
         raise UsageProblem("--refract-candidate is empty; give a KV config, e.g. --refract-candidate=ctk=q8_0,ctv=q4_0")
@@ -378,7 +386,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         unknown = [a for a in axes if a not in known]
         if unknown:
             raise UsageProblem(f"--refract-axes: unknown axis {unknown[0]!r}; choose from {', '.join(known)} or none")
-    fail_text = _get(config, "fail-under") or OPTION_DEFAULTS["fail-under"]
+    fail_text = _get(config, "fail-under") or _default_text("fail-under")
     try:
         fail_under = parse_threshold(fail_text)
     except ValueError as exc:
@@ -406,7 +414,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         threads = max(1, (os.cpu_count() or 1) // workers)
     json_path = _output_path(config, "json")
     html_path = _output_path(config, "html")
-    max_drop_raw = _get(config, "max-drop") or OPTION_DEFAULTS["max-drop"]
+    max_drop_raw = _get(config, "max-drop") or _default_text("max-drop")
     try:
         max_drop = float(max_drop_raw)
     except ValueError:
@@ -485,7 +493,7 @@ def _packs(config, repeat: int) -> Tuple[Optional[str], Optional[str]]:
 
 
 def _chunks(config) -> Optional[int]:
-    raw = _get(config, "chunks") or OPTION_DEFAULTS["chunks"]
+    raw = _get(config, "chunks") or _default_text("chunks")
     if str(raw).lower() == "all":
         return None
     return _int(config, "chunks", 1)
@@ -510,14 +518,14 @@ def _sequential(config, gate_basis: str) -> Tuple[bool, Optional[str]]:
 
 
 def _undecided(config) -> str:
-    text = (_get(config, "undecided") or OPTION_DEFAULTS["undecided"]).lower()
+    text = (_get(config, "undecided") or _default_text("undecided")).lower()
     if text not in ("fail", "pass"):
         raise UsageProblem(f"--refract-undecided={text!r} must be fail or pass")
     return text
 
 
 def _sensitivity(config, reference: KVConfig, candidates=()) -> Tuple[Optional[KVConfig], Optional[str], str]:
-    gate_text = (_get(config, "gate") or OPTION_DEFAULTS["gate"]).lower()
+    gate_text = (_get(config, "gate") or _default_text("gate")).lower()
     if gate_text == "calibrated":
         # The retention bound it read was the upper end of its own interval by construction.
         raise UsageProblem("--refract-gate=calibrated was retired; use the verdict gate (the default: drop "
@@ -675,7 +683,7 @@ def _rniah_settings(config, axes: Tuple[str, ...] = ("rniah",)) -> dict:
         except UnicodeEncodeError:
             # Bytes that are not UTF-8 on the command line arrive as lone surrogates.
             raise UsageProblem(f"--refract-{name} holds bytes that are not UTF-8 text; give UTF-8") from None
-    values = (_get(config, "rniah-values") or OPTION_DEFAULTS["rniah-values"]).lower()
+    values = (_get(config, "rniah-values") or _default_text("rniah-values")).lower()
     if values not in ("numbers", "words"):
         raise UsageProblem("--refract-rniah-values must be numbers or words")
     return {
@@ -683,7 +691,7 @@ def _rniah_settings(config, axes: Tuple[str, ...] = ("rniah",)) -> dict:
         "rniah_positions": _number_list(config, "rniah-positions", float, 0.0, 1.0),
         "rniah_trials": _int(config, "rniah-trials", 1),
         "rniah_needle": needle,
-        "rniah_question": _get(config, "rniah-question") or OPTION_DEFAULTS["rniah-question"],
+        "rniah_question": _get(config, "rniah-question") or _default_text("rniah-question"),
         "rniah_answer": answer,
         "rniah_values": values,
         "rniah_answer_tokens": _int(config, "rniah-answer-tokens", 1),

@@ -22,10 +22,13 @@ process sees every result (settings.py says why in the report).
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from .scoring import sequential as seq
 from .scoring import verdict as V
+
+if TYPE_CHECKING:  # a type hint only
+    from .axes.base import Axis
 
 
 @dataclass
@@ -59,7 +62,7 @@ class AxisProgress:
 
 
 class SequentialStopping:
-    def __init__(self, settings, axes: Dict[str, object], control_role: Optional[str],
+    def __init__(self, settings, axes: Dict[str, Axis], control_role: Optional[str],
                  self_reference: Dict[str, bool], labels: Dict[str, str], matrix: bool = False):
         self.settings = settings
         self.axes = axes
@@ -124,11 +127,13 @@ class SequentialStopping:
         if state.stopped_by is not None:
             return self._stopped_reason(role, state.stopped_by)
         noun = _noun(self.axes[axis_name])
+        assert state.verdict is not None and state.looked_at is not None  # decided: a look was read
         return seq.skip_reason(state.looked_at, state.design.n_max, noun, _decision_text(state.verdict))
 
     def _stopped_reason(self, role: str, by: str) -> str:
         decider = self.progress[(role, by)]
         noun = _noun(self.axes[by])
+        assert decider.verdict is not None and decider.looked_at is not None  # it decided FAIL at a look
         return (f"not needed: the verdict is FAIL on {by} "
                 f"({seq.skip_reason(decider.looked_at, decider.design.n_max, noun, _decision_text(decider.verdict))})")
 
@@ -150,9 +155,8 @@ class SequentialStopping:
         state.measured = len(shared)
         design = state.design
         look = design.look_at(state.measured)
-        at_look = look is not None and design.looks[look] > (state.looked_at or 0)
-        if not at_look:
-            return None
+        if look is None or design.looks[look] <= (state.looked_at or 0):
+            return None  # not at a new look
         pass_error, fail_error, pass_from = design.errors_at(look)
         verdict = V.axis_verdict(axis, [candidate_results[u] for u in shared], [control_results[u] for u in shared],
                                  errors=(pass_error, fail_error), min_pass_items=pass_from,
@@ -183,6 +187,7 @@ class SequentialStopping:
         if state.decided:
             return f"{text} decided" + (f": the remaining {left} are skipped" if left > 0 else "")
         nxt = state.design.next_look(state.measured)
+        assert state.verdict is not None  # a line is shown once a look was read
         if state.verdict.verdict == V.UNDECIDED and nxt is not None:
             return f"{text}, next look at {nxt}"
         return text

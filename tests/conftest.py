@@ -10,7 +10,6 @@ from pathlib import Path
 
 import pytest
 from hypothesis import settings
-
 from tiny_model import write_tiny_llama
 
 pytest_plugins = ["pytester"]

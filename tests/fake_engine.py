@@ -144,7 +144,7 @@ class FakeContext(Context):
     def _decode(self, rows, seqs) -> None:
         out = []
         grown: Dict[int, List[int]] = {}
-        for (tok, pos, want), seq in zip(rows, seqs):
+        for (tok, _pos, want), seq in zip(rows, seqs):
             history = grown.setdefault(seq, list(self._tokens[seq]))
             history.append(int(tok))
             if want:

@@ -11,7 +11,6 @@ import xml.etree.ElementTree as ET
 from pathlib import Path
 
 import pytest
-
 from conftest import one_usage_error_line, read_report, tiny_args
 
 from pytest_refract.cli import compare

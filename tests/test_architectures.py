@@ -6,7 +6,6 @@ architecture this llama.cpp does not know, a chat template that does not render)
 from __future__ import annotations
 
 import pytest
-
 from conftest import one_usage_error_line, read_report
 from tiny_model import write_tiny_family, write_tiny_llama
 

@@ -5,18 +5,17 @@ and properties. Pure numpy, no llama.cpp."""
 from __future__ import annotations
 
 import math
+import re
 
 import numpy as np
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_refract.scoring import calibration as C
-from pytest_refract.report import sensitivity
 from pytest_refract.axes import BUILTIN
-import re
-
 from pytest_refract.axes.trajectory import CONFIDENT, NEAR_TIE, divergence_counts
+from pytest_refract.report import sensitivity
+from pytest_refract.scoring import calibration as C
 
 
 def plad_items(scores):

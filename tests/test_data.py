@@ -11,9 +11,9 @@ from pathlib import Path
 
 import pytest
 
+from pytest_refract.errors import UsageProblem
 from pytest_refract.inputs import data
 from pytest_refract.inputs.data import load_corpus, load_prompts, resolve_model
-from pytest_refract.errors import UsageProblem
 
 
 def _jsonl(tmp_path, lines, name="p.jsonl"):

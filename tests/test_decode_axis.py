@@ -4,13 +4,12 @@ way; and the flag for a build whose one-token decode path disagrees with its bat
 
 from __future__ import annotations
 
+import fake_engine
 import pytest
 
-import fake_engine
 from pytest_refract.audit.runner import Runner
 from pytest_refract.axes import BUILTIN, resolve
 from pytest_refract.axes.decode import decode_and_batched, intervals_disagree, window_of
-from pytest_refract.engines.base import ContextSettings
 from pytest_refract.engines.kvconfig import parse_kv_config
 from pytest_refract.report.build import build_report
 from pytest_refract.settings import Settings

@@ -5,7 +5,6 @@ with GPU offload, the same on the GPU with what ran checked (marked gpu: skipped
 from __future__ import annotations
 
 import pytest
-
 from conftest import read_report
 
 

@@ -13,8 +13,8 @@ import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import plugin_args
+
 from pytest_refract import settings
 
 ROOT = Path(__file__).resolve().parent.parent

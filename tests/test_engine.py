@@ -111,7 +111,8 @@ def test_quantized_cache_changes_logits_but_deterministically(tiny_engine, tiny_
     ref = _ctx(tiny_engine, tiny_model, "ctk=f16,ctv=f16", "ref")
     cand = _ctx(tiny_engine, tiny_model, "ctk=q4_0,ctv=q4_0", "cand")
     toks = _tokens(200, 5)
-    ref.reset(); cand.reset()
+    ref.reset()
+    cand.reset()
     r = ref.evaluate(0, toks, 0, logits_from=100)
     c = cand.evaluate(0, toks, 0, logits_from=100)
     assert not np.array_equal(r, c)
@@ -149,7 +150,7 @@ def test_teacher_forcing_after_divergence_equals_a_full_forced_pass(tiny_engine,
                           greedy=lambda role, ps, n, on_row, on_finish: cand.greedy(
                               ps, n, on_row, lambda i, slot: on_finish(cand, i, slot)))
     compared = _compare_batch(run, "cand", prompts, [(t, r, r) for t, r in zip(ref_tokens, ref_rows)], False)
-    for prompt, cont, rows, (tokens, tf_kld, tf_top1) in zip(prompts, ref_tokens, ref_rows, compared):
+    for prompt, cont, rows, (_compared_tokens, tf_kld, tf_top1) in zip(prompts, ref_tokens, ref_rows, compared):
         cand.reset()
         full = cand.evaluate(0, prompt + cont[:-1], 0, logits_from=len(prompt) - 1)
         # Rows before the divergence come from one-token decode steps, the rest from one batch:
@@ -188,7 +189,7 @@ def test_sequences_decoded_together_match_one_at_a_time(tiny_engine, tiny_model,
     seen = {}
     for n_predict in sorted(set(budgets)):
         out = many.greedy(prompts, n_predict,
-                          on_row=lambda i, step, row: seen.setdefault((n_predict, i, step), row.copy()))
+                          on_row=lambda i, step, row, n_predict=n_predict: seen.setdefault((n_predict, i, step), row.copy()))
         for i, prompt in enumerate(prompts):
             tokens, logits = _greedy_rows(single, prompt, n_predict)
             assert out[i] == tokens

@@ -9,8 +9,8 @@ import os
 
 import gguf  # a test dependency (tiny_model writes with it too)
 import pytest
+from tiny_model import FAMILIES, write_tiny_family, write_tiny_llama
 
-from pytest_refract.errors import UsageProblem
 from pytest_refract.engines.gguf import (
     _KEEP_ARRAY_MAX,
     _SkippedArray,
@@ -18,8 +18,7 @@ from pytest_refract.engines.gguf import (
     head_sha256,
     read_gguf,
 )
-
-from tiny_model import FAMILIES, write_tiny_family, write_tiny_llama
+from pytest_refract.errors import UsageProblem
 
 
 @pytest.fixture

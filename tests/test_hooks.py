@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import read_report, tiny_args
 
 EXAMPLE = Path(__file__).resolve().parent.parent / "examples" / "custom_axis" / "conftest.py"

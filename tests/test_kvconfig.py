@@ -6,7 +6,6 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from pytest_refract.errors import UsageProblem
 from pytest_refract.engines.kvconfig import (
     CacheType,
     KVConfig,
@@ -14,6 +13,7 @@ from pytest_refract.engines.kvconfig import (
     share_flash_attention,
     validate_for_model,
 )
+from pytest_refract.errors import UsageProblem
 
 CACHE_TYPE_NAMES = ["f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1", "iq4_nl", "turbo4"]
 

@@ -7,10 +7,9 @@ import pytest
 from hypothesis import given
 from hypothesis import strategies as st
 
-from pytest_refract.engines import kvlog
-from pytest_refract.engines import libload
-from pytest_refract.errors import UsageProblem
+from pytest_refract.engines import kvlog, libload
 from pytest_refract.engines.kvconfig import ROTATION_POLICIES, parse_kv_config
+from pytest_refract.errors import UsageProblem
 
 # Lines as upstream llama.cpp (llama-cpp-python 0.3.36's vendored copy) logs them.
 UPSTREAM_LOG = [

@@ -9,7 +9,6 @@ import hashlib
 import importlib.util
 import json
 import os
-import sys
 
 import pytest
 

@@ -10,8 +10,8 @@ import shutil
 from pathlib import Path
 
 import pytest
-
 from conftest import one_usage_error_line, read_report, tiny_args
+
 from pytest_refract.report.jsonio import SCHEMA
 
 pytest_plugins = ["pytester"]

@@ -8,7 +8,6 @@ import subprocess
 import sys
 
 import pytest
-
 from conftest import one_usage_error_line, read_report, tiny_args
 from tiny_model import write_tiny_llama
 

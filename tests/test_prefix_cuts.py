@@ -7,13 +7,13 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from conftest import read_report
+from tiny_model import write_tiny_family
 
 from pytest_refract.engines import base
 from pytest_refract.engines import llamacpp as E
 from pytest_refract.engines.gguf import read_gguf
 from pytest_refract.engines.kvconfig import parse_kv_config, validate_for_model
-from conftest import read_report
-from tiny_model import write_tiny_family
 
 WINDOW = 32
 N_BATCH = 64  # a small batch keeps llama.cpp's window cache small: pad(32 + 64, 256) = 256 cells

@@ -11,11 +11,10 @@ import select
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
 from conftest import subprocess_env
+
 from pytest_refract.audit.progress import LiveLine, PlainLines, Progress, describe, status_text
 from pytest_refract.axes.base import Unit
 

@@ -8,7 +8,6 @@ import os
 
 import numpy as np
 import pytest
-
 from conftest import read_report, tiny_args
 
 from pytest_refract.reference.codec import (

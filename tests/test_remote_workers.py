@@ -15,10 +15,8 @@ import socket
 import subprocess
 import sys
 import time
-from pathlib import Path
 
 import pytest
-
 from conftest import plugin_args, read_report
 
 pytestmark = pytest.mark.smollm2

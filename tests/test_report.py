@@ -10,9 +10,9 @@ import stat
 import numpy as np
 import pytest
 
-from pytest_refract.report import build as report
 from pytest_refract.axes import BUILTIN
 from pytest_refract.files import write_atomic
+from pytest_refract.report import build as report
 from pytest_refract.report.jsonio import dumps
 from pytest_refract.report.sections import composite_of
 

@@ -16,13 +16,13 @@ from types import SimpleNamespace
 import pytest
 
 from pytest_refract import axes as axes_mod
-from pytest_refract.cli import compare
-from pytest_refract.report import terminal as summary
 from pytest_refract.axes import BUILTIN, resolve
 from pytest_refract.axes.plad import item_score
+from pytest_refract.cli import compare
+from pytest_refract.engines.kvconfig import parse_kv_config
 from pytest_refract.errors import UsageProblem
 from pytest_refract.record import RunRecord
-from pytest_refract.engines.kvconfig import parse_kv_config
+from pytest_refract.report import terminal as summary
 from pytest_refract.report.build import build_report
 from pytest_refract.report.jsonio import dumps
 from pytest_refract.scoring.metrics import band_for
@@ -181,7 +181,8 @@ def test_build_report_needs_no_llama_cpp():
     the modules that drive it (the engine, the audit layer, the session). The options' parser
     (engines/kvconfig.py, pure) may come in with Settings."""
     code = ("import json, sys; sys.path.insert(0, sys.argv[1]); import test_report_data as t; "
-            "from pytest_refract.report.build import build_report; from pytest_refract.report.jsonio import dumps; dumps(build_report(**t._inputs())); "
+            "from pytest_refract.report.build import build_report; from pytest_refract.report.jsonio import dumps; "
+            "dumps(build_report(**t._inputs())); "
             "print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] == 'llama_cpp' "
             "or m.startswith('pytest_refract.audit') "
             "or m in ('pytest_refract.engines.llamacpp', 'pytest_refract.engines.base', 'pytest_refract.plugin', "

@@ -7,15 +7,13 @@ folder of a shared-library build of the fork and skip otherwise (CI has no copy 
 
 from __future__ import annotations
 
-import json
 import os
 import re
-import sys
 from pathlib import Path
 
 import pytest
-
 from conftest import one_usage_error_line, read_report
+
 from pytest_refract.engines import libload
 from pytest_refract.errors import UsageProblem
 
@@ -94,8 +92,8 @@ def test_reference_cache_is_keyed_by_the_library_digest(pytester, tiny_model, ti
 
 
 def test_creation_log_is_printed_only_with_verbose(pytester, tiny_model, tiny_prompts, tiny_corpus):
-    args = _tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", "-k", "kld", "--refract-no-sensitivity",
-                      "-s")
+    args = _tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", "-k", "kld",
+                      "--refract-no-sensitivity", "-s")
     quiet = pytester.runpytest_subprocess(*args)
     loud = pytester.runpytest_subprocess(*args, "-v")
     assert quiet.ret == loud.ret == 0

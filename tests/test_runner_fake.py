@@ -6,17 +6,15 @@ from __future__ import annotations
 
 import ast
 import importlib.util
-import sys
 from pathlib import Path
 
+import fake_engine
 import pytest
 
-import fake_engine
-from pytest_refract.axes import Axis
-from pytest_refract.axes import resolve
-from pytest_refract.errors import UsageProblem
-from pytest_refract.engines.kvconfig import parse_kv_config
 from pytest_refract.audit.runner import Runner
+from pytest_refract.axes import Axis, resolve
+from pytest_refract.engines.kvconfig import parse_kv_config
+from pytest_refract.errors import UsageProblem
 from pytest_refract.settings import Settings
 
 

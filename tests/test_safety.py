@@ -16,21 +16,20 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from conftest import read_report
 from hypothesis import given
 from hypothesis import strategies as st
+from tiny_model import write_tiny_llama
 
-from conftest import read_report
-from pytest_refract.cli import compare
-from pytest_refract.report import schema
+from pytest_refract.audit.guard import check_outputs, special_file_kind
 from pytest_refract.axes import BUILTIN
 from pytest_refract.axes import plad as plad_axis
 from pytest_refract.errors import UsageProblem
-from pytest_refract.audit.guard import check_outputs, special_file_kind
 from pytest_refract.reference.entries import ReferenceCache
 from pytest_refract.reference.folder import MARKER, RefCacheWarning, clear_entries, prepare_cache_dir
+from pytest_refract.report import schema
 from pytest_refract.report.build import composite_of, floor_of, repeat_stats
 from pytest_refract.scoring.metrics import harmonic_mean, kld_score, trajectory_axis_score
-from tiny_model import write_tiny_llama
 
 
 def _tiny_args(model, prompts, corpus, *extra):

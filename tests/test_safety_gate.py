@@ -11,11 +11,11 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
+import fake_engine
 import numpy as np
 import pytest
-
-import fake_engine
 from conftest import read_report
+
 from pytest_refract.audit import runner as runner_mod
 
 
@@ -424,15 +424,16 @@ def test_the_spot_check_raises_no_false_alarm_on_llama_cpp(tiny_model, tiny_prom
     """The real engine gives the same bits on a re-measurement, so an intact cache passes (a
     false alarm would distrust every warm run). Every kind's first cached read is checked."""
     pytest.importorskip("llama_cpp")
-    from pytest_refract.reference import store
     from test_runner_fake import _settings
+
     from pytest_refract.audit.runner import Runner
     from pytest_refract.axes import resolve
+    from pytest_refract.reference import store
 
     monkeypatch.setattr(store, "SPOT_WINDOW", 1)
     settings = _settings(tiny_model, tiny_prompts, tiny_corpus, candidate="ctk=q8_0,ctv=q8_0", axes=("trajectory", "kld"),
                          cache_dir=str(tmp_path / "cache"), gate_basis="verdict")
-    for run in range(2):
+    for _run in range(2):
         axes = resolve()
         runner = Runner(settings, axes)
         planned = [unit for unit, _group in runner.items()]

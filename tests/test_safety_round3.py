@@ -9,15 +9,16 @@ import re
 import warnings
 from pathlib import Path
 
+import fake_engine
 import numpy as np
 import pytest
-from hypothesis import given, settings as hsettings
+from hypothesis import given
+from hypothesis import settings as hsettings
 from hypothesis import strategies as st
+from test_runner_fake import _run, _settings
 
-import fake_engine
 from pytest_refract.reference.entries import ReferenceCache, check_entry
 from pytest_refract.reference.folder import RefCacheWarning, prepare_cache_dir
-from test_runner_fake import _run, _settings
 
 
 @pytest.fixture
@@ -167,9 +168,10 @@ def test_an_edit_that_restores_the_mtime_is_still_seen(tmp_path):
 
 
 def test_a_foreign_or_huge_index_is_ignored_not_trusted(tmp_path):
-    from pytest_refract.reference.model_index import MODEL_INDEX, _file_key, model_identity
     import hashlib
     import os
+
+    from pytest_refract.reference.model_index import MODEL_INDEX, _file_key, model_identity
 
     model = tmp_path / "m.gguf"
     model.write_bytes(b"model bytes")
@@ -186,7 +188,7 @@ import struct  # noqa: E402
 import subprocess  # noqa: E402
 import sys  # noqa: E402
 
-from pytest_refract.engines.gguf import expected_data_end, read_gguf  # noqa: E402
+from pytest_refract.engines.gguf import read_gguf  # noqa: E402
 from pytest_refract.errors import UsageProblem  # noqa: E402
 
 
@@ -258,7 +260,7 @@ def test_metadata_of_an_unexpected_type_is_one_line(tmp_path, entry, said):
     path = _craft(tmp_path / "m.gguf", meta)
     with pytest.raises(UsageProblem, match="corrupt GGUF metadata") as caught:
         info = read_gguf(path)
-        info.n_ctx_train, info.head_dims  # what a lenient reader would trip on later
+        _ = (info.n_ctx_train, info.head_dims)  # what a lenient reader would trip on later
     assert said in str(caught.value) and "\n" not in str(caught.value)
 
 
@@ -673,9 +675,9 @@ def test_fa_on_spelled_out_is_the_same_candidate(pytester, tiny_model):
 
 # --------------------------------------------------------------------------- 2. the cache types llama.cpp used
 
-from pytest_refract.engines.kvlog import CacheAllocation, CacheLog, check_cache_types, parse_log  # noqa: E402
 from pytest_refract.audit.runner import Runner  # noqa: E402
 from pytest_refract.axes import resolve  # noqa: E402
+from pytest_refract.engines.kvlog import CacheAllocation, CacheLog, check_cache_types, parse_log  # noqa: E402
 
 FORK_WARNING = ("llama_kv_cache: auto-asymmetric: GQA ratio 6:1 (n_head=6, n_head_kv=1) — upgrading K from turbo4 "
                 "to q8_0 to prevent quality degradation. Disable with TURBO_AUTO_ASYMMETRIC=0")

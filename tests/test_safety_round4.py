@@ -21,12 +21,12 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from test_safety_round3 import _args, _usage_error
 
 from pytest_refract.errors import UsageProblem
 from pytest_refract.reference.entries import ReferenceCache
 from pytest_refract.reference.folder import FORMAT_VERSION, prepare_cache_dir
 from pytest_refract.reference.model_index import MODEL_INDEX, model_identity
-from test_safety_round3 import _args, _usage_error
 
 VICTIM = "the user's file, never ours to write\n"
 

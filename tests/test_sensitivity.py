@@ -4,12 +4,7 @@ subprocess) on the tiny random-weight model."""
 from __future__ import annotations
 
 import pytest
-
 from conftest import one_usage_error_line, read_report, tiny_args
-
-
-
-
 
 
 def test_control_runs_by_default_inside_the_candidates_items(pytester, tiny_model, tiny_prompts, tiny_corpus):

@@ -8,7 +8,6 @@ import json
 from pathlib import Path
 
 import pytest
-
 from conftest import read_report
 
 # The 36-prompt set of earlier releases (the pool's first 36): six prompts per category.
@@ -98,7 +97,8 @@ def test_embedded_name_resolves_and_turbo4_is_a_usage_error(pytester, smollm2):
     assert result.ret == 4
     text = result.stdout.str() + result.stderr.str()
     assert "Traceback" not in text
-    result.stderr.fnmatch_lines(["ERROR: --refract-candidate ctv=turbo4: this llama.cpp build has no cache type 'turbo4'; it offers: *q4_0*"])
+    result.stderr.fnmatch_lines(
+        ["ERROR: --refract-candidate ctv=turbo4: this llama.cpp build has no cache type 'turbo4'; it offers: *q4_0*"])
 
 
 def test_short_corpus_is_one_line(pytester, smollm2, prompts_file):

@@ -5,13 +5,12 @@ batches while the control stays for the candidates still open."""
 
 from __future__ import annotations
 
-import json
 from dataclasses import replace
 
-import pytest
-
 import fake_engine
+import pytest
 from conftest import read_report
+
 from pytest_refract.audit import runner as runner_mod
 from pytest_refract.audit.batches import DecodeBatches
 from pytest_refract.axes.base import Unit
@@ -123,9 +122,10 @@ def test_a_fail_on_one_axis_stops_the_candidates_other_axes(pytester, fake_llama
 
 
 def test_an_axis_stopped_by_another_claims_no_verdict():
+    import numpy as np
+
     from pytest_refract.report.verdicts import candidate_verdict
     from tests.test_verdict import AXIS, flips
-    import numpy as np
 
     rng = np.random.default_rng(3)
     cand, ctrl = flips(48, 1.0, rng)

@@ -9,7 +9,6 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
 from tiny_model import write_tiny_family
 
 from pytest_refract.engines import kvlog

@@ -5,13 +5,12 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import one_usage_error_line, read_report, tiny_args
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from conftest import one_usage_error_line, read_report, tiny_args
-
-from pytest_refract.inputs.data import load_prompts
 from pytest_refract.errors import UsageProblem
+from pytest_refract.inputs.data import load_prompts
 from pytest_refract.report.jsonio import dumps
 
 

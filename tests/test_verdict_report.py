@@ -7,14 +7,13 @@ from __future__ import annotations
 import math
 
 import pytest
+from test_report_data import _facts, _settings
 
 from pytest_refract.axes import BUILTIN
 from pytest_refract.report import terminal
 from pytest_refract.report.build import build_report
 from pytest_refract.report.verdicts import pareto, rank
 from pytest_refract.scoring.metrics import band_for
-
-from test_report_data import _facts, _settings
 
 # A PASS needs 46 items (scoring/verdict.MIN_ITEMS_FOR_PASS).
 N_PROMPTS, N_CHUNKS, LEN = 48, 48, 64
@@ -169,8 +168,8 @@ def test_terminal_leads_each_candidate_with_its_verdict():
     tr = _Writer()
     terminal.render(tr, report, None, BUILTIN)
     text = "\n".join(tr.lines)
-    first_candidate = next(i for i, l in enumerate(tr.lines) if l.startswith("candidate  "))
-    after = [l for l in tr.lines[first_candidate + 1:] if l.strip()]
+    first_candidate = next(i for i, line in enumerate(tr.lines) if line.startswith("candidate  "))
+    after = [line for line in tr.lines[first_candidate + 1:] if line.strip()]
     assert after[0].startswith("verdict    PASS")
     assert "x [" in text and "the control's (margin 3x)" in text
     assert "REFRACT-comparable" in text

@@ -97,7 +97,9 @@ def test_a_candidate_as_good_as_the_control_never_fails(name):
 def test_a_pass_needs_enough_items_to_see_a_rare_failure():
     # 46 items: a problem on 10 % of them shows at least twice with probability 95 %.
     n = V.MIN_ITEMS_FOR_PASS
-    seen_twice = lambda k: 1 - 0.9 ** k - k * 0.1 * 0.9 ** (k - 1)
+    def seen_twice(k):
+        return 1 - 0.9 ** k - k * 0.1 * 0.9 ** (k - 1)
+
     assert seen_twice(n) >= 0.95 > seen_twice(n - 1)
     # No PASS below it, however clear; the exact same computation is the exception.
     cand, ctrl = GENERATORS["gamma hazards"](1, n - 1, 0.2, np.random.default_rng(3))

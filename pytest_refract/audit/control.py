@@ -12,13 +12,13 @@ from typing import Callable, Dict, List, Optional
 
 import numpy as np
 
-from ..axes.base import Unit
+from ..axes.base import Axis, Unit
 from ..reference import store as store_mod
 from .roles import Role
 
 
 class SensitivityControl:
-    def __init__(self, store, label: str, axes: Dict[str, object], run, planned_units: Callable):
+    def __init__(self, store, label: str, axes: Dict[str, Axis], run, planned_units: Callable):
         """``store``: the reference store; ``label``: the control's KV config; ``run``: the
         facade (what an axis's cache_reads read); ``planned_units(axis, unit)``: the units of
         the unit's decode batch."""

@@ -121,7 +121,7 @@ def run_files(config) -> Tuple[List[Tuple[str, str]], List[Tuple[str, str]]]:
     folders: List[Tuple[str, str]] = []
     inipath = getattr(config, "inipath", None)
     if inipath:
-        files.append((f"pytest's ini file", str(inipath)))
+        files.append(("pytest's ini file", str(inipath)))
     try:
         plugins = list(config.pluginmanager.get_plugins())
     except Exception:
@@ -220,12 +220,13 @@ def check_run_files(outputs: Dict[str, Optional[str]], config) -> None:
             if (real + os.sep).startswith(os.path.realpath(folder) + os.sep):
                 raise UsageProblem(f"{name}={path} is inside {what} ({folder}), whose files are not ours: "
                                    "give a path outside it")
+        target_stat: Optional[os.stat_result]
         try:
-            st = os.stat(full)
+            target_stat = os.stat(full)
         except OSError:
-            st = None
-        for stream, other in streams:
-            if st is not None and (st.st_dev, st.st_ino) == (other.st_dev, other.st_ino):
+            target_stat = None
+        for stream, stream_stat in streams:
+            if target_stat is not None and (target_stat.st_dev, target_stat.st_ino) == (stream_stat.st_dev, stream_stat.st_ino):
                 raise UsageProblem(f"{name}={path} is the file this run's {stream} goes to; the report would "
                                    "replace the output (or the output cut the report): give another path")
         base = os.path.basename(full)

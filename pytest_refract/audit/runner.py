@@ -13,7 +13,7 @@ import itertools
 import time
 from dataclasses import replace
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, Iterator, List, Optional, Tuple
 
 from ..axes.base import Unit
 from ..engines.base import ContextRefused, ContextSettings, CutCounts, padded
@@ -221,9 +221,10 @@ class Runner:
                 facts, env = self.engine.probe(kv, role.types, self._context_settings(256))
             except ContextRefused as exc:
                 raise UsageProblem(f"{flag} {exc}") from None
-            quantized = tuple(t.name not in FLOAT_TYPES for t in role.types)
+            k_type, v_type = role.types
+            quantized = (k_type.name not in FLOAT_TYPES, v_type.name not in FLOAT_TYPES)
             problem = check_rotation(kv.rot, facts.rotation, quantized, f"{flag} {kv.label()}")
-            problem = problem or check_cache_types(tuple(t.name for t in role.types), facts, f"{flag} {kv.label()}")
+            problem = problem or check_cache_types((k_type.name, v_type.name), facts, f"{flag} {kv.label()}")
             if problem:
                 raise UsageProblem(problem)
             role.probe = facts
@@ -274,8 +275,9 @@ class Runner:
         record = getattr(self.engine_mod, "library_record", None)
         library = dict(record()) if record is not None else {"path": None, "sha256": None}
         home = str(Path.home())
-        if library.get("path") and home not in ("", "/"):
-            library["path"] = library["path"].replace(home, "~")  # reports are shared: no home folder
+        library_path = library.get("path")
+        if library_path and home not in ("", "/"):
+            library["path"] = library_path.replace(home, "~")  # reports are shared: no home folder
         library["system_info"] = build.get("system_info")
         return {"type_k": one(c.k_type for c in facts.caches), "type_v": one(c.v_type for c in facts.caches),
                 "flash_attn": getattr(facts, "flash_attn", None), "rotation": facts.rotation, "library": library,
@@ -416,7 +418,7 @@ class Runner:
                                  else (str(folder) if folder is not None else None))
         return build
 
-    def _open_contexts(self) -> Iterator[Tuple[str, object]]:
+    def _open_contexts(self) -> List[Tuple[str, Any]]:
         """(role, context) of every open context: the one-sequence ones, then the
         multi-sequence ones, each in the order they were first opened."""
         single = sorted((r for r in self.roles.values() if r.context is not None), key=lambda r: r.context_opened)
@@ -498,7 +500,7 @@ class Runner:
     def remembered_greedy(self, role: str, prompts: List[List[int]], n_predict: int) -> Optional[List[List[int]]]:
         """The role's remembered continuations of every prompt, or None unless all are known."""
         found = [self._greedy.get((role, tuple(p), n_predict)) for p in prompts]
-        return None if any(f is None for f in found) else [list(f) for f in found]
+        return None if any(f is None for f in found) else [list(f) for f in found if f is not None]
 
     def greedy_tokens(self, role: str, prompt_tokens: List[int]) -> List[int]:
         """Greedy continuation (--refract-n-predict), shared between axes: PLAD's anchors are
@@ -568,6 +570,7 @@ class Runner:
         """Run one item (``--refract-repeat`` times) and record the tokens it cost, so a
         benchmark can compare wall time with llama.cpp's raw throughput for the same tokens."""
         axis = self.axes[unit.axis]
+        assert unit.candidate is not None  # an item's unit names its candidate (Unit.for_item)
         if axis.NAME != self._axis_now:
             # A new axis: what the previous one kept for its batches is not needed any more
             # (the KLD axis, where memory peaks, uses none of it).
@@ -724,6 +727,7 @@ class Runner:
         selection is a part of)."""
         counts: Dict[str, Dict[str, int]] = {}
         for unit, _group in self.items():
+            assert unit.candidate is not None  # items() makes each unit for a candidate
             per_axis = counts.setdefault(unit.candidate, {})
             per_axis[unit.axis] = per_axis.get(unit.axis, 0) + 1
         return counts

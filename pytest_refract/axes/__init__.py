@@ -42,7 +42,8 @@ from typing import Dict, Iterable, List, Tuple
 
 from ..errors import UsageProblem
 from . import decode, kld, plad, rniah, trajectory
-from .base import Axis, Unit
+from .base import Axis
+from .base import Unit as Unit  # re-exported: axis authors import it from pytest_refract.axes
 
 REQUIRED = ("NAME", "units", "planned_tokens", "measure", "aggregate")
 
@@ -108,11 +109,11 @@ def generic(name: str):
     return _WithDefaults(stub)
 
 
-def resolve(extra: Iterable = ()) -> Dict[str, object]:
+def resolve(extra: Iterable = ()) -> Dict[str, Axis]:
     """Name -> axis: the built-ins in ORDER, then the extra axes in the order given, each with
     every optional member present. An extra axis must have the required members and a name of
     its own (a lowercase word, so test ids and JSON keys stay plain)."""
-    out: Dict[str, object] = dict(BUILTIN)
+    out: Dict[str, Axis] = dict(BUILTIN)
     for axis in extra:
         missing = [m for m in REQUIRED if not hasattr(axis, m)]
         if missing:
@@ -126,7 +127,7 @@ def resolve(extra: Iterable = ()) -> Dict[str, object]:
     return out
 
 
-def known(names: Iterable[str], registry: Dict[str, object]) -> List[Tuple[str, object]]:
+def known(names: Iterable[str], registry: Dict[str, Axis]) -> List[Tuple[str, Axis]]:
     """(name, axis) for report sections: the registry's order first, then names the registry
     does not know (shown generically), in the order given."""
     names = list(names)

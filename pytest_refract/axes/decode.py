@@ -24,7 +24,7 @@ path computes something the batched path does not (``decode_batched_disagree``).
 
 from __future__ import annotations
 
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -88,7 +88,9 @@ def intervals_disagree(a: Optional[List[float]], b: Optional[List[float]]) -> Op
 
 def _interval(table: np.ndarray) -> Optional[List[float]]:
     est = damage_interval(table, ratio_of_sums, LEVEL, zero_is_exact=True)
-    return None if est.lo is None else [est.lo, est.hi]
+    if est.lo is None or est.hi is None:
+        return None
+    return [est.lo, est.hi]
 
 
 class DecodeAxis(KLDAxis):
@@ -177,7 +179,7 @@ class DecodeAxis(KLDAxis):
         with np.errstate(invalid="ignore", over="ignore"):
             summary = kld_summary(**raw)
         score = kld_score(summary["mean_kld"])
-        section = {"score": score, "band": band_for(score), "n_chunks": len(results)}
+        section: Dict[str, Any] = {"score": score, "band": band_for(score), "n_chunks": len(results)}
         if score is None:
             section["error"] = NON_FINITE_KLD
         section.update(summary)

@@ -9,12 +9,12 @@ llama.cpp's ``llama-perplexity --kl-divergence`` conventions:
 from __future__ import annotations
 
 import hashlib
-
-from typing import List, Optional, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import numpy as np
 
 from ..errors import MeasurementError
+from ..inputs.data import measuring_order
 from ..scoring.metrics import (
     BAND_FLOOR,
     band_for,
@@ -22,7 +22,6 @@ from ..scoring.metrics import (
     kld_score,
     kld_summary,
 )
-from ..inputs.data import measuring_order
 from .base import Axis, Unit
 
 NON_FINITE_KLD = "the KLD is not a finite number (NaN or Infinity in the log-probabilities); no score is claimed"
@@ -107,7 +106,7 @@ class KLDAxis(Axis):
     ITEMS_NOUN = "chunks"
     NEEDS = ("corpus",)
     TITLE = "KLD"
-    COMPARE_METRICS = (
+    COMPARE_METRICS: Tuple[tuple, ...] = (
         ("  mean KLD", "mean_kld", "{:.6f}", False),
         ("  KLD p99", "kld_percentiles.99", "{:.5f}", False),
         ("  same top p %", "same_top_p_pct", "{:.3f}", True),
@@ -117,11 +116,11 @@ class KLDAxis(Axis):
         ("  PPL cand", "ppl_cand", "{:.4f}", False),
     )
     STREAM = 2
-    EXTRA_KEYS = ("score", "band", "mean_kld", "same_top_p_pct")
+    EXTRA_KEYS: Tuple[str, ...] = ("score", "band", "mean_kld", "same_top_p_pct")
     # Per-position values travel to the aggregator (also across xdist workers) so the axis
     # statistics are computed over all positions, exactly as llama-perplexity does; they are
     # dropped from the written report.
-    PRIVATE_KEYS = ("_raw",)
+    PRIVATE_KEYS: Tuple[str, ...] = ("_raw",)
 
     def units(self, run) -> List[Unit]:
         # In a seeded order over the whole corpus, so the chunks a sequential audit stops after
@@ -178,7 +177,7 @@ class KLDAxis(Axis):
         with np.errstate(invalid="ignore", over="ignore"):
             summary = kld_summary(**raw)
         score = kld_score(summary["mean_kld"])  # None when not finite: the axis then has no score
-        section = {"score": score, "band": band_for(score), "n_chunks": len(results)}
+        section: Dict[str, Any] = {"score": score, "band": band_for(score), "n_chunks": len(results)}
         if score is None:
             section["error"] = NON_FINITE_KLD
         section.update(summary)

@@ -141,7 +141,9 @@ class PLADAxis(Axis):
             "wall_s": sum(r.get("wall_s", 0.0) for r in results),
         }
         if scored and all("floor_excess" in r for r in scored):
-            section["floor_score"] = sum(item_score(r["floor_excess"]) for r in scored) / len(scored)
+            floor_scores = [item_score(r["floor_excess"]) for r in scored]
+            section["floor_score"] = (sum(s for s in floor_scores if s is not None) / len(scored)
+                                      if all(s is not None for s in floor_scores) else None)
         else:
             section["floor_score"] = None
         return section

@@ -15,9 +15,9 @@ import numpy as np
 
 from ..errors import UsageProblem
 from ..inputs.answer import MATCH_TIMEOUT_S, PatternTimeout, answer_regex, search
+from ..inputs.data import measuring_order
 from ..inputs.haystack import strip_reasoning, trial_value
 from ..scoring.metrics import BAND_FLOOR, band_for
-from ..inputs.data import measuring_order
 from .base import Axis, Unit
 
 LOW_CONFIDENCE_BELOW = 0.2

@@ -10,13 +10,13 @@ import argparse
 import os
 import sys
 from pathlib import Path
-from typing import Callable, List, Optional, Tuple
+from typing import Any, List, Optional, Tuple
 
 from ..axes import BUILTIN, generic
 from ..report.schema import ReportFileError, load_report
 
 # (row label, getter, format, higher_is_better)
-Metric = Tuple[str, Callable[[dict], Optional[float]], str, Optional[bool]]
+Metric = Tuple[str, "_Field", str, Optional[bool]]  # label, getter, format, higher is better
 
 
 class ReportFieldError(Exception):
@@ -33,7 +33,7 @@ class _Field:
         self.name = ".".join(path)
 
     def __call__(self, report: dict):
-        value = report
+        value: Any = report
         for i, part in enumerate(self.path):
             if value is None:
                 return None

@@ -187,7 +187,7 @@ class Context:
     def _step(self, rows: Sequence[Tuple[int, int, bool]], seqs: Sequence[int]) -> int:
         """Decode rows after checking each continues its sequence; returns the output rows."""
         expected: Dict[int, int] = {}
-        for (tok, pos, _), seq in zip(rows, seqs):
+        for (_tok, pos, _), seq in zip(rows, seqs):
             cached = expected.get(seq, len(self._tokens[seq]))
             if pos != cached:
                 raise MeasurementError(f"internal: sequence {seq} decoding at {pos} with {cached} cached")
@@ -322,7 +322,11 @@ class Context:
                 i = queue.pop()
                 slot_of[i] = slot
                 last: List[np.ndarray] = []
-                self.prefill(slot, prompts[i], len(prompts[i]) - 1, lambda first, view: last.append(view))
+
+                def keep_last(first, view, last: List[np.ndarray] = last) -> None:
+                    last.append(view)
+
+                self.prefill(slot, prompts[i], len(prompts[i]) - 1, keep_last)
                 if self._take(i, 0, last[-1][-1], out, n_predict, on_row):
                     active.append(i)
                     return

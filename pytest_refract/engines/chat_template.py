@@ -7,7 +7,6 @@ import threading
 
 from .base import TemplateProblem
 
-
 # Bounds on rendering a chat template (a file's own code): items its range() loops may produce
 # per render, seconds per render, characters of the rendered turn. A real template renders a
 # user turn in milliseconds, to a few hundred characters plus the content.

@@ -123,4 +123,5 @@ def row_size(type_id: int, n: int) -> int:
         raise ValueError(f"ggml type {type_id} is not a type this llama.cpp build knows")
     if n < 0 or n >= 1 << 62 or n % block:
         raise ValueError(f"a row of {n} values cannot be stored as ggml type {type_id} (blocks of {block})")
+    assert _ROW_SIZE is not None  # set by cache_types() with the table
     return _ROW_SIZE(type_id, n)

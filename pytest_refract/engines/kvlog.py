@@ -24,7 +24,7 @@ from __future__ import annotations
 import os
 import re
 from dataclasses import dataclass, field
-from typing import Dict, Iterable, List, Optional, Tuple
+from typing import Dict, Iterable, List, Mapping, Optional, Tuple
 
 # What rot= may say, and the environment each policy needs. Upstream llama.cpp rotates every
 # quantized cache side unless LLAMA_ATTN_ROT_DISABLE=1; the TurboQuant fork rotates nothing
@@ -50,9 +50,9 @@ def rotation_env(policy: str) -> Dict[str, Optional[str]]:
     return {name: wanted.get(name) for name in ROTATION_VARS}
 
 
-def recorded_env(environ: Optional[Dict[str, str]] = None) -> Dict[str, str]:
-    environ = os.environ if environ is None else environ
-    return {k: v for k, v in sorted(environ.items()) if _RECORDED_ENV.match(k)}
+def recorded_env(environ: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    env: Mapping[str, str] = os.environ if environ is None else environ
+    return {k: v for k, v in sorted(env.items()) if _RECORDED_ENV.match(k)}
 
 
 @dataclass(frozen=True)

@@ -14,7 +14,7 @@ import contextlib
 import ctypes
 import os
 from pathlib import Path
-from typing import Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -39,6 +39,7 @@ except ImportError as exc:  # pragma: no cover - depends on the install
 
 # After the import above, so that a missing llama-cpp-python is reported as such. cache_types,
 # row_size and set_log_echo are this module's interface to the audit (see base.py).
+from . import llama_log  # noqa: E402
 from .chat_template import (  # noqa: E402
     TEMPLATE_MAX_CHARS,
     TEMPLATE_MAX_LOOP_ITEMS,
@@ -46,7 +47,6 @@ from .chat_template import (  # noqa: E402
     _bounded_render,
 )
 from .ggml_types import _ggml_lib, cache_types, row_size  # noqa: E402,F401
-from . import llama_log  # noqa: E402
 from .llama_log import _capture_log, _last_error, _quiet_log, set_log_echo  # noqa: E402,F401
 
 
@@ -82,7 +82,8 @@ def _pin_malloc_mmap_threshold() -> None:
     Only the threshold changes; elsewhere (musl, macOS, Windows) this does nothing."""
     try:
         libc = ctypes.CDLL(None)
-        libc.gnu_get_libc_version  # glibc only: its mallopt takes M_MMAP_THRESHOLD = -3
+        if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: its mallopt takes M_MMAP_THRESHOLD = -3
+            return
         libc.mallopt.argtypes = [ctypes.c_int, ctypes.c_int]
         libc.mallopt(-3, 1 << 20)
     except (AttributeError, OSError):
@@ -113,7 +114,7 @@ def library_version() -> str:
 
 def build_info() -> dict:
     """What produced the numbers: the Python binding and the ggml library it loaded."""
-    info = {"llama_cpp_python": library_version(), "ggml_version": None, "ggml_commit": None}
+    info: Dict[str, Any] = {"llama_cpp_python": library_version(), "ggml_version": None, "ggml_commit": None}
     lib = _ggml_lib()
     for key, fn in (("ggml_version", "ggml_version"), ("ggml_commit", "ggml_commit")):
         func = getattr(lib, fn, None)

@@ -79,6 +79,7 @@ class _Helper:
         request = (json.dumps({"p": pattern, "f": flags, "t": text}) + "\n").encode("utf-8", "surrogatepass")
         with self._lock:
             proc = self._start()
+            assert proc.stdin is not None and proc.stdout is not None  # started with both pipes
             try:
                 proc.stdin.write(request)
             except (BrokenPipeError, OSError):

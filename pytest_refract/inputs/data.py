@@ -84,7 +84,7 @@ def load_prompts(path: Optional[Path] = None) -> List[Prompt]:
     except UnicodeDecodeError as exc:
         raise UsageProblem(f"prompts file {p} is not UTF-8 (byte {exc.start})") from None
     prompts: List[Prompt] = []
-    seen = {}
+    seen: Dict[str, int] = {}
     texts: dict = {}  # prompt text -> (id, line) of its first use
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends raw.
     for lineno, line in enumerate(text.split("\n"), start=1):
@@ -99,7 +99,7 @@ def load_prompts(path: Optional[Path] = None) -> List[Prompt]:
             raise UsageProblem(f"{p}:{lineno}: JSON nested too deeply; each line must be one flat JSON object") from None
         if not isinstance(obj, dict):
             raise UsageProblem(f"{p}:{lineno}: expected a JSON object with id, category, prompt")
-        missing = [k for k in ("id", "prompt") if not isinstance(obj.get(k), str) or not obj.get(k).strip()]
+        missing = [k for k in ("id", "prompt") if not isinstance(obj.get(k), str) or not obj[k].strip()]
         if missing:
             raise UsageProblem(f"{p}:{lineno}: missing or empty {', '.join(missing)} (need string id and prompt)")
         for key in ("id", "category", "prompt", "license"):

@@ -8,7 +8,7 @@ the tokenizer (the same vocabulary, so the same ids)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional
 
 from ..engines.base import TemplateProblem
 from ..errors import MeasurementError, UsageProblem
@@ -16,6 +16,7 @@ from . import data
 
 if TYPE_CHECKING:  # the options' type only: settings.py sits above this layer
     from ..settings import Settings
+    from .haystack import Haystack
 
 # The sentinel a chat template renders around, to split it into the tokens before and after
 # the user's content.
@@ -33,17 +34,17 @@ class Inputs:
         self.corpus: Optional[data.Corpus] = None
         self.corpus_tokens: List[int] = []
         self.n_chunks = 0
-        self.haystack = None
+        self.haystack: Optional[Haystack] = None
         self.haystack_source = None
         self.rniah_lengths: tuple = ()
         self.rniah_answer_tokens = settings.rniah_answer_tokens
         self.rniah_thinking = False
         # Set once the vocabulary is loaded: an engine's tokenizer side (see module doc).
-        self.tokenizer = None
+        self.tokenizer: Any = None  # duck-typed: the engine module's (llama.cpp's, or a test's fake)
         self._prompt_tokens: Dict[str, List[int]] = {}
         self._render = None
         self._parts = None
-        self._question_tokens = None
+        self._question_tokens: Optional[List[int]] = None
         self._load(engine_mod)
 
     # -- loading ----------------------------------------------------------------------------

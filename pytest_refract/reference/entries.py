@@ -150,7 +150,7 @@ def check_entry(kind: str, arrays: Dict[str, np.ndarray], meta, n_vocab: Optiona
         if arr.dtype.kind not in kinds or arr.ndim != ndim:
             raise ValueError(f"{name} is {arr.dtype}{list(arr.shape)}, not a {ndim}-D "
                              f"{'integer' if 'i' in kinds else 'unsigned' if kinds == 'u' else 'float'} array")
-    n_rows = None
+    n_rows: Optional[int] = None
     if "q" in _REQUIRED_ARRAYS.get(kind, {}):
         if sparse:
             check_sparse(arrays)
@@ -173,7 +173,7 @@ def check_entry(kind: str, arrays: Dict[str, np.ndarray], meta, n_vocab: Optiona
     if tokens is not None and kind in ("trajectory", "greedy"):
         if tokens.size and (int(tokens.min()) < 0 or (n_vocab is not None and int(tokens.max()) >= n_vocab)):
             raise ValueError("token ids outside the vocabulary")
-        if kind == "trajectory" and len(tokens) > n_rows:
+        if kind == "trajectory" and n_rows is not None and len(tokens) > n_rows:  # a trajectory has rows
             raise ValueError(f"{len(tokens)} tokens but {n_rows} log-prob rows")
     if kind.startswith("control-") and not isinstance(meta.get("result"), dict):
         raise ValueError("no result object in a control entry")
@@ -207,6 +207,7 @@ class ReferenceCache:
         return h.hexdigest()
 
     def _path(self, kind: str, key: str) -> Path:
+        assert self.directory is not None  # only asked of an enabled cache
         return self.directory / self.namespace / kind / f"{key[:40]}.rfc"
 
     def _linked_folder(self, path: Path) -> Optional[Path]:
@@ -279,7 +280,7 @@ class ReferenceCache:
             arr = np.ascontiguousarray(arr)
             layout.append({"name": name, "dtype": arr.dtype.str, "shape": list(arr.shape)})
             if arr.size:
-                parts.append(compressor.compress(memoryview(arr.reshape(-1)).cast("B")))
+                parts.append(compressor.compress(arr.reshape(-1).data.cast("B")))  # .data: the array's own memory
         parts.append(compressor.flush())
         header = json.dumps({"format": FORMAT_VERSION, "key": key, "size": sum(len(p) for p in parts),
                              "arrays": layout, "meta": json.dumps(meta or {})}).encode()

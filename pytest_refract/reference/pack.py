@@ -34,7 +34,8 @@ import re
 import shutil
 import zlib
 from pathlib import Path
-from typing import Dict, List, Optional, Tuple
+from types import ModuleType
+from typing import IO, Dict, List, Optional, Tuple
 
 import numpy as np
 
@@ -43,8 +44,11 @@ from ..files import special_file_kind, write_atomic
 from .codec import decode_payload
 from .entries import ReferenceCache, _unpack_arrays, _verified_parts, check_entry
 
+fcntl: Optional[ModuleType]
 try:  # POSIX; elsewhere a pack is read and replaced without the lock
-    import fcntl
+    import fcntl as _fcntl_module
+
+    fcntl = _fcntl_module
 except ImportError:  # pragma: no cover
     fcntl = None
 
@@ -153,8 +157,8 @@ def _read_manifest(path: Path) -> dict:
                              f"({PACK_SCHEMA})", "upgrade pytest-refract, or save the pack again with this version")
     if schema < PACK_SCHEMA:
         raise _problem(path, f"it was written with pack schema {schema}, older than this pytest-refract reads ({PACK_SCHEMA})")
-    for key, kind in (("match", dict), ("files", dict), ("build", dict), ("entry_identity", dict), ("checksum", str)):
-        if not isinstance(manifest.get(key), kind):
+    for key, expected_type in (("match", dict), ("files", dict), ("build", dict), ("entry_identity", dict), ("checksum", str)):
+        if not isinstance(manifest.get(key), expected_type):
             raise _problem(path, f"{MANIFEST} has no {key}")
     try:
         checksum = manifest_checksum(manifest)
@@ -214,7 +218,7 @@ class PackReader:
 
     def __init__(self, path, run_match: Optional[dict], n_vocab: Optional[int] = None):
         self.path = Path(path).expanduser()
-        self._lock_fh = None
+        self._lock_fh: Optional[IO[bytes]] = None
         manifest = self._locked_manifest()
         try:
             _verify_files(self.path, manifest)

@@ -13,7 +13,7 @@ import json
 import random
 import secrets
 from dataclasses import dataclass
-from typing import Callable, Dict, List, Optional
+from typing import TYPE_CHECKING, Callable, Dict, List, Optional, Union
 
 import numpy as np
 
@@ -23,9 +23,11 @@ from .codec import CompressedRows, LogprobRows, compact, concat_quantized, spars
 from .entries import ReferenceCache
 from .model_index import model_identity
 
-
 # Each spot check recomputes one of the first SPOT_WINDOW cached reads of its kind, at random.
 SPOT_WINDOW = 8
+
+if TYPE_CHECKING:  # a type hint only: pack is imported where a pack is recorded
+    from .pack import RecordingCache
 
 
 def spot_due(seed: int, kind: str, chosen: Dict[str, int], reads: Dict[str, int], window: Optional[int] = None) -> bool:
@@ -70,7 +72,7 @@ class ReferenceStore:
         local = ReferenceCache(directory, identity, n_vocab=side.n_vocab())
         self.local_cache_enabled = local.enabled
         self.local_cache = local
-        self.cache = local
+        self.cache: Union[ReferenceCache, RecordingCache] = local
         # The floor compares the reference with itself bit for bit: it needs the live reference.
         # --refract-repeat must re-measure the reference too, so it does not read either.
         s = self.settings
@@ -219,6 +221,7 @@ class ReferenceStore:
         rewrite = self.cache.enabled
         if check:
             live = [dict(rows[i].stored(), tokens=np.asarray(tokens[i])) for i in range(len(prompts))]
+            assert entries is not None  # a spot check is due only on entries read
             rewrite = not self._spot_compare("trajectory", [e["arrays"] for e in entries], live)
         value = []
         for i, key in enumerate(keys):
@@ -256,7 +259,7 @@ class ReferenceStore:
             raise MeasurementError("internal: the reference produced no logit rows for a KLD chunk")
         stored = compact(concat_quantized(parts))
         self._fingerprints[key] = digest.hexdigest()
-        if not (check and self._spot_compare("kld", [entry["arrays"]], [stored])):
+        if not (check and entry is not None and self._spot_compare("kld", [entry["arrays"]], [stored])):  # check: entry read
             self.cache.store("kld", key, stored, meta={"logits_sha256": self._fingerprints[key]})
         return self._remember("kld", key, (LogprobRows(stored), np.concatenate(exact) if exact else None))
 
@@ -322,8 +325,8 @@ class ReferenceStore:
         """Compare cached entries with the same results computed again, array by array; a
         difference distrusts and clears the cache (the live results are used either way).
         Returns whether they matched."""
-        same = all(c.keys() == l.keys() and all(np.array_equal(np.asarray(c[k]), np.asarray(l[k])) for k in c)
-                   for c, l in zip(cached, live)) and len(cached) == len(live)
+        same = all(c.keys() == v.keys() and all(np.array_equal(np.asarray(c[k]), np.asarray(v[k])) for k in c)
+                   for c, v in zip(cached, live)) and len(cached) == len(live)
         self.spot_checks.append({"kind": kind, "match": same})
         if not same and self.tampered is None:
             removed = self.invalidate("pending")

@@ -101,7 +101,9 @@ _COMPARED_SETTINGS = ("axes", "ctx", "chunks", "n_predict", "seed", "n_batch", "
 
 
 def _settings_differences(baseline: dict, settings: Optional[dict]) -> List[str]:
-    theirs = baseline.get("settings") if isinstance(baseline.get("settings"), dict) else {}
+    theirs = baseline.get("settings")
+    if not isinstance(theirs, dict):
+        theirs = {}
     ours = settings or {}
     return [f"{k} {theirs.get(k)!r} there, {ours.get(k)!r} here" for k in _COMPARED_SETTINGS
             if k in theirs and k in ours and theirs.get(k) != ours.get(k)]

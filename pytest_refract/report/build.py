@@ -11,16 +11,16 @@ import dataclasses
 import shlex
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from .. import __version__
 from ..axes import DIAGNOSIS_ORDER, known
 from ..record import RunRecord
 from ..scoring.metrics import BAND_FLOOR, band_for
-from .ran import NO_OP, no_op_reason
-from .selection import candidate_selection, selection_reasons
 from .jsonio import SCHEMA
+from .ran import NO_OP, no_op_reason
 from .sections import build_axes, composite_of, custom_gates, floor_of, repeat_stats
+from .selection import candidate_selection, selection_reasons
 from .sensitivity import (
     control_diagnosis,
     control_section,
@@ -204,8 +204,9 @@ def _mark_not_run(facts: RunRecord, role: str, axes: Dict[str, dict], results, f
 def _ran_text(axes: Dict[str, dict]) -> str:
     ran = sum(a.get("n_run") or 0 for a in axes.values())
     missing = [a.get("n_not_run") for a in axes.values()]
-    if missing and all(m is not None for m in missing):
-        return f"{ran} of {ran + sum(missing)} selected items ran; {sum(missing)} were not run."
+    not_run = [m for m in missing if m is not None]
+    if missing and len(not_run) == len(missing):
+        return f"{ran} of {ran + sum(not_run)} selected items ran; {sum(not_run)} were not run."
     return f"{ran} items ran."
 
 
@@ -512,7 +513,7 @@ def build_drift(section: dict) -> dict:
     verdict = section.get("verdict") or {}
     axes = copy.deepcopy(verdict.get("axes") or {})
     with_multiple = [(name, a) for name, a in axes.items() if a.get("multiple") is not None]
-    worst = max(with_multiple, key=lambda item: item[1]["multiple"], default=(None, {}))
+    worst: Tuple[Optional[str], dict] = max(with_multiple, key=lambda item: item[1]["multiple"], default=(None, {}))
     return {"config": section["candidate"], "verdict": verdict.get("verdict"),
             "multiple": worst[1].get("multiple"), "multiple_ci95": worst[1].get("multiple_ci95"),
             "multiple_axis": worst[0], "axes": axes, "gate": section["gate"],

@@ -37,9 +37,10 @@ def build_axes(results: Dict[str, Dict[str, dict]], failed: Dict[str, List[str]]
             continue
         section = axis.aggregate(ordered)
         again = [((repeats or {}).get(name) or {}).get(k) for k in keys]
-        if again and all(again):
+        repeated = [runs for runs in again if runs]
+        if again and len(repeated) == len(again):
             scores = [section["score"]] + [
-                axis.aggregate([runs[i] for runs in again])["score"] for i in range(len(again[0]))
+                axis.aggregate([runs[i] for runs in repeated])["score"] for i in range(len(repeated[0]))
             ]
             section["repeat"] = repeat_stats(scores)
         key = axis.ITEMS_KEY

@@ -4,11 +4,14 @@ gate reads of it, and the ranking by it. Pure functions of the report's data."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
 
 from ..axes import known
 from ..scoring import verdict as V
 from ..scoring.sequential import errors_of
+
+if TYPE_CHECKING:  # a type hint only
+    import numpy as np
 
 
 def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
@@ -167,7 +170,8 @@ def family_recommendation(sections: List[dict], control: Optional[dict], registr
     contenders = []
     used_axes = {}
     for sec in sections:
-        tables, errors = {}, {}
+        tables: Dict[str, Tuple[np.ndarray, np.ndarray]] = {}
+        errors: Dict[str, float] = {}
         for name, axis in known(sec["axes"], registry):
             section = sec["axes"][name]
             ctrl = (control.get("axes") or {}).get(name)

@@ -19,7 +19,6 @@ from typing import List, Optional, Sequence, Tuple
 
 import numpy as np
 
-
 N_RESAMPLES = 2000
 LEVEL = 0.95
 # Fewer items than this give no interval: one item's resamples are all the same item, and a
@@ -101,7 +100,7 @@ def composite_interval(axis_replicates: Sequence[Optional[np.ndarray]], n_items:
     the interval is widened to reach it (see _interval)."""
     if not axis_replicates or any(r is None for r in axis_replicates) or any(n < MIN_ITEMS for n in n_items):
         return None
-    lo, hi = percentile_interval(harmonic_mean_rows(axis_replicates))
+    lo, hi = percentile_interval(harmonic_mean_rows([r for r in axis_replicates if r is not None]))  # all, as checked
     if point is not None:
         lo, hi = min(lo, point), max(hi, point)
     return [lo, hi]

@@ -24,7 +24,7 @@ larger cache that did not PASS is not tested at all ("not tested").
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 
@@ -64,7 +64,7 @@ class Recommendation:
                               f"{100 * self.error:.1f} %, however many candidates compete")}
 
 
-def _passes(contender: Contender, axes: Mapping[str, object], factor: float, min_pass_items: int) -> bool:
+def _passes(contender: Contender, axes: Mapping[str, Any], factor: float, min_pass_items: int) -> bool:
     """Whether every axis of the contender PASSes with its PASS errors divided by ``factor``."""
     if not contender.tables:
         return False
@@ -72,7 +72,8 @@ def _passes(contender: Contender, axes: Mapping[str, object], factor: float, min
         axis = axes[name]
         err = contender.pass_errors.get(name, (1.0 - V.LEVEL) / 2) / factor
         test = V.margin_test(np.asarray(cand, float), np.asarray(ctrl, float), float(V.member(axis, "MARGIN", V.DEFAULT_MARGIN)),
-                             err, err, V._as_ratio_of_sums(axis.damage), contender.exact or bool(V.member(axis, "ZERO_DAMAGE_EXACT", False)),
+                             err, err, V._as_ratio_of_sums(axis.damage),
+                             contender.exact or bool(V.member(axis, "ZERO_DAMAGE_EXACT", False)),
                              bool(V.member(axis, "DAMAGE_COUNTS", False)), 0 if contender.exact else min_pass_items)
         if str(test.verdict) != V.PASS:
             return False
@@ -87,7 +88,7 @@ def gates(contenders: Sequence[Contender]) -> List[List[Contender]]:
     return out + ([unknown] if unknown else [])
 
 
-def recommend(contenders: Sequence[Contender], axes: Mapping[str, object], error: float = (1.0 - V.LEVEL) / 2,
+def recommend(contenders: Sequence[Contender], axes: Mapping[str, Any], error: float = (1.0 - V.LEVEL) / 2,
               min_pass_items: int = V.MIN_ITEMS_FOR_PASS) -> Recommendation:
     """The family-wise decision over ``contenders`` (see the module docstring). ``axes``: axis
     name -> an object with the verdict members (MARGIN, damage, ZERO_DAMAGE_EXACT,

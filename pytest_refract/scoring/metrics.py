@@ -7,9 +7,12 @@ that our numbers can be compared with the KLD tables the community publishes.
 from __future__ import annotations
 
 import math
-from typing import Dict, Iterable, Optional, Sequence
+from typing import TYPE_CHECKING, Dict, Iterable, Optional, Sequence
 
 import numpy as np
+
+if TYPE_CHECKING:  # a type hint only (typing.TypeGuard is Python 3.10+)
+    from typing_extensions import TypeGuard
 
 BANDS = (("EXCELLENT", 90.0), ("PASS", 80.0), ("DEGRADED", 60.0), ("FAIL", 0.0))
 BAND_FLOOR = dict(BANDS)
@@ -44,7 +47,7 @@ def parse_threshold(text) -> float:
     return number
 
 
-def is_score(value) -> bool:
+def is_score(value) -> TypeGuard[float]:
     """A real, finite number (not None, not NaN or Infinity, not a bool or a string)."""
     return isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
 
@@ -55,7 +58,7 @@ def harmonic_mean(scores: Sequence[Optional[float]]) -> Optional[float]:
     or not finite: a composite never stands in for an axis that was not measured."""
     if not scores or not all(is_score(s) for s in scores):
         return None
-    values = [float(s) for s in scores]
+    values = [float(s) for s in scores if is_score(s)]  # all of them, as just checked
     if any(v < 0 for v in values):
         raise ValueError("scores must be non-negative")
     if any(v == 0 for v in values):

@@ -195,7 +195,7 @@ def skip_reason(n: int, n_max: int, noun: str, headline: str) -> str:
     return f"decided after {n} of {n_max} {noun}: {headline}"
 
 
-def fmt_multiple(multiple: Optional[float], ci: Optional[List[float]]) -> str:
+def fmt_multiple(multiple: Optional[float], ci: Optional[List[Optional[float]]]) -> str:
     """``M 2.5x [2.3, 2.7]`` (the interval left out when there is none)."""
     if multiple is None:
         return "M n/a"

@@ -62,7 +62,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass, field
 from statistics import NormalDist
-from typing import Dict, List, Optional, Sequence
+from typing import Dict, List, Optional, Sequence, cast
 
 import numpy as np
 
@@ -495,11 +495,11 @@ class AxisVerdict:
     damage: Optional[float] = None
     control_damage: Optional[float] = None
     multiple: Optional[float] = None
-    multiple_ci95: Optional[List[float]] = None
+    multiple_ci95: Optional[List[Optional[float]]] = None  # [lo, None]: open above, below the PASS minimum
     damage_ci95: Optional[List[float]] = None
     band: Optional[str] = None
     score: Optional[float] = None
-    score_ci95: Optional[List[float]] = None
+    score_ci95: Optional[List[Optional[float]]] = None
     items_needed: Optional[int] = None
     reason: str = ""
     level: float = LEVEL          # the interval's level: 1 - (PASS error + FAIL error)
@@ -514,7 +514,9 @@ class AxisVerdict:
     def headline(self) -> str:
         """E.g. "next-token KLD 2.5x the control's [2.4, 2.6] PASS"."""
         if self.basis == "multiple" and self.multiple is not None:
-            ci = f" [{_num(self.multiple_ci95[0])}, {_end(self.multiple_ci95[1])}]" if self.multiple_ci95 else ""
+            # The lower end is always a number (clamped at 0); only the upper end may be open.
+            ci = (f" [{_num(cast(float, self.multiple_ci95[0]))}, {_end(self.multiple_ci95[1])}]"
+                  if self.multiple_ci95 else "")
             return f"{self.label} {_num(self.multiple)}x the control's{ci} {self.verdict}"
         if self.basis == "multiple" and self.damage is not None and self.control_damage == 0:
             return f"{self.label} {_num(self.damage)}, the control's 0 {self.verdict}"
@@ -713,7 +715,7 @@ def _absolute_verdict(name, label, tolerance, margin, cand, damage, d_ctrl, leve
     # The score reads the damage as a multiple of a nominal control whose damage puts the
     # tolerance at the margin: the same scale as a candidate with a usable control.
     nominal = tolerance / margin
-    ci = [est.lo, est.hi] if est.lo is not None else None
+    ci = [est.lo, est.hi] if est.lo is not None and est.hi is not None else None  # both or neither
     return AxisVerdict(name, label, verdict, "absolute", tolerance, n, damage=max(0.0, est.point), control_damage=d_ctrl,
                        damage_ci95=ci, band=multiple_band(est.point / nominal), score=score_of_multiple(est.point / nominal),
                        score_ci95=[score_of_multiple(ci[1] / nominal), score_of_multiple(ci[0] / nominal)] if ci else None,
@@ -755,8 +757,9 @@ def run_verdict(axes: Dict[str, AxisVerdict]) -> RunVerdict:
         overall = PASS
     scores = [v.score for v in axes.values()]
     score = None
-    if scores and all(s is not None for s in scores):
-        score = 0.0 if any(s <= 0 for s in scores) else len(scores) / sum(1.0 / s for s in scores)
+    known_scores = [s for s in scores if s is not None]
+    if scores and len(known_scores) == len(scores):
+        score = 0.0 if any(s <= 0 for s in known_scores) else len(known_scores) / sum(1.0 / s for s in known_scores)
     problems = [f"{v.axis}: {v.reason}" for v in axes.values() if v.basis == "broken control"]
     return RunVerdict(overall, dict(axes), problems, score)
 

@@ -11,15 +11,18 @@ Robustness rule: older reports lack newer fields and a failed axis is only
 from __future__ import annotations
 
 import math
-from typing import Any, List, Optional
+from typing import TYPE_CHECKING, Any, Callable, Dict, List, Optional
 
 from ...scoring.metrics import BANDS, band_for
+
+if TYPE_CHECKING:  # a type hint only (typing.TypeGuard is Python 3.10+)
+    from typing_extensions import TypeGuard
 
 BAND_NAMES = tuple(name for name, _ in BANDS)
 MISSING = "\u2014"  # em dash: "not in this report"
 
 
-def is_num(x: Any) -> bool:
+def is_num(x: Any) -> TypeGuard[float]:
     return isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
 
 
@@ -138,7 +141,7 @@ def shown_score(section: Any, spec: str = ".1f") -> str:
 def min_key(mapping: Any) -> Any:
     """The key of the smallest finite number among a dict's values (the first on a tie), or None."""
     numbers = {k: v for k, v in as_dict(mapping).items() if is_num(v)}
-    return min(numbers, key=numbers.get) if numbers else None
+    return min(numbers, key=numbers.__getitem__) if numbers else None
 
 
 def clamp(x: float, lo: float = 0.0, hi: float = 100.0) -> float:
@@ -153,6 +156,6 @@ def ruler_segments() -> List[tuple]:
     return [(band_class(name), format(top - floor, "g")) for (name, floor), top in zip(ordered, tops)]
 
 
-FILTERS = {f.__name__: f for f in (num, pct, dash, duration, si, ci, value, band_of, band_class,
+FILTERS: Dict[str, Callable[..., Any]] = {f.__name__: f for f in (num, pct, dash, duration, si, ci, value, band_of, band_class,
                                    shown_score, clamp, min_key, as_dict, as_list, dicts, as_str, as_int, score_band)}
 FILTERS["fmt"] = format

@@ -77,7 +77,7 @@ def divergence(item: dict) -> Tuple[Split, bool]:
     d = item.get("divergence")
     keys = ("shared_text", "ref_token_text", "cand_token_text", "ref_rest", "cand_rest")
     if isinstance(d, dict) and all(isinstance(d.get(k), str) for k in keys):
-        return tuple(d[k] for k in keys), True  # type: ignore[return-value]
+        return tuple(d[k] for k in keys), True
     return split_by_chars(as_str(item.get("ref_text")), as_str(item.get("cand_text"))), False
 
 
