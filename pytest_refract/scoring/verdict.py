@@ -675,7 +675,7 @@ def _multiple_verdict(axis, name, label, margin, cand, ctrl, damage, d_cand, d_c
         lo = min(lo, point)
         hi = None if hi is None else max(hi, point)
     reasons = []
-    if d_ctrl <= 0:
+    if d_ctrl <= 0 and verdict != PASS:  # an exact zero (the same computation) is a PASS without a multiple
         reasons.append(f"the control has no {label} on these {n} items: no multiple, and no PASS, since nothing "
                        "shows the candidate within the margin of it")
     if verdict == UNDECIDED and n < min_pass_items and hi is not None and hi <= margin:
