@@ -34,6 +34,8 @@ class RunRecord:
     rotation: Optional[Dict[str, Optional[dict]]] = None
     kv_allocation: Optional[Dict[str, Optional[dict]]] = None
     context_env: Optional[Dict[str, dict]] = None
+    # Per role (reference, candidates, control): what really ran (audit.runner.Runner.ran).
+    ran: Dict[str, dict] = field(default_factory=dict)
     kv_cache: Dict[str, Optional[dict]] = field(default_factory=dict)  # per candidate: bytes/token, vs reference
     reference_kv_bytes_per_token: Optional[int] = None
     kv_bytes_peak: Optional[int] = None  # the most KV-cache memory this process held at once

@@ -22,7 +22,8 @@ OPTIONS = (
     ("model", "string", None, "GGUF model to audit, or 'smollm2' for the embedded SmolLM2-135M-Instruct"),
     ("reference", "string", "ctk=f16,ctv=f16", "reference KV config (default: ctk=f16,ctv=f16)"),
     ("candidate", "string", None, "candidate KV config, e.g. ctk=q8_0,ctv=q4_0"),
-    ("axes", "string", ",".join(DEFAULT_AXES), "comma-separated axes to run (trajectory,kld), or 'none' for fixtures only"),
+    ("axes", "string", ",".join(DEFAULT_AXES), "comma-separated axes to run (default trajectory,kld; also rniah, plad, "
+                                               "decode), or 'none' for fixtures only"),
     ("fail-under", "string", "FAIL", "fail the session when the composite is below this band (FAIL, DEGRADED, PASS, EXCELLENT) or number"),
     ("item-fail-under", "string", None, "opt-in: also fail each item whose own score is below this band or number"),
     ("json", "string", None, "write the JSON report to this path"),
@@ -63,6 +64,9 @@ OPTIONS = (
                                        "reference pack into this folder (new, empty, or a pack to replace)"),
     ("reference-pack", "string", None, "use a reference pack (from --refract-save-reference) as the run's reference "
                                        "and control, and measure this build's own reference against it (build drift)"),
+    ("decode-window", "string", "32", "decode axis: positions per KLD chunk fed one token per llama_decode (from the "
+                                      "chunk's middle on)"),
+    ("decode-chunks", "string", "16", "decode axis: KLD chunks it measures (the first N in the KLD axis's order)"),
     ("undecided", "string", "fail", "what the gate does with an UNDECIDED verdict: fail (default: the evidence is not "
                                     "there yet) or pass"),
 )
@@ -112,7 +116,7 @@ def option_default(name: str):
 FLAGS = (("floor", "also measure reference vs reference (a second context) to show the noise floor"),
          ("no-cache", "do not read or write the reference cache"),
          ("clear-cache", "empty the reference cache before the run"),
-         ("full", "run all four axes (trajectory, kld, rniah, plad)"),
+         ("full", "run every axis (trajectory, kld, rniah, plad, decode)"),
          ("no-progress", "do not show the progress of long items (a live line on a terminal, a line every few seconds in logs)"),
          ("no-sensitivity", "skip the sensitivity control (the gate then uses the raw composite)"),
          ("exhaustive", "measure every selected item: no sequential stopping once a verdict is decided "
@@ -265,6 +269,9 @@ class Settings:
     sequential: bool = True
     max_items: Optional[int] = option_default("max-items")
     sequential_note: Optional[str] = None  # why stopping is off where it was not asked off
+    # The decode axis: positions per chunk fed one token per llama_decode, and chunks measured.
+    decode_window: int = int(OPTION_DEFAULTS["decode-window"])
+    decode_chunks: int = int(OPTION_DEFAULTS["decode-chunks"])
 
     @property
     def candidate(self) -> KVConfig:
@@ -308,6 +315,7 @@ class Settings:
             "undecided": self.undecided,
             "sequential": {"stopping": self.sequential, "max_items": self.max_items,
                            **({"note": self.sequential_note} if self.sequential_note else {})},
+            "decode": {"window": self.decode_window, "chunks": self.decode_chunks},
             "rniah": {
                 "lengths": list(self.rniah_lengths) if self.rniah_lengths else None,
                 "positions": list(self.rniah_positions),
@@ -411,6 +419,8 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         reference_pack=reference_pack,
         sequential=sequential,
         sequential_note=sequential_note,
+        decode_window=_int(config, "decode-window", 1),
+        decode_chunks=_int(config, "decode-chunks", 1),
         max_items=_int(config, "max-items", 1) if _get(config, "max-items") is not None else None,
         sensitivity=sensitivity,
         sensitivity_note=sensitivity_note,

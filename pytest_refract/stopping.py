@@ -82,11 +82,14 @@ class SequentialStopping:
             counts[key] = counts.get(key, 0) + 1
         s = self.settings
         self.progress = {}
+        # A candidate FAILs when any of its axes FAILs: the FAIL side's error is split over them.
+        n_axes = {role: sum(1 for (r, _a) in counts if r == role) for role, _ in counts}
         for (role, axis_name), n in counts.items():
             axis = self.axes[axis_name]
             batched = s.decode_batch > 1 and bool(getattr(axis, "BATCHED", 0))
             first = s.decode_batch * axis.BATCHED if batched else 1
-            self.progress[(role, axis_name)] = AxisProgress(seq.Design.plan(n, first, stopping=self.active))
+            self.progress[(role, axis_name)] = AxisProgress(seq.Design.plan(n, first, stopping=self.active,
+                                                                            n_axes=n_axes[role]))
 
     def look_order(self, planned) -> List[int]:
         """The order to run ``planned`` (its indices; collection order in, axes.Unit items):
@@ -150,8 +153,10 @@ class SequentialStopping:
         at_look = look is not None and design.looks[look] > (state.looked_at or 0)
         if not at_look:
             return None
+        pass_error, fail_error, pass_from = design.errors_at(look)
         verdict = V.axis_verdict(axis, [candidate_results[u] for u in shared], [control_results[u] for u in shared],
-                                 level=design.levels[look], same_computation=self.self_reference.get(role, False))
+                                 errors=(pass_error, fail_error), min_pass_items=pass_from,
+                                 same_computation=self.self_reference.get(role, False))
         state.verdict, state.looked_at, state.look = verdict, design.looks[look], look
         decided = verdict.verdict != V.UNDECIDED and verdict.basis != "broken control"
         state.decided = decided and design.stopping

@@ -188,3 +188,18 @@ def tiny_args(model, prompts, corpus, *extra) -> list:
         "--refract-threads=1",
         *extra,
     ]
+
+
+def _gpu_offload() -> bool:
+    """Whether the llama.cpp this process would load can offload to a GPU (a CUDA build)."""
+    try:
+        import llama_cpp
+    except Exception:  # no bindings, or no library for them: no GPU build either
+        return False
+    return bool(llama_cpp.llama_supports_gpu_offload())
+
+
+def pytest_runtest_setup(item):
+    # Tests marked gpu run where llama.cpp was built with GPU offload, and skip elsewhere.
+    if item.get_closest_marker("gpu") is not None and not _gpu_offload():
+        pytest.skip("needs a llama.cpp build with GPU offload (llama_supports_gpu_offload() is false here)")

@@ -29,6 +29,12 @@ N_LAYER, N_HEAD_KV, HEAD = 2, 2, 32
 # Requested K type -> (the K type the fake "llama.cpp" creates instead, the warning it logs):
 # a build that substitutes a cache type, as the TurboQuant fork does on a GQA >= 6 model.
 SUBSTITUTE: Dict[str, Tuple[str, str]] = {}
+# Cache type -> extra logit noise on rows of one-token decode steps only: a build whose
+# one-token decode kernel for that type is broken while its batched path is right.
+DECODE_NOISE: Dict[str, float] = {}
+# Cache types whose contexts compute exactly what the reference's does (a build that ignores
+# the requested type, e.g. one that silently falls back to f16).
+NO_OP_TYPES: set = set()
 
 
 def cache_types() -> Dict[str, CacheType]:
@@ -49,6 +55,11 @@ def row_size(type_id: int, n: int) -> int:
 def build_info() -> dict:
     return {"llama_cpp_python": "fake", "ggml_version": "fake", "ggml_commit": None, "library_folder": None,
             "libraries": [], "library_digest": None, "system_info": "fake engine"}
+
+
+def library_record() -> dict:
+    """Where a real engine's library would be: under the home folder, as a user's venv is."""
+    return {"path": str(Path.home() / "venv" / "lib" / "libllama.so"), "sha256": "ab" * 32}
 
 
 def library_version() -> str:
@@ -120,7 +131,8 @@ class Engine:
 class FakeContext(Context):
     def __init__(self, engine, kv, types, settings, n_seq, n_ctx_seq):
         super().__init__(engine, kv, settings, n_seq, n_ctx_seq)
-        self.noise = max(TYPES[t.name][4] for t in types)
+        self.noise = 0.0 if all(t.name in NO_OP_TYPES for t in types) else max(TYPES[t.name][4] for t in types)
+        self.decode_noise = max(DECODE_NOISE.get(t.name, 0.0) for t in types)
         self._out = np.empty((0, N_VOCAB), dtype=np.float32)
 
     def _row(self, history: Tuple[int, ...]) -> np.ndarray:
@@ -136,7 +148,11 @@ class FakeContext(Context):
             history = grown.setdefault(seq, list(self._tokens[seq]))
             history.append(int(tok))
             if want:
-                out.append(self._row(tuple(history)))
+                row = self._row(tuple(history))
+                if self.decode_noise and len(rows) == 1:
+                    row = row + np.random.RandomState(_seed("decode", tuple(history)) % 2**32).standard_normal(
+                        N_VOCAB).astype(np.float32) * self.decode_noise
+                out.append(row)
         self._out = np.stack(out) if out else np.empty((0, N_VOCAB), dtype=np.float32)
 
     def _view(self, n_rows: int) -> np.ndarray:

@@ -55,11 +55,12 @@ def test_baseline_drop_just_over_the_tolerance_fails(pytester, tiny_model, tiny_
 
 def test_baseline_drop_just_under_the_tolerance_passes(pytester, tiny_model, tiny_prompts, tiny_corpus, base_report):
     baseline = _with_scores(base_report, pytester.path / "under.json", {"kld": 1.99, "composite": 1.99})
-    # --refract-fail-under=0 and --refract-undecided=pass: the band gate passes whatever the tiny
-    # model's q4_0 composite is, and three prompts leave its verdict UNDECIDED, which is accepted
-    # here, so the outcome is the baseline gate's alone (this test once skipped in the FAIL band).
+    # --refract-gate=raw and --refract-fail-under=0: the composite gate passes whatever the tiny
+    # model's q4_0 composite is, and the verdict (FAIL where the tiny model's bf16 control is
+    # bit-identical and q4_0 is not) is not what this gate reads, so the outcome is the baseline
+    # gate's alone (this test once skipped in the FAIL band).
     result = _run_again(pytester, tiny_model, tiny_prompts, tiny_corpus, f"--refract-baseline={baseline}",
-                        "--refract-fail-under=0", "--refract-undecided=pass")
+                        "--refract-fail-under=0", "--refract-gate=raw")
     assert result.ret == 0, result.stdout.str()
     assert "dropped" not in result.stdout.str()
 

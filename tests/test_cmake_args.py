@@ -146,3 +146,41 @@ def test_exec_runs_a_command_with_the_chosen_flags():
 def test_unknown_arguments_are_refused():
     done = subprocess.run([sys.executable, "-S", "-E", str(SCRIPT), "--avx512"], capture_output=True, text=True)
     assert done.returncode == 2 and "usage:" in done.stderr and done.stdout == ""
+
+
+def _run_args(args, env_extra, check=True):
+    env = {k: v for k, v in os.environ.items() if k not in ("CMAKE_ARGS", "REFRACT_CMAKE_ARGS", "REFRACT_CUDA")}
+    env.update(env_extra)
+    return subprocess.run([sys.executable, "-S", "-E", str(SCRIPT), *args], env=env, capture_output=True, text=True,
+                          check=check)
+
+
+def test_cuda_flag_adds_the_cuda_backend_to_the_cpu_flags():
+    cpu = _run_args([], {}).stdout.split()
+    cuda = _run_args(["--cuda"], {}).stdout.split()
+    assert cuda == cpu + ["-DGGML_CUDA=ON", "-DGGML_CUDA_FA_ALL_QUANTS=ON"]
+    assert "CUDA backend" in _run_args(["--cuda"], {}).stderr
+
+
+def test_refract_cuda_needs_an_nvcc(tmp_path):
+    done = _run_args([], {"REFRACT_CUDA": "1", "PATH": str(tmp_path), "CUDA_HOME": "", "CUDA_PATH": ""}, check=False)
+    assert done.returncode == 2 and done.stdout == "" and "no nvcc" in done.stderr
+    # A CUDA toolkit (here a stand-in nvcc) under CUDA_HOME: the user opted in and it is there.
+    (tmp_path / "cuda" / "bin").mkdir(parents=True)
+    nvcc = tmp_path / "cuda" / "bin" / "nvcc"
+    nvcc.write_text("#!/bin/sh\n")
+    nvcc.chmod(0o755)
+    done = _run_args([], {"REFRACT_CUDA": "1", "PATH": str(tmp_path), "CUDA_HOME": str(tmp_path / "cuda")})
+    assert "-DGGML_CUDA=ON" in done.stdout.split()
+    # Without the opt-in, an nvcc on the machine changes nothing.
+    done = _run_args([], {"PATH": str(tmp_path / "cuda" / "bin")})
+    assert "-DGGML_CUDA=ON" not in done.stdout.split()
+
+
+def test_cuda_with_exec_passes_the_cuda_flags():
+    done = _run_args(["--cuda", "--exec", sys.executable, "-c", "import os; print(os.environ['CMAKE_ARGS'])"], {})
+    assert done.stdout.split()[-2:] == ["-DGGML_CUDA=ON", "-DGGML_CUDA_FA_ALL_QUANTS=ON"]
+
+
+def test_user_overrides_still_win_over_cuda():
+    assert _run_args(["--cuda"], {"REFRACT_CMAKE_ARGS": "-DGGML_VULKAN=ON"}).stdout.strip() == "-DGGML_VULKAN=ON"

@@ -55,7 +55,9 @@ def test_gemma3_full_audit_runs_as_users_run_it(pytester, gemma3, prompts_file, 
                   "--refract-chunks=2", "--refract-full", "--refract-rniah-lengths=4096",
                   "--refract-rniah-positions=0.5", "--refract-rniah-trials=1")
     assert data["model"]["architecture"] == "gemma3" and data["model"]["path"] == "gemma-3-270m-q4_k_m.gguf"
-    assert set(data["axes"]) == {"trajectory", "kld", "rniah", "plad"}
+    assert set(data["axes"]) == {"trajectory", "kld", "rniah", "plad", "decode"}
+    # One token per llama_decode on Gemma 3's sliding-window caches agrees with the batched path.
+    assert data["axes"]["decode"]["n_chunks"] == 2 and data["axes"]["decode"]["decode_batched_disagree"] is not True
     kld = data["axes"]["kld"]
     assert kld["n_positions"] == 2 * (512 - 1 - 256)
     assert kld["mean_kld"] > 0 and kld["ppl_ref"] > 1 and kld["ppl_cand"] > 1

@@ -12,6 +12,7 @@ from pathlib import Path
 import pytest
 
 from conftest import one_usage_error_line, read_report, tiny_args
+from pytest_refract.report.jsonio import SCHEMA
 
 pytest_plugins = ["pytester"]
 
@@ -77,7 +78,7 @@ def test_same_build_drift_is_exactly_zero_and_candidates_are_unchanged(pytester,
     assert _numbers(data["verdict"]) == _numbers(without["verdict"])
     assert data["reference_pack"]["checksum"] == without["saved_reference_pack"]["checksum"]
     assert data["reference_pack"]["path"] == str(pack)
-    assert data["schema"] == "pytest-refract.report.v2"
+    assert data["schema"] == SCHEMA
     result.stdout.fnmatch_lines(["build drift PASS*"])
     from pytest_refract.report.html import render_html
 

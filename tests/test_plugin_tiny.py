@@ -43,7 +43,7 @@ def test_self_reference_scores_100_within_the_storage_floor(pytester, tiny_model
     result.assert_outcomes(passed=6)
     assert result.ret == 0
     data = read_report(report)
-    assert data["schema"] == "pytest-refract.report.v2"
+    assert data["schema"] == "pytest-refract.report.v3"
     # Greedy decoding is the same computation twice, so trajectory is exactly 100. Candidates are
     # compared with the reference's 16-bit log-probs (llama-perplexity's base format), so the
     # KLD is not exactly 0 but within that storage floor (~1e-7 nats), and the KLD score and
@@ -208,7 +208,7 @@ def test_full_self_reference_runs_every_axis(pytester, tiny_model, tiny_prompts,
                    f"--refract-json={report}")
     )
     data = read_report(report)
-    assert set(data["axes"]) == {"trajectory", "kld", "rniah", "plad"}
+    assert set(data["axes"]) == {"trajectory", "kld", "rniah", "plad", "decode"}
     plad = data["axes"]["plad"]
     # Prompts without a capitalised word or a synonym-table word skip those perturbations.
     assert plad["n_pairs"] + plad["n_skipped"] == 3 * 4

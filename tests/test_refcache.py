@@ -98,7 +98,7 @@ def _run(pytester, model, prompts, corpus, candidate, cache_dir, name, *extra):
     report = pytester.path / f"{name}.json"
     result = pytester.runpytest_subprocess(
         *tiny_args(model, prompts, corpus, f"--refract-candidate={candidate}", f"--refract-cache-dir={cache_dir}",
-                   f"--refract-json={report}", "--refract-full", "--refract-rniah-lengths=128",
+                   f"--refract-json={report}", "--refract-axes=trajectory,kld,rniah,plad", "--refract-rniah-lengths=128",
                    "--refract-rniah-positions=0.5", "--refract-rniah-trials=1", *extra))
     return result, read_report(report)
 

@@ -221,10 +221,12 @@ def test_diagnose_unscored_axis_and_self_reference():
 def test_floor_below_threshold_is_a_loud_warning():
     from types import SimpleNamespace
 
+    from pytest_refract.engines.kvconfig import parse_kv_config
     from pytest_refract.record import RunRecord
     from pytest_refract.report.build import _candidate_section
 
-    settings = SimpleNamespace(floor=True, repeat=1, fail_under=60.0, fail_under_text="FAIL", seed=0, gate_basis="raw")
+    settings = SimpleNamespace(floor=True, repeat=1, fail_under=60.0, fail_under_text="FAIL", seed=0, gate_basis="raw",
+                               candidates=(parse_kv_config("ctk=q8_0,ctv=q8_0"),), reference=parse_kv_config("ctk=f16,ctv=f16"))
     facts = RunRecord(settings=settings, self_reference={"cand0": False}, labels={"cand0": "ctk=q8_0,ctv=q8_0"})
     item = {"id": "a", "category": "c", "prefix_agreement": 8, "ref_len": 8, "cand_len": 8, "first_divergence": None,
             "full_match": True, "teacher_forced_kld": 0.0, "wall_s": 1.0,

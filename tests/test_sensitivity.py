@@ -36,7 +36,7 @@ def test_control_runs_by_default_inside_the_candidates_items(pytester, tiny_mode
     assert sens["axes"]["kld"]["n_chunks"] == 3
     lo, hi = data["composite_ci95"]
     assert lo <= data["composite"] <= hi
-    assert data["schema"] == "pytest-refract.report.v2"
+    assert data["schema"] == "pytest-refract.report.v3"
     assert not any(key.startswith("calibrated") for key in data)
     # The gate reads the verdict: each axis's damage as a multiple of the control's.
     assert data["gate"]["basis"] == "verdict" and data["gate"]["undecided"] == "fail"
@@ -82,16 +82,17 @@ def test_the_control_as_a_candidate_is_at_the_top(pytester, tiny_model, tiny_pro
             if "vs_control" in item:
                 assert item["vs_control"]["damage"] == item["vs_control"]["control_damage"]
     assert len(data["ranking"]) == 2  # the control itself is never ranked
-    # The control measured as a candidate has exactly the control's damage: 1x and PASS where
-    # the control has damage; where it has none (the tiny model's bf16 cache can be
-    # bit-identical to f16) the candidate's own damage is 0, held to the absolute tolerance, and
-    # never FAILs. Its score is 100 either way.
+    # The control measured as a candidate has exactly the control's damage: 1x where the control
+    # has damage; where it has none (the tiny model's bf16 cache can be bit-identical to f16)
+    # there is no multiple and the candidate's own damage is 0. Never a FAIL (a PASS needs 46
+    # items, more than the tiny run measures); its score is 100 either way.
     assert bf16["verdict"]["verdict"] != "FAIL" and bf16["verdict"]["score"] == 100.0
     for v in bf16["verdict"]["axes"].values():
-        if v["basis"] == "multiple":
-            assert v["multiple"] == pytest.approx(1.0) and v["verdict"] == "PASS"
+        assert v["basis"] == "multiple" and v["verdict"] != "FAIL"
+        if v["multiple"] is not None:
+            assert v["multiple"] == pytest.approx(1.0)
         else:
-            assert v["basis"] == "absolute" and v["damage"] == 0.0 and v["verdict"] != "FAIL"
+            assert v["damage"] == 0.0
     assert result.ret == (0 if all(c["verdict"]["verdict"] == "PASS" for c in data["candidates"]) else 1)
 
 

@@ -26,10 +26,10 @@ def fake_llamacpp(monkeypatch):
 
 @pytest.fixture
 def long_corpus(tmp_path):
-    # over 32 chunks of 64 tokens in the fake engine's byte-level vocabulary.
+    # over 48 chunks of 64 tokens in the fake engine's byte-level vocabulary (a PASS needs 46).
     words = "the end of the world is a hello to the end. "
     path = tmp_path / "corpus.txt"
-    path.write_text(words * 250, encoding="utf-8")
+    path.write_text(words * 330, encoding="utf-8")
     return path
 
 
@@ -46,35 +46,48 @@ def test_decided_axes_skip_the_rest_and_the_report_lists_them(pytester, fake_lla
     result, report = _audit(pytester, tiny_model, long_corpus, "--refract-candidate=ctk=bf16,ctv=bf16",
                             "--refract-candidate=ctk=q8_0,ctv=q8_0", f"--refract-html={pytester.path / 'r.html'}")
     out = result.stdout.str()
-    n = report["candidates"][0]["axes"]["kld"]["sequential"]["looks"][-1]
-    assert n >= 16
+    seq0 = report["candidates"][0]["axes"]["kld"]["sequential"]
+    n, looks = seq0["looks"][-1], seq0["looks"]
+    assert n >= 48 and 48 in looks
     outcomes = result.parseoutcomes()
-    # Both candidates decide at the first look (8 chunks): bf16 is the control's own config
-    # (M 1), q8_0 has 25x its noise; every later chunk is skipped for both.
-    assert outcomes["passed"] == 16 and outcomes["skipped"] == 2 * (n - 8), out
-    assert f"decided after 8 of {n} chunks: PASS (M 1x [1, 1])" in out
+    # q8_0 has 25x bf16's noise: FAIL at the first look (8 chunks). bf16 is the control's own
+    # config (M 1): a PASS waits for the first look with at least 46 chunks (48).
+    assert outcomes["passed"] == 48 + 8 and outcomes["skipped"] == (n - 48) + (n - 8), out
+    assert f"decided after 48 of {n} chunks: PASS (M 1x [1, 1])" in out
     assert f"decided after 8 of {n} chunks: FAIL" in out
     by_label = {c["candidate"]: c for c in report["candidates"]}
-    for label, verdict in (("ctk=bf16,ctv=bf16", "PASS"), ("ctk=q8_0,ctv=q8_0", "FAIL")):
+    for label, verdict, at in (("ctk=bf16,ctv=bf16", "PASS", 48), ("ctk=q8_0,ctv=q8_0", "FAIL", 8)):
         section = by_label[label]["axes"]["kld"]
         seq = section["sequential"]
-        assert seq["decided"] and seq["decided_after"] == 8 and len(seq["skipped"]) == n - 8
-        assert len(section["items"]) == 8 and section["n_chunks"] == 8  # skipped items are not measured
-        assert section["verdict"]["verdict"] == verdict and section["verdict"]["n_items"] == 8
-        # Decided at the first look, whose level carries half the 5 % error.
-        assert section["verdict"]["level"] == pytest.approx(seq["look_level"]) == pytest.approx(seq["look_levels"][0])
-        assert seq["look_level"] == pytest.approx(0.975) and seq["stopped_by"] is None and seq["look_read"] == 1
-    assert report["items_skipped_decided"] == 2 * (n - 8)
-    # The control measured the 8 chunks both needed, no more.
-    assert len(report["sensitivity"]["axes"]["kld"]["items"]) == 8
+        assert seq["decided"] and seq["decided_after"] == at and len(seq["skipped"]) == n - at
+        assert len(section["items"]) == at and section["n_chunks"] == at  # skipped items are not measured
+        assert section["verdict"]["verdict"] == verdict and section["verdict"]["n_items"] == at
+        # Read at its look's errors: the interval's level is 1 - (PASS error + FAIL error).
+        k = looks.index(at)
+        assert section["verdict"]["level"] == pytest.approx(seq["look_level"]) == pytest.approx(seq["look_levels"][k])
+        assert section["verdict"]["fail_error"] == pytest.approx(seq["fail_errors"][k])
+        assert seq["stopped_by"] is None and seq["look_read"] == k + 1
+    # The first look spends half of each side's 2.5 % (the PASS side's shown at its first look).
+    assert by_label["ctk=q8_0,ctv=q8_0"]["axes"]["kld"]["sequential"]["look_level"] == pytest.approx(0.975)
+    # What the PASS could miss, in the JSON and the terminal.
+    assert by_label["ctk=bf16,ctv=bf16"]["verdict"]["axes"]["kld"]["could_miss"] == pytest.approx(1 - 0.05 ** (1 / 48))
+    assert "what this PASS could miss: a problem confined to fewer than 6.1 % of chunks could go unseen" in out
+    assert report["items_skipped_decided"] == (n - 48) + (n - 8)
+    # The control measured the 48 chunks bf16 needed, no more.
+    assert len(report["sensitivity"]["axes"]["kld"]["items"]) == 48
     # The decision is a progress line on its own.
     assert "refract: kld [ctk=q8_0,ctv=q8_0]: 8 chunks, M " in out and "FAIL decided: the remaining" in out
     assert result.ret == 1  # q8_0 FAILs (the gate reads every candidate)
     # The terminal's verdict lines and the HTML say where each axis stopped.
-    n_looks = len(report["candidates"][0]["axes"]["kld"]["sequential"]["looks"])
+    n_looks = len(looks)
     assert f"; decided after 8 of {n} (look 1 of {n_looks}, its interval at 97.5 %), {n - 8} skipped" in out
-    assert (f"decided after 8 of {n} items; {n - 8} not measured (look 1 of {n_looks} planned, its interval at 97.5 %)"
+    # The HTML's sections show the first candidate (bf16), decided at the 48-chunk look.
+    k = looks.index(48)
+    assert (f"decided after 48 of {n} items; {n - 48} not measured (look {k + 1} of {n_looks} planned"
             in (pytester.path / "r.html").read_text())
+    # The family-wise recommendation: bf16's larger cache PASSes first, q8_0 does not.
+    assert report["recommendation"]["recommended"] == "ctk=bf16,ctv=bf16"
+    assert report["recommendation"]["decisions"]["ctk=q8_0,ctv=q8_0"] == "not PASS"
 
 
 def test_a_fail_on_one_axis_stops_the_candidates_other_axes(pytester, fake_llamacpp, tiny_model, long_corpus):
@@ -115,7 +128,7 @@ def test_an_axis_stopped_by_another_claims_no_verdict():
     import numpy as np
 
     rng = np.random.default_rng(3)
-    cand, ctrl = flips(16, 1.0, rng)
+    cand, ctrl = flips(48, 1.0, rng)
 
     def section(rows):
         return {"score": 90.0, "items": [{"id": f"i{k}", "row": list(r)} for k, r in enumerate(rows)]}
@@ -278,7 +291,7 @@ def test_an_axis_leaves_no_one_sequence_context_under_the_next(pytester, fake_ll
     monkeypatch.setattr(runner_mod.Runner, "measure", measure)
     monkeypatch.setattr(fake_engine.FakeContext, "__init__", init)
     monkeypatch.setattr(fake_engine.FakeContext, "close", close)
-    # bf16 is the control's own config: KLD PASSes at its first look, then PLAD runs.
+    # bf16 is the control's own config: KLD PASSes at its 48-chunk look, then PLAD runs.
     result, report = _audit(pytester, tiny_model, long_corpus, "--refract-candidate=ctk=bf16,ctv=bf16",
                             "--refract-axes=kld,plad", "--refract-n-predict=8")
     assert report["axes"]["kld"]["items"] and report["axes"]["plad"]["items"], result.stdout.str()
@@ -286,5 +299,8 @@ def test_an_axis_leaves_no_one_sequence_context_under_the_next(pytester, fake_ll
     first_plad = next((i for i, (kind, axis, _) in enumerate(events) if kind == "open" and axis == "plad"), None)
     assert first_plad is not None, "PLAD opened no context of its own: it ran in KLD's"
     closed_before = {ctx for kind, _, ctx in events[:first_plad] if kind == "close"}
-    kld_contexts = {ctx for ctx, axis in opened_by.items() if axis == "kld"}
+    # The axes take turns look by look: KLD's contexts opened before PLAD's first are closed
+    # before it (KLD opens new ones at its next stage).
+    opened_before = {ctx for kind, _, ctx in events[:first_plad] if kind == "open"}
+    kld_contexts = {ctx for ctx, axis in opened_by.items() if axis == "kld" and ctx in opened_before}
     assert kld_contexts and kld_contexts <= closed_before, (len(kld_contexts), len(closed_before))

@@ -3,7 +3,8 @@
 The simulation: per prompt a hazard h (gamma distributed: some prompts are full of near-ties),
 the control flips Binomial(L, h) reference tokens, the candidate Binomial(L, m x h), on the same
 prompts; its true multiple is m. Chunks for a KLD-like axis: a per-chunk difficulty shared by
-both sides, times independent log-normal noise per side.
+both sides, times independent log-normal noise per side. The harder generators, and the error
+rates at the margin, are in tests/test_verdict_sim.py.
 """
 
 from __future__ import annotations
@@ -100,21 +101,22 @@ def _as_tables(cand, ctrl, extra=None):
     return c, np.column_stack([np.asarray(ctrl, float), exposure])
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(tables)
 def test_interval_contains_point_and_score_inside_its_interval(data):
     cand, ctrl, _ = data
     v = verdict_of(*_as_tables(cand, ctrl))
     if v.multiple_ci95 is not None and v.multiple is not None and v.basis == "multiple":
         lo, hi = v.multiple_ci95
-        assert lo <= v.multiple <= hi
+        hi = math.inf if hi is None else hi  # open above below the PASS minimum
+        assert lo <= v.multiple * (1 + 1e-6) and v.multiple <= hi * (1 + 1e-6)
         slo, shi = v.score_ci95
         assert slo <= v.score <= shi
     if v.damage_ci95 is not None and v.basis == "absolute":
         assert v.damage_ci95[0] <= v.damage <= v.damage_ci95[1]
 
 
-@settings(max_examples=150, deadline=None)
+@settings(max_examples=60, deadline=None)
 @given(tables)
 def test_itemwise_larger_damage_never_scores_higher(data):
     cand, ctrl, extra = data
@@ -126,18 +128,19 @@ def test_itemwise_larger_damage_never_scores_higher(data):
         assert worse.multiple >= base.multiple - 1e-12
 
 
-def test_zero_control_does_not_score_100():
+def test_zero_control_is_no_free_pass_and_no_switch():
     rng = np.random.default_rng(3)
-    cand, ctrl = flips(12, 4.0, rng)
+    cand, ctrl = flips(48, 4.0, rng)
     ctrl[:, 0] = 0.0  # a control that never flips a token
     v = verdict_of(cand, ctrl)
-    assert v.basis == "absolute"
-    assert v.score < 100.0
-    assert "undefined" in v.reason and "tolerance" in v.reason
-    # A control at 0 on every item and a candidate with no damage either: still no free 100
-    # without the evidence; the zero-event bound decides against the tolerance.
-    v0 = verdict_of(np.column_stack([np.zeros(4), np.full(4, 10.0)]), np.column_stack([np.zeros(4), np.full(4, 10.0)]))
-    assert v0.verdict == "UNDECIDED" and v0.damage_ci95[1] > 0.05
+    # The same declared test: the candidate's damage against 3 x nothing. No multiple to show,
+    # never a PASS; here the candidate's flips are many, so FAIL.
+    assert v.basis == "multiple" and v.multiple is None and v.verdict == "FAIL"
+    assert "the control has no greedy flips" in v.reason and v.score == 0.0
+    # Both at 0 on every item: nothing to compare, no decision (the score describes the
+    # candidate's own damage, none).
+    v0 = verdict_of(np.column_stack([np.zeros(48), np.full(48, 10.0)]), np.column_stack([np.zeros(48), np.full(48, 10.0)]))
+    assert v0.verdict == "UNDECIDED" and v0.multiple is None and v0.score == 100.0
 
 
 def test_control_scoring_zero_is_a_broken_yardstick():
@@ -170,9 +173,10 @@ def _mean_score(gen, n, m, sims, seed):
     scores = []
     for _ in range(sims):
         cand, ctrl = gen(n, m, rng)
-        v = verdict_of(cand, ctrl)
-        if v.score is not None and v.basis == "multiple":
-            scores.append(v.score)
+        # The verdict's score is the fixed map of the point multiple (no interval needed).
+        d_ctrl = float(V.ratio_of_sums(ctrl))
+        if d_ctrl > 0:
+            scores.append(V.score_of_multiple(float(V.ratio_of_sums(cand)) / d_ctrl))
     return float(np.mean(scores)), len(scores)
 
 
@@ -186,60 +190,72 @@ def test_expected_score_does_not_rise_as_items_are_removed(gen):
     assert abs(means[128] - V.score_of_multiple(2.0)) < 1.0
 
 
-@pytest.mark.parametrize("n", [8, 32, 128])
+@pytest.mark.parametrize("n", [8, 48, 96])
 @pytest.mark.parametrize("gen", [flips, chunks])
 def test_pass_is_rare_just_beyond_the_margin(gen, n):
     # True multiple 5 % beyond the 3x margin: PASS must come out at most ~5 % of the time.
     rng = np.random.default_rng(1000 + n)
-    sims, passed = 400, 0
+    sims, passed = 100, 0
     for _ in range(sims):
         v = verdict_of(*gen(n, 3.15, rng))
         passed += v.verdict == "PASS"
     assert passed / sims <= 0.05, f"PASS in {passed} of {sims} runs at {n} items"
 
 
-@pytest.mark.parametrize("n", [8, 32, 128])
+@pytest.mark.parametrize("n", [48, 96])
 @pytest.mark.parametrize("gen", [flips, chunks])
-def test_interval_coverage_is_near_nominal(gen, n):
+def test_interval_coverage_is_at_least_nominal(gen, n):
     rng = np.random.default_rng(2000 + n)
     covered = total = 0
-    for _ in range(300):
+    for _ in range(80):
         v = verdict_of(*gen(n, 2.5, rng))
-        if v.basis != "multiple" or v.multiple_ci95 is None:
+        if v.basis != "multiple" or v.multiple_ci95 is None or v.multiple_ci95[1] is None:
             continue
         total += 1
         covered += v.multiple_ci95[0] <= 2.5 <= v.multiple_ci95[1]
-    assert total >= 280
-    assert 0.90 <= covered / total <= 0.99, f"coverage {covered / total:.3f} at {n} items"
+    assert total >= 75
+    assert covered / total >= 0.93, f"coverage {covered / total:.3f} at {n} items"
+
+
+def test_the_interval_agrees_with_the_verdict():
+    rng = np.random.default_rng(12)
+    for m in (1.5, 2.5, 3.0, 4.0, 8.0):
+        v = verdict_of(*flips(64, m, rng))
+        lo, hi = v.multiple_ci95
+        assert (v.verdict == "PASS") == (hi <= 3.0) and (v.verdict == "FAIL") == (lo > 3.0)
+    # Below the PASS minimum the upper end is not shown, and no PASS is given.
+    v = verdict_of(*chunks(16, 1.0, rng))
+    assert v.multiple_ci95[1] is None and v.verdict == "UNDECIDED" and "a PASS needs at least 46 items" in v.reason
 
 
 def test_a_clear_difference_is_decided_and_a_close_one_asks_for_items():
     rng = np.random.default_rng(7)
-    assert verdict_of(*chunks(32, 1.2, rng)).verdict == "PASS"
+    clear = verdict_of(*chunks(48, 1.2, rng))
+    assert clear.verdict == "PASS" and clear.could_miss == pytest.approx(V.could_miss(48))
     assert verdict_of(*chunks(32, 12.0, rng)).verdict == "FAIL"
-    v = verdict_of(*flips(8, 3.0, np.random.default_rng(11)))
+    v = verdict_of(*flips(48, 3.0, np.random.default_rng(11)))
     assert v.verdict == "UNDECIDED"
-    assert v.items_needed is not None and v.items_needed > 8
-    assert "items in all" in V.undecided_advice(v)
+    assert v.items_needed is not None and v.items_needed > 48
+    advice = V.undecided_advice(v)
+    assert "items in all" in advice and "guarantee is per run" in advice and "--refract-seed" in advice
 
 
 def test_a_self_reference_zero_is_exact():
     # The reference's own config decodes the same computation: 0 flips is not a sample of 0
-    # events that a zero-event bound must qualify.
+    # events that a zero-event bound must qualify, and nothing can hide in items not measured.
     zero = np.column_stack([np.zeros(3), np.full(3, 8.0)])
     ns = SimpleNamespace(**vars(AXIS), damage_table=lambda items: ([i["id"] for i in items],
                                                                     np.asarray([i["row"] for i in items], float)))
     items = [{"id": f"i{k}", "row": r} for k, r in enumerate(zero)]
     assert V.axis_verdict(ns, items, items).verdict == "UNDECIDED"
     exact = V.axis_verdict(ns, items, items, same_computation=True)
-    assert exact.verdict == "PASS" and exact.damage_ci95 == [0.0, 0.0]
+    assert exact.verdict == "PASS" and exact.could_miss == 0.0
 
 
 def test_a_zero_width_interval_still_holds_its_point():
     """Every item at the same ratio (3 flips of 1 for the candidate per item of the control's
-    damage): exp(log M) came back a last bit above M, so the interval missed its point and the
-    verdict said FAIL for a multiple exactly at the margin."""
-    v = verdict_of(*_as_tables([3, 3, 3], [1, 1, 1], [0, 0, 0]))
+    damage): a multiple exactly at the margin is never a FAIL."""
+    v = verdict_of(*_as_tables([3] * 48, [1] * 48, [0] * 48))
     lo, hi = v.multiple_ci95
     assert lo <= v.multiple <= hi
     assert v.multiple == 3.0 and v.verdict != "FAIL"

@@ -16,7 +16,8 @@ from pytest_refract.scoring.metrics import band_for
 
 from test_report_data import _facts, _settings
 
-N_PROMPTS, N_CHUNKS, LEN = 24, 16, 64
+# A PASS needs 46 items (scoring/verdict.MIN_ITEMS_FOR_PASS).
+N_PROMPTS, N_CHUNKS, LEN = 48, 48, 64
 
 
 def _trajectory(flips_per_prompt, agree=None) -> dict:

@@ -16,6 +16,15 @@ and AMX is always OFF.
 
 Overrides, strongest first: REFRACT_CMAKE_ARGS (printed as given), then a CMAKE_ARGS already in
 the environment (the user's own choice is kept as is).
+
+GPU builds: ``--cuda`` (first argument) adds the CUDA backend to the CPU flags; so does
+REFRACT_CUDA=1 where nvcc is found (on PATH, or in CUDA_HOME / CUDA_PATH); REFRACT_CUDA=1
+without an nvcc is refused rather than quietly giving a CPU-only build. Every flash-attention
+kernel for quantized K/V pairs is compiled (GGML_CUDA_FA_ALL_QUANTS): without it a pair the
+default build lacks runs its attention on the CPU or converts K and V to f16, and the audit
+would measure that instead of the cache asked for.
+
+    CMAKE_ARGS="$(python3 tools/cmake_args.py --cuda)" pip install --no-cache-dir llama-cpp-python
 """
 
 from __future__ import print_function
@@ -41,6 +50,32 @@ X86_SWITCHES = (
 ALWAYS_OFF = ("GGML_AVX_VNNI", "GGML_AVX512_VBMI", "GGML_AVX512_VNNI", "GGML_AVX512_BF16",
               "GGML_AMX_TILE", "GGML_AMX_INT8", "GGML_AMX_BF16")
 X86_MACHINES = ("x86_64", "amd64", "i386", "i486", "i586", "i686", "x86")
+# Added to the CPU flags for a CUDA build.
+CUDA_SWITCHES = ("-DGGML_CUDA=ON", "-DGGML_CUDA_FA_ALL_QUANTS=ON")
+
+
+def find_nvcc(environ):
+    """The nvcc a CUDA build would use, or None: on PATH, else under CUDA_HOME or CUDA_PATH."""
+    for folder in environ.get("PATH", "").split(os.pathsep):
+        if folder and os.access(os.path.join(folder, "nvcc"), os.X_OK):
+            return os.path.join(folder, "nvcc")
+    for name in ("CUDA_HOME", "CUDA_PATH"):
+        root = environ.get(name, "").strip()
+        if root and os.access(os.path.join(root, "bin", "nvcc"), os.X_OK):
+            return os.path.join(root, "bin", "nvcc")
+    return None
+
+
+def wants_cuda(argv, environ):
+    """(CUDA build?, problem or None): asked by --cuda, or by REFRACT_CUDA=1 with nvcc found."""
+    if argv[:1] == ["--cuda"]:
+        return True, None
+    if environ.get("REFRACT_CUDA", "").strip().lower() in ("1", "on", "yes", "true"):
+        if find_nvcc(environ) is None:
+            return False, ("REFRACT_CUDA=1 but no nvcc on PATH, CUDA_HOME or CUDA_PATH: install the CUDA toolkit "
+                           "(or pass --cuda to print the flags anyway)")
+        return True, None
+    return False, None
 
 
 def cpu_flags(cpuinfo_text):
@@ -79,8 +114,9 @@ def choose(cpuinfo_text, machine):
     return args, reason
 
 
-def resolve(environ):
-    """(CMAKE_ARGS value, reason): an override from the environment, or the choice for this CPU."""
+def resolve(environ, cuda=False):
+    """(CMAKE_ARGS value, reason): an override from the environment, or the choice for this CPU
+    (with the CUDA backend when ``cuda``)."""
     for name in ("REFRACT_CMAKE_ARGS", "CMAKE_ARGS"):
         value = environ.get(name, "").strip()
         if value:
@@ -91,20 +127,29 @@ def resolve(environ):
     except OSError:
         text = ""
     args, reason = choose(text, platform.machine())
+    if cuda:
+        args = args + list(CUDA_SWITCHES)
+        reason += "; CUDA backend with every quantized flash-attention kernel"
     return " ".join(args), reason
 
 
 def main(argv=None, environ=None):
     argv = sys.argv[1:] if argv is None else argv
     environ = os.environ if environ is None else environ
-    value, reason = resolve(environ)
+    cuda, problem = wants_cuda(argv, environ)
+    if problem:
+        print("cmake_args: " + problem, file=sys.stderr)
+        return 2
+    if argv[:1] == ["--cuda"]:
+        argv = argv[1:]
+    value, reason = resolve(environ, cuda)
     print("cmake_args: " + reason, file=sys.stderr)
     if argv[:1] == ["--exec"] and len(argv) > 1:
         env = dict(environ, CMAKE_ARGS=value)
         print("cmake_args: CMAKE_ARGS=%s" % value, file=sys.stderr)
         os.execvpe(argv[1], argv[1:], env)
     if argv:
-        print("usage: cmake_args.py [--exec COMMAND ARGS...]", file=sys.stderr)
+        print("usage: cmake_args.py [--cuda] [--exec COMMAND ARGS...]", file=sys.stderr)
         return 2
     print(value)
     return 0

@@ -85,6 +85,10 @@ class ReferenceResults:
     def chunk(self, tokens: List[int], evaluate):
         return self._runner.reference.chunk(tokens, evaluate)
 
+    def chunk_fingerprint(self, tokens: List[int]):
+        """sha256 of the reference's exact logits of the chunk's scored positions, or None."""
+        return self._runner.reference.chunk_fingerprint(tokens)
+
     def greedy(self, prompts: List[List[int]], n_predict: int) -> List[List[int]]:
         known = self._runner.remembered_greedy(Role.REFERENCE, prompts, n_predict)
         if known is not None:

@@ -237,6 +237,33 @@ class Runner:
         build logs no rotation (it has none)."""
         return self.roles[role].probe.rotation
 
+    def ran(self, role: str) -> dict:
+        """What really ran for the role's config, as llama.cpp reported it: the cache types it
+        allocated, flash attention, rotation per side, the library (path, sha256, system info)
+        and every warning it logged creating or using the config's contexts, known ones named
+        (engines.kvlog.KNOWN_WARNINGS)."""
+        from ..engines.kvlog import named_warnings
+
+        part = self.roles[role]
+        facts = part.probe
+
+        def one(values):
+            values = sorted(set(values))
+            return None if not values else values[0] if len(values) == 1 else values
+
+        engine = self._engine
+        used = (getattr(engine, "logged_warnings", None) or {}).get(part.config.label(), [])
+        build = self.build_info()
+        record = getattr(self.engine_mod, "library_record", None)
+        library = dict(record()) if record is not None else {"path": None, "sha256": None}
+        home = str(Path.home())
+        if library.get("path") and home not in ("", "/"):
+            library["path"] = library["path"].replace(home, "~")  # reports are shared: no home folder
+        library["system_info"] = build.get("system_info")
+        return {"type_k": one(c.k_type for c in facts.caches), "type_v": one(c.v_type for c in facts.caches),
+                "flash_attn": getattr(facts, "flash_attn", None), "rotation": facts.rotation, "library": library,
+                "warnings": named_warnings([*facts.warnings, *used])}
+
     def kv_allocation(self, role: str) -> Optional[dict]:
         from ..engines.allocation import kv_allocation
 
@@ -640,6 +667,7 @@ class Runner:
             rotation={r: self.rotation(r) for r in roles},
             kv_allocation={r: self.kv_allocation(r) for r in roles},
             context_env={r: dict(self.roles[r].env) for r in roles},
+            ran={r: self.ran(r) for r in roles + ([self.control_role] if self.control_role else [])},
             kv_cache={r: self.kv_memory_summary(r) for r in self.candidate_roles},
             reference_kv_bytes_per_token=self.kv_bytes_per_token(Role.REFERENCE),
             kv_bytes_peak=self.kv_bytes_peak or None,

@@ -1,6 +1,6 @@
 """The audit's axes and their registry.
 
-An axis is an Axis subclass (base.py; the four built-ins here) or any object with the same
+An axis is an Axis subclass (base.py; the five built-ins here) or any object with the same
 attributes (an external axis, e.g. returned by a plugin). Required:
 
 - ``NAME``: the axis name used in test ids (``test_<NAME>[unit]``) and in the report;
@@ -41,17 +41,18 @@ import re
 from typing import Dict, Iterable, List, Tuple
 
 from ..errors import UsageProblem
-from . import kld, plad, rniah, trajectory
+from . import decode, kld, plad, rniah, trajectory
 from .base import Axis, Unit
 
 REQUIRED = ("NAME", "units", "planned_tokens", "measure", "aggregate")
 
-BUILTIN = {axis.NAME: axis for axis in (trajectory.TrajectoryAxis(), kld.KLDAxis(), rniah.RNIAHAxis(), plad.PLADAxis())}
+BUILTIN = {axis.NAME: axis for axis in (trajectory.TrajectoryAxis(), kld.KLDAxis(), rniah.RNIAHAxis(), plad.PLADAxis(),
+                                        decode.DecodeAxis())}
 ORDER = tuple(BUILTIN)
 # The order in which the axes' own sentences appear in a diagnosis: the trajectory sentence is
 # phrased against the KLD's reading ("although distributions stay close"), so KLD comes first.
 # Axes not listed here follow in the order they ran.
-DIAGNOSIS_ORDER = ("kld", "trajectory", "rniah", "plad")
+DIAGNOSIS_ORDER = ("kld", "decode", "trajectory", "rniah", "plad")
 
 
 # The optional members, and their defaults: those of the public base class, so an axis that
@@ -59,7 +60,8 @@ DIAGNOSIS_ORDER = ("kld", "trajectory", "rniah", "plad")
 OPTIONAL = ("ITEMS_KEY", "EXTRA_KEYS", "STREAM", "PRIVATE_KEYS", "NEEDS", "UNIT_NOUN", "BATCHED", "COMPARE_METRICS",
             "section_items", "cache_reads", "section_facts", "settings_facts", "diagnose", "control_diagnosis",
             "item_detail", "item_damage_text", "section_detail", "item_table", "statistic", "DAMAGE_LABEL", "MARGIN",
-            "ABSOLUTE_TOLERANCE", "DAMAGE_RESOLUTION", "CONTROL_MAX_DAMAGE", "ZERO_DAMAGE_EXACT", "damage_table",
+            "ABSOLUTE_TOLERANCE", "DAMAGE_RESOLUTION", "CONTROL_MAX_DAMAGE", "ZERO_DAMAGE_EXACT", "DAMAGE_COUNTS",
+            "damage_table",
             "damage")
 DEFAULTS = {name: getattr(Axis, name) for name in OPTIONAL}
 

@@ -160,9 +160,10 @@ class Axis:
     DAMAGE_LABEL: Optional[str] = None
     #: The verdict margin on the multiple of the control's damage (PASS at or below it).
     MARGIN: Optional[float] = None
-    #: The damage a candidate may have when the control has none to compare with.
+    #: The damage a candidate may have when no control was measured at all (with a control the
+    #: verdict always tests the multiple, however small the control's damage).
     ABSOLUTE_TOLERANCE: Optional[float] = None
-    #: A control damage at or below this is "none": the multiple is then undefined.
+    #: Kept for axes written against earlier versions; the verdict no longer reads it.
     DAMAGE_RESOLUTION: Optional[float] = None
     #: A control damage above this is more than a rounding-only change can cause: the yardstick
     #: is broken. None: only a control scoring 0 is.
@@ -170,6 +171,10 @@ class Axis:
     #: Whether a damage of 0 on every item is exact (bit-identical) rather than a count of 0
     #: events that a zero-event bound must qualify.
     ZERO_DAMAGE_EXACT: bool = False
+    #: Whether column 0 of the damage table counts whole units (flipped tokens, lost
+    #: retrievals): a control with few of them then has count noise the paired bound cannot see,
+    #: and a FAIL also needs the candidate beyond the margin times the control's Poisson bound.
+    DAMAGE_COUNTS: bool = False
 
     def damage_table(self, items: Sequence[dict]):
         """(ids, (n, 2) table) whose ``damage`` is the axis's damage, 0 for "identical to the

@@ -8,6 +8,8 @@ llama.cpp's ``llama-perplexity --kl-divergence`` conventions:
 
 from __future__ import annotations
 
+import hashlib
+
 from typing import List, Optional, Tuple
 
 import numpy as np
@@ -37,16 +39,27 @@ def chunk_tokens(corpus_tokens: List[int], index: int, n_ctx: int, bos: Optional
 
 
 def chunk_stats(run, tokens: List[int], role: str) -> Tuple[dict, Optional[dict]]:
+    """As measured_chunk, without the identity check."""
+    stats, floor_stats, _same = measured_chunk(run, tokens, role)
+    return stats, floor_stats
+
+
+def measured_chunk(run, tokens: List[int], role: str) -> Tuple[dict, Optional[dict], Optional[bool]]:
     """Per-position statistics of one chunk for the candidate ``role`` (and the floor, when
     asked). Candidates are compared with the reference's 16-bit log-probs, as llama-perplexity
     does with its stored base; the floor with the exact logits (see ReferenceStore.chunk)."""
     next_tokens = tokens[len(tokens) // 2 + 1 :]
     ref_logprobs, ref_exact = run.reference.chunk(tokens, lambda ctx, consume: _evaluate(ctx, tokens, consume))
-    stats = _streamed_stats(run.context(role), tokens, ref_logprobs, next_tokens, ref_is_logprobs=True)
+    digest = hashlib.sha256()
+    stats = _streamed_stats(run.context(role), tokens, ref_logprobs, next_tokens, ref_is_logprobs=True, digest=digest)
+    # Bit-identical logits on every scored position: the cache config changed nothing (see
+    # report "no_op"); None where the reference's fingerprint is unknown (an older cache entry).
+    fingerprint = getattr(run.reference, "chunk_fingerprint", lambda t: None)(tokens)
+    same = None if fingerprint is None else digest.hexdigest() == fingerprint
     floor_stats = None
     if run.settings.floor:
         floor_stats = _streamed_stats(run.context("floor"), tokens, ref_exact, next_tokens, ref_is_logprobs=False)
-    return stats, floor_stats
+    return stats, floor_stats, same
 
 
 def _evaluate(ctx, tokens: List[int], consume) -> None:
@@ -56,12 +69,15 @@ def _evaluate(ctx, tokens: List[int], consume) -> None:
     ctx.evaluate_each(0, tokens[:-1], 0, len(tokens) // 2, consume)
 
 
-def _streamed_stats(ctx, tokens, ref_rows, next_tokens, ref_is_logprobs: bool) -> dict:
+def _streamed_stats(ctx, tokens, ref_rows, next_tokens, ref_is_logprobs: bool, digest=None) -> dict:
     """KLD statistics computed straight from llama.cpp's output buffer, one batch at a time:
-    no float copy of the candidate's chunk is made (it would be rows x vocabulary x 4 bytes)."""
+    no float copy of the candidate's chunk is made (it would be rows x vocabulary x 4 bytes).
+    ``digest``: a hashlib object fed the exact logit rows, in order."""
     pieces: List[dict] = []
 
     def take(first_row, view):
+        if digest is not None:
+            digest.update(np.ascontiguousarray(view).data)
         rows = slice(first_row, first_row + view.shape[0])
         pieces.append(kld_positions(ref_rows[rows], view, next_tokens[rows], ref_is_logprobs=ref_is_logprobs))
 
@@ -133,7 +149,7 @@ class KLDAxis(Axis):
         inputs = run.inputs
         bos = inputs.bos if inputs.add_bos else None
         tokens = chunk_tokens(inputs.corpus_tokens, unit.payload["chunk"], run.settings.ctx, bos)
-        stats, floor_stats = chunk_stats(run, tokens, unit.candidate)
+        stats, floor_stats, same_logits = measured_chunk(run, tokens, unit.candidate)
         summary, score = summarize(stats)
         result = {
             "id": unit.id,
@@ -149,6 +165,7 @@ class KLDAxis(Axis):
             "ppl_ref": summary["ppl_ref"],
             "ppl_cand": summary["ppl_cand"],
             "n_positions": summary["n_positions"],
+            "logits_identical_to_reference": same_logits,
             "_raw": {k: np.asarray(stats[k]).astype(float).tolist() for k in _RAW_KEYS},
         }
         if floor_stats is not None:
@@ -167,6 +184,9 @@ class KLDAxis(Axis):
         section.update(summary)
         section["wall_s"] = sum(r["wall_s"] for r in results)
         section["items"] = [{k: v for k, v in r.items() if k not in self.PRIVATE_KEYS} for r in results]
+        # True: every chunk's logits were bit-identical to the reference's; None: unknown somewhere.
+        same = [r.get("logits_identical_to_reference") for r in results]
+        section["logits_identical_to_reference"] = None if (not same or None in same) else all(same)
         floors = [r["floor"] for r in results if r.get("floor")]
         if len(floors) == len(results):
             total = sum(f["mean_kld"] * f["n_positions"] for f in floors)

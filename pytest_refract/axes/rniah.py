@@ -236,6 +236,7 @@ class RNIAHAxis(Axis):
     ABSOLUTE_TOLERANCE = 0.05
     DAMAGE_RESOLUTION = 0.0
     ZERO_DAMAGE_EXACT = False  # 0 damaged units can still hide some: the zero-event bound qualifies it
+    DAMAGE_COUNTS = True  # whole units (tokens / retrievals): the FAIL side's Poisson guard applies
     CONTROL_MAX_DAMAGE = 0.25
 
     def item_damage_text(self, row, control_row) -> str:

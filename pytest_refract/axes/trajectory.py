@@ -342,6 +342,7 @@ class TrajectoryAxis(Axis):
     ABSOLUTE_TOLERANCE = 0.05
     DAMAGE_RESOLUTION = 0.0
     ZERO_DAMAGE_EXACT = False  # 0 damaged units can still hide some: the zero-event bound qualifies it
+    DAMAGE_COUNTS = True  # whole units (tokens / retrievals): the FAIL side's Poisson guard applies
     # The bf16 control flips 2 % of reference tokens on SmolLM2, q4_0/q4_0 9 %: a control beyond 10 %
     # is not rounding.
     CONTROL_MAX_DAMAGE = 0.10

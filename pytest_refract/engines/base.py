@@ -10,7 +10,10 @@ fake) provides:
   ``context(kv, types, settings, role, n_seq=1, n_ctx_seq=None)``, ``probe(kv, types,
   settings)``, ``drop_context(role)``, ``close()`` and an ``on_decoded`` callback slot;
 - ``cache_types()`` (name -> KV cache type the build has), ``row_size(type_id, n)``,
-  ``build_info()``, ``library_version()``, ``set_log_echo(on)``, ``supports_gpu_offload()``.
+  ``build_info()``, ``library_version()``, ``set_log_echo(on)``, ``supports_gpu_offload()``;
+  optionally ``library_record()`` ({"path", "sha256"} of the library that ran) and, on the
+  engine, ``logged_warnings`` (KV config label -> warnings logged creating or using its
+  contexts), which the report's "ran" records read where they exist.
 
 Its contexts subclass :class:`Context` below and implement four primitives; greedy decoding,
 prefix reuse, cutting a sequence back and the token bookkeeping are written once, here, so a

@@ -80,6 +80,8 @@ class CacheLog:
     caches: List[CacheAllocation] = field(default_factory=list)
     errors: List[str] = field(default_factory=list)
     warnings: List[str] = field(default_factory=list)
+    # Flash attention as llama.cpp reported it: "on", "off", or None where it said nothing.
+    flash_attn: Optional[str] = None
 
     @property
     def rotation(self) -> Optional[dict]:
@@ -94,6 +96,12 @@ _SIZE_RE = re.compile(
 )
 _KIND_RE = re.compile(r"creating\s+(non-SWA|SWA)\s+KV cache")
 _ROT_RE = re.compile(r"attn_rot_([kv])\s*=\s*(\d+)")
+# "llama_context: flash_attn    = enabled" (older builds: "= 1"); when asked for auto, the
+# scheduler's "Flash Attention was auto, set to disabled" is the last word.
+_FA_SET_RE = re.compile(r"\bflash_attn\s*=\s*(\w+)")
+_FA_DECIDED_RE = re.compile(r"Flash Attention was \w+, set to (enabled|disabled)", re.IGNORECASE)
+_FA_WORDS = {"1": "on", "true": "on", "enabled": "on", "on": "on", "0": "off", "false": "off", "disabled": "off",
+             "off": "off"}
 
 
 def parse_log(lines: Iterable[Tuple[int, str]]) -> CacheLog:
@@ -113,6 +121,9 @@ def parse_log(lines: Iterable[Tuple[int, str]]) -> CacheLog:
                     layers=int(m.group(2)) if m.group(2) else None, streams=int(m.group(3)) if m.group(3) else 1,
                     kind=kind))
                 kind = None
+            fa = _FA_DECIDED_RE.search(line) or _FA_SET_RE.search(line)
+            if fa and fa.group(1).lower() in _FA_WORDS:
+                log.flash_attn = _FA_WORDS[fa.group(1).lower()]
             for side, value in _ROT_RE.findall(line):
                 on = int(value) != 0
                 if side == "k":
@@ -209,3 +220,48 @@ def check_cache_types(requested: Tuple[str, str], facts: CacheLog, label: str) -
                 f"name: ask for ctk={used[0]},ctv={used[1]} to measure what this build uses, or keep it from "
                 "changing the types")
     return None
+
+
+# --------------------------------------------------------------------------- named warnings
+
+# Warnings llama.cpp (or a fork) logs when it computes something other than what was asked,
+# each with the name the report gives it. Matched on the message's own words, case-insensitive:
+# - kv_converted_to_f16: the CUDA/HIP flash-attention vector kernel (one-token decode) has no
+#   kernel for the K/V pair compiled and converts both to f16 ("... converting K and V to f16
+#   instead (slow)");
+# - attention_on_cpu: the scheduler put the flash-attention op on the CPU backend while the
+#   layer runs on a GPU (no kernel for the cache types), or a build says it fell back to the CPU;
+# - flash_attn_disabled: flash attention asked as auto and turned off;
+# - cache_type_changed: the build stored a cache side in another type than asked (the
+#   TurboQuant fork upgrades a symmetric turbo K to q8_0 on high-GQA models);
+# - bf16_as_f16: a bf16 cache computed as f16 (a conversion naming bf16, or a bf16 K/V pair
+#   converted to f16 by the rule above).
+KNOWN_WARNINGS = (
+    ("kv_converted_to_f16", re.compile(r"converting K and V to f16", re.IGNORECASE)),
+    ("attention_on_cpu", re.compile(r"Flash Attention tensor is assigned to device CPU|(flash.?attention|FLASH_ATTN_EXT|"
+                                    r"attention)\b.*\bfall(s|ing)? back to (the )?CPU", re.IGNORECASE)),
+    ("flash_attn_disabled", re.compile(r"Flash Attention was auto, set to disabled", re.IGNORECASE)),
+    ("cache_type_changed", re.compile(r"\b(K|V|KV|cache)\b.*\b(upgrad\w*|promot\w*|substitut\w*|forc\w*|chang\w*|"
+                                      r"switch\w*)\b.*(\bto\b|->)", re.IGNORECASE)),
+    ("bf16_as_f16", re.compile(r"\bbf16\b.*\b(as|to|into)\s+f16\b|K/V types bf16-|K/V types \w+-bf16\b",
+                               re.IGNORECASE)),
+)
+
+
+def warning_names(text: str) -> List[str]:
+    """The known warnings ``text`` (one log message) is, by name; empty for any other."""
+    return [name for name, pattern in KNOWN_WARNINGS if pattern.search(text)]
+
+
+def named_warnings(messages: Iterable[str]) -> List[dict]:
+    """Each distinct message once, in order: {"text", "names"} (names empty for a warning this
+    package has no name for: it is reported all the same)."""
+    out: List[dict] = []
+    seen = set()
+    for message in messages:
+        text = " ".join(str(message).split())
+        if not text or text in seen:
+            continue
+        seen.add(text)
+        out.append({"text": text, "names": warning_names(text)})
+    return out

@@ -127,6 +127,40 @@ def import_problem(exc: BaseException, folder: Optional[Path]) -> str:
     return f"llama-cpp-python {version} failed to load {where}: {text}"
 
 
+# llama.h's defaults (llama_context_default_params) that every supported release shares:
+# a cache of f16 on both sides (GGML_TYPE_F16 = 1), and sizes in a plausible range.
+GGML_TYPE_F16 = 1
+_PLAUSIBLE = (("n_ctx", 0, 1 << 24), ("n_batch", 1, 1 << 24), ("n_ubatch", 1, 1 << 24), ("n_seq_max", 1, 1 << 16))
+
+
+def context_params_problem(params, bindings: Optional[str] = None) -> Optional[str]:
+    """Why ``params`` (the library's llama_context_default_params(), read through the
+    bindings' ctypes layout) shows the bindings and the library disagree on the struct's
+    layout; None when its known defaults read back as llama.h sets them.
+
+    Why it matters: llama.h changed the fields before ``type_k`` in 0.3.24, so newer bindings
+    over an older library (or the reverse) load and run, and write the cache types into
+    another field: every config would silently be measured as something else."""
+    version = bindings or bindings_version() or "?"
+    got = {}
+    for name in ("type_k", "type_v", *(field for field, _lo, _hi in _PLAUSIBLE)):
+        value = getattr(params, name, None)
+        got[name] = value
+    wrong = [f"{side}={got[side]!r} (f16 is {GGML_TYPE_F16})" for side in ("type_k", "type_v")
+             if got[side] != GGML_TYPE_F16]
+    for name, lo, hi in _PLAUSIBLE:
+        value = got[name]
+        if not isinstance(value, int) or not lo <= value <= hi:
+            wrong.append(f"{name}={value!r}")
+    if isinstance(got["n_batch"], int) and isinstance(got["n_ubatch"], int) and got["n_ubatch"] > got["n_batch"] > 0:
+        wrong.append(f"n_ubatch {got['n_ubatch']} > n_batch {got['n_batch']}")
+    if not wrong:
+        return None
+    return (f"llama-cpp-python {version}'s llama_context_params layout does not match the loaded llama.cpp library: its "
+            f"defaults read back as {', '.join(wrong)}, so the cache types asked for would land in another field; "
+            f"install the bindings that match the library (bindings only: `{bindings_install_hint('<version>')}`)")
+
+
 def loaded_library_dir() -> Optional[Path]:
     """The folder llama-cpp-python took its library from (after it was imported)."""
     mod = sys.modules.get("llama_cpp.llama_cpp")
@@ -157,14 +191,16 @@ def loaded_library_files() -> List[Path]:
     return sorted(found.values(), key=lambda p: p.name)
 
 
-def library_digest(files: List[Path]) -> Optional[str]:
+def library_digest(files: List[Path], names: bool = True) -> Optional[str]:
     """sha256 over the loaded libraries' names and contents: two builds that differ in any
-    byte get different reference-cache keys."""
+    byte get different reference-cache keys. ``names=False``: over the contents only (of one
+    file, its plain sha256)."""
     if not files:
         return None
     digest = hashlib.sha256()
     for path in files:
-        digest.update(os.fsencode(path.name) + b"\0")
+        if names:
+            digest.update(os.fsencode(path.name) + b"\0")
         try:
             with open(path, "rb") as fh:
                 for block in iter(lambda: fh.read(1 << 20), b""):

@@ -17,6 +17,12 @@ _recent_errors: List[str] = []
 # reports there what it did (rotation, cache sizes) and why it refused.
 _captured: Optional[List[Tuple[int, str]]] = None
 _echo_log = False  # -v: print the captured creation log to stderr
+# Every warning and error llama.cpp logged, at any time (the last _NOTABLE_KEPT), and how many
+# there were: a context reads what its own llama_decode calls added (ggml warns at first use,
+# e.g. the CUDA vector kernel's "converting K and V to f16 instead (slow)").
+_NOTABLE_KEPT = 256
+_notable: List[str] = []
+_notable_count = 0
 
 
 @llama_cpp.llama_log_callback
@@ -24,9 +30,14 @@ def _quiet_log(level, text, user_data):  # pragma: no cover - called from C
     # llama.cpp prints hundreds of lines per model load; keep only errors, to quote them in
     # our own one-line messages (e.g. "unknown model architecture").
     msg = text.decode("utf-8", errors="replace")
+    global _notable_count
     with _LOG_LOCK:
         if _captured is not None:
             _captured.append((int(level), msg))
+        if level in (3, 4) and msg.strip():  # GGML_LOG_LEVEL_WARN, GGML_LOG_LEVEL_ERROR
+            _notable.append(msg.strip())
+            del _notable[:-_NOTABLE_KEPT]
+            _notable_count += 1
     if level == 4:  # GGML_LOG_LEVEL_ERROR
         msg = msg.strip()
         if msg:
@@ -65,3 +76,15 @@ def _last_error() -> str:
             if "error loading model" in msg:
                 return msg.split("error loading model", 1)[1].lstrip(": ").strip() or msg
         return _recent_errors[-1] if _recent_errors else ""
+
+
+def notable_count() -> int:
+    """How many warnings and errors llama.cpp has logged in this process."""
+    return _notable_count
+
+
+def notable_since(count: int) -> List[str]:
+    """The warnings and errors logged after the ``count``-th (as many as are kept)."""
+    with _LOG_LOCK:
+        new = _notable_count - count
+        return list(_notable[-new:]) if new > 0 else []

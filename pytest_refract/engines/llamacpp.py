@@ -18,7 +18,7 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-from ..errors import MeasurementError
+from ..errors import MeasurementError, UsageProblem
 from . import kvlog, libload
 from .base import (
     Context,
@@ -46,6 +46,7 @@ from .chat_template import (  # noqa: E402
     _bounded_render,
 )
 from .ggml_types import _ggml_lib, cache_types, row_size  # noqa: E402,F401
+from . import llama_log  # noqa: E402
 from .llama_log import _capture_log, _last_error, _quiet_log, set_log_echo  # noqa: E402,F401
 
 
@@ -88,9 +89,18 @@ def _pin_malloc_mmap_threshold() -> None:
         pass
 
 
+def check_context_params() -> None:
+    """Refuse, in one line, bindings whose llama_context_params layout is not the library's
+    (libload.context_params_problem): they would set the wrong cache type silently."""
+    problem = libload.context_params_problem(llama_cpp.llama_context_default_params(), library_version())
+    if problem:
+        raise UsageProblem(problem)
+
+
 def _init_backend() -> None:
     global _backend_ready
     if not _backend_ready:
+        check_context_params()
         _pin_malloc_mmap_threshold()
         llama_cpp.llama_log_set(_quiet_log, ctypes.c_void_p(0))
         llama_cpp.llama_backend_init()
@@ -121,6 +131,14 @@ def build_info() -> dict:
     info["library_digest"] = libload.library_digest(files)
     info["system_info"] = system_info()
     return info
+
+
+def library_record() -> dict:
+    """The llama library this process mapped: its path and the sha256 of its bytes (not part
+    of build_info, which keys the reference cache: a path must not change a key)."""
+    llama = next((f for f in libload.loaded_library_files() if f.name.split(".")[0] in ("libllama", "llama")), None)
+    return {"path": str(llama) if llama else None,
+            "sha256": libload.library_digest([llama], names=False) if llama else None}
 
 
 def system_info() -> str:
@@ -161,6 +179,8 @@ class Engine:
         # Sliding-window attention span (0 without one): see base.window_kept.
         self.n_swa = int(llama_cpp.llama_model_n_swa(self._model)) if hasattr(llama_cpp, "llama_model_n_swa") else 0
         self._contexts: Dict[Tuple[str, str], "LlamaContext"] = {}
+        # KV config label -> every warning llama.cpp logged creating or using its contexts.
+        self.logged_warnings: Dict[str, List[str]] = {}
         # Told the token count of every llama_decode (progress display; see progress.py).
         self.on_decoded = None
 
@@ -239,6 +259,13 @@ class Engine:
         llama_cpp.llama_free(ctx)
         return facts, env
 
+    def note_warnings(self, label: str, messages: Sequence[str]) -> None:
+        """Remember what llama.cpp warned about under KV config ``label`` (each message once)."""
+        kept = self.logged_warnings.setdefault(label, [])
+        for message in messages:
+            if message not in kept and len(kept) < 64:
+                kept.append(message)
+
     def drop_context(self, role: str) -> None:
         for key in [k for k in self._contexts if k[0] == role]:
             self._contexts.pop(key).close()
@@ -299,6 +326,7 @@ class LlamaContext(Context):
         super().__init__(engine, kv, settings, n_seq, n_ctx_seq)
         self._ctx, self.cache_logs, self.env = _new_context(engine, kv, types, settings, self.n_ctx_seq * self.n_seq,
                                                           self.n_seq)
+        engine.note_warnings(kv.label(), self.cache_logs.warnings)
         self._mem = llama_cpp.llama_get_memory(self._ctx)
         self._batch = llama_cpp.llama_batch_init(max(settings.n_batch, self.n_seq), 0, 1)
         # The attention window the cache may forget beyond, or 0 when it keeps every position
@@ -314,7 +342,10 @@ class LlamaContext(Context):
             b.seq_id[i][0] = seq
             b.logits[i] = want
         b.n_tokens = len(rows)
+        seen = llama_log.notable_count()
         rc = llama_cpp.llama_decode(self._ctx, b)
+        if llama_log.notable_count() != seen:  # ggml warns at first use (e.g. a kernel it lacks)
+            self.engine.note_warnings(self.kv.label(), llama_log.notable_since(seen))
         if rc != 0:
             raise MeasurementError(f"llama_decode failed (code {rc}) decoding {len(rows)} row(s) from position {rows[0][1]}")
 

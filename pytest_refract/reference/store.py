@@ -8,6 +8,7 @@ decodes and context) comes in as a ReferenceSide."""
 
 from __future__ import annotations
 
+import hashlib
 import json
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
@@ -65,6 +66,9 @@ class ReferenceStore:
 
             self.cache = RecordingCache(local, record_into)
         self._memory: Dict[str, tuple] = {}
+        # KLD chunk key -> sha256 of the reference's exact logits there (a few bytes per chunk):
+        # a candidate whose logits hash the same computed exactly what the reference did.
+        self._fingerprints: Dict[str, Optional[str]] = {}
 
     @staticmethod
     def identity(model_path, settings, build: dict, context_env: dict, rotation, directory=None) -> dict:
@@ -204,12 +208,15 @@ class ReferenceStore:
         if self.read:
             entry = self.cache.load("kld", key)
             if entry is not None:
+                self._fingerprints[key] = (entry.get("meta") or {}).get("logits_sha256")
                 return self._remember("kld", key, (LogprobRows(entry["arrays"]), None))
         parts: List[dict] = []
         exact: List[np.ndarray] = []
+        digest = hashlib.sha256()
 
         def take(first_row, view):
             parts.append(sparse_logprobs(view))
+            digest.update(np.ascontiguousarray(view).data)
             if self.settings.floor:
                 exact.append(view.copy())
 
@@ -217,8 +224,14 @@ class ReferenceStore:
         if not parts:
             raise MeasurementError("internal: the reference produced no logit rows for a KLD chunk")
         stored = compact(concat_quantized(parts))
-        self.cache.store("kld", key, stored)
+        self._fingerprints[key] = digest.hexdigest()
+        self.cache.store("kld", key, stored, meta={"logits_sha256": self._fingerprints[key]})
         return self._remember("kld", key, (LogprobRows(stored), np.concatenate(exact) if exact else None))
+
+    def chunk_fingerprint(self, tokens: List[int]) -> Optional[str]:
+        """sha256 of the reference's exact float32 logit rows of a KLD chunk's scored positions
+        (after ``chunk`` for it), or None where a cache entry written without it was read."""
+        return self._fingerprints.get(self.cache.key("kld", tokens))
 
     def greedy(self, prompts: List[List[int]], n_predict: int) -> List[List[int]]:
         """The reference's greedy tokens per prompt (PLAD anchors and perturbations, R-NIAH

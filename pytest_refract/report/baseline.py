@@ -77,7 +77,8 @@ def drops(baseline: dict, axes: dict, composite, max_drop: float) -> List[str]:
 
 
 # Settings that change what a score measures: a baseline measured with others is named so.
-_COMPARED_SETTINGS = ("axes", "ctx", "chunks", "n_predict", "seed", "n_batch", "n_ubatch", "gate_basis", "sensitivity")
+_COMPARED_SETTINGS = ("axes", "ctx", "chunks", "n_predict", "seed", "n_batch", "n_ubatch", "gate_basis", "sensitivity",
+                      "decode")
 
 
 def _settings_differences(baseline: dict, settings: Optional[dict]) -> List[str]:

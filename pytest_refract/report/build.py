@@ -16,6 +16,7 @@ from .. import __version__
 from ..axes import DIAGNOSIS_ORDER, known
 from ..record import RunRecord
 from ..scoring.metrics import BAND_FLOOR, band_for
+from .ran import NO_OP, no_op_reason
 from .jsonio import SCHEMA
 from .sections import build_axes, composite_of, custom_gates, floor_of, repeat_stats
 from .sensitivity import (
@@ -25,7 +26,7 @@ from .sensitivity import (
     pair_items_with_control,
     sensitivity_json,
 )
-from .verdicts import candidate_verdict, gate_reasons, pareto, rank
+from .verdicts import UNDECIDED_PASS_NOTE, candidate_verdict, family_recommendation, gate_reasons, pareto, rank
 
 FLOOR_WARN_BELOW = 99.5
 
@@ -101,8 +102,17 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
     levels = {name: d["look_level"] for name, d in sequential.items()}
     # An axis another axis's FAIL stopped between its looks claims no verdict of its own.
     stopped = {name: d["stopped_by"] for name, d in sequential.items() if d.get("stopped_by")}
-    verdict = (candidate_verdict(axes, control, registry, facts.self_reference[role], levels, stopped)
+    verdict = (candidate_verdict(axes, control, registry, facts.self_reference[role], levels, stopped,
+                                 designs=dict(sequential))
                if complete else None)
+    requested = dict(zip(facts.candidate_roles, s.candidates)).get(role)
+    no_op = no_op_reason(axes, requested, s.reference) if complete else None
+    if no_op and verdict is not None:
+        # Whatever the axes say of what ran, it was not this config: never a PASS of it.
+        verdict["no_op"] = no_op
+        if verdict["verdict"] == "PASS":
+            verdict["verdict"] = "UNDECIDED"
+        verdict["headline"] = f"{verdict['verdict']} ({NO_OP}): {verdict['headline']}"
     floor = floor_of(axes) if s.floor else None
     self_reference = facts.self_reference[role]
     for name, inputs in facts.axis_inputs.items():
@@ -123,6 +133,9 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
         "custom_gates": gates,
         "kv_cache": facts.kv_cache.get(role),
         **_context_facts(facts, role),
+        # What really ran: cache types, flash attention, rotation, library, warnings.
+        "ran": facts.ran.get(role),
+        "no_op": no_op,
     }
     diagnosis = section["diagnosis"]
     repeats = [a.get("repeat") for a in axes.values()]
@@ -142,6 +155,8 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
     if not complete:
         diagnosis.insert(0, "INCOMPLETE: the run was interrupted; items measured so far are listed, no score is claimed. "
                             + _ran_text(axes))
+    if no_op:
+        diagnosis.insert(0, f"NO-OP: {no_op}.")
     if floor is not None and floor < FLOOR_WARN_BELOW:
         diagnosis.insert(0, f"WARNING: the noise floor (reference vs reference) is {floor:.2f}, below "
                             f"{FLOOR_WARN_BELOW}: deltas are not trustworthy.")
@@ -251,6 +266,8 @@ def _trust_reasons(facts: RunRecord, section: dict, complete: bool) -> List[str]
 
     s, axes = facts.settings, section["axes"]
     reasons = vacuous_reasons(axes, (facts.model or {}).get("n_vocab"))
+    if section.get("no_op"):
+        reasons.append(section["no_op"])
     if facts.baseline is not None and complete:
         from .baseline import baseline_reasons
 
@@ -283,6 +300,7 @@ def _verdict_gate(facts: RunRecord, section: dict, complete: bool) -> dict:
                            f"({s.fail_under:g})")
     reasons += _trust_reasons(facts, section, complete)
     return {"passed": not reasons, "threshold": s.fail_under, "basis": "verdict", "undecided": s.undecided,
+            **({"note": UNDECIDED_PASS_NOTE} if s.undecided == "pass" else {}),
             "verdict": (verdict or {}).get("verdict"), "reasons": reasons}
 
 
@@ -355,6 +373,10 @@ def build_report(
             "reference_kv_allocation": (facts.kv_allocation or {}).get("reference"),
             "rotation": first.get("rotation"), "kv_allocation": first.get("kv_allocation"),
             "context_env": first.get("context_env")} if facts.rotation is not None else {}),
+        # What really ran, for the reference and (as each candidate section has it) the first candidate.
+        "reference_ran": facts.ran.get("reference"),
+        "ran": first.get("ran"),
+        "no_op": first.get("no_op"),
         # The most KV-cache memory this process held at once (under xdist: the controller's,
         # which measures nothing; see each worker's own run).
         "kv_cache_bytes_peak": facts.kv_bytes_peak or None,
@@ -369,13 +391,17 @@ def build_report(
         "band": first["band"],
         "composite_ci95": first["composite_ci95"],
         "gate": {"passed": not reasons, "threshold": s.fail_under, "basis": s.gate_basis, "reasons": reasons,
-                 **({"undecided": s.undecided} if s.gate_basis == "verdict" else {})},
+                 **({"undecided": s.undecided} if s.gate_basis == "verdict" else {}),
+                 **({"note": UNDECIDED_PASS_NOTE} if s.gate_basis == "verdict" and s.undecided == "pass" else {})},
         "sensitivity": sensitivity_json(facts, control, registry),
         "diagnosis": first["diagnosis"],
         "axes": first["axes"],
         "custom": {"gates": first["custom_gates"], "measurements": custom},
         "floor": first["floor"],
         "candidates": sections,
+        # Which config to ship, decided as a family over the candidates (additive, schema 1.x).
+        "recommendation": (family_recommendation(sections, control, registry)
+                           if s.gate_basis == "verdict" and complete else None),
         "ranking": [{"candidate": sec["candidate"],
                      "verdict": (sec["verdict"] or {}).get("verdict"),
                      "verdict_score": (sec["verdict"] or {}).get("score"),
@@ -389,6 +415,7 @@ def build_report(
                      "passed": sec["gate"]["passed"],
                      "kv_vs_reference": (sec["kv_cache"] or {}).get("vs_reference"),
                      "rotation": sec.get("rotation"),
+                     "no_op": sec.get("no_op"),
                      "axes": {n: a.get("score") for n, a in sec["axes"].items()}} for sec in ranked],
         "reference_cache": {
             "enabled": facts.reference_cache_enabled,

@@ -8,9 +8,14 @@ from __future__ import annotations
 import json
 import math
 
-# v2 retired the calibrated (retention) score and its gate (see schema.REMOVED_IN_V2), and added
-# the reference pack's fields: "build_drift", "reference_pack", "saved_reference_pack".
-SCHEMA = "pytest-refract.report.v2"
+# v2 retired the calibrated (retention) score and its gate; see schema.REMOVED_IN_V2.
+# v3 only added to v2: the reference pack's fields ("build_drift", "reference_pack",
+# "saved_reference_pack"), per config what really ran ("ran", "reference_ran", sensitivity.ran),
+# the no-op flag ("no_op"), the decode axis (axes.decode) and the KLD axis's
+# logits_identical_to_reference; per-axis verdicts' pass_error, fail_error, min_pass_items and
+# could_miss, sequential designs' pass_errors, fail_errors and min_pass_items, the family-wise
+# "recommendation", and gate["note"] under --refract-undecided=pass.
+SCHEMA = "pytest-refract.report.v3"
 
 
 def text_of(value: str) -> str:

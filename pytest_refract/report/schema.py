@@ -14,9 +14,9 @@ from ..errors import UsageProblem
 from ..files import MAX_REPORT_BYTES, read_input
 from .jsonio import SCHEMA
 
-# Reports this package reads: its own, and v1 (the fields readers use kept their meaning; v1's
-# calibrated fields are simply not read any more).
-READABLE_SCHEMAS = (SCHEMA, "pytest-refract.report.v1")
+# Reports this package reads: its own, v2 (v3 only added fields to it), and v1 (the fields readers
+# use kept their meaning; v1's calibrated fields are simply not read any more).
+READABLE_SCHEMAS = (SCHEMA, "pytest-refract.report.v2", "pytest-refract.report.v1")
 # What v2 no longer writes: the calibrated (retention) score, whose point was the upper end of
 # its own interval by construction, and which the verdict replaced ("--refract-gate=calibrated"
 # is retired with it). The raw scores' intervals (ci95, composite_ci95) stay.

@@ -88,7 +88,10 @@ def composite_of(axes: Dict[str, dict], gates: Optional[Dict[str, float]] = None
 
 
 def floor_of(axes: Dict[str, dict]) -> Optional[float]:
-    floors = [a.get("floor_score") for a in axes.values() if a.get("status") != "n/a"]
+    # An axis that says no floor applies to it (the decode axis: its reference is the batched
+    # path, which a second reference context cannot check bit for bit) is left out.
+    floors = [a.get("floor_score") for a in axes.values()
+              if a.get("status") != "n/a" and a.get("floor_applies") is not False]
     if not floors or not all(is_score(f) for f in floors):
         return None
     return harmonic_mean(floors)

@@ -130,7 +130,9 @@ def sensitivity_json(facts, control: Optional[dict], registry) -> Optional[dict]
         axes[name] = dict(summary, items=[_slim(i) for i in by_name[name].section_items(a)])
     return {"config": control["config"], "note": control["note"], "role": "control", "ranked": False,
             "cached": control["cached"], "axes": axes, "composite": control["composite"], "band": control["band"],
-            "composite_ci95": control["composite_ci95"]}
+            "composite_ci95": control["composite_ci95"],
+            # What really ran for the control's config (audit.runner.Runner.ran).
+            "ran": (getattr(facts, "ran", None) or {}).get(facts.control_role)}
 
 
 def _slim(item: dict) -> dict:

@@ -3,8 +3,11 @@ each axis's own figures come from its axis object (``section_detail``, ``item_de
 
 from __future__ import annotations
 
+from typing import Optional
+
 from ..axes import BUILTIN, known
 from ..scoring.metrics import band_for
+from ..scoring.verdict import miss_text
 
 _COLOURS = {"EXCELLENT": "green", "PASS": "green", "DEGRADED": "yellow", "FAIL": "red", None: "red"}
 
@@ -41,6 +44,8 @@ def render(tr, report: dict, json_path, registry=None) -> None:
     model = report["model"]
     tr.write_line(f"model      {model['name']} ({model['path']}, {model['size_bytes'] / 1e6:.1f} MB, {model['architecture']})")
     tr.write_line(f"reference  {report['reference']}")
+    if report.get("reference_ran"):
+        _render_ran(tr, report["reference_ran"])
     if report["settings"].get("chunks_note"):
         tr.write_line(f"note       {report['settings']['chunks_note']}")
     cache = report.get("reference_cache") or {}
@@ -57,6 +62,7 @@ def render(tr, report: dict, json_path, registry=None) -> None:
     _render_control(tr, control, registry, from_pack=bool(report.get("reference_pack")))
     if len(sections) > 1:
         _render_ranking(tr, report["ranking"], registry, report.get("gate", {}).get("basis"))
+        _render_recommendation(tr, report.get("recommendation"))
     gate = report.get("gate", {})
     tr.write_line("")
     basis = {"raw": "composite"}.get(gate.get("basis"))
@@ -64,6 +70,8 @@ def render(tr, report: dict, json_path, registry=None) -> None:
         tr.write_line("gate: passed (verdict PASS on every axis"
                       + (", UNDECIDED accepted by --refract-undecided=pass" if gate.get("undecided") == "pass" else "")
                       + ")", green=True)
+    if gate.get("note"):
+        tr.write_line(f"gate note: {gate['note']}", yellow=True, bold=True)
     elif gate.get("passed"):
         tr.write_line(f"gate: passed ({basis} ≥ {gate['threshold']:g})", green=True)
     else:
@@ -103,7 +111,8 @@ def _multiple_text(m: dict, prefix: str = "D ") -> str:
     the ranking's narrow cells; after the damage's own label, ``prefix=""``)."""
     if m.get("basis") == "multiple" and m.get("multiple") is not None:
         ci = m.get("multiple_ci95")
-        return f"{m['multiple']:.2f}x" + (f" [{ci[0]:.2f}, {ci[1]:.2f}]" if ci else "")
+        hi = "inf" if ci and ci[1] is None else (f"{ci[1]:.2f}" if ci else "")
+        return f"{m['multiple']:.2f}x" + (f" [{ci[0]:.2f}, {hi}]" if ci else "")
     if m.get("basis") == "absolute" and m.get("damage") is not None:
         ci = m.get("damage_ci95")
         return f"{prefix}{m['damage']:.3g}" + (f" [{ci[0]:.3g}, {ci[1]:.3g}]" if ci else "")
@@ -126,7 +135,7 @@ def _sequential_text(section: dict) -> str:
     return ""
 
 
-def _render_verdict(tr, report: dict) -> None:
+def _render_verdict(tr, report: dict, registry=BUILTIN) -> None:
     """The candidate's headline: what the gate reads."""
     v = report.get("verdict")
     if not v:
@@ -145,6 +154,9 @@ def _render_verdict(tr, report: dict) -> None:
         tr.write(f"  {name:<11}")
         tr.write(f"{a['verdict']:<10}", **{_VERDICT_COLOURS.get(a["verdict"], "red"): True})
         tr.write_line(what + _sequential_text((report.get("axes") or {}).get(name) or {}))
+        if a["verdict"] == "PASS" and a.get("could_miss"):
+            noun = getattr(registry.get(name), "ITEMS_NOUN", None) or "items"
+            tr.write_line(f"             what this PASS could miss: {miss_text(a['could_miss'], noun)}")
     for line in v.get("control_problems", []):
         tr.write_line(f"  yardstick broken: {line}", red=True)
     for line in v.get("advice", []):
@@ -170,6 +182,15 @@ def _render_ranking(tr, ranking, registry, basis=None) -> None:
         tr.write_line(cells + ("?" if kv is None else f"{100 * kv:.0f}% of reference"))
 
 
+def _render_recommendation(tr, rec: Optional[dict]) -> None:
+    """The family-wise choice of config (scoring/family.py), under the ranking."""
+    if not rec:
+        return
+    chosen = rec.get("recommended")
+    text = (f"config to ship: {chosen}" if chosen else "config to ship: none (no candidate PASSes as a family)")
+    tr.write_line(f"{text}; {rec.get('guarantee', '')} ({rec.get('method', '')})", bold=bool(chosen))
+
+
 def _render_verdict_ranking(tr, ranking) -> None:
     tr.write_line("")
     tr.write_line("which config to ship: the smallest KV cache that PASSes first, then the rest by damage "
@@ -187,6 +208,15 @@ def _render_verdict_ranking(tr, ranking) -> None:
                       + ("n/a" if raw is None else f"{raw:.2f}"))
 
 
+def _render_ran(tr, ran: dict) -> None:
+    """What really ran for a config, and every warning llama.cpp logged for it."""
+    from .ran import ran_text, warning_lines
+
+    tr.write_line(f"  ran      {ran_text(ran)}")
+    for line in warning_lines(ran):
+        tr.write_line(f"  warning  {line}", yellow=True)
+
+
 def _rotation_text(rotation: dict) -> str:
     """Rotation as llama.cpp logged it for the config's context."""
     on = [side.upper() for side in ("k", "v") if rotation.get(side)]
@@ -202,6 +232,8 @@ def _render_control(tr, control: dict, registry, from_pack: bool = False) -> Non
     cached = ("  (read from the reference pack: the pack's build measured it)" if from_pack
               else "  (read from the reference cache)" if control.get("cached") else "")
     tr.write_line(f"control    {control['config']}  (sensitivity: {control.get('note')}; never ranked){cached}")
+    if control.get("ran"):
+        _render_ran(tr, control["ran"])
     # Its raw scores are reference figures (no band: the yardstick is not graded).
     tr.write_line("  raw scores (REFRACT-comparable, not a verdict):")
     axes = control.get("axes") or {}
@@ -217,11 +249,15 @@ def _render_candidate(tr, report: dict, registry) -> None:
     tr.write_line("")
     tr.write_line(f"candidate  {report['candidate']}" + ("   (self-reference)" if report.get("self_reference") else "")
                   + (f"   (llama.cpp: {_rotation_text(report['rotation'])})" if report.get("rotation") else ""))
+    if report.get("ran"):
+        _render_ran(tr, report["ran"])
+    if report.get("no_op"):
+        tr.write_line(f"NO-OP      {report['no_op']}", red=True, bold=True)
     tr.write_line("")
     # The verdict leads where the gate reads it; under --refract-gate=raw the composite does.
     verdict_led = bool(report.get("verdict")) and (report.get("gate") or {}).get("basis", "verdict") == "verdict"
     if verdict_led:
-        _render_verdict(tr, report)
+        _render_verdict(tr, report, registry)
         # The verdict's own sentences, then the raw figures as plain reference numbers.
         tr.write_line("")
         for line in report.get("diagnosis", []):
@@ -268,7 +304,7 @@ def _render_candidate(tr, report: dict, registry) -> None:
     if report.get("verdict") and not verdict_led:
         tr.write_line("")
         tr.write_line("beside it, the verdict (not what this gate reads: --refract-gate=raw):")
-        _render_verdict(tr, report)
+        _render_verdict(tr, report, registry)
     if not verdict_led:
         tr.write_line("")
         for line in report.get("diagnosis", []):

@@ -8,20 +8,25 @@ from typing import Dict, List, Optional
 
 from ..axes import known
 from ..scoring import verdict as V
+from ..scoring.sequential import errors_of
 
 
 def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
                       self_reference: bool = False, levels: Optional[Dict[str, float]] = None,
-                      stopped_by: Optional[Dict[str, str]] = None) -> Optional[dict]:
+                      stopped_by: Optional[Dict[str, str]] = None,
+                      designs: Optional[Dict[str, dict]] = None) -> Optional[dict]:
     """The run verdict of one candidate (JSON-able), each axis's written into its section under
-    "verdict"; None without a control (no yardstick: the gate says so). ``levels``: per axis the
-    level of its intervals (a sequential design's look level; default the fixed-sample 95 %).
+    "verdict"; None without a control (no yardstick: the gate says so). ``designs``: per axis
+    its sequential design's JSON (the errors of the look it was read at, scoring/sequential.py);
+    without one, ``levels`` (per axis, default the fixed-sample 95 %) gives 2.5 % per side, the
+    FAIL side's split over the axes judged.
     ``stopped_by``: axis -> the axis whose FAIL stopped it (stopping.py); such an axis is
     UNDECIDED, its interval shown for what it is, since it stopped where no look was planned."""
     stopped_by = stopped_by or {}
     if control is None:
         return None
     per_axis: Dict[str, V.AxisVerdict] = {}
+    judged = sum(1 for name, _axis in known(axes, registry) if axes[name].get("status") != "n/a")
     for name, axis in known(axes, registry):
         section = axes[name]
         if section.get("status") == "n/a":
@@ -33,8 +38,16 @@ def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
                               float(V.member(axis, "MARGIN", V.DEFAULT_MARGIN)), 0,
                               reason=f"{side} has no score on {name}")
         else:
-            v = V.axis_verdict(axis, axis.section_items(section), axis.section_items(ctrl), control_score=ctrl["score"],
-                               same_computation=self_reference, level=(levels or {}).get(name, V.LEVEL))
+            design = (designs or {}).get(name)
+            if design is not None:
+                pass_error, fail_error, pass_from = errors_of(design)
+                v = V.axis_verdict(axis, axis.section_items(section), axis.section_items(ctrl),
+                                   control_score=ctrl["score"], same_computation=self_reference,
+                                   errors=(pass_error, fail_error), min_pass_items=pass_from)
+            else:
+                v = V.axis_verdict(axis, axis.section_items(section), axis.section_items(ctrl),
+                                   control_score=ctrl["score"], same_computation=self_reference,
+                                   level=(levels or {}).get(name, V.LEVEL), n_axes=judged)
         if name in stopped_by and v.basis != "broken control":
             v.verdict, v.items_needed = V.UNDECIDED, None
             v.reason = f"not measured further: the verdict is FAIL on {stopped_by[name]}"
@@ -52,6 +65,12 @@ def _band_of_score(score: Optional[float]) -> Optional[str]:
     from ..scoring.metrics import band_for
 
     return band_for(score)
+
+
+# What --refract-undecided=pass does to the gate, said wherever the gate is shown.
+UNDECIDED_PASS_NOTE = ("--refract-undecided=pass: this gate no longer certifies a PASS. An UNDECIDED verdict (the "
+                       "data cannot tell whether the damage is within the margin) passes it, so it fails only what "
+                       "is shown beyond the margin; a config at the margin passes it about 98 % of the time")
 
 
 def gate_reasons(verdict: Optional[dict], undecided: str) -> List[str]:
@@ -76,8 +95,11 @@ def _beyond(a: dict) -> str:
     if a["basis"] == "absolute":
         lo = a["damage_ci95"][0]
         return f"{a['axis']} {a['label']} at least {lo:.4g}, beyond the absolute tolerance {a['margin']:g}"
-    lo = a["multiple_ci95"][0]
-    return f"{a['axis']} {a['label']} at least {lo:.3g}x the control's, beyond the {a['margin']:g}x margin"
+    ci = a.get("multiple_ci95")
+    if not ci:
+        return (f"{a['axis']} {a['label']} {a.get('damage') or 0:.4g} where the control has none on the same items: "
+                f"beyond any multiple of it")
+    return f"{a['axis']} {a['label']} at least {ci[0]:.3g}x the control's, beyond the {a['margin']:g}x margin"
 
 
 def _open(a: dict) -> str:
@@ -132,3 +154,33 @@ def pareto(sections: List[dict]) -> Dict[str, bool]:
         out[name] = not any(k is not None and sc is not None and k <= kv and sc >= score and (k < kv or sc > score)
                             for other, (k, sc) in points.items() if other != name)
     return out
+
+
+def family_recommendation(sections: List[dict], control: Optional[dict], registry) -> Optional[dict]:
+    """Which config to ship, decided as a family (scoring/family.py): the chance of recommending
+    a config at or beyond the margin stays at the PASS side's error however many candidates
+    compete. None without a control."""
+    from ..scoring import family
+
+    if control is None:
+        return None
+    contenders = []
+    used_axes = {}
+    for sec in sections:
+        tables, errors = {}, {}
+        for name, axis in known(sec["axes"], registry):
+            section = sec["axes"][name]
+            ctrl = (control.get("axes") or {}).get(name)
+            if section.get("status") == "n/a":
+                continue
+            if section.get("score") is None or ctrl is None or ctrl.get("score") is None:
+                tables = {}
+                break
+            _ids, cand_t, ctrl_t = V.paired_tables(axis, axis.section_items(section), axis.section_items(ctrl))
+            tables[name] = (cand_t, ctrl_t)
+            used_axes[name] = axis
+            if section.get("sequential"):
+                errors[name] = errors_of(section["sequential"])[0]
+        contenders.append(family.Contender(sec["candidate"], kv_bytes(sec), tables, errors,
+                                           exact=bool(sec.get("self_reference"))))
+    return family.recommend(contenders, used_axes).as_json()

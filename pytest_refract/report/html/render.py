@@ -82,6 +82,11 @@ def _env() -> jinja2.Environment:
         keep_trailing_newline=False,
     )
     env.filters.update(fmt.FILTERS)
+    # What really ran per config (report/ran.py): one line, and its warnings.
+    from ..ran import ran_text, warning_lines
+
+    env.filters.update(ran_text=lambda r: ran_text(r if isinstance(r, dict) else None),
+                       ran_warnings=lambda r: warning_lines(r if isinstance(r, dict) else None))
     env.globals.update(BAND_NAMES=fmt.BAND_NAMES, RULER=fmt.ruler_segments(), MISSING=fmt.MISSING,
                        is_num=fmt.is_num, part=_part, axis_body=_axis_body,
                        embedded_json=embedded_json, guard=_guard, ranking_axes=ranking_axes,

@@ -1,0 +1,119 @@
+"""Which config to ship, with the chance of recommending one at or beyond the margin held at the
+PASS side's error however many candidates compete. Pure functions, numpy only.
+
+Every candidate's own PASS is wrong at most 2.5 % of the time; with eight candidates at the
+margin sharing one control, *some* PASS is wrong far more often, and a ranking that offers the
+smallest PASSing cache offers exactly that one. ``recommend`` tests the candidates as a family
+instead, by serial gatekeeping over cache size, fixed before any item is read:
+
+- The candidates are grouped by KV-cache bytes per token, largest first (a larger cache stores
+  more bits and is expected to lose less; candidates of unknown size come last, as one group).
+- Group by group, Holm's step-down decides which members PASS at the family's error: with r of
+  the group's g members passed so far, the rest are tested at error / (g - r), repeatedly, until
+  no more pass. A member PASSes when every axis PASSes at that error (scoring/verdict.margin_test,
+  with the axis's own PASS error scaled by the same factor).
+- The next, smaller group is tested only when every member of this one PASSed.
+
+Serial gatekeeping with a family-wise procedure inside each gate controls the family-wise error
+strongly, so the chance that *any* candidate at or beyond the margin is declared PASS here, and
+so the chance that the recommendation (the smallest-cache candidate declared PASS) is one, is
+at most the error: 2.5 %, whatever the number of candidates. The price: a candidate behind a
+larger cache that did not PASS is not tested at all ("not tested").
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+
+from . import verdict as V
+
+NOT_TESTED = "not tested"
+NOT_PASS = "not PASS"
+
+
+@dataclass(frozen=True)
+class Contender:
+    """One candidate: its label, KV-cache bytes per token (None: unknown), per axis the paired
+    tables (candidate, control) whose rows are the same items, and per axis the PASS error its
+    own verdict was read at (a sequential look's; default the fixed-sample 2.5 %)."""
+
+    label: str
+    kv_bytes_per_token: Optional[float]
+    tables: Mapping[str, Tuple[np.ndarray, np.ndarray]]
+    pass_errors: Mapping[str, float] = field(default_factory=dict)
+    exact: bool = False     # the reference's own config: a zero damage is exact
+
+
+@dataclass
+class Recommendation:
+    recommended: Optional[str]
+    decisions: Dict[str, str]            # label -> PASS / not PASS / not tested
+    factors: Dict[str, float]            # label -> the factor its PASS errors were divided by
+    order: List[List[str]]               # the gates, largest cache first
+    error: float
+
+    def as_json(self) -> dict:
+        return {"recommended": self.recommended, "decisions": dict(self.decisions),
+                "error_factors": dict(self.factors), "gates": [list(g) for g in self.order],
+                "family_error": self.error,
+                "method": "serial gatekeeping by KV bytes per token (largest first), Holm within a gate",
+                "guarantee": (f"the chance of recommending a config at or beyond the margin is at most "
+                              f"{100 * self.error:.1f} %, however many candidates compete")}
+
+
+def _passes(contender: Contender, axes: Mapping[str, object], factor: float, min_pass_items: int) -> bool:
+    """Whether every axis of the contender PASSes with its PASS errors divided by ``factor``."""
+    if not contender.tables:
+        return False
+    for name, (cand, ctrl) in contender.tables.items():
+        axis = axes[name]
+        err = contender.pass_errors.get(name, (1.0 - V.LEVEL) / 2) / factor
+        test = V.margin_test(np.asarray(cand, float), np.asarray(ctrl, float), float(V.member(axis, "MARGIN", V.DEFAULT_MARGIN)),
+                             err, err, V._as_ratio_of_sums(axis.damage), contender.exact or bool(V.member(axis, "ZERO_DAMAGE_EXACT", False)),
+                             bool(V.member(axis, "DAMAGE_COUNTS", False)), 0 if contender.exact else min_pass_items)
+        if str(test.verdict) != V.PASS:
+            return False
+    return True
+
+
+def gates(contenders: Sequence[Contender]) -> List[List[Contender]]:
+    """The contenders grouped by KV bytes per token, largest first; unknown sizes last."""
+    sizes = sorted({c.kv_bytes_per_token for c in contenders if c.kv_bytes_per_token is not None}, reverse=True)
+    out = [[c for c in contenders if c.kv_bytes_per_token == s] for s in sizes]
+    unknown = [c for c in contenders if c.kv_bytes_per_token is None]
+    return out + ([unknown] if unknown else [])
+
+
+def recommend(contenders: Sequence[Contender], axes: Mapping[str, object], error: float = (1.0 - V.LEVEL) / 2,
+              min_pass_items: int = V.MIN_ITEMS_FOR_PASS) -> Recommendation:
+    """The family-wise decision over ``contenders`` (see the module docstring). ``axes``: axis
+    name -> an object with the verdict members (MARGIN, damage, ZERO_DAMAGE_EXACT,
+    DAMAGE_COUNTS). ``error`` scales each contender's own PASS errors (the default 2.5 % leaves
+    them as read)."""
+    scale = error / ((1.0 - V.LEVEL) / 2)
+    decisions = {c.label: NOT_TESTED for c in contenders}
+    factors: Dict[str, float] = {}
+    recommended: Optional[str] = None
+    order = gates(contenders)
+    for group in order:
+        passed: List[Contender] = []
+        left = list(group)
+        while left:
+            factor = len(left) / scale
+            now = [c for c in left if _passes(c, axes, factor, min_pass_items)]
+            for c in left:
+                factors[c.label] = factor
+            if not now:
+                break
+            passed += now
+            left = [c for c in left if c not in now]
+        for c in group:
+            decisions[c.label] = V.PASS if c in passed else NOT_PASS
+        if passed:
+            recommended = passed[0].label  # equal caches: the first passed at the strictest error
+        if left:
+            break
+    return Recommendation(recommended, decisions, factors, [[c.label for c in g] for g in order], error)
