@@ -63,3 +63,14 @@ class RunRecord:
     drift_role: Optional[str] = None
     reference_pack: Optional[dict] = None
     saved_pack: Optional[dict] = None
+    # Why the run ended before every selected item ran (-x / --maxfail, an interruption, a
+    # plugin stopping the session); None when it did not. Such a report is incomplete.
+    stopped_early: Optional[str] = None
+    # Items each axis has before -k/-m/--deselect: candidate role -> axis -> count (the pool a
+    # selection is a part of; the default audit runs all of it).
+    pool: Dict[str, Dict[str, int]] = field(default_factory=dict)
+    default_axes: Tuple[str, ...] = ("trajectory", "kld")  # the axes a default audit runs
+    # The reference cache's spot check (audit/control.py): its seed, the items re-measured and
+    # whether they matched; and why the cache was distrusted this run (None: it was not).
+    cache_spot_check: Optional[dict] = None
+    cache_tampered: Optional[str] = None

@@ -6,7 +6,9 @@ measurements and its record of the run, and hands them to report/."""
 
 from __future__ import annotations
 
+import contextlib
 import signal
+import threading
 import time
 from typing import Dict, List, Optional
 
@@ -52,6 +54,26 @@ def _stop_on_sigterm(session) -> None:
         signal.signal(signal.SIGTERM, handler)
     except ValueError:  # not the main thread: leave the default behaviour
         pass
+
+
+@contextlib.contextmanager
+def signals_deferred():
+    """While the body runs, SIGTERM and SIGINT are recorded instead of acted on (in the main
+    thread; elsewhere no handler can be set and the body runs as is). Yields the list of the
+    signal numbers that arrived."""
+    arrived: List[int] = []
+    saved = {}
+    if threading.current_thread() is threading.main_thread():
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            try:
+                saved[sig] = signal.signal(sig, lambda signum, frame: arrived.append(signum))
+            except (ValueError, OSError):
+                pass
+    try:
+        yield arrived
+    finally:
+        for sig, handler in saved.items():
+            signal.signal(sig, handler)
 
 
 class RefractCollector(pytest.Collector):
@@ -140,6 +162,9 @@ class RefractSession:
         # without a result (an xdist worker crash) is still filed under its axis.
         self._item_of: Optional[Dict[str, tuple]] = None
         self.custom: List[dict] = []
+        # Node ids of the audit's items that reached an outcome: fewer than were selected is an
+        # early stop, however it came about.
+        self._finished: set = set()
         self.started = time.time()
         self.report: Optional[dict] = None
         self.gate: dict = {"passed": None, "threshold": runner.settings.fail_under, "reasons": []}
@@ -213,6 +238,8 @@ class RefractSession:
 
     @pytest.hookimpl(trylast=True)  # after pytest's own letter, so a decision line starts a fresh line
     def pytest_runtest_logreport(self, report):
+        if report.nodeid.startswith("refract::") and (report.when == "call" or report.outcome != "passed"):
+            self._finished.add(report.nodeid)  # the item ran (or its setup ended it)
         custom = getattr(report, "refract_custom", None)
         if custom and report.when == "call":
             self.custom.extend(custom)
@@ -290,17 +317,28 @@ class RefractSession:
         from .report.build import build_report
 
         ran = bool(self.results or self.failed or self.custom)
-        if not ran and not self.interrupted:
+        if not ran and not self.interrupted and not self.runner.settings.require_complete:
             return  # nothing selected and nothing stopped: there is nothing to report
-        complete = not self.interrupted and not session.shouldstop
         selected = sum(1 for item in getattr(session, "items", []) if isinstance(item, RefractItem))
+        stopped_early = self._stopped_early(session, selected)
+        # From here the audit is finishing: a further SIGTERM/SIGINT must not leave half the
+        # reports written (a stale HTML beside a fresh JSON); it is noted and acted on after.
+        with signals_deferred() as deferred:
+            self._report_and_gate(session, build_report, selected, stopped_early)
+        self.deferred_signals = [signal.Signals(n).name for n in deferred]
+
+    def _report_and_gate(self, session, build_report, selected: int, stopped_early: Optional[str]) -> None:
+        """Build the report, read its gate and write its files; a failure at any step is one
+        line in the summary and a failed run, never an INTERNALERROR."""
+        complete = stopped_early is None
         try:
             saved = self._save_pack(complete)
             facts = self.runner.record(self.baseline, wall_s=time.time() - self.started, items_selected=selected,
-                                       sequential=self.stopping.report(), saved_pack=saved)
+                                       sequential=self.stopping.report(), saved_pack=saved,
+                                       stopped_early=stopped_early, default_axes=settings_mod.DEFAULT_AXES)
             self.report = build_report(facts=facts, results=self.results, failed=self.failed, custom=self.custom,
-                                       invocation_args=list(self.config.invocation_params.args), complete=complete,
-                                       registry=self.runner.axes, repeats=self.repeats)
+                                       invocation_args=list(self.config.invocation_params.args),
+                                       complete=complete, registry=self.runner.axes, repeats=self.repeats)
         except Exception as exc:  # never an INTERNALERROR that hides every measured item
             self._finish_failed(session, "the report could not be built", exc)
             return
@@ -318,6 +356,43 @@ class RefractSession:
         self.write_problems = self.pack_problems + self.write_problems
         if self.write_problems:  # a report (or pack) that was asked for and is not where it was asked
             session.testsfailed += 1
+        self._record_gate_in_junit()
+
+    def _record_gate_in_junit(self) -> None:
+        """The gate as a test case of its own in --junitxml (``refract::gate``): CI dashboards
+        read failures from there, and a failed gate must not show as ``failures="0"``. Only the
+        JUnit writer sees it; pytest's own counts stay those of the items."""
+        try:
+            from _pytest.junitxml import xml_key
+            from _pytest.reports import TestReport
+        except ImportError:  # pragma: no cover - a pytest without the JUnit writer
+            return
+        xml = self.config.stash.get(xml_key, None)
+        if xml is None:
+            return
+        reasons = list(self.gate.get("reasons") or []) + list(getattr(self, "write_problems", []) or [])
+        passed = bool(self.gate.get("passed")) and not reasons
+        text = "refract gate FAILED:\n" + "\n".join(reasons) if not passed else None
+        for when, outcome, longrepr in (("setup", "passed", None), ("call", "passed" if passed else "failed", text),
+                                        ("teardown", "passed", None)):
+            xml.pytest_runtest_logreport(TestReport(
+                nodeid="refract::gate", location=("refract", None, "refract gate"), keywords={}, outcome=outcome,
+                longrepr=longrepr, when=when, sections=[], duration=0.0,
+                user_properties=[("refract_gate", "passed" if passed else "failed")]))
+
+    def _stopped_early(self, session, selected: int) -> Optional[str]:
+        """Why the run ended before every selected item ran (None when it did not): an
+        interruption, -x / --maxfail, or a plugin that stopped the session. Whatever the
+        cause, a verdict of the items that ran is not the audit's."""
+        if self.interrupted:
+            return "the run was interrupted"
+        stop = session.shouldfail or session.shouldstop
+        finished = len(self._finished)
+        if stop:
+            return f"the run stopped early ({stop})" + (f" after {finished} of {selected} items" if selected else "")
+        if selected and finished < selected:
+            return f"the run ended after {finished} of its {selected} selected items"
+        return None
 
     def _finish_failed(self, session, what: str, exc: Exception) -> None:
         """A failure after measuring: one line in the summary, and the run fails (a report
@@ -402,6 +477,10 @@ class RefractSession:
                                             f"{exc})", red=True, bold=True)
         for line in getattr(self, "write_problems", []):
             terminalreporter.write_line(f"refract: {line}", red=True, bold=True)
+        deferred = getattr(self, "deferred_signals", [])
+        if deferred:
+            terminalreporter.write_line(f"refract: {' and '.join(dict.fromkeys(deferred))} arrived while the reports were "
+                                        "written; they were finished first", yellow=True)
 
     def pytest_unconfigure(self, config):
         self.runner.close()

@@ -10,7 +10,7 @@ from typing import Optional, Tuple
 
 import pytest
 
-from .engines.kvconfig import KVConfig, parse_kv_config, share_flash_attention
+from .engines.kvconfig import FLOAT_TYPES, KVConfig, parse_kv_config, share_flash_attention
 from .errors import UsageProblem
 from .scoring.metrics import parse_threshold
 
@@ -120,7 +120,9 @@ FLAGS = (("floor", "also measure reference vs reference (a second context) to sh
          ("no-progress", "do not show the progress of long items (a live line on a terminal, a line every few seconds in logs)"),
          ("no-sensitivity", "skip the sensitivity control (the gate then uses the raw composite)"),
          ("exhaustive", "measure every selected item: no sequential stopping once a verdict is decided "
-                        "(one fixed-sample look at the end)"))
+                        "(one fixed-sample look at the end)"),
+         ("require-complete", "fail the gate unless the whole default audit ran: every default axis, no item "
+                              "deselected (-k, -m, --deselect) or capped (--refract-max-items)"))
 
 
 def register(parser) -> None:
@@ -272,6 +274,8 @@ class Settings:
     # The decode axis: positions per chunk fed one token per llama_decode, and chunks measured.
     decode_window: int = int(OPTION_DEFAULTS["decode-window"])
     decode_chunks: int = int(OPTION_DEFAULTS["decode-chunks"])
+    # --refract-require-complete: the gate fails unless the whole default audit ran.
+    require_complete: bool = False
 
     @property
     def candidate(self) -> KVConfig:
@@ -313,6 +317,7 @@ class Settings:
             "sensitivity": self.sensitivity.label() if self.sensitivity else None,
             "gate_basis": self.gate_basis,
             "undecided": self.undecided,
+            "require_complete": self.require_complete,
             "sequential": {"stopping": self.sequential, "max_items": self.max_items,
                            **({"note": self.sequential_note} if self.sequential_note else {})},
             "decode": {"window": self.decode_window, "chunks": self.decode_chunks},
@@ -411,7 +416,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
     rniah = _rniah_settings(config, axes)
     repeat = _int(config, "repeat", 1)
     decode_batch, decode_batch_note = _decode_batch(config, repeat)
-    sensitivity, sensitivity_note, gate_basis = _sensitivity(config, reference)
+    sensitivity, sensitivity_note, gate_basis = _sensitivity(config, reference, candidates)
     sequential, sequential_note = _sequential(config, gate_basis)
     save_reference, reference_pack = _packs(config, repeat)
     return Settings(
@@ -426,6 +431,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         sensitivity_note=sensitivity_note,
         gate_basis=gate_basis,
         undecided=_undecided(config),
+        require_complete=bool(_get(config, "require-complete")),
         decode_batch=decode_batch,
         decode_batch_note=decode_batch_note,
         **rniah,
@@ -510,7 +516,7 @@ def _undecided(config) -> str:
     return text
 
 
-def _sensitivity(config, reference: KVConfig) -> Tuple[Optional[KVConfig], Optional[str], str]:
+def _sensitivity(config, reference: KVConfig, candidates=()) -> Tuple[Optional[KVConfig], Optional[str], str]:
     gate_text = (_get(config, "gate") or OPTION_DEFAULTS["gate"]).lower()
     if gate_text == "calibrated":
         # The retention bound it read was the upper end of its own interval by construction.
@@ -533,6 +539,7 @@ def _sensitivity(config, reference: KVConfig) -> Tuple[Optional[KVConfig], Optio
         if control.fa != reference.fa:
             raise UsageProblem("--refract-sensitivity must share flash attention with the reference")
         control = replace(control, fa=reference.fa, fa_explicit=reference.fa_explicit)
+        _check_rounding_only(control, reference, candidates)
         why = "given by --refract-sensitivity"
     else:
         from .audit.roles import default_control  # here: reading options must not load the audit layer
@@ -542,6 +549,28 @@ def _sensitivity(config, reference: KVConfig) -> Tuple[Optional[KVConfig], Optio
         raise UsageProblem(f"--refract-sensitivity={control.label()} equals the reference: a control must differ from it "
                            "by rounding only (e.g. ctk=bf16,ctv=bf16 for an f16 reference)")
     return control, why, gate_text
+
+
+def _check_rounding_only(control: KVConfig, reference: KVConfig, candidates) -> None:
+    """A control is the yardstick every candidate's damage is divided by: only a rounding-only
+    change of the reference (float cache types, every other setting the reference's) measures
+    the model's rounding sensitivity. A quantized control, or a candidate's own config, would
+    make any damage look small."""
+    flag = f"--refract-sensitivity={control.label()}"
+    quantized = [f"{side}={t}" for side, t in (("ctk", control.ctk), ("ctv", control.ctv)) if t not in FLOAT_TYPES]
+    if quantized:
+        raise UsageProblem(f"--refract-sensitivity {', '.join(quantized)}: not a float cache type; a control must be "
+                           "a rounding-only change of the reference (f16, bf16 or f32 cache types), or quantization "
+                           "damage would be the yardstick")
+    for key in ("nkvo", "swa_full", "rot"):
+        if getattr(control, key) != getattr(reference, key):
+            raise UsageProblem(f"{flag}: {key} differs from the reference's ({reference.label()}); a control may "
+                               "change the cache types' rounding only")
+    same = next((c for c in candidates if (c.ctk, c.ctv, c.nkvo, c.swa_full, c.rot)
+                 == (control.ctk, control.ctv, control.nkvo, control.swa_full, control.rot)), None)
+    if same is not None:
+        raise UsageProblem(f"{flag} is also a candidate ({same.label()}): its damage would be divided by its own, "
+                           "1x by construction; choose a control that no candidate uses")
 
 
 def _decode_batch(config, repeat: int) -> Tuple[int, Optional[str]]:

@@ -12,11 +12,12 @@ from tiny_model import write_tiny_family, write_tiny_llama
 
 
 def _args(model, prompts, corpus, report, *extra):
+    # Exhaustive: every axis measures every item, whatever a FAIL on another axis decided.
     return [
         f"--refract-model={model}", f"--refract-prompts={prompts}", f"--refract-corpus={corpus}",
         "--refract-full", "--refract-ctx=64", "--refract-chunks=2", "--refract-n-predict=8", "--refract-threads=1",
         "--refract-rniah-lengths=160", "--refract-rniah-positions=0.2", "--refract-rniah-trials=1",
-        "--refract-no-progress", f"--refract-json={report}", *extra,
+        "--refract-no-progress", "--refract-exhaustive", f"--refract-json={report}", *extra,
     ]
 
 

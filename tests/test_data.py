@@ -22,8 +22,9 @@ def _jsonl(tmp_path, lines, name="p.jsonl"):
     return p
 
 
-def _obj(pid, prompt="Say hi.", category="chat"):
-    return json.dumps({"id": pid, "category": category, "prompt": prompt})
+def _obj(pid, prompt=None, category="chat"):
+    # A text of its own per id: one text under two ids is refused as one item counted twice.
+    return json.dumps({"id": pid, "category": category, "prompt": prompt or f"Say hi to {pid}."})
 
 
 # --------------------------------------------------------------------------- load_prompts
@@ -140,7 +141,7 @@ def test_prompts_unicode_line_separator_inside_string(tmp_path, sep):
     assert json.loads(line)["prompt"] == f"one{sep}two"
     p.write_text(line + "\n" + _obj("b") + "\n", encoding="utf-8")
     prompts = load_prompts(p)
-    assert [x.prompt for x in prompts] == [f"one{sep}two", "Say hi."]
+    assert [x.prompt for x in prompts] == [f"one{sep}two", "Say hi to b."]
 
 
 # --------------------------------------------------------------------------- load_corpus

@@ -151,8 +151,9 @@ def test_a_candidate_that_computes_the_reference_is_a_no_op(tiny_model, corpus, 
     assert report["verdict"]["verdict"] != "PASS" and report["verdict"]["no_op"] == report["no_op"]
     assert report["gate"]["passed"] is False and any("no-op" in r for r in report["gate"]["reasons"])
     assert report["diagnosis"][0].startswith("NO-OP: no-op: this cache config changed nothing")
-    # Its axes measured what ran: the KLD axis itself reads PASS (the storage floor only).
-    assert report["axes"]["kld"]["verdict"]["verdict"] == "PASS"
+    # Its axes measured what ran: the KLD axis itself finds nothing beyond the margin (the storage
+    # floor only; too few chunks here for a PASS of its own).
+    assert report["axes"]["kld"]["verdict"]["verdict"] != "FAIL"
     # The control (bf16) is not the reference's computation.
     assert all(r["logits_identical_to_reference"] is False for r in results["control"]["kld"].values())
     from pytest_refract.report.html import render_html
@@ -214,9 +215,14 @@ def test_decode_reads_the_kld_axis_reference_entries(tiny_model, corpus, clean_f
     entries back rather than running the reference again; a warm run reads both."""
     cache = tmp_path / "cache"
     cold, results = _audit(_settings(tiny_model, corpus, cache_dir=str(cache)))
-    decode_items = results["cand0"]["decode"].values()
-    assert all(r["reference_cache"] == {"hits": 1, "misses": 0} for r in decode_items)
-    assert all("reference" not in r["compute"] or r["compute"]["reference"]["batch_tokens"] == 0 for r in decode_items)
+    decode_items = list(results["cand0"]["decode"].values())
+    # Every chunk's reference comes from the KLD axis's entry; at most one is computed again, by
+    # the cache's spot check (one cached read per kind, re-measured and compared bit for bit).
+    recomputed = [r for r in decode_items
+                  if "reference" in r["compute"] and r["compute"]["reference"]["batch_tokens"] > 0]
+    assert len(recomputed) <= 1 and len(decode_items) >= 2
+    assert all(r["reference_cache"]["hits"] == 1 for r in decode_items if r not in recomputed)
+    assert all(r["reference_cache"]["misses"] == 0 for r in decode_items)
     warm, _ = _audit(_settings(tiny_model, corpus, cache_dir=str(cache)))
     assert warm["axes"]["decode"]["mean_kld"] == cold["axes"]["decode"]["mean_kld"]
     assert warm["reference_cache"]["misses"] == 0

@@ -38,8 +38,8 @@ def test_label_round_trips(config):
     assert (parsed.ctk, parsed.ctv, parsed.fa, parsed.nkvo, parsed.swa_full) == (
         config.ctk, config.ctv, config.fa, config.nkvo, config.swa_full,
     )
-    # fa appears in the label exactly when it was explicit or off, and parses back as explicit.
-    assert parsed.fa_explicit == (config.fa_explicit or not config.fa)
+    # fa appears in the label exactly when it is off (the default is never spelled out).
+    assert parsed.fa_explicit == (not config.fa)
 
 
 def test_label_is_canonical():
@@ -47,7 +47,7 @@ def test_label_is_canonical():
     assert KVConfig("q8_0", "q4_0", fa=False, nkvo=True, swa_full=True).label() == (
         "ctk=q8_0,ctv=q4_0,fa=off,nkvo=on,swa_full=on"
     )
-    assert KVConfig("q8_0", "q4_0", fa_explicit=True).label() == "ctk=q8_0,ctv=q4_0,fa=on"
+    assert KVConfig("q8_0", "q4_0", fa_explicit=True).label() == "ctk=q8_0,ctv=q4_0"
 
 
 def test_parse_defaults_and_normalisation():

@@ -140,8 +140,8 @@ def _kld(score, mean_kld=None, ppl_ref=10.0, ppl_cand=10.5, same_top=95.0):
     return {"score": score, "mean_kld": mean_kld, "same_top_p_pct": same_top, "ppl_ref": ppl_ref, "ppl_cand": ppl_cand}
 
 
-def diagnose(axes, self_reference=False):
-    return report.diagnose(axes, BUILTIN, self_reference)
+def diagnose(axes, self_reference=False, reference=None):
+    return report.diagnose(axes, BUILTIN, self_reference, reference=reference)
 
 
 def _text(lines):
@@ -150,7 +150,9 @@ def _text(lines):
 
 def test_diagnose_all_clear():
     lines = diagnose({"trajectory": _traj(95.0), "kld": _kld(92.0)})
-    assert lines == ["All clear: the candidate cache tracks the f16 reference on every axis that ran."]
+    assert lines == ["All clear: the candidate cache tracks the reference on every axis that ran."]
+    named = diagnose({"trajectory": _traj(95.0), "kld": _kld(92.0)}, reference="ctk=q8_0,ctv=q8_0")
+    assert named == ["All clear: the candidate cache tracks the reference (ctk=q8_0,ctv=q8_0) on every axis that ran."]
 
 
 def test_diagnose_minor_drift():

@@ -17,7 +17,7 @@ from typing import TYPE_CHECKING, Dict, Iterator, List, Optional, Tuple
 
 from ..axes.base import Unit
 from ..engines.base import ContextRefused, ContextSettings, CutCounts, padded
-from ..engines.gguf import expected_data_end, read_gguf
+from ..engines.gguf import expected_data_end, file_sha256, read_gguf
 from ..engines.kvconfig import FLOAT_TYPES, validate_for_model
 from ..errors import MeasurementError, UsageProblem
 from ..inputs import data
@@ -92,6 +92,10 @@ class Runner:
         # Silent until the plugin gives it a sink (see progress.sink_for).
         self.progress = Progress()
         self._probe_contexts()
+        # A self-reference is recognised by what computes, not by how the configs are spelled.
+        reference_computes = self.computation(Role.REFERENCE)
+        for role in self.candidate_roles:
+            self.roles[role].self_reference = self.computation(role) == reference_computes
         from ..reference.store import ReferenceSide, ReferenceStore
 
         identity = ReferenceStore.identity(self.model_path, settings, self.build_info(),
@@ -227,6 +231,19 @@ class Runner:
         floor, reference = self.roles[Role.FLOOR], self.roles[Role.REFERENCE]
         floor.probe, floor.env = reference.probe, reference.env
 
+    def computation(self, role: str) -> tuple:
+        """What decides the role's numbers, as llama.cpp set it up: the cache types it allocated
+        (per cache), flash attention, the rotation it applied; host-memory KV (nkvo) only where
+        layers run on a GPU, and a full-size window cache only where the model has SWA layers.
+        Two configs with the same computation give the same logits whatever their labels say."""
+        kv, log = self.roles[role].config, self.roles[role].probe
+        caches = tuple((c.kind, c.k_type, c.v_type) for c in (log.caches if log else ())) or \
+            ((None, kv.ctk, kv.ctv),)
+        rotation = log.rotation if log is not None and log.rotation is not None else kv.rot
+        has_swa = any(c.kind == "swa" for c in (log.caches if log else ()))
+        return (caches, kv.fa, repr(rotation), kv.nkvo if self.settings.gpu_layers else None,
+                kv.swa_full if has_swa else None)
+
     # -- facts ------------------------------------------------------------------------------
 
     def build_info(self) -> dict:
@@ -289,7 +306,10 @@ class Runner:
 
         if self._model_summary is None:
             self._model_summary = model_summary(self.info, self.model_path, self.engine.n_params)
-            self._model_summary["sha256"] = self.reference.cache.identity["model"]["sha256"]  # None without a cache
+            # The whole file's sha256 identifies the model (a baseline is compared by it): the
+            # cache's index holds it where there is a cache; without one it is computed here.
+            digest = self.reference.cache.identity["model"]["sha256"]
+            self._model_summary["sha256"] = digest or file_sha256(self.model_path)
             self._model_summary["n_vocab"] = self.engine.n_vocab
         return dict(self._model_summary)
 
@@ -631,10 +651,13 @@ class Runner:
 
     def record(self, baseline: Optional[dict], *, wall_s: Optional[float] = None,
                items_selected: Optional[int] = None, sequential: Optional[Dict[str, Dict[str, dict]]] = None,
-               saved_pack: Optional[dict] = None) -> RunRecord:
+               saved_pack: Optional[dict] = None, stopped_early: Optional[str] = None,
+               default_axes: Tuple[str, ...] = ()) -> RunRecord:
         """What the report states about this run besides the measurements. ``wall_s`` and
         ``items_selected`` are the session's: its wall time so far, and its items after -k/-m;
-        ``sequential``: the stopping designs and where they stopped (stopping.report)."""
+        ``sequential``: the stopping designs and where they stopped (stopping.report);
+        ``stopped_early``: why the run ended before its selected items did (None: it did not);
+        ``default_axes``: the axes a default audit runs (what a selection is a part of)."""
         import copy
         import os
         import platform
@@ -675,6 +698,10 @@ class Runner:
             host={"machine": platform.machine(), "system": platform.system(), "cpus": os.cpu_count()},
             reference_cache_enabled=self.reference.local_cache_enabled and not self.reference.from_pack,
             reference_cache_read=self.reference.read,
+            cache_spot_check=(self.control.spot_check_facts() if self.control is not None else
+                              {"reference_seed": self.reference.spot_seed,
+                               "reference_checked": list(self.reference.spot_checks),
+                               "tampered": self.reference.tampered}),
             reference_cache_size=(self.reference.size_facts()
                                   if self.reference.local_cache_enabled and not self.reference.from_pack else None),
             binding_version=self.engine_mod.library_version(),
@@ -687,7 +714,19 @@ class Runner:
             drift_role=self.drift_role,
             reference_pack=self.pack.summary() if self.pack is not None else None,
             saved_pack=saved_pack,
+            stopped_early=stopped_early,
+            pool=self.pool(),
+            default_axes=tuple(default_axes),
         )
+
+    def pool(self) -> Dict[str, Dict[str, int]]:
+        """Candidate role -> axis -> the items the axis has before any deselection (the pool a
+        selection is a part of)."""
+        counts: Dict[str, Dict[str, int]] = {}
+        for unit, _group in self.items():
+            per_axis = counts.setdefault(unit.candidate, {})
+            per_axis[unit.axis] = per_axis.get(unit.axis, 0) + 1
+        return counts
 
     def close(self) -> None:
         if self.pack is not None:

@@ -47,10 +47,12 @@ class KVConfig:
     fa_explicit: bool = field(default=False, compare=False)
 
     def label(self) -> str:
-        """Canonical string that :func:`parse_kv_config` turns back into an equal config."""
+        """Canonical string that :func:`parse_kv_config` turns back into an equal config: one
+        spelling per computation, so a default spelled out (fa=on) names the same config as
+        the default left out (labels key baselines, reports and rankings)."""
         parts = [f"ctk={self.ctk}", f"ctv={self.ctv}"]
-        if self.fa_explicit or not self.fa:
-            parts.append(f"fa={'on' if self.fa else 'off'}")
+        if not self.fa:
+            parts.append("fa=off")
         if self.nkvo:
             parts.append("nkvo=on")
         if self.swa_full:

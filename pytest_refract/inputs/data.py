@@ -85,6 +85,7 @@ def load_prompts(path: Optional[Path] = None) -> List[Prompt]:
         raise UsageProblem(f"prompts file {p} is not UTF-8 (byte {exc.start})") from None
     prompts: List[Prompt] = []
     seen = {}
+    texts: dict = {}  # prompt text -> (id, line) of its first use
     # split("\n"), not splitlines(): JSON strings may hold U+2028 and friends raw.
     for lineno, line in enumerate(text.split("\n"), start=1):
         line = line.rstrip("\r")
@@ -113,6 +114,13 @@ def load_prompts(path: Optional[Path] = None) -> List[Prompt]:
         if pid in seen:
             raise UsageProblem(f"{p}:{lineno}: duplicate id {pid!r} (first on line {seen[pid]})")
         seen[pid] = lineno
+        if obj["prompt"] in texts:
+            # One text under two ids is one item counted twice: it would narrow every interval
+            # as if it were independent evidence.
+            first_id, first_line = texts[obj["prompt"]]
+            raise UsageProblem(f"{p}:{lineno}: prompt {pid!r} has the same text as {first_id!r} (line {first_line}); "
+                               "a prompt counts once, so remove one of them")
+        texts[obj["prompt"]] = (pid, lineno)
         prompts.append(
             Prompt(pid, str(obj.get("category") or "uncategorized"), obj["prompt"], str(obj.get("license") or ""))
         )

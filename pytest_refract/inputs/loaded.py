@@ -117,11 +117,21 @@ class Inputs:
                 f"which must hold the prompt as well as the answer; use a value well below {limit}"
             )
         source = s.prompts_path or "the bundled prompt set"
-        rendered = {tuple(self.chat_tokens(p.prompt)) for p in self.prompts}
-        if len(self.prompts) > 1 and len(rendered) == 1:
+        rendered: dict = {}  # the tokens a prompt renders to -> the ids rendering to them
+        for p in self.prompts:
+            rendered.setdefault(tuple(self.chat_tokens(p.prompt)), []).append(p.id)
+        plain = {tuple(self.tokenizer.tokenize(p.prompt, add_special=False, parse_special=False)) for p in self.prompts}
+        if len(self.prompts) > 1 and len(rendered) == 1 and len(plain) > 1:
             raise UsageProblem(
                 f"every prompt of {source} renders to the same tokens in the chat template of {self.model_path.name} "
                 "(tokenizer.chat_template): the template drops the user's content; fix it in the file")
+        same = next((ids for ids in rendered.values() if len(ids) > 1), None)
+        if same:
+            # Different texts, one computation (e.g. differing in whitespace the tokenizer drops):
+            # one item, which must not count as several.
+            raise UsageProblem(f"prompts {', '.join(repr(i) for i in same)} of {source} render to the same tokens in "
+                               f"the chat template of {self.model_path.name}: one item counted {len(same)} times; "
+                               "remove all but one")
         for p in self.prompts:
             # Tokenized here even without a known limit: the vocabulary-only model is loaded now.
             n = len(self.chat_tokens(p.prompt))

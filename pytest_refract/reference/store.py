@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
+import secrets
 from dataclasses import dataclass
 from typing import Callable, Dict, List, Optional
 
@@ -20,6 +22,20 @@ from ..inputs import data
 from .codec import CompressedRows, LogprobRows, compact, concat_quantized, sparse_logprobs
 from .entries import ReferenceCache
 from .model_index import model_identity
+
+
+# Each spot check recomputes one of the first SPOT_WINDOW cached reads of its kind, at random.
+SPOT_WINDOW = 8
+
+
+def spot_due(seed: int, kind: str, chosen: Dict[str, int], reads: Dict[str, int], window: Optional[int] = None) -> bool:
+    """Whether this read of ``kind`` is the one its spot check takes: the read whose number
+    (0, 1, ...) was drawn, with ``seed``, from the first ``window`` reads."""
+    if kind not in chosen:
+        chosen[kind] = random.Random(f"{seed}:{kind}").randrange(window or SPOT_WINDOW)
+    n = reads.get(kind, 0)
+    reads[kind] = n + 1
+    return n == chosen[kind]
 
 
 def batch_signature(prompts: List[List[int]]) -> List[int]:
@@ -53,6 +69,7 @@ class ReferenceStore:
         # The vocabulary size checks every entry's rows on load (the model is loaded by now).
         local = ReferenceCache(directory, identity, n_vocab=side.n_vocab())
         self.local_cache_enabled = local.enabled
+        self.local_cache = local
         self.cache = local
         # The floor compares the reference with itself bit for bit: it needs the live reference.
         # --refract-repeat must re-measure the reference too, so it does not read either.
@@ -65,6 +82,14 @@ class ReferenceStore:
             from .pack import RecordingCache
 
             self.cache = RecordingCache(local, record_into)
+        # Why the cache stopped being trusted this run (a spot check failed), None while it is.
+        self.tampered: Optional[str] = None
+        # The reference's spot check: one of the first SPOT_WINDOW cached reads of each kind is
+        # computed again and compared bit for bit; the seed is fresh every run.
+        self.spot_seed = secrets.randbits(32)
+        self._spot_at: Dict[str, int] = {}
+        self._cached_reads: Dict[str, int] = {}
+        self.spot_checks: List[dict] = []
         self._memory: Dict[str, tuple] = {}
         # KLD chunk key -> sha256 of the reference's exact logits there (a few bytes per chunk):
         # a candidate whose logits hash the same computed exactly what the reference did.
@@ -174,7 +199,8 @@ class ReferenceStore:
         if value is not None:
             return value
         entries = self._load_all("trajectory", keys)
-        if entries is not None:
+        check = entries is not None and self._spot_due("trajectory")
+        if entries is not None and not check:
             value = [([int(t) for t in e["arrays"]["tokens"]], LogprobRows(e["arrays"]), None) for e in entries]
             return self._remember("trajectory-batch", tuple(keys), value)
         floor = self.settings.floor
@@ -189,9 +215,14 @@ class ReferenceStore:
                 exact[i].append(row.copy())
 
         tokens = self.side.greedy(prompts, n, keep)
+        # A spot check that matched leaves the entries as they are (nothing to write).
+        rewrite = self.cache.enabled
+        if check:
+            live = [dict(rows[i].stored(), tokens=np.asarray(tokens[i])) for i in range(len(prompts))]
+            rewrite = not self._spot_compare("trajectory", [e["arrays"] for e in entries], live)
         value = []
         for i, key in enumerate(keys):
-            if self.cache.enabled:
+            if rewrite:
                 self.cache.store("trajectory", key, dict(rows[i].stored(), tokens=np.asarray(tokens[i])))
             value.append((tokens[i], rows[i], np.stack(exact[i]) if floor else None))
         return self._remember("trajectory-batch", tuple(keys), value)
@@ -205,11 +236,11 @@ class ReferenceStore:
         value = self._recall("kld", key)
         if value is not None:
             return value
-        if self.read:
-            entry = self.cache.load("kld", key)
-            if entry is not None:
-                self._fingerprints[key] = (entry.get("meta") or {}).get("logits_sha256")
-                return self._remember("kld", key, (LogprobRows(entry["arrays"]), None))
+        entry = self.cache.load("kld", key) if self.read else None
+        check = entry is not None and self._spot_due("kld")
+        if entry is not None and not check:
+            self._fingerprints[key] = (entry.get("meta") or {}).get("logits_sha256")
+            return self._remember("kld", key, (LogprobRows(entry["arrays"]), None))
         parts: List[dict] = []
         exact: List[np.ndarray] = []
         digest = hashlib.sha256()
@@ -225,7 +256,8 @@ class ReferenceStore:
             raise MeasurementError("internal: the reference produced no logit rows for a KLD chunk")
         stored = compact(concat_quantized(parts))
         self._fingerprints[key] = digest.hexdigest()
-        self.cache.store("kld", key, stored, meta={"logits_sha256": self._fingerprints[key]})
+        if not (check and self._spot_compare("kld", [entry["arrays"]], [stored])):
+            self.cache.store("kld", key, stored, meta={"logits_sha256": self._fingerprints[key]})
         return self._remember("kld", key, (LogprobRows(stored), np.concatenate(exact) if exact else None))
 
     def chunk_fingerprint(self, tokens: List[int]) -> Optional[str]:
@@ -279,6 +311,37 @@ class ReferenceStore:
         if entry is not None and entry["meta"].get("result") is not None:
             return entry["meta"]["result"]
         return None
+
+    def _spot_due(self, kind: str) -> bool:
+        """Whether this cached read of ``kind`` is the one the spot check computes again. Never
+        from a reference pack: it was verified whole, and it is another build's by design (what
+        this build computes differently is the build drift, not a forgery)."""
+        return not self.from_pack and spot_due(self.spot_seed, kind, self._spot_at, self._cached_reads)
+
+    def _spot_compare(self, kind: str, cached: List[dict], live: List[dict]) -> bool:
+        """Compare cached entries with the same results computed again, array by array; a
+        difference distrusts and clears the cache (the live results are used either way).
+        Returns whether they matched."""
+        same = all(c.keys() == l.keys() and all(np.array_equal(np.asarray(c[k]), np.asarray(l[k])) for k in c)
+                   for c, l in zip(cached, live)) and len(cached) == len(live)
+        self.spot_checks.append({"kind": kind, "match": same})
+        if not same and self.tampered is None:
+            removed = self.invalidate("pending")
+            self.tampered = (f"the cached reference {kind} result differs from its re-computation: the cache was "
+                             f"altered; its {removed} entries were deleted, and results read before may be forged")
+        return same
+
+    def invalidate(self, why: str) -> int:
+        """A cached result did not match its re-measurement: every entry this cache wrote is
+        deleted, nothing more is read from it this run, and ``tampered`` says why. Returns how
+        many entries were deleted."""
+        from .folder import clear_entries
+
+        self.read = False
+        self._memory.clear()
+        self.tampered = why
+        directory = self.local_cache.directory
+        return clear_entries(directory) if directory is not None else 0
 
     def store_control(self, axis_name: str, key: str, result: dict) -> None:
         self.cache.store("control-" + axis_name, key, {}, meta={"result": result})

@@ -31,17 +31,36 @@ def load_baseline(path: str, model_summary: dict, reference_label: str) -> dict:
             f"--refract-baseline {path} was measured on another model ({theirs.get('path')}, "
             f"{theirs.get('size_bytes')} bytes) than {model_summary['path']}; use a baseline of the same model"
         )
-    if theirs.get("sha256") and model_summary.get("sha256") and theirs["sha256"] != model_summary["sha256"]:
+    # The model is identified by the sha256 of all its bytes, never by a sample: a file of the
+    # same size and first MiB may hold other weights.
+    if not model_summary.get("sha256"):
+        raise UsageProblem(f"--refract-baseline {path}: this run could not hash {model_summary['path']}, so the "
+                           "baseline cannot be shown to be of the same model")
+    if not isinstance(theirs.get("sha256"), str):
+        raise UsageProblem(f"--refract-baseline {path} does not name its model's whole-file sha256 (written without "
+                           "one), so it cannot be shown to be of the same model; measure a new baseline")
+    if theirs["sha256"] != model_summary["sha256"]:
         raise UsageProblem(
             f"--refract-baseline {path} was measured on another model: {theirs.get('path')} has the same size and "
             f"first MiB as {model_summary['path']} but another whole-file sha256; use a baseline of the same model"
         )
+    for section in [baseline, *(s for s in baseline.get("candidates") or [] if isinstance(s, dict))]:
+        if isinstance(section.get("candidate"), str):
+            section["candidate"] = canonical_label(section["candidate"])
+    if isinstance(baseline.get("reference"), str):
+        baseline["reference"] = canonical_label(baseline["reference"])
     if baseline.get("reference") != reference_label:
         raise UsageProblem(
             f"--refract-baseline {path} used reference {baseline.get('reference')!r}, this run uses "
             f"{reference_label!r}; scores against different references are not comparable"
         )
     return baseline
+
+
+def canonical_label(label: str) -> str:
+    """A KV-config label as this version writes it: earlier reports spelled out the default
+    flash attention (fa=on) when it was given, which names the same computation."""
+    return ",".join(part for part in label.split(",") if part.strip() != "fa=on")
 
 
 def baseline_for(baseline: dict, candidate_label: str):

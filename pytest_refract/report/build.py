@@ -7,6 +7,7 @@ and the HTML page read only that dict. Axis-specific wording comes from the axis
 from __future__ import annotations
 
 import copy
+import dataclasses
 import shlex
 from datetime import datetime, timezone
 from pathlib import Path
@@ -17,6 +18,7 @@ from ..axes import DIAGNOSIS_ORDER, known
 from ..record import RunRecord
 from ..scoring.metrics import BAND_FLOOR, band_for
 from .ran import NO_OP, no_op_reason
+from .selection import candidate_selection, selection_reasons
 from .jsonio import SCHEMA
 from .sections import build_axes, composite_of, custom_gates, floor_of, repeat_stats
 from .sensitivity import (
@@ -31,16 +33,20 @@ from .verdicts import UNDECIDED_PASS_NOTE, candidate_verdict, family_recommendat
 FLOOR_WARN_BELOW = 99.5
 
 
-def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False, verdict_led: bool = False) -> List[str]:
+def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False, verdict_led: bool = False,
+             reference: Optional[str] = None) -> List[str]:
     """Plain-English reading of the axis pattern, most important first: what holds for any
-    axis here, each scored axis's own sentences from its ``diagnose``.
+    axis here, each scored axis's own sentences from its ``diagnose``. ``reference``: the
+    reference's config label, named in every sentence about it.
 
     Where a verdict leads the report (``verdict_led``), nothing here reads the raw bands: no
     "catastrophic" or "all clear" from the REFRACT bands, and an axis whose verdict is PASS adds
     no damage story of its own (its raw band would tell one the gate did not read)."""
+    named = f"the reference ({reference})" if reference else "the reference"
     out: List[str] = []
     if self_reference:
-        out.append("Self-reference: the candidate configuration equals the reference, so this run measures the noise floor.")
+        out.append(f"Self-reference: the candidate computes as {named} does (the same cache types "
+                   "as llama.cpp allocated them, flash attention and rotation), so this run measures the noise floor.")
     for name, a in axes.items():
         if a.get("status") == "n/a":
             out.append(f"{name}: nothing to score (the reference itself never succeeds there); left out of the composite.")
@@ -67,7 +73,7 @@ def diagnose(axes: Dict[str, dict], registry, self_reference: bool = False, verd
     for name in [n for n in DIAGNOSIS_ORDER if n in scored] + [n for n in scored if n not in DIAGNOSIS_ORDER]:
         out += by_name[name].diagnose(scored[name], axes)
     if not low and all(a["score"] >= BAND_FLOOR["EXCELLENT"] for a in scored.values()):
-        out.append("All clear: the candidate cache tracks the f16 reference on every axis that ran.")
+        out.append(f"All clear: the candidate cache tracks {named} on every axis that ran.")
     elif not low:
         out.append("Minor drift: every axis that ran is PASS or better.")
     return out
@@ -118,14 +124,19 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
     for name, inputs in facts.axis_inputs.items():
         if name in axes:
             axes[name].update(copy.deepcopy(inputs))  # e.g. the KLD axis's corpus
+    selection = candidate_selection(facts, role, results, failed)
+    if verdict is not None:
+        verdict["subset"] = selection["subset"]
     section = {
         "candidate": facts.labels[role],
         "self_reference": self_reference,
+        "selection": selection,
         "verdict": verdict,
         "composite": composite,
         "band": band_for(composite),
         "composite_ci95": raw_intervals.get("composite_ci95"),
-        "diagnosis": _diagnosis_led_by(verdict, diagnose(axes, registry, self_reference, verdict is not None),
+        "diagnosis": _diagnosis_led_by(verdict, diagnose(axes, registry, self_reference, verdict is not None,
+                                                          s.reference.label() if hasattr(s, "reference") else None),
                                        self_reference)
                      + control_diagnosis(axes, control, registry),
         "axes": axes,
@@ -153,8 +164,8 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
         if source.get("replaced_invalid_utf8"):
             diagnosis.append(f"{source['name']} is not valid UTF-8: undecodable bytes were replaced (U+FFFD) before tokenizing.")
     if not complete:
-        diagnosis.insert(0, "INCOMPLETE: the run was interrupted; items measured so far are listed, no score is claimed. "
-                            + _ran_text(axes))
+        diagnosis.insert(0, f"INCOMPLETE: {facts.stopped_early or 'the run was interrupted'}; items measured so far "
+                            "are listed, no score is claimed. " + _ran_text(axes))
     if no_op:
         diagnosis.insert(0, f"NO-OP: {no_op}.")
     if floor is not None and floor < FLOOR_WARN_BELOW:
@@ -219,6 +230,9 @@ def _verdict_diagnosis(verdict: Optional[dict]) -> List[str]:
     if verdict is None:
         return []
     out = [f"Verdict {verdict['headline']}."]
+    if verdict.get("subset"):
+        out = [f"Subset verdict {verdict['headline']}: only part of the default audit ran, so this is not the "
+               "audit's verdict."]
     out += [f"The yardstick is broken: {p}." for p in verdict["control_problems"]]
     out += [f"To decide: {a}." for a in verdict.get("advice", []) if "fix the control" not in a]
     return out
@@ -230,7 +244,7 @@ def _gate(facts: RunRecord, section: dict, complete: bool) -> dict:
     if basis == "verdict":
         return _verdict_gate(facts, section, complete)
     gated = section["composite"]
-    reasons = _ungated_reasons(section, complete)
+    reasons = _ungated_reasons(section, complete, facts.stopped_early)
     if reasons is None:
         reasons = []
         if gated < s.fail_under:
@@ -239,13 +253,13 @@ def _gate(facts: RunRecord, section: dict, complete: bool) -> dict:
     return {"passed": not reasons, "threshold": s.fail_under, "basis": basis, "reasons": reasons}
 
 
-def _ungated_reasons(section: dict, complete: bool) -> Optional[List[str]]:
+def _ungated_reasons(section: dict, complete: bool, stopped_early: Optional[str] = None) -> Optional[List[str]]:
     """What every gate says before it reads its basis: an interrupted run fails, fixture
     measurements without a gate have nothing to gate on (no reason), and a composite that could
     not be formed fails naming why (axes stopped by another's FAIL are not such a failure: the
     verdict gate reads that FAIL). None when the section can be gated."""
     if not complete:
-        return ["the run was interrupted; an incomplete audit never passes the gate"]
+        return [f"{stopped_early or 'the run was interrupted'}; an incomplete audit never passes the gate"]
     if section["composite"] is None and not section["axes"] and not section["custom_gates"]:
         return []
     statuses = [a.get("status") for a in section["axes"].values() if a.get("score") is None]
@@ -265,9 +279,13 @@ def _trust_reasons(facts: RunRecord, section: dict, complete: bool) -> List[str]
     from .vacuous import vacuous_reasons
 
     s, axes = facts.settings, section["axes"]
-    reasons = vacuous_reasons(axes, (facts.model or {}).get("n_vocab"))
+    reasons = selection_reasons(section["selection"], section["custom_gates"], section["candidate"],
+                                getattr(s, "require_complete", False)) if complete else []
+    reasons += vacuous_reasons(axes, (facts.model or {}).get("n_vocab"))
     if section.get("no_op"):
         reasons.append(section["no_op"])
+    if facts.cache_tampered:
+        reasons.append(f"the reference cache failed its spot check ({facts.cache_tampered}); run again")
     if facts.baseline is not None and complete:
         from .baseline import baseline_reasons
 
@@ -282,7 +300,7 @@ def _verdict_gate(facts: RunRecord, section: dict, complete: bool) -> dict:
     s = facts.settings
     composite, axes = section["composite"], section["axes"]
     verdict = section.get("verdict")
-    ungated = _ungated_reasons(section, complete)
+    ungated = _ungated_reasons(section, complete, facts.stopped_early)
     reasons: List[str] = ungated or []
     if ungated is None and not axes:
         # Only custom gates: no axis for a verdict; their own scores against the threshold.
@@ -325,6 +343,13 @@ def build_report(
     the first candidate (the only one outside a matrix); ``candidates`` has one section per
     candidate and ``ranking`` orders them; ``gate`` passes only if every candidate passes."""
     s = facts.settings
+    # A control result re-measured against the cache and found different (audit/control.py):
+    # the cache was altered, and what this run read from it cannot be trusted.
+    tampered = next((r["cache_tampered"] for per_axis in results.get(facts.control_role or "", {}).values()
+                     for r in per_axis.values() if isinstance(r, dict) and r.get("cache_tampered")),
+                    (facts.cache_spot_check or {}).get("tampered"))
+    if tampered:
+        facts = dataclasses.replace(facts, cache_tampered=tampered)
     custom = sorted(custom or [], key=lambda e: e["test"])
     control = control_section(facts, results, failed, complete, registry)
     sections = []
@@ -404,6 +429,7 @@ def build_report(
                            if s.gate_basis == "verdict" and complete else None),
         "ranking": [{"candidate": sec["candidate"],
                      "verdict": (sec["verdict"] or {}).get("verdict"),
+                     "selection": sec["selection"]["text"], "subset": sec["selection"]["subset"],
                      "verdict_score": (sec["verdict"] or {}).get("score"),
                      "multiples": {n: {k: v.get(k) for k in ("basis", "multiple", "multiple_ci95", "damage",
                                                               "damage_ci95", "verdict")}
@@ -420,6 +446,8 @@ def build_report(
         "reference_cache": {
             "enabled": facts.reference_cache_enabled,
             "read": facts.reference_cache_read,
+            "spot_check": facts.cache_spot_check,
+            "tampered": facts.cache_tampered,
             "hits": sum(r.get("reference_cache", {}).get("hits", 0) for r in all_items),
             "misses": sum(r.get("reference_cache", {}).get("misses", 0) for r in all_items),
             "format": ("16-bit log-probs per position as llama-perplexity --kl-divergence-base quantizes them, "
@@ -427,6 +455,7 @@ def build_report(
             **(facts.reference_cache_size or {"bytes_written": None, "bytes_read": None, "folder_bytes": None}),
         },
     }
+    report["selection"] = first["selection"]
     if "repeat" in first:
         report["repeat"] = first["repeat"]
     if facts.reference_pack is not None:

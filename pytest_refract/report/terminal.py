@@ -53,6 +53,8 @@ def render(tr, report: dict, json_path, registry=None) -> None:
         mb = {k: (cache.get(k) or 0) / 1e6 for k in ("bytes_written", "bytes_read", "folder_bytes")}
         tr.write_line(f"ref cache  {mb['bytes_written']:.1f} MB written, {mb['bytes_read']:.1f} MB read this run; "
                       f"{mb['folder_bytes']:.1f} MB in its folder")
+    if cache.get("tampered"):
+        tr.write_line(f"ref cache  DISTRUSTED: {cache['tampered']}", red=True, bold=True)
     sections = report.get("candidates") or [dict(report, custom_gates=(report.get("custom") or {}).get("gates", {}))]
     control = report.get("sensitivity") or {}
     _render_pack(tr, report)
@@ -66,17 +68,19 @@ def render(tr, report: dict, json_path, registry=None) -> None:
     gate = report.get("gate", {})
     tr.write_line("")
     basis = {"raw": "composite"}.get(gate.get("basis"))
+    subset = [sec for sec in sections if (sec.get("selection") or {}).get("subset")]
     if gate.get("passed") and basis is None:
-        tr.write_line("gate: passed (verdict PASS on every axis"
+        tr.write_line("gate: passed (verdict PASS on every " + ("selected " if subset else "") + "axis"
                       + (", UNDECIDED accepted by --refract-undecided=pass" if gate.get("undecided") == "pass" else "")
-                      + ")", green=True)
-    if gate.get("note"):
-        tr.write_line(f"gate note: {gate['note']}", yellow=True, bold=True)
+                      + ")" + ("; a subset verdict: " + "; ".join(sec["selection"]["text"].split(": ", 1)[-1] for sec in subset)
+                               + " (--refract-require-complete fails a subset)" if subset else ""), green=True)
     elif gate.get("passed"):
         tr.write_line(f"gate: passed ({basis} ≥ {gate['threshold']:g})", green=True)
     else:
         for reason in gate.get("reasons", []):
             tr.write_line(f"gate FAILED: {reason}", red=True, bold=True)
+    if gate.get("note"):
+        tr.write_line(f"gate note: {gate['note']}", yellow=True, bold=True)
     if json_path:
         tr.write_line(f"JSON report: {json_path}")
 
@@ -142,6 +146,8 @@ def _render_verdict(tr, report: dict, registry=BUILTIN) -> None:
         return
     tr.write("verdict    ", bold=True)
     tr.write(f"{v['verdict']:<10}", bold=True, **{_VERDICT_COLOURS.get(v["verdict"], "red"): True})
+    if v.get("subset"):
+        tr.write("(subset verdict) ", yellow=True)
     score = v.get("score")
     tr.write_line(f"score {score:.2f} (damage as a multiple of the control's)" if score is not None else "")
     for name, a in v["axes"].items():
@@ -256,8 +262,12 @@ def _render_candidate(tr, report: dict, registry) -> None:
     tr.write_line("")
     # The verdict leads where the gate reads it; under --refract-gate=raw the composite does.
     verdict_led = bool(report.get("verdict")) and (report.get("gate") or {}).get("basis", "verdict") == "verdict"
+    selection = report.get("selection")
     if verdict_led:
         _render_verdict(tr, report, registry)
+        if selection:
+            # What the verdict rests on: every axis's selected items out of its pool.
+            tr.write_line(f"selected   {selection['text']}", yellow=bool(selection.get("subset")))
         # The verdict's own sentences, then the raw figures as plain reference numbers.
         tr.write_line("")
         for line in report.get("diagnosis", []):

@@ -278,6 +278,9 @@ def kld_summary(kld: np.ndarray, p_diff: np.ndarray, nll_ref: np.ndarray, nll_ca
     if n == 0:
         raise ValueError("no scored positions")
     mean_kld, mean_kld_unc = mean_and_uncertainty(kld)
+    # A KL divergence is never negative; a slightly negative mean is the 16-bit storage of the
+    # reference's log-probs, not a candidate better than the reference.
+    mean_kld = max(0.0, mean_kld) if math.isfinite(mean_kld) else mean_kld
     sorted_kld = np.sort(kld)
     p_diff = np.asarray(p_diff, dtype=np.float64)
     mse, mse_unc = mean_and_uncertainty(p_diff * p_diff)

@@ -663,6 +663,10 @@ def _multiple_verdict(axis, name, label, margin, cand, ctrl, damage, d_cand, d_c
         lo, hi = 0.0, 0.0
     else:
         lo, hi = inverted_interval(cand, ctrl, err_pass, err_fail, damage, counts)
+    # Damage is never negative by definition (a negative KLD mean is storage rounding): M is
+    # at least 0, and its interval always holds it.
+    d_cand = max(0.0, d_cand)
+    lo = max(0.0, lo)
     point = d_cand / d_ctrl if d_ctrl > 0 else None
     if point is not None:
         # The bisection's ends are within 3e-7 of the exact ones: the interval always holds its point.
@@ -710,7 +714,7 @@ def _absolute_verdict(name, label, tolerance, margin, cand, damage, d_ctrl, leve
     # tolerance at the margin: the same scale as a candidate with a usable control.
     nominal = tolerance / margin
     ci = [est.lo, est.hi] if est.lo is not None else None
-    return AxisVerdict(name, label, verdict, "absolute", tolerance, n, damage=est.point, control_damage=d_ctrl,
+    return AxisVerdict(name, label, verdict, "absolute", tolerance, n, damage=max(0.0, est.point), control_damage=d_ctrl,
                        damage_ci95=ci, band=multiple_band(est.point / nominal), score=score_of_multiple(est.point / nominal),
                        score_ci95=[score_of_multiple(ci[1] / nominal), score_of_multiple(ci[0] / nominal)] if ci else None,
                        items_needed=needed, reason=why + f"; held to the absolute tolerance {_num(tolerance)}")
