@@ -77,7 +77,11 @@ def test_cache_is_keyed_by_layout(pytester, tiny_model, tiny_prompts, tiny_corpu
     _, cold = _audit(pytester, tiny_model, tiny_prompts, tiny_corpus, "cold", f"--refract-cache-dir={cache}")
     _, warm = _audit(pytester, tiny_model, tiny_prompts, tiny_corpus, "warm", f"--refract-cache-dir={cache}",
                      candidate="ctk=q8_0,ctv=q8_0")
-    assert warm["axes"]["trajectory"]["compute"].get("reference") is None  # all from the cache
+    # All from the cache, but for the cache's spot check, which may compute one cached trajectory
+    # batch again (its seed is fresh every run).
+    checked = {c["kind"] for c in warm["reference_cache"]["spot_check"]["reference_checked"]}
+    if "trajectory" not in checked:
+        assert warm["axes"]["trajectory"]["compute"].get("reference") is None
     assert warm["reference_cache"]["misses"] == 0
     _, other = _audit(pytester, tiny_model, tiny_prompts, tiny_corpus, "serial", f"--refract-cache-dir={cache}",
                       "--refract-decode-batch=1", candidate="ctk=q8_0,ctv=q8_0")
