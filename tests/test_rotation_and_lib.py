@@ -217,7 +217,8 @@ def test_fork_turbo4_and_per_side_rotation(pytester, smollm2):
     report = pytester.path / "r.json"
     result = pytester.runpytest_subprocess(
         f"--refract-model={smollm2}", f"--refract-llama-lib={folder}", "--refract-axes=kld", "--refract-ctx=256",
-        "--refract-chunks=2", "--refract-fail-under=0", f"--refract-json={report}",
+        # What this test reads is the rotation and the allocation, not the verdict: the raw gate.
+        "--refract-chunks=2", "--refract-gate=raw", "--refract-fail-under=0", f"--refract-json={report}",
         "--refract-candidate=ctk=q8_0,ctv=turbo4", "--refract-candidate=ctk=q8_0,ctv=turbo4,rot=v",
         "--refract-candidate=ctk=q8_0,ctv=turbo4,rot=off",
     )
