@@ -202,3 +202,13 @@ def pytest_runtest_setup(item):
     # Tests marked gpu run where llama.cpp was built with GPU offload, and skip elsewhere.
     if item.get_closest_marker("gpu") is not None and not _gpu_offload():
         pytest.skip("needs a llama.cpp build with GPU offload (llama_supports_gpu_offload() is false here)")
+
+
+@pytest.fixture
+def fake_llamacpp(monkeypatch):
+    """The plugin's runs load the fake engine (tests/fake_engine.py) instead of llama.cpp."""
+    import fake_engine
+
+    from pytest_refract.audit import runner as runner_mod
+
+    monkeypatch.setattr(runner_mod, "_load_llamacpp", lambda settings: fake_engine)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import fake_engine
 import pytest
+from test_runner_fake import measure_every_item
 
 from pytest_refract.audit.runner import Runner
 from pytest_refract.axes import BUILTIN, resolve
@@ -30,15 +31,10 @@ def _audit(settings):
     """Every item, as the plugin runs them; the report built from the results."""
     axes = resolve()
     runner = Runner(settings, axes, engine_mod=fake_engine)
-    planned = [unit for unit, _group in runner.items()]
-    runner.set_plan(planned)
-    results: dict = {}
-    for unit in planned:
-        item = runner.measure(unit)
-        for measured in (item, item.control):
-            if measured is not None:
-                results.setdefault(measured.role, {}).setdefault(unit.axis, {})[measured.unit] = measured.result
-    facts = runner.record(None, wall_s=1.0, items_selected=len(planned))
+    results = measure_every_item(runner)
+    # One result per planned item (the control's ride along under "control").
+    items = sum(len(per_axis) for role, axes_of in results.items() if role != "control" for per_axis in axes_of.values())
+    facts = runner.record(None, wall_s=1.0, items_selected=items)
     report = build_report(facts=facts, results=results, failed={}, custom=[], invocation_args=[], complete=True,
                           registry=axes)
     runner.close()

@@ -33,8 +33,15 @@ def _run(settings, axes=None) -> tuple:
     """Every item of every selected axis, as the plugin collects and runs them (units in
     order, candidates innermost, consecutive units forming decode batches); returns the
     runner and results as role -> axis -> unit id -> result, the control's under "control"."""
-    axes = axes or resolve()
-    runner = Runner(settings, axes, engine_mod=fake_engine)
+    runner = Runner(settings, axes or resolve(), engine_mod=fake_engine)
+    results = measure_every_item(runner)
+    runner.close()
+    return runner, results
+
+
+def measure_every_item(runner) -> dict:
+    """Plan every item the runner has and measure each; results as role -> axis -> unit id ->
+    result, the control's under "control"."""
     planned = [unit for unit, _group in runner.items()]
     runner.set_plan(planned)
     results: dict = {}
@@ -43,8 +50,7 @@ def _run(settings, axes=None) -> tuple:
         for measured in (item, item.control):
             if measured is not None:
                 results.setdefault(measured.role, {}).setdefault(unit.axis, {})[measured.unit] = measured.result
-    runner.close()
-    return runner, results
+    return results
 
 
 @pytest.fixture

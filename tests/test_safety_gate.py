@@ -11,17 +11,9 @@ import json
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
-import fake_engine
 import numpy as np
 import pytest
 from conftest import read_report
-
-from pytest_refract.audit import runner as runner_mod
-
-
-@pytest.fixture
-def fake_llamacpp(monkeypatch):
-    monkeypatch.setattr(runner_mod, "_load_llamacpp", lambda settings: fake_engine)
 
 
 @pytest.fixture

@@ -19,11 +19,6 @@ from pytest_refract.stopping import SequentialStopping
 
 
 @pytest.fixture
-def fake_llamacpp(monkeypatch):
-    monkeypatch.setattr(runner_mod, "_load_llamacpp", lambda settings: fake_engine)
-
-
-@pytest.fixture
 def long_corpus(tmp_path):
     # over 48 chunks of 64 tokens in the fake engine's byte-level vocabulary (a PASS needs 46).
     words = "the end of the world is a hello to the end. "
