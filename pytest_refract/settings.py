@@ -6,7 +6,7 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Optional, Tuple
+from typing import Dict, Optional, Tuple
 
 import pytest
 
@@ -686,9 +686,17 @@ def _rniah_settings(config, axes: Tuple[str, ...] = ("rniah",)) -> dict:
     values = (_get(config, "rniah-values") or _default_text("rniah-values")).lower()
     if values not in ("numbers", "words"):
         raise UsageProblem("--refract-rniah-values must be numbers or words")
+    positions = _number_list(config, "rniah-positions", float, 0.0, 1.0)
+    # A cell is named by its position to two decimals (its test id and report key).
+    named: Dict[str, float] = {}
+    for position in positions:
+        if f"{position:.2f}" in named:
+            raise UsageProblem(f"--refract-rniah-positions: {named[f'{position:.2f}']} and {position} are one cell "
+                               f"({position:.2f}); give positions at least 0.01 apart")
+        named[f"{position:.2f}"] = position
     return {
         "rniah_lengths": lengths,
-        "rniah_positions": _number_list(config, "rniah-positions", float, 0.0, 1.0),
+        "rniah_positions": positions,
         "rniah_trials": _int(config, "rniah-trials", 1),
         "rniah_needle": needle,
         "rniah_question": _get(config, "rniah-question") or _default_text("rniah-question"),

@@ -40,6 +40,12 @@ if (os.environ.get("REFRACT_FORK_LIB") and not os.environ.get("LLAMA_CPP_LIB_PAT
     os.environ["LLAMA_CPP_LIB_PATH"] = str(Path(os.environ["REFRACT_FORK_LIB"]).resolve())
 
 
+def unrepeated_text(n_words: int) -> str:
+    """Text of ``n_words`` words in which no stretch shorter than 1,261 words repeats: a corpus
+    whose chunks are all distinct items (a chunk repeated token for token counts once)."""
+    return " ".join(f"w{i % 97}x{i % 13}" for i in range(n_words)) + "\n"
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", n_ctx_train=1024)

@@ -13,15 +13,14 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_report
+from conftest import read_report, unrepeated_text
 
 
 @pytest.fixture
 def long_corpus(tmp_path):
     # Over 64 chunks of 64 tokens in the fake engine's word-level vocabulary: a PASS needs 46 items.
-    words = "the end of the world is a hello to the end. "
     path = tmp_path / "corpus.txt"
-    path.write_text(words * 500, encoding="utf-8")
+    path.write_text(unrepeated_text(5500), encoding="utf-8")
     return path
 
 
@@ -164,6 +163,59 @@ def test_every_prompt_the_same_text_is_not_blamed_on_the_template(pytester, fake
                                                     "--refract-candidate=ctk=q8_0,ctv=q8_0", "-p", "no:cacheprovider"))
     assert "render to the same tokens" in line and "one item counted 3 times" in line, line
     assert "template drops" not in line
+
+
+def test_a_corpus_that_repeats_itself_counts_each_chunk_once(pytester, fake_llamacpp, tiny_model, tmp_path):
+    # 11 words repeated: 64-token chunks i and i + 11 are the same tokens (64 = 9 mod 11), so of
+    # 85 chunks only 11 are distinct. Counted 85 times, the bf16 control against itself reached
+    # a PASS on "85 items"; counted once each, 11 items decide nothing.
+    corpus = tmp_path / "loop.txt"
+    corpus.write_text("the end of the world is a hello to the end. " * 500, encoding="utf-8")
+    result, report = _audit(pytester, tiny_model, corpus, "--refract-axes=kld", "--refract-exhaustive")
+    kld = report["candidates"][0]["axes"]["kld"] if "candidates" in report else report["axes"]["kld"]
+    ids = [item["id"] for item in kld["items"]]
+    assert len(ids) == 11 and len(set(ids)) == 11, ids
+    note = report["settings"]["chunks_note"]
+    assert "74 chunk(s) of the corpus repeat an earlier chunk token for token and count once" in note, note
+    assert "chunk-11 = chunk-00" in note, note
+    assert "74 chunk(s) of the corpus repeat" in result.stdout.str()
+    assert report["verdict"] != "PASS"
+
+
+def test_distinct_chunks_keeps_the_first_of_each_and_names_every_repeat():
+    from pytest_refract.inputs.distinct import distinct_chunks
+
+    tokens = [1, 2, 3, 4] * 3 + [9, 9, 9, 9] + [1, 2, 3, 4]
+    kept, repeats = distinct_chunks(tokens, 4, 5, None, first_replaced=False)
+    assert kept == [0, 3] and repeats == {1: 0, 2: 0, 4: 0}
+    # With BOS over the first token, chunks that differ only there are the same input.
+    kept, repeats = distinct_chunks([7, 1, 1, 8, 1, 1], 3, 2, None, first_replaced=True)
+    assert kept == [0] and repeats == {1: 0}
+    # A cap counts distinct chunks, and chunks past the last kept one are not read.
+    kept, repeats = distinct_chunks([1, 1, 1, 1, 2, 2], 2, 3, 2, first_replaced=False)
+    assert kept == [0, 2] and repeats == {1: 0}
+
+
+def test_rniah_cells_whose_needles_land_together_count_once(pytester, fake_llamacpp, tiny_model, tmp_path):
+    # The needle goes at the sentence boundary nearest its position: at 0.00 and 0.01 of a
+    # haystack of sentences of several tokens each, every trial's needle lands at the start.
+    haystack = tmp_path / "hay.txt"
+    haystack.write_text(" ".join(f"Alpha beta gamma delta number {i} ends here." for i in range(60)), encoding="utf-8")
+    result, report = _audit(pytester, tiny_model, haystack, "--refract-axes=rniah", "--refract-exhaustive",
+                            f"--refract-haystack={haystack}", "--refract-rniah-lengths=128",
+                            "--refract-rniah-positions=0,0.01,0.9", "--refract-rniah-trials=2")
+    merged = report["settings"]["rniah"]["merged_cells"]
+    assert merged == [{"cell": "128-0.01", "same_as": "128-0.00"}], merged
+    axes = report["candidates"][0]["axes"] if "candidates" in report else report["axes"]
+    cells = sorted(c["id"] for c in axes["rniah"]["cells"])
+    assert cells == ["128-0.00", "128-0.90"], cells
+    assert "1 R-NIAH cell(s) put their needles where another cell does and count once" in result.stdout.str()
+
+
+def test_two_positions_that_name_one_cell_are_refused(pytester, tiny_model):
+    line = _usage_line(pytester.runpytest_inprocess(f"--refract-model={tiny_model}", "--refract-candidate=ctk=q8_0,ctv=q8_0",
+                                                    "--refract-rniah-positions=0.1,0.102", "-p", "no:cacheprovider"))
+    assert "0.1 and 0.102 are one cell (0.10)" in line and "at least 0.01 apart" in line, line
 
 
 # --------------------------------------------------------------------------- 5. forged cache entries

@@ -9,7 +9,7 @@ from dataclasses import replace
 
 import fake_engine
 import pytest
-from conftest import read_report
+from conftest import read_report, unrepeated_text
 
 from pytest_refract.audit import runner as runner_mod
 from pytest_refract.audit.batches import DecodeBatches
@@ -21,9 +21,8 @@ from pytest_refract.stopping import SequentialStopping
 @pytest.fixture
 def long_corpus(tmp_path):
     # over 48 chunks of 64 tokens in the fake engine's byte-level vocabulary (a PASS needs 46).
-    words = "the end of the world is a hello to the end. "
     path = tmp_path / "corpus.txt"
-    path.write_text(words * 330, encoding="utf-8")
+    path.write_text(unrepeated_text(3630), encoding="utf-8")
     return path
 
 

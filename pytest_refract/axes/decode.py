@@ -112,9 +112,10 @@ class DecodeAxis(KLDAxis):
         # The KLD axis's chunks in the KLD axis's seeded order, the first --refract-decode-chunks
         # of them: their reference rows are the KLD axis's (one cache entry serves both).
         n = min(run.inputs.n_chunks, run.settings.decode_chunks)
-        ids = [f"chunk-{i:02d}" for i in range(run.inputs.n_chunks)]
+        chunks = run.inputs.chunks
+        ids = [f"chunk-{i:02d}" for i in chunks]
         order = measuring_order(ids, ["chunk"] * len(ids), run.settings.seed)
-        return [Unit(ids[i], payload={"chunk": i}) for i in order[:n]]
+        return [Unit(ids[i], payload={"chunk": chunks[i]}) for i in order[:n]]
 
     def cache_reads(self, run) -> dict:
         corpus = run.inputs.corpus

@@ -125,7 +125,8 @@ class KLDAxis(Axis):
     def units(self, run) -> List[Unit]:
         # In a seeded order over the whole corpus, so the chunks a sequential audit stops after
         # are a sample of all its texts, not the first essays.
-        units = [Unit(f"chunk-{i:02d}", payload={"chunk": i}) for i in range(run.inputs.n_chunks)]
+        # Only distinct chunks: one repeated token for token is the same evidence (inputs/distinct.py).
+        units = [Unit(f"chunk-{i:02d}", payload={"chunk": i}) for i in run.inputs.chunks]
         order = measuring_order([u.id for u in units], ["chunk"] * len(units), run.settings.seed)
         return [units[i] for i in order]
 

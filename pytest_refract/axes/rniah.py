@@ -101,10 +101,14 @@ class RNIAHAxis(Axis):
 
     def units(self, run) -> List[Unit]:
         s = run.settings
+        # A cell whose needles land where an earlier cell's do is that cell again: measured once
+        # (inputs/distinct.py; the report names the merge).
+        merged = run.inputs.merged_cells
         units = [
             Unit(cell_id(length, pos), payload={"length": length, "position": pos})
             for length in run.inputs.rniah_lengths
             for pos in s.rniah_positions
+            if (length, pos) not in merged
         ]
         # Lengths interleaved, positions in a seeded order within each (see measuring_order).
         order = measuring_order([u.id for u in units], [str(u.payload["length"]) for u in units], s.seed)
@@ -122,8 +126,12 @@ class RNIAHAxis(Axis):
         inputs = run.inputs
         if not inputs.rniah_lengths:
             return {}
-        return {"lengths": list(inputs.rniah_lengths), "effective_answer_tokens": inputs.rniah_answer_tokens,
-                "thinking_template": inputs.rniah_thinking}
+        facts = {"lengths": list(inputs.rniah_lengths), "effective_answer_tokens": inputs.rniah_answer_tokens,
+                 "thinking_template": inputs.rniah_thinking}
+        if inputs.merged_cells:
+            facts["merged_cells"] = [{"cell": cell_id(*cell), "same_as": cell_id(*first)}
+                                     for cell, first in inputs.merged_cells.items()]
+        return facts
 
     def planned_tokens(self, run, unit) -> int:
         """Tokens this cell will feed llama.cpp (progress only): per trial and side, the prompt

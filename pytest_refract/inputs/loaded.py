@@ -8,11 +8,11 @@ the tokenizer (the same vocabulary, so the same ids)."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Dict, List, Optional
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..engines.base import TemplateProblem
 from ..errors import MeasurementError, UsageProblem
-from . import data
+from . import data, distinct
 
 if TYPE_CHECKING:  # the options' type only: settings.py sits above this layer
     from ..settings import Settings
@@ -34,6 +34,9 @@ class Inputs:
         self.corpus: Optional[data.Corpus] = None
         self.corpus_tokens: List[int] = []
         self.n_chunks = 0
+        self.chunks: Tuple[int, ...] = ()        # the distinct chunks the KLD-type axes measure
+        self.repeated_chunks: Dict[int, int] = {}  # a chunk that repeats an earlier one -> that one
+        self.merged_cells: Dict[Tuple[int, float], Tuple[int, float]] = {}  # R-NIAH (length, position) -> first
         self.haystack: Optional[Haystack] = None
         self.haystack_source = None
         self.rniah_lengths: tuple = ()
@@ -98,7 +101,10 @@ class Inputs:
                         f"corpus {self.corpus.name} holds {len(self.corpus_tokens)} tokens, fewer than one chunk of "
                         f"--refract-ctx={s.ctx}; give a longer --refract-corpus or a smaller --refract-ctx"
                     )
-                self.n_chunks = available if s.chunks is None else min(s.chunks, available)
+                kept, self.repeated_chunks = distinct.distinct_chunks(self.corpus_tokens, s.ctx, available, s.chunks,
+                                                                      first_replaced=bool(tok.add_bos))
+                self.chunks = tuple(kept)
+                self.n_chunks = len(kept)
             self._check_prompts_fit(n_ctx_train or 0)
         finally:
             tok.close()
@@ -176,17 +182,46 @@ class Inputs:
         else:
             fitting = tuple(n for n in (1024, 2048, 4096) if not limit or n + overhead <= limit)
             self.rniah_lengths = fitting or (max(64, limit - overhead),)
+        self.merged_cells = self._same_placements()
+
+    def _same_placements(self) -> Dict[Tuple[int, float], Tuple[int, float]]:
+        """R-NIAH cells whose needles, trial by trial, start where an earlier cell's do at the
+        same length (positions that snap to the same sentence boundary): the same haystack and
+        the same depth, so one cell's evidence. Cell -> the first cell with its placements."""
+        from .haystack import trial_value
+
+        s, haystack = self.settings, self.haystack
+        assert haystack is not None
+        keys, cells = [], []
+        for length in self.rniah_lengths:
+            for position in s.rniah_positions:
+                offsets = []
+                for trial in range(s.rniah_trials):
+                    value = trial_value(s.seed, length, position, trial, s.rniah_values)
+                    needle = self.plain_tokens(" " + s.rniah_needle.replace("{value}", value))
+                    if length <= len(needle):
+                        return {}  # the axis reports this length itself; nothing to merge
+                    offsets.append(haystack.build(length, position, needle)[1])
+                keys.append((length, tuple(offsets)))
+                cells.append((length, position))
+        _kept, repeats = distinct.first_of_each(keys)
+        return {cells[i]: cells[j] for i, j in repeats.items()}
 
     @property
     def chunks_note(self) -> Optional[str]:
         # Only when the KLD axis reads the corpus: as R-NIAH's haystack it is not cut in chunks.
-        if (self.corpus is not None and "corpus" in self.needs and self.settings.chunks is not None
-                and self.n_chunks < self.settings.chunks):
-            return (
-                f"corpus holds {self.n_chunks} chunks of {self.settings.ctx} tokens; "
-                f"{self.settings.chunks} were asked for"
-            )
-        return None
+        if self.corpus is None or "corpus" not in self.needs:
+            return None
+        parts = []
+        if self.repeated_chunks:
+            shown = ", ".join(f"chunk-{i:02d} = chunk-{j:02d}" for i, j in list(self.repeated_chunks.items())[:3])
+            more = f" and {len(self.repeated_chunks) - 3} more" if len(self.repeated_chunks) > 3 else ""
+            parts.append(f"{len(self.repeated_chunks)} chunk(s) of the corpus repeat an earlier chunk token for token "
+                         f"and count once ({shown}{more})")
+        if self.settings.chunks is not None and self.n_chunks < self.settings.chunks:
+            parts.append(f"corpus holds {self.n_chunks} distinct chunks of {self.settings.ctx} tokens; "
+                         f"{self.settings.chunks} were asked for")
+        return "; ".join(parts) or None
 
     def longest_prompt(self) -> int:
         """The longest chat-rendered prompt tokenized so far (0 for none)."""

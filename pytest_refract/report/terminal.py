@@ -48,6 +48,11 @@ def render(tr, report: dict, json_path, registry=None) -> None:
         _render_ran(tr, report["reference_ran"])
     if report["settings"].get("chunks_note"):
         tr.write_line(f"note       {report['settings']['chunks_note']}")
+    merged = ((report["settings"].get("rniah") or {}).get("merged_cells")) or []
+    if merged:
+        pairs = ", ".join(f"{m['cell']} = {m['same_as']}" for m in merged[:3]) + (" ..." if len(merged) > 3 else "")
+        tr.write_line(f"note       {len(merged)} R-NIAH cell(s) put their needles where another cell does and count "
+                      f"once ({pairs})")
     cache = report.get("reference_cache") or {}
     if cache.get("folder_bytes") is not None:
         mb = {k: (cache.get(k) or 0) / 1e6 for k in ("bytes_written", "bytes_read", "folder_bytes")}
