@@ -59,12 +59,18 @@ def render(tr, report: dict, json_path, registry=None) -> None:
     control = report.get("sensitivity") or {}
     _render_pack(tr, report)
     # What the gate read first: each candidate's verdict (or raw composite), then the yardstick.
+    sweep = report.get("sweep")
     for section in sections:
-        _render_candidate(tr, section, registry)
+        if sweep is None or section["candidate"] == (sweep.get("recommendation") or {}).get("config"):
+            _render_candidate(tr, section, registry)  # a sweep's other pairs: in its grid, the JSON and HTML
     _render_control(tr, control, registry, from_pack=bool(report.get("reference_pack")))
     if len(sections) > 1:
         _render_ranking(tr, report["ranking"], registry, report.get("gate", {}).get("basis"))
         _render_recommendation(tr, report.get("recommendation"))
+    if sweep is not None:
+        from .sweep_text import render_sweep
+
+        render_sweep(tr, sweep, report.get("reference"))
     gate = report.get("gate", {})
     tr.write_line("")
     basis = {"raw": "composite"}.get(gate.get("basis"))

@@ -45,6 +45,7 @@ class Contender:
     tables: Mapping[str, Tuple[np.ndarray, np.ndarray]]
     pass_errors: Mapping[str, float] = field(default_factory=dict)
     exact: bool = False     # the reference's own config: a zero damage is exact
+    score: Optional[float] = None   # its verdict score: breaks a tie between equal caches
 
 
 @dataclass
@@ -52,14 +53,15 @@ class Recommendation:
     recommended: Optional[str]
     decisions: Dict[str, str]            # label -> PASS / not PASS / not tested
     factors: Dict[str, float]            # label -> the factor its PASS errors were divided by
-    order: List[List[str]]               # the gates, largest cache first
+    order: List[List[str]]               # the gates, largest cache first (one gate: Holm over all)
     error: float
+    method: str = "serial gatekeeping by KV bytes per token (largest first), Holm within a gate"
 
     def as_json(self) -> dict:
         return {"recommended": self.recommended, "decisions": dict(self.decisions),
                 "error_factors": dict(self.factors), "gates": [list(g) for g in self.order],
                 "family_error": self.error,
-                "method": "serial gatekeeping by KV bytes per token (largest first), Holm within a gate",
+                "method": self.method,
                 "guarantee": (f"the chance of recommending a config at or beyond the margin is at most "
                               f"{100 * self.error:.1f} %, however many candidates compete")}
 
@@ -89,7 +91,7 @@ def gates(contenders: Sequence[Contender]) -> List[List[Contender]]:
 
 
 def recommend(contenders: Sequence[Contender], axes: Mapping[str, Any], error: float = (1.0 - V.LEVEL) / 2,
-              min_pass_items: int = V.MIN_ITEMS_FOR_PASS) -> Recommendation:
+              min_pass_items: int = V.MIN_ITEMS_FOR_PASS, one_family: bool = False) -> Recommendation:
     """The family-wise decision over ``contenders`` (see the module docstring). ``axes``: axis
     name -> an object with the verdict members (MARGIN, damage, ZERO_DAMAGE_EXACT,
     DAMAGE_COUNTS). ``error`` scales each contender's own PASS errors (the default 2.5 % leaves
@@ -98,6 +100,8 @@ def recommend(contenders: Sequence[Contender], axes: Mapping[str, Any], error: f
     decisions = {c.label: NOT_TESTED for c in contenders}
     factors: Dict[str, float] = {}
     recommended: Optional[str] = None
+    if one_family:
+        return _holm_over_all(contenders, axes, scale, error, min_pass_items)
     order = gates(contenders)
     for group in order:
         passed: List[Contender] = []
@@ -118,3 +122,54 @@ def recommend(contenders: Sequence[Contender], axes: Mapping[str, Any], error: f
         if left:
             break
     return Recommendation(recommended, decisions, factors, [[c.label for c in g] for g in order], error)
+
+
+HOLM_OVER_ALL = "Holm over every candidate at once; the recommendation is the smallest cache among those that PASS"
+
+
+def _holm_over_all(contenders: Sequence[Contender], axes: Mapping[str, Any], scale: float, error: float,
+                   min_pass_items: int) -> Recommendation:
+    """Holm's step-down over every contender as one family (what a sweep declares before its
+    first item): with r of the m contenders passed so far, the rest are tested at error /
+    (m - r), repeatedly, until no more pass. It controls the family-wise error strongly under
+    any dependence (the contenders share one control), so the chance that any contender at or
+    beyond the margin PASSes, and so that the recommendation is one, is at most the error. A
+    contender without data (not measured) counts in m and never passes: that can only make the
+    procedure stricter. The recommendation: the smallest KV cache among those passed, ties
+    broken by the higher verdict score (then the label)."""
+    decisions = {c.label: NOT_PASS for c in contenders}
+    factors: Dict[str, float] = {}
+    passed: List[Contender] = []
+    left = list(contenders)
+    while left:
+        factor = len(left) / scale
+        now = [c for c in left if _passes(c, axes, factor, min_pass_items)]
+        for c in left:
+            factors[c.label] = factor
+        if not now:
+            break
+        passed += now
+        left = [c for c in left if c not in now]
+    for c in passed:
+        decisions[c.label] = V.PASS
+    best = smallest(passed)
+    return Recommendation(best.label if best else None, decisions, factors, [[c.label for c in contenders]], error,
+                          method=HOLM_OVER_ALL)
+
+
+def smallest(contenders: Sequence[Contender]) -> Optional[Contender]:
+    """The contender with the smallest known KV cache, ties by the higher score, then label."""
+    known_size = [c for c in contenders if c.kv_bytes_per_token is not None]
+    if not known_size:
+        return None
+    return min(known_size, key=lambda c: (c.kv_bytes_per_token, -(c.score if c.score is not None else float("-inf")),
+                                          c.label))
+
+
+def passes_strictest(contender: Contender, axes: Mapping[str, Any], m: int, error: float = (1.0 - V.LEVEL) / 2,
+                     min_pass_items: int = V.MIN_ITEMS_FOR_PASS) -> bool:
+    """Whether ``contender`` PASSes at error / m, the strictest level of Holm over m contenders.
+    Holm passes every such contender at its first step, whatever the others' data, so once it
+    does (on data that will not grow), no contender with a larger cache can be the
+    recommendation: those may be left unmeasured (a sweep's "skipped")."""
+    return _passes(contender, axes, m / (error / ((1.0 - V.LEVEL) / 2)), min_pass_items)
