@@ -16,7 +16,7 @@ from dataclasses import dataclass, field, replace
 from typing import Callable, Dict, List, Mapping, Optional, Sequence, Tuple
 
 from ..engines.base import ContextRefused
-from ..engines.kvconfig import FLOAT_TYPES, CacheType, KVConfig, validate_for_model
+from ..engines.kvconfig import CacheType, KVConfig, validate_for_model
 from ..errors import UsageProblem
 
 FLAG = "--refract-sweep"
@@ -87,7 +87,8 @@ def plan_sweep(asked: Sequence[str], reference: KVConfig, control: Optional[KVCo
         try:
             facts, env = probe(config, resolved)
         except ContextRefused as exc:
-            return None, f"llama.cpp refused it: {exc}"
+            text = str(exc)
+            return None, text if text.startswith("llama.cpp") else f"llama.cpp refused it: {text}"
         problem = check(config, resolved, facts)
         if problem:
             return None, problem
@@ -117,7 +118,3 @@ def plan_sweep(asked: Sequence[str], reference: KVConfig, control: Optional[KVCo
         else:
             plan.accepted.append(probed)
     return plan
-
-
-def is_float_pair(config: KVConfig) -> bool:
-    return config.ctk in FLOAT_TYPES and config.ctv in FLOAT_TYPES

@@ -547,7 +547,7 @@ def _sweep_and_recommendation(facts: RunRecord, sections: List[dict], control: O
     from .sweep import build_sweep, skipped_roles
 
     skipped = skipped_roles(facts.sequential, facts.labels)
-    recommendation = (family_recommendation(sections, control, registry, one_family=True,
+    recommendation = (family_recommendation(sections, control, registry, by_rows=True,
                                             unmeasured=frozenset(skipped)) if complete else None)
     budget = None
     if s.kv_budget is not None:

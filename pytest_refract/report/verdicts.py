@@ -164,11 +164,11 @@ def pareto(sections: List[dict]) -> Dict[str, bool]:
     return out
 
 
-def family_recommendation(sections: List[dict], control: Optional[dict], registry, one_family: bool = False,
+def family_recommendation(sections: List[dict], control: Optional[dict], registry, by_rows: bool = False,
                           unmeasured=frozenset()) -> Optional[dict]:
     """Which config to ship, decided as a family (scoring/family.py): the chance of recommending
     a config at or beyond the margin stays at the PASS side's error however many candidates
-    compete. None without a control. ``one_family``: Holm over every candidate (a sweep's
+    compete. None without a control. ``by_rows``: Holm over rows, a fixed sequence within each (a sweep's
     procedure) instead of gatekeeping by size; ``unmeasured``: labels of candidates a sweep
     skipped, which never pass."""
     from ..scoring import family
@@ -198,4 +198,4 @@ def family_recommendation(sections: List[dict], control: Optional[dict], registr
         contenders.append(family.Contender(sec["candidate"], kv_bytes(sec), tables, errors,
                                            exact=bool(sec.get("self_reference")),
                                            score=(sec.get("verdict") or {}).get("score")))
-    return family.recommend(contenders, used_axes, one_family=one_family).as_json()
+    return family.recommend(contenders, used_axes, by_rows=by_rows).as_json()

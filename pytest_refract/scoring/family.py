@@ -91,7 +91,7 @@ def gates(contenders: Sequence[Contender]) -> List[List[Contender]]:
 
 
 def recommend(contenders: Sequence[Contender], axes: Mapping[str, Any], error: float = (1.0 - V.LEVEL) / 2,
-              min_pass_items: int = V.MIN_ITEMS_FOR_PASS, one_family: bool = False) -> Recommendation:
+              min_pass_items: int = V.MIN_ITEMS_FOR_PASS, by_rows: bool = False) -> Recommendation:
     """The family-wise decision over ``contenders`` (see the module docstring). ``axes``: axis
     name -> an object with the verdict members (MARGIN, damage, ZERO_DAMAGE_EXACT,
     DAMAGE_COUNTS). ``error`` scales each contender's own PASS errors (the default 2.5 % leaves
@@ -100,8 +100,8 @@ def recommend(contenders: Sequence[Contender], axes: Mapping[str, Any], error: f
     decisions = {c.label: NOT_TESTED for c in contenders}
     factors: Dict[str, float] = {}
     recommended: Optional[str] = None
-    if one_family:
-        return _holm_over_all(contenders, axes, scale, error, min_pass_items)
+    if by_rows:
+        return _holm_over_rows(contenders, axes, scale, error, min_pass_items)
     order = gates(contenders)
     for group in order:
         passed: List[Contender] = []
@@ -124,37 +124,67 @@ def recommend(contenders: Sequence[Contender], axes: Mapping[str, Any], error: f
     return Recommendation(recommended, decisions, factors, [[c.label for c in g] for g in order], error)
 
 
-HOLM_OVER_ALL = "Holm over every candidate at once; the recommendation is the smallest cache among those that PASS"
+HOLM_OVER_ROWS = ("Holm over rows (one row per K type and its other settings), each row tested in a fixed "
+                  "sequence from its largest cache down; the recommendation is the smallest cache that PASSes")
 
 
-def _holm_over_all(contenders: Sequence[Contender], axes: Mapping[str, Any], scale: float, error: float,
-                   min_pass_items: int) -> Recommendation:
-    """Holm's step-down over every contender as one family (what a sweep declares before its
-    first item): with r of the m contenders passed so far, the rest are tested at error /
-    (m - r), repeatedly, until no more pass. It controls the family-wise error strongly under
-    any dependence (the contenders share one control), so the chance that any contender at or
-    beyond the margin PASSes, and so that the recommendation is one, is at most the error. A
-    contender without data (not measured) counts in m and never passes: that can only make the
-    procedure stricter. The recommendation: the smallest KV cache among those passed, ties
-    broken by the higher verdict score (then the label)."""
-    decisions = {c.label: NOT_PASS for c in contenders}
+def row_key(label: str) -> str:
+    """The row a config belongs to: its label without the V type (its K type and the rest)."""
+    return ",".join(p for p in label.split(",") if not p.startswith("ctv="))
+
+
+def rows(contenders: Sequence[Contender]) -> List[List[Contender]]:
+    """The contenders grouped by row (row_key), each row largest cache first (unknown sizes
+    last, then by label); rows in order of first appearance."""
+    out: Dict[str, List[Contender]] = {}
+    for c in contenders:
+        out.setdefault(row_key(c.label), []).append(c)
+    return [sorted(r, key=lambda c: (c.kv_bytes_per_token is None, -(c.kv_bytes_per_token or 0.0), c.label))
+            for r in out.values()]
+
+
+def _holm_over_rows(contenders: Sequence[Contender], axes: Mapping[str, Any], scale: float, error: float,
+                    min_pass_items: int) -> Recommendation:
+    """A sweep's procedure, declared before its first item: every row (one K type) is a fixed
+    sequence from its largest cache down, and Holm runs over the rows. With u rows not yet
+    wholly PASSed, each row's next config is tested at error / u; a PASS moves that row on to
+    its next config, a row stops at its first config that does not PASS, and the rounds repeat
+    until nothing more PASSes.
+
+    Why it holds the family's error: it is a sequential rejection procedure (Goeman and Solari,
+    2010) whose levels only grow as configs PASS (u shrinks), and when exactly the configs truly
+    within the margin have PASSed, the configs at or beyond it that can be tested are at most
+    one per unfinished row, each at error / u, together at most the error. So the chance that
+    any config at or beyond the margin PASSes, and so that the recommendation is one, is at most
+    the error, under any dependence (the candidates share one control). Against Holm over every
+    pair, no test runs at error / 60 (where a test's own level is least reliable) and a
+    K-sensitive pair stops only its own row, not every smaller cache."""
+    ordered = rows(contenders)
+    decisions = {c.label: NOT_TESTED for c in contenders}
     factors: Dict[str, float] = {}
-    passed: List[Contender] = []
-    left = list(contenders)
-    while left:
-        factor = len(left) / scale
-        now = [c for c in left if _passes(c, axes, factor, min_pass_items)]
-        for c in left:
-            factors[c.label] = factor
-        if not now:
+    at = [0] * len(ordered)
+    while True:
+        unfinished = [i for i, r in enumerate(ordered) if at[i] < len(r)]
+        if not unfinished:
             break
-        passed += now
-        left = [c for c in left if c not in now]
-    for c in passed:
-        decisions[c.label] = V.PASS
+        factor = len(unfinished) / scale
+        moved = False
+        for i in unfinished:
+            c = ordered[i][at[i]]
+            factors[c.label] = factor
+            if _passes(c, axes, factor, min_pass_items):
+                decisions[c.label] = V.PASS
+                at[i] += 1
+                moved = True
+        if not moved:
+            break
+    for i, r in enumerate(ordered):
+        if at[i] < len(r):
+            decisions[r[at[i]].label] = NOT_PASS
+    passed = [c for c in contenders if decisions[c.label] == V.PASS]
     best = smallest(passed)
-    return Recommendation(best.label if best else None, decisions, factors, [[c.label for c in contenders]], error,
-                          method=HOLM_OVER_ALL)
+    return Recommendation(best.label if best else None, decisions, factors, [[c.label for c in r] for r in ordered],
+                          error, method=HOLM_OVER_ROWS)
 
 
 def smallest(contenders: Sequence[Contender]) -> Optional[Contender]:
@@ -166,10 +196,9 @@ def smallest(contenders: Sequence[Contender]) -> Optional[Contender]:
                                           c.label))
 
 
-def passes_strictest(contender: Contender, axes: Mapping[str, Any], m: int, error: float = (1.0 - V.LEVEL) / 2,
-                     min_pass_items: int = V.MIN_ITEMS_FOR_PASS) -> bool:
-    """Whether ``contender`` PASSes at error / m, the strictest level of Holm over m contenders.
-    Holm passes every such contender at its first step, whatever the others' data, so once it
-    does (on data that will not grow), no contender with a larger cache can be the
-    recommendation: those may be left unmeasured (a sweep's "skipped")."""
-    return _passes(contender, axes, m / (error / ((1.0 - V.LEVEL) / 2)), min_pass_items)
+def passes_at(contender: Contender, axes: Mapping[str, Any], factor: float, error: float = (1.0 - V.LEVEL) / 2,
+              min_pass_items: int = V.MIN_ITEMS_FOR_PASS) -> bool:
+    """Whether ``contender`` PASSes with its PASS errors divided by ``factor`` (at a family
+    error ``error``): factor 1 is the loosest level a sweep's procedure ever uses, the number
+    of rows the strictest."""
+    return _passes(contender, axes, factor / (error / ((1.0 - V.LEVEL) / 2)), min_pass_items)
