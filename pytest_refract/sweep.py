@@ -77,7 +77,7 @@ class SweepPruning:
                    f"strictest level, 2.5 % / {len(self.rows)}), so no larger cache can be the recommendation"
                    + (f"; beyond the budget of {self.budget_bytes:g} B/token" if self.budget_bytes is not None else ""))
             for r in self.rows:
-                for k, other in enumerate(r):
+                for k in range(len(r)):
                     rest = [self.sizes.get(o) for o in r[k:]]
                     if all(s is not None and s > size for s in rest) and (
                             self.budget_bytes is None or all(s is not None and s > self.budget_bytes for s in rest)):

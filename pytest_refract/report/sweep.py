@@ -144,7 +144,7 @@ def _within_budget(budget: dict, sections: List[dict], decisions, rec: Optional[
     smallest PASS config."""
     limit = budget.get("bytes_per_token")
     fits = [s for s in sections if decisions.get(s["candidate"]) == V.PASS and s["candidate"] not in skipped
-            and kv_bytes(s) is not None and limit is not None and kv_bytes(s) <= limit]  # type: ignore[operator]
+            and kv_bytes(s) is not None and limit is not None and kv_bytes(s) <= limit]
     out = dict(budget)
     if fits:
         best = max(fits, key=lambda s: ((s.get("verdict") or {}).get("score") or 0.0, -(kv_bytes(s) or 0.0)))

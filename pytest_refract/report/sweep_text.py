@@ -28,7 +28,7 @@ def cell_text(cell: Optional[dict], recommended: Optional[str], reference_pair: 
     return f"{mark}{cell.get('verdict') or 'n/a'}{size}"
 
 
-def grid_lines(sweep: dict, reference: Optional[str]) -> List[tuple]:
+def grid_lines(sweep: dict, reference: Optional[str]) -> List[List[tuple]]:
     """(text, verdict) pieces of each grid line, the header first."""
     grid = sweep["grid"]
     recommended = (sweep.get("recommendation") or {}).get("config")

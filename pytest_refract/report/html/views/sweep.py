@@ -38,7 +38,8 @@ def pareto_chart(sweep: dict, width: int = 680, height: int = 340) -> Optional[M
         worst = as_dict(c.get("worst_axis"))
         if c.get("skipped") or not is_num(c.get("kv_bytes_per_token")) or not is_num(worst.get("multiple")):
             continue
-        ci = worst.get("ci") if isinstance(worst.get("ci"), list) and len(worst.get("ci")) == 2 else None
+        raw_ci = worst.get("ci")
+        ci = raw_ci if isinstance(raw_ci, list) and len(raw_ci) == 2 else None
         points.append((float(c["kv_bytes_per_token"]), float(worst["multiple"]), ci, str(c.get("candidate")),
                        c.get("verdict"), str(worst.get("axis"))))
     if not points:
@@ -113,7 +114,7 @@ def heat_map(sweep: dict, reference: Optional[str], cell_w: int = 104, cell_h: i
     width, height = left + cell_w * len(cols) + 6, top + cell_h * len(rows) + 6
     out = [f'<svg class="chart" id="sweep-grid" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
            f'role="img" aria-label="K x V grid of verdicts">',
-           f'<text class="yt" x="4" y="14">K \\ V</text>']
+           '<text class="yt" x="4" y="14">K \\ V</text>']
     for j, c in enumerate(cols):
         out.append(f'<text class="ytl" x="{left + cell_w * (j + 0.5):.1f}" y="{top - 8}" text-anchor="middle">{_e(c)}</text>')
     for i, r in enumerate(rows):
