@@ -262,3 +262,31 @@ def test_the_build_type_table_and_refused_pairs(pytester, tiny_model, tiny_promp
     from pytest_refract.engines.ggml_types import cache_types
 
     assert line.endswith(f"it offers: {', '.join(sorted(cache_types()))} (or all)"), line
+
+
+# --------------------------------------------------------------------------- SmolLM2
+
+
+@pytest.mark.smollm2
+def test_a_small_smollm2_sweep_end_to_end(pytester, smollm2):
+    """The real model, kept small (two types, KLD on four 128-token chunks): the grid, the
+    answer and the gate agree with the pairs' own verdicts; SmolLM2's K cache is the sensitive
+    side (q4_0 K is measured far beyond the margin)."""
+    report, html = pytester.path / "r.json", pytester.path / "r.html"
+    result = pytester.runpytest_subprocess(
+        f"--refract-model={smollm2}", "--refract-sweep=f16,q4_0", "--refract-axes=kld", "--refract-ctx=128",
+        "--refract-max-items=4", "--refract-no-cache", f"--refract-json={report}", f"--refract-html={html}")
+    data = read_report(report)
+    sweep = data["sweep"]
+    assert sweep["pairs"] == ["ctk=q4_0,ctv=q4_0", "ctk=q4_0,ctv=f16", "ctk=f16,ctv=q4_0"]
+    assert sweep["refused"] == [] and sweep["measured"][0] == "ctk=q4_0,ctv=q4_0"  # cheapest first
+    cells = sweep["grid"]["cells"]
+    for sec in data["candidates"]:
+        k, v = (p.split("=")[1] for p in sec["candidate"].split(","))
+        assert cells[k][v]["verdict"] == sec["verdict"]["verdict"]
+    assert cells["q4_0"]["q4_0"]["verdict"] == "FAIL"
+    assert cells["q4_0"]["q4_0"]["kv_bytes_per_token"] < cells["f16"]["q4_0"]["kv_bytes_per_token"]
+    assert result.ret == (0 if sweep["recommendation"] else 1)
+    out = result.stdout.str()
+    assert "K \\ V" in out and ("recommended: ctk=" in out or "recommended: none" in out)
+    assert 'id="sweep-grid"' in html.read_text() and 'id="sweep-pareto"' in html.read_text()
