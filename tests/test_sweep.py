@@ -290,3 +290,37 @@ def test_a_small_smollm2_sweep_end_to_end(pytester, smollm2):
     out = result.stdout.str()
     assert "K \\ V" in out and ("recommended: ctk=" in out or "recommended: none" in out)
     assert 'id="sweep-grid"' in html.read_text() and 'id="sweep-pareto"' in html.read_text()
+
+
+def test_a_row_stops_after_a_pair_that_cannot_pass_and_nothing_else_stops():
+    """Rule one of the sweep's skipping (sweep.py), on the procedure's own terms: a row's top
+    pair whose data is final and that does not PASS even at the full 2.5 % stops the rest of
+    its row; another row's open pair goes on, however small."""
+    from pytest_refract.scoring import sequential as S
+    from pytest_refract.stopping import AxisProgress
+    from pytest_refract.sweep import SweepPruning
+
+    axis = SimpleNamespace(MARGIN=3.0, damage=V.ratio_of_sums, ZERO_DAMAGE_EXACT=True, DAMAGE_COUNTS=False,
+                           damage_table=lambda items: ([i["id"] for i in items],
+                                                       np.array([[i["d"], 255.0] for i in items])))
+    units = [f"u{k}" for k in range(64)]
+    ctrl = {u: {"id": u, "d": 1.0 + (k % 5) / 10} for k, u in enumerate(units)}
+    bad = {u: {"id": u, "d": 12 * r["d"]} for u, r in ctrl.items()}
+    progress = {(role, "kld"): AxisProgress(S.Design.plan(64, 8)) for role in ("cand0", "cand1", "cand2")}
+    top = progress[("cand0", "kld")]
+    top.decided, top.look, top.measured = True, len(top.design.looks) - 1, 64
+    stopping = SimpleNamespace(progress=progress)
+    labels = {"cand0": "ctk=a,ctv=x", "cand1": "ctk=a,ctv=y", "cand2": "ctk=b,ctv=y"}
+    sizes = {"cand0": 300.0, "cand1": 200.0, "cand2": 100.0}
+    pruning = SweepPruning(stopping, {"kld": axis}, sizes, labels, "control", None,
+                           lambda: {"cand0": {"kld": bad}, "control": {"kld": ctrl}})
+    line = pruning.decided("cand0")
+    assert list(pruning.pruned) == ["cand1"] and "ctk=a,ctv=y" in (line or "")
+    assert "ctk=a,ctv=x, before it in its row, does not PASS even at the family's full error" in pruning.pruned["cand1"]
+    assert progress[("cand1", "kld")].pruned and not progress[("cand1", "kld")].open
+    assert progress[("cand2", "kld")].open  # another row: not implied by anything measured
+    # The same top pair within the margin stops nothing.
+    progress[("cand1", "kld")].pruned = None
+    good = SweepPruning(stopping, {"kld": axis}, sizes, labels, "control", None,
+                        lambda: {"cand0": {"kld": dict(ctrl)}, "control": {"kld": ctrl}})
+    assert good.decided("cand0") is None and good.pruned == {}
