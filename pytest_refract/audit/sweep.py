@@ -1,7 +1,7 @@
 """--refract-sweep: the K x V pairs of some cache types as candidates, each judged by llama.cpp
 before any item runs, ordered cheapest cache first.
 
-The types are checked against the loaded ggml build's own table (engines/ggml_types.py);
+The types are checked against the loaded ggml build's own table (the engine's cache_types);
 ``all`` is every type in it. Every pair except the reference's own config is a candidate and
 inherits the reference's other settings (flash attention, rotation policy, nkvo, swa_full), as a
 candidate given by --refract-candidate shares them. A small context is created for each side
