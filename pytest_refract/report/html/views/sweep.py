@@ -114,7 +114,7 @@ def heat_map(sweep: dict, reference: Optional[str], cell_w: int = 104, cell_h: i
     width, height = left + cell_w * len(cols) + 6, top + cell_h * len(rows) + 6
     out = [f'<svg class="chart" id="sweep-grid" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
            f'role="img" aria-label="K x V grid of verdicts">',
-           '<text class="yt" x="4" y="14">K \\ V</text>']
+           '<text class="yt" x="4" y="14" text-anchor="start" style="text-anchor: start">K \\ V</text>']
     for j, c in enumerate(cols):
         out.append(f'<text class="ytl" x="{left + cell_w * (j + 0.5):.1f}" y="{top - 8}" text-anchor="middle">{_e(c)}</text>')
     for i, r in enumerate(rows):
