@@ -544,10 +544,9 @@ def _kv_budget(config, sweep_types) -> Tuple[Optional[float], bool]:
 def _required(require: KVConfig, reference: KVConfig, candidates: list, sweep_types) -> KVConfig:
     """--refract-require's config, sharing flash attention with the reference; added to the
     candidates unless it is one (a sweep adds it itself when its pairs hold it)."""
-    reference_fa, require = share_flash_attention(reference, require)
+    _reference, require = share_flash_attention(reference, require)
     require = replace(require, fa=reference.fa)
-    if (require.ctk, require.ctv) == (reference.ctk, reference.ctv) and require == replace(
-            reference, fa_explicit=require.fa_explicit):
+    if require == reference:
         raise UsageProblem(f"--refract-require={require.label()} is the reference: its damage is none by construction")
     if require not in candidates and not sweep_types:
         candidates.append(require)
