@@ -175,6 +175,7 @@ def test_the_sweep_recommends_the_smallest_pass_and_skips_only_what_it_cannot_re
     out = result.stdout.str()
     assert "recommended: ctk=good,ctv=good (38 % of f16's cache), PASS on every axis; smaller caches FAIL on kld" in out
     assert "K \\ V" in out and "*PASS 192" in out
+    assert "gate: passed (the sweep recommends ctk=good,ctv=good)" in out
 
 
 def test_pairs_larger_than_a_certain_pass_are_skipped_and_measuring_them_changes_nothing(

@@ -433,6 +433,7 @@ def build_report(
         "band": first["band"],
         "composite_ci95": first["composite_ci95"],
         "gate": {"passed": not reasons, "threshold": s.fail_under, "basis": s.gate_basis, "reasons": reasons,
+                 **({"reads": SWEEP_GATE} if sweep is not None else {}),
                  **({"undecided": s.undecided} if s.gate_basis == "verdict" else {}),
                  **({"note": UNDECIDED_PASS_NOTE} if s.gate_basis == "verdict" and s.undecided == "pass" else {})},
         "sensitivity": sensitivity_json(facts, control, registry),
@@ -501,6 +502,11 @@ def build_report(
         report["baseline"] = {"path": s.baseline_path, "composite": facts.baseline.get("composite"),
                               "timestamp": facts.baseline.get("timestamp"), "max_drop": s.max_drop}
     return _gate_first(report)
+
+
+# What a sweep's gate reads instead of every pair's verdict.
+SWEEP_GATE = ("the sweep's answer: it passes when a config PASSes as a family (the recommendation), and within "
+              "--refract-kv-budget and with --refract-require's config PASSing where those are given")
 
 
 # Where the gate read a verdict, the raw scores are reference figures: the JSON says so once.

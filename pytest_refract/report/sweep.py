@@ -128,7 +128,7 @@ def _recommendation(best: str, by_label: Dict[str, dict], reference_bytes, decis
     line = (f"recommended: {best} ({pct:.0f} % of f16's cache), PASS on every axis" if pct is not None
             else f"recommended: {best}, PASS on every axis")
     if failed_axes:
-        line += "; smaller caches FAIL on " + ", ".join(f"{n} ({len(c)} of {len(smaller)})" for n, c in failed_axes.items())
+        line += "; smaller caches FAIL on " + "; ".join(f"{n} ({_listed(c)})" for n, c in failed_axes.items())
     elif not smaller:
         line += "; no smaller cache was a candidate"
     if other:
@@ -136,6 +136,11 @@ def _recommendation(best: str, by_label: Dict[str, dict], reference_bytes, decis
     return {"config": best, "kv_bytes_per_token": kv, "percent_of_reference": pct,
             "verdict_score": (sec.get("verdict") or {}).get("score"), "line": line,
             "smaller_fail_on": {n: c for n, c in failed_axes.items()}}
+
+
+def _listed(labels: List[str], most: int = 3) -> str:
+    shown = ", ".join(labels[:most])
+    return shown + (f" and {len(labels) - most} more" if len(labels) > most else "")
 
 
 def _within_budget(budget: dict, sections: List[dict], decisions, rec: Optional[dict], skipped) -> dict:

@@ -75,7 +75,11 @@ def render(tr, report: dict, json_path, registry=None) -> None:
     tr.write_line("")
     basis = {"raw": "composite"}.get(gate.get("basis"))
     subset = [sec for sec in sections if (sec.get("selection") or {}).get("subset")]
-    if gate.get("passed") and basis is None:
+    if gate.get("passed") and sweep is not None:
+        rec = sweep.get("recommendation") or {}
+        tr.write_line(f"gate: passed (the sweep recommends {rec.get('config')}"
+                      + (f"; {sweep['budget']['line']}" if sweep.get("budget") else "") + ")", green=True)
+    elif gate.get("passed") and basis is None:
         tr.write_line("gate: passed (verdict PASS on every " + ("selected " if subset else "") + "axis"
                       + (", UNDECIDED accepted by --refract-undecided=pass" if gate.get("undecided") == "pass" else "")
                       + ")" + ("; a subset verdict: " + "; ".join(sec["selection"]["text"].split(": ", 1)[-1] for sec in subset)
