@@ -132,9 +132,15 @@ def _bytes(k: float, v: float) -> float:
 
 def test_the_sweep_recommends_the_smallest_pass_and_skips_only_what_it_cannot_recommend(
         pytester, swept_types, tiny_model, long_corpus):
-    result, report = _sweep(pytester, tiny_model, long_corpus, "--refract-sweep=f16,good,bad")
+    html = pytester.path / "sweep.html"
+    result, report = _sweep(pytester, tiny_model, long_corpus, "--refract-sweep=f16,good,bad", f"--refract-html={html}")
     sweep = report["sweep"]
     assert sweep["types"] == ["bad", "good", "f16"]  # fewest bytes per value first
+    page = html.read_text()
+    for part in ('id="sweep-answer"', 'id="sweep-grid"', 'id="sweep-pareto"', 'id="sweep-frontier"',
+                 'id="sweep-recommended"', "recommended: ctk=good,ctv=good"):
+        assert part in page, part
+    assert "http" not in page.split('id="sweep"')[1].split("</section>")[0]  # offline: nothing fetched
     assert len(sweep["pairs"]) == 8 and "ctk=f16,ctv=f16" not in sweep["pairs"]
     assert sweep["recommendation"]["config"] == "ctk=good,ctv=good"
     assert sweep["recommendation"]["kv_bytes_per_token"] == _bytes(0.75, 0.75)
