@@ -331,3 +331,24 @@ def test_a_row_stops_after_a_pair_that_cannot_pass_and_nothing_else_stops():
     good = SweepPruning(stopping, {"kld": axis}, sizes, labels, "control", None,
                         lambda: {"cand0": {"kld": dict(ctrl)}, "control": {"kld": ctrl}})
     assert good.decided("cand0") is None and good.pruned == {}
+
+
+def test_all_is_every_type_the_build_has_and_llama_cpp_accepts(pytester, tiny_model, tiny_corpus):
+    """--refract-sweep=all probes the build's whole type table: the pairs collected are pairs
+    of its types, never the reference's own or the control's, never a type whose blocks the
+    tiny model's 32-wide heads cannot hold."""
+    from pytest_refract.engines.ggml_types import cache_types
+
+    result = pytester.runpytest_subprocess(
+        f"--refract-model={tiny_model}", f"--refract-corpus={tiny_corpus}", "--refract-ctx=64", "--refract-chunks=1",
+        "--refract-threads=1", "--refract-axes=kld", "--refract-no-cache", "--refract-sweep=all", "--collect-only",
+        "-q")
+    pairs = {tuple(line.split("[", 1)[1].split("-chunk-")[0].split("-")) for line in result.stdout.lines
+             if line.startswith("refract::test_kld[")}
+    table = cache_types()
+    assert pairs and all(k in table and v in table for k, v in pairs)
+    assert ("q4_0", "q4_0") in pairs and ("f32", "f32") in pairs
+    assert ("f16", "f16") not in pairs and ("bf16", "bf16") not in pairs
+    assert not any("q2_k" in p for p in pairs)
+    accepted = {t for p in pairs for t in p}
+    assert pairs == {(k, v) for k in accepted for v in accepted} - {("f16", "f16"), ("bf16", "bf16")}
