@@ -229,6 +229,14 @@ def test_require_fails_unless_that_config_passes(pytester, swept_types, tiny_mod
     assert any(r.startswith("--refract-require=ctk=good,ctv=bad") for r in report["gate"]["reasons"])
 
 
+def test_require_without_a_sweep_adds_its_config_as_a_candidate(pytester, swept_types, tiny_model, long_corpus):
+    result, report = _sweep(pytester, tiny_model, long_corpus, "--refract-candidate=ctk=good,ctv=good",
+                            "--refract-require=ctk=bad,ctv=good")
+    assert [s["candidate"] for s in report["candidates"]] == ["ctk=good,ctv=good", "ctk=bad,ctv=good"]
+    assert "--refract-require=ctk=bad,ctv=good: its verdict is FAIL, not PASS" in report["gate"]["reasons"]
+    assert result.ret == 1
+
+
 @pytest.mark.parametrize("flags, said", [
     (("--refract-sweep=f16,q9_9",), "no cache type 'q9_9'; it offers: "),
     (("--refract-sweep=f16,q8_0", "--refract-no-sensitivity"), "drop --refract-no-sensitivity"),
