@@ -561,7 +561,7 @@ def _sweep_and_recommendation(facts: RunRecord, sections: List[dict], control: O
         limit = (s.kv_budget * ref if ref else None) if s.kv_budget_fraction else s.kv_budget
         budget = {"asked": s.kv_budget, "fraction_of_reference": s.kv_budget_fraction, "bytes_per_token": limit}
     sweep = build_sweep(facts.sweep, sections, recommendation, skipped, facts.reference_kv_bytes_per_token, budget,
-                        s.require.label() if s.require is not None else None)
+                        s.require.label() if s.require is not None else None, s.reference.label())
     return sweep, recommendation
 
 

@@ -49,7 +49,8 @@ def _pct(bytes_per_token: Optional[float], reference: Optional[float]) -> Option
 
 
 def build_sweep(plan: dict, sections: List[dict], recommendation: Optional[dict], skipped: Dict[str, str],
-                reference_bytes: Optional[float], budget: Optional[dict], require: Optional[str]) -> dict:
+                reference_bytes: Optional[float], budget: Optional[dict], require: Optional[str],
+                reference: str = "ctk=f16,ctv=f16") -> dict:
     """The sweep section. ``plan``: audit/sweep.py's SweepPlan as JSON; ``sections``: every
     candidate's section; ``recommendation``: the family's decision (None without a verdict);
     ``skipped``: label -> why (sweep.py); ``budget``: {"bytes_per_token", "asked"} or None."""
@@ -78,7 +79,9 @@ def build_sweep(plan: dict, sections: List[dict], recommendation: Optional[dict]
         ctk, ctv = _types(entry["candidate"])
         cells.setdefault(ctk, {})[ctv] = {"candidate": entry["candidate"], "verdict": None, "excluded": entry["why"]}
     best = (recommendation or {}).get("recommended")
-    rec = _recommendation(best, by_label, reference_bytes, decisions, skipped) if best else None
+    # "of f16's cache" where the reference is f16 (the usual case), else of the reference's own.
+    whose = "f16's cache" if _types(reference) == ("f16", "f16") else f"the reference's cache ({reference})"
+    rec = _recommendation(best, by_label, reference_bytes, decisions, skipped, whose) if best else None
     return {
         "types": list(plan["types"]),
         "pairs": list(plan["pairs"]),
@@ -107,7 +110,7 @@ def _axis_order(types: List[str], cells: Dict[str, Dict[str, dict]], side: int) 
     return list(dict.fromkeys([*types, *seen]))
 
 
-def _recommendation(best: str, by_label: Dict[str, dict], reference_bytes, decisions, skipped) -> dict:
+def _recommendation(best: str, by_label: Dict[str, dict], reference_bytes, decisions, skipped, whose: str) -> dict:
     sec = by_label[best]
     kv = kv_bytes(sec)
     smaller = [s for s in by_label.values()
@@ -125,7 +128,7 @@ def _recommendation(best: str, by_label: Dict[str, dict], reference_bytes, decis
         if not fails:
             other.append(f"{s['candidate']} {decisions.get(s['candidate']) or (s.get('verdict') or {}).get('verdict')}")
     pct = _pct(kv, reference_bytes)
-    line = (f"recommended: {best} ({pct:.0f} % of f16's cache), PASS on every axis" if pct is not None
+    line = (f"recommended: {best} ({pct:.0f} % of {whose}), PASS on every axis" if pct is not None
             else f"recommended: {best}, PASS on every axis")
     if failed_axes:
         line += "; smaller caches FAIL on " + "; ".join(f"{n} ({_listed(c)})" for n, c in failed_axes.items())
