@@ -500,7 +500,7 @@ class RefractSession:
 
 
 def _budget_bytes(runner) -> Optional[float]:
-    """--refract-kv-budget in bytes per token (a fraction is of the f16 reference's cache)."""
+    """--refract-kv-budget in bytes per token (a fraction is of the reference's cache, f16 by default)."""
     s = runner.settings
     if s.kv_budget is None:
         return None

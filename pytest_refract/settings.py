@@ -343,7 +343,7 @@ class Settings:
             "undecided": self.undecided,
             "require_complete": self.require_complete,
             **({"sweep": {"types": list(self.sweep_types), "exhaustive": self.sweep_exhaustive,
-                          "kv_budget": self.kv_budget, "kv_budget_is_fraction_of_f16": self.kv_budget_fraction}}
+                          "kv_budget": self.kv_budget, "kv_budget_is_fraction_of_reference": self.kv_budget_fraction}}
                if self.sweep_types else {}),
             **({"require": self.require.label()} if self.require else {}),
             "sequential": {"stopping": self.sequential, "max_items": self.max_items,
