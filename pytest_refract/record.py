@@ -77,3 +77,6 @@ class RunRecord:
     # whether they matched; and why the cache was distrusted this run (None: it was not).
     cache_spot_check: Optional[dict] = None
     cache_tampered: Optional[str] = None
+    # --refract-sweep: the types, the pairs, those llama.cpp refused and those that are no
+    # candidate (audit/sweep.py SweepPlan.as_json); None without a sweep.
+    sweep: Optional[dict] = None

@@ -174,6 +174,13 @@ class RefractSession:
         self.is_worker = hasattr(config, "workerinput")
         self.stopping = SequentialStopping(runner.settings, runner.axes, runner.control_role, runner.self_reference,
                                            runner.labels, matrix=len(runner.candidate_roles) > 1)
+        if runner.sweep is not None and runner.control_role and not runner.settings.sweep_exhaustive:
+            from .sweep import SweepPruning
+
+            sizes = {r: runner.kv_bytes_per_token(r) for r in runner.candidate_roles}
+            pruning = SweepPruning(self.stopping, runner.axes, sizes, runner.labels, runner.control_role,
+                                   _budget_bytes(runner), lambda: self.results)
+            self.stopping.on_decided = pruning.decided
         self.baseline: Optional[dict] = None
         if runner.settings.baseline_path:
             from .report.baseline import load_baseline
@@ -490,3 +497,14 @@ class RefractSession:
     def pytest_unconfigure(self, config):
         self.runner.close()
 
+
+
+def _budget_bytes(runner) -> Optional[float]:
+    """--refract-kv-budget in bytes per token (a fraction is of the reference's cache, f16 by default)."""
+    s = runner.settings
+    if s.kv_budget is None:
+        return None
+    if not s.kv_budget_fraction:
+        return s.kv_budget
+    reference = runner.kv_bytes_per_token("reference")
+    return None if reference is None else s.kv_budget * reference

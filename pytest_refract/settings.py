@@ -67,6 +67,12 @@ OPTIONS = (
     ("decode-window", "string", "32", "decode axis: positions per KLD chunk fed one token per llama_decode (from the "
                                       "chunk's middle on)"),
     ("decode-chunks", "string", "16", "decode axis: KLD chunks it measures (the first N in the KLD axis's order)"),
+    ("sweep", "string", None, "measure every K x V pair of these cache types (comma list, or all: every type this "
+                              "llama.cpp build offers and accepts for the model) and recommend the smallest that PASSes"),
+    ("kv-budget", "string", None, "with --refract-sweep: the largest KV cache to recommend, in bytes per token or as a "
+                                  "fraction of the f16 cache's (e.g. 0.5)"),
+    ("require", "string", None, "fail the session unless this KV config PASSes (e.g. ctk=q8_0,ctv=q8_0; measured as a "
+                                "candidate if it is not one)"),
     ("undecided", "string", "fail", "what the gate does with an UNDECIDED verdict: fail (default: the evidence is not "
                                     "there yet) or pass"),
 )
@@ -129,7 +135,9 @@ FLAGS = (("floor", "also measure reference vs reference (a second context) to sh
          ("exhaustive", "measure every selected item: no sequential stopping once a verdict is decided "
                         "(one fixed-sample look at the end)"),
          ("require-complete", "fail the gate unless the whole default audit ran: every default axis, no item "
-                              "deselected (-k, -m, --deselect) or capped (--refract-max-items)"))
+                              "deselected (-k, -m, --deselect) or capped (--refract-max-items)"),
+         ("sweep-exhaustive", "with --refract-sweep: measure every pair, none skipped because the recommendation "
+                              "can no longer be it"))
 
 
 def register(parser) -> None:
@@ -283,6 +291,15 @@ class Settings:
     decode_chunks: int = int(_default_text("decode-chunks"))
     # --refract-require-complete: the gate fails unless the whole default audit ran.
     require_complete: bool = False
+    # --refract-sweep: the cache types asked for (("all",) for every type), None without a
+    # sweep; the runner turns them into candidates once the build's type table is read.
+    sweep_types: Optional[Tuple[str, ...]] = None
+    sweep_exhaustive: bool = False
+    # --refract-kv-budget: bytes per token, or a fraction of the f16 cache's (kv_budget_fraction).
+    kv_budget: Optional[float] = None
+    kv_budget_fraction: bool = False
+    # --refract-require: the config that must PASS (also a candidate).
+    require: Optional[KVConfig] = None
 
     @property
     def candidate(self) -> KVConfig:
@@ -325,6 +342,10 @@ class Settings:
             "gate_basis": self.gate_basis,
             "undecided": self.undecided,
             "require_complete": self.require_complete,
+            **({"sweep": {"types": list(self.sweep_types), "exhaustive": self.sweep_exhaustive,
+                          "kv_budget": self.kv_budget, "kv_budget_is_fraction_of_reference": self.kv_budget_fraction}}
+               if self.sweep_types else {}),
+            **({"require": self.require.label()} if self.require else {}),
             "sequential": {"stopping": self.sequential, "max_items": self.max_items,
                            **({"note": self.sequential_note} if self.sequential_note else {})},
             "decode": {"window": self.decode_window, "chunks": self.decode_chunks},
@@ -356,8 +377,11 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         raise UsageProblem("--refract-candidate is empty; give a KV config, e.g. --refract-candidate=ctk=q8_0,ctv=q4_0")
     candidate_texts = given or config.getini("refract_candidate") or []
     candidate_texts = [t.strip() for t in candidate_texts if t and t.strip()]
-    if not candidate_texts:
-        raise UsageProblem("--refract-candidate is required with --refract-model, e.g. --refract-candidate=ctk=q8_0,ctv=q4_0")
+    sweep_types = _sweep_types(config)
+    require = parse_kv_config(_get(config, "require")) if _get(config, "require") else None
+    if not candidate_texts and not sweep_types:
+        raise UsageProblem("--refract-candidate is required with --refract-model, e.g. --refract-candidate=ctk=q8_0,ctv=q4_0 "
+                           "(or --refract-sweep=f16,q8_0,q4_0 for every pair of some cache types)")
     reference = parse_kv_config(_get(config, "reference"))
     candidates = [parse_kv_config(t) for t in candidate_texts]
     # Every candidate shares flash attention with the reference (and so with each other).
@@ -425,6 +449,12 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
     repeat = _int(config, "repeat", 1)
     decode_batch, decode_batch_note = _decode_batch(config, repeat)
     sensitivity, sensitivity_note, gate_basis = _sensitivity(config, reference, candidates)
+    if require is not None:
+        require = _required(require, reference, candidates, sweep_types)
+    if sweep_types and (sensitivity is None or gate_basis != "verdict"):
+        raise UsageProblem("--refract-sweep recommends by the verdict, whose yardstick is the sensitivity control: drop "
+                           + ("--refract-no-sensitivity" if sensitivity is None else f"--refract-gate={gate_basis}"))
+    kv_budget, kv_budget_fraction = _kv_budget(config, sweep_types)
     sequential, sequential_note = _sequential(config, gate_basis)
     save_reference, reference_pack = _packs(config, repeat)
     return Settings(
@@ -440,6 +470,11 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         gate_basis=gate_basis,
         undecided=_undecided(config),
         require_complete=bool(_get(config, "require-complete")),
+        sweep_types=sweep_types,
+        sweep_exhaustive=bool(_get(config, "sweep-exhaustive")),
+        kv_budget=kv_budget,
+        kv_budget_fraction=kv_budget_fraction,
+        require=require,
         decode_batch=decode_batch,
         decode_batch_note=decode_batch_note,
         **rniah,
@@ -470,6 +505,52 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         verbose=int(getattr(config.option, "verbose", 0) or 0),
         batched_axes=tuple(name for name, axis in known_axes.items() if getattr(axis, "BATCHED", 0)),
     )
+
+
+def _sweep_types(config) -> Optional[Tuple[str, ...]]:
+    """--refract-sweep's types as written (lower case, each once); ("all",) for every type.
+    Whether the build has them is checked by the runner, against the build's own table."""
+    text = _get(config, "sweep")
+    if text is None:
+        if _get(config, "sweep-exhaustive"):
+            raise UsageProblem("--refract-sweep-exhaustive needs --refract-sweep=TYPES")
+        return None
+    names = tuple(dict.fromkeys(t.strip().lower() for t in str(text).split(",") if t.strip()))
+    if not names:
+        raise UsageProblem("--refract-sweep is empty: give cache types, e.g. --refract-sweep=f16,q8_0,q4_0, or all")
+    if "all" in names and len(names) > 1:
+        raise UsageProblem("--refract-sweep=all already names every type; give all or a list, not both")
+    return names
+
+
+def _kv_budget(config, sweep_types) -> Tuple[Optional[float], bool]:
+    """--refract-kv-budget: bytes per token (a number above 1), or a fraction of the f16 cache's
+    (a number in (0, 1])."""
+    raw = _get(config, "kv-budget")
+    if raw is None:
+        return None, False
+    if not sweep_types:
+        raise UsageProblem("--refract-kv-budget chooses among a sweep's configs; give --refract-sweep=TYPES too")
+    try:
+        value = float(str(raw))
+    except ValueError:
+        raise UsageProblem(f"--refract-kv-budget={raw!r} must be bytes per token (e.g. 9216) or a fraction of the "
+                           "f16 cache's (e.g. 0.5)") from None
+    if not (value > 0) or value != value or value == float("inf"):
+        raise UsageProblem(f"--refract-kv-budget={raw} must be a positive number")
+    return value, value <= 1.0
+
+
+def _required(require: KVConfig, reference: KVConfig, candidates: list, sweep_types) -> KVConfig:
+    """--refract-require's config, sharing flash attention with the reference; added to the
+    candidates unless it is one (a sweep adds it itself when its pairs hold it)."""
+    _reference, require = share_flash_attention(reference, require)
+    require = replace(require, fa=reference.fa)
+    if require == reference:
+        raise UsageProblem(f"--refract-require={require.label()} is the reference: its damage is none by construction")
+    if require not in candidates and not sweep_types:
+        candidates.append(require)
+    return require
 
 
 def _packs(config, repeat: int) -> Tuple[Optional[str], Optional[str]]:

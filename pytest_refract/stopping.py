@@ -43,10 +43,12 @@ class AxisProgress:
     decided: bool = False
     stopped_by: Optional[str] = None      # the axis whose FAIL decided the candidate first
     skipped: List[str] = field(default_factory=list)
+    # A sweep's candidate the family can no longer recommend (sweep.py): why it stopped.
+    pruned: Optional[str] = None
 
     @property
     def open(self) -> bool:
-        return not self.decided and self.stopped_by is None
+        return not self.decided and self.stopped_by is None and self.pruned is None
 
     def as_json(self) -> dict:
         out = self.design.as_json()
@@ -57,6 +59,7 @@ class AxisProgress:
                     "look_read": None if self.look is None else self.look + 1,   # 1-based
                     "verdict_at_last_look": self.verdict.verdict if self.verdict else None,
                     "stopped_by": self.stopped_by,
+                    **({"pruned": self.pruned} if self.pruned else {}),
                     "skipped": list(self.skipped)})
         return out
 
@@ -71,6 +74,8 @@ class SequentialStopping:
         self.labels = labels
         self.matrix = matrix
         self.progress: Dict[Tuple[str, str], AxisProgress] = {}
+        # Called with a candidate role each time one of its axes is decided (a sweep's pruning).
+        self.on_decided = None
 
     @property
     def active(self) -> bool:
@@ -124,6 +129,8 @@ class SequentialStopping:
         if state is None or state.open:
             return None
         state.skipped.append(unit_id)
+        if state.pruned is not None:
+            return state.pruned
         if state.stopped_by is not None:
             return self._stopped_reason(role, state.stopped_by)
         noun = _noun(self.axes[axis_name])
@@ -168,6 +175,10 @@ class SequentialStopping:
         line = self._line(role, axis_name, state)
         if stopped:
             line += f"; the verdict is FAIL, so {', '.join(stopped)} stop{'s' if len(stopped) == 1 else ''} too"
+        if state.decided and self.on_decided is not None:
+            more = self.on_decided(role)
+            if more:
+                line += f"; {more}"
         return line
 
     def _stop_the_candidate(self, role: str, by: str) -> List[str]:

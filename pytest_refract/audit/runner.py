@@ -78,6 +78,13 @@ class Runner:
         # Batched decoding (--refract-decode-batch): the plan of items this process will run,
         # and per-axis memos of a finished batch.
         self.selected: Dict[tuple, int] = {}
+        from .progress import Progress
+
+        # Silent until the plugin gives it a sink (see progress.sink_for).
+        self.progress = Progress()
+        # --refract-sweep: its pairs become candidates here, judged by llama.cpp, before the
+        # roles are planned into batches (audit/sweep.py).
+        self.sweep = self._plan_sweep() if settings.sweep_types else None
         self.batches = DecodeBatches(self.item_roles, self.control_role, self.control_cached)
         self._axis_now: Optional[str] = None  # the axis of the last item measured
         # Greedy continuations decoded so far: (role, prompt ids, n_predict) -> token ids. PLAD's
@@ -87,10 +94,6 @@ class Runner:
         self.kv_bytes_peak = 0
         # Computed once, on first use: the model's facts (each role's KV allocation is its Role's).
         self._model_summary: Optional[dict] = None
-        from .progress import Progress
-
-        # Silent until the plugin gives it a sink (see progress.sink_for).
-        self.progress = Progress()
         self._probe_contexts()
         # A self-reference is recognised by what computes, not by how the configs are spelled.
         reference_computes = self.computation(Role.REFERENCE)
@@ -212,25 +215,88 @@ class Runner:
         model's heads) is a usage error quoting llama.cpp; the rotation it applied and the cache
         sizes it allocated are read back from its log, and a rotation policy it did not honour
         is refused as well."""
-        from ..engines.kvlog import check_cache_types, check_rotation
-
         for name in [Role.REFERENCE, *self.item_roles]:
             role = self.roles[name]
-            kv, flag = role.config, role.flag
-            try:
-                facts, env = self.engine.probe(kv, role.types, self._context_settings(256))
-            except ContextRefused as exc:
-                raise UsageProblem(f"{flag} {exc}") from None
-            k_type, v_type = role.types
-            quantized = (k_type.name not in FLOAT_TYPES, v_type.name not in FLOAT_TYPES)
-            problem = check_rotation(kv.rot, facts.rotation, quantized, f"{flag} {kv.label()}")
-            problem = problem or check_cache_types((k_type.name, v_type.name), facts, f"{flag} {kv.label()}")
-            if problem:
-                raise UsageProblem(problem)
-            role.probe = facts
-            role.env = env
+            if role.probe is None:  # a sweep's pairs were probed when it was planned
+                self._probe_role(role)
         floor, reference = self.roles[Role.FLOOR], self.roles[Role.REFERENCE]
         floor.probe, floor.env = reference.probe, reference.env
+
+    def _probe_problem(self, kv, types, facts, label: str) -> Optional[str]:
+        """What llama.cpp did otherwise than asked when it created a context (a rotation it did
+        not honour, a cache type it substituted), or None."""
+        from ..engines.kvlog import check_cache_types, check_rotation
+
+        k_type, v_type = types
+        quantized = (k_type.name not in FLOAT_TYPES, v_type.name not in FLOAT_TYPES)
+        problem = check_rotation(kv.rot, facts.rotation, quantized, label)
+        return problem or check_cache_types((k_type.name, v_type.name), facts, label)
+
+    def _probe_role(self, role: Role) -> None:
+        kv, flag = role.config, role.flag
+        try:
+            facts, env = self.engine.probe(kv, role.types, self._context_settings(256))
+        except ContextRefused as exc:
+            raise UsageProblem(f"{flag} {exc}") from None
+        problem = self._probe_problem(kv, role.types, facts, f"{flag} {kv.label()}")
+        if problem:
+            raise UsageProblem(problem)
+        role.probe = facts
+        role.env = env
+
+    def _plan_sweep(self):
+        """Add the sweep's pairs that llama.cpp accepts as candidates (audit/sweep.py) beside
+        those given (and --refract-require's), every candidate ordered by the KV bytes per
+        token llama.cpp allocated, smallest first: the order that decides soonest."""
+        from .sweep import plan_sweep
+
+        s = self.settings
+        table = self.engine_mod.cache_types()
+        row_size = self.engine_mod.row_size
+
+        def value_bytes(t) -> float:
+            return row_size(t.ggml_type, 256 * t.block_size) / (256 * t.block_size)
+
+        def probe(kv, types):
+            return self.engine.probe(kv, types, self._context_settings(256))
+
+        plan = plan_sweep(s.sweep_types or (), s.reference, s.sensitivity, table, self.info.head_dims, value_bytes,
+                          probe, lambda kv, types, facts: self._probe_problem(kv, types, facts, kv.label()))
+        given = [self.roles[n] for n in self.candidate_roles]
+        configs = [r.config for r in given]
+        added = [p for p in plan.accepted if p.config not in configs]
+        extra = [s.require] if s.require is not None and s.require not in configs + [p.config for p in added] else []
+        head_k, head_v = self.info.head_dims
+        new_roles = [Role("sweep", p.config, p.types, "--refract-sweep", p.config.label(), probe=p.facts, env=p.env)
+                     for p in added]
+        new_roles += [Role("require", c, validate_for_model(c, table, head_k, head_v, "--refract-require"),
+                           "--refract-require", c.label()) for c in extra]
+        candidates = given + new_roles
+        if not candidates:
+            raise UsageProblem(f"--refract-sweep={','.join(s.sweep_types or ())}: llama.cpp accepts no pair of these types "
+                               "for this model (" + "; ".join(f"{r['candidate']}: {r['why']}" for r in plan.refused[:3])
+                               + ")")
+        for role in candidates:
+            if role.probe is None:
+                self._probe_role(role)
+        candidates.sort(key=lambda r: (self._probe_bytes(r) is None, self._probe_bytes(r) or 0, r.label))
+        prefixes = _id_prefixes([r.config for r in candidates])
+        ordered: Dict[str, Role] = {k: v for k, v in self.roles.items() if not v.is_candidate and k != Role.CONTROL}
+        for i, role in enumerate(candidates):
+            name = Role.candidate(i)
+            ordered[name] = replace(role, name=name, id_prefix=prefixes[name],
+                                    self_reference=role.config == s.reference, allocation=None, allocation_known=False)
+        if Role.CONTROL in self.roles:
+            ordered[Role.CONTROL] = self.roles[Role.CONTROL]
+        self.roles = ordered
+        self.settings = replace(s, candidates=tuple(r.config for r in candidates))
+        return plan
+
+    def _probe_bytes(self, role: Role) -> Optional[float]:
+        from ..engines.allocation import kv_allocation
+
+        alloc = kv_allocation(self.info, role.probe, role.types, self.engine_mod.row_size)
+        return alloc["bytes_per_token"] if alloc else None
 
     def computation(self, role: str) -> tuple:
         """What decides the role's numbers, as llama.cpp set it up: the cache types it allocated
@@ -718,6 +784,7 @@ class Runner:
             reference_pack=self.pack.summary() if self.pack is not None else None,
             saved_pack=saved_pack,
             stopped_early=stopped_early,
+            sweep=self.sweep.as_json() if self.sweep is not None else None,
             pool=self.pool(),
             default_axes=tuple(default_axes),
         )

@@ -86,7 +86,11 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
     axes = build_axes(results, failed, registry, repeats)
     sequential = facts.sequential.get(role, {})
     for name, design in sequential.items():
-        if design.get("stopped_by") and name not in axes:
+        if design.get("pruned") and name not in axes:
+            # A sweep's pair the family can no longer recommend, skipped before this axis measured.
+            axes[name] = {"score": None, "band": None, "status": "stopped", "items": [],
+                          "not_measured": f"not measured: {design['pruned']}"}
+        elif design.get("stopped_by") and name not in axes:
             # Another axis's FAIL decided the candidate before this axis measured anything: it
             # stays in the report, unscored, saying why; so the raw composite has no score.
             axes[name] = {"score": None, "band": None, "status": "stopped", "items": [],
@@ -108,8 +112,9 @@ def _candidate_section(facts: RunRecord, role: str, results, failed, gates, comp
     levels = {name: d["look_level"] for name, d in sequential.items()}
     # An axis another axis's FAIL stopped between its looks claims no verdict of its own.
     stopped = {name: d["stopped_by"] for name, d in sequential.items() if d.get("stopped_by")}
+    pruned = {name: d["pruned"] for name, d in sequential.items() if d.get("pruned")}
     verdict = (candidate_verdict(axes, control, registry, facts.self_reference[role], levels, stopped,
-                                 designs=dict(sequential))
+                                 designs=dict(sequential), pruned=pruned)
                if complete else None)
     requested = dict(zip(facts.candidate_roles, s.candidates)).get(role)
     no_op = no_op_reason(axes, requested, s.reference) if complete else None
@@ -369,6 +374,17 @@ def build_report(
                                            failed.get(facts.drift_role, {}), {}, complete, control, registry)
         drift = build_drift(drift_section)
         reasons = [f"build drift: {r}" for r in drift_section["gate"]["reasons"]] + reasons
+    sweep, recommendation = _sweep_and_recommendation(facts, sections, control, registry, complete)
+    if sweep is not None:
+        # A sweep's gate reads its answer, not every pair: most pairs of a sweep FAIL by design.
+        from .sweep import gate_reasons as sweep_reasons
+
+        reasons = [r for r in reasons if r.startswith("build drift: ")] + sweep_reasons(sweep)
+    elif s.require is not None:
+        req = next((sec for sec in sections if sec["candidate"] == s.require.label()), None)
+        verdict = ((req or {}).get("verdict") or {}).get("verdict")
+        if verdict != "PASS":
+            reasons.append(f"--refract-require={s.require.label()}: its verdict is {verdict or 'missing'}, not PASS")
     settings = s.as_dict()
     if facts.chunks_note:
         settings["chunks_note"] = facts.chunks_note
@@ -417,6 +433,7 @@ def build_report(
         "band": first["band"],
         "composite_ci95": first["composite_ci95"],
         "gate": {"passed": not reasons, "threshold": s.fail_under, "basis": s.gate_basis, "reasons": reasons,
+                 **({"reads": SWEEP_GATE} if sweep is not None else {}),
                  **({"undecided": s.undecided} if s.gate_basis == "verdict" else {}),
                  **({"note": UNDECIDED_PASS_NOTE} if s.gate_basis == "verdict" and s.undecided == "pass" else {})},
         "sensitivity": sensitivity_json(facts, control, registry),
@@ -426,8 +443,8 @@ def build_report(
         "floor": first["floor"],
         "candidates": sections,
         # Which config to ship, decided as a family over the candidates (additive, schema 1.x).
-        "recommendation": (family_recommendation(sections, control, registry)
-                           if s.gate_basis == "verdict" and complete else None),
+        "recommendation": recommendation,
+        **({"sweep": sweep} if sweep is not None else {}),
         "ranking": [{"candidate": sec["candidate"],
                      "verdict": (sec["verdict"] or {}).get("verdict"),
                      "selection": sec["selection"]["text"], "subset": sec["selection"]["subset"],
@@ -487,6 +504,11 @@ def build_report(
     return _gate_first(report)
 
 
+# What a sweep's gate reads instead of every pair's verdict.
+SWEEP_GATE = ("the sweep's answer: it passes when a config PASSes as a family (the recommendation), and within "
+              "--refract-kv-budget and with --refract-require's config PASSing where those are given")
+
+
 # Where the gate read a verdict, the raw scores are reference figures: the JSON says so once.
 RAW_SCORES_NOTE = ("composite, band and every axis's score and band are raw seed-defined scores (REFRACT-comparable, "
                    "not the verdict); the gate reads the verdict")
@@ -518,6 +540,29 @@ def build_drift(section: dict) -> dict:
             "multiple": worst[1].get("multiple"), "multiple_ci95": worst[1].get("multiple_ci95"),
             "multiple_axis": worst[0], "axes": axes, "gate": section["gate"],
             "diagnosis": section["diagnosis"], "scores": {name: a.get("score") for name, a in section["axes"].items()}}
+
+
+def _sweep_and_recommendation(facts: RunRecord, sections: List[dict], control: Optional[dict], registry,
+                              complete: bool) -> Tuple[Optional[dict], Optional[dict]]:
+    """The family's recommendation (Holm over every candidate in a sweep, scoring/family.py) and
+    the sweep section (report/sweep.py; None without a sweep)."""
+    s = facts.settings
+    if facts.sweep is None:
+        return None, (family_recommendation(sections, control, registry)
+                      if s.gate_basis == "verdict" and complete else None)
+    from .sweep import build_sweep, skipped_roles
+
+    skipped = skipped_roles(facts.sequential, facts.labels)
+    recommendation = (family_recommendation(sections, control, registry, by_rows=True,
+                                            unmeasured=frozenset(skipped)) if complete else None)
+    budget = None
+    if s.kv_budget is not None:
+        ref = facts.reference_kv_bytes_per_token
+        limit = (s.kv_budget * ref if ref else None) if s.kv_budget_fraction else s.kv_budget
+        budget = {"asked": s.kv_budget, "fraction_of_reference": s.kv_budget_fraction, "bytes_per_token": limit}
+    sweep = build_sweep(facts.sweep, sections, recommendation, skipped, facts.reference_kv_bytes_per_token, budget,
+                        s.require.label() if s.require is not None else None, s.reference.label())
+    return sweep, recommendation
 
 
 def _kv_bytes(section: dict):

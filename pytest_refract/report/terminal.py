@@ -64,17 +64,27 @@ def render(tr, report: dict, json_path, registry=None) -> None:
     control = report.get("sensitivity") or {}
     _render_pack(tr, report)
     # What the gate read first: each candidate's verdict (or raw composite), then the yardstick.
+    sweep = report.get("sweep")
     for section in sections:
-        _render_candidate(tr, section, registry)
+        if sweep is None or section["candidate"] == (sweep.get("recommendation") or {}).get("config"):
+            _render_candidate(tr, section, registry)  # a sweep's other pairs: in its grid, the JSON and HTML
     _render_control(tr, control, registry, from_pack=bool(report.get("reference_pack")))
     if len(sections) > 1:
         _render_ranking(tr, report["ranking"], registry, report.get("gate", {}).get("basis"))
         _render_recommendation(tr, report.get("recommendation"))
+    if sweep is not None:
+        from .sweep_text import render_sweep
+
+        render_sweep(tr, sweep, report.get("reference"))
     gate = report.get("gate", {})
     tr.write_line("")
     basis = {"raw": "composite"}.get(gate.get("basis"))
     subset = [sec for sec in sections if (sec.get("selection") or {}).get("subset")]
-    if gate.get("passed") and basis is None:
+    if gate.get("passed") and sweep is not None:
+        rec = sweep.get("recommendation") or {}
+        tr.write_line(f"gate: passed (the sweep recommends {rec.get('config')}"
+                      + (f"; {sweep['budget']['line']}" if sweep.get("budget") else "") + ")", green=True)
+    elif gate.get("passed") and basis is None:
         tr.write_line("gate: passed (verdict PASS on every " + ("selected " if subset else "") + "axis"
                       + (", UNDECIDED accepted by --refract-undecided=pass" if gate.get("undecided") == "pass" else "")
                       + ")" + ("; a subset verdict: " + "; ".join(sec["selection"]["text"].split(": ", 1)[-1] for sec in subset)

@@ -17,7 +17,7 @@ if TYPE_CHECKING:  # a type hint only
 def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
                       self_reference: bool = False, levels: Optional[Dict[str, float]] = None,
                       stopped_by: Optional[Dict[str, str]] = None,
-                      designs: Optional[Dict[str, dict]] = None) -> Optional[dict]:
+                      designs: Optional[Dict[str, dict]] = None, pruned: Optional[Dict[str, str]] = None) -> Optional[dict]:
     """The run verdict of one candidate (JSON-able), each axis's written into its section under
     "verdict"; None without a control (no yardstick: the gate says so). ``designs``: per axis
     its sequential design's JSON (the errors of the look it was read at, scoring/sequential.py);
@@ -54,12 +54,17 @@ def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
         if name in stopped_by and v.basis != "broken control":
             v.verdict, v.items_needed = V.UNDECIDED, None
             v.reason = f"not measured further: the verdict is FAIL on {stopped_by[name]}"
+        elif name in (pruned or {}) and v.basis != "broken control":
+            # Stopped between planned looks: its interval claims no verdict (sweep.py).
+            v.verdict, v.items_needed = V.UNDECIDED, None
+            v.reason = (pruned or {})[name]
         section["verdict"] = v.as_json()
         per_axis[name] = v
     run = V.run_verdict(per_axis)
     out = run.as_json()
     out["band"] = _band_of_score(run.score)
-    out["advice"] = [f"{v.axis}: {v.reason} (--refract-exhaustive measures it anyway)" if v.axis in stopped_by
+    out["advice"] = [f"{v.axis}: {v.reason} (--refract-sweep-exhaustive measures it anyway)" if v.axis in (pruned or {})
+                     else f"{v.axis}: {v.reason} (--refract-exhaustive measures it anyway)" if v.axis in stopped_by
                      else V.undecided_advice(v) for v in per_axis.values() if v.verdict == V.UNDECIDED]
     return out
 
@@ -159,10 +164,13 @@ def pareto(sections: List[dict]) -> Dict[str, bool]:
     return out
 
 
-def family_recommendation(sections: List[dict], control: Optional[dict], registry) -> Optional[dict]:
+def family_recommendation(sections: List[dict], control: Optional[dict], registry, by_rows: bool = False,
+                          unmeasured=frozenset()) -> Optional[dict]:
     """Which config to ship, decided as a family (scoring/family.py): the chance of recommending
     a config at or beyond the margin stays at the PASS side's error however many candidates
-    compete. None without a control."""
+    compete. None without a control. ``by_rows``: Holm over rows, a fixed sequence within each (a sweep's
+    procedure) instead of gatekeeping by size; ``unmeasured``: labels of candidates a sweep
+    skipped, which never pass."""
     from ..scoring import family
 
     if control is None:
@@ -185,6 +193,9 @@ def family_recommendation(sections: List[dict], control: Optional[dict], registr
             used_axes[name] = axis
             if section.get("sequential"):
                 errors[name] = errors_of(section["sequential"])[0]
+        if sec["candidate"] in unmeasured:
+            tables = {}
         contenders.append(family.Contender(sec["candidate"], kv_bytes(sec), tables, errors,
-                                           exact=bool(sec.get("self_reference"))))
-    return family.recommend(contenders, used_axes).as_json()
+                                           exact=bool(sec.get("self_reference")),
+                                           score=(sec.get("verdict") or {}).get("score")))
+    return family.recommend(contenders, used_axes, by_rows=by_rows).as_json()

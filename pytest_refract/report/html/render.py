@@ -90,7 +90,8 @@ def _env() -> jinja2.Environment:
     env.globals.update(BAND_NAMES=fmt.BAND_NAMES, RULER=fmt.ruler_segments(), MISSING=fmt.MISSING,
                        is_num=fmt.is_num, part=_part, axis_body=_axis_body,
                        embedded_json=embedded_json, guard=_guard, ranking_axes=ranking_axes,
-                       verdict_led=verdict_led)
+                       verdict_led=verdict_led, sweep_pareto=_sweep_view("pareto_chart"),
+                       sweep_heat_map=_sweep_view("heat_map"))
     return env
 
 
@@ -185,6 +186,13 @@ def _guarded(render: Callable[[], str]) -> Markup:
         return Markup(render())
     except Exception as exc:  # noqa: BLE001 - deliberately broad, see docstring
         return Markup(ENV.get_template("parts/broken.html.j2").render(exc=exc))
+
+
+def _sweep_view(name: str) -> Callable[..., Markup]:
+    """A sweep picture (views/sweep.py), behind _guarded."""
+    def draw(*args: Any) -> Markup:
+        return _guarded(lambda: getattr(_VIEWS["sweep"], name)(*args) or Markup(""))
+    return draw
 
 
 def _guard(macro: Callable[..., str], *args: Any) -> Markup:
