@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import read_report
+from conftest import read_report, unrepeated_text
 
 import pytest_refract.audit.runner  # noqa: F401  # in sys.modules before pytester snapshots it, so fake_llamacpp's patch holds
 from pytest_refract.scoring import verdict as V
@@ -112,7 +112,7 @@ def swept_types(monkeypatch, fake_llamacpp):
 @pytest.fixture
 def long_corpus(tmp_path):
     path = tmp_path / "corpus.txt"
-    path.write_text("the end of the world is a hello to the end. " * 500, encoding="utf-8")
+    path.write_text(unrepeated_text(5500), encoding="utf-8")
     return path
 
 
