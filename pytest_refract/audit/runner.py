@@ -343,6 +343,8 @@ class Runner:
         inputs = self.inputs
         if inputs.rniah_lengths:
             need = max(need, max(inputs.rniah_lengths) + len(inputs.rniah_prompt([])) + inputs.rniah_answer_tokens)
+        if inputs.n_depth_chunks:
+            need = max(need, inputs.depth)
         # llama.cpp pads the cache to 256 cells; asking for a padded size keeps it explicit.
         return padded(need)
 

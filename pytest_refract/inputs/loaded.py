@@ -34,6 +34,9 @@ class Inputs:
         self.corpus: Optional[data.Corpus] = None
         self.corpus_tokens: List[int] = []
         self.n_chunks = 0
+        # The depth axis: its chunk length (the default capped at the model's context) and chunks.
+        self.depth = settings.depth
+        self.n_depth_chunks = 0
         self.haystack: Optional[Haystack] = None
         self.haystack_source = None
         self.rniah_lengths: tuple = ()
@@ -99,10 +102,50 @@ class Inputs:
                         f"--refract-ctx={s.ctx}; give a longer --refract-corpus or a smaller --refract-ctx"
                     )
                 self.n_chunks = available if s.chunks is None else min(s.chunks, available)
+                if "depth" in s.axes:
+                    self._prepare_depth(n_ctx_train or 0)
             self._check_prompts_fit(n_ctx_train or 0)
         finally:
             tok.close()
             self.tokenizer = None
+
+    def _prepare_depth(self, limit: int) -> None:
+        """The depth axis's chunk length and chunk count, refused with the limit and the fix."""
+        s = self.settings
+        depth = s.depth
+        if limit and depth > limit:
+            if s.depth_given:
+                raise UsageProblem(f"--refract-depth={depth} exceeds the model's training context of {limit} tokens; "
+                                   f"use --refract-depth={limit} or less")
+            depth = limit
+        if depth < 512:
+            raise UsageProblem(f"the model's training context of {limit} tokens is below the depth axis's minimum of "
+                               "512; drop depth from --refract-axes")
+        n = len(self.corpus_tokens) // depth
+        if n < 1:
+            raise UsageProblem(f"corpus {self.corpus.name} holds {len(self.corpus_tokens)} tokens, fewer than one "
+                               f"depth chunk of {depth}; give a longer --refract-corpus or a smaller --refract-depth "
+                               f"(at most {len(self.corpus_tokens)})")
+        self.depth = depth
+        self.n_depth_chunks = n if s.chunks is None else min(s.chunks, n)
+        self._check_depth_memory()
+
+    def _check_depth_memory(self) -> None:
+        """Refuse a depth this machine cannot hold, before any model loads."""
+        from . import depth as depth_memory
+        from .depth import scored_positions
+
+        s = self.settings
+        roles = [s.reference, *s.candidates] + ([s.sensitivity] if s.sensitivity else [])
+        types = [t for kv in roles for t in (kv.ctk, kv.ctv)]
+        est = depth_memory.estimate(self.info, depth_memory.model_size(self.model_path), self.depth,
+                                    len(scored_positions(self.depth, s.depth_stride)), self.tokenizer.n_vocab,
+                                    len(roles) + bool(s.floor), types, s.n_batch, s.depth_stride)
+        free = depth_memory.available_bytes()
+        if est is not None and free is not None and est.total > free:
+            raise UsageProblem(f"--refract-depth={self.depth} needs {est.text()}, more than the "
+                               f"{free / 1024 ** 3:.1f} GiB this machine has available; use a smaller --refract-depth "
+                               "or run on a machine with more memory")
 
     def _tiny_vocabulary(self, n: int) -> str:
         return (f"{self.model_path.name} has a vocabulary of {n} token(s): nothing to tokenize with or to compare; "

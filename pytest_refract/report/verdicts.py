@@ -55,6 +55,7 @@ def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
             v.verdict, v.items_needed = V.UNDECIDED, None
             v.reason = f"not measured further: the verdict is FAIL on {stopped_by[name]}"
         section["verdict"] = v.as_json()
+        _merge_detail(section, v.detail)
         per_axis[name] = v
     run = V.run_verdict(per_axis)
     out = run.as_json()
@@ -62,6 +63,19 @@ def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
     out["advice"] = [f"{v.axis}: {v.reason} (--refract-exhaustive measures it anyway)" if v.axis in stopped_by
                      else V.undecided_advice(v) for v in per_axis.values() if v.verdict == V.UNDECIDED]
     return out
+
+
+def _merge_detail(section: dict, detail: Optional[dict]) -> None:
+    """An axis verdict's own figures into its section: the depth axis's per-bucket multiples and
+    verdicts beside each bucket's measured KLD, and its growth figure."""
+    if not detail:
+        return
+    rows = section.get("buckets")
+    if isinstance(rows, list):
+        for row, b in zip(rows, detail.get("buckets") or []):
+            row.update({k: b[k] for k in ("control_mean_kld", "multiple", "multiple_ci95", "verdict")})
+    if "growth" in detail:
+        section["growth"] = detail["growth"]
 
 
 def _band_of_score(score: Optional[float]) -> Optional[str]:
