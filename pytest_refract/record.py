@@ -77,3 +77,6 @@ class RunRecord:
     # whether they matched; and why the cache was distrusted this run (None: it was not).
     cache_spot_check: Optional[dict] = None
     cache_tampered: Optional[str] = None
+    # The longest context each selected axis measured at, in tokens (report/context.py says
+    # what a verdict covers from it): axis -> tokens.
+    context_by_axis: Dict[str, int] = field(default_factory=dict)

@@ -126,3 +126,41 @@ def test_json_buckets_schema(tiny_model, corpus):
     v = section["verdict"]
     assert v["axis"] == "depth" and "at depth" in v["reason"]
     assert set(np.asarray([b["verdict"] for b in buckets])) <= {"PASS", "FAIL", "UNDECIDED"}
+
+
+def test_terminal_and_html_show_the_buckets_and_the_context_covered(tiny_model, corpus):
+    from pytest_refract.report.html.render import render_html
+    from pytest_refract.report.terminal import render
+
+    report, _ = _audit(_settings(tiny_model, corpus, axes=("kld", "depth"), depth=1024, depth_stride=8))
+    assert report["context_evidence"]["tokens"] == 1024 and report["context_evidence"]["depth_axis"]
+    lines = []
+
+    class TR:
+        def write_sep(self, *a, **k):
+            pass
+
+        def write(self, text, **k):
+            lines.append(text)
+
+        def write_line(self, text="", **k):
+            lines.append(text + "\n")
+
+    render(TR(), report, None)
+    text = "".join(lines)
+    assert "evidence up to 1024 tokens of context" in text
+    assert text.count("depth    256\u2013512") == 1 and "depth    512\u20131024" in text
+    assert "by depth:" in text
+    page = render_html(report)
+    assert 'aria-label="Multiple of the control&#x27;s KLD by depth"' in page and 'class="hline"' in page
+    assert "Mean KLD by depth" in page and "Context covered:" in page
+
+
+def test_without_depth_every_report_says_how_far_its_evidence_reaches(tiny_model, corpus):
+    from pytest_refract.report.html.render import render_html
+
+    report, _ = _audit(_settings(tiny_model, corpus, axes=("kld",), ctx=512))
+    evidence = report["context_evidence"]
+    assert evidence["tokens"] == 512 and not evidence["depth_axis"]
+    assert "evidence up to 512 tokens of context" in evidence["text"] and "--refract-full" in evidence["text"]
+    assert "evidence up to 512 tokens of context" in render_html(report)

@@ -153,7 +153,7 @@ class DepthAxis(KLDAxis):
             buckets.append({"from": edges[b], "to": edges[b + 1], "positions": int(counts[b]),
                             "mean_kld": float(kld_sum[b] / counts[b]) if counts[b] else None,
                             "control_mean_kld": None, "multiple": None, "multiple_ci95": None, "verdict": None,
-                            "same_top_pct": 100.0 * float(same[b]) / counts[b] if counts[b] else None,
+                            "same_top_pct": 100.0 * float(same[b]) / float(counts[b]) if counts[b] else None,
                             "kld_p999": float(np.percentile(values, 99.9)) if values.size else None})
         total = float(kld_sum.sum())
         n_pos = int(counts.sum())

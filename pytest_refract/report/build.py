@@ -15,6 +15,7 @@ from typing import Dict, List, Optional, Tuple
 
 from .. import __version__
 from ..axes import DIAGNOSIS_ORDER, known
+from .context import context_evidence
 from ..record import RunRecord
 from ..scoring.metrics import BAND_FLOOR, band_for
 from .jsonio import SCHEMA
@@ -472,6 +473,7 @@ def build_report(
     if not multi:
         # One candidate: its full result is the top level; no second copy.
         del report["candidates"]
+    report["context_evidence"] = context_evidence(facts.context_by_axis, settings.get("depth"))
     report["wall_s"] = facts.wall_s
     # How far an interrupted run got: items with a result or a failure (the control's
     # included), of those selected.

@@ -49,12 +49,11 @@ class _BucketAxis:
         for name in ("MARGIN", "ABSOLUTE_TOLERANCE", "DAMAGE_RESOLUTION", "ZERO_DAMAGE_EXACT", "CONTROL_MAX_DAMAGE"):
             setattr(self, name, getattr(axis, name, None))
         self.DAMAGE_COUNTS = False
+        # The verdict's own ratio of sums (itself, so the per-item rates and the clamp at 0 apply).
+        self.damage = V.ratio_of_sums
 
     def damage_table(self, items):
         return bucket_table(items, self.index)
-
-    def damage(self, table):
-        return V.ratio_of_sums(table)
 
 
 def bucket_table(items: Sequence[dict], index: int):
@@ -74,6 +73,22 @@ def where_text(verdicts: Sequence[str], edges: Sequence[int]) -> str:
     return ", ".join(f"{v} at depth {a}\u2013{b}" for v, a, b in runs)
 
 
+def bucket_errors(err_pass: float, err_fail: float, n_buckets: int):
+    """(PASS error, FAIL error) of each bucket's test: the whole PASS error (intersection-union),
+    the FAIL error split equally over the buckets (Bonferroni)."""
+    return err_pass, err_fail / max(1, n_buckets)
+
+
+def combine(verdicts):
+    """The axis verdict of its buckets' verdicts (strings, or arrays of them over runs): FAIL
+    when any bucket FAILs, PASS when every bucket PASSes, UNDECIDED otherwise."""
+    stack = np.asarray(verdicts, dtype=object)
+    any_fail = (stack == V.FAIL).any(axis=0)
+    all_pass = (stack == V.PASS).all(axis=0)
+    out = np.where(any_fail, V.FAIL, np.where(all_pass, V.PASS, V.UNDECIDED)).astype(object)
+    return str(out) if out.ndim == 0 else out
+
+
 def bucket_verdict(axis, candidate_items, control_items, control_score, err_pass: float, err_fail: float,
                    same_computation: bool, min_pass_items: int) -> V.AxisVerdict:
     """The depth axis's verdict: every bucket tested by the declared test (verdict.axis_verdict)
@@ -82,17 +97,16 @@ def bucket_verdict(axis, candidate_items, control_items, control_score, err_pass
     bucket with the highest lower end, else the bucket with the highest multiple."""
     edges = list(candidate_items[0]["bucket_edges"]) if candidate_items else [FIRST_BUCKET, 2 * FIRST_BUCKET]
     n_buckets = len(edges) - 1
+    errors = bucket_errors(err_pass, err_fail, n_buckets)
     per = [V.axis_verdict(_BucketAxis(axis, b, edges), candidate_items, control_items, control_score=control_score,
-                          errors=(err_pass, err_fail / n_buckets), same_computation=same_computation,
-                          min_pass_items=min_pass_items)
+                          errors=errors, same_computation=same_computation, min_pass_items=min_pass_items)
            for b in range(n_buckets)]
     verdicts = [v.verdict for v in per]
-    if V.FAIL in verdicts:
-        overall = V.FAIL
+    overall = str(combine(verdicts))
+    if overall == V.FAIL:
         lead = max((v for v in per if v.verdict == V.FAIL),
-                   key=lambda v: (v.multiple_ci95 or [0.0])[0] if v.multiple_ci95 else 0.0)
+                   key=lambda v: v.multiple_ci95[0] if v.multiple_ci95 else 0.0)
     else:
-        overall = V.PASS if all(v == V.PASS for v in verdicts) else V.UNDECIDED
         lead = max(per, key=lambda v: -1.0 if v.multiple is None else v.multiple)
     out = V.AxisVerdict(**{k: val for k, val in lead.__dict__.items()})
     out.verdict = overall
