@@ -190,7 +190,9 @@ class DepthAxis(KLDAxis):
     def section_detail(self, section: dict, control: bool = False) -> str:
         if section.get("score") is None:
             return ""
-        return f"  mean KLD {section['mean_kld']:.5f} over depth {FIRST_BUCKET}\u2013{section.get('depth', '?')}"
+        buckets = section.get("buckets") or []
+        deepest = buckets[-1]["to"] if buckets else section.get("depth")
+        return f"  mean KLD {section['mean_kld']:.5f} over depth {FIRST_BUCKET}\u2013{deepest}"
 
     def item_table(self, items) -> Tuple[List[str], np.ndarray]:
         rows = [(float(i["mean_kld"]) * float(i["n_positions"]), float(i["n_positions"])) for i in items]

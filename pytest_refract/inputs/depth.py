@@ -98,7 +98,7 @@ def estimate(info, model_bytes: int, depth: int, n_scored: int, n_vocab: int, n_
     logits = rows_per_batch * n_vocab * 4
     return DepthMemory(weights=int(model_bytes), kv_per_context=kv, scratch_per_context=scratch,
                        logits_per_context=logits, n_contexts=n_contexts, reference_rows=n_scored * n_vocab * 2,
-                       scoring=rows_per_batch * n_vocab * 8 * 3)
+                       scoring=min(rows_per_batch, 32) * n_vocab * 8 * 3)  # kld_positions: 32-row blocks
 
 
 def available_bytes() -> Optional[int]:

@@ -123,7 +123,8 @@ class Inputs:
                                "512; drop depth from --refract-axes")
         n = len(self.corpus_tokens) // depth
         if n < 1:
-            raise UsageProblem(f"corpus {self.corpus.name} holds {len(self.corpus_tokens)} tokens, fewer than one "
+            name = self.corpus.name if self.corpus is not None else "the corpus"
+            raise UsageProblem(f"corpus {name} holds {len(self.corpus_tokens)} tokens, fewer than one "
                                f"depth chunk of {depth}; give a longer --refract-corpus or a smaller --refract-depth "
                                f"(at most {len(self.corpus_tokens)})")
         self.depth = depth
@@ -144,8 +145,8 @@ class Inputs:
         free = depth_memory.available_bytes()
         if est is not None and free is not None and est.total > free:
             raise UsageProblem(f"--refract-depth={self.depth} needs {est.text()}, more than the "
-                               f"{free / 1024 ** 3:.1f} GiB this machine has available; use a smaller --refract-depth "
-                               "or run on a machine with more memory")
+                               f"{free / 1024 ** 3:.1f} GiB this machine has available; use a smaller --refract-depth, "
+                               "a larger --refract-depth-stride or fewer candidates, or a machine with more memory")
 
     def _tiny_vocabulary(self, n: int) -> str:
         return (f"{self.model_path.name} has a vocabulary of {n} token(s): nothing to tokenize with or to compare; "

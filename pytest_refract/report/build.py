@@ -15,9 +15,9 @@ from typing import Dict, List, Optional, Tuple
 
 from .. import __version__
 from ..axes import DIAGNOSIS_ORDER, known
-from .context import context_evidence
 from ..record import RunRecord
 from ..scoring.metrics import BAND_FLOOR, band_for
+from .context import context_evidence
 from .jsonio import SCHEMA
 from .ran import NO_OP, no_op_reason
 from .sections import build_axes, composite_of, custom_gates, floor_of, repeat_stats

@@ -105,7 +105,7 @@ def bucket_verdict(axis, candidate_items, control_items, control_score, err_pass
     overall = str(combine(verdicts))
     if overall == V.FAIL:
         lead = max((v for v in per if v.verdict == V.FAIL),
-                   key=lambda v: v.multiple_ci95[0] if v.multiple_ci95 else 0.0)
+                   key=lambda v: float(v.multiple_ci95[0] or 0.0) if v.multiple_ci95 else 0.0)
     else:
         lead = max(per, key=lambda v: -1.0 if v.multiple is None else v.multiple)
     out = V.AxisVerdict(**{k: val for k, val in lead.__dict__.items()})
