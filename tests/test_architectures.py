@@ -14,7 +14,7 @@ def _args(model, prompts, corpus, report, *extra):
     # Exhaustive: every axis measures every item, whatever a FAIL on another axis decided.
     return [
         f"--refract-model={model}", f"--refract-prompts={prompts}", f"--refract-corpus={corpus}",
-        "--refract-full", "--refract-ctx=64", "--refract-chunks=2", "--refract-n-predict=8", "--refract-threads=1",
+        "--refract-full", "--refract-ctx=64", "--refract-chunks=2", "--refract-depth=512", "--refract-depth-stride=64", "--refract-n-predict=8", "--refract-threads=1",
         "--refract-rniah-lengths=160", "--refract-rniah-positions=0.2", "--refract-rniah-trials=1",
         "--refract-no-progress", "--refract-exhaustive", f"--refract-json={report}", *extra,
     ]
@@ -32,8 +32,11 @@ FAMILY_CANDIDATES = {
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CANDIDATES))
-def test_every_axis_runs_on_the_family(pytester, tiny_prompts, tiny_corpus, family):
+def test_every_axis_runs_on_the_family(pytester, tiny_prompts, family):
     model = write_tiny_family(pytester.path / f"{family}.gguf", family, n_ctx_train=2048)
+    # Long enough for one depth chunk of 512 tokens (the shared tiny corpus holds ~480).
+    tiny_corpus = pytester.path / "corpus.txt"
+    tiny_corpus.write_text(("the end of the world is a hello to the end. " * 60).strip() + "\n", encoding="utf-8")
     report = pytester.path / "r.json"
     cands = [f"--refract-candidate={c}" for c in FAMILY_CANDIDATES[family]]
     result = pytester.runpytest_subprocess(*_args(model, tiny_prompts, tiny_corpus, report, *cands))
@@ -46,11 +49,11 @@ def test_every_axis_runs_on_the_family(pytester, tiny_prompts, tiny_corpus, fami
     assert len(sections) == len(FAMILY_CANDIDATES[family])
     for label, sec in sections.items():
         axes = sec["axes"]
-        assert set(axes) == {"trajectory", "kld", "rniah", "plad", "decode"}, label
+        assert set(axes) == {"trajectory", "kld", "rniah", "plad", "decode", "depth"}, label
         # One token per llama_decode gives what the batched path gives on this CPU build (the
         # cut back to the prefix included: a hybrid's recurrent state is rebuilt, not cut).
         assert axes["decode"]["decode_batched_disagree"] is not True, (label, axes["decode"]["decode_vs_batched"])
-        for name in ("trajectory", "kld", "plad", "decode"):
+        for name in ("trajectory", "kld", "plad", "decode", "depth"):
             assert axes[name]["score"] is not None and 0.0 <= axes[name]["score"] <= 100.0, (label, name)
         # A random-weight model does not retrieve the needle: n/a, never a made-up 100.
         cell = axes["rniah"]["cells"][0]
