@@ -5,6 +5,8 @@ architecture this llama.cpp does not know, a chat template that does not render)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import one_usage_error_line, read_report
 from tiny_model import write_tiny_family, write_tiny_llama
@@ -12,9 +14,14 @@ from tiny_model import write_tiny_family, write_tiny_llama
 
 def _args(model, prompts, corpus, report, *extra):
     # Exhaustive: every axis measures every item, whatever a FAIL on another axis decided.
+    # The corpus twice over: long enough for one depth chunk of 512 tokens (once holds ~480).
+    doubled = Path(report).parent / "corpus_twice.txt"
+    doubled.write_text(Path(corpus).read_text(encoding="utf-8") * 2, encoding="utf-8")
+    corpus = doubled
     return [
         f"--refract-model={model}", f"--refract-prompts={prompts}", f"--refract-corpus={corpus}",
-        "--refract-full", "--refract-ctx=64", "--refract-chunks=2", "--refract-depth=512", "--refract-depth-stride=64", "--refract-n-predict=8", "--refract-threads=1",
+        "--refract-full", "--refract-ctx=64", "--refract-chunks=2", "--refract-depth=512", "--refract-depth-stride=64",
+        "--refract-n-predict=8", "--refract-threads=1",
         "--refract-rniah-lengths=160", "--refract-rniah-positions=0.2", "--refract-rniah-trials=1",
         "--refract-no-progress", "--refract-exhaustive", f"--refract-json={report}", *extra,
     ]
@@ -32,11 +39,8 @@ FAMILY_CANDIDATES = {
 
 
 @pytest.mark.parametrize("family", sorted(FAMILY_CANDIDATES))
-def test_every_axis_runs_on_the_family(pytester, tiny_prompts, family):
+def test_every_axis_runs_on_the_family(pytester, tiny_prompts, tiny_corpus, family):
     model = write_tiny_family(pytester.path / f"{family}.gguf", family, n_ctx_train=2048)
-    # Long enough for one depth chunk of 512 tokens (the shared tiny corpus holds ~480).
-    tiny_corpus = pytester.path / "corpus.txt"
-    tiny_corpus.write_text(("the end of the world is a hello to the end. " * 60).strip() + "\n", encoding="utf-8")
     report = pytester.path / "r.json"
     cands = [f"--refract-candidate={c}" for c in FAMILY_CANDIDATES[family]]
     result = pytester.runpytest_subprocess(*_args(model, tiny_prompts, tiny_corpus, report, *cands))
