@@ -164,3 +164,16 @@ def test_without_depth_every_report_says_how_far_its_evidence_reaches(tiny_model
     assert evidence["tokens"] == 512 and not evidence["depth_axis"]
     assert "evidence up to 512 tokens of context" in evidence["text"] and "--refract-full" in evidence["text"]
     assert "evidence up to 512 tokens of context" in render_html(report)
+
+
+def test_a_matrix_recommends_by_every_depth_bucket(tiny_model, corpus):
+    """Which config to ship reads each depth bucket as a test of its own."""
+    report, _ = _audit(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8,
+                                 candidates=(parse_kv_config("ctk=q8_0,ctv=q8_0"), parse_kv_config("ctk=q4_0,ctv=q4_0"))))
+    json.dumps(report, allow_nan=False)
+    rec = report["recommendation"]
+    assert set(rec["decisions"]) == {"ctk=q8_0,ctv=q8_0", "ctk=q4_0,ctv=q4_0"}
+    # Six chunks cannot PASS (46 are needed): nothing is recommended.
+    assert rec["recommended"] is None
+    for sec in report["candidates"]:
+        assert [b["from"] for b in sec["axes"]["depth"]["buckets"]] == [256, 512]

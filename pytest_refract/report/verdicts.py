@@ -4,7 +4,7 @@ gate reads of it, and the ranking by it. Pure functions of the report's data."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..axes import known
 from ..scoring import verdict as V
@@ -194,11 +194,19 @@ def family_recommendation(sections: List[dict], control: Optional[dict], registr
             if section.get("score") is None or ctrl is None or ctrl.get("score") is None:
                 tables = {}
                 break
-            _ids, cand_t, ctrl_t = V.paired_tables(axis, axis.section_items(section), axis.section_items(ctrl))
-            tables[name] = (cand_t, ctrl_t)
-            used_axes[name] = axis
-            if section.get("sequential"):
-                errors[name] = errors_of(section["sequential"])[0]
+            parts: List[Tuple[str, Any]] = [(name, axis)]
+            if callable(getattr(axis, "bucket_verdict", None)):
+                # A PASS of the depth axis is every bucket's PASS (scoring/depth.py), so each
+                # bucket is a test of its own here, at the axis's PASS error.
+                from ..scoring.depth import bucket_axes
+
+                parts = [(f"{name}[{b.DAMAGE_LABEL}]", b) for b in bucket_axes(axis, axis.section_items(section))]
+            for key, part in parts:
+                _ids, cand_t, ctrl_t = V.paired_tables(part, axis.section_items(section), axis.section_items(ctrl))
+                tables[key] = (cand_t, ctrl_t)
+                used_axes[key] = part
+                if section.get("sequential"):
+                    errors[key] = errors_of(section["sequential"])[0]
         contenders.append(family.Contender(sec["candidate"], kv_bytes(sec), tables, errors,
                                            exact=bool(sec.get("self_reference"))))
     return family.recommend(contenders, used_axes).as_json()

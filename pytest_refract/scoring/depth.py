@@ -56,6 +56,12 @@ class _BucketAxis:
         return bucket_table(items, self.index)
 
 
+def bucket_axes(axis, items: Sequence[dict]) -> List[_BucketAxis]:
+    """One verdict axis per depth bucket of ``items`` (the buckets the items were measured in)."""
+    edges = list(items[0]["bucket_edges"]) if items else []
+    return [_BucketAxis(axis, b, edges) for b in range(len(edges) - 1)]
+
+
 def bucket_table(items: Sequence[dict], index: int):
     """(ids, per item (KLD summed over the bucket's positions, positions)) for one bucket."""
     rows = [(float(i["bucket_kld_sum"][index]), float(i["bucket_positions"][index])) for i in items]
