@@ -76,7 +76,11 @@ def where_text(verdicts: Sequence[str], edges: Sequence[int]) -> str:
             runs[-1][2] = edges[k + 1]
         else:
             runs.append([v, edges[k], edges[k + 1]])
-    return ", ".join(f"{v} at depth {a}\u2013{b}" for v, a, b in runs)
+    text = ", ".join(f"{v} at depth {a}\u2013{b}" for v, a, b in runs)
+    failing = [edges[k] for k, v in enumerate(verdicts) if v == V.FAIL]
+    if failing:
+        text += f" (damage beyond the margin from depth {failing[0]})"
+    return text
 
 
 def bucket_errors(err_pass: float, err_fail: float, n_buckets: int):
