@@ -177,3 +177,37 @@ def test_a_matrix_recommends_by_every_depth_bucket(tiny_model, corpus):
     assert rec["recommended"] is None
     for sec in report["candidates"]:
         assert [b["from"] for b in sec["axes"]["depth"]["buckets"]] == [256, 512]
+
+
+def test_a_looks_errors_reach_every_bucket(tiny_model, corpus, monkeypatch):
+    """A sequential look (stopping.py) or the report reads the axis through verdict.axis_verdict
+    with the look's errors: every bucket is tested at the whole PASS error and its share of the
+    FAIL error."""
+    from pytest_refract.axes.depth import DepthAxis
+    from pytest_refract.scoring import depth as D
+    from pytest_refract.scoring import verdict as V
+
+    _report, results = _audit(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8))
+    cand, ctrl = list(results["cand0"]["depth"].values()), list(results["control"]["depth"].values())
+    seen = []
+    real = V.axis_verdict
+
+    def spy(axis, *args, **kwargs):
+        if not isinstance(axis, DepthAxis):
+            seen.append(kwargs.get("errors"))
+        return real(axis, *args, **kwargs)
+
+    monkeypatch.setattr(D.V, "axis_verdict", spy)
+    v = real(DepthAxis(), cand, ctrl, errors=(0.0125, 0.004))
+    assert seen == [(0.0125, 0.002), (0.0125, 0.002)]
+    assert (v.pass_error, v.fail_error) == (0.0125, 0.004)
+    assert v.verdict == D.combine([b["verdict"] for b in v.detail["buckets"]])
+
+
+def test_no_control_still_reports_every_bucket(tiny_model, corpus):
+    report, _ = _audit(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8, sensitivity=None,
+                                 gate_basis="raw"))
+    json.dumps(report, allow_nan=False)
+    buckets = report["axes"]["depth"]["buckets"]
+    assert len(buckets) == 2 and all(b["mean_kld"] > 0 and b["control_mean_kld"] is None for b in buckets)
+    assert report["axes"]["depth"]["growth"] is None
