@@ -192,7 +192,9 @@ class DepthAxis(KLDAxis):
             return ""
         buckets = section.get("buckets") or []
         deepest = buckets[-1]["to"] if buckets else section.get("depth")
-        return f"  mean KLD {section['mean_kld']:.5f} over depth {FIRST_BUCKET}\u2013{deepest}"
+        # The control's section in the report keeps no bucket list: no depth range to name there.
+        where = f" over depth {FIRST_BUCKET}\u2013{deepest}" if deepest else ""
+        return f"  mean KLD {section['mean_kld']:.5f}{where}"
 
     def item_table(self, items) -> Tuple[List[str], np.ndarray]:
         rows = [(float(i["mean_kld"]) * float(i["n_positions"]), float(i["n_positions"])) for i in items]
