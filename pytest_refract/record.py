@@ -80,3 +80,6 @@ class RunRecord:
     # --refract-sweep: the types, the pairs, those llama.cpp refused and those that are no
     # candidate (audit/sweep.py SweepPlan.as_json); None without a sweep.
     sweep: Optional[dict] = None
+    # The longest context each selected axis measured at, in tokens (report/context.py says
+    # what a verdict covers from it): axis -> tokens.
+    context_by_axis: Dict[str, int] = field(default_factory=dict)

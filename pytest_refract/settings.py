@@ -23,7 +23,7 @@ OPTIONS = (
     ("reference", "string", "ctk=f16,ctv=f16", "reference KV config (default: ctk=f16,ctv=f16)"),
     ("candidate", "string", None, "candidate KV config, e.g. ctk=q8_0,ctv=q4_0"),
     ("axes", "string", ",".join(DEFAULT_AXES), "comma-separated axes to run (default trajectory,kld; also rniah, plad, "
-                                               "decode), or 'none' for fixtures only"),
+                                               "decode, depth), or 'none' for fixtures only"),
     ("fail-under", "string", "FAIL", "fail the session when the composite is below this band (FAIL, DEGRADED, PASS, EXCELLENT) or number"),
     ("item-fail-under", "string", None, "opt-in: also fail each item whose own score is below this band or number"),
     ("json", "string", None, "write the JSON report to this path"),
@@ -73,6 +73,10 @@ OPTIONS = (
                                   "fraction of the f16 cache's (e.g. 0.5)"),
     ("require", "string", None, "fail the session unless this KV config PASSes (e.g. ctk=q8_0,ctv=q8_0; measured as a "
                                 "candidate if it is not one)"),
+    ("depth", "string", "4096", "depth axis: chunk length in tokens, positions scored in depth buckets from 256 up to "
+                                "it (default 4096, capped at the model's training context)"),
+    ("depth-stride", "string", "16", "depth axis: score every Nth position of a chunk (1: every position); logits "
+                                     "are computed at scored positions only"),
     ("undecided", "string", "fail", "what the gate does with an UNDECIDED verdict: fail (default: the evidence is not "
                                     "there yet) or pass"),
 )
@@ -105,6 +109,7 @@ _DEFAULT_PARSERS = {
     "rniah-positions": _number_tuple(float),
     "rniah-trials": int, "rniah-answer-tokens": int,
     "max-drop": float,
+    "depth": int, "depth-stride": int,
 }
 # Option -> the Settings field it sets, for every option whose field a default command line
 # sets to the option's default (model and candidate are required; threads, cache-dir and
@@ -118,6 +123,7 @@ OPTION_FIELDS = {
     "rniah-values": "rniah_values", "rniah-answer-tokens": "rniah_answer_tokens", "haystack": "haystack_path",
     "repeat": "repeat", "html": "html_path", "baseline": "baseline_path", "max-drop": "max_drop",
     "llama-lib": "llama_lib", "gate": "gate_basis", "max-items": "max_items", "undecided": "undecided",
+    "depth": "depth", "depth-stride": "depth_stride",
 }
 
 
@@ -129,7 +135,7 @@ def option_default(name: str):
 FLAGS = (("floor", "also measure reference vs reference (a second context) to show the noise floor"),
          ("no-cache", "do not read or write the reference cache"),
          ("clear-cache", "empty the reference cache before the run"),
-         ("full", "run every axis (trajectory, kld, rniah, plad, decode)"),
+         ("full", "run every axis (trajectory, kld, rniah, plad, decode, depth)"),
          ("no-progress", "do not show the progress of long items (a live line on a terminal, a line every few seconds in logs)"),
          ("no-sensitivity", "skip the sensitivity control (the gate then uses the raw composite)"),
          ("exhaustive", "measure every selected item: no sequential stopping once a verdict is decided "
@@ -300,6 +306,11 @@ class Settings:
     kv_budget_fraction: bool = False
     # --refract-require: the config that must PASS (also a candidate).
     require: Optional[KVConfig] = None
+    # The depth axis: chunk length (given on the command line, or the default, which the
+    # inputs cap at the model's training context) and the stride of its scored positions.
+    depth: int = option_default("depth")
+    depth_stride: int = option_default("depth-stride")
+    depth_given: bool = False
 
     @property
     def candidate(self) -> KVConfig:
@@ -349,6 +360,7 @@ class Settings:
             "sequential": {"stopping": self.sequential, "max_items": self.max_items,
                            **({"note": self.sequential_note} if self.sequential_note else {})},
             "decode": {"window": self.decode_window, "chunks": self.decode_chunks},
+            "depth": {"depth": self.depth, "stride": self.depth_stride},
             "rniah": {
                 "lengths": list(self.rniah_lengths) if self.rniah_lengths else None,
                 "positions": list(self.rniah_positions),
@@ -464,6 +476,7 @@ def read_settings(config, known_axes: Optional[dict] = None) -> Optional[Setting
         sequential_note=sequential_note,
         decode_window=_int(config, "decode-window", 1),
         decode_chunks=_int(config, "decode-chunks", 1),
+        **_depth_settings(config),
         max_items=_int(config, "max-items", 1) if _get(config, "max-items") is not None else None,
         sensitivity=sensitivity,
         sensitivity_note=sensitivity_note,
@@ -551,6 +564,32 @@ def _required(require: KVConfig, reference: KVConfig, candidates: list, sweep_ty
     if require not in candidates and not sweep_types:
         candidates.append(require)
     return require
+
+
+def _depth_settings(config) -> dict:
+    """--refract-depth and --refract-depth-stride, checked before anything loads (the model's
+    own limit is checked with its header, inputs/loaded.py)."""
+    from .inputs.depth import FIRST_BUCKET
+
+    raw = _get(config, "depth") or _default_text("depth")
+    try:
+        depth = int(str(raw))
+    except ValueError:
+        raise UsageProblem(f"--refract-depth={raw!r} must be a whole number of tokens, e.g. 4096") from None
+    if depth < 2 * FIRST_BUCKET:
+        raise UsageProblem(f"--refract-depth={depth} is below {2 * FIRST_BUCKET}, twice the first depth bucket "
+                           f"({FIRST_BUCKET} tokens); use --refract-depth={2 * FIRST_BUCKET} or more")
+    raw_stride = _get(config, "depth-stride") or _default_text("depth-stride")
+    try:
+        stride = int(str(raw_stride))
+    except ValueError:
+        raise UsageProblem(f"--refract-depth-stride={raw_stride!r} must be a whole number, e.g. 16") from None
+    if stride < 1:
+        raise UsageProblem(f"--refract-depth-stride={stride} must be at least 1 (1 scores every position)")
+    if stride > FIRST_BUCKET // 4:
+        raise UsageProblem(f"--refract-depth-stride={stride} leaves the first depth bucket ({FIRST_BUCKET} tokens) "
+                           f"with at most one position; use at most {FIRST_BUCKET // 4}")
+    return {"depth": depth, "depth_stride": stride, "depth_given": config.getoption("refract_depth") is not None}
 
 
 def _packs(config, repeat: int) -> Tuple[Optional[str], Optional[str]]:

@@ -5,6 +5,8 @@ architecture this llama.cpp does not know, a chat template that does not render)
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 from conftest import one_usage_error_line, read_report
 from tiny_model import write_tiny_family, write_tiny_llama
@@ -12,9 +14,14 @@ from tiny_model import write_tiny_family, write_tiny_llama
 
 def _args(model, prompts, corpus, report, *extra):
     # Exhaustive: every axis measures every item, whatever a FAIL on another axis decided.
+    # The corpus twice over: long enough for one depth chunk of 512 tokens (once holds ~480).
+    doubled = Path(report).parent / "corpus_twice.txt"
+    doubled.write_text(Path(corpus).read_text(encoding="utf-8") * 2, encoding="utf-8")
+    corpus = doubled
     return [
         f"--refract-model={model}", f"--refract-prompts={prompts}", f"--refract-corpus={corpus}",
-        "--refract-full", "--refract-ctx=64", "--refract-chunks=2", "--refract-n-predict=8", "--refract-threads=1",
+        "--refract-full", "--refract-ctx=64", "--refract-chunks=2", "--refract-depth=512", "--refract-depth-stride=64",
+        "--refract-n-predict=8", "--refract-threads=1",
         "--refract-rniah-lengths=160", "--refract-rniah-positions=0.2", "--refract-rniah-trials=1",
         "--refract-no-progress", "--refract-exhaustive", f"--refract-json={report}", *extra,
     ]
@@ -46,11 +53,11 @@ def test_every_axis_runs_on_the_family(pytester, tiny_prompts, tiny_corpus, fami
     assert len(sections) == len(FAMILY_CANDIDATES[family])
     for label, sec in sections.items():
         axes = sec["axes"]
-        assert set(axes) == {"trajectory", "kld", "rniah", "plad", "decode"}, label
+        assert set(axes) == {"trajectory", "kld", "rniah", "plad", "decode", "depth"}, label
         # One token per llama_decode gives what the batched path gives on this CPU build (the
         # cut back to the prefix included: a hybrid's recurrent state is rebuilt, not cut).
         assert axes["decode"]["decode_batched_disagree"] is not True, (label, axes["decode"]["decode_vs_batched"])
-        for name in ("trajectory", "kld", "plad", "decode"):
+        for name in ("trajectory", "kld", "plad", "decode", "depth"):
             assert axes[name]["score"] is not None and 0.0 <= axes[name]["score"] <= 100.0, (label, name)
         # A random-weight model does not retrieve the needle: n/a, never a made-up 100.
         cell = axes["rniah"]["cells"][0]

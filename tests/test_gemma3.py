@@ -52,9 +52,10 @@ def test_gemma3_full_audit_runs_as_users_run_it(pytester, gemma3, prompts_file, 
     # UNDECIDED: this test is about the model running, the verdict's own tests are elsewhere).
     data = _audit(pytester, gemma3, monkeypatch, f"--refract-prompts={prompts_file}", "--refract-n-predict=16",
                   "--refract-chunks=2", "--refract-full", "--refract-rniah-lengths=4096",
+                  "--refract-depth=1024", "--refract-depth-stride=64",
                   "--refract-rniah-positions=0.5", "--refract-rniah-trials=1")
     assert data["model"]["architecture"] == "gemma3" and data["model"]["path"] == "gemma-3-270m-q4_k_m.gguf"
-    assert set(data["axes"]) == {"trajectory", "kld", "rniah", "plad", "decode"}
+    assert set(data["axes"]) == {"trajectory", "kld", "rniah", "plad", "decode", "depth"}
     # One token per llama_decode on Gemma 3's sliding-window caches agrees with the batched path.
     assert data["axes"]["decode"]["n_chunks"] == 2 and data["axes"]["decode"]["decode_batched_disagree"] is not True
     kld = data["axes"]["kld"]

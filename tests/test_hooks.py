@@ -70,7 +70,7 @@ def test_an_unknown_axis_name_lists_the_added_ones(pytester, tiny_model, tiny_pr
     result = pytester.runpytest_subprocess(*tiny_args(tiny_model, tiny_prompts, tiny_corpus,
                                                       "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-axes=lenght"))
     assert result.ret == 4
-    assert "unknown axis 'lenght'; choose from trajectory, kld, rniah, plad, decode, length or none" in result.stderr.str()
+    assert "unknown axis 'lenght'; choose from trajectory, kld, rniah, plad, decode, depth, length or none" in result.stderr.str()
 
 
 DICT_UNITS_AXIS = '''

@@ -185,8 +185,19 @@ def test_short_corpus_and_bad_prompts_are_one_line_errors(pytester, tiny_model, 
     assert "bad.jsonl:2: malformed JSON" in line
 
 
-def test_full_audit_ids_and_selection(pytester, tiny_model, tiny_prompts, tiny_corpus):
-    args = tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=q8_0,ctv=q8_0", "--refract-full",
+def _depth_corpus(pytester):
+    """A corpus long enough for one depth chunk of 512 tokens (the shared tiny corpus holds ~480)."""
+    path = pytester.path / "depth_corpus.txt"
+    path.write_text(("the end of the world is a hello to the end. " * 60).strip() + "\n", encoding="utf-8")
+    return path
+
+
+DEPTH_ARGS = ("--refract-depth=512", "--refract-depth-stride=64")
+
+
+def test_full_audit_ids_and_selection(pytester, tiny_model, tiny_prompts):
+    args = tiny_args(tiny_model, tiny_prompts, _depth_corpus(pytester), "--refract-candidate=ctk=q8_0,ctv=q8_0",
+                     "--refract-full", *DEPTH_ARGS,
                      "--refract-rniah-lengths=128,256", "--refract-rniah-positions=0.5")
     out = pytester.runpytest_subprocess(*args, "--collect-only", "-q").stdout.str()
     for item in ("test_rniah[128-0.50]", "test_rniah[256-0.50]", "test_plad[fact-001-typo]",
@@ -199,15 +210,16 @@ def test_full_audit_ids_and_selection(pytester, tiny_model, tiny_prompts, tiny_c
     assert "test_rniah[128-0.50]" in rniah_only and "test_plad" not in rniah_only
 
 
-def test_full_self_reference_runs_every_axis(pytester, tiny_model, tiny_prompts, tiny_corpus):
+def test_full_self_reference_runs_every_axis(pytester, tiny_model, tiny_prompts):
     report = pytester.path / "r.json"
     result = pytester.runpytest_subprocess(
-        *tiny_args(tiny_model, tiny_prompts, tiny_corpus, "--refract-candidate=ctk=f16,ctv=f16", "--refract-full",
+        *tiny_args(tiny_model, tiny_prompts, _depth_corpus(pytester), "--refract-candidate=ctk=f16,ctv=f16",
+                   "--refract-full", *DEPTH_ARGS,
                    "--refract-rniah-lengths=128", "--refract-rniah-positions=0.5", "--refract-rniah-trials=2",
                    f"--refract-json={report}")
     )
     data = read_report(report)
-    assert set(data["axes"]) == {"trajectory", "kld", "rniah", "plad", "decode"}
+    assert set(data["axes"]) == {"trajectory", "kld", "rniah", "plad", "decode", "depth"}
     plad = data["axes"]["plad"]
     # Prompts without a capitalised word or a synonym-table word skip those perturbations.
     assert plad["n_pairs"] + plad["n_skipped"] == 3 * 4

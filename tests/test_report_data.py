@@ -223,7 +223,7 @@ def _length_axis():
 def test_registry_fills_the_documented_defaults():
     external = _length_axis()
     registry = resolve([external])
-    assert list(registry) == ["trajectory", "kld", "rniah", "plad", "decode", "length"]
+    assert list(registry) == ["trajectory", "kld", "rniah", "plad", "decode", "depth", "length"]
     axis = registry["length"]
     assert (axis.TITLE, axis.ITEMS_KEY, axis.BATCHED, axis.COMPARE_METRICS) == ("length", "items", 0, ())
     assert axis.diagnose({"score": 10.0}, {}) == [] and axis.control_diagnosis({}, {}) == []

@@ -82,8 +82,8 @@ class ReferenceResults:
                                      [tokens for tokens, _rows, _exact in value])
         return value
 
-    def chunk(self, tokens: List[int], evaluate):
-        return self._runner.reference.chunk(tokens, evaluate)
+    def chunk(self, tokens: List[int], evaluate, variant: tuple = ()):
+        return self._runner.reference.chunk(tokens, evaluate, variant)
 
     def chunk_fingerprint(self, tokens: List[int]):
         """sha256 of the reference's exact logits of the chunk's scored positions, or None."""

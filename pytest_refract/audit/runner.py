@@ -409,8 +409,26 @@ class Runner:
         inputs = self.inputs
         if inputs.rniah_lengths:
             need = max(need, max(inputs.rniah_lengths) + len(inputs.rniah_prompt([])) + inputs.rniah_answer_tokens)
+        if inputs.n_depth_chunks:
+            need = max(need, inputs.depth)
         # llama.cpp pads the cache to 256 cells; asking for a padded size keeps it explicit.
         return padded(need)
+
+    def context_by_axis(self, axes) -> Dict[str, int]:
+        """The longest context each of ``axes`` (the selected ones) measures at, in tokens:
+        what its evidence covers."""
+        s, inputs = self.settings, self.inputs
+        out: Dict[str, int] = {}
+        for name in axes:
+            if name in ("kld", "decode"):
+                out[name] = s.ctx
+            elif name in ("trajectory", "plad") and inputs.longest_prompt():
+                out[name] = inputs.longest_prompt() + s.n_predict
+            elif name == "rniah" and inputs.rniah_lengths:
+                out[name] = max(inputs.rniah_lengths) + len(inputs.rniah_prompt([])) + inputs.rniah_answer_tokens
+            elif name == "depth" and inputs.n_depth_chunks:
+                out[name] = inputs.depth
+        return out
 
     def context(self, role: str, min_ctx: int = 0):
         """The role's one-sequence context; replaced by a larger one when a fixture needs more
@@ -746,6 +764,7 @@ class Runner:
             if settings:
                 axis_settings[name] = settings
         return RunRecord(
+            context_by_axis=self.context_by_axis({a for per in selected.values() for a in per}),
             settings=self.settings,
             candidate_roles=tuple(self.candidate_roles),
             labels=dict(self.labels),

@@ -1,6 +1,6 @@
 """The audit's axes and their registry.
 
-An axis is an Axis subclass (base.py; the five built-ins here) or any object with the same
+An axis is an Axis subclass (base.py; the six built-ins here) or any object with the same
 attributes (an external axis, e.g. returned by a plugin). Required:
 
 - ``NAME``: the axis name used in test ids (``test_<NAME>[unit]``) and in the report;
@@ -41,19 +41,19 @@ import re
 from typing import Dict, Iterable, List, Tuple
 
 from ..errors import UsageProblem
-from . import decode, kld, plad, rniah, trajectory
+from . import decode, depth, kld, plad, rniah, trajectory
 from .base import Axis
 from .base import Unit as Unit  # re-exported: axis authors import it from pytest_refract.axes
 
 REQUIRED = ("NAME", "units", "planned_tokens", "measure", "aggregate")
 
 BUILTIN = {axis.NAME: axis for axis in (trajectory.TrajectoryAxis(), kld.KLDAxis(), rniah.RNIAHAxis(), plad.PLADAxis(),
-                                        decode.DecodeAxis())}
+                                        decode.DecodeAxis(), depth.DepthAxis())}
 ORDER = tuple(BUILTIN)
 # The order in which the axes' own sentences appear in a diagnosis: the trajectory sentence is
 # phrased against the KLD's reading ("although distributions stay close"), so KLD comes first.
 # Axes not listed here follow in the order they ran.
-DIAGNOSIS_ORDER = ("kld", "decode", "trajectory", "rniah", "plad")
+DIAGNOSIS_ORDER = ("kld", "decode", "depth", "trajectory", "rniah", "plad")
 
 
 # The optional members, and their defaults: those of the public base class, so an axis that

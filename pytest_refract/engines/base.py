@@ -262,6 +262,31 @@ class Context:
                 consume(done, require_finite(self._view(n_out)))
                 done += n_out
 
+    def evaluate_at(self, seq: int, tokens: Sequence[int], start_pos: int, wanted: Sequence[int],
+                    consume: Consume) -> None:
+        """As evaluate_each, with logits only for the token indices in ``wanted`` (ascending):
+        llama.cpp then runs the output layer (hidden state x vocabulary) for those rows alone,
+        and its output buffer holds only them. The batch cuts are evaluate_each's, so the KV
+        cache, and every row asked for, are the same as with logits for every row."""
+        if start_pos + len(tokens) > self.n_ctx_seq:
+            raise MeasurementError(
+                f"{start_pos + len(tokens)} tokens do not fit the context of {self.n_ctx_seq}; raise --refract-ctx"
+            )
+        want = set(int(i) for i in wanted)
+        step = self.settings.n_batch
+        done = 0
+        for off in range(0, len(tokens), step):
+            part = tokens[off : off + step]
+            if len(part) == 1:
+                self.n_decode_tokens += 1
+            else:
+                self.n_batch_tokens += len(part)
+            rows = [(int(t), start_pos + off + i, (off + i) in want) for i, t in enumerate(part)]
+            n_out = self._step(rows, [seq] * len(rows))
+            if n_out:
+                consume(done, require_finite(self._view(n_out)))
+                done += n_out
+
     def evaluate(self, seq: int, tokens: Sequence[int], start_pos: int = 0,
                  logits_from: Optional[int] = None) -> np.ndarray:
         """As evaluate_each, the rows collected into one array."""

@@ -37,6 +37,11 @@ class Inputs:
         self.chunks: Tuple[int, ...] = ()        # the distinct chunks the KLD-type axes measure
         self.repeated_chunks: Dict[int, int] = {}  # a chunk that repeats an earlier one -> that one
         self.merged_cells: Dict[Tuple[int, float], Tuple[int, float]] = {}  # R-NIAH (length, position) -> first
+        # The depth axis: its chunk length (the default capped at the model's context) and chunks.
+        self.depth = settings.depth
+        self.n_depth_chunks = 0
+        self.depth_chunks: Tuple[int, ...] = ()
+        self.repeated_depth_chunks: Dict[int, int] = {}
         self.haystack: Optional[Haystack] = None
         self.haystack_source = None
         self.rniah_lengths: tuple = ()
@@ -105,10 +110,55 @@ class Inputs:
                                                                       first_replaced=bool(tok.add_bos))
                 self.chunks = tuple(kept)
                 self.n_chunks = len(kept)
+                if "depth" in s.axes:
+                    self._prepare_depth(n_ctx_train or 0)
             self._check_prompts_fit(n_ctx_train or 0)
         finally:
             tok.close()
             self.tokenizer = None
+
+    def _prepare_depth(self, limit: int) -> None:
+        """The depth axis's chunk length and chunk count, refused with the limit and the fix."""
+        s = self.settings
+        depth = s.depth
+        if limit and depth > limit:
+            if s.depth_given:
+                raise UsageProblem(f"--refract-depth={depth} exceeds the model's training context of {limit} tokens; "
+                                   f"use --refract-depth={limit} or less")
+            depth = limit
+        if depth < 512:
+            raise UsageProblem(f"the model's training context of {limit} tokens is below the depth axis's minimum of "
+                               "512; drop depth from --refract-axes")
+        n = len(self.corpus_tokens) // depth
+        if n < 1:
+            name = self.corpus.name if self.corpus is not None else "the corpus"
+            raise UsageProblem(f"corpus {name} holds {len(self.corpus_tokens)} tokens, fewer than one "
+                               f"depth chunk of {depth}; give a longer --refract-corpus or a smaller --refract-depth "
+                               f"(at most {len(self.corpus_tokens)})")
+        self.depth = depth
+        # As for the KLD axis: a depth chunk repeated token for token counts once.
+        kept, self.repeated_depth_chunks = distinct.distinct_chunks(self.corpus_tokens, depth, n, s.chunks,
+                                                                    first_replaced=bool(self.tokenizer.add_bos))
+        self.depth_chunks = tuple(kept)
+        self.n_depth_chunks = len(kept)
+        self._check_depth_memory()
+
+    def _check_depth_memory(self) -> None:
+        """Refuse a depth this machine cannot hold, before any model loads."""
+        from . import depth as depth_memory
+        from .depth import scored_positions
+
+        s = self.settings
+        roles = [s.reference, *s.candidates] + ([s.sensitivity] if s.sensitivity else [])
+        types = [t for kv in roles for t in (kv.ctk, kv.ctv)]
+        est = depth_memory.estimate(self.info, depth_memory.model_size(self.model_path), self.depth,
+                                    len(scored_positions(self.depth, s.depth_stride)), self.tokenizer.n_vocab,
+                                    len(roles) + bool(s.floor), types, s.n_batch, s.depth_stride)
+        free = depth_memory.available_bytes()
+        if est is not None and free is not None and est.total > free:
+            raise UsageProblem(f"--refract-depth={self.depth} needs {est.text()}, more than the "
+                               f"{free / 1024 ** 3:.1f} GiB this machine has available; use a smaller --refract-depth, "
+                               "a larger --refract-depth-stride or fewer candidates, or a machine with more memory")
 
     def _tiny_vocabulary(self, n: int) -> str:
         return (f"{self.model_path.name} has a vocabulary of {n} token(s): nothing to tokenize with or to compare; "
@@ -218,6 +268,9 @@ class Inputs:
             more = f" and {len(self.repeated_chunks) - 3} more" if len(self.repeated_chunks) > 3 else ""
             parts.append(f"{len(self.repeated_chunks)} chunk(s) of the corpus repeat an earlier chunk token for token "
                          f"and count once ({shown}{more})")
+        if self.repeated_depth_chunks:
+            parts.append(f"{len(self.repeated_depth_chunks)} depth chunk(s) of {self.depth} tokens repeat an earlier one "
+                         "and count once")
         if self.settings.chunks is not None and self.n_chunks < self.settings.chunks:
             parts.append(f"corpus holds {self.n_chunks} distinct chunks of {self.settings.ctx} tokens; "
                          f"{self.settings.chunks} were asked for")

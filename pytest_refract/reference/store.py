@@ -230,12 +230,14 @@ class ReferenceStore:
             value.append((tokens[i], rows[i], np.stack(exact[i]) if floor else None))
         return self._remember("trajectory-batch", tuple(keys), value)
 
-    def chunk(self, tokens: List[int], evaluate_fn):
+    def chunk(self, tokens: List[int], evaluate_fn, variant: tuple = ()):
         """(16-bit log-probs as LogprobRows, exact logits or None) of the reference for one
         KLD chunk. ``evaluate_fn(ctx, consume)`` runs the chunk and hands over logit rows
         batch by batch; they are quantized as they come, so only the 16-bit form is held
-        (the exact rows are kept only for the floor)."""
-        key = self.cache.key("kld", tokens)
+        (the exact rows are kept only for the floor). ``variant``: which rows the evaluation
+        asks for where it is not the KLD axis's second half (the depth axis's strided
+        positions), part of the key; such a chunk keeps no exact rows (no floor)."""
+        key = self.cache.key("kld", tokens, *variant)
         value = self._recall("kld", key)
         if value is not None:
             return value
@@ -251,7 +253,7 @@ class ReferenceStore:
         def take(first_row, view):
             parts.append(sparse_logprobs(view))
             digest.update(np.ascontiguousarray(view).data)
-            if self.settings.floor:
+            if self.settings.floor and not variant:
                 exact.append(view.copy())
 
         evaluate_fn(self.side.context(), take)

@@ -17,6 +17,7 @@ from .. import __version__
 from ..axes import DIAGNOSIS_ORDER, known
 from ..record import RunRecord
 from ..scoring.metrics import BAND_FLOOR, band_for
+from .context import context_evidence
 from .jsonio import SCHEMA
 from .ran import NO_OP, no_op_reason
 from .sections import build_axes, composite_of, custom_gates, floor_of, repeat_stats
@@ -489,6 +490,7 @@ def build_report(
     if not multi:
         # One candidate: its full result is the top level; no second copy.
         del report["candidates"]
+    report["context_evidence"] = context_evidence(facts.context_by_axis, settings.get("depth"))
     report["wall_s"] = facts.wall_s
     # How far an interrupted run got: items with a result or a failure (the control's
     # included), of those selected.

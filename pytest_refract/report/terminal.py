@@ -6,6 +6,7 @@ from __future__ import annotations
 from typing import Optional
 
 from ..axes import BUILTIN, known
+from ..axes.depth import bucket_lines as depth_lines
 from ..scoring.metrics import band_for
 from ..scoring.verdict import miss_text
 
@@ -46,6 +47,9 @@ def render(tr, report: dict, json_path, registry=None) -> None:
     tr.write_line(f"reference  {report['reference']}")
     if report.get("reference_ran"):
         _render_ran(tr, report["reference_ran"])
+    if report.get("context_evidence"):
+        tr.write_line(f"context    {report['context_evidence']['text']}",
+                      yellow=not report["context_evidence"]["depth_axis"])
     if report["settings"].get("chunks_note"):
         tr.write_line(f"note       {report['settings']['chunks_note']}")
     merged = ((report["settings"].get("rniah") or {}).get("merged_cells")) or []
@@ -175,6 +179,9 @@ def _render_verdict(tr, report: dict, registry=BUILTIN) -> None:
         tr.write(f"  {name:<11}")
         tr.write(f"{a['verdict']:<10}", **{_VERDICT_COLOURS.get(a["verdict"], "red"): True})
         tr.write_line(what + _sequential_text((report.get("axes") or {}).get(name) or {}))
+        where = (a.get("detail") or {}).get("where")
+        if where:
+            tr.write_line(f"             by depth: {where}")
         if a["verdict"] == "PASS" and a.get("could_miss"):
             noun = getattr(registry.get(name), "ITEMS_NOUN", None) or "items"
             tr.write_line(f"             what this PASS could miss: {miss_text(a['could_miss'], noun)}")
@@ -308,6 +315,8 @@ def _render_candidate(tr, report: dict, registry) -> None:
         if rep and rep.get("stdev") is not None:
             tr.write_line(f"           repeat x{rep['n']}: mean {rep['mean']:.2f}, stdev {rep['stdev']:.2f}, "
                           f"range {rep['range']:.2f} -> {rep['verdict']}")
+        for line in depth_lines(section) if name == "depth" else ():
+            tr.write_line(line)
         if section.get("error"):
             tr.write_line(f"           {section['error']}", red=True)
         if section.get("not_measured"):

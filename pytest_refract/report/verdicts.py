@@ -4,7 +4,7 @@ gate reads of it, and the ranking by it. Pure functions of the report's data."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Optional, Tuple
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Tuple
 
 from ..axes import known
 from ..scoring import verdict as V
@@ -59,6 +59,7 @@ def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
             v.verdict, v.items_needed = V.UNDECIDED, None
             v.reason = (pruned or {})[name]
         section["verdict"] = v.as_json()
+        _merge_detail(section, v.detail)
         per_axis[name] = v
     run = V.run_verdict(per_axis)
     out = run.as_json()
@@ -67,6 +68,19 @@ def candidate_verdict(axes: Dict[str, dict], control: Optional[dict], registry,
                      else f"{v.axis}: {v.reason} (--refract-exhaustive measures it anyway)" if v.axis in stopped_by
                      else V.undecided_advice(v) for v in per_axis.values() if v.verdict == V.UNDECIDED]
     return out
+
+
+def _merge_detail(section: dict, detail: Optional[dict]) -> None:
+    """An axis verdict's own figures into its section: the depth axis's per-bucket multiples and
+    verdicts beside each bucket's measured KLD, and its growth figure."""
+    if not detail:
+        return
+    rows = section.get("buckets")
+    if isinstance(rows, list):
+        for row, b in zip(rows, detail.get("buckets") or []):
+            row.update({k: b[k] for k in ("control_mean_kld", "multiple", "multiple_ci95", "verdict")})
+    if "growth" in detail:
+        section["growth"] = detail["growth"]
 
 
 def _band_of_score(score: Optional[float]) -> Optional[str]:
@@ -188,11 +202,19 @@ def family_recommendation(sections: List[dict], control: Optional[dict], registr
             if section.get("score") is None or ctrl is None or ctrl.get("score") is None:
                 tables = {}
                 break
-            _ids, cand_t, ctrl_t = V.paired_tables(axis, axis.section_items(section), axis.section_items(ctrl))
-            tables[name] = (cand_t, ctrl_t)
-            used_axes[name] = axis
-            if section.get("sequential"):
-                errors[name] = errors_of(section["sequential"])[0]
+            parts: List[Tuple[str, Any]] = [(name, axis)]
+            if callable(getattr(axis, "bucket_verdict", None)):
+                # A PASS of the depth axis is every bucket's PASS (scoring/depth.py), so each
+                # bucket is a test of its own here, at the axis's PASS error.
+                from ..scoring.depth import bucket_axes
+
+                parts = [(f"{name}[{b.DAMAGE_LABEL}]", b) for b in bucket_axes(axis, axis.section_items(section))]
+            for key, part in parts:
+                _ids, cand_t, ctrl_t = V.paired_tables(part, axis.section_items(section), axis.section_items(ctrl))
+                tables[key] = (cand_t, ctrl_t)
+                used_axes[key] = part
+                if section.get("sequential"):
+                    errors[key] = errors_of(section["sequential"])[0]
         if sec["candidate"] in unmeasured:
             tables = {}
         contenders.append(family.Contender(sec["candidate"], kv_bytes(sec), tables, errors,

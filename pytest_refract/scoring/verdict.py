@@ -507,6 +507,7 @@ class AxisVerdict:
     fail_error: Optional[float] = None   # one-sided error of the FAIL side (lower end)
     min_pass_items: Optional[int] = None  # a PASS needs at least this many items
     could_miss: Optional[float] = None   # a problem on fewer than this share of items could go unseen
+    detail: Optional[dict] = None        # an axis's own figures of its verdict (the depth axis's buckets)
 
     def as_json(self) -> dict:
         return {k: v for k, v in self.__dict__.items()}
@@ -595,8 +596,15 @@ def axis_verdict(axis, candidate_items: Sequence[dict], control_items: Optional[
         side = (1.0 - level) / 2
         errors = (side, side / max(1, n_axes))
     err_pass, err_fail = float(errors[0]), float(errors[1])
-    verdict = _axis_verdict(axis, candidate_items, control_items, control_score, err_pass, err_fail,
-                            same_computation, min_pass_items)
+    # An axis whose verdict is several tests (the depth axis: one per depth bucket) decides it
+    # itself, from these errors (scoring/depth.py says how it spends them).
+    own = getattr(axis, "bucket_verdict", None)
+    if callable(own):
+        verdict = own(candidate_items, control_items, control_score, err_pass, err_fail, same_computation,
+                      min_pass_items)
+    else:
+        verdict = _axis_verdict(axis, candidate_items, control_items, control_score, err_pass, err_fail,
+                                same_computation, min_pass_items)
     verdict.level = 1.0 - err_pass - err_fail
     verdict.pass_error, verdict.fail_error = err_pass, err_fail
     verdict.min_pass_items = 0 if same_computation else min_pass_items

@@ -94,3 +94,69 @@ def bars(bars: List[dict], *, width: int, height: int, label: str, y_title: str,
     out.append(f'<line class="axis" x1="{left}" x2="{width - right}" y1="{top + ph}" y2="{top + ph}"/>')
     out.append("</svg>")
     return Markup("".join(out))
+
+
+def lines(series: List[dict], x_labels: List[str], *, width: int, height: int, label: str, y_title: str,
+          value_fmt: Callable[[float], str], hline: Optional[float] = None, hline_label: str = "") -> Markup:
+    """A line chart over categorical x positions. Each series: cls, name, values (None: a gap),
+    and optionally lo/hi (interval whiskers per point; hi None: open above, drawn to the top
+    with an arrow). hline: a dashed reference line (e.g. the verdict margin), labelled."""
+    left, right, top, bottom = 56, 12, 18, 34
+    pw, ph = width - left - right, height - top - bottom
+    peaks = [v for s in series for v in (s.get("values") or []) if is_num(v)]
+    peaks += [v for s in series for v in (s.get("hi") or []) if is_num(v)]
+    if is_num(hline):
+        peaks.append(float(hline) * 1.15)
+    ticks = nice_ticks(max(peaks, default=0.0))
+    ymax = ticks[-1] or 1.0
+
+    def y(v: float) -> float:
+        return top + ph - max(0.0, min(v, ymax)) / ymax * ph
+
+    slot = pw / max(len(x_labels), 1)
+
+    def x(k: int) -> float:
+        return left + slot * (k + 0.5)
+
+    out = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+           f'aria-label="{_e(label)}">']
+    for tv in ticks:
+        out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(tv):.1f}" y2="{y(tv):.1f}"/>'
+                   f'<text class="ytl" x="{left - 6}" y="{y(tv) + 3.5:.1f}">{_e(format(tv, "g"))}</text>')
+    out.append(f'<text class="yt" transform="translate(13 {top + ph / 2:.1f}) rotate(-90)">{_e(y_title)}</text>')
+    for k, text in enumerate(x_labels):
+        out.append(f'<text class="xl" x="{x(k):.1f}" y="{top + ph + 15}">{_e(text)}</text>')
+    if is_num(hline):
+        hy = y(float(hline))
+        out.append(f'<line class="hline" x1="{left}" x2="{width - right}" y1="{hy:.1f}" y2="{hy:.1f}"/>')
+        if hline_label:
+            out.append(f'<text class="ytl" x="{width - right}" y="{hy - 4:.1f}">{_e(hline_label)}</text>')
+    for s in series:
+        cls = _e(s.get("cls", "line"))
+        values = list(s.get("values") or [])
+        los, his = list(s.get("lo") or []), list(s.get("hi") or [])
+        path, pen = [], "M"
+        for k, v in enumerate(values):
+            if not is_num(v):
+                pen = "M"
+                continue
+            path.append(f"{pen}{x(k):.1f} {y(v):.1f}")
+            pen = "L"
+        if path:
+            out.append(f'<path class="{cls}" fill="none" d="{"".join(path)}"/>')
+        for k, v in enumerate(values):
+            if not is_num(v):
+                continue
+            lo = los[k] if k < len(los) else None
+            hi = his[k] if k < len(his) else None
+            title = f"{s.get('name', '')} at {x_labels[k]}: {value_fmt(v)}"
+            if is_num(lo):
+                title += f" [{value_fmt(lo)}, {value_fmt(hi) if is_num(hi) else 'open'}]"
+                yl, yh = y(lo), (y(hi) if is_num(hi) else top)
+                arrow = "" if is_num(hi) else f"M{x(k) - 4:.1f} {top + 5:.1f}L{x(k):.1f} {top:.1f}L{x(k) + 4:.1f} {top + 5:.1f}"
+                out.append(f'<path class="err" d="M{x(k):.1f} {yl:.1f}V{yh:.1f}M{x(k) - 3:.1f} {yl:.1f}h6'
+                           + (f'M{x(k) - 3:.1f} {yh:.1f}h6' if is_num(hi) else arrow) + '"/>')
+            out.append(f'<g><title>{_e(title)}</title><circle class="{cls}" cx="{x(k):.1f}" cy="{y(v):.1f}" r="3.5"/></g>')
+    out.append(f'<line class="axis" x1="{left}" x2="{width - right}" y1="{top + ph}" y2="{top + ph}"/>')
+    out.append("</svg>")
+    return Markup("".join(out))

@@ -1,0 +1,213 @@
+"""The depth axis (axes/depth.py) on the fake engine and the tiny model: its chunk layout and
+depth buckets, logits only at the scored positions, the JSON schema of its buckets, and the
+second half of a chunk at stride 1 equal to the KLD axis at the same chunk length."""
+
+from __future__ import annotations
+
+import json
+
+import fake_engine
+import numpy as np
+import pytest
+from test_runner_fake import measure_every_item
+
+from pytest_refract.audit.runner import Runner
+from pytest_refract.axes import resolve
+from pytest_refract.engines.kvconfig import parse_kv_config
+from pytest_refract.inputs.depth import bucket_edges, bucket_of, scored_positions
+from pytest_refract.report.build import build_report
+from pytest_refract.settings import Settings
+
+
+def _settings(model, corpus, candidate="ctk=q8_0,ctv=q4_0", **over) -> Settings:
+    values = dict(model=str(model), reference=parse_kv_config("ctk=f16,ctv=f16"),
+                  candidates=(parse_kv_config(candidate),), axes=("kld", "depth"),
+                  fail_under=0.0, fail_under_text="0", item_fail_under=None, json_path=None,
+                  prompts_path=None, corpus_path=str(corpus), n_predict=8, ctx=512, chunks=None, seed=0,
+                  threads=1, gpu_layers=0, floor=False, decode_batch=1, depth=512, depth_stride=1,
+                  sensitivity=parse_kv_config("ctk=bf16,ctv=bf16"), gate_basis="verdict", sequential=False)
+    values.update(over)
+    return Settings(**values)
+
+
+def _audit(settings):
+    axes = resolve()
+    runner = Runner(settings, axes, engine_mod=fake_engine)
+    results = measure_every_item(runner)
+    items = sum(len(per_axis) for role, axes_of in results.items() if role != "control" for per_axis in axes_of.values())
+    facts = runner.record(None, wall_s=1.0, items_selected=items)
+    report = build_report(facts=facts, results=results, failed={}, custom=[], invocation_args=[], complete=True,
+                          registry=axes)
+    runner.close()
+    return report, results
+
+
+@pytest.fixture
+def corpus(tmp_path):
+    # 3 chunks of 1024 tokens of varied words (the fake tokenizer hashes words).
+    path = tmp_path / "corpus.txt"
+    path.write_text(" ".join(f"w{i % 97}x{i % 13}" for i in range(3 * 1024 + 10)), encoding="utf-8")
+    return path
+
+
+def test_bucket_edges_double_and_end_with_the_second_half():
+    assert bucket_edges(512) == [256, 512]
+    assert bucket_edges(4096) == [256, 512, 1024, 2048, 4096]
+    assert bucket_edges(8192) == [256, 512, 1024, 2048, 4096, 8192]
+    # Not a power of two: the last bucket is still the second half.
+    assert bucket_edges(6000) == [256, 512, 1024, 2048, 3000, 6000]
+
+
+@pytest.mark.parametrize("depth,stride", [(512, 1), (1024, 16), (4096, 16), (6000, 7)])
+def test_scored_positions_follow_the_stride_in_every_bucket(depth, stride):
+    positions = scored_positions(depth, stride)
+    edges = bucket_edges(depth)
+    assert positions == sorted(set(positions))
+    assert positions[0] == 256 and positions[-1] <= depth - 2
+    which = bucket_of(positions, edges)
+    for b in range(len(edges) - 1):
+        inside = [p for p, w in zip(positions, which) if w == b]
+        assert inside[0] == edges[b], "each bucket's grid starts at its own edge"
+        assert all(q - p == stride for p, q in zip(inside, inside[1:]))
+    if stride == 1:
+        # The second half is exactly llama-perplexity's scored positions n/2 .. n-2.
+        assert [p for p in positions if p >= depth // 2] == list(range(depth // 2, depth - 1))
+
+
+def test_depth_second_half_equals_the_kld_axis_at_stride_1(tiny_model, corpus):
+    """At stride 1 the last bucket is the KLD axis's chunk at --refract-ctx=N: same chunks, same
+    positions, the same mean KLD per chunk."""
+    report, results = _audit(_settings(tiny_model, corpus, ctx=512, depth=512, depth_stride=1))
+    kld = {i["id"]: i for i in report["axes"]["kld"]["items"]}
+    depth = {i["id"]: i for i in report["axes"]["depth"]["items"]}
+    assert set(depth) <= set(kld) and len(depth) >= 2
+    for cid, item in depth.items():
+        assert item["bucket_edges"] == [256, 512]
+        assert item["bucket_positions"] == [255] == [kld[cid]["n_positions"]]
+        assert item["bucket_kld_sum"][0] / 255 == pytest.approx(kld[cid]["mean_kld"], rel=1e-9, abs=1e-12)
+    assert report["axes"]["depth"]["buckets"][0]["mean_kld"] == pytest.approx(report["axes"]["kld"]["mean_kld"],
+                                                                             rel=1e-9)
+
+
+def test_logits_only_at_scored_positions(tiny_model, corpus, monkeypatch):
+    settings = _settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=16)
+    runner = Runner(settings, resolve(), engine_mod=fake_engine)
+    wanted = []
+    original = fake_engine.FakeContext._decode
+    monkeypatch.setattr(fake_engine.FakeContext, "_decode", lambda self, rows, seqs: (
+        wanted.extend(r[1] for r in rows if r[2]), original(self, rows, seqs))[1])
+    results = measure_every_item(runner)
+    runner.close()
+    assert wanted, "the candidate decoded nothing"
+    per_chunk = scored_positions(1024, 16)
+    assert len(wanted) % len(per_chunk) == 0
+    assert wanted[: len(per_chunk)] == per_chunk
+    assert results
+
+
+def test_json_buckets_schema(tiny_model, corpus):
+    report, _ = _audit(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8))
+    json.dumps(report, allow_nan=False)
+    section = report["axes"]["depth"]
+    assert section["stride"] == 8 and section["depth"] == 1024
+    buckets = section["buckets"]
+    assert [(b["from"], b["to"]) for b in buckets] == [(256, 512), (512, 1024)]
+    keys = {"from", "to", "positions", "mean_kld", "control_mean_kld", "multiple", "multiple_ci95", "verdict",
+            "same_top_pct", "kld_p999"}
+    n_chunks = section["n_chunks"]
+    assert n_chunks >= 2
+    for b in buckets:
+        assert keys <= set(b)
+        assert b["positions"] == n_chunks * len(range(b["from"], min(b["to"], 1023), 8))
+        assert b["control_mean_kld"] is not None and b["verdict"] in ("PASS", "FAIL", "UNDECIDED")
+        assert b["mean_kld"] > 0 and b["kld_p999"] >= b["mean_kld"]
+        if b["multiple"] is not None:
+            assert b["multiple"] == pytest.approx(b["mean_kld"] / b["control_mean_kld"], rel=1e-9)
+    v = section["verdict"]
+    assert v["axis"] == "depth" and "at depth" in v["reason"]
+    assert set(np.asarray([b["verdict"] for b in buckets])) <= {"PASS", "FAIL", "UNDECIDED"}
+
+
+def test_terminal_and_html_show_the_buckets_and_the_context_covered(tiny_model, corpus):
+    from pytest_refract.report.html.render import render_html
+    from pytest_refract.report.terminal import render
+
+    report, _ = _audit(_settings(tiny_model, corpus, axes=("kld", "depth"), depth=1024, depth_stride=8))
+    assert report["context_evidence"]["tokens"] == 1024 and report["context_evidence"]["depth_axis"]
+    lines = []
+
+    class TR:
+        def write_sep(self, *a, **k):
+            pass
+
+        def write(self, text, **k):
+            lines.append(text)
+
+        def write_line(self, text="", **k):
+            lines.append(text + "\n")
+
+    render(TR(), report, None)
+    text = "".join(lines)
+    assert "evidence up to 1024 tokens of context" in text
+    assert text.count("depth    256\u2013512") == 1 and "depth    512\u20131024" in text
+    assert "by depth:" in text
+    page = render_html(report)
+    assert 'aria-label="Multiple of the control&#x27;s KLD by depth"' in page and 'class="hline"' in page
+    assert "Mean KLD by depth" in page and "Context covered:" in page
+
+
+def test_without_depth_every_report_says_how_far_its_evidence_reaches(tiny_model, corpus):
+    from pytest_refract.report.html.render import render_html
+
+    report, _ = _audit(_settings(tiny_model, corpus, axes=("kld",), ctx=512))
+    evidence = report["context_evidence"]
+    assert evidence["tokens"] == 512 and not evidence["depth_axis"]
+    assert "evidence up to 512 tokens of context" in evidence["text"] and "--refract-full" in evidence["text"]
+    assert "evidence up to 512 tokens of context" in render_html(report)
+
+
+def test_a_matrix_recommends_by_every_depth_bucket(tiny_model, corpus):
+    """Which config to ship reads each depth bucket as a test of its own."""
+    report, _ = _audit(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8,
+                                 candidates=(parse_kv_config("ctk=q8_0,ctv=q8_0"), parse_kv_config("ctk=q4_0,ctv=q4_0"))))
+    json.dumps(report, allow_nan=False)
+    rec = report["recommendation"]
+    assert set(rec["decisions"]) == {"ctk=q8_0,ctv=q8_0", "ctk=q4_0,ctv=q4_0"}
+    # Six chunks cannot PASS (46 are needed): nothing is recommended.
+    assert rec["recommended"] is None
+    for sec in report["candidates"]:
+        assert [b["from"] for b in sec["axes"]["depth"]["buckets"]] == [256, 512]
+
+
+def test_a_looks_errors_reach_every_bucket(tiny_model, corpus, monkeypatch):
+    """A sequential look (stopping.py) or the report reads the axis through verdict.axis_verdict
+    with the look's errors: every bucket is tested at the whole PASS error and its share of the
+    FAIL error."""
+    from pytest_refract.axes.depth import DepthAxis
+    from pytest_refract.scoring import depth as D
+    from pytest_refract.scoring import verdict as V
+
+    _report, results = _audit(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8))
+    cand, ctrl = list(results["cand0"]["depth"].values()), list(results["control"]["depth"].values())
+    seen = []
+    real = V.axis_verdict
+
+    def spy(axis, *args, **kwargs):
+        if not isinstance(axis, DepthAxis):
+            seen.append(kwargs.get("errors"))
+        return real(axis, *args, **kwargs)
+
+    monkeypatch.setattr(D.V, "axis_verdict", spy)
+    v = real(DepthAxis(), cand, ctrl, errors=(0.0125, 0.004))
+    assert seen == [(0.0125, 0.002), (0.0125, 0.002)]
+    assert (v.pass_error, v.fail_error) == (0.0125, 0.004)
+    assert v.verdict == D.combine([b["verdict"] for b in v.detail["buckets"]])
+
+
+def test_no_control_still_reports_every_bucket(tiny_model, corpus):
+    report, _ = _audit(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8, sensitivity=None,
+                                 gate_basis="raw"))
+    json.dumps(report, allow_nan=False)
+    buckets = report["axes"]["depth"]["buckets"]
+    assert len(buckets) == 2 and all(b["mean_kld"] > 0 and b["control_mean_kld"] is None for b in buckets)
+    assert report["axes"]["depth"]["growth"] is None
