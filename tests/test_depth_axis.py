@@ -211,3 +211,17 @@ def test_no_control_still_reports_every_bucket(tiny_model, corpus):
     buckets = report["axes"]["depth"]["buckets"]
     assert len(buckets) == 2 and all(b["mean_kld"] > 0 and b["control_mean_kld"] is None for b in buckets)
     assert report["axes"]["depth"]["growth"] is None
+
+
+def test_a_depth_chunk_repeated_token_for_token_counts_once(tiny_model, tmp_path):
+    # 512 words, then the same 512 twice more: with BOS over each chunk's first token, depth
+    # chunks 1 and 2 are chunk 0 again. Counted three times they would narrow every bucket's
+    # interval as if they were independent.
+    words = " ".join(f"w{i % 97}x{i % 13}" for i in range(512))
+    path = tmp_path / "loop.txt"
+    path.write_text(" ".join([words] * 3 + ["tail"] * 20), encoding="utf-8")
+    settings = _settings(tiny_model, path, axes=("depth",), depth=512, depth_stride=8)
+    report, results = _audit(settings)
+    ids = [item["id"] for item in report["axes"]["depth"]["items"]]
+    assert len(ids) == 1, ids
+    assert "2 depth chunk(s) of 512 tokens repeat an earlier one and count once" in report["settings"]["chunks_note"]
