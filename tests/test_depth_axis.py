@@ -163,7 +163,10 @@ def test_without_depth_every_report_says_how_far_its_evidence_reaches(tiny_model
     evidence = report["context_evidence"]
     assert evidence["tokens"] == 512 and not evidence["depth_axis"]
     assert "evidence up to 512 tokens of context" in evidence["text"] and "--refract-full" in evidence["text"]
-    assert "evidence up to 512 tokens of context" in render_html(report)
+    page = render_html(report)
+    assert "evidence up to 512 tokens of context" in page
+    # The page leads with what the gate reads; the context it covers qualifies it, after it.
+    assert page.index('id="verdict"') < page.index('id="context-covered"')
 
 
 def test_a_matrix_recommends_by_every_depth_bucket(tiny_model, corpus):
