@@ -162,7 +162,7 @@ def test_full_self_reference_is_100_on_rniah_and_plad(pytester, smollm2, prompts
 
 def test_k_rniah_and_k_plad_select(pytester, smollm2, prompts_file):
     result, report = _full(pytester, smollm2, prompts_file, "ctk=q8_0,ctv=q8_0", "-k", "plad and punct")
-    result.assert_outcomes(passed=3, deselected=18)  # with the decode axis's 2 chunks
+    result.assert_outcomes(passed=3, deselected=20)  # with the decode and depth axes' 2 chunks each
     assert list(read_report(report)["axes"]) == ["plad"]
     result, _ = _full(pytester, smollm2, prompts_file, "ctk=q8_0,ctv=q8_0", "-k", "rniah", "--collect-only", "-q")
     out = result.stdout.str()
