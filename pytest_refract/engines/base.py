@@ -243,24 +243,8 @@ class Context:
         asking logits for tokens from index ``logits_from`` on (None: none). Each cut's rows
         go to ``consume(first_row, view)``: ``view`` is the engine's own output buffer, so a
         caller that reduces rows on the fly never holds a float copy of a whole chunk."""
-        if start_pos + len(tokens) > self.n_ctx_seq:
-            raise MeasurementError(
-                f"{start_pos + len(tokens)} tokens do not fit the context of {self.n_ctx_seq}; raise --refract-ctx"
-            )
         first = len(tokens) if logits_from is None else logits_from
-        step = self.settings.n_batch
-        done = 0
-        for off in range(0, len(tokens), step):
-            part = tokens[off : off + step]
-            if len(part) == 1:
-                self.n_decode_tokens += 1
-            else:
-                self.n_batch_tokens += len(part)
-            rows = [(int(t), start_pos + off + i, off + i >= first) for i, t in enumerate(part)]
-            n_out = self._step(rows, [seq] * len(rows))
-            if n_out:
-                consume(done, require_finite(self._view(n_out)))
-                done += n_out
+        self._evaluate_rows(seq, tokens, start_pos, lambda i: i >= first, consume)
 
     def evaluate_at(self, seq: int, tokens: Sequence[int], start_pos: int, wanted: Sequence[int],
                     consume: Consume) -> None:
@@ -268,11 +252,16 @@ class Context:
         llama.cpp then runs the output layer (hidden state x vocabulary) for those rows alone,
         and its output buffer holds only them. The batch cuts are evaluate_each's, so the KV
         cache, and every row asked for, are the same as with logits for every row."""
+        want = set(int(i) for i in wanted)
+        self._evaluate_rows(seq, tokens, start_pos, want.__contains__, consume)
+
+    def _evaluate_rows(self, seq: int, tokens: Sequence[int], start_pos: int, logits_for, consume: Consume) -> None:
+        """The one batch loop of evaluate_each and evaluate_at: cuts at n_batch, logits for the
+        token indices ``logits_for(index)`` is true of."""
         if start_pos + len(tokens) > self.n_ctx_seq:
             raise MeasurementError(
                 f"{start_pos + len(tokens)} tokens do not fit the context of {self.n_ctx_seq}; raise --refract-ctx"
             )
-        want = set(int(i) for i in wanted)
         step = self.settings.n_batch
         done = 0
         for off in range(0, len(tokens), step):
@@ -281,7 +270,7 @@ class Context:
                 self.n_decode_tokens += 1
             else:
                 self.n_batch_tokens += len(part)
-            rows = [(int(t), start_pos + off + i, (off + i) in want) for i, t in enumerate(part)]
+            rows = [(int(t), start_pos + off + i, logits_for(off + i)) for i, t in enumerate(part)]
             n_out = self._step(rows, [seq] * len(rows))
             if n_out:
                 consume(done, require_finite(self._view(n_out)))

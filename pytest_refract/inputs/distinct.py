@@ -8,7 +8,7 @@ the first one (measured once, counted once) and the report names each merge. Pur
 
 from __future__ import annotations
 
-from typing import Dict, Hashable, List, Sequence, Tuple
+from typing import Dict, Hashable, Iterable, List, Optional, Sequence, Tuple
 
 
 def chunk_key(tokens: Sequence[int], index: int, n_ctx: int, first_replaced: bool) -> Tuple[int, ...]:
@@ -17,13 +17,16 @@ def chunk_key(tokens: Sequence[int], index: int, n_ctx: int, first_replaced: boo
     return tuple(piece[1:] if first_replaced else piece)
 
 
-def first_of_each(keys: Sequence[Hashable]) -> Tuple[List[int], Dict[int, int]]:
-    """(indices of the first item of each distinct key, in order; repeat index -> the index of
-    the first item with its key)."""
+def first_of_each(keys: Iterable[Hashable], wanted: Optional[int] = None) -> Tuple[List[int], Dict[int, int]]:
+    """(indices of the first item of each distinct key, in order, at most ``wanted`` of them;
+    repeat index -> the index of the first item with its key). ``keys`` is read lazily, and
+    reading stops once ``wanted`` items are kept."""
     first: Dict[Hashable, int] = {}
     kept: List[int] = []
     repeats: Dict[int, int] = {}
     for i, key in enumerate(keys):
+        if wanted is not None and len(kept) >= wanted:
+            break
         if key in first:
             repeats[i] = first[key]
         else:
@@ -32,20 +35,8 @@ def first_of_each(keys: Sequence[Hashable]) -> Tuple[List[int], Dict[int, int]]:
     return kept, repeats
 
 
-def distinct_chunks(tokens: Sequence[int], n_ctx: int, available: int, wanted: int | None,
+def distinct_chunks(tokens: Sequence[int], n_ctx: int, available: int, wanted: Optional[int],
                     first_replaced: bool) -> Tuple[List[int], Dict[int, int]]:
     """The first ``wanted`` (all where None) distinct chunks among the ``available`` ones, and
     every repeat met on the way (repeat -> first). Chunks past the last kept one are not read."""
-    seen: Dict[Tuple[int, ...], int] = {}
-    kept: List[int] = []
-    repeats: Dict[int, int] = {}
-    for i in range(available):
-        if wanted is not None and len(kept) >= wanted:
-            break
-        key = chunk_key(tokens, i, n_ctx, first_replaced)
-        if key in seen:
-            repeats[i] = seen[key]
-        else:
-            seen[key] = i
-            kept.append(i)
-    return kept, repeats
+    return first_of_each((chunk_key(tokens, i, n_ctx, first_replaced) for i in range(available)), wanted)

@@ -46,12 +46,7 @@ def bars(bars: List[dict], *, width: int, height: int, label: str, y_title: str,
 
     # width/height attributes make the viewBox the natural size: a chart of six prompts is not
     # blown up to the page width (CSS still shrinks a wide chart on a narrow screen).
-    out = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-           f'aria-label="{_e(label)}">']
-    for tv in ticks:
-        out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(tv):.1f}" y2="{y(tv):.1f}"/>'
-                   f'<text class="ytl" x="{left - 6}" y="{y(tv) + 3.5:.1f}">{_e(format(tv, "g"))}</text>')
-    out.append(f'<text class="yt" transform="translate(13 {top + ph / 2:.1f}) rotate(-90)">{_e(y_title)}</text>')
+    out = _frame(width, height, label, ticks, y, left, right, top + ph / 2, y_title)
     slot = pw / max(len(bars), 1)
     bw = min(slot * 0.72, 46.0)
     for k, b in enumerate(bars):
@@ -118,12 +113,7 @@ def lines(series: List[dict], x_labels: List[str], *, width: int, height: int, l
     def x(k: int) -> float:
         return left + slot * (k + 0.5)
 
-    out = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
-           f'aria-label="{_e(label)}">']
-    for tv in ticks:
-        out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(tv):.1f}" y2="{y(tv):.1f}"/>'
-                   f'<text class="ytl" x="{left - 6}" y="{y(tv) + 3.5:.1f}">{_e(format(tv, "g"))}</text>')
-    out.append(f'<text class="yt" transform="translate(13 {top + ph / 2:.1f}) rotate(-90)">{_e(y_title)}</text>')
+    out = _frame(width, height, label, ticks, y, left, right, top + ph / 2, y_title)
     for k, text in enumerate(x_labels):
         out.append(f'<text class="xl" x="{x(k):.1f}" y="{top + ph + 15}">{_e(text)}</text>')
     if is_num(hline):
@@ -160,3 +150,16 @@ def lines(series: List[dict], x_labels: List[str], *, width: int, height: int, l
     out.append(f'<line class="axis" x1="{left}" x2="{width - right}" y1="{top + ph}" y2="{top + ph}"/>')
     out.append("</svg>")
     return Markup("".join(out))
+
+
+def _frame(width: int, height: int, label: str, ticks, y, left: float, right: float, y_mid: float,
+           y_title: str) -> list:
+    """A chart's opening tag, its horizontal grid with tick labels, and its y-axis title: the
+    frame every chart here shares."""
+    out = [f'<svg class="chart" width="{width}" height="{height}" viewBox="0 0 {width} {height}" role="img" '
+           f'aria-label="{_e(label)}">']
+    for tv in ticks:
+        out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(tv):.1f}" y2="{y(tv):.1f}"/>'
+                   f'<text class="ytl" x="{left - 6}" y="{y(tv) + 3.5:.1f}">{_e(format(tv, "g"))}</text>')
+    out.append(f'<text class="yt" transform="translate(13 {y_mid:.1f}) rotate(-90)">{_e(y_title)}</text>')
+    return out
