@@ -46,6 +46,15 @@ def unrepeated_text(n_words: int) -> str:
     return " ".join(f"w{i % 97}x{i % 13}" for i in range(n_words)) + "\n"
 
 
+@pytest.fixture
+def long_corpus(tmp_path) -> Path:
+    """Over 64 distinct chunks of 64 tokens in the fake engine's word-level vocabulary: enough
+    for a PASS, which needs 46 items."""
+    path = tmp_path / "corpus.txt"
+    path.write_text(unrepeated_text(5500), encoding="utf-8")
+    return path
+
+
 @pytest.fixture(scope="session")
 def tiny_model(tmp_path_factory) -> Path:
     return write_tiny_llama(tmp_path_factory.mktemp("tiny") / "tiny.gguf", n_ctx_train=1024)

@@ -6,13 +6,13 @@ from __future__ import annotations
 
 import fake_engine
 import pytest
-from test_runner_fake import measure_every_item
+from conftest import unrepeated_text
+from test_runner_fake import audit_every_item
 
 from pytest_refract.audit.runner import Runner
 from pytest_refract.axes import BUILTIN, resolve
 from pytest_refract.axes.decode import decode_and_batched, intervals_disagree, window_of
 from pytest_refract.engines.kvconfig import parse_kv_config
-from pytest_refract.report.build import build_report
 from pytest_refract.settings import Settings
 
 
@@ -27,20 +27,6 @@ def _settings(model, corpus, candidate="ctk=q8_0,ctv=q8_0", **over) -> Settings:
     return Settings(**values)
 
 
-def _audit(settings):
-    """Every item, as the plugin runs them; the report built from the results."""
-    axes = resolve()
-    runner = Runner(settings, axes, engine_mod=fake_engine)
-    results = measure_every_item(runner)
-    # One result per planned item (the control's ride along under "control").
-    items = sum(len(per_axis) for role, axes_of in results.items() if role != "control" for per_axis in axes_of.values())
-    facts = runner.record(None, wall_s=1.0, items_selected=items)
-    report = build_report(facts=facts, results=results, failed={}, custom=[], invocation_args=[], complete=True,
-                          registry=axes)
-    runner.close()
-    return report, results
-
-
 @pytest.fixture
 def clean_fake():
     yield
@@ -52,7 +38,7 @@ def clean_fake():
 def corpus(tmp_path):
     # 8 chunks of 64 tokens of varied words (the fake tokenizer hashes words).
     path = tmp_path / "corpus.txt"
-    path.write_text(" ".join(f"w{i % 97}x{i % 13}" for i in range(8 * 64 + 10)), encoding="utf-8")
+    path.write_text(unrepeated_text(8 * 64 + 10), encoding="utf-8")
     return path
 
 
@@ -87,7 +73,7 @@ def test_decode_rows_come_from_one_token_steps(tiny_model, corpus, clean_fake):
 
 
 def test_decode_axis_section_and_verdict(tiny_model, corpus, clean_fake):
-    report, results = _audit(_settings(tiny_model, corpus))
+    report, results = audit_every_item(_settings(tiny_model, corpus))
     section = report["axes"]["decode"]
     assert section["n_chunks"] == 4 and section["n_positions"] == 4 * 8
     assert section["window"] == 8 and section["first_position"] == 32
@@ -106,9 +92,9 @@ def test_decode_axis_section_and_verdict(tiny_model, corpus, clean_fake):
 
 
 def test_a_broken_decode_kernel_is_flagged(tiny_model, corpus, clean_fake):
-    healthy, _ = _audit(_settings(tiny_model, corpus))
+    healthy, _ = audit_every_item(_settings(tiny_model, corpus))
     fake_engine.DECODE_NOISE["q8_0"] = 1.0
-    report, _ = _audit(_settings(tiny_model, corpus))
+    report, _ = audit_every_item(_settings(tiny_model, corpus))
     section = report["axes"]["decode"]
     assert section["decode_batched_disagree"] is True
     assert section["mean_kld"] > 10 * section["batched"]["mean_kld"]
@@ -139,7 +125,7 @@ def test_a_candidate_that_computes_the_reference_is_a_no_op(tiny_model, corpus, 
     """A build that ignores the candidate's cache types (the fake computes f16 for q8_0):
     bit-identical logits on every scored position, flagged, never a PASS, the gate fails."""
     fake_engine.NO_OP_TYPES.add("q8_0")
-    report, results = _audit(_settings(tiny_model, corpus, axes=("kld",)))
+    report, results = audit_every_item(_settings(tiny_model, corpus, axes=("kld",)))
     assert all(r["logits_identical_to_reference"] is True for r in results["cand0"]["kld"].values())
     assert report["axes"]["kld"]["logits_identical_to_reference"] is True
     assert report["no_op"].startswith("no-op: this cache config changed nothing")
@@ -158,15 +144,15 @@ def test_a_candidate_that_computes_the_reference_is_a_no_op(tiny_model, corpus, 
 
 
 def test_a_working_candidate_and_a_self_reference_are_no_no_op(tiny_model, corpus, clean_fake):
-    report, _ = _audit(_settings(tiny_model, corpus, axes=("kld",)))
+    report, _ = audit_every_item(_settings(tiny_model, corpus, axes=("kld",)))
     assert report["axes"]["kld"]["logits_identical_to_reference"] is False and report["no_op"] is None
-    same, _ = _audit(_settings(tiny_model, corpus, candidate="ctk=f16,ctv=f16", axes=("kld",)))
+    same, _ = audit_every_item(_settings(tiny_model, corpus, candidate="ctk=f16,ctv=f16", axes=("kld",)))
     # Identical logits, but the types do not differ: that is a self-reference, not a no-op.
     assert same["axes"]["kld"]["logits_identical_to_reference"] is True and same["no_op"] is None
 
 
 def test_ran_is_recorded_per_config(tiny_model, corpus, clean_fake):
-    report, _ = _audit(_settings(tiny_model, corpus, axes=("kld",)))
+    report, _ = audit_every_item(_settings(tiny_model, corpus, axes=("kld",)))
     ran = report["ran"]
     assert set(ran) == {"type_k", "type_v", "flash_attn", "rotation", "library", "warnings"}
     assert (ran["type_k"], ran["type_v"]) == ("q8_0", "q8_0")
@@ -181,7 +167,7 @@ def test_terminal_and_html_show_ran_decode_and_no_op(tiny_model, corpus, clean_f
     from pytest_refract.report.html import render_html
 
     fake_engine.DECODE_NOISE["q8_0"] = 1.0
-    report, _ = _audit(_settings(tiny_model, corpus))
+    report, _ = audit_every_item(_settings(tiny_model, corpus))
 
     class Out:
         def __init__(self):
@@ -209,7 +195,7 @@ def test_decode_reads_the_kld_axis_reference_entries(tiny_model, corpus, clean_f
     """On a cold cache the KLD axis writes each chunk's reference; the decode axis reads those
     entries back rather than running the reference again; a warm run reads both."""
     cache = tmp_path / "cache"
-    cold, results = _audit(_settings(tiny_model, corpus, cache_dir=str(cache)))
+    cold, results = audit_every_item(_settings(tiny_model, corpus, cache_dir=str(cache)))
     decode_items = list(results["cand0"]["decode"].values())
     # Every chunk's reference comes from the KLD axis's entry; at most one is computed again, by
     # the cache's spot check (one cached read per kind, re-measured and compared bit for bit).
@@ -218,6 +204,6 @@ def test_decode_reads_the_kld_axis_reference_entries(tiny_model, corpus, clean_f
     assert len(recomputed) <= 1 and len(decode_items) >= 2
     assert all(r["reference_cache"]["hits"] == 1 for r in decode_items if r not in recomputed)
     assert all(r["reference_cache"]["misses"] == 0 for r in decode_items)
-    warm, _ = _audit(_settings(tiny_model, corpus, cache_dir=str(cache)))
+    warm, _ = audit_every_item(_settings(tiny_model, corpus, cache_dir=str(cache)))
     assert warm["axes"]["decode"]["mean_kld"] == cold["axes"]["decode"]["mean_kld"]
     assert warm["reference_cache"]["misses"] == 0

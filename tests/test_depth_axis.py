@@ -9,13 +9,13 @@ import json
 import fake_engine
 import numpy as np
 import pytest
-from test_runner_fake import measure_every_item
+from conftest import unrepeated_text
+from test_runner_fake import audit_every_item, measure_every_item
 
 from pytest_refract.audit.runner import Runner
 from pytest_refract.axes import resolve
 from pytest_refract.engines.kvconfig import parse_kv_config
 from pytest_refract.inputs.depth import bucket_edges, bucket_of, scored_positions
-from pytest_refract.report.build import build_report
 from pytest_refract.settings import Settings
 
 
@@ -30,23 +30,11 @@ def _settings(model, corpus, candidate="ctk=q8_0,ctv=q4_0", **over) -> Settings:
     return Settings(**values)
 
 
-def _audit(settings):
-    axes = resolve()
-    runner = Runner(settings, axes, engine_mod=fake_engine)
-    results = measure_every_item(runner)
-    items = sum(len(per_axis) for role, axes_of in results.items() if role != "control" for per_axis in axes_of.values())
-    facts = runner.record(None, wall_s=1.0, items_selected=items)
-    report = build_report(facts=facts, results=results, failed={}, custom=[], invocation_args=[], complete=True,
-                          registry=axes)
-    runner.close()
-    return report, results
-
-
 @pytest.fixture
 def corpus(tmp_path):
     # 3 chunks of 1024 tokens of varied words (the fake tokenizer hashes words).
     path = tmp_path / "corpus.txt"
-    path.write_text(" ".join(f"w{i % 97}x{i % 13}" for i in range(3 * 1024 + 10)), encoding="utf-8")
+    path.write_text(unrepeated_text(3 * 1024 + 10), encoding="utf-8")
     return path
 
 
@@ -77,7 +65,7 @@ def test_scored_positions_follow_the_stride_in_every_bucket(depth, stride):
 def test_depth_second_half_equals_the_kld_axis_at_stride_1(tiny_model, corpus):
     """At stride 1 the last bucket is the KLD axis's chunk at --refract-ctx=N: same chunks, same
     positions, the same mean KLD per chunk."""
-    report, results = _audit(_settings(tiny_model, corpus, ctx=512, depth=512, depth_stride=1))
+    report, results = audit_every_item(_settings(tiny_model, corpus, ctx=512, depth=512, depth_stride=1))
     kld = {i["id"]: i for i in report["axes"]["kld"]["items"]}
     depth = {i["id"]: i for i in report["axes"]["depth"]["items"]}
     assert set(depth) <= set(kld) and len(depth) >= 2
@@ -106,7 +94,7 @@ def test_logits_only_at_scored_positions(tiny_model, corpus, monkeypatch):
 
 
 def test_json_buckets_schema(tiny_model, corpus):
-    report, _ = _audit(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8))
+    report, _ = audit_every_item(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8))
     json.dumps(report, allow_nan=False)
     section = report["axes"]["depth"]
     assert section["stride"] == 8 and section["depth"] == 1024
@@ -132,7 +120,7 @@ def test_terminal_and_html_show_the_buckets_and_the_context_covered(tiny_model, 
     from pytest_refract.report.html.render import render_html
     from pytest_refract.report.terminal import render
 
-    report, _ = _audit(_settings(tiny_model, corpus, axes=("kld", "depth"), depth=1024, depth_stride=8))
+    report, _ = audit_every_item(_settings(tiny_model, corpus, axes=("kld", "depth"), depth=1024, depth_stride=8))
     assert report["context_evidence"]["tokens"] == 1024 and report["context_evidence"]["depth_axis"]
     lines = []
 
@@ -159,7 +147,7 @@ def test_terminal_and_html_show_the_buckets_and_the_context_covered(tiny_model, 
 def test_without_depth_every_report_says_how_far_its_evidence_reaches(tiny_model, corpus):
     from pytest_refract.report.html.render import render_html
 
-    report, _ = _audit(_settings(tiny_model, corpus, axes=("kld",), ctx=512))
+    report, _ = audit_every_item(_settings(tiny_model, corpus, axes=("kld",), ctx=512))
     evidence = report["context_evidence"]
     assert evidence["tokens"] == 512 and not evidence["depth_axis"]
     assert "evidence up to 512 tokens of context" in evidence["text"] and "--refract-full" in evidence["text"]
@@ -171,7 +159,7 @@ def test_without_depth_every_report_says_how_far_its_evidence_reaches(tiny_model
 
 def test_a_matrix_recommends_by_every_depth_bucket(tiny_model, corpus):
     """Which config to ship reads each depth bucket as a test of its own."""
-    report, _ = _audit(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8,
+    report, _ = audit_every_item(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8,
                                  candidates=(parse_kv_config("ctk=q8_0,ctv=q8_0"), parse_kv_config("ctk=q4_0,ctv=q4_0"))))
     json.dumps(report, allow_nan=False)
     rec = report["recommendation"]
@@ -190,7 +178,7 @@ def test_a_looks_errors_reach_every_bucket(tiny_model, corpus, monkeypatch):
     from pytest_refract.scoring import depth as D
     from pytest_refract.scoring import verdict as V
 
-    _report, results = _audit(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8))
+    _report, results = audit_every_item(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8))
     cand, ctrl = list(results["cand0"]["depth"].values()), list(results["control"]["depth"].values())
     seen = []
     real = V.axis_verdict
@@ -208,7 +196,7 @@ def test_a_looks_errors_reach_every_bucket(tiny_model, corpus, monkeypatch):
 
 
 def test_no_control_still_reports_every_bucket(tiny_model, corpus):
-    report, _ = _audit(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8, sensitivity=None,
+    report, _ = audit_every_item(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8, sensitivity=None,
                                  gate_basis="raw"))
     json.dumps(report, allow_nan=False)
     buckets = report["axes"]["depth"]["buckets"]
@@ -224,7 +212,7 @@ def test_a_depth_chunk_repeated_token_for_token_counts_once(tiny_model, tmp_path
     path = tmp_path / "loop.txt"
     path.write_text(" ".join([words] * 3 + ["tail"] * 20), encoding="utf-8")
     settings = _settings(tiny_model, path, axes=("depth",), depth=512, depth_stride=8)
-    report, results = _audit(settings)
+    report, results = audit_every_item(settings)
     ids = [item["id"] for item in report["axes"]["depth"]["items"]]
     assert len(ids) == 1, ids
     assert "2 depth chunk(s) of 512 tokens repeat an earlier one and count once" in report["settings"]["chunks_note"]

@@ -15,6 +15,7 @@ from pytest_refract.audit.runner import Runner
 from pytest_refract.axes import Axis, resolve
 from pytest_refract.engines.kvconfig import parse_kv_config
 from pytest_refract.errors import UsageProblem
+from pytest_refract.report.build import build_report
 from pytest_refract.settings import Settings
 
 
@@ -37,6 +38,21 @@ def _run(settings, axes=None) -> tuple:
     results = measure_every_item(runner)
     runner.close()
     return runner, results
+
+
+def audit_every_item(settings) -> tuple:
+    """Every item on the fake engine, as the plugin runs them, and the report built from the
+    results: returns (report, results)."""
+    axes = resolve()
+    runner = Runner(settings, axes, engine_mod=fake_engine)
+    results = measure_every_item(runner)
+    # One result per planned item (the control's ride along under "control").
+    items = sum(len(per_axis) for role, axes_of in results.items() if role != "control" for per_axis in axes_of.values())
+    facts = runner.record(None, wall_s=1.0, items_selected=items)
+    report = build_report(facts=facts, results=results, failed={}, custom=[], invocation_args=[], complete=True,
+                          registry=axes)
+    runner.close()
+    return report, results
 
 
 def measure_every_item(runner) -> dict:

@@ -13,15 +13,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from conftest import read_report, unrepeated_text
-
-
-@pytest.fixture
-def long_corpus(tmp_path):
-    # Over 64 chunks of 64 tokens in the fake engine's word-level vocabulary: a PASS needs 46 items.
-    path = tmp_path / "corpus.txt"
-    path.write_text(unrepeated_text(5500), encoding="utf-8")
-    return path
+from conftest import read_report
 
 
 def _audit(pytester, model, corpus, *extra, prompts=None, report_name="r.json", cache=None):

@@ -9,21 +9,13 @@ from dataclasses import replace
 
 import fake_engine
 import pytest
-from conftest import read_report, unrepeated_text
+from conftest import read_report
 
 from pytest_refract.audit import runner as runner_mod
 from pytest_refract.audit.batches import DecodeBatches
 from pytest_refract.axes.base import Unit
 from pytest_refract.scoring.sequential import Design
 from pytest_refract.stopping import SequentialStopping
-
-
-@pytest.fixture
-def long_corpus(tmp_path):
-    # over 48 chunks of 64 tokens in the fake engine's byte-level vocabulary (a PASS needs 46).
-    path = tmp_path / "corpus.txt"
-    path.write_text(unrepeated_text(3630), encoding="utf-8")
-    return path
 
 
 def _audit(pytester, model, corpus, *extra):

@@ -11,7 +11,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-from conftest import read_report, unrepeated_text
+from conftest import read_report
 
 import pytest_refract.audit.runner  # noqa: F401  # in sys.modules before pytester snapshots it, so fake_llamacpp's patch holds
 from pytest_refract.scoring import verdict as V
@@ -107,13 +107,6 @@ def swept_types(monkeypatch, fake_llamacpp):
     # more items to PASS than "good".
     monkeypatch.setitem(fake_engine.TYPES, "meh", (42, 5, 1, 0.625, 0.002 * 3 ** 0.5))
     return fake_engine
-
-
-@pytest.fixture
-def long_corpus(tmp_path):
-    path = tmp_path / "corpus.txt"
-    path.write_text(unrepeated_text(5500), encoding="utf-8")
-    return path
 
 
 def _sweep(pytester, model, corpus, *extra):
