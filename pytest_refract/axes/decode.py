@@ -24,19 +24,17 @@ path computes something the batched path does not (``decode_batched_disagree``).
 
 from __future__ import annotations
 
-from typing import Any, Dict, List, Optional, Tuple
+from typing import List, Optional, Tuple
 
 import numpy as np
 
 from ..errors import MeasurementError
 from ..inputs.data import measuring_order
-from ..scoring.metrics import band_for, kld_positions, kld_score, kld_summary, mean_and_uncertainty
+from ..scoring.metrics import kld_positions, mean_and_uncertainty
 from ..scoring.verdict import LEVEL, damage_interval, ratio_of_sums
 from .base import Unit
-from .kld import NON_FINITE_KLD, KLDAxis, chunk_tokens
+from .kld import NON_FINITE_KLD, RAW_KEYS, KLDAxis, chunk_item, chunk_tokens, merged_section, summarize
 from .kld import _evaluate as evaluate_chunk
-
-_RAW_KEYS = ("kld", "p_diff", "nll_ref", "nll_cand", "same_top")
 
 
 def window_of(n_tokens: int, wanted: int) -> int:
@@ -150,40 +148,20 @@ class DecodeAxis(KLDAxis):
         ref_logprobs, _exact = run.reference.chunk(tokens, lambda ctx, consume: evaluate_chunk(ctx, tokens, consume))
         decoded, batched = decode_and_batched(run.context(unit.candidate), tokens, window, ref_logprobs[0:window],
                                               next_tokens)
-        with np.errstate(invalid="ignore", over="ignore"):
-            summary = kld_summary(**decoded)
-        score = kld_score(summary["mean_kld"])
-        if score is None:
-            raise MeasurementError(NON_FINITE_KLD)
+        summary, score = summarize(decoded)
         batched_mean = float(np.mean(batched["kld"]))
         if not np.isfinite(batched_mean):
             raise MeasurementError(NON_FINITE_KLD)
         return {
-            "id": unit.id,
-            "chunk": unit.payload["chunk"],
-            "score": score,
-            "band": band_for(score),
-            "mean_kld": summary["mean_kld"],
-            "mean_kld_unc": summary["mean_kld_unc"],
-            "max_kld": summary["kld_percentiles"]["max"],
-            "same_top_p_pct": summary["same_top_p_pct"],
+            **chunk_item(unit, summary, score),
             "batched_mean_kld": batched_mean,
             "batched_same_top_p_pct": 100.0 * float(np.mean(batched["same_top"])),
-            "n_positions": summary["n_positions"],
-            "_raw": {k: np.asarray(decoded[k]).astype(float).tolist() for k in _RAW_KEYS},
+            "_raw": {k: np.asarray(decoded[k]).astype(float).tolist() for k in RAW_KEYS},
             "_raw_batched": {k: np.asarray(batched[k]).astype(float).tolist() for k in ("kld", "same_top")},
         }
 
     def aggregate(self, results: List[dict]) -> dict:
-        raw = {k: np.concatenate([np.asarray(r["_raw"][k]) for r in results]) for k in _RAW_KEYS}
-        raw["same_top"] = raw["same_top"].astype(bool)
-        with np.errstate(invalid="ignore", over="ignore"):
-            summary = kld_summary(**raw)
-        score = kld_score(summary["mean_kld"])
-        section: Dict[str, Any] = {"score": score, "band": band_for(score), "n_chunks": len(results)}
-        if score is None:
-            section["error"] = NON_FINITE_KLD
-        section.update(summary)
+        section = merged_section(results)
         batched_kld = np.concatenate([np.asarray(r["_raw_batched"]["kld"], dtype=np.float64) for r in results])
         batched_top = np.concatenate([np.asarray(r["_raw_batched"]["same_top"], dtype=bool) for r in results])
         items = [{k: v for k, v in r.items() if k not in self.PRIVATE_KEYS} for r in results]
@@ -199,7 +177,7 @@ class DecodeAxis(KLDAxis):
         # Intervals over chunks (jackknife-t, as the verdict's): positions of one chunk share
         # their context and are not independent draws.
         section["decode_vs_batched"] = {"level": LEVEL, "decode_ci": decode_ci, "batched_ci": batched_ci,
-                                        "ratio": (summary["mean_kld"] / batched_mean) if batched_mean > 0 else None}
+                                        "ratio": (section["mean_kld"] / batched_mean) if batched_mean > 0 else None}
         section["decode_batched_disagree"] = intervals_disagree(decode_ci, batched_ci)
         # The floor checks a second reference context bit for bit; this axis compares two paths.
         section["floor_applies"] = False

@@ -25,7 +25,7 @@ from ..scoring.metrics import (
 from .base import Axis, Unit
 
 NON_FINITE_KLD = "the KLD is not a finite number (NaN or Infinity in the log-probabilities); no score is claimed"
-_RAW_KEYS = ("kld", "p_diff", "nll_ref", "nll_cand", "same_top")
+RAW_KEYS = ("kld", "p_diff", "nll_ref", "nll_cand", "same_top")
 
 
 def chunk_tokens(corpus_tokens: List[int], index: int, n_ctx: int, bos: Optional[int]) -> List[int]:
@@ -86,7 +86,6 @@ def _streamed_stats(ctx, tokens, ref_rows, next_tokens, ref_is_logprobs: bool, d
     return {k: np.concatenate([p[k] for p in pieces]) for k in pieces[0]}
 
 
-# Below this mean KLD (nats) a lower candidate perplexity is noise, not worth a warning.
 def summarize(stats: dict) -> Tuple[dict, float]:
     """llama-perplexity's statistics of per-position values (one chunk, or several merged),
     and the KLD score; a KLD that is not a finite number is no measurement."""
@@ -98,6 +97,38 @@ def summarize(stats: dict) -> Tuple[dict, float]:
     return summary, score
 
 
+def chunk_item(unit, summary: dict, score: float) -> Dict[str, Any]:
+    """The fields every per-chunk KLD item carries, whichever path computed its logits (the
+    KLD axis's batches, the decode axis's one-token steps)."""
+    return {
+        "id": unit.id,
+        "chunk": unit.payload["chunk"],
+        "score": score,
+        "band": band_for(score),
+        "mean_kld": summary["mean_kld"],
+        "mean_kld_unc": summary["mean_kld_unc"],
+        "max_kld": summary["kld_percentiles"]["max"],
+        "same_top_p_pct": summary["same_top_p_pct"],
+        "n_positions": summary["n_positions"],
+    }
+
+
+def merged_section(results: List[dict]) -> Dict[str, Any]:
+    """An axis section's head from its chunks' raw per-position values, merged as
+    llama-perplexity merges chunks: score, band, chunk count and the summary statistics."""
+    raw = {k: np.concatenate([np.asarray(r["_raw"][k]) for r in results]) for k in RAW_KEYS}
+    raw["same_top"] = raw["same_top"].astype(bool)
+    with np.errstate(invalid="ignore", over="ignore"):
+        summary = kld_summary(**raw)
+    score = kld_score(summary["mean_kld"])  # None when not finite: the axis then has no score
+    section: Dict[str, Any] = {"score": score, "band": band_for(score), "n_chunks": len(results)}
+    if score is None:
+        section["error"] = NON_FINITE_KLD
+    section.update(summary)
+    return section
+
+
+# Below this mean KLD (nats) a lower candidate perplexity is noise, not worth a warning.
 PPL_HIDES_MIN_KLD = 0.01
 
 
@@ -151,37 +182,21 @@ class KLDAxis(Axis):
         tokens = chunk_tokens(inputs.corpus_tokens, unit.payload["chunk"], run.settings.ctx, bos)
         stats, floor_stats, same_logits = measured_chunk(run, tokens, unit.candidate)
         summary, score = summarize(stats)
-        result = {
-            "id": unit.id,
-            "chunk": unit.payload["chunk"],
-            "score": score,
-            "band": band_for(score),
-            "mean_kld": summary["mean_kld"],
-            "mean_kld_unc": summary["mean_kld_unc"],
-            "max_kld": summary["kld_percentiles"]["max"],
+        result = chunk_item(unit, summary, score)
+        result.update({
             "p99_kld": summary["kld_percentiles"]["99"],
-            "same_top_p_pct": summary["same_top_p_pct"],
             "rms_dp_pct": summary["rms_dp_pct"],
             "ppl_ref": summary["ppl_ref"],
             "ppl_cand": summary["ppl_cand"],
-            "n_positions": summary["n_positions"],
             "logits_identical_to_reference": same_logits,
-            "_raw": {k: np.asarray(stats[k]).astype(float).tolist() for k in _RAW_KEYS},
-        }
+            "_raw": {k: np.asarray(stats[k]).astype(float).tolist() for k in RAW_KEYS},
+        })
         if floor_stats is not None:
             result["floor"] = {"mean_kld": float(np.mean(floor_stats["kld"])), "n_positions": len(floor_stats["kld"])}
         return result
 
     def aggregate(self, results: List[dict]) -> dict:
-        raw = {k: np.concatenate([np.asarray(r["_raw"][k]) for r in results]) for k in _RAW_KEYS}
-        raw["same_top"] = raw["same_top"].astype(bool)
-        with np.errstate(invalid="ignore", over="ignore"):
-            summary = kld_summary(**raw)
-        score = kld_score(summary["mean_kld"])  # None when not finite: the axis then has no score
-        section: Dict[str, Any] = {"score": score, "band": band_for(score), "n_chunks": len(results)}
-        if score is None:
-            section["error"] = NON_FINITE_KLD
-        section.update(summary)
+        section = merged_section(results)
         section["wall_s"] = sum(r["wall_s"] for r in results)
         section["items"] = [{k: v for k, v in r.items() if k not in self.PRIVATE_KEYS} for r in results]
         # True: every chunk's logits were bit-identical to the reference's; None: unknown somewhere.
