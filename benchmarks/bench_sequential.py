@@ -73,6 +73,10 @@ def summary(report: dict) -> dict:
     return out
 
 
+def _end(value) -> str:
+    return "inf" if value is None else f"{value:.2f}"
+
+
 def show(name: str, run: dict) -> dict:
     report = run["report"]
     print(f"\n== {name}: wall {run['wall_s']:.1f} s, peak RSS {run['peak_rss_mb']:.0f} MB, exit {run['exit']}")
@@ -83,7 +87,8 @@ def show(name: str, run: dict) -> dict:
         parts = []
         for axis, a in s["axes"].items():
             m = f"{a['multiple']:.2f}x" if isinstance(a["multiple"], (int, float)) else "n/a"
-            ci = f" [{a['ci'][0]:.2f}, {a['ci'][1]:.2f}]" if a["ci"] else ""
+            # An upper end is open (None) below the items a PASS needs.
+            ci = f" [{_end(a['ci'][0])}, {_end(a['ci'][1])}]" if a["ci"] else ""
             parts.append(f"{axis} {a['measured']}/{a['of']} {m}{ci} {a['verdict']}")
         print(f"   {cand:<20} {s['verdict']:<10} " + "; ".join(parts))
     return summ
@@ -135,10 +140,10 @@ def matrix(args, base: list) -> None:
             # Each cold: its own cache folder.
             cache = work / f"cache-{name}"
             run = run_audit(args.model, cands[0], [*base, f"--refract-cache-dir={cache}", *extra, *flags], work)
-            results[name] = show(f"matrix, {name}, cold", run)
-            if args.save:
+            if args.save:  # first: a report is worth more than its printout
                 Path(args.save).mkdir(parents=True, exist_ok=True)
                 (Path(args.save) / f"matrix-{name}.json").write_text(json.dumps(run["report"]))
+            results[name] = show(f"matrix, {name}, cold", run)
     if "exhaustive" in results and "sequential" in results:
         agreement(results["sequential"], results["exhaustive"])
 
