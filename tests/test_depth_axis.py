@@ -141,6 +141,16 @@ def test_terminal_and_html_show_the_buckets_and_the_context_covered(tiny_model, 
     assert "by depth:" in text
     page = render_html(report)
     assert 'aria-label="Multiple of the control&#x27;s KLD by depth"' in page and 'class="hline"' in page
+    # Each series' line is a path of the class its points (circles) have; the stylesheet fills
+    # the points, so it must leave the paths unfilled, or a line is drawn as a filled polygon.
+    import re
+
+    from pytest_refract.report.html.render import STYLESHEET
+
+    unfilled = " ".join(sel for sel, body in re.findall(r"([^{}]+)\{([^{}]*)\}", STYLESHEET) if "fill: none" in body)
+    for cls in ("line-multiple", "line-cand", "line-ctrl"):
+        assert f'<path class="{cls}"' in page
+        assert f"path.{cls}" in unfilled, cls
     assert "Mean KLD by depth" in page and "Context covered:" in page
 
 
@@ -168,6 +178,40 @@ def test_a_matrix_recommends_by_every_depth_bucket(tiny_model, corpus):
     assert rec["recommended"] is None
     for sec in report["candidates"]:
         assert [b["from"] for b in sec["axes"]["depth"]["buckets"]] == [256, 512]
+
+
+def test_depth_charts_tool_writes_every_candidates_charts_as_standalone_svg(tiny_model, corpus, tmp_path):
+    """tools/depth_charts.py: the HTML report draws the depth charts of its leading candidate;
+    the tool writes both charts of every candidate as SVG files that parse on their own, and
+    refuses to replace one."""
+    import importlib.util
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    spec = importlib.util.spec_from_file_location("depth_charts", Path(__file__).parent.parent / "tools" / "depth_charts.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    report, _ = audit_every_item(_settings(tiny_model, corpus, axes=("depth",), depth=1024, depth_stride=8,
+                                 candidates=(parse_kv_config("ctk=q8_0,ctv=q8_0"), parse_kv_config("ctk=q4_0,ctv=q4_0"))))
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(report), encoding="utf-8")
+    out = tmp_path / "img"
+    assert tool.main([str(path), str(out), "--prefix", "tiny"]) == 0
+    names = sorted(p.name for p in out.iterdir())
+    assert names == ["tiny-q4_0-q4_0-kld.svg", "tiny-q4_0-q4_0-multiple.svg",
+                     "tiny-q8_0-q8_0-kld.svg", "tiny-q8_0-q8_0-multiple.svg"]
+    svg = ET.parse(out / "tiny-q4_0-q4_0-multiple.svg").getroot()
+    assert svg.tag == "{http://www.w3.org/2000/svg}svg"
+    assert svg.get("aria-label") == "Multiple of the control's KLD by depth"
+    assert "--muted" in svg.find("{http://www.w3.org/2000/svg}style").text  # the report's own colours
+    # Each candidate's own buckets: q4_0's multiple is not q8_0's.
+    assert (out / "tiny-q4_0-q4_0-multiple.svg").read_text() != (out / "tiny-q8_0-q8_0-multiple.svg").read_text()
+    before = (out / "tiny-q8_0-q8_0-kld.svg").read_bytes()
+    assert tool.main([str(path), str(out), "--prefix", "tiny"]) == 2
+    assert (out / "tiny-q8_0-q8_0-kld.svg").read_bytes() == before
+    no_depth = tmp_path / "none.json"
+    no_depth.write_text(json.dumps({"axes": {"kld": {}}}), encoding="utf-8")
+    assert tool.main([str(no_depth), str(out)]) == 2
 
 
 def test_a_looks_errors_reach_every_bucket(tiny_model, corpus, monkeypatch):

@@ -98,8 +98,8 @@ def _env() -> jinja2.Environment:
 # The stylesheet is written to be read; the page gets it with runs of whitespace collapsed.
 # It is the package's own file, never report data, so it goes in as markup (a <style> body is
 # raw text: escaping would break its quotes).
-_CSS = re.sub(r"\s+", " ", resources.files(__package__).joinpath("report.css").read_text(encoding="utf-8")).strip()
-assert "</" not in _CSS, "report.css must not contain '</' (it is inlined in a <style> element)"
+STYLESHEET = re.sub(r"\s+", " ", resources.files(__package__).joinpath("report.css").read_text(encoding="utf-8")).strip()
+assert "</" not in STYLESHEET, "report.css must not contain '</' (it is inlined in a <style> element)"
 
 # Python helpers of the per-axis templates, by axis name (views/<name>.py).
 _VIEWS = {m.name: importlib.import_module(f"{views.__name__}.{m.name}")
@@ -226,7 +226,7 @@ def render_html(report: dict) -> str:
     """The report as one self-contained HTML5 document (no external resources, no script)."""
     report = report if isinstance(report, dict) else {}
     axes = present_axes(report)
-    return ENV.get_template("page.html.j2").render(report=report, axes=axes, css=Markup(_CSS))
+    return ENV.get_template("page.html.j2").render(report=report, axes=axes, css=Markup(STYLESHEET))
 
 
 ENV = _env()
