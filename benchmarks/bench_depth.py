@@ -74,17 +74,23 @@ def compare(a) -> None:
           f"{ks['wall_s']:.1f} s (control {kld['sensitivity']['axes']['kld'].get('wall_s', 0):.1f} s), "
           f"{ks['n_positions']} positions")
     print(f"  depth axis / KLD axis: process {d_wall / k_wall:.2f}x, axis (candidate) {ds['wall_s'] / ks['wall_s']:.2f}x")
+    if a.stride == 1:
+        # Only at stride 1 is the last bucket the KLD axis's positions, all of them.
+        _second_half_equality(ds, ks)
+    for b in ds["buckets"]:
+        print(f"  bucket {b['from']}-{b['to']}: mean KLD {b['mean_kld']:.6f}, control {b['control_mean_kld']}, "
+              f"multiple {b['multiple']}")
+
+
+def _second_half_equality(ds: dict, ks: dict) -> None:
     last = {i["id"]: i["bucket_kld_sum"][-1] / i["bucket_positions"][-1] for i in ds["items"]}
-    for item in ks["items"] if a.stride == 1 else []:
+    for item in ks["items"]:
         mine = last.get(item["id"])
         # The same rows summed in another order: equal to the last few bits.
         diff = abs((mine or 0.0) - item["mean_kld"])
         same = "equal" if diff <= 1e-12 * max(abs(item["mean_kld"]), 1e-30) else f"differs by {diff:.3g}"
         print(f"  {item['id']}: KLD axis mean {item['mean_kld']:.6f}, depth's last bucket "
               f"{'n/a' if mine is None else format(mine, '.6f')} ({same})")
-    for b in ds["buckets"]:
-        print(f"  bucket {b['from']}-{b['to']}: mean KLD {b['mean_kld']:.6f}, control {b['control_mean_kld']}, "
-              f"multiple {b['multiple']}")
 
 
 def overhead(a) -> None:
