@@ -212,6 +212,11 @@ def test_depth_charts_tool_writes_every_candidates_charts_as_standalone_svg(tiny
     no_depth = tmp_path / "none.json"
     no_depth.write_text(json.dumps({"axes": {"kld": {}}}), encoding="utf-8")
     assert tool.main([str(no_depth), str(out)]) == 2
+    a_file = tmp_path / "a-file"
+    a_file.write_text("mine", encoding="utf-8")
+    assert tool.main([str(path), str(a_file)]) == 2  # one line, no traceback
+    assert a_file.read_text(encoding="utf-8") == "mine"
+    assert tool.main([str(tmp_path / "missing.json"), str(out)]) == 2
 
 
 def test_a_looks_errors_reach_every_bucket(tiny_model, corpus, monkeypatch):

@@ -74,10 +74,14 @@ def main(argv: List[str]) -> int:
     if there:
         print(f"error: {there[0]} exists; remove it or choose another --prefix", file=sys.stderr)
         return 2
-    args.outdir.mkdir(parents=True, exist_ok=True)
-    for path, svg in targets.items():
-        path.write_text(svg, encoding="utf-8")
-        print(path)
+    try:
+        args.outdir.mkdir(parents=True, exist_ok=True)
+        for path, svg in targets.items():
+            path.write_text(svg, encoding="utf-8")
+            print(path)
+    except OSError as exc:  # the folder is a file, or not writable
+        print(f"error: cannot write the charts into {args.outdir}: {exc}", file=sys.stderr)
+        return 2
     return 0
 
 
