@@ -174,13 +174,21 @@ class RefractSession:
         self.is_worker = hasattr(config, "workerinput")
         self.stopping = SequentialStopping(runner.settings, runner.axes, runner.control_role, runner.self_reference,
                                            runner.labels, matrix=len(runner.candidate_roles) > 1)
-        if runner.sweep is not None and runner.control_role and not runner.settings.sweep_exhaustive:
-            from .sweep import SweepPruning
+        # A sweep measures its pairs one after another (sweep.measuring_order), so that what it
+        # can skip is found before it is measured. Each pair then reads the reference's results
+        # from the reference cache; where the cache is not read (--refract-no-cache, the floor,
+        # --refract-repeat) the pairs run side by side instead, so the reference is computed once.
+        self.sweep_rank: Optional[Dict[str, int]] = None
+        if runner.sweep is not None:
+            from . import sweep as sweep_mod
 
             sizes = {r: runner.kv_bytes_per_token(r) for r in runner.candidate_roles}
-            pruning = SweepPruning(self.stopping, runner.axes, sizes, runner.labels, runner.control_role,
-                                   _budget_bytes(runner), lambda: self.results)
-            self.stopping.on_decided = pruning.decided
+            if runner.reference.read:
+                self.sweep_rank = sweep_mod.measuring_order(sizes, runner.labels)
+            if runner.control_role and not runner.settings.sweep_exhaustive:
+                pruning = sweep_mod.SweepPruning(self.stopping, runner.axes, sizes, runner.labels, runner.control_role,
+                                                 _budget_bytes(runner), lambda: self.results)
+                self.stopping.on_decided = pruning.decided
         self.baseline: Optional[dict] = None
         if runner.settings.baseline_path:
             from .report.baseline import load_baseline
@@ -218,13 +226,13 @@ class RefractSession:
         # Every design is fixed here, before the first item runs (scoring/sequential.py); it
         # depends on how many items each axis has, not on their order.
         self.stopping.plan(planned)
-        # With stopping on, the axes take turns look by look (stopping.look_order); our items
-        # keep the slots they had among any other tests.
-        order = self.stopping.look_order(planned)
+        # With stopping on, the axes take turns look by look (stopping.look_order), a sweep's
+        # pairs one after another; our items keep the slots they had among any other tests.
+        order = self.stopping.look_order(planned, self.sweep_rank)
         for k, i in zip(slots, order):
             session.items[k] = ours[i]
         planned = [planned[i] for i in order]
-        self.runner.set_plan(planned, closed=self.stopping.closed)
+        self.runner.set_plan(planned, closed=self.stopping.closed, rank=self.sweep_rank)
 
     # -- results ------------------------------------------------------------------------
 

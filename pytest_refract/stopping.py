@@ -74,7 +74,8 @@ class SequentialStopping:
         self.labels = labels
         self.matrix = matrix
         self.progress: Dict[Tuple[str, str], AxisProgress] = {}
-        # Called with a candidate role each time one of its axes is decided (a sweep's pruning).
+        # Called with a candidate role each time one of its axes is decided or has measured all
+        # its items (a sweep's pruning).
         self.on_decided = None
 
     @property
@@ -99,15 +100,19 @@ class SequentialStopping:
             self.progress[(role, axis_name)] = AxisProgress(seq.Design.plan(n, first, stopping=self.active,
                                                                             n_axes=n_axes[role]))
 
-    def look_order(self, planned) -> List[int]:
+    def look_order(self, planned, rank: Optional[Dict[str, int]] = None) -> List[int]:
         """The order to run ``planned`` (its indices; collection order in, axes.Unit items):
         every axis up to its first look, then every axis up to its second, and so on, collection
         order within a stage. A candidate FAILs as soon as one axis FAILs, so an axis collected
         later (KLD after trajectory) that FAILs at its first look stops the others at theirs,
         not after they ran their whole pool. A decode batch is never split across stages (it
-        takes the stage of its first item), so batches stay whole. Unchanged when stopping is off.
-        Reads the designs ``plan`` fixed for the same items (the order does not change them)."""
-        if not self.active:
+        takes the stage of its first item), so batches stay whole. Reads the designs ``plan``
+        fixed for the same items (the order does not change them).
+
+        ``rank`` (candidate role -> place, a sweep's measuring order): the candidates one after
+        another in that order, each through all its stages before the next; the control's items
+        ride with the candidates' as always. Without it, and with stopping off, unchanged."""
+        if not self.active and rank is None:
             return list(range(len(planned)))
         count: Dict[Tuple[str, str], int] = {}
         batch_stage: Dict[tuple, int] = {}
@@ -115,12 +120,14 @@ class SequentialStopping:
         for i, unit in enumerate(planned):
             key = (unit.candidate, unit.axis)
             count[key] = n = count.get(key, 0) + 1
-            looks = self.progress[key].design.looks
-            stage = next((k for k, at in enumerate(looks) if n <= at), len(looks))
-            if unit.batch is not None:
-                stage = batch_stage.setdefault((*key, unit.batch), stage)
-            keys.append((stage, i))
-        return [i for _, i in sorted(keys)]
+            stage = 0
+            if self.active:
+                looks = self.progress[key].design.looks
+                stage = next((k for k, at in enumerate(looks) if n <= at), len(looks))
+                if unit.batch is not None:
+                    stage = batch_stage.setdefault((*key, unit.batch), stage)
+            keys.append(((rank or {}).get(unit.candidate, 0), stage, i))
+        return [k[-1] for k in sorted(keys)]
 
     # -- before an item --------------------------------------------------------------------
 
@@ -175,7 +182,9 @@ class SequentialStopping:
         line = self._line(role, axis_name, state)
         if stopped:
             line += f"; the verdict is FAIL, so {', '.join(stopped)} stop{'s' if len(stopped) == 1 else ''} too"
-        if state.decided and self.on_decided is not None:
+        # The sweep's pruning reads a candidate's data once it is final: decided, or every item
+        # of the axis measured (an UNDECIDED at the last look is as final as a decision).
+        if (state.decided or state.measured >= design.n_max) and self.on_decided is not None:
             more = self.on_decided(role)
             if more:
                 line += f"; {more}"

@@ -17,6 +17,11 @@ assumption that a larger cache loses less:
 A stopped config counts as not measured: it never PASSes, which can only make the procedure
 stricter, so the family's error holds. It may cost power (a skipped config that would have
 PASSed no longer loosens the other rows' levels); --refract-sweep-exhaustive measures every pair.
+
+Both rules act only on data that is final, so how much they save depends on the order the pairs
+are measured in: measured side by side, every pair reaches its last look together and nothing is
+left to skip. ``measuring_order`` puts the pairs one after another instead, in the order that
+lets the rules act soonest (see there).
 """
 
 from __future__ import annotations
@@ -25,6 +30,30 @@ from typing import Callable, Dict, List, Mapping, Optional
 
 from .scoring import family
 from .scoring import verdict as V
+
+
+def measuring_order(sizes: Mapping[str, Optional[float]], labels: Mapping[str, str]) -> Dict[str, int]:
+    """Each sweep role's place in the measuring order (0 first): the pairs one at a time, each
+    through all its looks before the next begins.
+
+    Rows (one per K type) go in order of their smallest cache, smallest first: the rows whose
+    K type is the cheap one come first, and those are the rows whose K side is most often too
+    coarse, so their top pair FAILs at its first look and stops the rest of its row (rule one),
+    and otherwise the rows that can certify the smallest PASS and so stop every larger row
+    before it starts (rule two). Within a row the pairs go from its largest cache down, the
+    procedure's own sequence: a pair is worth measuring only once those above it PASS. The
+    order changes no pair's data (an item measures the same whenever it runs), only what the
+    rules find final, and when."""
+    skeleton = [family.Contender(labels[r], sizes.get(r), {}) for r in sizes]
+    role_of = {labels[r]: r for r in sizes}
+    ordered = sorted(family.rows(skeleton),
+                     key=lambda row: (min((c.kv_bytes_per_token for c in row if c.kv_bytes_per_token is not None),
+                                          default=float("inf")), family.row_key(row[0].label)))
+    out: Dict[str, int] = {}
+    for row in ordered:
+        for c in row:
+            out[role_of[c.label]] = len(out)
+    return out
 
 
 class SweepPruning:
@@ -44,9 +73,11 @@ class SweepPruning:
         self.rows: List[List[str]] = [[role_of[c.label] for c in row] for row in family.rows(skeleton)]
 
     def _final(self, role: str) -> Optional[family.Contender]:
-        """The role's contender when its data will not grow (no axis open), else None."""
+        """The role's contender when its data will not grow (every axis decided, stopped, or
+        with all its items measured), else None."""
         states = {axis: st for (r, axis), st in self.stopping.progress.items() if r == role}
-        if not states or any(st.open for st in states.values()) or role in self.pruned:
+        if not states or role in self.pruned or any(st.open and st.measured < st.design.n_max
+                                                    for st in states.values()):
             return None
         results = self.results()
         control = results.get(self.control_role, {})
@@ -61,7 +92,7 @@ class SweepPruning:
         return family.Contender(self.labels[role], self.sizes.get(role), tables, errors)
 
     def decided(self, role: str) -> Optional[str]:
-        """Called when one of ``role``'s axes is decided: stop what the procedure can no longer
+        """Called when one of ``role``'s axes is decided or has measured all its items: stop what the procedure can no longer
         recommend; the line to show (None: nothing stopped)."""
         stopped: List[str] = []
         row = next(r for r in self.rows if role in r)

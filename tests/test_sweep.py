@@ -110,10 +110,16 @@ def swept_types(monkeypatch, fake_llamacpp):
 
 
 def _sweep(pytester, model, corpus, *extra):
+    """A sweep on the fake engine; without a --refract-cache-dir among ``extra``, no reference
+    cache (its pairs then run side by side)."""
     report = pytester.path / "sweep.json"
+    if report.exists():
+        report.unlink()
+    cached = any(e.startswith("--refract-cache-dir") for e in extra)
     result = pytester.runpytest_inprocess(
         f"--refract-model={model}", f"--refract-corpus={corpus}", "--refract-ctx=64", "--refract-threads=1",
-        "--refract-no-cache", "--refract-axes=kld", f"--refract-json={report}", "-p", "no:cacheprovider", *extra)
+        *([] if cached else ["--refract-no-cache"]), "--refract-axes=kld", f"--refract-json={report}", "-p",
+        "no:cacheprovider", *extra)
     return result, (read_report(report) if report.exists() else None)
 
 
@@ -201,6 +207,45 @@ def test_pairs_larger_than_a_certain_pass_are_skipped_and_measuring_them_changes
     assert sum(len(s["axes"]["kld"].get("items") or []) for s in every["candidates"]) > measured_items
 
 
+def test_pairs_measured_one_after_another_skip_every_row_a_certain_pass_rules_out(
+        pytester, swept_types, tiny_model, long_corpus):
+    """With the reference cache read, the pairs run one at a time in sweep.measuring_order: the
+    "meh" row (the smallest caches) first, top down. Once meh/meh PASSes for certain, every
+    other pair is larger, so the "good" and "f16" rows never run an item, where side by side
+    (no cache) they ran until the same look. Same recommendation, fewer items, one
+    candidate's KV cache open at a time."""
+    cache = pytester.path / "refcache"
+    result, report = _sweep(pytester, tiny_model, long_corpus, "--refract-sweep=f16,good,meh",
+                            f"--refract-cache-dir={cache}", "-v")
+    sweep = report["sweep"]
+    assert sweep["recommendation"]["config"] == "ctk=meh,ctv=meh" and result.ret == 0
+    meh_row = ["ctk=meh,ctv=f16", "ctk=meh,ctv=good", "ctk=meh,ctv=meh"]
+    assert sorted(sweep["measured"]) == sorted(meh_row)
+    assert len(sweep["skipped"]) == 5
+    for entry in sweep["skipped"]:
+        # Ruled out by a pair of the meh row that PASSes for certain and is smaller.
+        k, v = (p.split("=")[1] for p in entry["candidate"].split(","))
+        certain = entry["why"].split("not needed: ", 1)[1].split(" (", 1)[0]
+        assert certain in meh_row and "PASSes for certain" in entry["why"], entry
+        assert sweep["grid"]["cells"][k][v]["kv_bytes_per_token"] > float(entry["why"].split("(")[1].split(" B")[0])
+    sections = {s["candidate"]: s for s in report["candidates"]}
+    for label in set(sections) - set(meh_row):
+        assert not sections[label]["axes"]["kld"].get("items"), label  # not one item measured
+        assert report["recommendation"]["decisions"][label] != "PASS"
+    # Run order: each pair's items back to back, the meh row top down.
+    ran = [line.split("[", 1)[1].split("-chunk-")[0] for line in result.stdout.lines
+           if line.startswith("refract::test_kld[") and " PASSED" in line]
+    firsts = list(dict.fromkeys(ran))
+    assert firsts == ["meh-f16", "meh-good", "meh-meh"], firsts
+    assert all(ran[i] == ran[i - 1] or ran[i] not in ran[:i] for i in range(1, len(ran)))
+    side_by_side_result, side = _sweep(pytester, tiny_model, long_corpus, "--refract-sweep=f16,good,meh")
+    assert side["sweep"]["recommendation"]["config"] == "ctk=meh,ctv=meh"
+    items = lambda rep: sum(len(s["axes"]["kld"].get("items") or []) for s in rep["candidates"])  # noqa: E731
+    assert items(report) < items(side)
+    # The KV memory held at once: reference, control and one pair, not all eight.
+    assert report["kv_cache_bytes_peak"] < side["kv_cache_bytes_peak"] / 2
+
+
 def test_a_sweep_where_nothing_passes_fails_and_a_budget_names_the_smallest_pass(
         pytester, swept_types, tiny_model, long_corpus):
     result, report = _sweep(pytester, tiny_model, long_corpus, "--refract-sweep=f16,bad")
@@ -277,22 +322,30 @@ def test_the_build_type_table_and_refused_pairs(pytester, tiny_model, tiny_promp
 
 @pytest.mark.smollm2
 def test_a_small_smollm2_sweep_end_to_end(pytester, smollm2):
-    """The real model, kept small (two types, KLD on four 128-token chunks): the grid, the
-    answer and the gate agree with the pairs' own verdicts; SmolLM2's K cache is the sensitive
-    side (q4_0 K is measured far beyond the margin)."""
+    """The real model, kept small (two types, KLD on four 128-token chunks), with a reference
+    cache as users run it: the pairs one at a time, the q4_0 K row first and top down. SmolLM2's
+    K cache is the sensitive side: q4_0/f16 FAILs, so q4_0/q4_0 is never measured. The grid, the
+    answer and the gate agree with the pairs' own verdicts."""
     report, html = pytester.path / "r.json", pytester.path / "r.html"
     result = pytester.runpytest_subprocess(
         f"--refract-model={smollm2}", "--refract-sweep=f16,q4_0", "--refract-axes=kld", "--refract-ctx=128",
-        "--refract-max-items=4", "--refract-no-cache", f"--refract-json={report}", f"--refract-html={html}")
+        "--refract-max-items=4", f"--refract-cache-dir={pytester.path / 'cache'}", f"--refract-json={report}",
+        f"--refract-html={html}", "-v")
     data = read_report(report)
     sweep = data["sweep"]
     assert sweep["pairs"] == ["ctk=q4_0,ctv=q4_0", "ctk=q4_0,ctv=f16", "ctk=f16,ctv=q4_0"]
-    assert sweep["refused"] == [] and sweep["measured"][0] == "ctk=q4_0,ctv=q4_0"  # cheapest first
+    ran = [line.split("[", 1)[1].split("-chunk-")[0] for line in result.stdout.lines
+           if line.startswith("refract::test_kld[") and " PASSED" in line]
+    assert list(dict.fromkeys(ran)) == ["q4_0-f16", "f16-q4_0"], ran
+    assert sweep["refused"] == [] and sorted(sweep["measured"]) == ["ctk=f16,ctv=q4_0", "ctk=q4_0,ctv=f16"]
+    assert [s["candidate"] for s in sweep["skipped"]] == ["ctk=q4_0,ctv=q4_0"]
+    assert "ctk=q4_0,ctv=f16, before it in its row, does not PASS" in sweep["skipped"][0]["why"]
     cells = sweep["grid"]["cells"]
     for sec in data["candidates"]:
         k, v = (p.split("=")[1] for p in sec["candidate"].split(","))
-        assert cells[k][v]["verdict"] == sec["verdict"]["verdict"]
-    assert cells["q4_0"]["q4_0"]["verdict"] == "FAIL"
+        if sec["candidate"] in sweep["measured"]:
+            assert cells[k][v]["verdict"] == sec["verdict"]["verdict"]
+    assert cells["q4_0"]["f16"]["verdict"] == "FAIL" and cells["q4_0"]["q4_0"]["skipped"]
     assert cells["q4_0"]["q4_0"]["kv_bytes_per_token"] < cells["f16"]["q4_0"]["kv_bytes_per_token"]
     assert result.ret == (0 if sweep["recommendation"] else 1)
     out = result.stdout.str()
@@ -327,11 +380,41 @@ def test_a_row_stops_after_a_pair_that_cannot_pass_and_nothing_else_stops():
     assert "ctk=a,ctv=x, before it in its row, does not PASS even at the family's full error" in pruning.pruned["cand1"]
     assert progress[("cand1", "kld")].pruned and not progress[("cand1", "kld")].open
     assert progress[("cand2", "kld")].open  # another row: not implied by anything measured
+    # Final because every item ran, though undecided at its last look: the same.
+    progress[("cand1", "kld")].pruned = None
+    top.decided = False
+    again = SweepPruning(stopping, {"kld": axis}, sizes, labels, "control", None,
+                         lambda: {"cand0": {"kld": bad}, "control": {"kld": ctrl}})
+    assert again.decided("cand0") and list(again.pruned) == ["cand1"]
+    top.measured = 63  # an item left: not final, nothing stops
+    progress[("cand1", "kld")].pruned = None
+    again = SweepPruning(stopping, {"kld": axis}, sizes, labels, "control", None,
+                         lambda: {"cand0": {"kld": bad}, "control": {"kld": ctrl}})
+    assert again.decided("cand0") is None and again.pruned == {}
+    top.decided, top.measured = True, 64
     # The same top pair within the margin stops nothing.
     progress[("cand1", "kld")].pruned = None
     good = SweepPruning(stopping, {"kld": axis}, sizes, labels, "control", None,
                         lambda: {"cand0": {"kld": dict(ctrl)}, "control": {"kld": ctrl}})
     assert good.decided("cand0") is None and good.pruned == {}
+
+
+def test_the_measuring_order_is_rows_by_their_smallest_cache_each_top_down():
+    from pytest_refract.sweep import measuring_order
+
+    per_value = {"q4_0": 0.5625, "q8_0": 1.0625, "f16": 2.0, "f32": 4.0}
+    pairs = [(k, v) for k in per_value for v in per_value if (k, v) != ("f16", "f16")]
+    labels = {f"cand{i}": f"ctk={k},ctv={v}" for i, (k, v) in enumerate(pairs)}
+    sizes = {f"cand{i}": 100 * (per_value[k] + per_value[v]) for i, (k, v) in enumerate(pairs)}
+    unknown = next(r for r, label in labels.items() if label == "ctk=q8_0,ctv=f32")
+    sizes[unknown] = None  # a size unknown goes last in its row
+    rank = measuring_order(sizes, labels)
+    assert sorted(rank.values()) == list(range(len(pairs)))
+    ran = [labels[r] for r in sorted(rank, key=rank.get)]
+    assert ran == ["ctk=q4_0,ctv=f32", "ctk=q4_0,ctv=f16", "ctk=q4_0,ctv=q8_0", "ctk=q4_0,ctv=q4_0",
+                   "ctk=q8_0,ctv=f16", "ctk=q8_0,ctv=q8_0", "ctk=q8_0,ctv=q4_0", "ctk=q8_0,ctv=f32",
+                   "ctk=f16,ctv=f32", "ctk=f16,ctv=q8_0", "ctk=f16,ctv=q4_0",
+                   "ctk=f32,ctv=f32", "ctk=f32,ctv=f16", "ctk=f32,ctv=q8_0", "ctk=f32,ctv=q4_0"]
 
 
 def test_all_is_every_type_the_build_has_and_llama_cpp_accepts(pytester, tiny_model, tiny_corpus):

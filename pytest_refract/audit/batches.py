@@ -26,6 +26,9 @@ class DecodeBatches:
         # axis -> the candidates whose verdict there is decided (sequential stopping, set by the
         # session): their items are skipped, so their batches decode without them.
         self.closed: Callable[[str], set] = lambda axis: set()
+        # candidate role -> its place in a sweep's measuring order (set by the runner): a batch
+        # then decodes only the candidate measured now, not the ones whose turn comes later.
+        self.rank: Dict[str, int] = {}
         self._seconds: Dict[tuple, float] = {}
         self.time_in_item = 0.0
 
@@ -48,6 +51,9 @@ class DecodeBatches:
         if not planned or unit.id not in planned:
             return [unit], [unit.candidate]
         roles = set().union(*(r for _, r in planned.values())) - self.closed(axis)
+        if self.rank:
+            mine = self.rank.get(unit.candidate or "")
+            roles = {r for r in roles if self.rank.get(r) == mine}
         roles.add(unit.candidate)  # the item asking always measures
         units = self.planned_units(axis, unit)
         # The control decodes in the candidates' batches, unless the cache holds its results.

@@ -87,6 +87,7 @@ class Runner:
         self.sweep = self._plan_sweep() if settings.sweep_types else None
         self.batches = DecodeBatches(self.item_roles, self.control_role, self.control_cached)
         self._axis_now: Optional[str] = None  # the axis of the last item measured
+        self._turn_now = 0  # the sweep's place (measuring order) of the last item's candidate
         # Greedy continuations decoded so far: (role, prompt ids, n_predict) -> token ids. PLAD's
         # anchors are the trajectory axis's decodes of the same prompts; R-NIAH's control asks
         # for the reference answers the candidates just had.
@@ -636,15 +637,18 @@ class Runner:
                 for role in self.measured_roles:
                     yield unit.for_item(name, role, index // size if batched else None), group
 
-    def set_plan(self, planned: List[Unit], closed=None) -> None:
+    def set_plan(self, planned: List[Unit], closed=None, rank: Optional[Dict[str, int]] = None) -> None:
         """The unit of every item this process may run, after -k/-m deselection, in run order.
         ``closed(axis)``: the candidates that need no more of an axis (sequential stopping);
-        their decode batches leave them out."""
+        their decode batches leave them out. ``rank``: a sweep's measuring order (candidate
+        role -> place), where the candidates run one after another: a batch decodes only the
+        candidate whose turn it is, and a candidate's contexts are freed when its turn ends."""
         self.selected = {}  # (candidate role, axis) -> items selected: an interrupted report says how many ran
         for unit in planned:
             key = (unit.candidate, unit.axis)
             self.selected[key] = self.selected.get(key, 0) + 1
         self.batches.set_plan(planned)
+        self.batches.rank = dict(rank or {})
         if closed is not None:
             self.batches.closed = closed
 
@@ -655,6 +659,14 @@ class Runner:
         benchmark can compare wall time with llama.cpp's raw throughput for the same tokens."""
         axis = self.axes[unit.axis]
         assert unit.candidate is not None  # an item's unit names its candidate (Unit.for_item)
+        turn = self.batches.rank.get(unit.candidate, 0)
+        if turn != self._turn_now:
+            # A sweep's next candidate: the last one's contexts are not needed again. Without
+            # this, a sweep of every type keeps a KV cache and a logits buffer open for each of
+            # 80 pairs (on Gemma 3, 267 MB of logits each on the KLD axis alone).
+            self._turn_now = turn
+            self._axis_now = None
+            self.release_sequences()
         if axis.NAME != self._axis_now:
             # A new axis: what the previous one kept for its batches is not needed any more
             # (the KLD axis, where memory peaks, uses none of it).
