@@ -178,12 +178,13 @@ class RefractSession:
         # can skip is found before it is measured. Each pair then reads the reference's results
         # from the reference cache; where the cache is not read (--refract-no-cache, the floor,
         # --refract-repeat) the pairs run side by side instead, so the reference is computed once.
+        # So they do under xdist, whose workers get a unit's items for every pair together.
         self.sweep_rank: Optional[Dict[str, int]] = None
         if runner.sweep is not None:
             from . import sweep as sweep_mod
 
             sizes = {r: runner.kv_bytes_per_token(r) for r in runner.candidate_roles}
-            if runner.reference.read:
+            if runner.reference.read and not self.is_worker:
                 self.sweep_rank = sweep_mod.measuring_order(sizes, runner.labels)
             if runner.control_role and not runner.settings.sweep_exhaustive:
                 pruning = sweep_mod.SweepPruning(self.stopping, runner.axes, sizes, runner.labels, runner.control_role,
