@@ -117,9 +117,10 @@ def _recommendation(best: str, by_label: Dict[str, dict], reference_bytes, decis
                if kv is not None and kv_bytes(s) is not None and kv_bytes(s) < kv]  # type: ignore[operator]
     failed_axes: Dict[str, List[str]] = {}
     other: List[str] = []
+    not_measured = 0
     for s in smaller:
         if s["candidate"] in skipped:
-            other.append(f"{s['candidate']} skipped")
+            not_measured += 1
             continue
         axes = (s.get("verdict") or {}).get("axes") or {}
         fails = [n for n, a in axes.items() if a.get("verdict") == V.FAIL]
@@ -135,7 +136,11 @@ def _recommendation(best: str, by_label: Dict[str, dict], reference_bytes, decis
     elif not smaller:
         line += "; no smaller cache was a candidate"
     if other:
-        line += f"; not PASS or not measured: {', '.join(other)}"
+        line += f"; not PASS: {_listed(other)}"
+    if not_measured:
+        # A sweep of every type skips most smaller pairs: a count, the reasons are in sweep.skipped.
+        line += (f"; {not_measured} smaller pair{'s' if not_measured > 1 else ''} skipped (the procedure could no "
+                 f"longer recommend {'them' if not_measured > 1 else 'it'})")
     return {"config": best, "kv_bytes_per_token": kv, "percent_of_reference": pct,
             "verdict_score": (sec.get("verdict") or {}).get("score"), "line": line,
             "smaller_fail_on": {n: c for n, c in failed_axes.items()}}
