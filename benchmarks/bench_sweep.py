@@ -108,7 +108,8 @@ def main() -> None:
         answer = (report["sweep"]["recommendation"] or {}).get("config")
         toks = tokens(report)
         cand_tokens = sum(v for k, v in toks.items() if k.startswith("cand"))
-        print(f"sweep: {n} candidates ({len(measured)} measured, {len(report['sweep']['skipped'])} skipped, "
+        skipped = [e for e in report["sweep"]["skipped"] if e["candidate"] in pairs]  # not the control
+        print(f"sweep: {n} candidates ({len(measured)} measured, {len(skipped)} skipped, "
               f"{len(report['sweep']['refused'])} refused), {sweep['wall_s']:.1f} s, "
               f"{n / sweep['wall_s'] * 60:.2f} candidates/min, {cand_tokens / max(n, 1):.0f} tokens per candidate "
               f"({cand_tokens / max(len(measured), 1):.0f} per measured one), reference {toks.get('reference', 0)} and "

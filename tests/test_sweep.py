@@ -246,6 +246,58 @@ def test_pairs_measured_one_after_another_skip_every_row_a_certain_pass_rules_ou
     assert report["kv_cache_bytes_peak"] < side["kv_cache_bytes_peak"] / 2
 
 
+def test_the_answer_counts_the_smaller_pairs_skipped_instead_of_listing_them(
+        pytester, swept_types, tiny_model, long_corpus):
+    """One after another, the "bad" row goes first: bad/f16 FAILs at its first look and the
+    rest of its row is never measured. The answer names the smaller pair that FAILed and counts
+    the skipped ones (a sweep of every type skips a hundred; their reasons are in the JSON)."""
+    result, report = _sweep(pytester, tiny_model, long_corpus, "--refract-sweep=f16,good,bad",
+                            f"--refract-cache-dir={pytester.path / 'refcache'}")
+    sweep = report["sweep"]
+    assert sweep["recommendation"]["config"] == "ctk=good,ctv=good" and result.ret == 0
+    assert {s["candidate"] for s in sweep["skipped"]} >= {"ctk=bad,ctv=good", "ctk=bad,ctv=bad"}
+    line = sweep["recommendation"]["line"]
+    assert line == ("recommended: ctk=good,ctv=good (38 % of f16's cache), PASS on every axis; smaller caches FAIL "
+                    "on kld (ctk=good,ctv=bad); 2 smaller pairs skipped (the procedure could no longer recommend "
+                    "them)"), line
+    assert line in result.stdout.str()
+
+
+def test_the_sweep_charts_tool_writes_the_pareto_chart_and_the_grid_as_standalone_svg(
+        pytester, swept_types, tiny_model, long_corpus, monkeypatch):
+    """tools/sweep_charts.py: the HTML report's two sweep charts as SVG files that parse on their
+    own, the recommendation ringed; it refuses to replace a file, and a report without a sweep
+    is a one-line error."""
+    import importlib.util
+    import json
+    import xml.etree.ElementTree as ET
+    from pathlib import Path
+
+    tools = Path(__file__).parent.parent / "tools"
+    monkeypatch.syspath_prepend(str(tools))
+    spec = importlib.util.spec_from_file_location("sweep_charts", tools / "sweep_charts.py")
+    tool = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(tool)
+    _result, report = _sweep(pytester, tiny_model, long_corpus, "--refract-sweep=f16,good,bad")
+    out = pytester.path / "img"
+    path = pytester.path / "sweep.json"
+    assert tool.main([str(path), str(out), "--prefix", "tiny"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == ["tiny-sweep-grid.svg", "tiny-sweep-pareto.svg"]
+    pareto = ET.parse(out / "tiny-sweep-pareto.svg").getroot()
+    assert pareto.tag == "{http://www.w3.org/2000/svg}svg" and pareto.get("id") == "sweep-pareto"
+    assert pareto.find(".//{http://www.w3.org/2000/svg}circle[@id='sweep-recommended']") is not None
+    grid = (out / "tiny-sweep-grid.svg").read_text()
+    ET.fromstring(grid)
+    assert "--muted" in grid and ">good<" in grid and ">bad<" in grid
+    before = (out / "tiny-sweep-grid.svg").read_bytes()
+    assert tool.main([str(path), str(out), "--prefix", "tiny"]) == 2
+    assert (out / "tiny-sweep-grid.svg").read_bytes() == before
+    no_sweep = pytester.path / "none.json"
+    no_sweep.write_text(json.dumps({k: v for k, v in report.items() if k != "sweep"}), encoding="utf-8")
+    assert tool.main([str(no_sweep), str(pytester.path / "img2")]) == 2
+    assert not (pytester.path / "img2").exists()
+
+
 def test_a_sweep_where_nothing_passes_fails_and_a_budget_names_the_smallest_pass(
         pytester, swept_types, tiny_model, long_corpus):
     result, report = _sweep(pytester, tiny_model, long_corpus, "--refract-sweep=f16,bad")
