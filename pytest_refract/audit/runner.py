@@ -82,6 +82,9 @@ class Runner:
 
         # Silent until the plugin gives it a sink (see progress.sink_for).
         self.progress = Progress()
+        # Configs tried in a child process (_screen), and those whose context killed it.
+        self._screened: set = set()
+        self._aborting: Dict[str, str] = {}
         # --refract-sweep: its pairs become candidates here, judged by llama.cpp, before the
         # roles are planned into batches (audit/sweep.py).
         self.sweep = self._plan_sweep() if settings.sweep_types else None
@@ -216,8 +219,9 @@ class Runner:
         model's heads) is a usage error quoting llama.cpp; the rotation it applied and the cache
         sizes it allocated are read back from its log, and a rotation policy it did not honour
         is refused as well."""
-        for name in [Role.REFERENCE, *self.item_roles]:
-            role = self.roles[name]
+        roles = [self.roles[name] for name in [Role.REFERENCE, *self.item_roles]]
+        self._screen([(r.config, r.types) for r in roles if r.probe is None])
+        for role in roles:
             if role.probe is None:  # a sweep's pairs were probed when it was planned
                 self._probe_role(role)
         floor, reference = self.roles[Role.FLOOR], self.roles[Role.REFERENCE]
@@ -233,10 +237,35 @@ class Runner:
         problem = check_rotation(kv.rot, facts.rotation, quantized, label)
         return problem or check_cache_types((k_type.name, v_type.name), facts, label)
 
+    def _screen(self, configs) -> None:
+        """Try, in one child process, every (config, types) with a type outside llama.cpp's
+        own --cache-type list that is not tried yet: one its backend cannot store aborts the
+        process instead of refusing (engines/isolated.py). What killed the child is refused
+        by _probe with llama.cpp's last words."""
+        from ..engines.kvconfig import CLI_CACHE_TYPES
+
+        in_child = getattr(self.engine_mod, "configs_that_abort", None)
+        todo = {kv.label(): (kv.label(), types[0].name, types[1].name) for kv, types in configs
+                if kv.label() not in self._screened and not {types[0].name, types[1].name} <= CLI_CACHE_TYPES}
+        if in_child is None or not todo:
+            return
+        listed = list(todo.values())
+        dead = in_child(self.model_path, self.settings.gpu_layers, self._context_settings(256), listed)
+        self._screened.update(todo)
+        self._aborting.update({listed[i][0]: why for i, why in dead.items()})
+
+    def _probe(self, kv, types):
+        """llama.cpp's verdict on a config from a small context (raises ContextRefused): in
+        this process, unless a child process died creating it (_screen)."""
+        if kv.label() in self._aborting:
+            raise ContextRefused(self._aborting[kv.label()])
+        return self.engine.probe(kv, types, self._context_settings(256))
+
     def _probe_role(self, role: Role) -> None:
         kv, flag = role.config, role.flag
+        self._screen([(kv, role.types)])
         try:
-            facts, env = self.engine.probe(kv, role.types, self._context_settings(256))
+            facts, env = self._probe(kv, role.types)
         except ContextRefused as exc:
             raise UsageProblem(f"{flag} {exc}") from None
         problem = self._probe_problem(kv, role.types, facts, f"{flag} {kv.label()}")
@@ -258,11 +287,9 @@ class Runner:
         def value_bytes(t) -> float:
             return row_size(t.ggml_type, 256 * t.block_size) / (256 * t.block_size)
 
-        def probe(kv, types):
-            return self.engine.probe(kv, types, self._context_settings(256))
-
         plan = plan_sweep(s.sweep_types or (), s.reference, s.sensitivity, table, self.info.head_dims, value_bytes,
-                          probe, lambda kv, types, facts: self._probe_problem(kv, types, facts, kv.label()))
+                          self._probe, lambda kv, types, facts: self._probe_problem(kv, types, facts, kv.label()),
+                          screen=self._screen)
         given = [self.roles[n] for n in self.candidate_roles]
         configs = [r.config for r in given]
         added = [p for p in plan.accepted if p.config not in configs]

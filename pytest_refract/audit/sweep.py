@@ -70,11 +70,15 @@ def pair_configs(types: Sequence[str], reference: KVConfig) -> List[KVConfig]:
 def plan_sweep(asked: Sequence[str], reference: KVConfig, control: Optional[KVConfig], table: Mapping[str, CacheType],
                head_dims: Tuple[Optional[int], Optional[int]], value_bytes: Callable[[CacheType], float],
                probe: Callable[[KVConfig, Tuple[CacheType, CacheType]], Tuple[object, dict]],
-               check: Callable[[KVConfig, Tuple[CacheType, CacheType], object], Optional[str]]) -> SweepPlan:
+               check: Callable[[KVConfig, Tuple[CacheType, CacheType], object], Optional[str]],
+               screen: Optional[Callable[[List[Tuple[KVConfig, Tuple[CacheType, CacheType]]]], None]] = None
+               ) -> SweepPlan:
     """The sweep's pairs, each accepted (with what llama.cpp logged) or refused with its reason.
     ``probe(config, types)``: create and free a small context (raises ContextRefused);
     ``check(config, types, facts)``: a problem with what was created (a substituted type, a
-    rotation not honoured), or None."""
+    rotation not honoured), or None; ``screen(configs)``: told every per-side config the
+    block check lets through, all at once, before the first is probed (so a type that would
+    abort the process is tried in one child process for all of them; engines/isolated.py)."""
     types = swept_types(asked, table, value_bytes)
     configs = pair_configs(types, reference)
     plan = SweepPlan(types, [c.label() for c in configs])
@@ -95,15 +99,24 @@ def plan_sweep(asked: Sequence[str], reference: KVConfig, control: Optional[KVCo
         return Probed(config, resolved, facts, env), None
 
     # One context per type and side first: a side llama.cpp refuses rules out its row or column.
+    sides = [(t, side, config) for t in types
+             for side, config in ((0, replace(reference, ctk=t, fa_explicit=False)),
+                                  (1, replace(reference, ctv=t, fa_explicit=False)))
+             if (config.ctk, config.ctv) != (reference.ctk, reference.ctv)]
+    if screen is not None:
+        fitting = []
+        for _t, _side, config in sides:
+            try:
+                fitting.append((config, validate_for_model(config, table, head_dims[0], head_dims[1], FLAG)))
+            except UsageProblem:
+                continue  # the block check refuses it in judge, with its reason
+        screen(fitting)
     side_refused: Dict[Tuple[int, str], str] = {}
-    for t in types:
-        for side, config in ((0, replace(reference, ctk=t, fa_explicit=False)), (1, replace(reference, ctv=t, fa_explicit=False))):
-            if (config.ctk, config.ctv) == (reference.ctk, reference.ctv):
-                continue
-            _probed, why = judge(config)
-            if why is not None:
-                side_refused[(side, t)] = (f"{'K' if side == 0 else 'V'} type {t} refused (probed as {config.label()}): "
-                                           f"{why}")
+    for t, side, config in sides:
+        _probed, why = judge(config)
+        if why is not None:
+            side_refused[(side, t)] = (f"{'K' if side == 0 else 'V'} type {t} refused (probed as {config.label()}): "
+                                       f"{why}")
     for config in configs:
         why = side_refused.get((0, config.ctk)) or side_refused.get((1, config.ctv))
         if why is None and control is not None and (config.ctk, config.ctv) == (control.ctk, control.ctv):

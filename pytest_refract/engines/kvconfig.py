@@ -14,6 +14,11 @@ from ..errors import UsageProblem
 # Cache storage types whose values are plain floats: these do not need flash attention for V.
 FLOAT_TYPES = frozenset({"f32", "f16", "bf16"})
 
+# The cache types llama.cpp's own tools accept (--cache-type-k/-v): every backend stores them.
+# A context with any other type is first created in a child process (engines/isolated.py),
+# since a backend that cannot store it aborts the process instead of refusing.
+CLI_CACHE_TYPES = frozenset({"f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "iq4_nl", "q5_0", "q5_1"})
+
 _KEY_ALIASES = {
     "ctk": "ctk", "cache-type-k": "ctk", "cache_type_k": "ctk", "type_k": "ctk",
     "ctv": "ctv", "cache-type-v": "ctv", "cache_type_v": "ctv", "type_v": "ctv",

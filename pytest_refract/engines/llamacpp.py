@@ -149,6 +149,17 @@ def system_info() -> str:
         return ""
 
 
+def configs_that_abort(model_path: Path, gpu_layers: int, context: ContextSettings,
+                       configs: Sequence[Tuple[str, str, str]]) -> Dict[int, str]:
+    """index -> why, for each (label, K type, V type) whose context would abort this process
+    (tried in a child process: engines/isolated.py)."""
+    from dataclasses import asdict
+
+    from .isolated import configs_that_abort as in_child
+
+    return in_child(model_path, gpu_layers, asdict(context), configs)
+
+
 def supports_gpu_offload() -> bool:
     return bool(llama_cpp.llama_supports_gpu_offload())
 
