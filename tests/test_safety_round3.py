@@ -696,6 +696,10 @@ def test_check_cache_types_names_what_was_used_and_why():
     silent = CacheLog(caches=[CacheAllocation(256, "f16", 1.0, "q4_0", 1.0)])
     assert "logged no reason" in check_cache_types(("q4_0", "q4_0"), silent, "x")
     assert check_cache_types(("q4_0", "q4_0"), CacheLog(), "x") is None  # a build that logs no sizes
+    # ggml's log spells its k-quants q4_K, its type table q4_k: the same type, not a change.
+    k_quants = CacheLog(caches=[CacheAllocation(256, "q4_K", 1.0, "q6_K", 1.0)])
+    assert check_cache_types(("q4_k", "q6_k"), k_quants, "x") is None
+    assert "(it changed V)" in check_cache_types(("q4_k", "q5_k"), k_quants, "x")
 
 
 @pytest.mark.parametrize("role, asked, flag", [("reference", "f16", "--refract-reference"),

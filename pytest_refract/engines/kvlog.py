@@ -209,9 +209,10 @@ def check_cache_types(requested: Tuple[str, str], facts: CacheLog, label: str) -
     cache sizes cannot be checked here (None)."""
     for cache in facts.caches:
         used = (cache.k_type, cache.v_type)
-        if used == tuple(requested):
+        # ggml names its k-quants q4_K in its log and q4_k in its type table: the same type.
+        if tuple(u.lower() for u in used) == tuple(r.lower() for r in requested):
             continue
-        sides = [side for side, want, got in zip("KV", requested, used) if want != got]
+        sides = [side for side, want, got in zip("KV", requested, used) if want.lower() != got.lower()]
         names = {n.lower() for n in (*requested, *used)}
         reason = next((w for w in facts.warnings if any(n in w.lower() for n in names)), None)
         why = f"; llama.cpp logged: {' '.join(reason.split())}" if reason else "; llama.cpp logged no reason"
