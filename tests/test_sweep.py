@@ -263,6 +263,30 @@ def test_the_answer_counts_the_smaller_pairs_skipped_instead_of_listing_them(
     assert line in result.stdout.str()
 
 
+def test_the_pareto_chart_keeps_the_pairs_near_the_margin_apart_beside_a_pair_at_600x():
+    """A sweep of every type puts a 1-bit K cache at 600x beside pairs at 1.1x and 2.5x: on the
+    log scale those stay a quarter of the plot apart, and the 3x margin lies between them."""
+    import re
+
+    from pytest_refract.report.html.views.sweep import pareto_chart
+
+    def cell(k, v, kv, m, verdict):
+        return {"candidate": f"ctk={k},ctv={v}", "verdict": verdict, "kv_bytes_per_token": kv,
+                "worst_axis": {"axis": "kld", "multiple": m, "ci": [m * 0.9, m * 1.1]}}
+
+    cells = {"q8_0": {"q8_0": cell("q8_0", "q8_0", 200.0, 1.1, "PASS"), "q4_0": cell("q8_0", "q4_0", 150.0, 2.5, "PASS")},
+             "q1_0": {"f16": cell("q1_0", "f16", 180.0, 600.0, "FAIL")}}
+    svg = str(pareto_chart({"grid": {"rows": list(cells), "columns": ["q8_0", "q4_0", "f16"], "cells": cells},
+                            "frontier": [], "recommendation": None}))
+    ys = {float(cx): float(cy) for cx, cy in re.findall(r'<circle cx="([0-9.]+)" cy="([0-9.]+)" r="4.5"', svg)}
+    y_of = dict(zip(sorted(ys, key=lambda x: x), [ys[x] for x in sorted(ys)]))  # by x: 150, 180, 200 B
+    y25, y600, y11 = list(y_of.values())
+    margin = float(re.search(r'y1="([0-9.]+)" y2="[0-9.]+" stroke="currentColor" stroke-dasharray', svg).group(1))
+    assert y600 < margin < y25 < y11  # higher multiple, higher on the page
+    assert y11 - y25 > 0.1 * (340 - 16 - 40)
+    assert "log scale" in svg
+
+
 def test_the_sweep_charts_tool_writes_the_pareto_chart_and_the_grid_as_standalone_svg(
         pytester, swept_types, tiny_model, long_corpus, monkeypatch):
     """tools/sweep_charts.py: the HTML report's two sweep charts as SVG files that parse on their
@@ -355,13 +379,25 @@ def test_the_build_type_table_and_refused_pairs(pytester, tiny_model, tiny_promp
     result = pytester.runpytest_subprocess(
         f"--refract-model={tiny_model}", f"--refract-corpus={tiny_corpus}", "--refract-ctx=64", "--refract-chunks=2",
         "--refract-threads=1", "--refract-axes=kld", "--refract-no-cache", "--refract-sweep=f16,q4_0,q2_k",
-        f"--refract-json={report}")
+        f"--refract-json={report}", f"--refract-html={pytester.path / 'r.html'}")
     sweep = read_report(report)["sweep"]
     refused = {e["candidate"]: e["why"] for e in sweep["refused"]}
     assert set(refused) == {p for p in sweep["pairs"] if "q2_k" in p}
     assert all("block size 256 does not divide" in why for why in refused.values()), refused
     assert sweep["measured"] == ["ctk=q4_0,ctv=q4_0", "ctk=f16,ctv=q4_0", "ctk=q4_0,ctv=f16"]
-    assert "refused: ctk=q2_k" in result.stdout.str()
+    # The terminal: one line per reason with its count; q2_k's refused row and column are not drawn.
+    out = result.stdout.str()
+    assert "  refused: 5 pairs, for 2 reasons" in out, out
+    assert "    3 (ctk=q2_k,ctv=q2_k, ...): K type q2_k refused" in out and "): V type q2_k refused" in out
+    header = next(line for line in out.splitlines() if line.startswith("  K \\ V"))
+    assert "q4_0" in header and "q2_k" not in header
+    assert not any(line.startswith("  q2_k") for line in out.splitlines())
+    # The page: the same two reasons, each with its pairs folded; no q2_k row or column drawn.
+    page = (pytester.path / "r.html").read_text()
+    refused_list = page.split('id="sweep-refused"')[1].split("</ul>")[0]
+    assert refused_list.count("<li>") == 2 and "<summary>3 pairs</summary>" in refused_list
+    grid = page.split('id="sweep-grid"')[1].split("</svg>")[0]
+    assert ">q4_0<" in grid and ">q2_k<" not in grid
     bad = pytester.runpytest_subprocess(f"--refract-model={tiny_model}", "--refract-sweep=f16,q9_9")
     line = next(x for x in bad.stderr.str().splitlines() if x.startswith("ERROR:"))
     from pytest_refract.engines.ggml_types import cache_types

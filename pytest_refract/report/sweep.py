@@ -6,7 +6,7 @@ candidate) and, with a budget, the best config within it."""
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional
+from typing import Dict, List, Optional, Tuple
 
 from ..scoring import verdict as V
 from .verdicts import kv_bytes
@@ -97,6 +97,32 @@ def build_sweep(plan: dict, sections: List[dict], recommendation: Optional[dict]
                  "cells": cells},
         "family": {k: recommendation[k] for k in ("method", "family_error", "guarantee")} if recommendation else None,
     }
+
+
+def drawn_types(grid: dict) -> Tuple[List[str], List[str]]:
+    """The grid's rows and columns worth drawing: a type llama.cpp refused on its side refuses
+    its whole row (K) or column (V) with one reason, so it is left out of a drawn grid and
+    named with that reason instead (a sweep of every type offers two dozen types, half of them
+    refused for a model's heads)."""
+    rows, cols = list(grid.get("rows") or []), list(grid.get("columns") or [])
+    cells = grid.get("cells") or {}
+
+    def all_refused(found: List[Optional[dict]]) -> bool:
+        there = [c for c in found if c]
+        return bool(there) and len(there) == len(found) and all(c.get("refused") for c in there)
+
+    keep_rows = [r for r in rows if not all_refused([(cells.get(r) or {}).get(c) for c in cols])]
+    keep_cols = [c for c in cols if not all_refused([(cells.get(r) or {}).get(c) for r in rows])]
+    return keep_rows, keep_cols
+
+
+def reasons(entries: List[dict]) -> List[Tuple[str, List[str]]]:
+    """(why, the pairs it names) per distinct reason, in first-seen order: a sweep's skipped or
+    refused pairs share a handful of reasons between a hundred pairs."""
+    out: Dict[str, List[str]] = {}
+    for entry in entries:
+        out.setdefault(str(entry.get("why")), []).append(str(entry.get("candidate")))
+    return list(out.items())
 
 
 def _types(label: str) -> tuple:

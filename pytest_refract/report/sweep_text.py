@@ -5,6 +5,8 @@ from __future__ import annotations
 
 from typing import List, Optional
 
+from .sweep import drawn_types, reasons
+
 _COLOURS = {"PASS": "green", "UNDECIDED": "yellow", "FAIL": "red"}
 WIDTH = 16
 
@@ -33,15 +35,31 @@ def grid_lines(sweep: dict, reference: Optional[str]) -> List[List[tuple]]:
     grid = sweep["grid"]
     recommended = (sweep.get("recommendation") or {}).get("config")
     ref = dict(p.split("=", 1) for p in (reference or "").split(",") if "=" in p)
-    lines = [[("K \\ V".ljust(10), None)] + [(c.ljust(WIDTH), None) for c in grid["columns"]]]
-    for k in grid["rows"]:
+    rows, columns = drawn_types(grid)
+    lines = [[("K \\ V".ljust(10), None)] + [(c.ljust(WIDTH), None) for c in columns]]
+    for k in rows:
         row = [(k.ljust(10), None)]
-        for v in grid["columns"]:
+        for v in columns:
             cell = grid["cells"].get(k, {}).get(v)
             text = cell_text(cell, recommended, (ref.get("ctk"), ref.get("ctv")) == (k, v))
             verdict = None if cell is None or cell.get("skipped") else cell.get("verdict")
             row.append((text.ljust(WIDTH), verdict))
         lines.append(row)
+    return lines
+
+
+def reason_lines(word: str, entries: List[dict], most: int = 3) -> List[str]:
+    """``skipped: 125 pairs, for 4 reasons`` then the first reasons with their counts: a sweep of
+    every type skips or refuses a hundred pairs for a handful of reasons (all in the JSON)."""
+    if not entries:
+        return []
+    grouped = reasons(entries)
+    lines = [f"  {word}: {len(entries)} pair{'s' if len(entries) > 1 else ''}"
+             + (f", for {len(grouped)} reasons" if len(grouped) > 1 else "")]
+    for why, labels in grouped[:most]:
+        lines.append(f"    {len(labels)} ({labels[0]}{', ...' if len(labels) > 1 else ''}): {why}")
+    if len(grouped) > most:
+        lines.append(f"    {len(grouped) - most} more reasons: see the JSON report's sweep.{word}")
     return lines
 
 
@@ -54,13 +72,9 @@ def render_sweep(tr, sweep: dict, reference: Optional[str]) -> None:
         for text, verdict in row:
             tr.write(text, **({_COLOURS[verdict]: True} if verdict in _COLOURS else {}))
         tr.write_line("")
-    if sweep["skipped"]:
-        tr.write_line(f"  skipped: {len(sweep['skipped'])} ({sweep['skipped'][0]['why']}" +
-                      (", ..." if len(sweep["skipped"]) > 1 else "") + ")")
-    for entry in sweep["refused"][:3]:
-        tr.write_line(f"  refused: {entry['candidate']}: {entry['why']}")
-    if len(sweep["refused"]) > 3:
-        tr.write_line(f"  refused: {len(sweep['refused']) - 3} more (see the JSON report's sweep.refused)")
+    for word, entries in (("skipped", sweep["skipped"]), ("refused", sweep["refused"])):
+        for line in reason_lines(word, entries):
+            tr.write_line(line)
     rec = sweep.get("recommendation")
     if rec:
         tr.write_line(rec["line"], green=True, bold=True)

@@ -91,7 +91,7 @@ def _env() -> jinja2.Environment:
                        is_num=fmt.is_num, part=_part, axis_body=_axis_body,
                        embedded_json=embedded_json, guard=_guard, ranking_axes=ranking_axes,
                        verdict_led=verdict_led, sweep_pareto=_sweep_view("pareto_chart"),
-                       sweep_heat_map=_sweep_view("heat_map"))
+                       sweep_heat_map=_sweep_view("heat_map"), sweep_reasons=_sweep_reasons)
     return env
 
 
@@ -193,6 +193,14 @@ def _sweep_view(name: str) -> Callable[..., Markup]:
     def draw(*args: Any) -> Markup:
         return _guarded(lambda: getattr(_VIEWS["sweep"], name)(*args) or Markup(""))
     return draw
+
+
+def _sweep_reasons(entries: Any) -> list:
+    """A sweep's skipped or refused pairs grouped by their reason (report/sweep.py), for the
+    page's lists: a hundred pairs share a handful of reasons."""
+    from ..sweep import reasons
+
+    return reasons([e for e in entries if isinstance(e, dict)]) if isinstance(entries, list) else []
 
 
 def _guard(macro: Callable[..., str], *args: Any) -> Markup:

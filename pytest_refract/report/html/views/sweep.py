@@ -11,6 +11,7 @@ from typing import List, Optional
 
 from markupsafe import Markup
 
+from ...sweep import drawn_types
 from ..escaping import escape as _e
 from ..fmt import as_dict, is_num
 from ..svg import nice_ticks
@@ -47,7 +48,12 @@ def pareto_chart(sweep: dict, width: int = 680, height: int = 340) -> Optional[M
     left, right, top, bottom = 58, 14, 16, 40
     pw, ph = width - left - right, height - top - bottom
     finite_hi = [p[2][1] for p in points if p[2] and is_num(p[2][1]) and math.isfinite(p[2][1])]
-    ymax = nice_ticks(max([p[1] for p in points] + finite_hi + [3.0]) * 1.05)[-1] or 1.0
+    positive = [v for p in points for v in (p[1], p[2][0] if p[2] and is_num(p[2][0]) else None)
+                if v is not None and v > 0]
+    # A log scale: the verdict reads multiples as ratios, and a sweep of every type spans
+    # 1x to several hundred x, where a linear axis would crush the pairs near the margin.
+    ylo = min([0.5, *positive]) / 1.15
+    yhi = max([p[1] for p in points] + finite_hi + [3.0]) * 1.15
     xticks = nice_ticks(max(p[0] for p in points) * 1.05)
     xmax = xticks[-1] or 1.0
 
@@ -55,17 +61,18 @@ def pareto_chart(sweep: dict, width: int = 680, height: int = 340) -> Optional[M
         return left + max(0.0, min(v, xmax)) / xmax * pw
 
     def y(v: float) -> float:
-        return top + ph - max(0.0, min(v, ymax)) / ymax * ph
+        v = max(ylo, min(v, yhi)) if v > 0 else ylo
+        return top + ph - (math.log(v) - math.log(ylo)) / (math.log(yhi) - math.log(ylo)) * ph
 
     out = [f'<svg class="chart" id="sweep-pareto" width="{width}" height="{height}" viewBox="0 0 {width} {height}" '
            f'role="img" aria-label="KV bytes per token against the worst axis multiple">']
-    for tv in nice_ticks(ymax):
+    for tv in _log_ticks(ylo, yhi):
         out.append(f'<line class="grid" x1="{left}" x2="{width - right}" y1="{y(tv):.1f}" y2="{y(tv):.1f}"/>'
                    f'<text class="ytl" x="{left - 6}" y="{y(tv) + 3.5:.1f}">{_e(format(tv, "g"))}</text>')
     for tv in xticks:
         out.append(f'<text class="ytl" x="{x(tv):.1f}" y="{top + ph + 14}" text-anchor="middle">{_e(format(tv, "g"))}</text>')
     out.append(f'<text class="yt" transform="translate(13 {top + ph / 2:.1f}) rotate(-90)">worst axis multiple '
-               f'(x control)</text>')
+               f'(x control, log scale)</text>')
     out.append(f'<text class="yt" x="{left + pw / 2:.1f}" y="{height - 6}" text-anchor="middle">KV bytes per token '
                f'(llama.cpp\'s allocation)</text>')
     out.append(f'<line x1="{left}" x2="{width - right}" y1="{y(3.0):.1f}" y2="{y(3.0):.1f}" stroke="currentColor" '
@@ -99,12 +106,24 @@ def pareto_chart(sweep: dict, width: int = 680, height: int = 340) -> Optional[M
     return Markup("".join(out))
 
 
+def _log_ticks(lo: float, hi: float) -> List[float]:
+    """1-2-5 ticks (0.5, 1, 2, 5, 10, ...) within [lo, hi], with 3 (the margin) among them."""
+    out = []
+    decade = 10.0 ** math.floor(math.log10(lo))
+    while decade <= hi:
+        out += [m * decade for m in (1, 2, 5) if lo <= m * decade <= hi]
+        decade *= 10
+    return sorted(set(out) | ({3.0} if lo <= 3.0 <= hi else set()))
+
+
 def heat_map(sweep: dict, reference: Optional[str], cell_w: int = 104, cell_h: int = 40) -> Optional[Markup]:
     """The K x V grid (rows K, columns V): each cell coloured by its verdict with its bytes per
     token; skipped, refused, the control and the reference's own pair are named."""
     sweep = as_dict(sweep)
     grid = as_dict(sweep.get("grid"))
-    rows, cols = [str(r) for r in grid.get("rows") or []], [str(c) for c in grid.get("columns") or []]
+    # A type refused on its side for every pair is named in the refusals, not drawn.
+    drawn = drawn_types(grid)
+    rows, cols = [str(r) for r in drawn[0]], [str(c) for c in drawn[1]]
     if not rows or not cols:
         return None
     cells = as_dict(grid.get("cells"))
