@@ -86,6 +86,9 @@ def main() -> None:
     ap.add_argument("--sample", type=int, default=None, help="run only this many pairs separately (seeded)")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--out", type=Path, default=None, help="a folder to keep the sweep's JSON report in")
+    ap.add_argument("--reuse-sweep", type=Path, default=None,
+                    help="a sweep report saved by --out: time only separate runs against it (needs --sweep-wall)")
+    ap.add_argument("--sweep-wall", type=float, default=None, help="the reused sweep's wall time in seconds")
     ap.add_argument("--no-separate-cold", action="store_true", help="skip the cold separate runs (the slowest part)")
     ap.add_argument("--no-separate-warm", action="store_true", help="skip the warm separate runs")
     args = ap.parse_args()
@@ -96,10 +99,16 @@ def main() -> None:
     with tempfile.TemporaryDirectory() as tmp:
         work = Path(tmp)
         (work / "sweep").mkdir()
-        sweep = run([*common, f"--refract-sweep={args.types}", f"--refract-cache-dir={work / 'sweep' / 'cache'}"],
-                    work / "sweep")
+        if args.reuse_sweep is not None:
+            if args.sweep_wall is None:
+                sys.exit("--reuse-sweep needs --sweep-wall (the seconds that sweep took)")
+            sweep = {"wall_s": args.sweep_wall, "exit": None, "report": json.loads(args.reuse_sweep.read_text())}
+            print(f"sweep reused from {args.reuse_sweep} ({args.sweep_wall:.1f} s as given)")
+        else:
+            sweep = run([*common, f"--refract-sweep={args.types}", f"--refract-cache-dir={work / 'sweep' / 'cache'}"],
+                        work / "sweep")
         report = sweep["report"]
-        if args.out is not None:
+        if args.out is not None and args.reuse_sweep is None:
             args.out.mkdir(parents=True, exist_ok=True)
             (args.out / f"sweep-{args.model}.json").write_text(json.dumps(report))
         pairs = [s["candidate"] for s in report.get("candidates") or [report]]
