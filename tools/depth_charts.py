@@ -18,7 +18,7 @@ import json
 import re
 import sys
 from pathlib import Path
-from typing import Dict, List
+from typing import Dict, List, Optional
 
 from pytest_refract.report.html.render import STYLESHEET
 from pytest_refract.report.html.views.depth import kld_chart, multiple_chart
@@ -53,36 +53,49 @@ def charts_of(report: dict) -> Dict[str, Dict[str, str]]:
     return out
 
 
+def read_report(path: Path) -> Optional[dict]:
+    """The saved JSON report, or None after a one-line error."""
+    try:
+        report = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as exc:
+        print(f"error: cannot read {path} as a JSON report: {exc}", file=sys.stderr)
+        return None
+    return report if isinstance(report, dict) else {}
+
+
+def write_new(targets: Dict[Path, str], outdir: Path) -> int:
+    """Write each chart to its path, none if any is there already (nothing a user has is
+    replaced); the exit status, after a one-line error where it fails."""
+    there = [str(path) for path in targets if path.exists()]
+    if there:
+        print(f"error: {there[0]} exists; remove it or choose another --prefix", file=sys.stderr)
+        return 2
+    try:
+        outdir.mkdir(parents=True, exist_ok=True)
+        for path, svg in targets.items():
+            path.write_text(svg, encoding="utf-8")
+            print(path)
+    except OSError as exc:  # the folder is a file, or not writable
+        print(f"error: cannot write the charts into {outdir}: {exc}", file=sys.stderr)
+        return 2
+    return 0
+
+
 def main(argv: List[str]) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("report", type=Path)
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--prefix", default="depth")
     args = parser.parse_args(argv)
-    try:
-        report = json.loads(args.report.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        print(f"error: cannot read {args.report} as a JSON report: {exc}", file=sys.stderr)
+    report = read_report(args.report)
+    if report is None:
         return 2
-    charts = charts_of(report if isinstance(report, dict) else {})
+    charts = charts_of(report)
     if not charts:
         print(f"error: {args.report} has no depth axis with buckets to draw", file=sys.stderr)
         return 2
-    targets = {args.outdir / f"{args.prefix}-{file_stem(label)}-{name}.svg": svg
-               for label, kept in charts.items() for name, svg in kept.items()}
-    there = [str(path) for path in targets if path.exists()]
-    if there:
-        print(f"error: {there[0]} exists; remove it or choose another --prefix", file=sys.stderr)
-        return 2
-    try:
-        args.outdir.mkdir(parents=True, exist_ok=True)
-        for path, svg in targets.items():
-            path.write_text(svg, encoding="utf-8")
-            print(path)
-    except OSError as exc:  # the folder is a file, or not writable
-        print(f"error: cannot write the charts into {args.outdir}: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return write_new({args.outdir / f"{args.prefix}-{file_stem(label)}-{name}.svg": svg
+                      for label, kept in charts.items() for name, svg in kept.items()}, args.outdir)
 
 
 if __name__ == "__main__":

@@ -14,12 +14,11 @@ a file that is already there.
 from __future__ import annotations
 
 import argparse
-import json
 import sys
 from pathlib import Path
 from typing import Dict, List
 
-from depth_charts import standalone  # the same standalone form as the depth charts
+from depth_charts import read_report, standalone, write_new  # the depth charts' own file handling
 
 from pytest_refract.report.html.views.sweep import heat_map, pareto_chart
 
@@ -40,29 +39,15 @@ def main(argv: List[str]) -> int:
     parser.add_argument("outdir", type=Path)
     parser.add_argument("--prefix", default="sweep")
     args = parser.parse_args(argv)
-    try:
-        report = json.loads(args.report.read_text(encoding="utf-8"))
-    except (OSError, ValueError) as exc:
-        print(f"error: cannot read {args.report} as a JSON report: {exc}", file=sys.stderr)
+    report = read_report(args.report)
+    if report is None:
         return 2
-    charts = charts_of(report if isinstance(report, dict) else {})
+    charts = charts_of(report)
     if not charts:
         print(f"error: {args.report} has no sweep to draw (run with --refract-sweep)", file=sys.stderr)
         return 2
-    targets = {args.outdir / f"{args.prefix}-sweep-{name}.svg": svg for name, svg in charts.items()}
-    there = [str(path) for path in targets if path.exists()]
-    if there:
-        print(f"error: {there[0]} exists; remove it or choose another --prefix", file=sys.stderr)
-        return 2
-    try:
-        args.outdir.mkdir(parents=True, exist_ok=True)
-        for path, svg in targets.items():
-            path.write_text(svg, encoding="utf-8")
-            print(path)
-    except OSError as exc:  # the folder is a file, or not writable
-        print(f"error: cannot write the charts into {args.outdir}: {exc}", file=sys.stderr)
-        return 2
-    return 0
+    return write_new({args.outdir / f"{args.prefix}-sweep-{name}.svg": svg for name, svg in charts.items()},
+                     args.outdir)
 
 
 if __name__ == "__main__":
