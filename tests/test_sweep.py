@@ -287,6 +287,29 @@ def test_the_pareto_chart_keeps_the_pairs_near_the_margin_apart_beside_a_pair_at
     assert "log scale" in svg
 
 
+def test_the_terminal_does_not_count_the_control_among_the_skipped_pairs():
+    """The JSON lists the control's pair under sweep.skipped with its reason; the terminal's
+    count of skipped pairs is of candidates only (the grid names the control)."""
+    from pytest_refract.report.sweep_text import render_sweep
+
+    control = "the sensitivity control: every candidate's damage is divided by its damage"
+    cells = {"bf16": {"bf16": {"candidate": "ctk=bf16,ctv=bf16", "verdict": None, "excluded": control},
+                      "f16": {"candidate": "ctk=bf16,ctv=f16", "verdict": "PASS", "kv_bytes_per_token": 10.0}},
+             "f16": {"bf16": {"candidate": "ctk=f16,ctv=bf16", "verdict": None, "skipped": True,
+                              "kv_bytes_per_token": 10.0}}}
+    sweep = {"grid": {"rows": ["bf16", "f16"], "columns": ["bf16", "f16"], "cells": cells},
+             "skipped": [{"candidate": "ctk=f16,ctv=bf16", "why": "not needed: ruled out"},
+                         {"candidate": "ctk=bf16,ctv=bf16", "why": control}],
+             "refused": [], "recommendation": None, "budget": None}
+    written: list = []
+    tr = SimpleNamespace(write=lambda text, **kw: written.append(text),
+                         write_line=lambda text="", **kw: written.append(text + "\n"))
+    render_sweep(tr, sweep, "ctk=f16,ctv=f16")
+    out = "".join(written)
+    assert "  skipped: 1 pair\n" in out and "not needed: ruled out" in out
+    assert control not in out and "control" in out  # named in its grid cell, not as a skipped pair
+
+
 def test_the_sweep_charts_tool_writes_the_pareto_chart_and_the_grid_as_standalone_svg(
         pytester, swept_types, tiny_model, long_corpus, monkeypatch):
     """tools/sweep_charts.py: the HTML report's two sweep charts as SVG files that parse on their

@@ -72,7 +72,11 @@ def render_sweep(tr, sweep: dict, reference: Optional[str]) -> None:
         for text, verdict in row:
             tr.write(text, **({_COLOURS[verdict]: True} if verdict in _COLOURS else {}))
         tr.write_line("")
-    for word, entries in (("skipped", sweep["skipped"]), ("refused", sweep["refused"])):
+    # The JSON lists the control's pair among the skipped; it is no candidate (the grid says "control").
+    cells = sweep["grid"]["cells"]
+    control = {c.get("candidate") for row in cells.values() for c in row.values() if c and c.get("excluded")}
+    skipped = [e for e in sweep["skipped"] if e.get("candidate") not in control]
+    for word, entries in (("skipped", skipped), ("refused", sweep["refused"])):
         for line in reason_lines(word, entries):
             tr.write_line(line)
     rec = sweep.get("recommendation")
