@@ -44,16 +44,23 @@ def measuring_order(sizes: Mapping[str, Optional[float]], labels: Mapping[str, s
     procedure's own sequence: a pair is worth measuring only once those above it PASS. The
     order changes no pair's data (an item measures the same whenever it runs), only what the
     rules find final, and when."""
-    skeleton = [family.Contender(labels[r], sizes.get(r), {}) for r in sizes]
-    role_of = {labels[r]: r for r in sizes}
-    ordered = sorted(family.rows(skeleton),
-                     key=lambda row: (min((c.kv_bytes_per_token for c in row if c.kv_bytes_per_token is not None),
-                                          default=float("inf")), family.row_key(row[0].label)))
+    def smallest_first(row: List[str]) -> tuple:
+        known = [size for size in (sizes[r] for r in row) if size is not None]
+        return min(known, default=float("inf")), family.row_key(labels[row[0]])
+
     out: Dict[str, int] = {}
-    for row in ordered:
-        for c in row:
-            out[role_of[c.label]] = len(out)
+    for row in sorted(procedure_rows(sizes, labels), key=smallest_first):
+        for role in row:
+            out[role] = len(out)
     return out
+
+
+def procedure_rows(sizes: Mapping[str, Optional[float]], labels: Mapping[str, str]) -> List[List[str]]:
+    """The sweep's roles in the family procedure's rows (scoring/family.rows: one per K type,
+    each largest cache first)."""
+    role_of = {labels[r]: r for r in sizes}
+    skeleton = [family.Contender(labels[r], sizes[r], {}) for r in sizes]
+    return [[role_of[c.label] for c in row] for row in family.rows(skeleton)]
 
 
 class SweepPruning:
@@ -67,10 +74,8 @@ class SweepPruning:
         self.budget_bytes = budget_bytes
         self.results = results
         self.pruned: Dict[str, str] = {}  # role -> why
-        role_of = {labels[r]: r for r in sizes}
-        skeleton = [family.Contender(labels[r], sizes[r], {}) for r in sizes]
         # Each row's roles, largest cache first (the procedure's own order).
-        self.rows: List[List[str]] = [[role_of[c.label] for c in row] for row in family.rows(skeleton)]
+        self.rows: List[List[str]] = procedure_rows(sizes, labels)
 
     def _final(self, role: str) -> Optional[family.Contender]:
         """The role's contender when its data will not grow (every axis decided, stopped, or
